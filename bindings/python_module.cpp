@@ -1,0 +1,32 @@
+// anvil._C: the pybind11 module (torch's own pybind11, so tensors cross through torch's casters).
+// It exposes the C++ core (the self-check now; model loading and pipelines as they land). Ops never
+// go through here: Python reaches them as torch.ops.anvil.*, so autograd, torch.compile and vmap compose.
+#include "anvil/selfcheck.h"
+
+#include <torch/extension.h>
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "anvil C++ core";
+  m.def(
+      "selfcheck",
+      [](bool cuda) {
+        py::list out;
+        for (const auto& r : anvil::run_selfcheck(cuda)) {
+          py::dict d;
+          d["op"] = r.op;
+          d["device"] = r.device;
+          d["status"] = r.status;
+          d["detail"] = r.detail;
+          d["ms"] = r.ms;
+          out.append(d);
+        }
+        return out;
+      },
+      py::arg("cuda") = true, "Run the op self-check; a list of dicts (op, device, status, detail, ms).");
+  m.def(
+      "format_selfcheck",
+      [](bool cuda) { return anvil::format_selfcheck(anvil::run_selfcheck(cuda)); }, py::arg("cuda") = true,
+      "Run the op self-check and return its table as text.");
+}

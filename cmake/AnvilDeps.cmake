@@ -1,0 +1,39 @@
+# Third-party libraries, each from the place docs/ARCHITECTURE.md ("Dependencies") chose on purpose:
+# Debian's packages for nlohmann/json, cxxopts, sentencepiece and GoogleTest; PyPI's nvidia-cutlass
+# for the CUTLASS/CuTe headers (header-only; needed by the Hopper GEMMs only).
+
+find_package(nlohmann_json 3.10 REQUIRED)
+find_package(cxxopts REQUIRED)
+
+# sentencepiece ships no CMake config on Debian.
+find_path(SENTENCEPIECE_INCLUDE_DIR sentencepiece_processor.h)
+find_library(SENTENCEPIECE_LIBRARY sentencepiece)
+if(SENTENCEPIECE_INCLUDE_DIR AND SENTENCEPIECE_LIBRARY)
+  add_library(anvil::sentencepiece UNKNOWN IMPORTED)
+  set_target_properties(anvil::sentencepiece PROPERTIES
+    IMPORTED_LOCATION ${SENTENCEPIECE_LIBRARY}
+    INTERFACE_INCLUDE_DIRECTORIES ${SENTENCEPIECE_INCLUDE_DIR})
+else()
+  message(FATAL_ERROR "anvil: libsentencepiece-dev not found (scripts/setup.sh installs it)")
+endif()
+
+if(ANVIL_TESTS)
+  find_package(GTest REQUIRED)
+endif()
+
+# CUTLASS: -DANVIL_CUTLASS_DIR=<dir with include/cutlass>, else the nvidia-cutlass wheel of the Python
+# that owns torch.
+if(NOT ANVIL_CUTLASS_DIR)
+  execute_process(
+    COMMAND ${Python_EXECUTABLE} -c "import cutlass_library, os; print(os.path.join(os.path.dirname(cutlass_library.__file__), 'source'))"
+    OUTPUT_VARIABLE ANVIL_CUTLASS_DIR OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET)
+endif()
+set(ANVIL_CUTLASS_INCLUDE_DIR "")
+if(ANVIL_CUTLASS_DIR AND EXISTS "${ANVIL_CUTLASS_DIR}/include/cutlass/cutlass.h")
+  set(ANVIL_CUTLASS_INCLUDE_DIR ${ANVIL_CUTLASS_DIR}/include)
+  add_library(anvil::cutlass INTERFACE IMPORTED)
+  set_target_properties(anvil::cutlass PROPERTIES INTERFACE_INCLUDE_DIRECTORIES
+    "${ANVIL_CUTLASS_DIR}/include;${ANVIL_CUTLASS_DIR}/tools/util/include")
+elseif(ANVIL_OPS_HOPPER_SOURCES)
+  message(FATAL_ERROR "anvil: CUTLASS headers not found; set ANVIL_CUTLASS_DIR or install nvidia-cutlass")
+endif()

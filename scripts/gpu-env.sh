@@ -1,0 +1,28 @@
+# Sourced by gpu-test.sh and gpu-bench.sh on the GPU machine: unpack .gpu-deps into a private prefix
+# and configure + build build-gpu/ for sm_90a against that machine's own torch (python3).
+set -uo pipefail
+root=$(pwd)
+out=${OUT:-$root/out}
+mkdir -p "$out"
+deps=/tmp/anvil-deps
+if [ ! -d .gpu-deps/debs ]; then
+  echo "gpu: .gpu-deps is missing: run scripts/gpu-deps.sh on the dev machine and carry .gpu-deps" >&2
+  exit 2
+fi
+if [ ! -d "$deps/usr" ]; then
+  mkdir -p "$deps/cutlass"
+  for d in .gpu-deps/debs/*.deb; do dpkg -x "$d" "$deps"; done
+  tar xzf .gpu-deps/cutlass.tar.gz -C "$deps/cutlass"
+fi
+export LD_LIBRARY_PATH="$deps/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+python3 -c "import torch; print('gpu: torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" | tee "$out/device.txt"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.used --format=csv >> "$out/device.txt" 2>&1
+
+anvil_gpu_build() {
+  local t0=$SECONDS
+  cmake --preset gpu -DPython_EXECUTABLE="$(command -v python3)" -DCMAKE_PREFIX_PATH="$deps/usr" \
+        -DCMAKE_LIBRARY_PATH="$deps/usr/lib/x86_64-linux-gnu" -DANVIL_CUTLASS_DIR="$deps/cutlass" \
+        > "$out/configure.log" 2>&1 || { tail -30 "$out/configure.log"; return 1; }
+  cmake --build --preset gpu -j "$(nproc)" > "$out/build.log" 2>&1 || { grep -E "error|Error" "$out/build.log" | head -40; return 1; }
+  echo "gpu: configured and built in $(( SECONDS - t0 )) s"
+}

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# One command on a fresh machine: system packages, the pinned Python environment (.venv), then a
+# CMake + Ninja + ccache build into build/. Idempotent: a second run only rebuilds what changed.
+#
+#   scripts/setup.sh              everything
+#   ANVIL_SKIP_APT=1 ...          skip the Debian packages (they are installed already)
+#   ANVIL_BUILD_TYPE=Debug ...    another CMake build type (default Release)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+
+# --- 1. Debian packages -------------------------------------------------------------------------
+# The C++ libraries anvil links (sentencepiece, nlohmann/json, cxxopts, GoogleTest), the build tools
+# (ninja, ccache) and python3-venv. CUDA's nvcc is expected on the machine already (CUDA 13.0).
+apt_packages=(libsentencepiece-dev sentencepiece nlohmann-json3-dev libcxxopts-dev libgtest-dev
+              ninja-build ccache python3-venv g++)
+if [ "${ANVIL_SKIP_APT:-0}" != 1 ]; then
+  missing=()
+  for p in "${apt_packages[@]}"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    say "installing Debian packages: ${missing[*]}"
+    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  else
+    say "Debian packages present"
+  fi
+fi
+
+# --- 2. Python environment ----------------------------------------------------------------------
+# torch (LibTorch for the C++ build and the op library's Python side), CUTLASS headers, CMake 4
+# (Debian's 3.25 predates CUDA 13 and the "90a" architecture handling torch 2.11 needs) and the test
+# oracles. The stamp holds the hash of requirements.txt, so an unchanged environment costs nothing.
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  say "creating .venv with $($python --version)"
+  $python -m venv .venv
+fi
+stamp=.venv/.anvil-requirements
+want=$(sha256sum requirements.txt | cut -d' ' -f1)
+if [ "$(cat $stamp 2>/dev/null)" != "$want" ]; then
+  say "installing pinned Python packages (requirements.txt)"
+  .venv/bin/python -m pip install -q -r requirements.txt
+  echo "$want" > $stamp
+else
+  say "Python packages up to date"
+fi
+# `import anvil` from the venv finds the package the build assembles in build/python.
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "$root/build/python" > "$site/anvil-build.pth"
+
+cuda_ver=$(.venv/bin/python -c 'import torch; print(torch.version.cuda)')
+say "torch $(.venv/bin/python -c 'import torch; print(torch.__version__)'), CUDA $cuda_ver"
+
+# --- 3. Build -----------------------------------------------------------------------------------
+export PATH="$root/.venv/bin:$PATH"
+if [ ! -f build/CMakeCache.txt ]; then
+  say "configuring (cmake --preset default)"
+  cmake --preset default -DCMAKE_BUILD_TYPE="${ANVIL_BUILD_TYPE:-Release}"
+fi
+say "building (cmake --build --preset default)"
+cmake --build --preset default
+command -v ccache >/dev/null && ccache -s 2>/dev/null | grep -iE 'hits|misses' | head -3 || true
+say "done: build/bin/anvil runs the self-check, scripts/test.sh runs the tests"
