@@ -74,8 +74,9 @@ def test_fp8_roundtrip_bound(granularity):
     scale = expand(s)
     err = (anvil.dequantize_fp8(q, s, granularity, torch.float32) - x).abs()
     normal = x.abs() >= scale * 2**-6
-    assert (err[normal] <= x.abs()[normal] * 2**-4).all()
-    assert (err[~normal] <= scale[~normal] * 2**-10).all()
+    slack = 1 + 1e-5  # a value on a rounding tie is off by exactly the bound, plus fp32 rounding
+    assert (err[normal] <= x.abs()[normal] * 2**-4 * slack).all()
+    assert (err[~normal] <= scale[~normal] * 2**-10 * slack).all()
 
 
 OPCHECK_CASES = [
@@ -101,7 +102,14 @@ def test_opcheck_quantize(op, granularity, device):
 def test_opcheck_dequantize(fmt, granularity, device):
     quantize, dequantize, _ = FORMATS[fmt]
     q, s = quantize(wide_random((130, 260), torch.float32, device), granularity)
-    torch.library.opcheck(dequantize, (q, s, granularity, torch.bfloat16))
+    # opcheck's test_schema compares inputs before/after with allclose, which torch does not implement
+    # for float8 tensors; run the other checks, and check that q and s are left untouched here.
+    utils = ("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
+    if fmt == "int8":
+        utils = ("test_schema",) + utils
+    q_before, s_before = q.clone(), s.clone()
+    torch.library.opcheck(dequantize, (q, s, granularity, torch.bfloat16), test_utils=utils)
+    assert torch.equal(q.view(torch.uint8), q_before.view(torch.uint8)) and torch.equal(s, s_before)
 
 
 def test_fake_tensor_shapes():
