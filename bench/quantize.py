@@ -83,9 +83,13 @@ def main():
     cases.append(("dequant fp8 1x128->bf16", lambda: anvil.dequantize_fp8(q, s, "block1x128", torch.bfloat16),
                   lambda: composite_dequant_1x128(q, s), elems * 3 + elems // 128 * 4))
 
-    # Same answer as the composite (bit for bit) before anything is timed.
+    # Same answer as the composite before anything is timed. Not bit for bit: PyTorch's CUDA division
+    # by a Python scalar multiplies by its reciprocal, so the composite's amax / 448 can differ from
+    # anvil's IEEE division in the last bit, and then a few q round the other way.
     qr, sr = composite_fp8_1x128(x)
-    assert torch.equal(s, sr) and torch.equal(q.view(torch.uint8), qr.view(torch.uint8)), "ours != composite"
+    assert torch.allclose(s, sr, rtol=2.5e-7, atol=0), "scales differ from the composite by more than an ulp"
+    mismatch = (q.view(torch.uint8) != qr.view(torch.uint8)).float().mean().item()
+    assert mismatch < 1e-3, f"{mismatch:.2e} of q differ from the composite"
 
     results = []
     print(f"\n{'case (' + str(m) + ' x ' + str(k) + ' bf16)':<28}{'ours ms':>9}{'GB/s':>7}{'% copy':>8}"

@@ -43,6 +43,9 @@ endif()
 set(ANVIL_WITH_SM90A OFF)
 if(ANVIL_WITH_CUDA)
   set(CMAKE_CUDA_ARCHITECTURES ${ANVIL_CUDA_ARCHS})
+  # The shared CUDA runtime, the one torch uses: CMake's default (cudart_static) would put a second
+  # runtime, and the C++ library pieces it carries, into libanvil_ops.so.
+  set(CMAKE_CUDA_RUNTIME_LIBRARY Shared)
   set(CMAKE_CUDA_STANDARD 17)
   set(CMAKE_CUDA_STANDARD_REQUIRED ON)
   enable_language(CUDA)

@@ -14,7 +14,7 @@
 // The arithmetic (quantize_math.h) is the CPU reference's, so the two agree bit for bit: IEEE division,
 // clamp, then the hardware's round-to-nearest-even conversion (cvt.rn.satfinite.e4m3x2 on sm_89+,
 // cuda_fp8.h's exact emulation on sm_80; rintf for int8). Rows whose length is not a multiple of 8, or
-// pointers not 16-byte aligned, take the kScalar path: the same mapping with bounds-checked loads.
+// pointers not 16-byte aligned, take the scalar path (kVec false): the same mapping with bounds-checked loads.
 #pragma once
 
 #include "ops/quantize/quantize_math.h"
@@ -42,8 +42,8 @@ template <typename T, bool kVec>
 __device__ __forceinline__ void load8(const T* row, int64_t c0, int64_t limit, float (&v)[kVecValues]) {
   if constexpr (kVec) {
     if constexpr (sizeof(T) == 4) {
-      const float4 a = *reinterpret_cast<const float4*>(row + c0);
-      const float4 b = *reinterpret_cast<const float4*>(row + c0 + 4);
+      const float4* p = reinterpret_cast<const float4*>(row + c0);
+      const float4 a = p[0], b = p[1];
       v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
     } else {
       const uint4 raw = *reinterpret_cast<const uint4*>(row + c0);
@@ -126,34 +126,53 @@ __device__ __forceinline__ uint32_t block_max(uint32_t m, uint32_t* smem) {
   return smem[0];
 }
 
-// ---- block1x128: a half-warp per group ----------------------------------------------------------
-// x (rows, cols) -> q (rows, cols), scale_inv (rows, groups_per_row).
-template <typename T, typename Q, bool kVec>
+// ---- block1x128: a half-warp per group ------------------------------------------------------------
+// A block of 16 half-warps covers 16 * kGroupsPerHalfWarp consecutive groups; half-warp h takes groups
+// base + h + 16 * i, so every load instruction of the block still reads consecutive memory, and all
+// loads are issued before the first use. kWholeGroups (K % 128 == 0, the DeepSeek shapes): group g
+// starts at element 128 * g and owns scale g, so no integer division is needed; a 64-bit division per
+// group otherwise costs as much issue time as the rest of the kernel.
+template <typename T, typename Q, bool kVec, bool kWholeGroups, int kGroupsPerHalfWarp>
 __global__ void __launch_bounds__(kThreads) quantize_1x128_kernel(const T* __restrict__ x,
                                                                   typename Q::Storage* __restrict__ q,
                                                                   float* __restrict__ scale_inv, int64_t cols,
                                                                   int64_t groups_per_row, int64_t total_groups) {
-  const int64_t group = (int64_t(blockIdx.x) * kThreads + threadIdx.x) / 16;
-  if (group >= total_groups) return;  // whole half-warps leave together
   const int lane = threadIdx.x % 16;
   const unsigned half_mask = 0xffffu << (threadIdx.x & 16);
-  const int64_t r = group / groups_per_row;
-  const int64_t c0 = (group % groups_per_row) * kGroup + lane * kVecValues;
-  const T* x_row = x + r * cols;
-  float v[kVecValues];
-  const bool in_range = c0 < cols;
-  if (in_range) {
-    load8<T, kVec>(x_row, c0, cols, v);
-  } else {
+  const int64_t first = int64_t(blockIdx.x) * (kThreads / 16) * kGroupsPerHalfWarp + threadIdx.x / 16;
+  float v[kGroupsPerHalfWarp][kVecValues];
+  int64_t row_start[kGroupsPerHalfWarp], c0[kGroupsPerHalfWarp];  // element offset of the row; column
+  bool live[kGroupsPerHalfWarp];  // this lane holds values of group i
 #pragma unroll
-    for (int j = 0; j < kVecValues; ++j) v[j] = 0.0f;
+  for (int i = 0; i < kGroupsPerHalfWarp; ++i) {
+    const int64_t group = first + i * (kThreads / 16);
+    if constexpr (kWholeGroups) {
+      row_start[i] = group * kGroup;
+      c0[i] = lane * kVecValues;
+      live[i] = group < total_groups;
+    } else {
+      const int64_t r = group / groups_per_row;
+      row_start[i] = r * cols;
+      c0[i] = (group - r * groups_per_row) * kGroup + lane * kVecValues;
+      live[i] = group < total_groups && c0[i] < cols;
+    }
+    if (live[i]) {
+      load8<T, kVec>(x + row_start[i], c0[i], kWholeGroups ? kGroup : cols, v[i]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kVecValues; ++j) v[i][j] = 0.0f;
+    }
   }
-  uint32_t m = amax_bits8(v);
 #pragma unroll
-  for (int offset = 8; offset > 0; offset /= 2) m = max(m, __shfl_xor_sync(half_mask, m, offset));
-  const float s = scale_inv_from_amax_bits(m, Q::kMax);
-  if (lane == 0) scale_inv[group] = s;
-  if (in_range) quantize_store8<Q, kVec>(v, s, q + r * cols, c0, cols);
+  for (int i = 0; i < kGroupsPerHalfWarp; ++i) {
+    const int64_t group = first + i * (kThreads / 16);
+    uint32_t m = amax_bits8(v[i]);
+#pragma unroll
+    for (int offset = 8; offset > 0; offset /= 2) m = max(m, __shfl_xor_sync(half_mask, m, offset));
+    const float s = scale_inv_from_amax_bits(m, Q::kMax);
+    if (lane == 0 && group < total_groups) scale_inv[group] = s;
+    if (live[i]) quantize_store8<Q, kVec>(v[i], s, q + row_start[i], c0[i], kWholeGroups ? kGroup : cols);
+  }
 }
 
 // ---- block128x128: a block per tile --------------------------------------------------------------
