@@ -14,6 +14,12 @@ if [ ! -d "$deps/usr" ]; then
   for d in .gpu-deps/debs/*.deb; do dpkg -x "$d" "$deps"; done
   tar xzf .gpu-deps/cutlass.tar.gz -C "$deps/cutlass"
 fi
+# The image's default compiler (CXX=/opt/gcc/bin/g++) links libstdc++ statically into shared libraries:
+# libanvil_ops.so then carries a second copy of the iostream machinery, and the first error message it
+# formats in a process that already uses the system libstdc++ crashes. Build with the system g++.
+if [ -x /usr/bin/g++ ]; then
+  export CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
+fi
 export LD_LIBRARY_PATH="$deps/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 python3 -c "import torch; print('gpu: torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" | tee "$out/device.txt"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.used --format=csv >> "$out/device.txt" 2>&1

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine, in one call: unpack the carried dependencies, build for sm_90a, run the
-# self-check and the CUDA tests (ctest label "cuda", pytest marker "cuda"); logs go to $OUT.
+# self-check and the CUDA tests (ctest label "cuda", pytest markers "cuda" and "build"); logs go to $OUT.
 #   device run: scripts/gpu-test.sh            (carry .gpu-deps)
 #   ANVIL_GPU_ALL=1 scripts/gpu-test.sh        every test, the CPU ones too
 cd "$(dirname "$0")/.."
@@ -9,9 +9,9 @@ anvil_gpu_build || exit 1
 build-gpu/bin/anvil selfcheck 2>&1 | tee "$out/selfcheck.txt"
 selfcheck=${PIPESTATUS[0]}
 if [ "${ANVIL_GPU_ALL:-0}" = 1 ]; then
-  export ANVIL_CTEST_ARGS="" ANVIL_PYTEST_ARGS=""
+  export ANVIL_CTEST_ARGS="" ANVIL_PYTEST_MARK=""
 else
-  export ANVIL_CTEST_ARGS="-L cuda" ANVIL_PYTEST_ARGS="-m cuda"
+  export ANVIL_CTEST_ARGS="-L cuda" ANVIL_PYTEST_MARK="cuda or build"
 fi
 ANVIL_BUILD_DIR=build-gpu ANVIL_PYTHON=python3 scripts/test.sh > "$out/test.log" 2>&1
 tests=$?

@@ -4,7 +4,7 @@
 #
 #   scripts/test.sh                     everything (CUDA tests skip cleanly without a GPU)
 #   ANVIL_BUILD_DIR=build-gpu ...       another build tree
-#   ANVIL_CTEST_ARGS="-L cuda" ANVIL_PYTEST_ARGS="-m cuda" ...   only the CUDA tests (scripts/gpu-test.sh)
+#   ANVIL_CTEST_ARGS="-L cuda" ANVIL_PYTEST_MARK="cuda or build" ...   only the GPU's share (scripts/gpu-test.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${ANVIL_BUILD_DIR:-build}
@@ -21,5 +21,7 @@ ctest --test-dir "$build" --output-on-failure -j "$(nproc)" ${ANVIL_CTEST_ARGS:-
 
 echo "== pytest"
 # shellcheck disable=SC2086
-PYTHONPATH="$PWD/$build/python${PYTHONPATH:+:$PYTHONPATH}" "$python" -m pytest tests/python -q -rs ${ANVIL_PYTEST_ARGS:-} || status=1
+mark=()
+[ -n "${ANVIL_PYTEST_MARK:-}" ] && mark=(-m "$ANVIL_PYTEST_MARK")
+PYTHONPATH="$PWD/$build/python${PYTHONPATH:+:$PYTHONPATH}" "$python" -m pytest tests/python -q -rs "${mark[@]}" || status=1
 exit $status

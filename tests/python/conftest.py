@@ -4,6 +4,7 @@ import torch
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one; scripts/gpu-test.sh runs them)")
+    config.addinivalue_line("markers", "build: checks of how the libraries were built (run everywhere, GPU machine too)")
 
 
 def pytest_collection_modifyitems(config, items):

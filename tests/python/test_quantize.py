@@ -16,8 +16,12 @@ FORMATS = {
 
 
 def wide_random(shape, dtype, device="cpu"):
-    """Normal values with log-normal magnitudes: many binades, so rounding is exercised everywhere."""
-    return (torch.randn(shape) * torch.exp(torch.randn(shape) * 2)).to(dtype).to(device)
+    """Normal values with log-normal magnitudes: many binades, so rounding is exercised everywhere.
+    Clamped to the dtype's finite range (fp16 would otherwise see an inf in ~1e-7 of the values);
+    non-finite input has tests of its own."""
+    x = torch.randn(shape) * torch.exp(torch.randn(shape) * 2)
+    top = torch.finfo(dtype).max
+    return x.clamp(-top, top).to(dtype).to(device)
 
 
 def reference(x, granularity, qmax, fmt):
@@ -152,4 +156,6 @@ def test_cuda_bit_exact_vs_cpu(fmt, granularity, dtype, shape):
     assert torch.equal(sc.cpu(), s)
     assert torch.equal(bits(qc.cpu()), bits(q))
     for out in (torch.float32, torch.bfloat16, torch.float16):
-        assert torch.equal(dequantize(qc, sc, granularity, out).cpu(), dequantize(q, s, granularity, out))
+        # exact, with NaN == NaN (NaN payload bits differ between CUDA's and c10's conversions)
+        torch.testing.assert_close(dequantize(qc, sc, granularity, out).cpu(), dequantize(q, s, granularity, out),
+                                   rtol=0, atol=0, equal_nan=True)
