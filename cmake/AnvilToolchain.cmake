@@ -4,10 +4,14 @@
 # `import torch` are the same build. CUDA is on when nvcc is found and torch was built with CUDA
 # (ANVIL_CUDA=AUTO), or forced with ON/OFF. The architectures are explicit: CI has no GPU to detect.
 
+# ccache, told that precompiled headers are fine (else it refuses every file that uses one) and that
+# paths are relative to the source tree (so a fresh clone elsewhere still hits the cache).
 find_program(ANVIL_CCACHE ccache)
 if(ANVIL_CCACHE)
-  set(CMAKE_CXX_COMPILER_LAUNCHER ${ANVIL_CCACHE})
-  set(CMAKE_CUDA_COMPILER_LAUNCHER ${ANVIL_CCACHE})
+  set(_anvil_launcher ${CMAKE_COMMAND} -E env CCACHE_BASEDIR=${CMAKE_SOURCE_DIR}
+      "CCACHE_SLOPPINESS=pch_defines,time_macros,include_file_mtime,include_file_ctime" ${ANVIL_CCACHE})
+  set(CMAKE_CXX_COMPILER_LAUNCHER ${_anvil_launcher})
+  set(CMAKE_CUDA_COMPILER_LAUNCHER ${_anvil_launcher})
 endif()
 
 find_package(Python 3.10 REQUIRED COMPONENTS Interpreter OPTIONAL_COMPONENTS Development.Module)

@@ -1,6 +1,7 @@
 // Typed entry points (include/anvil/ops.h): each looks its schema up once and calls the dispatcher.
 #include "anvil/ops.h"
 
+#include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 namespace anvil::ops {
@@ -36,6 +37,82 @@ at::Tensor dequantize_int8(const at::Tensor& q, const at::Tensor& scale_inv, con
   static const auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view,
                                               at::ScalarType)>("anvil::dequantize_int8");
   return op.call(q, scale_inv, granularity, out_dtype);
+}
+
+// ---- MoE ----
+
+using Opt = c10::optional<at::Tensor>;
+using T2 = std::tuple<at::Tensor, at::Tensor>;
+using T4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using T5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+std::tuple<at::Tensor, at::Tensor> moe_gate(const at::Tensor& logits, const Opt& bias, const Opt& noise, int64_t top_k,
+                                            int64_t n_group, int64_t topk_group, const std::string& score,
+                                            bool renormalize, double routed_scale) {
+  static const auto op = op_handle<T2(const at::Tensor&, const Opt&, const Opt&, int64_t, int64_t, int64_t,
+                                      c10::string_view, bool, double)>("anvil::moe_gate");
+  return op.call(logits, bias, noise, top_k, n_group, topk_group, score, renormalize, routed_scale);
+}
+
+at::Tensor moe_gate_backward(const at::Tensor& grad_weights, const at::Tensor& logits, const at::Tensor& indices,
+                             const std::string& score, bool renormalize, double routed_scale) {
+  static const auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                              c10::string_view, bool, double)>("anvil::moe_gate_backward");
+  return op.call(grad_weights, logits, indices, score, renormalize, routed_scale);
+}
+
+T4 moe_route(const at::Tensor& indices, int64_t num_experts, int64_t align, int64_t capacity) {
+  static const auto op = op_handle<T4(const at::Tensor&, int64_t, int64_t, int64_t)>("anvil::moe_route");
+  return op.call(indices, num_experts, align, capacity);
+}
+
+T5 moe_permute(const at::Tensor& hidden, const at::Tensor& indices, int64_t num_experts, int64_t align,
+               int64_t capacity) {
+  static const auto op =
+      op_handle<T5(const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t)>("anvil::moe_permute");
+  return op.call(hidden, indices, num_experts, align, capacity);
+}
+
+at::Tensor moe_permute_backward(const at::Tensor& grad_permuted, const at::Tensor& slot_rows) {
+  static const auto op =
+      op_handle<at::Tensor(const at::Tensor&, const at::Tensor&)>("anvil::moe_permute_backward");
+  return op.call(grad_permuted, slot_rows);
+}
+
+at::Tensor moe_unpermute(const at::Tensor& expert_out, const at::Tensor& slot_rows, const at::Tensor& weights) {
+  static const auto op =
+      op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>("anvil::moe_unpermute");
+  return op.call(expert_out, slot_rows, weights);
+}
+
+T2 moe_unpermute_backward(const at::Tensor& grad_out, const at::Tensor& expert_out, const at::Tensor& slot_rows,
+                          const at::Tensor& weights) {
+  static const auto op = op_handle<T2(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
+      "anvil::moe_unpermute_backward");
+  return op.call(grad_out, expert_out, slot_rows, weights);
+}
+
+at::Tensor moe_expert_load(const at::Tensor& indices, int64_t num_experts) {
+  static const auto op = op_handle<at::Tensor(const at::Tensor&, int64_t)>("anvil::moe_expert_load");
+  return op.call(indices, num_experts);
+}
+
+void moe_update_bias(at::Tensor& bias, const at::Tensor& counts, double gamma) {
+  static const auto op = op_handle<void(at::Tensor&, const at::Tensor&, double)>("anvil::moe_update_bias");
+  op.call(bias, counts, gamma);
+}
+
+at::Tensor moe_sequence_balance_loss(const at::Tensor& logits, const at::Tensor& indices, double alpha) {
+  TORCH_CHECK(logits.dim() == 2 && indices.dim() == 2 && indices.size(0) == logits.size(0),
+              "anvil::moe_sequence_balance_loss: logits (T, E) and indices (T, k) must share T, got ", logits.sizes(),
+              " and ", indices.sizes());
+  const int64_t T = logits.size(0), E = logits.size(1), k = indices.size(1);
+  const auto s = logits.to(at::kFloat).sigmoid();                       // (T, E)
+  const auto p = (s / s.sum(-1, true)).mean(0);                        // (E) P_i
+  const auto load = at::zeros({E}, s.options()).index_add_(0, indices.flatten().to(at::kLong),
+                                                          at::ones({T * k}, s.options()));
+  const auto f = load * (static_cast<double>(E) / static_cast<double>(std::max<int64_t>(k * T, 1)));  // (E) f_i
+  return (f * p).sum() * alpha;
 }
 
 }  // namespace anvil::ops

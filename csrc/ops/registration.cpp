@@ -13,4 +13,31 @@ TORCH_LIBRARY(anvil, m) {
   m.def("quantize_int8(Tensor x, str granularity) -> (Tensor q, Tensor scale_inv)");
   // q * scale_inv in out_dtype; the inverse of quantize_int8.
   m.def("dequantize_int8(Tensor q, Tensor scale_inv, str granularity, ScalarType out_dtype) -> Tensor");
+
+  // ---- MoE routing (csrc/ops/moe; docs/FORMATS.md "MoE routing") ----
+  // Top-k gate over logits (T, E): sigmoid (DeepSeek-V3 noaux_tc) or softmax, optional bias and noise in
+  // the selection, group-limited; -> weights (T, top_k) fp32 (differentiable), indices (T, top_k) int32.
+  m.def("moe_gate(Tensor logits, Tensor? bias, Tensor? noise, int top_k, int n_group=1, int topk_group=1, "
+        "str score=\"softmax\", bool renormalize=True, float routed_scale=1.0) -> (Tensor weights, Tensor indices)");
+  // Gradient of moe_gate's weights with respect to its logits -> (T, E).
+  m.def("moe_gate_backward(Tensor grad_weights, Tensor logits, Tensor indices, str score, bool renormalize, "
+        "float routed_scale) -> Tensor");
+  // Stable routing of the (T, k) slots to expert-ordered rows padded to `align` per expert, at most
+  // `capacity` per expert (-1: no limit) -> slot_rows (T, k) (-1: dropped), counts (E), offsets (E+1), dropped ().
+  m.def("moe_route(Tensor indices, int num_experts, int align=1, int capacity=-1) "
+        "-> (Tensor slot_rows, Tensor counts, Tensor offsets, Tensor dropped)");
+  // moe_route, then hidden (T, H) gathered into permuted (T*k + E*(align-1), H); padding rows zero.
+  m.def("moe_permute(Tensor hidden, Tensor indices, int num_experts, int align=1, int capacity=-1) "
+        "-> (Tensor permuted, Tensor slot_rows, Tensor counts, Tensor offsets, Tensor dropped)");
+  // Gradient of moe_permute with respect to hidden: each token's kept slots summed -> (T, H).
+  m.def("moe_permute_backward(Tensor grad_permuted, Tensor slot_rows) -> Tensor");
+  // out (T, H) = sum_j weights[t, j] * expert_out[slot_rows[t, j]] over kept slots.
+  m.def("moe_unpermute(Tensor expert_out, Tensor slot_rows, Tensor weights) -> Tensor");
+  // Gradients of moe_unpermute -> (grad_expert_out (R, H), grad_weights (T, k)).
+  m.def("moe_unpermute_backward(Tensor grad_out, Tensor expert_out, Tensor slot_rows, Tensor weights) "
+        "-> (Tensor, Tensor)");
+  // Slots per expert -> counts (E) int32.
+  m.def("moe_expert_load(Tensor indices, int num_experts) -> Tensor");
+  // DeepSeek-V3 auxiliary-loss-free balancing: bias += gamma * sign(mean(counts) - counts), in place.
+  m.def("moe_update_bias(Tensor(a!) bias, Tensor counts, float gamma) -> ()");
 }

@@ -10,6 +10,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
 #include <torch/cuda.h>
 
 #include <chrono>
@@ -106,6 +107,87 @@ void check_dequantize(const Format& f, const std::string& g, std::vector<SelfChe
                   ms_cuda});
 }
 
+// ---- MoE ----
+// CPU: the DeepSeek-V3 gate (sigmoid, bias, 8 groups) against the same selection written in ATen ops on
+// tie-free data, and routing/combining against ATen composites; CUDA: equal to the CPU (indices
+// exactly, weights within 1e-6 relative).
+void check_moe(std::vector<SelfCheckRow>& rows, bool cuda) {
+  const int64_t T = 300, E = 256, k = 8;
+  const auto logits = at::randn({T, E});
+  const auto bias = at::randn({E}) * 0.1;
+  const auto [w, idx] = ops::moe_gate(logits, bias, c10::nullopt, k, 8, 4, "sigmoid", true, 2.5);
+  {
+    const auto s = logits.sigmoid();
+    const auto c = s + bias;                                                           // (T, E)
+    const auto gscore = std::get<0>(c.view({T, 8, 32}).topk(2, -1)).sum(-1);          // (T, 8)
+    const auto gidx = std::get<1>(gscore.topk(4, -1));                                 // (T, 4)
+    const auto gmask = at::zeros({T, 8}).scatter_(1, gidx, 1.0).repeat_interleave(32, 1);
+    const auto ridx = std::get<1>(c.masked_fill(gmask == 0, 0.0).topk(k, -1));
+    const bool same_idx = at::equal(std::get<0>(idx.to(at::kLong).sort(1)), std::get<0>(ridx.sort(1)));
+    auto rw = s.gather(1, idx.to(at::kLong));
+    rw = rw / (rw.sum(1, true) + 1e-20) * 2.5;
+    const double err = ((w - rw).abs() / rw.abs()).max().item<double>();
+    const bool ok = same_idx && err <= 1e-6;
+    rows.push_back({"moe_gate[deepseek-v3]", "cpu", ok ? "ok" : "FAIL",
+                    std::string(same_idx ? "indices = ATen topk" : "indices differ") + ", weights rel err " + fmt(err),
+                    time_ms([&] { ops::moe_gate(logits, bias, c10::nullopt, k, 8, 4, "sigmoid", true, 2.5); }, false)});
+  }
+  const auto g = at::randn({T, k});
+  const auto grad = ops::moe_gate_backward(g, logits, idx, "sigmoid", true, 2.5);
+  {
+    auto l = logits.clone().requires_grad_(true);
+    auto sw = l.sigmoid().gather(1, idx.to(at::kLong));
+    auto ref = sw / (sw.sum(1, true) + 1e-20) * 2.5;
+    const auto want = torch::autograd::grad({ref}, {l}, {g})[0];
+    const double err = (grad - want).abs().max().item<double>() / want.abs().max().item<double>();
+    rows.push_back({"moe_gate_backward", "cpu", err < 1e-5 ? "ok" : "FAIL", "vs torch autograd, rel err " + fmt(err), 0.0});
+  }
+  const auto hidden = at::randn({T, 64});
+  const auto [perm, slot_rows, counts, offsets, dropped] = ops::moe_permute(hidden, idx, E, 16, -1);
+  const auto [rslot, rcounts, roffsets, rdropped] = ops::moe_route(idx, E, 16, -1);
+  const auto load = ops::moe_expert_load(idx, E);
+  const bool counts_ok = at::equal(load.to(at::kLong), at::bincount(idx.flatten().to(at::kLong), {}, E)) &&
+                         at::equal(counts, load) && at::equal(rslot, slot_rows);
+  const bool gathered = at::equal(perm.index_select(0, slot_rows.flatten().to(at::kLong)),
+                                  hidden.repeat_interleave(k, 0));
+  rows.push_back({"moe_route/permute/expert_load", "cpu", counts_ok && gathered ? "ok" : "FAIL",
+                  "counts = bincount, rows hold their tokens", 0.0});
+  const auto back = ops::moe_unpermute(perm, slot_rows, at::full({T, k}, 1.0 / k));
+  const double uerr = (back - hidden).abs().max().item<double>();
+  rows.push_back({"moe_unpermute", "cpu", uerr < 1e-5 ? "ok" : "FAIL", "unpermute(permute(x)) = x, err " + fmt(uerr), 0.0});
+  const auto pgrad = ops::moe_permute_backward(at::ones_like(perm), slot_rows);
+  const auto [ugx, ugw] = ops::moe_unpermute_backward(at::ones_like(hidden), perm, slot_rows, at::full({T, k}, 1.0 / k));
+  const bool grads_ok = at::allclose(pgrad, at::full_like(hidden, double(k))) &&
+                        at::allclose(ugw, hidden.sum(1, true).expand({T, k}));
+  rows.push_back({"moe_permute_backward/unpermute_backward", "cpu", grads_ok ? "ok" : "FAIL", "vs closed forms", 0.0});
+  auto b = at::zeros({E});
+  ops::moe_update_bias(b, load, 0.001);
+  const bool bias_ok = at::allclose(b, (load.to(at::kFloat).mean() - load.to(at::kFloat)).sign() * 0.001);
+  rows.push_back({"moe_update_bias", "cpu", bias_ok ? "ok" : "FAIL", "b += gamma sign(mean - counts)", 0.0});
+  if (!cuda) return;
+  const auto lc = logits.cuda(), bc = bias.cuda();
+  const auto [wc, ic] = ops::moe_gate(lc, bc, c10::nullopt, k, 8, 4, "sigmoid", true, 2.5);
+  const bool same = at::equal(ic.cpu(), idx) && at::allclose(wc.cpu(), w, 1e-6, 0.0);
+  rows.push_back({"moe_gate[deepseek-v3]", "cuda", same ? "ok" : "FAIL", same ? "indices = cpu, weights within 1e-6" : "differs from cpu",
+                  time_ms([&] { ops::moe_gate(lc, bc, c10::nullopt, k, 8, 4, "sigmoid", true, 2.5); }, true)});
+  const auto gradc = ops::moe_gate_backward(g.cuda(), lc, ic, "sigmoid", true, 2.5);
+  const bool gsame = at::allclose(gradc.cpu(), grad, 1e-5, 1e-6);
+  rows.push_back({"moe_gate_backward", "cuda", gsame ? "ok" : "FAIL", "close to cpu", 0.0});
+  const auto [pc, sc, cc, oc, dc] = ops::moe_permute(hidden.cuda(), ic, E, 16, -1);
+  const bool psame = at::equal(pc.cpu(), perm) && at::equal(sc.cpu(), slot_rows) && at::equal(oc.cpu(), offsets) &&
+                     at::equal(ops::moe_expert_load(ic, E).cpu(), load);
+  rows.push_back({"moe_route/permute/expert_load", "cuda", psame ? "ok" : "FAIL", "equal to cpu", 0.0});
+  const auto backc = ops::moe_unpermute(pc, sc, at::full({T, k}, 1.0 / k, at::kCUDA));
+  const bool usame = at::allclose(backc.cpu(), back, 1e-5, 1e-6);
+  const auto pgc = ops::moe_permute_backward(at::ones_like(pc), sc);
+  const auto [ugxc, ugwc] = ops::moe_unpermute_backward(at::ones_like(hidden).cuda(), pc, sc, at::full({T, k}, 1.0 / k, at::kCUDA));
+  const bool gcs = at::allclose(pgc.cpu(), pgrad) && at::allclose(ugwc.cpu(), ugw, 1e-5, 1e-5) && at::allclose(ugxc.cpu(), ugx);
+  rows.push_back({"moe_unpermute(+backwards)", "cuda", usame && gcs ? "ok" : "FAIL", "close to cpu", 0.0});
+  auto bcu = at::zeros({E}, at::kCUDA);
+  ops::moe_update_bias(bcu, ops::moe_expert_load(ic, E), 0.001);
+  rows.push_back({"moe_update_bias", "cuda", at::allclose(bcu.cpu(), b) ? "ok" : "FAIL", "equal to cpu", 0.0});
+}
+
 // Runs `check`, turning an exception into a FAIL row so one broken op never hides the others.
 void guarded(const std::string& op, std::vector<SelfCheckRow>& rows, const std::function<void()>& check) {
   try {
@@ -131,6 +213,10 @@ std::vector<SelfCheckRow> run_selfcheck(bool cuda) {
     checked.insert(std::string("quantize_") + f.name);
     checked.insert(std::string("dequantize_") + f.name);
   }
+  guarded("moe", rows, [&] { check_moe(rows, use_cuda); });
+  for (const char* op : {"moe_gate", "moe_gate_backward", "moe_route", "moe_permute", "moe_permute_backward",
+                         "moe_unpermute", "moe_unpermute_backward", "moe_expert_load", "moe_update_bias"})
+    checked.insert(op);
   if (!use_cuda) rows.push_back({"(all ops)", "cuda", "skip", cuda ? "no CUDA device" : "--cpu-only", 0.0});
   for (const auto& name : c10::Dispatcher::singleton().getAllOpNames()) {
     if (name.name.rfind("anvil::", 0) != 0) continue;

@@ -5,6 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
+#include <c10/util/Optional.h>
 
 #include <string>
 #include <tuple>
@@ -31,5 +32,54 @@ std::tuple<at::Tensor, at::Tensor> quantize_int8(const at::Tensor& x, const std:
 /// float(q) * scale_inv rounded to out_dtype.
 at::Tensor dequantize_int8(const at::Tensor& q, const at::Tensor& scale_inv, const std::string& granularity,
                            at::ScalarType out_dtype);
+
+// ---- MoE routing (docs/FORMATS.md, "MoE routing") ----------------------------------------------
+
+/// Top-k expert gate. logits (T, E) fp32/bf16/fp16 (fp64 on CPU, for gradcheck); bias (E) and noise
+/// (T, E) fp32, added to the selection scores only. score "sigmoid" (DeepSeek-V3) or "softmax";
+/// n_group > 1 limits the choice to the topk_group best groups. Ties go to the lower expert index.
+/// @returns (weights (T, top_k) fp32, differentiable wrt logits; indices (T, top_k) int32)
+std::tuple<at::Tensor, at::Tensor> moe_gate(const at::Tensor& logits, const c10::optional<at::Tensor>& bias,
+                                            const c10::optional<at::Tensor>& noise, int64_t top_k,
+                                            int64_t n_group = 1, int64_t topk_group = 1,
+                                            const std::string& score = "softmax", bool renormalize = true,
+                                            double routed_scale = 1.0);
+
+/// Gradient of moe_gate's weights with respect to logits -> (T, E) in logits' dtype.
+at::Tensor moe_gate_backward(const at::Tensor& grad_weights, const at::Tensor& logits, const at::Tensor& indices,
+                             const std::string& score, bool renormalize, double routed_scale);
+
+/// Stable routing of the (T, k) slots: (slot_rows (T, k) int32, -1 where dropped by capacity;
+/// counts (E); offsets (E + 1), each expert's first row, padded to `align`; dropped ()).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route(const at::Tensor& indices, int64_t num_experts,
+                                                                     int64_t align = 1, int64_t capacity = -1);
+
+/// moe_route plus the gather: (permuted (T*k + E*(align-1), H), slot_rows, counts, offsets, dropped).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_permute(const at::Tensor& hidden,
+                                                                                   const at::Tensor& indices,
+                                                                                   int64_t num_experts,
+                                                                                   int64_t align = 1,
+                                                                                   int64_t capacity = -1);
+
+/// Gradient of moe_permute with respect to hidden -> (T, H).
+at::Tensor moe_permute_backward(const at::Tensor& grad_permuted, const at::Tensor& slot_rows);
+
+/// out (T, H) = sum_j weights[t, j] * expert_out[slot_rows[t, j]] (kept slots), fp32 accumulation.
+at::Tensor moe_unpermute(const at::Tensor& expert_out, const at::Tensor& slot_rows, const at::Tensor& weights);
+
+/// Gradients of moe_unpermute: (grad_expert_out (R, H), grad_weights (T, k)).
+std::tuple<at::Tensor, at::Tensor> moe_unpermute_backward(const at::Tensor& grad_out, const at::Tensor& expert_out,
+                                                          const at::Tensor& slot_rows, const at::Tensor& weights);
+
+/// Slots per expert -> counts (E) int32.
+at::Tensor moe_expert_load(const at::Tensor& indices, int64_t num_experts);
+
+/// DeepSeek-V3 auxiliary-loss-free update, in place: bias += gamma * sign(mean(counts) - counts).
+void moe_update_bias(at::Tensor& bias, const at::Tensor& counts, double gamma);
+
+/// DeepSeek-V3's sequence-wise balance loss for one sequence, a differentiable composite of ATen ops:
+/// alpha * sum_i f_i P_i, f_i = E / (k T) * #{t : i in indices[t]}, P_i = mean_t s[t, i] / sum_e s[t, e],
+/// with s = sigmoid(logits) (T, E) and indices (T, k).
+at::Tensor moe_sequence_balance_loss(const at::Tensor& logits, const at::Tensor& indices, double alpha);
 
 }  // namespace anvil::ops

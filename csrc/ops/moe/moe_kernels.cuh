@@ -1,0 +1,371 @@
+// CUDA kernels of the MoE ops.
+//
+// moe_gate: one warp per token. Lane l holds experts l, l+32, ... (kPer of them, kPer = ceil(E/32)
+// rounded up to a power of two), so loading a token's logits is kPer coalesced 128-byte reads and the
+// whole selection happens in registers: the score (det_math.h, the CPU's own bits), the softmax sum in
+// the CPU reference's order (strided partials, then a butterfly), the group ranking (each group's top-2
+// found by one lane scanning the warp's copy of the scores in shared memory), and top_k rounds of a warp
+// argmax whose butterfly carries (score, expert, weight) with one total order (higher score, then lower
+// expert) so every lane agrees and the result equals the CPU's sequential scan. A token reads E scores
+// and writes 2k values: at E = 256 the kernel is a stream over the logits.
+//
+// moe_route: a histogram (shared-memory atomics), a one-block scan of the counts into padded offsets, a
+// stable radix sort of (expert, slot) pairs (CUB), and a pass that turns each sorted position into the
+// slot's row. moe_permute then writes every row of the (R, H) buffer once: the row's token, or zeros for
+// padding, so the buffer is never cleared separately. moe_unpermute reads each token's k rows and sums
+// them in fp32, in slot order.
+#pragma once
+
+#include "ops/common/det_math.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cstdint>
+
+namespace anvil::ops::cuda {
+
+constexpr int kGateWarps = 8;  // tokens per block
+constexpr int kMaxTopK = 16;
+
+__device__ __forceinline__ float load_f32(float v) { return v; }
+__device__ __forceinline__ float load_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float load_f32(__half v) { return __half2float(v); }
+
+__device__ __forceinline__ float sel_key(float v) { return v == v ? v : -INFINITY; }
+
+__device__ __forceinline__ bool beats(float a, int ia, float b, int ib) { return a > b || (a == b && ia < ib); }
+
+// Warp argmax of (v, i) with the tie rule; `w` rides along. Every lane ends with the same triple.
+__device__ __forceinline__ void warp_best(float& v, int& i, float& w) {
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) {
+    const float ov = __shfl_xor_sync(0xffffffffu, v, off);
+    const int oi = __shfl_xor_sync(0xffffffffu, i, off);
+    const float ow = __shfl_xor_sync(0xffffffffu, w, off);
+    if (beats(ov, oi, v, i)) {
+      v = ov;
+      i = oi;
+      w = ow;
+    }
+  }
+}
+
+// logits (T, E) -> weights (T, k) fp32, indices (T, k) int32. Dynamic shared memory: kGateWarps * E
+// floats when n_group > 1 (the selection scores, for the per-group scans).
+template <typename T, int kPer>
+__global__ void __launch_bounds__(kGateWarps * 32) moe_gate_kernel(
+    const T* __restrict__ logits, const float* __restrict__ bias, const float* __restrict__ noise,
+    float* __restrict__ weights, int32_t* __restrict__ indices, int64_t tokens, int E, int top_k, int n_group,
+    int topk_group, bool sigmoid, bool renormalize, float routed_scale) {
+  extern __shared__ float smem[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t t = int64_t(blockIdx.x) * kGateWarps + warp;
+  if (t >= tokens) return;  // whole warps leave together
+  const T* row = logits + t * E;
+
+  float s[kPer], c[kPer];
+  uint32_t taken = 0;  // bit i: expert lane + 32 i is out of range or already chosen
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int e = lane + 32 * i;
+    s[i] = e < E ? load_f32(row[e]) : -INFINITY;
+    if (e >= E) taken |= 1u << i;
+  }
+  if (sigmoid) {
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) s[i] = det::sigmoid(s[i]);
+  } else {
+    float m = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) m = fmaxf(m, s[i]);
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+    float part = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      if (lane + 32 * i < E) {
+        s[i] = det::exp(det::add(s[i], -m));
+        part = det::add(part, s[i]);
+      }
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) part = det::add(part, __shfl_xor_sync(0xffffffffu, part, off));
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) s[i] = det::div(s[i], part);
+  }
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int e = lane + 32 * i;
+    float v = s[i];
+    if (e < E) {
+      if (bias) v = det::add(v, bias[e]);
+      if (noise) v = det::add(v, noise[t * E + e]);
+    }
+    c[i] = sel_key(v);
+  }
+
+  if (n_group > 1) {
+    float* sc = smem + warp * E;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i)
+      if (lane + 32 * i < E) sc[lane + 32 * i] = c[i];
+    __syncwarp();
+    const int gs = E / n_group;
+    float gscore = -INFINITY;
+    if (lane < n_group) {
+      float top1 = -INFINITY, top2 = -INFINITY;
+      for (int e = lane * gs; e < (lane + 1) * gs; ++e) {
+        const float v = sc[e];
+        if (v > top1) {
+          top2 = top1;
+          top1 = v;
+        } else if (v > top2) {
+          top2 = v;
+        }
+      }
+      gscore = sel_key(sigmoid ? det::add(top1, top2) : top1);
+    }
+    __syncwarp();
+    uint32_t kept = 0;
+    bool mine_taken = lane >= n_group;
+    for (int r = 0; r < topk_group; ++r) {
+      float v = mine_taken ? -INFINITY : gscore;
+      int i = mine_taken ? 0x7fffffff : lane;
+      float unused = 0.0f;
+      warp_best(v, i, unused);
+      kept |= 1u << i;
+      if (i == lane) mine_taken = true;
+    }
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int e = lane + 32 * i;
+      if (e < E && !((kept >> (e / gs)) & 1u)) c[i] = 0.0f;  // transformers: masked_fill(~mask, 0.0)
+    }
+  }
+
+  float w[kMaxTopK];
+  int id[kMaxTopK];
+  float sum = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kMaxTopK; ++j) {
+    if (j >= top_k) break;
+    float bv = -INFINITY, bw = 0.0f;
+    int bi = 0x7fffffff;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      if (!((taken >> i) & 1u) && beats(c[i], lane + 32 * i, bv, bi)) {
+        bv = c[i];
+        bi = lane + 32 * i;
+        bw = s[i];
+      }
+    }
+    warp_best(bv, bi, bw);
+    if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
+    w[j] = bw;
+    id[j] = bi;
+    sum = det::add(sum, bw);
+  }
+  const float denom = det::add(sum, 1e-20f);
+#pragma unroll
+  for (int j = 0; j < kMaxTopK; ++j) {
+    if (j >= top_k) break;
+    if (j == lane) {
+      const float v = renormalize ? det::div(w[j], denom) : w[j];
+      weights[t * top_k + j] = det::mul(v, routed_scale);
+      indices[t * top_k + j] = id[j];
+    }
+  }
+}
+
+// d weights / d logits, a warp per token; the token's scores are recomputed into shared memory
+// (kGateWarps * E floats). Formulas: moe_cpu.cpp, gate_backward_token.
+template <typename T, int kPer>
+__global__ void __launch_bounds__(kGateWarps * 32) moe_gate_backward_kernel(
+    const float* __restrict__ grad_w, const T* __restrict__ logits, const int32_t* __restrict__ indices,
+    float* __restrict__ grad_logits, int64_t tokens, int E, int k, bool sigmoid, bool renormalize, float scale) {
+  extern __shared__ float smem[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t t = int64_t(blockIdx.x) * kGateWarps + warp;
+  if (t >= tokens) return;
+  float* s = smem + warp * E;
+  const T* row = logits + t * E;
+  float v[kPer];
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) v[i] = lane + 32 * i < E ? load_f32(row[lane + 32 * i]) : -INFINITY;
+  if (sigmoid) {
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) v[i] = det::sigmoid(v[i]);
+  } else {
+    float m = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) m = fmaxf(m, v[i]);
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+    float part = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i)
+      if (lane + 32 * i < E) {
+        v[i] = det::exp(det::add(v[i], -m));
+        part = det::add(part, v[i]);
+      }
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) part = det::add(part, __shfl_xor_sync(0xffffffffu, part, off));
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) v[i] = det::div(v[i], part);
+  }
+#pragma unroll
+  for (int i = 0; i < kPer; ++i)
+    if (lane + 32 * i < E) s[lane + 32 * i] = v[i];
+  __syncwarp();
+  float sum = 0.0f, gs = 0.0f;
+  for (int j = 0; j < k; ++j) {
+    const float sj = s[indices[t * k + j]];
+    sum += sj;
+    gs += grad_w[t * k + j] * sj;
+  }
+  const float denom = sum + 1e-20f;
+  float dot = 0.0f;  // softmax: sum_j ds_j p_j
+  for (int j = 0; j < k; ++j) {
+    const float g = grad_w[t * k + j];
+    const float ds = renormalize ? scale * (g / denom - gs / (denom * denom)) : scale * g;
+    dot += ds * s[indices[t * k + j]];
+  }
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int e = lane + 32 * i;
+    if (e >= E) continue;
+    float out = sigmoid ? 0.0f : -s[e] * dot;
+    for (int j = 0; j < k; ++j) {
+      if (indices[t * k + j] != e) continue;
+      const float g = grad_w[t * k + j];
+      const float ds = renormalize ? scale * (g / denom - gs / (denom * denom)) : scale * g;
+      out += sigmoid ? ds * s[e] * (1.0f - s[e]) : s[e] * ds;
+    }
+    grad_logits[t * E + e] = out;
+  }
+}
+
+// ---- routing -----------------------------------------------------------------------------------
+// counts[e] += 1 for each slot; a slot outside [0, E) raises *bad instead.
+__global__ void moe_histogram_kernel(const int32_t* __restrict__ idx, int64_t n, int E, int32_t* __restrict__ counts,
+                                     int32_t* __restrict__ bad) {
+  extern __shared__ int32_t hist[];
+  for (int e = threadIdx.x; e < E; e += blockDim.x) hist[e] = 0;
+  __syncthreads();
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const int32_t e = idx[i];
+    if (e >= 0 && e < E) {
+      atomicAdd(&hist[e], 1);
+    } else {
+      atomicExch(bad, 1);
+    }
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < E; e += blockDim.x)
+    if (hist[e]) atomicAdd(&counts[e], hist[e]);
+}
+
+// One block: all[e] (every slot) -> kept[e] = min(all, capacity), start[e] = exclusive scan of all,
+// offsets[e] = exclusive scan of round_up(kept, align), dropped = sum(all - kept). In place: counts
+// holds all on entry and kept on exit.
+__global__ void moe_offsets_kernel(int32_t* __restrict__ counts, int32_t* __restrict__ start,
+                                   int32_t* __restrict__ offsets, int32_t* __restrict__ dropped, int E, int align,
+                                   int capacity) {
+  __shared__ int32_t carry_start, carry_off, carry_drop;
+  __shared__ int32_t scan_a[1024], scan_b[1024];
+  if (threadIdx.x == 0) carry_start = carry_off = carry_drop = 0;
+  __syncthreads();
+  for (int base = 0; base < E; base += blockDim.x) {
+    const int e = base + threadIdx.x;
+    const int32_t all = e < E ? counts[e] : 0;
+    const int32_t kept = capacity >= 0 ? min(all, capacity) : all;
+    const int32_t padded = (kept + align - 1) / align * align;
+    scan_a[threadIdx.x] = all;
+    scan_b[threadIdx.x] = padded;
+    __syncthreads();
+    for (int off = 1; off < blockDim.x; off *= 2) {  // inclusive Hillis-Steele scans
+      const int32_t a = threadIdx.x >= off ? scan_a[threadIdx.x - off] : 0;
+      const int32_t b = threadIdx.x >= off ? scan_b[threadIdx.x - off] : 0;
+      __syncthreads();
+      scan_a[threadIdx.x] += a;
+      scan_b[threadIdx.x] += b;
+      __syncthreads();
+    }
+    if (e < E) {
+      start[e] = carry_start + scan_a[threadIdx.x] - all;
+      offsets[e] = carry_off + scan_b[threadIdx.x] - padded;
+      counts[e] = kept;
+      if (all > kept) atomicAdd(&carry_drop, all - kept);
+    }
+    __syncthreads();
+    if (threadIdx.x == blockDim.x - 1) {
+      carry_start += scan_a[threadIdx.x];
+      carry_off += scan_b[threadIdx.x];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    offsets[E] = carry_off;
+    *dropped = carry_drop;
+  }
+}
+
+// Sorted position p holds (expert e, slot); the slot's rank within e is p - start[e].
+__global__ void moe_assign_rows_kernel(const int32_t* __restrict__ sorted_experts,
+                                       const int32_t* __restrict__ sorted_slots, int64_t n,
+                                       const int32_t* __restrict__ start, const int32_t* __restrict__ kept,
+                                       const int32_t* __restrict__ offsets, int32_t* __restrict__ slot_rows,
+                                       int32_t* __restrict__ row_slot) {
+  const int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (p >= n) return;
+  const int32_t e = sorted_experts[p], slot = sorted_slots[p];
+  const int32_t rank = int32_t(p) - start[e];
+  const int32_t row = rank < kept[e] ? offsets[e] + rank : -1;
+  slot_rows[slot] = row;
+  if (row >= 0 && row_slot) row_slot[row] = slot;
+}
+
+// permuted[r] = hidden[row_slot[r] / k], or zeros where row_slot[r] < 0. A block per row, 16 bytes a thread.
+__global__ void moe_gather_rows_kernel(const uint4* __restrict__ hidden, const int32_t* __restrict__ row_slot,
+                                       uint4* __restrict__ permuted, int64_t rows, int64_t vec_per_row, int k) {
+  const int64_t r = blockIdx.x;
+  const int32_t slot = row_slot[r];
+  uint4* dst = permuted + r * vec_per_row;
+  if (slot < 0) {
+    for (int64_t v = threadIdx.x; v < vec_per_row; v += blockDim.x) dst[v] = make_uint4(0, 0, 0, 0);
+    return;
+  }
+  const uint4* src = hidden + int64_t(slot / k) * vec_per_row;
+  for (int64_t v = threadIdx.x; v < vec_per_row; v += blockDim.x) dst[v] = src[v];
+}
+
+// out[t] = sum_j w[t, j] * x[slot_rows[t, j]] (w == nullptr: weight 1), fp32 accumulation in j order.
+// A block per token; each thread owns 8 consecutive columns (H % 8 == 0 on this path).
+template <typename T>
+__global__ void moe_combine_kernel(const T* __restrict__ x, const int32_t* __restrict__ slot_rows,
+                                   const float* __restrict__ w, T* __restrict__ out, int64_t H, int k) {
+  const int64_t t = blockIdx.x;
+  for (int64_t c0 = int64_t(threadIdx.x) * 8; c0 < H; c0 += int64_t(blockDim.x) * 8) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int j = 0; j < k; ++j) {
+      const int32_t r = slot_rows[t * k + j];
+      if (r < 0) continue;
+      const float wj = w ? w[t * k + j] : 1.0f;
+      const T* src = x + int64_t(r) * H + c0;
+#pragma unroll
+      for (int q = 0; q < 8; ++q) acc[q] = fmaf(wj, load_f32(src[q]), acc[q]);
+    }
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+      if constexpr (sizeof(T) == 4) {
+        out[t * H + c0 + q] = acc[q];
+      } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+        out[t * H + c0 + q] = __float2bfloat16_rn(acc[q]);
+      } else {
+        out[t * H + c0 + q] = __float2half_rn(acc[q]);
+      }
+    }
+  }
+}
+
+}  // namespace anvil::ops::cuda
