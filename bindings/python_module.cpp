@@ -12,8 +12,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "selfcheck",
       [](bool cuda) {
+        std::vector<anvil::SelfCheckRow> rows;
+        {
+          py::gil_scoped_release no_gil;  // the checks run autograd from C++, which must not hold the GIL
+          rows = anvil::run_selfcheck(cuda);
+        }
         py::list out;
-        for (const auto& r : anvil::run_selfcheck(cuda)) {
+        for (const auto& r : rows) {
           py::dict d;
           d["op"] = r.op;
           d["device"] = r.device;
@@ -28,5 +33,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "format_selfcheck",
       [](bool cuda) { return anvil::format_selfcheck(anvil::run_selfcheck(cuda)); }, py::arg("cuda") = true,
+      py::call_guard<py::gil_scoped_release>(),
       "Run the op self-check and return its table as text.");
 }

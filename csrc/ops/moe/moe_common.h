@@ -9,6 +9,7 @@
 #include <c10/util/Optional.h>
 #include <c10/util/string_view.h>
 
+#include <algorithm>
 #include <string>
 
 namespace anvil::ops {
@@ -19,6 +20,19 @@ constexpr int64_t kMoeMaxGroups = 32;     // one group per lane in the group ran
 constexpr float kMoeRenormEps = 1e-20f;   // transformers' DeepseekV3 / DeepSeek-V2 denominator epsilon
 
 enum class GateScore { kSigmoid = 0, kSoftmax = 1 };
+
+// How the CUDA gate lays a token out, shared with the CPU reference (whose softmax sums in the same
+// order): `team` lanes per token (a power of two, about E / 32), lane r holding the contiguous experts
+// [r * chunk, min(E, (r + 1) * chunk)).
+struct GateLayout {
+  int team, chunk;
+};
+inline GateLayout gate_layout(int64_t experts) {
+  int64_t p2 = 1;
+  while (p2 < experts) p2 *= 2;
+  const int team = static_cast<int>(std::min<int64_t>(32, std::max<int64_t>(1, p2 / 32)));
+  return {team, static_cast<int>((experts + team - 1) / team)};
+}
 
 struct GateConfig {
   int64_t tokens, experts, top_k, n_group, topk_group;

@@ -56,21 +56,22 @@ int64_t best_untaken(const F* v, int64_t n, const std::vector<char>& taken) {
   return best;
 }
 
-// Softmax over one row with the CUDA kernel's summation order: 32 strided partial sums (lane l adds
-// elements l, l+32, ... in order), then a butterfly over the 32 partials (xor 16, 8, 4, 2, 1).
+// Softmax over one row with the CUDA kernel's summation order (gate_layout): each of `team` lanes sums
+// its contiguous chunk in order, then a butterfly over the team's partials (xor team/2, ..., 1).
 template <typename F>
 void softmax_row(const F* l, int64_t n, F* p) {
   using M = GateMath<F>;
+  const GateLayout lay = gate_layout(n);
   F m = -std::numeric_limits<F>::infinity();
   for (int64_t e = 0; e < n; ++e) m = std::max(m, l[e]);  // NaN ignored here, as fmaxf does on the GPU
   std::array<F, 32> part{};
   for (int64_t e = 0; e < n; ++e) {
     p[e] = M::exp(M::add(l[e], -m));
-    part[e % 32] = M::add(part[e % 32], p[e]);
+    part[e / lay.chunk] = M::add(part[e / lay.chunk], p[e]);
   }
-  for (int off = 16; off > 0; off /= 2) {
-    std::array<F, 32> next;
-    for (int lane = 0; lane < 32; ++lane) next[lane] = M::add(part[lane], part[lane ^ off]);
+  for (int off = lay.team / 2; off > 0; off /= 2) {
+    std::array<F, 32> next{};
+    for (int r = 0; r < lay.team; ++r) next[r] = M::add(part[r], part[r ^ off]);
     part = next;
   }
   for (int64_t e = 0; e < n; ++e) p[e] = M::div(p[e], part[0]);

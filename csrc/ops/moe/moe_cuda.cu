@@ -22,15 +22,15 @@ using Int = std::integral_constant<int, N>;
 
 int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Calls f(T{}, Int<kPer>{}) for the logits dtype and kPer = ceil(E / 32) rounded up to a power of two.
+// Calls f(T{}, Int<kPer>{}) for the logits dtype and kPer = `per` rounded up to a power of two (<= 32).
 template <typename F>
-void dispatch_gate(at::ScalarType dtype, int64_t E, const char* op, F&& f) {
+void dispatch_gate(at::ScalarType dtype, int64_t per, const char* op, F&& f) {
   auto by_per = [&](auto type_tag) {
-    if (E <= 32) return f(type_tag, Int<1>{});
-    if (E <= 64) return f(type_tag, Int<2>{});
-    if (E <= 128) return f(type_tag, Int<4>{});
-    if (E <= 256) return f(type_tag, Int<8>{});
-    if (E <= 512) return f(type_tag, Int<16>{});
+    if (per <= 1) return f(type_tag, Int<1>{});
+    if (per <= 2) return f(type_tag, Int<2>{});
+    if (per <= 4) return f(type_tag, Int<4>{});
+    if (per <= 8) return f(type_tag, Int<8>{});
+    if (per <= 16) return f(type_tag, Int<16>{});
     return f(type_tag, Int<32>{});
   };
   switch (dtype) {
@@ -52,15 +52,19 @@ std::tuple<at::Tensor, at::Tensor> moe_gate_cuda(const at::Tensor& logits, const
   auto weights = at::empty({c.tokens, top_k}, logits.options().dtype(at::kFloat));
   auto indices = at::empty({c.tokens, top_k}, logits.options().dtype(at::kInt));
   if (c.tokens == 0) return {weights, indices};
-  const size_t smem = n_group > 1 ? kGateWarps * c.experts * sizeof(float) : 0;
+  const GateLayout lay = gate_layout(c.experts);
+  const int64_t tokens_per_block = kGateWarps * 32 / lay.team;
+  const size_t smem = n_group > 1 ? tokens_per_block * (c.experts + 33) * sizeof(float) : 0;
   const auto stream = at::cuda::getCurrentCUDAStream();
-  dispatch_gate(logits.scalar_type(), c.experts, op, [&](auto type_tag, auto per) {
+  dispatch_gate(logits.scalar_type(), lay.chunk, op, [&](auto type_tag, auto per) {
     using T = decltype(type_tag);
-    cuda::moe_gate_kernel<T, decltype(per)::value><<<div_up(c.tokens, kGateWarps), kGateWarps * 32, smem, stream>>>(
+    auto kernel = cuda::moe_gate_kernel<T, decltype(per)::value>;
+    if (smem > 48 * 1024) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    kernel<<<div_up(c.tokens, tokens_per_block), kGateWarps * 32, smem, stream>>>(
         reinterpret_cast<const T*>(logits.const_data_ptr()), bias ? bias->const_data_ptr<float>() : nullptr,
         noise ? noise->const_data_ptr<float>() : nullptr, weights.data_ptr<float>(), indices.data_ptr<int32_t>(),
-        c.tokens, int(c.experts), int(top_k), int(n_group), int(topk_group), c.score == GateScore::kSigmoid,
-        renormalize, float(routed_scale));
+        c.tokens, int(c.experts), lay.team, lay.chunk, int(top_k), int(n_group), int(topk_group),
+        c.score == GateScore::kSigmoid, renormalize, float(routed_scale));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {weights, indices};
@@ -77,7 +81,7 @@ at::Tensor moe_gate_backward_cuda(const at::Tensor& grad_weights, const at::Tens
   if (T == 0) return grad.to(logits.scalar_type());
   auto g = grad_weights.contiguous();
   const auto stream = at::cuda::getCurrentCUDAStream();
-  dispatch_gate(logits.scalar_type(), E, op, [&](auto type_tag, auto per) {
+  dispatch_gate(logits.scalar_type(), (E + 31) / 32, op, [&](auto type_tag, auto per) {
     using T_ = decltype(type_tag);
     cuda::moe_gate_backward_kernel<T_, decltype(per)::value>
         <<<div_up(T, kGateWarps), kGateWarps * 32, kGateWarps * E * sizeof(float), stream>>>(

@@ -1,13 +1,13 @@
 // CUDA kernels of the MoE ops.
 //
-// moe_gate: one warp per token. Lane l holds experts l, l+32, ... (kPer of them, kPer = ceil(E/32)
-// rounded up to a power of two), so loading a token's logits is kPer coalesced 128-byte reads and the
-// whole selection happens in registers: the score (det_math.h, the CPU's own bits), the softmax sum in
-// the CPU reference's order (strided partials, then a butterfly), the group ranking (each group's top-2
-// found by one lane scanning the warp's copy of the scores in shared memory), and top_k rounds of a warp
-// argmax whose butterfly carries (score, expert, weight) with one total order (higher score, then lower
-// expert) so every lane agrees and the result equals the CPU's sequential scan. A token reads E scores
-// and writes 2k values: at E = 256 the kernel is a stream over the logits.
+// moe_gate: a team of about E / 32 lanes per token (8 for E = 256), each lane holding a contiguous chunk
+// of experts in registers. Everything happens there: the score (det_math.h, the CPU's own bits), the
+// softmax sum in the CPU reference's order (chunk partials, then a butterfly over the team), the group
+// ranking (one lane scanning the token's scores in shared memory, as the CPU does), and top_k rounds of
+// a team argmax carrying (score, expert, weight) under one total order (higher score, then lower expert),
+// after which only the winning lane rescans its chunk. A first version gave each token a whole warp and
+// scanned all E scores every round: 32x the bookkeeping, 10% of the bytes roofline at T = 65536
+// (docs/BENCHMARKS.md).
 //
 // moe_route: a histogram (shared-memory atomics), a one-block scan of the counts into padded offsets, a
 // stable radix sort of (expert, slot) pairs (CUB), and a pass that turns each sorted position into the
@@ -50,26 +50,65 @@ __device__ __forceinline__ void warp_best(float& v, int& i, float& w) {
   }
 }
 
-// logits (T, E) -> weights (T, k) fp32, indices (T, k) int32. Dynamic shared memory: kGateWarps * E
-// floats when n_group > 1 (the selection scores, for the per-group scans).
+// Argmax over the `team` lanes of a token (xor offsets < team stay inside the team); `w` rides along.
+__device__ __forceinline__ void team_best(float& v, int& i, float& w, int team) {
+  for (int off = team / 2; off > 0; off /= 2) {
+    const float ov = __shfl_xor_sync(0xffffffffu, v, off);
+    const int oi = __shfl_xor_sync(0xffffffffu, i, off);
+    const float ow = __shfl_xor_sync(0xffffffffu, w, off);
+    if (beats(ov, oi, v, i)) {
+      v = ov;
+      i = oi;
+      w = ow;
+    }
+  }
+}
+
+// The best untaken of a lane's kPer values: (score, expert, weight), expert 0x7fffffff when none.
+template <int kPer>
+__device__ __forceinline__ void lane_best(const float (&c)[kPer], const float (&s)[kPer], uint32_t taken, int e0,
+                                          float& bv, int& bi, float& bw) {
+  bv = -INFINITY;
+  bi = 0x7fffffff;
+  bw = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    if (!((taken >> i) & 1u) && beats(c[i], e0 + i, bv, bi)) {
+      bv = c[i];
+      bi = e0 + i;
+      bw = s[i];
+    }
+  }
+}
+
+// logits (T, E) -> weights (T, k) fp32, indices (T, k) int32. A token is handled by a team of `team`
+// lanes (gate_layout: about E / 32 lanes, 32 / team tokens per warp); lane r of the team holds the
+// contiguous experts [r * chunk, r * chunk + chunk), chunk <= kPer. Each lane keeps its own best
+// candidate; a top-k round is a team argmax (log2(team) shuffles) after which only the winner's lane
+// rescans its kPer values, so a round costs O(log team + kPer), not O(E). Dynamic shared memory when
+// n_group > 1: per token of the block, its E selection scores, 32 group scores and the kept-group mask.
 template <typename T, int kPer>
 __global__ void __launch_bounds__(kGateWarps * 32) moe_gate_kernel(
     const T* __restrict__ logits, const float* __restrict__ bias, const float* __restrict__ noise,
-    float* __restrict__ weights, int32_t* __restrict__ indices, int64_t tokens, int E, int top_k, int n_group,
-    int topk_group, bool sigmoid, bool renormalize, float routed_scale) {
+    float* __restrict__ weights, int32_t* __restrict__ indices, int64_t tokens, int E, int team, int chunk,
+    int top_k, int n_group, int topk_group, bool sigmoid, bool renormalize, float routed_scale) {
   extern __shared__ float smem[];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t t = int64_t(blockIdx.x) * kGateWarps + warp;
-  if (t >= tokens) return;  // whole warps leave together
-  const T* row = logits + t * E;
+  const int tokens_per_block = kGateWarps * 32 / team;
+  const int slot = threadIdx.x / team;          // the token's place in the block
+  const int r = threadIdx.x % team;             // the lane's place in the team
+  const int64_t t_raw = int64_t(blockIdx.x) * tokens_per_block + slot;
+  const bool live = t_raw < tokens;
+  const int64_t t = live ? t_raw : tokens - 1;  // teams past the end compute a copy and write nothing
+  const int e0 = r * chunk;
+  const int mine = max(0, min(chunk, E - e0));
+  const T* row = logits + t * E + e0;
 
   float s[kPer], c[kPer];
-  uint32_t taken = 0;  // bit i: expert lane + 32 i is out of range or already chosen
+  uint32_t taken = 0;  // bit i: expert e0 + i is out of range or already chosen
 #pragma unroll
   for (int i = 0; i < kPer; ++i) {
-    const int e = lane + 32 * i;
-    s[i] = e < E ? load_f32(row[e]) : -INFINITY;
-    if (e >= E) taken |= 1u << i;
+    s[i] = i < mine ? load_f32(row[i]) : -INFINITY;
+    if (i >= mine) taken |= 1u << i;
   }
   if (sigmoid) {
 #pragma unroll
@@ -78,43 +117,42 @@ __global__ void __launch_bounds__(kGateWarps * 32) moe_gate_kernel(
     float m = -INFINITY;
 #pragma unroll
     for (int i = 0; i < kPer; ++i) m = fmaxf(m, s[i]);
-#pragma unroll
-    for (int off = 16; off > 0; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+    for (int off = team / 2; off > 0; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
     float part = 0.0f;
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
-      if (lane + 32 * i < E) {
+      if (i < mine) {
         s[i] = det::exp(det::add(s[i], -m));
         part = det::add(part, s[i]);
       }
     }
-#pragma unroll
-    for (int off = 16; off > 0; off /= 2) part = det::add(part, __shfl_xor_sync(0xffffffffu, part, off));
+    for (int off = team / 2; off > 0; off /= 2) part = det::add(part, __shfl_xor_sync(0xffffffffu, part, off));
 #pragma unroll
     for (int i = 0; i < kPer; ++i) s[i] = det::div(s[i], part);
   }
 #pragma unroll
   for (int i = 0; i < kPer; ++i) {
-    const int e = lane + 32 * i;
     float v = s[i];
-    if (e < E) {
-      if (bias) v = det::add(v, bias[e]);
-      if (noise) v = det::add(v, noise[t * E + e]);
+    if (i < mine) {
+      if (bias) v = det::add(v, bias[e0 + i]);
+      if (noise) v = det::add(v, noise[t * E + e0 + i]);
     }
     c[i] = sel_key(v);
   }
 
   if (n_group > 1) {
-    float* sc = smem + warp * E;
+    // The token's shared-memory region: E selection scores, 32 group scores, the kept-group mask.
+    float* sc = smem + slot * (E + 33);
+    float* gscore = sc + E;
+    uint32_t* kept_word = reinterpret_cast<uint32_t*>(gscore + 32);
+    const int gs = E / n_group;
 #pragma unroll
     for (int i = 0; i < kPer; ++i)
-      if (lane + 32 * i < E) sc[lane + 32 * i] = c[i];
+      if (i < mine) sc[e0 + i] = c[i];
     __syncwarp();
-    const int gs = E / n_group;
-    float gscore = -INFINITY;
-    if (lane < n_group) {
+    for (int g = r; g < n_group; g += team) {  // lane r scores groups r, r + team, ... in expert order
       float top1 = -INFINITY, top2 = -INFINITY;
-      for (int e = lane * gs; e < (lane + 1) * gs; ++e) {
+      for (int e = g * gs; e < (g + 1) * gs; ++e) {
         const float v = sc[e];
         if (v > top1) {
           top2 = top1;
@@ -123,53 +161,52 @@ __global__ void __launch_bounds__(kGateWarps * 32) moe_gate_kernel(
           top2 = v;
         }
       }
-      gscore = sel_key(sigmoid ? det::add(top1, top2) : top1);
+      gscore[g] = sel_key(sigmoid ? det::add(top1, top2) : top1);
     }
     __syncwarp();
-    uint32_t kept = 0;
-    bool mine_taken = lane >= n_group;
-    for (int r = 0; r < topk_group; ++r) {
-      float v = mine_taken ? -INFINITY : gscore;
-      int i = mine_taken ? 0x7fffffff : lane;
-      float unused = 0.0f;
-      warp_best(v, i, unused);
-      kept |= 1u << i;
-      if (i == lane) mine_taken = true;
+    if (r == 0) {  // one lane ranks the (at most 32) groups, as the CPU reference does
+      uint32_t kept = 0;
+      for (int q = 0; q < topk_group; ++q) {
+        int best = -1;
+        for (int g = 0; g < n_group; ++g)
+          if (!((kept >> g) & 1u) && (best < 0 || beats(gscore[g], g, gscore[best], best))) best = g;
+        kept |= 1u << best;
+      }
+      *kept_word = kept;
     }
+    __syncwarp();
+    const uint32_t kept = *kept_word;
 #pragma unroll
-    for (int i = 0; i < kPer; ++i) {
-      const int e = lane + 32 * i;
-      if (e < E && !((kept >> (e / gs)) & 1u)) c[i] = 0.0f;  // transformers: masked_fill(~mask, 0.0)
-    }
+    for (int i = 0; i < kPer; ++i)
+      if (i < mine && !((kept >> ((e0 + i) / gs)) & 1u)) c[i] = 0.0f;  // transformers: masked_fill(~mask, 0.0)
   }
 
+  float bv, bw;
+  int bi;
+  lane_best<kPer>(c, s, taken, e0, bv, bi, bw);
   float w[kMaxTopK];
   int id[kMaxTopK];
   float sum = 0.0f;
 #pragma unroll
   for (int j = 0; j < kMaxTopK; ++j) {
     if (j >= top_k) break;
-    float bv = -INFINITY, bw = 0.0f;
-    int bi = 0x7fffffff;
-#pragma unroll
-    for (int i = 0; i < kPer; ++i) {
-      if (!((taken >> i) & 1u) && beats(c[i], lane + 32 * i, bv, bi)) {
-        bv = c[i];
-        bi = lane + 32 * i;
-        bw = s[i];
-      }
+    float v = bv, ww = bw;
+    int i = bi;
+    team_best(v, i, ww, team);
+    w[j] = ww;
+    id[j] = i;
+    sum = det::add(sum, ww);
+    if (i == bi) {  // this lane supplied the winner: take it and find the lane's next best
+      taken |= 1u << (i - e0);
+      lane_best<kPer>(c, s, taken, e0, bv, bi, bw);
     }
-    warp_best(bv, bi, bw);
-    if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
-    w[j] = bw;
-    id[j] = bi;
-    sum = det::add(sum, bw);
   }
   const float denom = det::add(sum, 1e-20f);
+  if (!live) return;
 #pragma unroll
   for (int j = 0; j < kMaxTopK; ++j) {
     if (j >= top_k) break;
-    if (j == lane) {
+    if (j % team == r) {
       const float v = renormalize ? det::div(w[j], denom) : w[j];
       weights[t * top_k + j] = det::mul(v, routed_scale);
       indices[t * top_k + j] = id[j];
