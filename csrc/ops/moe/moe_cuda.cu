@@ -54,7 +54,8 @@ std::tuple<at::Tensor, at::Tensor> moe_gate_cuda(const at::Tensor& logits, const
   if (c.tokens == 0) return {weights, indices};
   const GateLayout lay = gate_layout(c.experts);
   const int64_t tokens_per_block = kGateWarps * 32 / lay.team;
-  const size_t smem = n_group > 1 ? tokens_per_block * (c.experts + 33) * sizeof(float) : 0;
+  const size_t smem =
+      tokens_per_block * ((n_group > 1 ? c.experts + 33 : 0) + 2 * cuda::kMaxTopK) * sizeof(float);
   const auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_gate(logits.scalar_type(), lay.chunk, op, [&](auto type_tag, auto per) {
     using T = decltype(type_tag);

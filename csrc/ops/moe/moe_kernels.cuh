@@ -85,8 +85,9 @@ __device__ __forceinline__ void lane_best(const float (&c)[kPer], const float (&
 // lanes (gate_layout: about E / 32 lanes, 32 / team tokens per warp); lane r of the team holds the
 // contiguous experts [r * chunk, r * chunk + chunk), chunk <= kPer. Each lane keeps its own best
 // candidate; a top-k round is a team argmax (log2(team) shuffles) after which only the winner's lane
-// rescans its kPer values, so a round costs O(log team + kPer), not O(E). Dynamic shared memory when
-// n_group > 1: per token of the block, its E selection scores, 32 group scores and the kept-group mask.
+// rescans its kPer values, so a round costs O(log team + kPer), not O(E). Dynamic shared memory, per
+// token of the block: when n_group > 1 its E selection scores, 32 group scores and the kept-group mask;
+// always the k winners (weights and experts).
 template <typename T, int kPer>
 __global__ void __launch_bounds__(kGateWarps * 32) moe_gate_kernel(
     const T* __restrict__ logits, const float* __restrict__ bias, const float* __restrict__ noise,
@@ -99,6 +100,7 @@ __global__ void __launch_bounds__(kGateWarps * 32) moe_gate_kernel(
   const int64_t t_raw = int64_t(blockIdx.x) * tokens_per_block + slot;
   const bool live = t_raw < tokens;
   const int64_t t = live ? t_raw : tokens - 1;  // teams past the end compute a copy and write nothing
+  const int region = (n_group > 1 ? E + 33 : 0) + 2 * kMaxTopK;  // shared floats per token
   const int e0 = r * chunk;
   const int mine = max(0, min(chunk, E - e0));
   const T* row = logits + t * E + e0;
@@ -142,7 +144,7 @@ __global__ void __launch_bounds__(kGateWarps * 32) moe_gate_kernel(
 
   if (n_group > 1) {
     // The token's shared-memory region: E selection scores, 32 group scores, the kept-group mask.
-    float* sc = smem + slot * (E + 33);
+    float* sc = smem + slot * region;
     float* gscore = sc + E;
     uint32_t* kept_word = reinterpret_cast<uint32_t*>(gscore + 32);
     const int gs = E / n_group;
@@ -181,36 +183,36 @@ __global__ void __launch_bounds__(kGateWarps * 32) moe_gate_kernel(
       if (i < mine && !((kept >> ((e0 + i) / gs)) & 1u)) c[i] = 0.0f;  // transformers: masked_fill(~mask, 0.0)
   }
 
+  // The k rounds stay a loop (not unrolled): unrolled, kMaxTopK copies of the kPer-wide rescan made the
+  // kernel large enough to run from a thrashing instruction cache. Winners go to shared memory.
+  float* wsm = smem + slot * region + (n_group > 1 ? E + 33 : 0);
+  int* idsm = reinterpret_cast<int*>(wsm + kMaxTopK);
   float bv, bw;
   int bi;
   lane_best<kPer>(c, s, taken, e0, bv, bi, bw);
-  float w[kMaxTopK];
-  int id[kMaxTopK];
   float sum = 0.0f;
-#pragma unroll
-  for (int j = 0; j < kMaxTopK; ++j) {
-    if (j >= top_k) break;
+#pragma unroll 1
+  for (int j = 0; j < top_k; ++j) {
     float v = bv, ww = bw;
     int i = bi;
     team_best(v, i, ww, team);
-    w[j] = ww;
-    id[j] = i;
+    if (r == 0) {
+      wsm[j] = ww;
+      idsm[j] = i;
+    }
     sum = det::add(sum, ww);
     if (i == bi) {  // this lane supplied the winner: take it and find the lane's next best
       taken |= 1u << (i - e0);
       lane_best<kPer>(c, s, taken, e0, bv, bi, bw);
     }
   }
-  const float denom = det::add(sum, 1e-20f);
+  __syncwarp();
   if (!live) return;
-#pragma unroll
-  for (int j = 0; j < kMaxTopK; ++j) {
-    if (j >= top_k) break;
-    if (j % team == r) {
-      const float v = renormalize ? det::div(w[j], denom) : w[j];
-      weights[t * top_k + j] = det::mul(v, routed_scale);
-      indices[t * top_k + j] = id[j];
-    }
+  const float denom = det::add(sum, 1e-20f);
+  for (int j = r; j < top_k; j += team) {
+    const float v = renormalize ? det::div(wsm[j], denom) : wsm[j];
+    weights[t * top_k + j] = det::mul(v, routed_scale);
+    indices[t * top_k + j] = idsm[j];
   }
 }
 
