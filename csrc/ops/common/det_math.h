@@ -79,16 +79,7 @@ ANVIL_DET float round_even(float x) {
 #endif
 }
 
-ANVIL_DET float pow2(int n) {  // 2^n for n in [-126, 127]
-  const uint32_t bits = uint32_t(n + 127) << 23;
-  float f;
-#if defined(__CUDA_ARCH__)
-  f = __uint_as_float(bits);
-#else
-  __builtin_memcpy(&f, &bits, 4);
-#endif
-  return f;
-}
+ANVIL_DET float pow2(int n) { return float_of(uint32_t(n + 127) << 23); }  // 2^n, n in [-126, 127]
 
 // e^x. NaN stays NaN; overflow gives inf, underflow 0 (through subnormals).
 ANVIL_DET float exp(float x) {

@@ -35,22 +35,8 @@ __device__ __forceinline__ float sel_key(float v) { return v == v ? v : -INFINIT
 
 __device__ __forceinline__ bool beats(float a, int ia, float b, int ib) { return a > b || (a == b && ia < ib); }
 
-// Warp argmax of (v, i) with the tie rule; `w` rides along. Every lane ends with the same triple.
-__device__ __forceinline__ void warp_best(float& v, int& i, float& w) {
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) {
-    const float ov = __shfl_xor_sync(0xffffffffu, v, off);
-    const int oi = __shfl_xor_sync(0xffffffffu, i, off);
-    const float ow = __shfl_xor_sync(0xffffffffu, w, off);
-    if (beats(ov, oi, v, i)) {
-      v = ov;
-      i = oi;
-      w = ow;
-    }
-  }
-}
-
-// Argmax over the `team` lanes of a token (xor offsets < team stay inside the team); `w` rides along.
+// Argmax of (v, i) with the tie rule over the `team` lanes of a token (xor offsets < team stay inside
+// the team); `w` rides along, and every lane of the team ends with the same triple.
 __device__ __forceinline__ void team_best(float& v, int& i, float& w, int team) {
   for (int off = team / 2; off > 0; off /= 2) {
     const float ov = __shfl_xor_sync(0xffffffffu, v, off);

@@ -6,8 +6,9 @@
 // poison survives dequantization instead of turning into plausible numbers.
 #pragma once
 
+#include "ops/common/det_math.h"
+
 #include <cstdint>
-#include <cstring>
 
 #if defined(__CUDACC__)
 #define ANVIL_HD __host__ __device__ __forceinline__
@@ -25,25 +26,8 @@ constexpr float kAmaxFloor = 1e-10f;
 constexpr uint32_t kInfBits = 0x7f800000u;
 constexpr uint8_t kFp8NanBits = 0x7f;
 
-ANVIL_HD uint32_t float_bits(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
-#else
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-#endif
-}
-
-ANVIL_HD float bits_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-#endif
-}
+ANVIL_HD uint32_t float_bits(float f) { return det::bits_of(f); }
+ANVIL_HD float bits_float(uint32_t u) { return det::float_of(u); }
 
 // |x| as an ordered integer: comparing these compares magnitudes, with NaN above inf above finite.
 ANVIL_HD uint32_t abs_bits(float x) { return float_bits(x) & 0x7fffffffu; }
