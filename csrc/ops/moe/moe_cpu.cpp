@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <cstring>
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -282,9 +283,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_permu
   const int64_t T = hidden.size(0), k = indices.size(1);
   auto permuted = at::zeros({permuted_rows(T, k, num_experts, align), hidden.size(1)}, hidden.options());
   const int32_t* sp = slot_rows.const_data_ptr<int32_t>();
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t j = 0; j < k; ++j)
-      if (sp[t * k + j] >= 0) permuted[sp[t * k + j]].copy_(hidden[t]);
+  const int64_t row_bytes = hidden.size(1) * hidden.element_size();
+  const auto* src = static_cast<const char*>(hidden.const_data_ptr());
+  auto* dst = static_cast<char*>(permuted.data_ptr());
+  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {  // each row is written by one slot only
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t j = 0; j < k; ++j)
+        if (sp[t * k + j] >= 0) std::memcpy(dst + sp[t * k + j] * row_bytes, src + t * row_bytes, row_bytes);
+  });
   return {permuted, slot_rows, counts, offsets, dropped};
 }
 
@@ -315,14 +321,23 @@ at::Tensor moe_unpermute_cpu(const at::Tensor& expert_out, const at::Tensor& slo
   auto w = weights.to(acc_type);
   auto out = at::zeros({T, H}, expert_out.options().dtype(acc_type));
   const int32_t* sp = slot_rows.const_data_ptr<int32_t>();
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t j = 0; j < k; ++j) {
-      const int32_t r = sp[t * k + j];
-      if (r < 0) continue;
-      ANVIL_CHECK(r < expert_out.size(0), "anvil::moe_unpermute: slot_rows[", t, ", ", j, "] = ", r,
-                  " is out of range for expert_out with ", expert_out.size(0), " rows");
-      out[t].add_(x[r] * w[t][j]);
-    }
+  for (int64_t i = 0; i < T * k; ++i)
+    ANVIL_CHECK(sp[i] < expert_out.size(0), "anvil::moe_unpermute: slot_rows[", i / k, ", ", i % k, "] = ", sp[i],
+                " is out of range for expert_out with ", expert_out.size(0), " rows");
+  AT_DISPATCH_FLOATING_TYPES(acc_type, "anvil_moe_unpermute_cpu", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    scalar_t* op_ = out.data_ptr<scalar_t>();
+    at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t)
+        for (int64_t j = 0; j < k; ++j) {  // in slot order, as the CUDA kernel sums
+          const int32_t r = sp[t * k + j];
+          if (r < 0) continue;
+          const scalar_t wj = wp[t * k + j];
+          for (int64_t h = 0; h < H; ++h) op_[t * H + h] += wj * xp[r * H + h];
+        }
+    });
+  });
   return out.to(expert_out.scalar_type());
 }
 
