@@ -152,4 +152,14 @@ inline void check_unpermute_args(const at::Tensor& expert_out, const at::Tensor&
   check_same_device(weights, slot_rows, op, "weights", "slot_rows");
 }
 
+inline void check_update_bias_args(const at::Tensor& bias, const at::Tensor& counts, const char* op) {
+  check_rank(bias, op, "bias", 1);
+  check_dtype(bias, op, "bias", {at::kFloat});
+  check_contiguous(bias, op, "bias");
+  check_rank(counts, op, "counts", 1);
+  ANVIL_CHECK(counts.size(0) == bias.size(0), op, ": counts must have the shape of bias (", bias.size(0), "), got ",
+              counts.sizes());
+  check_same_device(bias, counts, op, "bias", "counts");
+}
+
 }  // namespace anvil::ops

@@ -294,51 +294,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_permu
   return {permuted, slot_rows, counts, offsets, dropped};
 }
 
-// grad_hidden[t] = sum over the kept slots j of grad_permuted[slot_rows[t, j]], in j order.
+// out[t] = sum_j w[t, j] * x[slot_rows[t, j]] over kept slots (w undefined: weight 1), accumulated in
+// fp32 (fp64 for double) in j order, as the CUDA kernel sums. moe_unpermute and moe_permute_backward.
+at::Tensor combine_cpu(const at::Tensor& x, const at::Tensor& slot_rows, const at::Tensor& w, const char* op) {
+  const int64_t T = slot_rows.size(0), k = slot_rows.size(1), H = x.size(1);
+  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto xa = x.to(acc_type).contiguous();
+  const auto wa = w.defined() ? w.to(acc_type).contiguous() : at::Tensor();
+  auto out = at::zeros({T, H}, x.options().dtype(acc_type));
+  const int32_t* sp = slot_rows.const_data_ptr<int32_t>();
+  for (int64_t i = 0; i < T * k; ++i)
+    ANVIL_CHECK(sp[i] < x.size(0), op, ": slot_rows[", i / k, ", ", i % k, "] = ", sp[i], " is out of range for ",
+                x.size(0), " rows");
+  AT_DISPATCH_FLOATING_TYPES(acc_type, "anvil_moe_combine_cpu", [&] {
+    const scalar_t* xp = xa.const_data_ptr<scalar_t>();
+    const scalar_t* wp = wa.defined() ? wa.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* op_ = out.data_ptr<scalar_t>();
+    at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t)
+        for (int64_t j = 0; j < k; ++j) {
+          const int32_t r = sp[t * k + j];
+          if (r < 0) continue;
+          const scalar_t wj = wp ? wp[t * k + j] : scalar_t(1);
+          for (int64_t h = 0; h < H; ++h) op_[t * H + h] += wj * xp[r * H + h];
+        }
+    });
+  });
+  return out.to(x.scalar_type());
+}
+
+// grad_hidden[t] = sum over the kept slots j of grad_permuted[slot_rows[t, j]].
 at::Tensor moe_permute_backward_cpu(const at::Tensor& grad_permuted, const at::Tensor& slot_rows) {
   const char* op = "anvil::moe_permute_backward";
   check_rank(grad_permuted, op, "grad_permuted", 2);
   check_rank(slot_rows, op, "slot_rows", 2);
   check_dtype(slot_rows, op, "slot_rows", {at::kInt});
-  const int64_t T = slot_rows.size(0), k = slot_rows.size(1);
-  const auto acc_type = grad_permuted.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto acc = at::zeros({T, grad_permuted.size(1)}, grad_permuted.options().dtype(acc_type));
-  auto g = grad_permuted.to(acc_type);
-  auto sr = slot_rows.contiguous();
-  const int32_t* sp = sr.const_data_ptr<int32_t>();
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t j = 0; j < k; ++j)
-      if (sp[t * k + j] >= 0) acc[t].add_(g[sp[t * k + j]]);
-  return acc.to(grad_permuted.scalar_type());
+  return combine_cpu(grad_permuted, slot_rows.contiguous(), at::Tensor(), op);
 }
 
-// out[t] = sum_j weights[t, j] * expert_out[slot_rows[t, j]], accumulated in fp32 (fp64 for double).
 at::Tensor moe_unpermute_cpu(const at::Tensor& expert_out, const at::Tensor& slot_rows, const at::Tensor& weights) {
   check_unpermute_args(expert_out, slot_rows, weights, "anvil::moe_unpermute");
-  const int64_t T = slot_rows.size(0), k = slot_rows.size(1), H = expert_out.size(1);
-  const auto acc_type = expert_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto x = expert_out.to(acc_type);
-  auto w = weights.to(acc_type);
-  auto out = at::zeros({T, H}, expert_out.options().dtype(acc_type));
-  const int32_t* sp = slot_rows.const_data_ptr<int32_t>();
-  for (int64_t i = 0; i < T * k; ++i)
-    ANVIL_CHECK(sp[i] < expert_out.size(0), "anvil::moe_unpermute: slot_rows[", i / k, ", ", i % k, "] = ", sp[i],
-                " is out of range for expert_out with ", expert_out.size(0), " rows");
-  AT_DISPATCH_FLOATING_TYPES(acc_type, "anvil_moe_unpermute_cpu", [&] {
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* wp = w.const_data_ptr<scalar_t>();
-    scalar_t* op_ = out.data_ptr<scalar_t>();
-    at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t)
-        for (int64_t j = 0; j < k; ++j) {  // in slot order, as the CUDA kernel sums
-          const int32_t r = sp[t * k + j];
-          if (r < 0) continue;
-          const scalar_t wj = wp[t * k + j];
-          for (int64_t h = 0; h < H; ++h) op_[t * H + h] += wj * xp[r * H + h];
-        }
-    });
-  });
-  return out.to(expert_out.scalar_type());
+  return combine_cpu(expert_out, slot_rows, weights, "anvil::moe_unpermute");
 }
 
 // (grad_expert_out (R, H), grad_weights (T, k)).
@@ -347,19 +343,30 @@ std::tuple<at::Tensor, at::Tensor> moe_unpermute_backward_cpu(const at::Tensor& 
   check_unpermute_args(expert_out, slot_rows, weights, "anvil::moe_unpermute_backward");
   const int64_t T = slot_rows.size(0), k = slot_rows.size(1);
   const auto acc_type = expert_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto g = grad_out.to(acc_type), x = expert_out.to(acc_type), w = weights.to(acc_type);
+  const auto g = grad_out.to(acc_type).contiguous(), x = expert_out.to(acc_type), w = weights.to(acc_type);
+  const int64_t H = x.size(1);
   auto grad_x = at::zeros(expert_out.sizes(), expert_out.options().dtype(acc_type));
-  auto grad_w = at::zeros(weights.sizes(), weights.options());
-  auto sr = slot_rows.contiguous();
-  const int32_t* sp = sr.const_data_ptr<int32_t>();
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t j = 0; j < k; ++j) {
-      const int32_t r = sp[t * k + j];
-      if (r < 0) continue;
-      grad_x[r].add_(g[t] * w[t][j]);
-      grad_w[t][j] = (g[t] * x[r]).sum();
-    }
-  return {grad_x.to(expert_out.scalar_type()), grad_w};
+  auto grad_w = at::zeros(weights.sizes(), weights.options().dtype(acc_type));
+  const int32_t* sp = slot_rows.const_data_ptr<int32_t>();
+  AT_DISPATCH_FLOATING_TYPES(acc_type, "anvil_moe_unpermute_backward_cpu", [&] {
+    const scalar_t *gp = g.const_data_ptr<scalar_t>(), *xp = x.const_data_ptr<scalar_t>(),
+                   *wp = w.const_data_ptr<scalar_t>();
+    scalar_t *gxp = grad_x.data_ptr<scalar_t>(), *gwp = grad_w.data_ptr<scalar_t>();
+    at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {  // a kept row belongs to one slot only
+      for (int64_t t = begin; t < end; ++t)
+        for (int64_t j = 0; j < k; ++j) {
+          const int32_t r = sp[t * k + j];
+          if (r < 0) continue;
+          double dot = 0;  // the reference's dot products in double: H terms of either sign
+          for (int64_t h = 0; h < H; ++h) {
+            gxp[r * H + h] = gp[t * H + h] * wp[t * k + j];
+            dot += double(gp[t * H + h]) * double(xp[r * H + h]);
+          }
+          gwp[t * k + j] = static_cast<scalar_t>(dot);
+        }
+    });
+  });
+  return {grad_x.to(expert_out.scalar_type()), grad_w.to(weights.scalar_type())};
 }
 
 at::Tensor moe_expert_load_cpu(const at::Tensor& indices, int64_t num_experts) {
@@ -377,13 +384,7 @@ at::Tensor moe_expert_load_cpu(const at::Tensor& indices, int64_t num_experts) {
 }
 
 void moe_update_bias_cpu(at::Tensor& bias, const at::Tensor& counts, double gamma) {
-  const char* op = "anvil::moe_update_bias";
-  check_rank(bias, op, "bias", 1);
-  check_dtype(bias, op, "bias", {at::kFloat});
-  check_contiguous(bias, op, "bias");
-  check_rank(counts, op, "counts", 1);
-  ANVIL_CHECK(counts.size(0) == bias.size(0), op, ": counts must have the shape of bias (", bias.size(0), "), got ",
-              counts.sizes());
+  check_update_bias_args(bias, counts, "anvil::moe_update_bias");
   auto c = counts.to(at::kDouble);
   const double mean = bias.size(0) ? c.mean().item<double>() : 0.0;
   const double* cp = c.const_data_ptr<double>();

@@ -273,13 +273,7 @@ at::Tensor moe_expert_load_cuda(const at::Tensor& indices, int64_t num_experts) 
 }
 
 void moe_update_bias_cuda(at::Tensor& bias, const at::Tensor& counts, double gamma) {
-  const char* op = "anvil::moe_update_bias";
-  check_rank(bias, op, "bias", 1);
-  check_dtype(bias, op, "bias", {at::kFloat});
-  check_rank(counts, op, "counts", 1);
-  ANVIL_CHECK(counts.size(0) == bias.size(0), op, ": counts must have the shape of bias (", bias.size(0), "), got ",
-              counts.sizes());
-  check_same_device(bias, counts, op, "bias", "counts");
+  check_update_bias_args(bias, counts, "anvil::moe_update_bias");
   const c10::cuda::CUDAGuard guard(bias.device());
   auto c = counts.to(at::kDouble);
   bias.add_((c.mean() - c).sign().to(at::kFloat) * gamma);  // a few E-sized element-wise ops, no sync

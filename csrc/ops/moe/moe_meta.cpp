@@ -67,9 +67,7 @@ at::Tensor moe_expert_load_meta(const at::Tensor& indices, int64_t num_experts) 
 }
 
 void moe_update_bias_meta(at::Tensor& bias, const at::Tensor& counts, double) {
-  ANVIL_CHECK(bias.dim() == 1 && counts.dim() == 1 && counts.size(0) == bias.size(0),
-              "anvil::moe_update_bias: bias and counts must be 1-D of the same length, got ", bias.sizes(), " and ",
-              counts.sizes());
+  check_update_bias_args(bias, counts, "anvil::moe_update_bias");
 }
 
 }  // namespace
