@@ -56,7 +56,7 @@ std::tuple<at::Tensor, at::Tensor> moe_gate_cuda(const at::Tensor& logits, const
   const bool smem_groups = n_group > 1 && lanes_per_group == 0;
   const int64_t tokens_per_block = kGateWarps * 32 / lay.team;
   const size_t smem =
-      tokens_per_block * ((smem_groups ? c.experts + 33 : 0) + 2 * cuda::kMaxTopK) * sizeof(float);
+      tokens_per_block * cuda::gate_smem_floats_per_token(int(c.experts), smem_groups) * sizeof(float);
   const auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_gate(logits.scalar_type(), lay.chunk, op, [&](auto type_tag, auto per) {
     using T = decltype(type_tag);
@@ -115,7 +115,10 @@ Routing route(const at::Tensor& indices, int64_t E, int64_t align, int64_t capac
   const auto stream = at::cuda::getCurrentCUDAStream();
   const auto o = indices.options().dtype(at::kInt);
   const int64_t n = indices.numel();
-  const int64_t chunks = div_up(n, cuda::kRouteChunk);
+  // Chunks of 256 slots (many warps in flight), doubled while the (chunks, E) counts would pass 4M words.
+  int64_t chunk = cuda::kRouteStep;
+  while (div_up(n, chunk) * E > (int64_t(1) << 22)) chunk *= 2;
+  const int64_t chunks = div_up(n, chunk);
   Routing r;
   r.slot_rows = at::empty(indices.sizes(), o);
   r.counts = at::empty({E}, o);
@@ -130,7 +133,7 @@ Routing route(const at::Tensor& indices, int64_t E, int64_t align, int64_t capac
   const size_t hist_smem = E * sizeof(int32_t);
   if (chunks > 0) {
     cuda::moe_chunk_histogram_kernel<<<chunks, 256, hist_smem, stream>>>(indices.const_data_ptr<int32_t>(), n,
-                                                                          int(E), chunk_counts, chunk_bad);
+                                                                          chunk, int(E), chunk_counts, chunk_bad);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   cuda::moe_chunk_scan_kernel<<<E, 256, 0, stream>>>(chunk_counts, chunks, int(E), r.counts.data_ptr<int32_t>());
@@ -142,7 +145,7 @@ Routing route(const at::Tensor& indices, int64_t E, int64_t align, int64_t capac
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (chunks > 0) {
     cuda::moe_place_kernel<<<chunks, 32, hist_smem, stream>>>(
-        indices.const_data_ptr<int32_t>(), n, int(E), chunk_counts, r.counts.const_data_ptr<int32_t>(),
+        indices.const_data_ptr<int32_t>(), n, chunk, int(E), chunk_counts, r.counts.const_data_ptr<int32_t>(),
         r.offsets.const_data_ptr<int32_t>(), r.slot_rows.data_ptr<int32_t>(),
         rows > 0 ? r.row_slot.data_ptr<int32_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -6,15 +6,15 @@
 // the CPU reference's order (chunk partials, then a butterfly over the team), the group scores (each
 // lane's top-2, merged by shuffles when a group spans a power-of-two run of whole lanes; through shared
 // memory otherwise) and their ranking (each lane ranks one group against the others, a ballot collects
-// the kept set), and top_k rounds of a team argmax. The argmax runs on order-preserving 32-bit keys:
-// the team's maximum key (one redux.sync for a full warp, a butterfly otherwise), then a ballot of the
-// lanes holding it, whose lowest lane holds the lowest expert (the tie rule); only that lane rescans
-// its chunk. Earlier designs (docs/BENCHMARKS.md): a warp per token scanning all E scores each round
+// the kept set), and top_k rounds of a team argmax. Each lane sorts its candidates once (a bitonic
+// network on order-preserving 32-bit keys); a round is then the team's maximum head key (one redux.sync
+// for a full warp, a butterfly otherwise), a ballot of the lanes holding it, whose lowest lane holds the
+// lowest expert (the tie rule), and a pop of that lane's head. Earlier designs (docs/BENCHMARKS.md): a warp per token scanning all E scores each round
 // (10% of the roofline); then teams of E / 32 lanes with 32 experts each (128 registers, 25%
 // occupancy, 1800 instructions per token: ncu, 2026-11-22).
 //
 // moe_route: a stable counting sort with no host round trip until the final check: per-chunk expert
-// histograms (1024 slots a chunk), a scan down each expert's column of chunk counts, one block for the
+// histograms (chunks of 256 slots or more), a scan down each expert's column of chunk counts, one block for the
 // padded offsets (and the -1 padding of row_slot), and a warp per chunk placing its slots in order with
 // __match_any_sync. It replaced a CUB radix sort behind a mid-op host sync (1.7x argsort + bincount).
 // moe_permute then writes every row of the (R, H) buffer once: the row's token, or zeros for padding,
@@ -56,18 +56,37 @@ __device__ __forceinline__ uint32_t team_max(uint32_t v, int team) {
   return v;
 }
 
-// The lane's best untaken candidate: its ordered key (0 when none) and chunk position.
+// Sorts a lane's candidates best first: larger key, then lower position (a total order, so the result
+// does not depend on the network). A bitonic network on registers: every index is a constant.
 template <int kPer>
-__device__ __forceinline__ void lane_best(const uint32_t (&u)[kPer], uint32_t taken, uint32_t& bu, int& bpos) {
-  bu = 0;
-  bpos = 0;
+__device__ __forceinline__ void sort_best_first(uint32_t (&u)[kPer], int (&p)[kPer]) {
 #pragma unroll
-  for (int i = 0; i < kPer; ++i) {
-    if (!((taken >> i) & 1u) && u[i] > bu) {  // strict: the lower expert keeps a tie
-      bu = u[i];
-      bpos = i;
+  for (int k = 2; k <= kPer; k <<= 1) {
+#pragma unroll
+    for (int j = k >> 1; j > 0; j >>= 1) {
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) {
+        const int l = i ^ j;
+        if (l > i) {
+          const bool l_first = u[l] > u[i] || (u[l] == u[i] && p[l] < p[i]);
+          if ((i & k) == 0 ? l_first : !l_first) {
+            const uint32_t tu = u[i];
+            u[i] = u[l];
+            u[l] = tu;
+            const int tp = p[i];
+            p[i] = p[l];
+            p[l] = tp;
+          }
+        }
+      }
     }
   }
+}
+
+// Shared floats the gate kernel needs per token: the k winners' experts, the smem group path's E
+// selection scores + 32 group scores + kept mask, and the E scores the weights are read from.
+__host__ __device__ inline int gate_smem_floats_per_token(int E, bool smem_groups) {
+  return kMaxTopK + (smem_groups ? E + 33 : 0) + E;
 }
 
 // Loads the lane's kPer logits (those past `mine` read as -inf), 16 bytes at a time when `vec`.
@@ -92,8 +111,7 @@ __device__ __forceinline__ void load_chunk(const T* row, int mine, bool vec, flo
 // lanes (gate_layout; 32 / team tokens per warp); lane r of the team holds the contiguous experts
 // [r * chunk, r * chunk + chunk), chunk <= kPer. `lanes_per_group` > 0: every group is that many whole
 // lanes (a power of two), so group scores merge by shuffles; 0: groups go through shared memory.
-// Dynamic shared memory per token of the block: the k winners (weights and experts), and for the
-// shared-memory group path the E selection scores, 32 group scores and the kept-group mask.
+// Dynamic shared memory per token of the block: gate_smem_floats_per_token.
 template <typename T, int kPer>
 __global__ void __launch_bounds__(kGateWarps * 32) moe_gate_kernel(
     const T* __restrict__ logits, const float* __restrict__ bias, const float* __restrict__ noise,
@@ -110,7 +128,7 @@ __global__ void __launch_bounds__(kGateWarps * 32) moe_gate_kernel(
   const bool live = t_raw < tokens;
   const int64_t t = live ? t_raw : tokens - 1;  // teams past the end compute a copy and write nothing
   const bool smem_groups = n_group > 1 && lanes_per_group == 0;
-  const int region = 2 * kMaxTopK + (smem_groups ? E + 33 : 0);  // shared floats per token
+  const int region = gate_smem_floats_per_token(E, smem_groups);
   const int e0 = r * chunk;
   const int mine = max(0, min(chunk, E - e0));
 
@@ -180,7 +198,7 @@ __global__ void __launch_bounds__(kGateWarps * 32) moe_gate_kernel(
       kept = (ball >> base) & (n_group == 32 ? 0xffffffffu : (1u << n_group) - 1u);
     } else {
       // Any other group shape: the token's scores in shared memory, lane r scoring groups r, r + team, ...
-      float* sc = smem + slot * region + 2 * kMaxTopK;
+      float* sc = smem + slot * region + kMaxTopK;
       float* gscore = sc + E;
       uint32_t* kept_word = reinterpret_cast<uint32_t*>(gscore + 32);
 #pragma unroll
@@ -227,43 +245,48 @@ __global__ void __launch_bounds__(kGateWarps * 32) moe_gate_kernel(
     }
   }
 
+  // The lane's candidates as (ordered key, chunk position), best first; a round's winner lane pops its
+  // head, so a round is a team max, a ballot and a shift of the winner's registers.
   uint32_t u[kPer];
-  uint32_t taken = 0;  // bit i: expert e0 + i already chosen
+  int pos[kPer];
 #pragma unroll
-  for (int i = 0; i < kPer; ++i) u[i] = i < mine ? ordered_key(c[i]) : 0u;
+  for (int i = 0; i < kPer; ++i) {
+    u[i] = i < mine ? ordered_key(c[i]) : 0u;
+    pos[i] = i;
+  }
+  sort_best_first<kPer>(u, pos);
+  // The scores wait in shared memory, where the winners' weights are read after the rounds.
+  int* idsm = reinterpret_cast<int*>(smem + slot * region);
+  float* ssm = smem + slot * region + kMaxTopK + (smem_groups ? E + 33 : 0);
+#pragma unroll
+  for (int i = 0; i < kPer; ++i)
+    if (i < mine) ssm[e0 + i] = s[i];
 
   // The k rounds stay a loop (not unrolled), so the kernel stays small for the instruction cache.
-  float* wsm = smem + slot * region;
-  int* idsm = reinterpret_cast<int*>(wsm + kMaxTopK);
-  uint32_t bu;
-  int bpos;
-  lane_best<kPer>(u, taken, bu, bpos);
-  float sum = 0.0f;
 #pragma unroll 1
   for (int j = 0; j < top_k; ++j) {
-    const uint32_t best = team_max(bu, team);
-    const uint32_t holders = __ballot_sync(0xffffffffu, bu == best) >> base;
+    const uint32_t best = team_max(u[0], team);
+    const uint32_t holders = __ballot_sync(0xffffffffu, u[0] == best) >> base;
     const int win = base + __ffs(holders) - 1;  // lowest lane of the team holding the best key
-    float ww = 0.0f;
+    const int e = __shfl_sync(0xffffffffu, e0 + pos[0], win);
+    if (r == 0) idsm[j] = e;
+    if (lane == win) {
 #pragma unroll
-    for (int i = 0; i < kPer; ++i) ww = i == bpos ? s[i] : ww;
-    ww = __shfl_sync(0xffffffffu, ww, win);
-    const int e = __shfl_sync(0xffffffffu, e0 + bpos, win);
-    if (r == 0) {
-      wsm[j] = ww;
-      idsm[j] = e;
-    }
-    sum = det::add(sum, ww);
-    if (lane == win) {  // this lane supplied the winner: take it and find the lane's next best
-      taken |= 1u << bpos;
-      lane_best<kPer>(u, taken, bu, bpos);
+      for (int i = 0; i + 1 < kPer; ++i) {
+        u[i] = u[i + 1];
+        pos[i] = pos[i + 1];
+      }
+      u[kPer - 1] = 0u;
     }
   }
   __syncwarp();
   if (!live) return;
+  float sum = 0.0f;
+  for (int j = 0; j < top_k; ++j) sum = det::add(sum, ssm[idsm[j]]);
   const float denom = det::add(sum, 1e-20f);
   for (int j = r; j < top_k; j += team) {
-    const float v = renormalize ? det::div(wsm[j], denom) : wsm[j];
+    const float w = ssm[idsm[j]];
+    const float v = renormalize ? det::div(w, denom) : w;
     weights[t * top_k + j] = det::mul(v, routed_scale);
     indices[t * top_k + j] = idsm[j];
   }
@@ -358,18 +381,19 @@ __global__ void moe_histogram_kernel(const int32_t* __restrict__ idx, int64_t n,
 }
 
 // ---- moe_route: a stable counting sort in four kernels, no host round trip until the end ----------
-// Slots are cut into chunks of kRouteChunk (one warp's work in moe_place_kernel).
-constexpr int kRouteChunk = 1024;
+// Slots are cut into chunks of `chunk` slots, a multiple of kRouteStep (one warp's work in
+// moe_place_kernel); the launcher picks the chunk so that the (chunks, E) counts stay small.
+constexpr int kRouteStep = 256;
 
 // Block b counts the experts of chunk b: chunk_counts[b][e]; chunk_bad[b] = 1 when an index of the chunk
 // is outside [0, E). Shared-memory histogram.
-__global__ void moe_chunk_histogram_kernel(const int32_t* __restrict__ idx, int64_t n, int E,
+__global__ void moe_chunk_histogram_kernel(const int32_t* __restrict__ idx, int64_t n, int64_t chunk, int E,
                                            int32_t* __restrict__ chunk_counts, int32_t* __restrict__ chunk_bad) {
   extern __shared__ int32_t hist[];
   for (int e = threadIdx.x; e < E; e += blockDim.x) hist[e] = 0;
   __syncthreads();
-  const int64_t begin = int64_t(blockIdx.x) * kRouteChunk;
-  const int64_t end = min(n, begin + kRouteChunk);
+  const int64_t begin = int64_t(blockIdx.x) * chunk;
+  const int64_t end = min(n, begin + chunk);
   int bad = 0;
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
     const int32_t e = idx[i];
@@ -461,45 +485,49 @@ __global__ void moe_offsets_kernel(int32_t* __restrict__ counts, int32_t* __rest
   for (int64_t r = int64_t(carry_off) + threadIdx.x; r < rows; r += blockDim.x) row_slot[r] = -1;
 }
 
-// A warp per chunk: the chunk's 1024 expert ids are loaded at once (32 per lane), then placed 32 at a
-// time in slot order. __match_any_sync groups the lanes holding the same expert; a slot's rank within
-// its expert is the chunk's start for that expert (shared memory, advanced by the group's highest lane)
-// plus the number of lower lanes in its group, so the order within an expert is the slot order (stable).
-// slot_rows[slot] = offsets[e] + rank when rank < kept[e], else -1 (over capacity); row_slot[row] = slot.
-__global__ void __launch_bounds__(32) moe_place_kernel(const int32_t* __restrict__ idx, int64_t n, int E,
-                                                       const int32_t* __restrict__ chunk_start,
+// A warp per chunk, kRouteStep slots at a time: their expert ids are loaded at once (8 per lane), then
+// placed 32 at a time in slot order. __match_any_sync groups the lanes holding the same expert; a slot's
+// rank within its expert is the chunk's start for that expert (shared memory, advanced by the group's
+// highest lane) plus the number of lower lanes in its group, so the order within an expert is the slot
+// order (stable). slot_rows[slot] = offsets[e] + rank when rank < kept[e], else -1 (over capacity);
+// row_slot[row] = slot.
+__global__ void __launch_bounds__(32) moe_place_kernel(const int32_t* __restrict__ idx, int64_t n, int64_t chunk,
+                                                       int E, const int32_t* __restrict__ chunk_start,
                                                        const int32_t* __restrict__ kept,
                                                        const int32_t* __restrict__ offsets,
                                                        int32_t* __restrict__ slot_rows,
                                                        int32_t* __restrict__ row_slot) {
   extern __shared__ int32_t next_rank[];  // (E) the rank the chunk's next slot of expert e gets
   const int lane = threadIdx.x;
-  const int64_t begin = int64_t(blockIdx.x) * kRouteChunk;
-  constexpr int kSteps = kRouteChunk / 32;
-  int32_t ids[kSteps];
-#pragma unroll
-  for (int s = 0; s < kSteps; ++s) {
-    const int64_t i = begin + s * 32 + lane;
-    ids[s] = i < n ? idx[i] : -1;
-  }
+  const int64_t begin = int64_t(blockIdx.x) * chunk;
+  const int64_t end = min(n, begin + chunk);
   const int32_t* start = chunk_start + int64_t(blockIdx.x) * E;
   for (int e = lane; e < E; e += 32) next_rank[e] = start[e];
   __syncwarp();
   const unsigned below = (1u << lane) - 1u;
+  constexpr int kSteps = kRouteStep / 32;
+  for (int64_t step0 = begin; step0 < end; step0 += kRouteStep) {
+    int32_t ids[kSteps];
 #pragma unroll
-  for (int s = 0; s < kSteps; ++s) {
-    const int32_t e = ids[s];
-    const bool valid = e >= 0 && e < E;
-    const unsigned peers = __match_any_sync(0xffffffffu, valid ? e : -1);
-    const int32_t rank = valid ? next_rank[e] + __popc(peers & below) : 0;
-    __syncwarp();
-    if (valid && lane == 31 - __clz(peers)) next_rank[e] += __popc(peers);  // the group's highest lane
-    __syncwarp();
-    const int64_t slot = begin + s * 32 + lane;
-    if (valid) {
-      const int32_t row = rank < kept[e] ? offsets[e] + rank : -1;
-      slot_rows[slot] = row;
-      if (row >= 0 && row_slot) row_slot[row] = int32_t(slot);
+    for (int s = 0; s < kSteps; ++s) {
+      const int64_t i = step0 + s * 32 + lane;
+      ids[s] = i < end ? idx[i] : -1;
+    }
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s) {
+      const int32_t e = ids[s];
+      const bool valid = e >= 0 && e < E;
+      const unsigned peers = __match_any_sync(0xffffffffu, valid ? e : -1);
+      const int32_t rank = valid ? next_rank[e] + __popc(peers & below) : 0;
+      __syncwarp();
+      if (valid && lane == 31 - __clz(peers)) next_rank[e] += __popc(peers);  // the group's highest lane
+      __syncwarp();
+      const int64_t slot = step0 + s * 32 + lane;
+      if (valid) {
+        const int32_t row = rank < kept[e] ? offsets[e] + rank : -1;
+        slot_rows[slot] = row;
+        if (row >= 0 && row_slot) row_slot[row] = int32_t(slot);
+      }
     }
   }
 }
