@@ -122,7 +122,7 @@ void check_moe(std::vector<SelfCheckRow>& rows, bool cuda) {
     const auto gscore = std::get<0>(c.view({T, 8, 32}).topk(2, -1)).sum(-1);          // (T, 8)
     const auto gidx = std::get<1>(gscore.topk(4, -1));                                 // (T, 4)
     const auto gmask = at::zeros({T, 8}).scatter_(1, gidx, 1.0).repeat_interleave(32, 1);
-    const auto ridx = std::get<1>(c.masked_fill(gmask == 0, 0.0).topk(k, -1));
+    const auto ridx = std::get<1>(c.masked_fill(gmask == 0, -INFINITY).topk(k, -1));
     const bool same_idx = at::equal(std::get<0>(idx.to(at::kLong).sort(1)), std::get<0>(ridx.sort(1)));
     auto rw = s.gather(1, idx.to(at::kLong));
     rw = rw / (rw.sum(1, true) + 1e-20) * 2.5;

@@ -46,7 +46,8 @@ def gate(logits, bias=None, noise=None, top_k=1, n_group=1, topk_group=1, score=
         kept = stable_topk(group_score, topk_group)           # (T, topk_group)
         keep = torch.zeros(t, n_group, dtype=torch.bool, device=c.device)
         keep.scatter_(1, kept, True)
-        c = c.masked_fill(~keep.repeat_interleave(per, dim=1), 0.0)
+        # transformers 5.17: DeepseekV3TopkRouter masks with -inf, DeepseekV2Moe (softmax) with 0.0
+        c = c.masked_fill(~keep.repeat_interleave(per, dim=1), float("-inf") if score == "sigmoid" else 0.0)
     idx = stable_topk(c, top_k)                               # (T, k)
     w = s.gather(1, idx)
     if renormalize:

@@ -194,7 +194,9 @@ TIE_CASES = {
     "e1024_flat_noise": (1024, 16, 1, 1, "sigmoid", True, 2.827, "expert", True, True),
     "e60_flat": (60, 4, 1, 1, "softmax", False, 1.0, None, False, False),
     "e7_all": (7, 7, 1, 1, "sigmoid", False, 1.0, None, False, False),
-    # dropped groups score 0.0, so they outrank kept experts whose bias made them negative (FORMATS.md 3)
+    # softmax: dropped groups score 0.0, so they outrank kept experts whose bias made them negative
+    # (FORMATS.md 3); sigmoid: dropped groups score -inf and never win
+    "negative_bias_dropped_inf": (64, 8, 8, 1, "sigmoid", True, 1.0, "negative", False, False),
     "negative_bias_dropped_zero": (64, 8, 8, 1, "softmax", True, 1.0, "negative", False, False),
 }
 SKEWED = (6, 6, 5, 4, 3, 2, 0.3)   # the largest value rare: group top-2 and top_k boundaries vary
@@ -239,6 +241,8 @@ def test_gate_matches_reference_with_ties(case, t, dtype):
     torch.testing.assert_close(w.double(), w_ref, **WEIGHTS)
     if case == "negative_bias_dropped_zero" and t > 0:  # the case does what its name says
         assert (c_ref.gather(1, idx_ref.long()) == 0).any(-1).all()
+    if case == "negative_bias_dropped_inf" and t > 0:   # sigmoid: never a dropped expert
+        assert (c_ref.gather(1, idx_ref.long()) > float("-inf")).all()
 
 
 def test_gate_tie_rule_by_hand():

@@ -43,6 +43,15 @@ template <typename F>
 F key(F v) {
   return v == v ? v : -std::numeric_limits<F>::infinity();
 }
+// The selection key of an expert in a dropped group, as transformers 5.17 masks it: -inf for the
+// sigmoid gate (DeepseekV3TopkRouter, and DeepSeek-V3's own inference code), 0.0 for the softmax gate
+// (DeepseekV2Moe's group_limited_greedy). With 0.0, dropped experts outrank kept ones whose biased score
+// is negative; with -inf they never win.
+template <typename F>
+F dropped_key(GateScore score) {
+  return score == GateScore::kSigmoid ? -std::numeric_limits<F>::infinity() : F(0);
+}
+
 template <typename F>
 bool beats(F a, int64_t ia, F b, int64_t ib) {
   return a > b || (a == b && ia < ib);
@@ -114,7 +123,7 @@ void gate_token(const T* logit_row, const F* bias, const F* noise_row, const Gat
     std::vector<char> kept(c.n_group, 0);
     for (int64_t r = 0; r < c.topk_group; ++r) kept[best_untaken(gscore.data(), c.n_group, kept)] = 1;
     for (int64_t e = 0; e < E; ++e)
-      if (!kept[e / gs]) sel[e] = F(0);  // transformers: masked_fill(~mask, 0.0)
+      if (!kept[e / gs]) sel[e] = dropped_key<F>(c.score);
   }
   std::fill(taken.begin(), taken.end(), 0);
   F sum = 0;

@@ -232,12 +232,13 @@ __global__ void __launch_bounds__(kGateWarps * 32) moe_gate_kernel(
       __syncwarp();
       kept = *kept_word;
     }
-    // Experts of dropped groups select with 0.0 (transformers: masked_fill(~mask, 0.0)). The group
-    // index is stepped along the chunk: no division per expert.
+    // Experts of dropped groups select with -inf (sigmoid) or 0.0 (softmax), as transformers masks them
+    // (moe_cpu.cpp, dropped_key). The group index is stepped along the chunk: no division per expert.
+    const float dropped = sigmoid ? -INFINITY : 0.0f;
     int g = e0 / gs, in_g = e0 - g * gs;
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
-      if (i < mine && !((kept >> g) & 1u)) c[i] = 0.0f;
+      if (i < mine && !((kept >> g) & 1u)) c[i] = dropped;
       if (++in_g == gs) {
         in_g = 0;
         ++g;

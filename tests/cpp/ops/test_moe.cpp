@@ -39,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor> reference_gate(const at::Tensor& logits, cons
                                                           : std::get<0>(grouped.max(-1));
     const auto gidx = std::get<1>(gscore.topk(c.topk_group, -1));
     const auto mask = at::zeros({T, c.n_group}).scatter_(1, gidx, 1.0).repeat_interleave(c.E / c.n_group, 1);
-    sel = sel.masked_fill(mask == 0, 0.0);
+    sel = sel.masked_fill(mask == 0, std::string(c.score) == "sigmoid" ? -INFINITY : 0.0);
   }
   const auto idx = std::get<1>(sel.topk(c.k, -1));
   auto w = s.gather(1, idx);
@@ -68,14 +68,17 @@ TEST(MoeGateCpu, TiesGoToTheLowerExpert) {
   EXPECT_TRUE(at::equal(idx.to(at::kLong), order.narrow(1, 0, 6)));
 }
 
-TEST(MoeGateCpu, DroppedGroupsAreMaskedWithZero) {
-  // transformers masks the experts of dropped groups with 0.0, not -inf: when the kept group's biased
-  // scores are negative, the masked experts (0.0) win the final top-k.
-  const auto logits = at::zeros({1, 8});  // s = 0.5 everywhere
+TEST(MoeGateCpu, DroppedGroupsAreMaskedAsTransformersDoes) {
+  // transformers 5.17 masks the experts of dropped groups with -inf in DeepseekV3TopkRouter (sigmoid)
+  // and with 0.0 in DeepseekV2Moe (softmax). When the kept group's selection scores are negative, the
+  // sigmoid gate still picks the kept group; the softmax gate picks the dropped experts (0.0).
+  const auto logits = at::zeros({1, 8});  // sigmoid 0.5, softmax 0.125 everywhere
   auto bias = at::full({8}, -5.0);
-  bias.narrow(0, 0, 4).fill_(-1.0);  // group 0: 0.5 - 1 = -0.5 (kept); group 1: -4.5 (dropped -> 0.0)
+  bias.narrow(0, 0, 4).fill_(-1.0);  // group 0 kept (scores - 1 > scores - 5); group 1 dropped
   const auto [w, idx] = anvil::ops::moe_gate(logits, bias, c10::nullopt, 4, 2, 1, "sigmoid", true, 1.0);
-  EXPECT_TRUE(at::equal(idx, at::tensor({4, 5, 6, 7}, at::kInt).view({1, 4})));
+  EXPECT_TRUE(at::equal(idx, at::tensor({0, 1, 2, 3}, at::kInt).view({1, 4})));
+  const auto [ws, idxs] = anvil::ops::moe_gate(logits, bias, c10::nullopt, 4, 2, 1, "softmax", true, 1.0);
+  EXPECT_TRUE(at::equal(idxs, at::tensor({4, 5, 6, 7}, at::kInt).view({1, 4})));
 }
 
 TEST(MoeGateCpu, NoiseShiftsTheSelectionOnly) {
