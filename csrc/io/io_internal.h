@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <vector>
 
 namespace anvil::io::detail {
 
@@ -29,8 +30,15 @@ std::string read_text_file(const std::string& path, uint64_t max_bytes);
 /// Parses JSON text, rejecting duplicate keys; errors name `what`.
 nlohmann::json parse_json_strict(const std::string& text, const std::string& what);
 
+// Paths through POSIX, never std::filesystem (libtorch.so exports broken copies of its functions).
 bool is_directory(const std::string& path);
 bool is_regular_file(const std::string& path);
 std::string join_path(const std::string& dir, const std::string& name);
+std::string parent_dir(const std::string& path);
+std::string file_name(const std::string& path);
+/// mkdir -p; throws naming the directory.
+void make_directories(const std::string& dir);
+/// The entry names of `dir` (without "." and ".."); empty when it cannot be read.
+std::vector<std::string> list_directory(const std::string& dir);
 
 }  // namespace anvil::io::detail
