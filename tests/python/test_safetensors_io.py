@@ -5,6 +5,7 @@ own file), sharded directories written by `save_pretrained` load, directories an
 `from_pretrained`, a write that fails midway leaves no file behind, and `anvil inspect` on the CLI."""
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -93,9 +94,9 @@ def test_non_contiguous_inputs_are_written_as_their_values(tmp_path):
     assert torch.equal(back["t"], base.t()) and torch.equal(back["s"], base[:, 1::2])
 
 
-def tiny_llama():
+def tiny_llama(layers=3):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     torch.manual_seed(0)
     return transformers, transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
@@ -176,3 +177,64 @@ def test_load_all_to_cuda_equals_safetensors(tmp_path):
     ours = C.load_checkpoint(str(tmp_path), "cuda")
     for name, want in model.state_dict().items():
         assert ours[name].is_cuda and same_bits(ours[name].cpu(), want), name
+
+
+def anvil_binary():
+    here = os.path.dirname(anvil.__file__)  # <build>/python/anvil
+    path = os.path.join(here, "..", "..", "bin", "anvil")
+    if not os.path.exists(path):
+        pytest.skip(f"no anvil binary beside the package ({path})")
+    return path
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([anvil_binary(), *args], capture_output=True, text=True, env=env or os.environ)
+
+
+def test_inspect_lists_what_safetensors_sees(tmp_path):
+    tensors = all_dtypes_dict(3)
+    path = str(tmp_path / "ref.safetensors")
+    save_file(tensors, path, metadata={"format": "pt"})
+    out = run_cli("inspect", path, "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    with safe_open(path, framework="pt") as f:
+        assert {t["name"] for t in report["tensors"]} == set(f.keys())
+        for t in report["tensors"]:
+            s = f.get_slice(t["name"])
+            assert t["dtype"] == s.get_dtype() and t["shape"] == s.get_shape(), t
+            assert t["bytes"] == tensors[t["name"]].numel() * tensors[t["name"]].element_size()
+        assert report["metadata"] == f.metadata()
+    assert report["total"]["bytes"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert report["total"]["tensors"] == len(tensors)
+    text = run_cli("inspect", path)
+    assert text.returncode == 0 and "F8_E4M3" in text.stdout and "F8_E8M0" in text.stdout
+    assert f"total: {len(tensors)} tensors" in text.stdout and "format: pt" in text.stdout
+
+
+def test_inspect_resolves_hub_ids_in_the_local_cache(tmp_path):
+    _, model = tiny_llama(layers=11)  # layers.10 must come after layers.2 (natural order)
+    snapshot = tmp_path / "hub" / "models--org--tiny-llama" / "snapshots" / "abc123"
+    model.save_pretrained(str(snapshot), max_shard_size="20KB")
+    (tmp_path / "hub" / "models--org--tiny-llama" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--tiny-llama" / "refs" / "main").write_text("abc123")
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"))
+    out = run_cli("inspect", "org/tiny-llama", "--json", env=env)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["path"] == str(snapshot) and len(report["files"]) > 2
+    assert {t["name"] for t in report["tensors"]} == set(model.state_dict())
+    names = [t["name"] for t in report["tensors"]]
+    assert names == sorted(names, key=lambda s: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", s)])
+    assert names.index("model.layers.2.mlp.up_proj.weight") < names.index("model.layers.10.mlp.up_proj.weight")
+    missing = run_cli("inspect", "org/absent", env=env)
+    assert missing.returncode == 1 and "models--org--absent" in missing.stderr and "nothing is downloaded" in missing.stderr
+
+
+def test_inspect_reports_broken_files_without_a_backtrace(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    header = b'{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"b":{"dtype":"U8","shape":[2],"data_offsets":[1,3]}}'
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"abc")
+    out = run_cli("inspect", str(path))
+    assert out.returncode == 1
+    assert "not contiguous" in out.stderr and "(overlap)" in out.stderr and "Exception raised from" not in out.stderr
