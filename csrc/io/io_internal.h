@@ -15,6 +15,23 @@ namespace anvil::io::detail {
 /// name. -1 for an unknown name.
 int safetensors_dtype_rank(const std::string& dtype_name);
 
+/// One piece of a staging-ring plan: `bytes` bytes of tensor `tensor`, from `tensor_offset` in it, at
+/// `staging_offset` in the chunk's staging buffer.
+struct RingPiece {
+  size_t tensor;
+  uint64_t tensor_offset, staging_offset, bytes;
+};
+/// One fill of a staging buffer: the ring slot it uses and the pieces it carries.
+struct RingChunk {
+  int slot;
+  std::vector<RingPiece> pieces;
+};
+/// How tensors of the given byte sizes, back to back, stream through a ring of `ring` staging buffers of
+/// `chunk` bytes: chunks fill their buffer completely except the last, slots cycle 0, 1, ..., ring-1, 0,
+/// and a tensor larger than a chunk spans several. Zero-size tensors get no piece. Pure, so the CPU
+/// tests check it; load_all's GPU path executes it.
+std::vector<RingChunk> plan_ring(const std::vector<uint64_t>& sizes, uint64_t chunk, int ring);
+
 /// Writes a file atomically: `write(fd)` fills a temporary file in the target's directory, which is
 /// then fsync'ed and renamed over `path`. On any error (from `write` or the system) the temporary file
 /// is removed, the target is untouched, and the error is rethrown naming `path`.

@@ -212,13 +212,25 @@ def test_inspect_lists_what_safetensors_sees(tmp_path):
     assert f"total: {len(tensors)} tensors" in text.stdout and "format: pt" in text.stdout
 
 
-def test_inspect_resolves_hub_ids_in_the_local_cache(tmp_path):
+def test_inspect_resolves_hub_ids_in_the_local_cache(tmp_path, monkeypatch):
     _, model = tiny_llama(layers=11)  # layers.10 must come after layers.2 (natural order)
-    snapshot = tmp_path / "hub" / "models--org--tiny-llama" / "snapshots" / "abc123"
-    model.save_pretrained(str(snapshot), max_shard_size="20KB")
-    (tmp_path / "hub" / "models--org--tiny-llama" / "refs").mkdir()
-    (tmp_path / "hub" / "models--org--tiny-llama" / "refs" / "main").write_text("abc123")
+    repo = tmp_path / "hub" / "models--org--tiny-llama"
+    snapshot = repo / "snapshots" / "abc123"
+    model.save_pretrained(str(tmp_path / "saved"), max_shard_size="20KB")
+    # The cache's layout: files in blobs/, the snapshot holds relative symlinks to them.
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for i, name in enumerate(sorted(os.listdir(tmp_path / "saved"))):
+        os.rename(tmp_path / "saved" / name, repo / "blobs" / f"blob{i}")
+        os.symlink(f"../../blobs/blob{i}", snapshot / name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
     env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert C.resolve_model_path("org/tiny-llama") == str(snapshot)
+    ours = C.load_checkpoint(C.resolve_model_path("org/tiny-llama"))
+    for name, want in model.state_dict().items():
+        assert same_bits(ours[name], want), name
     out = run_cli("inspect", "org/tiny-llama", "--json", env=env)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)

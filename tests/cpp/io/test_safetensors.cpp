@@ -6,6 +6,7 @@
 // (only clean errors, never a crash). The Python oracle tests (tests/python/test_safetensors_io.py)
 // check the same files against the `safetensors` package itself.
 #include "anvil/io/safetensors.h"
+#include "io/io_internal.h"
 #include "test_util.h"
 
 #include <ATen/ATen.h>
@@ -463,6 +464,8 @@ TEST(Checkpoint, ShardsLikeTransformersAndLoadsBack) {
   for (const auto& [name, t] : tensors) {
     EXPECT_TRUE(bit_equal(c.tensor(name), t)) << name;
     EXPECT_TRUE(bit_equal(all.at(name), t)) << name;
+    if (t.numel())  // CPU load_all is zero-copy: the tensor's data is the mapping's
+      EXPECT_EQ(all.at(name).const_data_ptr(), static_cast<const void*>(c.file_of(name).data(c.entry(name)))) << name;
     EXPECT_EQ(c.file_of(name).metadata().at("format"), "pt");
   }
   // The embedding fills shard 1 alone (it plus the next layer would overflow 1500).
@@ -574,6 +577,49 @@ TEST(ModelPath, ResolvesPathsAndHubIdsInTheLocalCache) {
     ScopedEnv no_cache("HF_HUB_CACHE", "");
     ScopedEnv home("HF_HOME", dir.path());
     EXPECT_EQ(anvil::io::resolve_model_path("org/tiny-model"), repo + "/snapshots/abc123");
+  }
+}
+
+TEST(Checkpoint, StagingRingPlanMovesEveryByteOnce) {
+  // Executes plan_ring as load_all's GPU path does, with host buffers standing in for the pinned ring
+  // and the device tensors, over sizes that hit every boundary case.
+  std::mt19937 rng(7);
+  for (const uint64_t chunk : {1ull, 5ull, 64ull, 1000ull}) {
+    for (int trial = 0; trial < 20; ++trial) {
+      std::vector<uint64_t> sizes;
+      const int n = 1 + static_cast<int>(rng() % 12);
+      for (int i = 0; i < n; ++i) sizes.push_back(rng() % 4 == 0 ? 0 : rng() % (3 * chunk + 2));
+      uint64_t total = 0;
+      for (auto s : sizes) total += s;
+      std::vector<uint8_t> src(total), dst(total, 0);
+      for (auto& b : src) b = static_cast<uint8_t>(rng());
+      std::vector<uint64_t> start(sizes.size(), 0);
+      for (size_t i = 1; i < sizes.size(); ++i) start[i] = start[i - 1] + sizes[i - 1];
+
+      const int ring = 3;
+      std::vector<std::vector<uint8_t>> staging(ring, std::vector<uint8_t>(chunk));
+      const auto plan = anvil::io::detail::plan_ring(sizes, chunk, ring);
+      uint64_t moved = 0;
+      for (size_t c = 0; c < plan.size(); ++c) {
+        EXPECT_EQ(plan[c].slot, static_cast<int>(c % ring));
+        uint64_t used = 0;
+        for (const auto& p : plan[c].pieces) {
+          ASSERT_GT(p.bytes, 0u);
+          ASSERT_EQ(p.staging_offset, used);  // packed, in order
+          ASSERT_LE(p.tensor_offset + p.bytes, sizes[p.tensor]);
+          std::memcpy(staging[plan[c].slot].data() + p.staging_offset, src.data() + start[p.tensor] + p.tensor_offset, p.bytes);
+          used += p.bytes;
+        }
+        ASSERT_LE(used, chunk);
+        if (c + 1 < plan.size()) EXPECT_EQ(used, chunk) << "only the last chunk may be partly filled";
+        for (const auto& p : plan[c].pieces)
+          std::memcpy(dst.data() + start[p.tensor] + p.tensor_offset, staging[plan[c].slot].data() + p.staging_offset, p.bytes);
+        moved += used;
+      }
+      EXPECT_EQ(moved, total);
+      EXPECT_EQ(dst, src);
+      EXPECT_EQ(plan.size(), (total + chunk - 1) / chunk);
+    }
   }
 }
 
