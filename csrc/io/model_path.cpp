@@ -4,9 +4,9 @@
 // Hugging Face cache with huggingface_hub's layout: <cache>/models--org--name/refs/<revision> holds a
 // commit hash, and <cache>/models--org--name/snapshots/<hash>/ is the checkout. A revision that is
 // itself a snapshot directory name (a commit hash) is used directly. The cache directory follows
-// huggingface_hub's precedence: HF_HUB_CACHE, HF_HOME/hub, XDG_CACHE_HOME/huggingface/hub,
-// ~/.cache/huggingface/hub. Nothing is downloaded: anvil runs on machines without network, and an
-// error that lists where it looked tells the user what to fetch.
+// huggingface_hub's precedence: HF_HUB_CACHE, HUGGINGFACE_HUB_CACHE, HF_HOME/hub,
+// XDG_CACHE_HOME/huggingface/hub, ~/.cache/huggingface/hub. Nothing is downloaded: anvil runs on
+// machines without network, and an error that lists where it looked tells the user what to fetch.
 #include "anvil/io/safetensors.h"
 #include "io/io_internal.h"
 
@@ -25,6 +25,7 @@ std::string env(const char* name) {
 
 std::string hub_cache_dir() {
   if (!env("HF_HUB_CACHE").empty()) return env("HF_HUB_CACHE");
+  if (!env("HUGGINGFACE_HUB_CACHE").empty()) return env("HUGGINGFACE_HUB_CACHE");  // the older name
   if (!env("HF_HOME").empty()) return detail::join_path(env("HF_HOME"), "hub");
   if (!env("XDG_CACHE_HOME").empty()) return detail::join_path(env("XDG_CACHE_HOME"), "huggingface/hub");
   return detail::join_path(env("HOME").empty() ? "/root" : env("HOME"), ".cache/huggingface/hub");

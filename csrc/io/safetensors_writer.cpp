@@ -184,6 +184,7 @@ std::vector<PlannedTensor> plan_tensors(const std::vector<std::pair<std::string,
     TORCH_CHECK(t.defined(), "save_safetensors '", path, "': tensor '", name, "' is undefined");
     TORCH_CHECK(t.layout() == at::kStrided, "save_safetensors '", path, "': tensor '", name,
                 "' must be dense (strided), got layout ", t.layout());
+    TORCH_CHECK(!t.is_meta(), "save_safetensors '", path, "': tensor '", name, "' is on the meta device (it has no data)");
     plan.push_back({&name, &t, safetensors_dtype_name(t.scalar_type()),
                     static_cast<uint64_t>(t.numel()) * static_cast<uint64_t>(t.element_size())});
   }
@@ -213,7 +214,13 @@ void save_safetensors(const std::string& path, const std::vector<std::pair<std::
     for (const auto& p : plan) {
       if (p.nbytes == 0) continue;
       // One tensor at a time on the host: (shape) dtype, contiguous
-      const at::Tensor host = p.tensor->detach().to(at::kCPU).contiguous();
+      at::Tensor host;
+      try {
+        host = p.tensor->detach().to(at::kCPU).contiguous();
+      } catch (const c10::Error& e) {
+        TORCH_CHECK(false, "save_safetensors '", path, "': cannot copy tensor '", *p.name, "' to the host: ",
+                    e.what_without_backtrace());
+      }
       detail::write_all(fd, host.const_data_ptr(), p.nbytes, path);
     }
   });

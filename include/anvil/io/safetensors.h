@@ -146,9 +146,9 @@ void save_checkpoint(const std::string& dir, const std::vector<std::pair<std::st
 
 /// Resolves a model argument: an existing file or directory is returned as is; "org/name" (optionally
 /// "org/name@revision") is looked up in the local Hugging Face cache ($HF_HUB_CACHE, else
-/// $HF_HOME/hub, else $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub) as
-/// models--org--name/snapshots/<commit of refs/main (or the revision)>. Nothing is downloaded; the
-/// error lists every place it looked.
+/// $HUGGINGFACE_HUB_CACHE, else $HF_HOME/hub, else $XDG_CACHE_HOME/huggingface/hub, else
+/// ~/.cache/huggingface/hub) as models--org--name/snapshots/<commit of refs/main (or the revision)>.
+/// Nothing is downloaded; the error lists every place it looked.
 std::string resolve_model_path(const std::string& arg);
 
 }  // namespace anvil::io

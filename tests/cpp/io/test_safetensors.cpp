@@ -524,6 +524,8 @@ TEST(Checkpoint, FailedWritesLeaveNoPartialFile) {
                {"duplicate tensor name 'x'"});
   expect_error([&] { anvil::io::save_safetensors(path, {{"__metadata__", at::ones({2})}}); }, {"reserved"});
   expect_error([&] { anvil::io::save_safetensors(path, {{"bad\xff", at::ones({2})}}); }, {"UTF-8"});
+  expect_error([&] { anvil::io::save_safetensors(path, {{"m", at::ones({2}, at::TensorOptions().device(at::kMeta))}}); },
+               {"'m'", "meta device"});
   EXPECT_EQ(read_bytes(path), before);
   // Failing at the rename (the target is a directory): the temporary file is removed.
   make_dirs(dir.file("adir"));
