@@ -77,6 +77,8 @@ def write_checkpoint(path, shapes):
         weight_map.update({name: fname for name, _ in group})
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+    if gen_device == "cuda":
+        torch.cuda.empty_cache()  # the children need the GPU memory, not the parent
     return total
 
 
