@@ -22,16 +22,27 @@ constexpr float kMoeRenormEps = 1e-20f;   // transformers' DeepseekV3 / DeepSeek
 enum class GateScore { kSigmoid = 0, kSoftmax = 1 };
 
 // How the CUDA gate lays a token out, shared with the CPU reference (whose softmax sums in the same
-// order): `team` lanes per token (a power of two, about E / 32), lane r holding the contiguous experts
-// [r * chunk, min(E, (r + 1) * chunk)).
+// order): `team` lanes per token (a power of two, about E / 8, at most 32), lane r holding the contiguous
+// experts [r * chunk, min(E, (r + 1) * chunk)). About 8 experts a lane keeps the kernel's registers few
+// and its occupancy high; E = 256 gives a warp per token, E = 64 four tokens per warp.
 struct GateLayout {
   int team, chunk;
 };
 inline GateLayout gate_layout(int64_t experts) {
+  const int64_t want = (experts + 7) / 8;
   int64_t p2 = 1;
-  while (p2 < experts) p2 *= 2;
-  const int team = static_cast<int>(std::min<int64_t>(32, std::max<int64_t>(1, p2 / 32)));
+  while (p2 < want) p2 *= 2;
+  const int team = static_cast<int>(std::min<int64_t>(32, p2));
   return {team, static_cast<int>((experts + team - 1) / team)};
+}
+
+// When every group of experts is a power-of-two run of whole lanes of the layout, the kernel merges
+// group scores by shuffles: the lanes per group; 0 otherwise (the groups go through shared memory).
+inline int gate_lanes_per_group(const GateLayout& lay, int64_t experts, int64_t n_group) {
+  const int64_t gs = experts / n_group;
+  if (n_group <= 1 || gs % lay.chunk != 0) return 0;
+  const int64_t lanes = gs / lay.chunk;
+  return (lanes & (lanes - 1)) == 0 && lanes <= lay.team ? static_cast<int>(lanes) : 0;
 }
 
 struct GateConfig {

@@ -7,7 +7,6 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <cub/device/device_radix_sort.cuh>
 #include <torch/library.h>
 
 #include <tuple>
@@ -53,19 +52,25 @@ std::tuple<at::Tensor, at::Tensor> moe_gate_cuda(const at::Tensor& logits, const
   auto indices = at::empty({c.tokens, top_k}, logits.options().dtype(at::kInt));
   if (c.tokens == 0) return {weights, indices};
   const GateLayout lay = gate_layout(c.experts);
+  const int lanes_per_group = gate_lanes_per_group(lay, c.experts, n_group);
+  const bool smem_groups = n_group > 1 && lanes_per_group == 0;
   const int64_t tokens_per_block = kGateWarps * 32 / lay.team;
   const size_t smem =
-      tokens_per_block * ((n_group > 1 ? c.experts + 33 : 0) + 2 * cuda::kMaxTopK) * sizeof(float);
+      tokens_per_block * cuda::gate_smem_floats_per_token(int(c.experts), smem_groups) * sizeof(float);
   const auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_gate(logits.scalar_type(), lay.chunk, op, [&](auto type_tag, auto per) {
     using T = decltype(type_tag);
-    auto kernel = cuda::moe_gate_kernel<T, decltype(per)::value>;
+    constexpr int kPer = decltype(per)::value;
+    // 16-byte loads of a lane's chunk: whole chunks of kPer, rows and chunks at 16-byte boundaries.
+    const bool vec = lay.chunk == kPer && (kPer * sizeof(T)) % 16 == 0 && (c.experts * sizeof(T)) % 16 == 0 &&
+                     reinterpret_cast<uintptr_t>(logits.const_data_ptr()) % 16 == 0;
+    auto kernel = cuda::moe_gate_kernel<T, kPer>;
     if (smem > 48 * 1024) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     kernel<<<div_up(c.tokens, tokens_per_block), kGateWarps * 32, smem, stream>>>(
         reinterpret_cast<const T*>(logits.const_data_ptr()), bias ? bias->const_data_ptr<float>() : nullptr,
         noise ? noise->const_data_ptr<float>() : nullptr, weights.data_ptr<float>(), indices.data_ptr<int32_t>(),
-        c.tokens, int(c.experts), lay.team, lay.chunk, int(top_k), int(n_group), int(topk_group),
-        c.score == GateScore::kSigmoid, renormalize, float(routed_scale));
+        c.tokens, int(c.experts), lay.team, lay.chunk, int(top_k), int(n_group), int(topk_group), lanes_per_group,
+        vec, c.score == GateScore::kSigmoid, renormalize, float(routed_scale));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {weights, indices};
@@ -106,49 +111,51 @@ Routing route(const at::Tensor& indices, int64_t E, int64_t align, int64_t capac
   ANVIL_CHECK(align >= 1, op, ": align must be >= 1, got ", align);
   ANVIL_CHECK(indices.numel() < (int64_t(1) << 31) && rows < (int64_t(1) << 31), op,
               ": more than 2^31 slots or rows are not supported, got ", indices.numel());
+  ANVIL_CHECK(E * sizeof(int32_t) <= 48 * 1024, op, ": num_experts up to 12288 are supported on CUDA, got ", E);
   const auto stream = at::cuda::getCurrentCUDAStream();
   const auto o = indices.options().dtype(at::kInt);
   const int64_t n = indices.numel();
+  // Chunks of 256 slots (many warps in flight), doubled while the (chunks, E) counts would pass 4M words.
+  int64_t chunk = cuda::kRouteStep;
+  while (div_up(n, chunk) * E > (int64_t(1) << 22)) chunk *= 2;
+  const int64_t chunks = div_up(n, chunk);
   Routing r;
   r.slot_rows = at::empty(indices.sizes(), o);
-  r.counts = at::zeros({E}, o);
+  r.counts = at::empty({E}, o);
   r.offsets = at::empty({E + 1}, o);
   r.dropped = at::empty({}, o);
-  r.row_slot = rows > 0 ? at::full({rows}, -1, o) : at::Tensor();
-  auto start = at::empty({E}, o);
-  auto bad = at::zeros({1}, o);
-  const int threads = 256;
-  const int64_t hist_blocks = std::max<int64_t>(1, std::min<int64_t>(div_up(n, threads), 1024));
-  const bool smem_hist = E * sizeof(int32_t) <= 48 * 1024;
-  ANVIL_CHECK(smem_hist, op, ": num_experts up to 12288 are supported on CUDA, got ", E);
-  cuda::moe_histogram_kernel<<<hist_blocks, threads, E * sizeof(int32_t), stream>>>(
-      indices.const_data_ptr<int32_t>(), n, int(E), r.counts.data_ptr<int32_t>(), bad.data_ptr<int32_t>());
+  r.row_slot = rows > 0 ? at::empty({rows}, o) : at::Tensor();
+  // One workspace: chunk_counts (chunks, E), then chunk_bad (chunks), then the bad word.
+  auto work = at::empty({chunks * E + chunks + 1}, o);
+  int32_t* chunk_counts = work.data_ptr<int32_t>();
+  int32_t* chunk_bad = chunk_counts + chunks * E;
+  int32_t* bad = chunk_bad + chunks;
+  const size_t hist_smem = E * sizeof(int32_t);
+  if (chunks > 0) {
+    cuda::moe_chunk_histogram_kernel<<<chunks, 256, hist_smem, stream>>>(indices.const_data_ptr<int32_t>(), n,
+                                                                          chunk, int(E), chunk_counts, chunk_bad);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  cuda::moe_chunk_scan_kernel<<<E, 256, 0, stream>>>(chunk_counts, chunks, int(E), r.counts.data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  // One word back to the host: an index outside [0, E) must raise, never route silently.
-  ANVIL_CHECK(bad.item<int32_t>() == 0, op, ": indices must be in [0, num_experts=", E, ")");
-  cuda::moe_offsets_kernel<<<1, 1024, 0, stream>>>(r.counts.data_ptr<int32_t>(), start.data_ptr<int32_t>(),
-                                                   r.offsets.data_ptr<int32_t>(), r.dropped.data_ptr<int32_t>(),
-                                                   int(E), int(align), int(std::min<int64_t>(capacity, INT32_MAX)));
+  cuda::moe_offsets_kernel<<<1, 1024, 0, stream>>>(
+      r.counts.data_ptr<int32_t>(), r.offsets.data_ptr<int32_t>(), r.dropped.data_ptr<int32_t>(), chunk_bad, chunks,
+      bad, rows > 0 ? r.row_slot.data_ptr<int32_t>() : nullptr, rows, int(E), int(align),
+      int(std::min<int64_t>(capacity, INT32_MAX)));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (n == 0) return r;
-  // Stable sort of the slots by expert (CUB radix sort: stable, end_bit = bits of E - 1).
-  auto slots = at::arange(n, o);
-  auto sorted_experts = at::empty({n}, o), sorted_slots = at::empty({n}, o);
-  int end_bit = 1;
-  while ((int64_t(1) << end_bit) < E) ++end_bit;
-  size_t temp_bytes = 0;
-  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, indices.const_data_ptr<int32_t>(),
-                                                 sorted_experts.data_ptr<int32_t>(), slots.const_data_ptr<int32_t>(),
-                                                 sorted_slots.data_ptr<int32_t>(), int(n), 0, end_bit, stream));
-  auto temp = at::empty({int64_t(temp_bytes)}, indices.options().dtype(at::kByte));
-  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.data_ptr(), temp_bytes, indices.const_data_ptr<int32_t>(),
-                                                 sorted_experts.data_ptr<int32_t>(), slots.const_data_ptr<int32_t>(),
-                                                 sorted_slots.data_ptr<int32_t>(), int(n), 0, end_bit, stream));
-  cuda::moe_assign_rows_kernel<<<div_up(n, threads), threads, 0, stream>>>(
-      sorted_experts.const_data_ptr<int32_t>(), sorted_slots.const_data_ptr<int32_t>(), n,
-      start.const_data_ptr<int32_t>(), r.counts.const_data_ptr<int32_t>(), r.offsets.const_data_ptr<int32_t>(),
-      r.slot_rows.data_ptr<int32_t>(), rows > 0 ? r.row_slot.data_ptr<int32_t>() : nullptr);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (chunks > 0) {
+    cuda::moe_place_kernel<<<chunks, 32, hist_smem, stream>>>(
+        indices.const_data_ptr<int32_t>(), n, chunk, int(E), chunk_counts, r.counts.const_data_ptr<int32_t>(),
+        r.offsets.const_data_ptr<int32_t>(), r.slot_rows.data_ptr<int32_t>(),
+        rows > 0 ? r.row_slot.data_ptr<int32_t>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  // One word back to the host, after all the work is queued: an index outside [0, E) must raise, never
+  // route silently.
+  int32_t bad_host = 0;
+  C10_CUDA_CHECK(cudaMemcpyAsync(&bad_host, bad, sizeof(int32_t), cudaMemcpyDeviceToHost, stream));
+  C10_CUDA_CHECK(cudaStreamSynchronize(stream));
+  ANVIL_CHECK(bad_host == 0, op, ": indices must be in [0, num_experts=", E, ")");
   return r;
 }
 
