@@ -159,7 +159,8 @@ void stream_file_to_device(const SafetensorsFile& file, const std::vector<const 
   std::vector<at::Tensor> staging;  // (chunk) uint8, pinned host memory
   std::vector<c10::Event> done;
   for (int i = 0; i < kRing; ++i) {
-    staging.push_back(at::empty({static_cast<int64_t>(chunk)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true)));
+    staging.push_back(
+        at::empty({static_cast<int64_t>(chunk)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true)));
     done.emplace_back(device.type());
   }
 
@@ -238,7 +239,8 @@ std::unordered_map<std::string, at::Tensor> Checkpoint::load_all(at::Device devi
     return out;
   }
   c10::DeviceGuard guard(device);
-  if (!device.has_index()) device = at::Device(device.type(), c10::impl::VirtualGuardImpl(device.type()).getDevice().index());
+  if (!device.has_index())
+    device = at::Device(device.type(), c10::impl::VirtualGuardImpl(device.type()).getDevice().index());
   for (size_t f = 0; f < files_.size(); ++f) {
     std::vector<const TensorEntry*> entries;  // in data-offset order
     for (const auto& e : files_[f]->entries()) {
