@@ -369,3 +369,75 @@ def test_load_errors_name_the_problem(saved, tmp_path):
     (bad / "config.json").write_text(json.dumps(config))
     with pytest.raises(RuntimeError, match="unknown architecture 'GPT2LMHeadModel'"):
         anvil._C.CausalLM(str(bad))
+
+
+@pytest.mark.parametrize("case", ["llama", "qwen3", "mixtral", "deepseek_v3"])
+def test_bf16_error_within_twice_transformers_bf16(case, saved):
+    """bf16 rule of docs/ARCHITECTURE.md: error vs transformers' fp32 logits <= 2x (+ slack) the error
+    of transformers' own bf16 run (on CPU here; the GPU check is scripts/gpu-test.sh's)."""
+    hf, d = saved(case)
+    ids = tokens(2, 10, seed=14)
+    hf_bf16 = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        ref = hf(ids).logits.double()
+        theirs = (hf_bf16(ids).logits.double() - ref).abs().max().item()
+    ours_model = anvil._C.CausalLM(d, dtype="bfloat16")
+    assert ours_model.dtype == "bfloat16"
+    ours = (ours_model.logits(ids).double() - ref).abs().max().item()
+    assert ours <= 2 * theirs + 1e-3 * ref.abs().max().item(), f"anvil bf16 error {ours:.3g}, transformers' {theirs:.3g}"
+
+
+@pytest.mark.parametrize("case", ["qwen2", "deepseek_v2"])
+def test_eager_backend_matches(case, saved, tmp_path):
+    """config.json key anvil_attention_backend = "eager" computes the same logits as "sdpa"."""
+    import shutil
+    _, d = saved(case)
+    out = tmp_path / "eager"
+    shutil.copytree(d, out)
+    c = json.loads((out / "config.json").read_text())
+    c["anvil_attention_backend"] = "eager"
+    (out / "config.json").write_text(json.dumps(c))
+    ids = tokens(2, 9, seed=15)
+    sdpa = anvil._C.CausalLM(d)
+    eager = anvil._C.CausalLM(str(out))
+    assert_logits_close(eager.logits(ids), sdpa.logits(ids))
+    assert_logits_close(eager.cached_logits(ids, 4), sdpa.logits(ids))
+    c["anvil_attention_backend"] = "flash9"
+    (out / "config.json").write_text(json.dumps(c))
+    with pytest.raises(RuntimeError, match="anvil_attention_backend 'flash9'"):
+        anvil._C.CausalLM(str(out))
+
+
+def test_sharded_save_reloads(saved, tmp_path):
+    """A save split into shards (model.safetensors.index.json) reloads in transformers and in anvil."""
+    hf, d = saved("deepseek_v3")
+    ours = anvil._C.CausalLM(d)
+    out = str(tmp_path / "sharded")
+    ours.save(out, max_shard_bytes=20_000)
+    files = sorted(os.listdir(out))
+    assert "model.safetensors.index.json" in files
+    assert sum(f.endswith(".safetensors") for f in files) > 1
+    ids = tokens(1, 8, seed=16)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert_logits_close(ours.logits(ids), reloaded(ids).logits)
+    assert torch.equal(anvil._C.CausalLM(out).logits(ids), ours.logits(ids))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", ["llama", "mixtral", "deepseek_v3"])
+def test_cuda_matches_transformers(case, saved):
+    """On the GPU: fp32 logits within the fp32 rule of transformers' CPU logits, greedy tokens equal to
+    the CPU run, bf16 within twice transformers' own bf16 error on the GPU."""
+    hf, d = saved(case)
+    ids = tokens(2, 10, seed=17)
+    with torch.no_grad():
+        ref = hf(ids).logits
+    gpu = anvil._C.CausalLM(d, dtype="float32", device="cuda")
+    assert_logits_close(gpu.logits(ids.cuda()).cpu(), ref)
+    assert torch.equal(gpu.generate(ids.cuda(), max_new_tokens=8).cpu(), anvil._C.CausalLM(d).generate(ids, max_new_tokens=8))
+    hf_bf16 = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16).cuda().eval()
+    with torch.no_grad():
+        theirs = (hf_bf16(ids.cuda()).logits.double().cpu() - ref.double()).abs().max().item()
+    ours = (anvil._C.CausalLM(d, dtype="bfloat16", device="cuda").logits(ids.cuda()).double().cpu() - ref.double())
+    assert ours.abs().max().item() <= 2 * theirs + 1e-3 * ref.abs().max().item()

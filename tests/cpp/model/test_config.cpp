@@ -194,8 +194,10 @@ TEST(ModelConfig, ErrorsNameTheKeyAndTheRule) {
   expect_error(edit(llama, "\"low_freq_factor\": 1.0,", ""), {"llama3", "rope_scaling.low_freq_factor"});
   expect_error(edit(llama, "\"hidden_act\": \"silu\"", "\"hidden_act\": \"gelu\""), {"hidden_act 'gelu'"});
   expect_error(edit(llama, "\"num_key_value_heads\": 8", "\"num_key_value_heads\": 5"), {"not a multiple", "num_key_value_heads 5"});
-  expect_error(edit(llama, "\"architectures\": [\"LlamaForCausalLM\"],", "\"model_type_x\": 1,"),
-               {"unknown model_type 'llama'"});
+  // Without `architectures`, model_type decides; an unknown one is named.
+  const std::string no_arch = edit(llama, "\"architectures\": [\"LlamaForCausalLM\"],", "");
+  EXPECT_EQ(parse_model_config(no_arch).family, ModelFamily::kLlama);
+  expect_error(edit(no_arch, "\"model_type\": \"llama\"", "\"model_type\": \"gpt2\""), {"unknown model_type 'gpt2'"});
   expect_error("{\"hidden_size\": 4096", {"not valid JSON"});
   expect_error("[1, 2]", {"must hold a JSON object"});
   const std::string v3 = read("deepseek_v3.json");
