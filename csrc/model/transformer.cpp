@@ -149,29 +149,22 @@ bool ignored_key(const ModelConfig& c, const std::string& key) {
   return false;
 }
 
-// FineGrainedFP8: `X.weight` F8_E4M3 with `X.weight_scale_inv` fp32 (ceil(N/128), ceil(K/128)).
-std::unordered_map<std::string, at::Tensor> dequantize_fp8_weights(const std::unordered_map<std::string, at::Tensor>& in,
-                                                                   at::ScalarType dtype, const at::Device& device) {
-  std::unordered_map<std::string, at::Tensor> out;
-  std::set<std::string> used_scales;
-  for (const auto& [key, t] : in) {
-    if (t.scalar_type() != at::kFloat8_e4m3fn) continue;
-    const std::string scale_key = key + "_scale_inv";
-    auto it = in.find(scale_key);
-    if (it == in.end())
-      throw std::runtime_error("checkpoint tensor '" + key + "' is float8_e4m3fn but '" + scale_key +
-                               "' (its block128x128 scales) is missing");
-    if (t.dim() != 2)
-      throw std::runtime_error("checkpoint tensor '" + key + "' is float8_e4m3fn with " + std::to_string(t.dim()) +
-                               " dims; only 2-D weights with block128x128 scales are supported");
-    out[key] = anvil::ops::dequantize_fp8(t.to(device), it->second.to(device, at::kFloat), "block128x128", dtype);
-    used_scales.insert(scale_key);
-  }
-  for (const auto& [key, t] : in) {
-    if (out.count(key) || used_scales.count(key)) continue;
-    out[key] = t;
-  }
-  return out;
+// FineGrainedFP8: `X.weight` F8_E4M3 with `X.weight_scale_inv` fp32 (ceil(N/128), ceil(K/128)),
+// dequantized one tensor at a time (on the model's device) so that the peak memory is one weight.
+at::Tensor dequantize_if_fp8(const std::string& key, const at::Tensor& t,
+                             const std::unordered_map<std::string, at::Tensor>& all, at::ScalarType dtype,
+                             const at::Device& device, std::set<std::string>& used) {
+  if (t.scalar_type() != at::kFloat8_e4m3fn) return t;
+  const std::string scale_key = key + "_scale_inv";
+  auto it = all.find(scale_key);
+  if (it == all.end())
+    throw std::runtime_error("checkpoint tensor '" + key + "' is float8_e4m3fn but '" + scale_key +
+                             "' (its block128x128 scales) is missing");
+  if (t.dim() != 2)
+    throw std::runtime_error("checkpoint tensor '" + key + "' is float8_e4m3fn with " + std::to_string(t.dim()) +
+                             " dims; only 2-D weights with block128x128 scales are supported");
+  used.insert(scale_key);
+  return anvil::ops::dequantize_fp8(t.to(device), it->second.to(device, at::kFloat), "block128x128", dtype);
 }
 
 // One tensor of a fused expert layout (E, ...) split into the per-expert keys.
@@ -239,7 +232,7 @@ std::string join_first(const std::vector<std::string>& names, size_t n = 8) {
 
 void CausalLM::load_state(const std::unordered_map<std::string, at::Tensor>& tensors) {
   at::NoGradGuard no_grad;
-  auto canonical = canonical_tensors(config_, dequantize_fp8_weights(tensors, dtype(), device()));
+  const auto canonical = canonical_tensors(config_, tensors);
   std::vector<std::string> missing, mismatched;
   std::set<std::string> used;
   for (auto& [name, target] : state_tensors()) {
@@ -254,7 +247,7 @@ void CausalLM::load_state(const std::unordered_map<std::string, at::Tensor>& ten
       mismatched.push_back(msg.str());
       continue;
     }
-    target.copy_(it->second);
+    target.copy_(dequantize_if_fp8(name, it->second, canonical, target.scalar_type(), target.device(), used));
     used.insert(name);
   }
   std::vector<std::string> unexpected;

@@ -441,3 +441,24 @@ def test_cuda_matches_transformers(case, saved):
         theirs = (hf_bf16(ids.cuda()).logits.double().cpu() - ref.double()).abs().max().item()
     ours = (anvil._C.CausalLM(d, dtype="bfloat16", device="cuda").logits(ids.cuda()).double().cpu() - ref.double())
     assert ours.abs().max().item() <= 2 * theirs + 1e-3 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.5},
+    {"rope_type": "yarn", "rope_theta": 5000.0, "factor": 8.0, "original_max_position_embeddings": 16},
+    {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
+     "attention_factor": 1.3, "beta_fast": 16.0, "beta_slow": 2.0},
+])
+def test_rope_variants_on_llama(rope, tmp_path):
+    """The other RoPE types (linear; yarn with computed and explicit attention_factor) on a dense model."""
+    config = transformers.LlamaConfig(**TINY, num_key_value_heads=2, rope_parameters=rope)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    randomize(hf, 21)
+    hf.eval().save_pretrained(tmp_path)
+    ids = tokens(2, 40, seed=22)  # past original_max_position_embeddings
+    with torch.no_grad():
+        ref = hf(ids).logits
+    ours = anvil._C.CausalLM(str(tmp_path))
+    assert_logits_close(ours.logits(ids), ref)
+    assert_logits_close(ours.cached_logits(ids, 7), ref)
