@@ -186,8 +186,8 @@ void read_rope(const Reader& r, ModelConfig& c) {
 void read_sliding_window(const Reader& r, ModelConfig& c) {
   c.layer_sliding.assign(c.num_hidden_layers, false);
   int64_t window = 0;
-  if (c.family == ModelFamily::kMistral) window = r.find("sliding_window") ? r.req_int("sliding_window") : 0;
-  if (c.family == ModelFamily::kMistral && !r.j.contains("sliding_window")) window = 4096;  // class default
+  // Mistral's class default is 4096 when the key is absent; an explicit null means none.
+  if (c.family == ModelFamily::kMistral) window = r.j.contains("sliding_window") ? r.opt_int("sliding_window", 0) : 4096;
   if (c.family == ModelFamily::kMixtral) window = r.opt_int("sliding_window", 0);
   if (c.family == ModelFamily::kMistral || c.family == ModelFamily::kMixtral) {
     if (window > 0) c.layer_sliding.assign(c.num_hidden_layers, true);

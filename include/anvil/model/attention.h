@@ -104,7 +104,8 @@ struct AttentionMask {
 at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionMask& mask,
                   double scale, const std::string& backend);
 
-/// Grouped-query attention: q_proj, k_proj, v_proj, o_proj (+ q_norm, k_norm for Qwen3).
+/// Grouped-query attention: q_proj, k_proj, v_proj, o_proj (+ q_norm, k_norm for Qwen3). `config`
+/// must outlive the module (CausalLM owns it), as for every module below.
 class GqaAttention : public torch::nn::Module {
  public:
   GqaAttention(const ModelConfig& config, const at::TensorOptions& options);

@@ -43,14 +43,15 @@ class MoeGate : public torch::nn::Module {
   at::Tensor e_score_correction_bias;  ///< undefined unless ModelConfig::router_bias
 };
 
-/// gate -> moe_gate -> moe_permute -> experts -> moe_unpermute (+ shared experts).
+/// gate -> moe_gate -> moe_permute -> experts -> moe_unpermute (+ shared experts). `config` must
+/// outlive the block (CausalLM owns it).
 class MoeBlock : public torch::nn::Module {
  public:
   MoeBlock(const ModelConfig& config, const at::TensorOptions& options);
   at::Tensor forward(const at::Tensor& x);  ///< (B, S, H) -> (B, S, H)
 
-  /// The routing of the last forward: (weights (T, k) fp32, indices (T, k) int32), for inspection.
-  std::pair<at::Tensor, at::Tensor> route(const at::Tensor& hidden);  ///< hidden (T, H)
+  /// The routing of hidden (T, H): (weights (T, k) fp32, indices (T, k) int32), as forward uses it.
+  std::pair<at::Tensor, at::Tensor> route(const at::Tensor& hidden);
 
  private:
   const ModelConfig& config_;
