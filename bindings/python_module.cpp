@@ -97,6 +97,27 @@ void bind_model(py::module_& m) {
             am::save_causal_lm(*s.model, dir, max_shard_bytes);
           },
           py::arg("dir"), py::arg("max_shard_bytes") = 5'000'000'000LL, py::call_guard<py::gil_scoped_release>())
+      .def(
+          "loss_gradients",
+          [](PyCausalLM& s, const at::Tensor& ids) {
+            // Gradients of the mean next-token loss with respect to every parameter (zeros where
+            // none flows), for checking the backward pass against transformers'.
+            std::vector<std::pair<std::string, at::Tensor>> grads;
+            {
+              py::gil_scoped_release no_gil;
+              s.model->zero_grad();
+              am::causal_lm_loss(*s.model, ids).backward();
+              for (auto& p : s.model->named_parameters(true)) {
+                auto g = p.value().grad();
+                grads.emplace_back(p.key(), g.defined() ? g.clone() : at::zeros_like(p.value()));
+              }
+              s.model->zero_grad();
+            }
+            py::dict d;
+            for (auto& [name, g] : grads) d[py::str(name)] = g;
+            return d;
+          },
+          py::arg("input_ids"))
       .def("state_dict", [](PyCausalLM& s) {
         py::dict d;
         for (auto& [name, t] : s.model->state_tensors()) d[py::str(name)] = t.detach();
