@@ -5,7 +5,7 @@
 // (no "/", no ".."), and every key it maps must exist in the shard it names.
 //
 // load_all to a GPU never copies a shard into anonymous host memory. Each shard's bytes go from the
-// mapping (page cache) into a ring of pinned staging buffers, a few MiB each; a chunk's host-to-device
+// mapping (page cache) into a ring of four pinned staging buffers (up to 32 MiB each); a chunk's host-to-device
 // copies are queued on a side stream and an event recorded after them, and the buffer is refilled only
 // after its event has completed. So the host memcpy of chunk i+1 (spread over ATen's threads) overlaps
 // the DMA of chunk i, and the host memory used is the ring, whatever the checkpoint's size. The
@@ -140,7 +140,9 @@ void stream_file_to_device(const SafetensorsFile& file, const std::vector<const 
     const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
     const uintptr_t lo = reinterpret_cast<uintptr_t>(first) & ~(page - 1);
     const uintptr_t hi = reinterpret_cast<uintptr_t>(file.data(*entries.back()) + entries.back()->nbytes());
-    ::madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_SEQUENTIAL | MADV_WILLNEED);  // a hint: errors ignored
+    // Hints (errors ignored): read ahead aggressively, and start reading the whole range now.
+    ::madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_SEQUENTIAL);
+    ::madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_WILLNEED);
   }
 
   c10::impl::VirtualGuardImpl impl(device.type());
@@ -161,27 +163,31 @@ void stream_file_to_device(const SafetensorsFile& file, const std::vector<const 
     done.emplace_back(device.type());
   }
 
-  size_t t = 0;      // tensor being streamed
-  uint64_t off = 0;  // bytes of it already queued
-  for (int slot = 0; t < entries.size(); slot = (slot + 1) % kRing) {
-    if (done[slot].was_marked_for_recording()) done[slot].synchronize();  // its last copies have finished
-    uint8_t* buf = staging[slot].data_ptr<uint8_t>();
-    uint64_t used = 0;
-    while (t < entries.size() && used < chunk) {
-      const uint64_t n = std::min(entries[t]->nbytes() - off, chunk - used);
-      if (n > 0) {
-        parallel_memcpy(buf + used, file.data(*entries[t]) + off, n);
-        flat[t].narrow(0, static_cast<int64_t>(off), static_cast<int64_t>(n))
-            .copy_(staging[slot].narrow(0, static_cast<int64_t>(used), static_cast<int64_t>(n)), /*non_blocking=*/true);
+  std::vector<uint64_t> sizes;
+  for (const auto* e : entries) sizes.push_back(e->nbytes());
+  for (const auto& c : detail::plan_ring(sizes, chunk, kRing)) {
+    if (done[c.slot].was_marked_for_recording()) done[c.slot].synchronize();  // its last copies have finished
+    uint8_t* buf = staging[c.slot].data_ptr<uint8_t>();
+    // Host side: pieces adjacent in the file (the usual case: every tensor of the shard) in one memcpy.
+    for (size_t i = 0; i < c.pieces.size();) {
+      const uint8_t* src = file.data(*entries[c.pieces[i].tensor]) + c.pieces[i].tensor_offset;
+      uint64_t n = c.pieces[i].bytes;
+      size_t j = i + 1;
+      for (; j < c.pieces.size(); ++j) {
+        const uint8_t* next = file.data(*entries[c.pieces[j].tensor]) + c.pieces[j].tensor_offset;
+        if (next != src + n) break;
+        n += c.pieces[j].bytes;
       }
-      used += n;
-      off += n;
-      if (off == entries[t]->nbytes()) {
-        ++t;
-        off = 0;
-      }
+      parallel_memcpy(buf + c.pieces[i].staging_offset, src, n);
+      i = j;
     }
-    done[slot].record(side);
+    // Device side: one async copy per piece on the side stream, then the event that frees the slot.
+    for (const auto& p : c.pieces)
+      flat[p.tensor]
+          .narrow(0, static_cast<int64_t>(p.tensor_offset), static_cast<int64_t>(p.bytes))
+          .copy_(staging[c.slot].narrow(0, static_cast<int64_t>(p.staging_offset), static_cast<int64_t>(p.bytes)),
+                 /*non_blocking=*/true);
+    done[c.slot].record(side);
   }
   for (auto& ev : done)
     if (ev.was_marked_for_recording()) ev.synchronize();
@@ -197,6 +203,32 @@ void stream_file_to_device(const SafetensorsFile& file, const std::vector<const 
 }
 
 }  // namespace
+
+namespace detail {
+
+std::vector<RingChunk> plan_ring(const std::vector<uint64_t>& sizes, uint64_t chunk, int ring) {
+  TORCH_CHECK(chunk > 0 && ring > 0, "plan_ring: chunk and ring must be positive");
+  std::vector<RingChunk> plan;
+  RingChunk current{0, {}};
+  uint64_t used = 0;
+  for (size_t t = 0; t < sizes.size(); ++t) {
+    for (uint64_t off = 0; off < sizes[t];) {
+      if (used == chunk) {  // this buffer is full: the next slot
+        plan.push_back(std::move(current));
+        current = RingChunk{static_cast<int>(plan.size() % ring), {}};
+        used = 0;
+      }
+      const uint64_t n = std::min(sizes[t] - off, chunk - used);
+      current.pieces.push_back({t, off, used, n});
+      used += n;
+      off += n;
+    }
+  }
+  if (!current.pieces.empty()) plan.push_back(std::move(current));
+  return plan;
+}
+
+}  // namespace detail
 
 std::unordered_map<std::string, at::Tensor> Checkpoint::load_all(at::Device device) const {
   std::unordered_map<std::string, at::Tensor> out;

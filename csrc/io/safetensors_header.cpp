@@ -239,6 +239,10 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* data, uint64_t size, c
               ": header must be a JSON object starting with '{'");
 
   const char* json_begin = reinterpret_cast<const char*>(data + 8);
+  // nlohmann's parser takes a NUL as the end of its input and would accept "{}\0garbage"; JSON text
+  // never holds a raw NUL, so any NUL is an error (padding must be spaces).
+  TORCH_CHECK(std::memchr(json_begin, 0, h.header_bytes) == nullptr, "safetensors: ", what,
+              ": header contains a NUL byte (JSON text never does; padding must be spaces)");
   Json root;
   try {
     const std::string where = "safetensors: " + what + ": header";

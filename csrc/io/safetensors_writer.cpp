@@ -16,6 +16,7 @@
 #include <c10/util/Exception.h>
 
 #include <fcntl.h>
+#include <dirent.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -24,7 +25,6 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
-#include <filesystem>
 #include <fstream>
 #include <numeric>
 #include <regex>
@@ -32,27 +32,64 @@
 #include <sstream>
 
 namespace anvil::io {
-namespace fs = std::filesystem;
 
 namespace detail {
 
+// POSIX calls rather than std::filesystem: libtorch.so exports its own copies of std::filesystem's
+// functions (status, file_size, remove_all, create_directories, ...), and in a process that loads it
+// those win symbol resolution and crash (remove_all jumps to address 0; see docs/ARCHITECTURE.md).
+
 bool is_directory(const std::string& path) {
-  std::error_code ec;
-  return fs::is_directory(path, ec);
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
 }
 
 bool is_regular_file(const std::string& path) {
-  std::error_code ec;
-  return fs::is_regular_file(path, ec);
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
 }
 
-std::string join_path(const std::string& dir, const std::string& name) { return (fs::path(dir) / name).string(); }
+std::string join_path(const std::string& dir, const std::string& name) {
+  if (dir.empty()) return name;
+  return dir.back() == '/' ? dir + name : dir + "/" + name;
+}
+
+std::string parent_dir(const std::string& path) {
+  const auto slash = path.find_last_of('/');
+  if (slash == std::string::npos) return ".";
+  return slash == 0 ? "/" : path.substr(0, slash);
+}
+
+std::string file_name(const std::string& path) {
+  const auto slash = path.find_last_of('/');
+  return slash == std::string::npos ? path : path.substr(slash + 1);
+}
+
+void make_directories(const std::string& dir) {
+  if (dir.empty() || is_directory(dir)) return;
+  const std::string parent = parent_dir(dir);
+  if (parent != dir) make_directories(parent);
+  if (::mkdir(dir.c_str(), 0777) != 0 && errno != EEXIST)
+    TORCH_CHECK(false, "cannot create the directory '", dir, "': ", std::strerror(errno));
+}
+
+std::vector<std::string> list_directory(const std::string& dir) {
+  std::vector<std::string> names;
+  DIR* d = ::opendir(dir.c_str());
+  if (!d) return names;
+  while (const dirent* e = ::readdir(d)) {
+    const std::string name = e->d_name;
+    if (name != "." && name != "..") names.push_back(name);
+  }
+  ::closedir(d);
+  return names;
+}
 
 std::string read_text_file(const std::string& path, uint64_t max_bytes) {
-  std::error_code ec;
-  const auto size = fs::file_size(path, ec);
-  TORCH_CHECK(!ec, "cannot read '", path, "': ", ec.message());
-  TORCH_CHECK(size <= max_bytes, "'", path, "' is ", size, " bytes, more than the ", max_bytes, " allowed");
+  struct stat st {};
+  TORCH_CHECK(::stat(path.c_str(), &st) == 0, "cannot read '", path, "': ", std::strerror(errno));
+  TORCH_CHECK(static_cast<uint64_t>(st.st_size) <= max_bytes, "'", path, "' is ", st.st_size,
+              " bytes, more than the ", max_bytes, " allowed");
   std::ifstream in(path, std::ios::binary);
   TORCH_CHECK(in, "cannot open '", path, "'");
   std::ostringstream ss;
@@ -73,12 +110,10 @@ void write_all(int fd, const void* data, uint64_t n, const std::string& path) {
 
 void write_file_atomically(const std::string& path, const std::function<void(int fd)>& write) {
   static std::atomic<uint64_t> counter{0};
-  const fs::path target(path);
-  const fs::path dir = target.has_parent_path() ? target.parent_path() : fs::path(".");
+  const std::string dir = parent_dir(path);
   // Hidden, unique per process and call, in the target's directory (rename must not cross filesystems).
-  const std::string tmp = (dir / ("." + target.filename().string() + ".tmp." + std::to_string(::getpid()) + "." +
-                                  std::to_string(counter++)))
-                              .string();
+  const std::string tmp = join_path(dir, "." + file_name(path) + ".tmp." + std::to_string(::getpid()) + "." +
+                                             std::to_string(counter++));
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
   TORCH_CHECK(fd >= 0, "cannot write '", path, "': cannot create the temporary file '", tmp, "': ",
               std::strerror(errno));
@@ -225,11 +260,9 @@ std::vector<std::vector<size_t>> split_into_shards(const std::vector<std::pair<s
 // Files of an earlier save that the new one does not overwrite (e.g. 4 shards before, 3 now).
 void remove_stale_files(const std::string& dir, const std::set<std::string>& written) {
   static const std::regex kShard(R"(model-\d{5}-of-\d{5}\.safetensors)");
-  std::error_code ec;
-  for (const auto& entry : fs::directory_iterator(dir, ec)) {
-    const std::string name = entry.path().filename().string();
+  for (const auto& name : detail::list_directory(dir)) {
     const bool ours = name == kSingleFile || name == kIndexFile || std::regex_match(name, kShard);
-    if (ours && !written.count(name)) fs::remove(entry.path(), ec);
+    if (ours && !written.count(name)) ::unlink(detail::join_path(dir, name).c_str());
   }
 }
 
@@ -239,10 +272,7 @@ void save_checkpoint(const std::string& dir, const std::vector<std::pair<std::st
                      int64_t max_shard_bytes, const std::map<std::string, std::string>& metadata) {
   TORCH_CHECK(max_shard_bytes > 0, "save_checkpoint '", dir, "': max_shard_bytes must be positive, got ",
               max_shard_bytes);
-  std::error_code ec;
-  fs::create_directories(dir, ec);
-  TORCH_CHECK(detail::is_directory(dir), "save_checkpoint: cannot create the directory '", dir, "'",
-              ec ? ": " + ec.message() : "");
+  detail::make_directories(dir);
   plan_tensors(tensors, dir);  // every name and dtype checked before anything is written
 
   const auto shards = split_into_shards(tensors, max_shard_bytes);
