@@ -726,7 +726,13 @@ class HfBpeTokenizer final : public TokenizerImpl {
 }  // namespace
 
 std::unique_ptr<TokenizerImpl> make_hf_bpe(const nlohmann::json& j, const std::string& path) {
-  return std::make_unique<HfBpeTokenizer>(j, path);
+  try {
+    return std::make_unique<HfBpeTokenizer>(j, path);
+  } catch (const nlohmann::json::exception& e) {  // a missing key or a value of the wrong JSON type
+    throw std::runtime_error(path + ": malformed tokenizer.json: " + e.what());
+  } catch (const std::invalid_argument& e) {  // invalid UTF-8 in an added token
+    throw std::runtime_error(e.what());
+  }
 }
 
 }  // namespace anvil::data::detail

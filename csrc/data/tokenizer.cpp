@@ -14,48 +14,60 @@
 // transformers does. Every error names the file and what was wrong with it.
 #include "data/tokenizer_impl.h"
 
-#include <filesystem>
+#include <sys/stat.h>
+
 #include <fstream>
 #include <sstream>
 #include <stdexcept>
 
 namespace anvil::data {
 
-namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 namespace {
 
-json read_json(const fs::path& path) {
+// POSIX stat rather than std::filesystem: libtorch exports its own copies of some std::filesystem
+// functions, and which copy a call binds to depends on the link order of the program.
+bool is_directory(const std::string& p) {
+  struct stat st {};
+  return ::stat(p.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+bool exists(const std::string& p) {
+  struct stat st {};
+  return ::stat(p.c_str(), &st) == 0;
+}
+
+json read_json(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
-  if (!in) throw std::runtime_error(path.string() + ": cannot open");
+  if (!in) throw std::runtime_error(path + ": cannot open");
   std::stringstream buffer;
   buffer << in.rdbuf();
   try {
     return json::parse(buffer.str());
   } catch (const json::parse_error& e) {
-    throw std::runtime_error(path.string() + ": not valid JSON: " + e.what());
+    throw std::runtime_error(path + ": not valid JSON: " + e.what());
   }
 }
 
-std::string read_text(const fs::path& path) {
+std::string read_text(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
-  if (!in) throw std::runtime_error(path.string() + ": cannot open");
+  if (!in) throw std::runtime_error(path + ": cannot open");
   std::stringstream buffer;
   buffer << in.rdbuf();
   return buffer.str();
 }
 
 // A special token entry: a string, {"content": ...} (AddedToken), or null.
-std::optional<std::string> token_string(const json& config, const char* key, const fs::path& file) {
+std::optional<std::string> token_string(const json& config, const char* key, const std::string& file) {
   if (!config.contains(key) || config[key].is_null()) return std::nullopt;
   const json& v = config[key];
   if (v.is_string()) return v.get<std::string>();
   if (v.is_object() && v.contains("content") && v["content"].is_string()) return v["content"].get<std::string>();
-  throw std::runtime_error(file.string() + ": \"" + key + "\" is neither a string nor {\"content\": string}");
+  throw std::runtime_error(file + ": \"" + key + "\" is neither a string nor {\"content\": string}");
 }
 
-std::string chat_template_of(const json& config, const fs::path& file) {
+std::string chat_template_of(const json& config, const std::string& file) {
   if (!config.contains("chat_template") || config["chat_template"].is_null()) return "";
   const json& t = config["chat_template"];
   if (t.is_string()) return t.get<std::string>();
@@ -63,9 +75,9 @@ std::string chat_template_of(const json& config, const fs::path& file) {
     for (const auto& entry : t) {
       if (entry.value("name", "") == "default") return entry.value("template", "");
     }
-    throw std::runtime_error(file.string() + ": chat_template is a list without a \"default\" entry");
+    throw std::runtime_error(file + ": chat_template is a list without a \"default\" entry");
   }
-  throw std::runtime_error(file.string() + ": chat_template is neither a string nor a list");
+  throw std::runtime_error(file + ": chat_template is neither a string nor a list");
 }
 
 // A SentencePiece-style tokenizer.json (byte fallback, Metaspace) that tokenizer.model can stand in for.
@@ -109,28 +121,30 @@ std::unique_ptr<Tokenizer> load_sentencepiece_model(const std::string& path, boo
   return tok;
 }
 
-std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir_name) {
-  const fs::path dir(dir_name);
-  if (!fs::is_directory(dir)) throw std::runtime_error(dir_name + ": not a directory (a model folder is expected)");
-  const fs::path json_file = dir / "tokenizer.json", spm_file = dir / "tokenizer.model";
-  const fs::path config_file = dir / "tokenizer_config.json", map_file = dir / "special_tokens_map.json";
+namespace {
 
-  json config = fs::exists(config_file) ? read_json(config_file) : json::object();
-  if (!config.is_object()) throw std::runtime_error(config_file.string() + ": top level is not an object");
+std::unique_ptr<Tokenizer> load_model_folder(const std::string& dir_name) {
+  if (!is_directory(dir_name)) throw std::runtime_error(dir_name + ": not a directory (a model folder is expected)");
+  const std::string dir = dir_name.back() == '/' ? dir_name : dir_name + "/";
+  const std::string json_file = dir + "tokenizer.json", spm_file = dir + "tokenizer.model";
+  const std::string config_file = dir + "tokenizer_config.json", map_file = dir + "special_tokens_map.json";
+
+  json config = exists(config_file) ? read_json(config_file) : json::object();
+  if (!config.is_object()) throw std::runtime_error(config_file + ": top level is not an object");
   const bool has_add_bos = config.contains("add_bos_token"), has_add_eos = config.contains("add_eos_token");
   const bool add_bos = config.value("add_bos_token", false), add_eos = config.value("add_eos_token", false);
 
   std::unique_ptr<detail::TokenizerImpl> tok;
-  if (fs::exists(json_file)) {
+  if (exists(json_file)) {
     json j = read_json(json_file);
-    if (fs::exists(spm_file) && is_sentencepiece_style(j)) {
-      tok = detail::make_sentencepiece(spm_file.string(), has_add_bos ? add_bos : true, add_eos);
+    if (exists(spm_file) && is_sentencepiece_style(j)) {
+      tok = detail::make_sentencepiece(spm_file, has_add_bos ? add_bos : true, add_eos);
     } else {
-      tok = detail::make_hf_bpe(j, json_file.string());
+      tok = detail::make_hf_bpe(j, json_file);
     }
-  } else if (fs::exists(spm_file)) {
+  } else if (exists(spm_file)) {
     // LlamaTokenizer's defaults: add_bos_token true, add_eos_token false.
-    tok = detail::make_sentencepiece(spm_file.string(), has_add_bos ? add_bos : true, add_eos);
+    tok = detail::make_sentencepiece(spm_file, has_add_bos ? add_bos : true, add_eos);
   } else {
     throw std::runtime_error(dir_name + ": neither tokenizer.json nor tokenizer.model is present");
   }
@@ -140,7 +154,7 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir_name) {
   std::optional<std::string> eos = token_string(config, "eos_token", config_file);
   std::optional<std::string> pad = token_string(config, "pad_token", config_file);
   std::optional<std::string> unk = token_string(config, "unk_token", config_file);
-  if (fs::exists(map_file)) {
+  if (exists(map_file)) {
     const json map = read_json(map_file);
     const std::pair<const char*, std::optional<std::string>*> slots[] = {
         {"bos_token", &bos}, {"eos_token", &eos}, {"pad_token", &pad}, {"unk_token", &unk}};
@@ -167,8 +181,8 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir_name) {
 
   // Generation stops at generation_config.json's eos ids where present.
   std::vector<int32_t> eos_ids;
-  const fs::path gen_file = dir / "generation_config.json";
-  if (fs::exists(gen_file)) {
+  const std::string gen_file = dir + "generation_config.json";
+  if (exists(gen_file)) {
     const json gen = read_json(gen_file);
     if (gen.contains("eos_token_id") && gen["eos_token_id"].is_number_integer()) {
       eos_ids.push_back(gen["eos_token_id"].get<int32_t>());
@@ -180,9 +194,19 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir_name) {
   tok->set_eos_ids(std::move(eos_ids));
 
   std::string chat_template = chat_template_of(config, config_file);
-  if (fs::exists(dir / "chat_template.jinja")) chat_template = read_text(dir / "chat_template.jinja");
+  if (exists(dir + "chat_template.jinja")) chat_template = read_text(dir + "chat_template.jinja");
   tok->set_chat_template(chat_template);
   return tok;
+}
+
+}  // namespace
+
+std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir_name) {
+  try {
+    return load_model_folder(dir_name);
+  } catch (const nlohmann::json::exception& e) {  // a config value of the wrong JSON type
+    throw std::runtime_error(dir_name + ": malformed tokenizer config: " + e.what());
+  }
 }
 
 }  // namespace anvil::data

@@ -204,7 +204,7 @@ Regex::Regex(const std::string& source, const std::string& where) : where_(where
   if (code_ == nullptr) {
     PCRE2_UCHAR message[256];
     pcre2_get_error_message(error, message, sizeof(message));
-    throw std::invalid_argument(where + ": regex does not compile at offset " + std::to_string(offset) + ": " +
+    throw std::runtime_error(where + ": regex does not compile at offset " + std::to_string(offset) + ": " +
                                 reinterpret_cast<char*>(message));
   }
   pcre2_jit_compile(code_, PCRE2_JIT_COMPLETE);  // best effort: the interpreter is the fallback

@@ -55,7 +55,7 @@ std::string normalize(const std::string& text, const std::string& form);
 /// A compiled PCRE2 pattern (UTF, UCP, JIT when available). Thread-safe: matching allocates per call.
 class Regex {
  public:
-  /// Throws std::invalid_argument naming `where` and PCRE2's message and offset on a bad pattern.
+  /// Throws std::runtime_error naming `where` and PCRE2's message and offset on a bad pattern.
   Regex(const std::string& pattern, const std::string& where);
   ~Regex();
   Regex(const Regex&) = delete;

@@ -124,7 +124,6 @@ class Tokenizer {
                           std::optional<bool> enable_thinking = std::nullopt) const;
 
  protected:
-  friend std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir);
   int32_t bos_id_ = -1, eos_id_ = -1, pad_id_ = -1, unk_id_ = -1;
   std::vector<int32_t> eos_ids_;
   std::string bos_token_, eos_token_;
