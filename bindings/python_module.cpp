@@ -67,8 +67,10 @@ void bind_tokenizer(py::module_& m) {
   m.def(
       "render_chat",
       [](const std::string& format, const py::list& messages, bool add_generation_prompt,
-         std::optional<bool> enable_thinking, const std::string& bos_token, const std::string& eos_token) {
+         std::optional<bool> enable_thinking, const std::string& bos_token, const std::string& eos_token,
+         const std::string& date_string) {
         anvil::data::ChatOptions o;
+        o.date_string = date_string;
         o.add_generation_prompt = add_generation_prompt;
         o.enable_thinking = enable_thinking;
         o.bos_token = bos_token;
@@ -77,8 +79,9 @@ void bind_tokenizer(py::module_& m) {
       },
       py::arg("format"), py::arg("messages"), py::arg("add_generation_prompt") = false,
       py::arg("enable_thinking") = py::none(), py::arg("bos_token") = "", py::arg("eos_token") = "",
-      "Render a conversation with a built-in chat format (llama2, mistral, mistral-v1, llama3, chatml, qwen3, "
-      "deepseek-v2, deepseek-v3)");
+      py::arg("date_string") = "26 Jul 2024",
+      "Render a conversation with a built-in chat format (llama2, mistral, mistral-v1, llama3, llama3.1, chatml, "
+      "qwen3, deepseek-v2, deepseek-v3)");
   m.def(
       "detect_chat_format",
       [](const std::string& jinja_template) {

@@ -144,6 +144,24 @@ std::string render_llama3(const std::vector<ChatMessage>& messages, const ChatOp
   return out;
 }
 
+// meta-llama/Llama-3.1-*-Instruct, Llama-3.3-70B-Instruct: a system header with the knowledge cutoff and
+// the date, then Llama-3 turns. Tool calls and tool outputs (JSON-encoded by the template) are refused.
+std::string render_llama31(const std::vector<ChatMessage>& messages, const ChatOptions& o) {
+  const bool has_system = messages[0].role == "system";
+  std::string out = o.bos_token + "<|start_header_id|>system<|end_header_id|>\n\n";
+  out += "Cutting Knowledge Date: December 2023\nToday Date: " + o.date_string + "\n\n";
+  out += (has_system ? python_strip(messages[0].content) : std::string()) + "<|eot_id|>";
+  for (size_t i = has_system ? 1 : 0; i < messages.size(); ++i) {
+    const ChatMessage& m = messages[i];
+    if (m.role == "tool" || m.role == "ipython") {
+      raise(ChatFormat::kLlama31, i, m, "tool outputs are not modelled by the built-in format");
+    }
+    out += "<|start_header_id|>" + m.role + "<|end_header_id|>\n\n" + python_strip(m.content) + "<|eot_id|>";
+  }
+  if (o.add_generation_prompt) out += "<|start_header_id|>assistant<|end_header_id|>\n\n";
+  return out;
+}
+
 // Qwen/Qwen2-*-Instruct (ChatML with a default system prompt)
 std::string render_chatml(const std::vector<ChatMessage>& messages, const ChatOptions& o) {
   std::string out;
@@ -270,6 +288,7 @@ struct FormatName {
 constexpr FormatName kFormatNames[] = {
     {ChatFormat::kLlama2, "llama2"},         {ChatFormat::kMistral, "mistral"},
     {ChatFormat::kMistralV1, "mistral-v1"},  {ChatFormat::kLlama3, "llama3"},
+    {ChatFormat::kLlama31, "llama3.1"},
     {ChatFormat::kChatml, "chatml"},         {ChatFormat::kQwen3, "qwen3"},
     {ChatFormat::kDeepseekV2, "deepseek-v2"}, {ChatFormat::kDeepseekV3, "deepseek-v3"},
 };
@@ -316,8 +335,12 @@ ChatFormat detect_chat_format(const std::string& t) {
       why = "a ChatML template (<|im_start|>) with another default system prompt or tool handling";
     }
   } else if (has("<|start_header_id|>") && has("<|eot_id|>")) {
-    if (has("Cutting Knowledge Date")) {
-      why = "a Llama-3.1+ template (system header with \"Cutting Knowledge Date\")";
+    if (has("Cutting Knowledge Date") && has("strftime_now")) {
+      why = "a Llama-3.2 style template (today's date through strftime_now)";
+    } else if (has("Cutting Knowledge Date") && has("26 Jul 2024") && !has("<|image|>")) {
+      return ChatFormat::kLlama31;
+    } else if (has("Cutting Knowledge Date")) {
+      why = "a Llama-3.1+ template variant (system header with \"Cutting Knowledge Date\")";
     } else if (has("tools")) {
       why = "a Llama-3 template with tool handling";
     } else {
@@ -358,6 +381,8 @@ std::string render_chat(ChatFormat format, const std::vector<ChatMessage>& messa
       return render_mistral_v1(messages, options);
     case ChatFormat::kLlama3:
       return render_llama3(messages, options);
+    case ChatFormat::kLlama31:
+      return render_llama31(messages, options);
     case ChatFormat::kChatml:
       return render_chatml(messages, options);
     case ChatFormat::kQwen3:

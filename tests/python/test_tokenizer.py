@@ -235,6 +235,7 @@ def test_sentencepiece_special_strings_become_ids():
 
 # ---- chat templates vs transformers' apply_chat_template ----------------------------------------------
 CHAT_FORMATS = {"llama2": "llama2", "mistral": "mistral", "mistral_v1": "mistral-v1", "llama3": "llama3",
+                "llama3_1": "llama3.1",
                 "qwen2": "chatml", "qwen3": "qwen3", "deepseek_v2": "deepseek-v2", "deepseek_v3": "deepseek-v3"}
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello"}],
@@ -303,8 +304,8 @@ def test_tokenizer_render_chat_uses_its_template_and_tokens(renderer, family):
 
 
 def test_unknown_template_error_names_what_was_found():
-    with pytest.raises(RuntimeError, match="Llama-3.1"):
-        C.detect_chat_format("{{- bos_token }}<|start_header_id|>system<|end_header_id|>Cutting Knowledge Date<|eot_id|>")
+    with pytest.raises(RuntimeError, match="Llama-3.2 style"):
+        C.detect_chat_format("<|start_header_id|>Cutting Knowledge Date{{ strftime_now('%d %b %Y') }}<|eot_id|>")
     with pytest.raises(RuntimeError, match="no known markers.*begins \"{% for m in messages %}"):
         C.detect_chat_format("{% for m in messages %}{{ m.content }}{% endfor %}")
     with pytest.raises(ValueError, match="known: llama2"):

@@ -39,6 +39,7 @@ enum class ChatFormat {
   kMistral,     ///< Mistral-7B-Instruct-v0.1 / Mixtral-8x7B-Instruct-v0.1 (original): no system role
   kMistralV1,   ///< Mistral-7B-Instruct-v0.2/v0.3, Mixtral (updated): system prompt before the first user turn
   kLlama3,      ///< Meta-Llama-3-*-Instruct: `<|start_header_id|>role<|end_header_id|>\n\n..<|eot_id|>`
+  kLlama31,     ///< Llama-3.1 / 3.3-*-Instruct: Llama-3 turns after a dated system header (no tools)
   kChatml,      ///< Qwen2 / Qwen1.5 ChatML with the default system prompt "You are a helpful assistant."
   kQwen3,       ///< Qwen3 ChatML: no default system prompt, `<think>` blocks, enable_thinking
   kDeepseekV2,  ///< DeepSeek-V2-Chat: `User: ..\n\nAssistant: ..<｜end▁of▁sentence｜>`
@@ -51,10 +52,11 @@ struct ChatOptions {
   std::optional<bool> enable_thinking;   ///< Qwen3: false closes an empty <think> block in the prompt
   std::string bos_token;                 ///< the text of bos/eos as the template prints them
   std::string eos_token;
+  std::string date_string = "26 Jul 2024";  ///< Llama-3.1's "Today Date" (the template's default)
 };
 
 /// The format's name as accepted by chat_format_from_name: "llama2", "mistral", "mistral-v1", "llama3",
-/// "chatml" (alias "qwen2"), "qwen3", "deepseek-v2", "deepseek-v3".
+/// "llama3.1", "chatml" (alias "qwen2"), "qwen3", "deepseek-v2", "deepseek-v3".
 std::string chat_format_name(ChatFormat format);
 
 /// The format of a name (see chat_format_name); throws std::invalid_argument listing the known names.

@@ -290,6 +290,7 @@ TEST(Tokenizer, ConfigFilesSetSpecialTokens) {
 
 TEST(ChatFormat, NamesRoundTripAndUnknownNamesAreListed) {
   for (const auto f : {ChatFormat::kLlama2, ChatFormat::kMistral, ChatFormat::kMistralV1, ChatFormat::kLlama3,
+                       ChatFormat::kLlama31,
                        ChatFormat::kChatml, ChatFormat::kQwen3, ChatFormat::kDeepseekV2, ChatFormat::kDeepseekV3}) {
     EXPECT_EQ(anvil::data::chat_format_from_name(anvil::data::chat_format_name(f)), f);
   }
@@ -307,6 +308,7 @@ TEST(ChatFormat, DetectsTheStoredTemplates) {
   const std::vector<std::pair<std::string, ChatFormat>> cases = {
       {"llama2", ChatFormat::kLlama2},         {"mistral", ChatFormat::kMistral},
       {"mistral_v1", ChatFormat::kMistralV1},  {"llama3", ChatFormat::kLlama3},
+      {"llama3_1", ChatFormat::kLlama31},
       {"qwen2", ChatFormat::kChatml},          {"qwen3", ChatFormat::kQwen3},
       {"deepseek_v2", ChatFormat::kDeepseekV2}, {"deepseek_v3", ChatFormat::kDeepseekV3}};
   for (const auto& [file, format] : cases) {
