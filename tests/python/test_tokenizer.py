@@ -328,6 +328,9 @@ def test_fixtures_regenerate_identically():
     """make_fixtures.py reproduces the committed files byte for byte (about two seconds)."""
     import subprocess
     import sys
+    pytest.importorskip("jinja2")
     result = subprocess.run([sys.executable, str(FIXTURES / "make_fixtures.py"), "--check"], capture_output=True,
                             text=True)
+    if result.returncode == 3:
+        pytest.skip(result.stdout.strip())
     assert result.returncode == 0, result.stdout + result.stderr

@@ -11,9 +11,12 @@ shipped by installed packages (jinja2, markupsafe: code, docstrings, licenses). 
 The output is committed; CI does not retrain. Run again with:
     .venv/bin/python tests/data/tokenizers/make_fixtures.py          # rewrite the fixtures
     .venv/bin/python tests/data/tokenizers/make_fixtures.py --check  # exit 1 if they would change
-Training is single-threaded and deterministic, so a rerun reproduces the files byte for byte.
+Training is single-threaded and deterministic, so a rerun reproduces the files byte for byte with the
+package versions of GENERATED_WITH (the corpus includes jinja2's and markupsafe's sources); with other
+versions --check exits 3 without comparing.
 """
 import argparse
+import importlib.metadata
 import io
 import json
 import os
@@ -27,6 +30,9 @@ import jinja2
 import markupsafe
 import sentencepiece as spm
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+# The versions the committed fixtures were made with (requirements.txt pins the first two).
+GENERATED_WITH = {"tokenizers": "0.23.2", "sentencepiece": "0.2.2", "jinja2": "3.1.6", "markupsafe": "3.0.4"}
 
 HERE = Path(__file__).resolve().parent
 TEMPLATES = HERE.parent / "chat_templates"
@@ -201,6 +207,10 @@ def main():
     if not args.check:
         build(HERE)
         return 0
+    installed = {name: importlib.metadata.version(name) for name in GENERATED_WITH}
+    if installed != GENERATED_WITH:
+        print(f"cannot check: fixtures were made with {GENERATED_WITH}, installed are {installed}")
+        return 3
     with tempfile.TemporaryDirectory() as tmp:
         build(Path(tmp))
         bad = [str(p.relative_to(tmp)) for p in sorted(Path(tmp).rglob("*")) if p.is_file()
