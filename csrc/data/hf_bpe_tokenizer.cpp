@@ -68,7 +68,7 @@ struct NormalizerStep {
 enum class Behavior { kRemoved, kIsolated, kMergedWithPrevious, kMergedWithNext, kContiguous };
 
 struct PreTokenizerStep {
-  enum Kind { kSplit, kByteLevel } kind;
+  enum Kind { kSplit, kByteLevel } kind = kSplit;
   std::shared_ptr<Regex> regex;  // Split with a regex, Digits, ByteLevel(use_regex)
   std::string literal;           // Split with a string pattern
   Behavior behavior = Behavior::kIsolated;
@@ -382,7 +382,7 @@ class HfBpeTokenizer final : public TokenizerImpl {
     if (type == "Sequence") {
       for (const auto& child : p.at("pretokenizers")) parse_pre_tokenizer(child, path);
     } else if (type == "Split") {
-      PreTokenizerStep s{PreTokenizerStep::kSplit};
+      PreTokenizerStep s;
       const json& pattern = p.at("pattern");
       if (pattern.contains("Regex")) {
         s.regex = std::make_shared<Regex>(pattern["Regex"].get<std::string>(), path + ": pre_tokenizer Split");
@@ -395,12 +395,13 @@ class HfBpeTokenizer final : public TokenizerImpl {
       s.invert = p.value("invert", false);
       pre_tokenizer_.push_back(std::move(s));
     } else if (type == "ByteLevel") {
-      PreTokenizerStep s{PreTokenizerStep::kByteLevel};
+      PreTokenizerStep s;
+      s.kind = PreTokenizerStep::kByteLevel;
       s.add_prefix_space = p.value("add_prefix_space", true);
       if (p.value("use_regex", true)) s.regex = gpt2_regex();
       pre_tokenizer_.push_back(std::move(s));
     } else if (type == "Digits") {
-      PreTokenizerStep s{PreTokenizerStep::kSplit};
+      PreTokenizerStep s;
       const bool individual = p.value("individual_digits", false);
       s.regex = std::make_shared<Regex>(individual ? "\\p{N}" : "\\p{N}+", path + ": pre_tokenizer Digits");
       pre_tokenizer_.push_back(std::move(s));
