@@ -81,7 +81,7 @@ void bind_tokenizer(py::module_& m) {
       py::arg("enable_thinking") = py::none(), py::arg("bos_token") = "", py::arg("eos_token") = "",
       py::arg("date_string") = "26 Jul 2024",
       "Render a conversation with a built-in chat format (llama2, mistral, mistral-v1, llama3, llama3.1, chatml, "
-      "qwen3, deepseek-v2, deepseek-v3)");
+      "qwen2.5, qwen3, deepseek-v2, deepseek-v3)");
   m.def(
       "detect_chat_format",
       [](const std::string& jinja_template) {

@@ -10,6 +10,7 @@
 #include "anvil/data/tokenizer.h"
 #include "data/unicode_text.h"
 
+#include <cstdio>
 #include <stdexcept>
 
 namespace anvil::data {
@@ -144,8 +145,35 @@ std::string render_llama3(const std::vector<ChatMessage>& messages, const ChatOp
   return out;
 }
 
+// Python's json.dumps(s, ensure_ascii=False): transformers' `tojson` filter on a string.
+std::string json_string(const std::string& s) {
+  std::string out = "\"";
+  for (const char ch : s) {
+    const auto c = static_cast<unsigned char>(ch);
+    switch (c) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\r': out += "\\r"; break;
+      case '\t': out += "\\t"; break;
+      case '\b': out += "\\b"; break;
+      case '\f': out += "\\f"; break;
+      default:
+        if (c < 0x20) {
+          char buffer[8];
+          std::snprintf(buffer, sizeof(buffer), "\\u%04x", c);
+          out += buffer;
+        } else {
+          out += ch;
+        }
+    }
+  }
+  return out + "\"";
+}
+
 // meta-llama/Llama-3.1-*-Instruct, Llama-3.3-70B-Instruct: a system header with the knowledge cutoff and
-// the date, then Llama-3 turns. Tool calls and tool outputs (JSON-encoded by the template) are refused.
+// the date, then Llama-3 turns; tool outputs as JSON strings under the ipython role (tool calls are not
+// modelled).
 std::string render_llama31(const std::vector<ChatMessage>& messages, const ChatOptions& o) {
   const bool has_system = messages[0].role == "system";
   std::string out = o.bos_token + "<|start_header_id|>system<|end_header_id|>\n\n";
@@ -153,8 +181,9 @@ std::string render_llama31(const std::vector<ChatMessage>& messages, const ChatO
   out += (has_system ? python_strip(messages[0].content) : std::string()) + "<|eot_id|>";
   for (size_t i = has_system ? 1 : 0; i < messages.size(); ++i) {
     const ChatMessage& m = messages[i];
-    if (m.role == "tool" || m.role == "ipython") {
-      raise(ChatFormat::kLlama31, i, m, "tool outputs are not modelled by the built-in format");
+    if (m.role == "tool" || m.role == "ipython") {  // a string is "iterable" in Jinja: the template's tojson
+      out += "<|start_header_id|>ipython<|end_header_id|>\n\n" + json_string(m.content) + "<|eot_id|>";
+      continue;
     }
     out += "<|start_header_id|>" + m.role + "<|end_header_id|>\n\n" + python_strip(m.content) + "<|eot_id|>";
   }
@@ -169,6 +198,31 @@ std::string render_chatml(const std::vector<ChatMessage>& messages, const ChatOp
     const ChatMessage& m = messages[i];
     if (i == 0 && messages[0].role != "system") out += "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n";
     out += "<|im_start|>" + m.role + "\n" + m.content + "<|im_end|>\n";
+  }
+  if (o.add_generation_prompt) out += "<|im_start|>assistant\n";
+  return out;
+}
+
+// Qwen's ChatML tool outputs: consecutive tool messages share one user turn.
+void append_qwen_tool_output(const std::vector<ChatMessage>& messages, size_t i, std::string& out) {
+  if (i == 0 || messages[i - 1].role != "tool") out += "<|im_start|>user";
+  out += "\n<tool_response>\n" + messages[i].content + "\n</tool_response>";
+  if (i + 1 == messages.size() || messages[i + 1].role != "tool") out += "<|im_end|>\n";
+}
+
+// Qwen/Qwen2.5-*-Instruct: ChatML with Qwen's own default system prompt; roles it does not know are dropped
+std::string render_qwen25(const std::vector<ChatMessage>& messages, const ChatOptions& o) {
+  std::string out = "<|im_start|>system\n";
+  out += messages[0].role == "system" ? messages[0].content
+                                      : std::string("You are Qwen, created by Alibaba Cloud. You are a helpful assistant.");
+  out += "<|im_end|>\n";
+  for (size_t i = 0; i < messages.size(); ++i) {
+    const ChatMessage& m = messages[i];
+    if (m.role == "user" || (m.role == "system" && i != 0) || m.role == "assistant") {
+      out += "<|im_start|>" + m.role + "\n" + m.content + "<|im_end|>\n";
+    } else if (m.role == "tool") {
+      append_qwen_tool_output(messages, i, out);
+    }
   }
   if (o.add_generation_prompt) out += "<|im_start|>assistant\n";
   return out;
@@ -213,9 +267,7 @@ std::string render_qwen3(const std::vector<ChatMessage>& messages, const ChatOpt
       }
       out += "<|im_end|>\n";
     } else if (m.role == "tool") {
-      if (i == 0 || messages[i - 1].role != "tool") out += "<|im_start|>user";
-      out += "\n<tool_response>\n" + m.content + "\n</tool_response>";
-      if (last || messages[i + 1].role != "tool") out += "<|im_end|>\n";
+      append_qwen_tool_output(messages, i, out);
     }
   }
   if (o.add_generation_prompt) {
@@ -289,7 +341,8 @@ constexpr FormatName kFormatNames[] = {
     {ChatFormat::kLlama2, "llama2"},         {ChatFormat::kMistral, "mistral"},
     {ChatFormat::kMistralV1, "mistral-v1"},  {ChatFormat::kLlama3, "llama3"},
     {ChatFormat::kLlama31, "llama3.1"},
-    {ChatFormat::kChatml, "chatml"},         {ChatFormat::kQwen3, "qwen3"},
+    {ChatFormat::kChatml, "chatml"},         {ChatFormat::kQwen25, "qwen2.5"},
+    {ChatFormat::kQwen3, "qwen3"},
     {ChatFormat::kDeepseekV2, "deepseek-v2"}, {ChatFormat::kDeepseekV3, "deepseek-v3"},
 };
 
@@ -323,8 +376,10 @@ ChatFormat detect_chat_format(const std::string& t) {
     if (!has("</think>") && !has("<think>")) return ChatFormat::kDeepseekV3;
     why = "a DeepSeek-R1 style template (<｜User｜> with <think> handling)";
   } else if (has("<|im_start|>")) {
-    if (has("Alibaba Cloud")) {
-      why = "a Qwen2.5 ChatML template (default system prompt naming Alibaba Cloud)";
+    if (has("You are Qwen, created by Alibaba Cloud. You are a helpful assistant.") && !has("<think>")) {
+      return ChatFormat::kQwen25;
+    } else if (has("Alibaba")) {
+      why = "a Qwen ChatML template with another default system prompt";
     } else if (has("<think>") && has("enable_thinking")) {
       return ChatFormat::kQwen3;
     } else if (has("<think>")) {
@@ -385,6 +440,8 @@ std::string render_chat(ChatFormat format, const std::vector<ChatMessage>& messa
       return render_llama31(messages, options);
     case ChatFormat::kChatml:
       return render_chatml(messages, options);
+    case ChatFormat::kQwen25:
+      return render_qwen25(messages, options);
     case ChatFormat::kQwen3:
       return render_qwen3(messages, options);
     case ChatFormat::kDeepseekV2:

@@ -236,7 +236,7 @@ def test_sentencepiece_special_strings_become_ids():
 # ---- chat templates vs transformers' apply_chat_template ----------------------------------------------
 CHAT_FORMATS = {"llama2": "llama2", "mistral": "mistral", "mistral_v1": "mistral-v1", "llama3": "llama3",
                 "llama3_1": "llama3.1",
-                "qwen2": "chatml", "qwen3": "qwen3", "deepseek_v2": "deepseek-v2", "deepseek_v3": "deepseek-v3"}
+                "qwen2": "chatml", "qwen2_5": "qwen2.5", "qwen3": "qwen3", "deepseek_v2": "deepseek-v2", "deepseek_v3": "deepseek-v3"}
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello"}],
     [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "  Hi there \n"},
@@ -249,6 +249,9 @@ CONVERSATIONS = [
      {"role": "assistant", "content": "4"}, {"role": "user", "content": "5"}],
     [{"role": "assistant", "content": "starts with the assistant"}],
     [{"role": "system", "content": "s1"}, {"role": "system", "content": "s2"}, {"role": "user", "content": "u"}],
+    [{"role": "user", "content": "weather?"}, {"role": "assistant", "content": "calling"},
+     {"role": "tool", "content": "{\"t\": 21}\n\\ \x01 é"}, {"role": "tool", "content": "sunny"},
+     {"role": "user", "content": "ok"}],
 ]
 
 

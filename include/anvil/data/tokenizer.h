@@ -41,6 +41,7 @@ enum class ChatFormat {
   kLlama3,      ///< Meta-Llama-3-*-Instruct: `<|start_header_id|>role<|end_header_id|>\n\n..<|eot_id|>`
   kLlama31,     ///< Llama-3.1 / 3.3-*-Instruct: Llama-3 turns after a dated system header (no tools)
   kChatml,      ///< Qwen2 / Qwen1.5 ChatML with the default system prompt "You are a helpful assistant."
+  kQwen25,      ///< Qwen2.5-*-Instruct ChatML: default system prompt "You are Qwen, created by Alibaba Cloud..."
   kQwen3,       ///< Qwen3 ChatML: no default system prompt, `<think>` blocks, enable_thinking
   kDeepseekV2,  ///< DeepSeek-V2-Chat: `User: ..\n\nAssistant: ..<｜end▁of▁sentence｜>`
   kDeepseekV3,  ///< DeepSeek-V3: `<｜User｜>..<｜Assistant｜>..<｜end▁of▁sentence｜>`
@@ -56,7 +57,7 @@ struct ChatOptions {
 };
 
 /// The format's name as accepted by chat_format_from_name: "llama2", "mistral", "mistral-v1", "llama3",
-/// "llama3.1", "chatml" (alias "qwen2"), "qwen3", "deepseek-v2", "deepseek-v3".
+/// "llama3.1", "chatml" (alias "qwen2"), "qwen2.5", "qwen3", "deepseek-v2", "deepseek-v3".
 std::string chat_format_name(ChatFormat format);
 
 /// The format of a name (see chat_format_name); throws std::invalid_argument listing the known names.

@@ -290,7 +290,7 @@ TEST(Tokenizer, ConfigFilesSetSpecialTokens) {
 
 TEST(ChatFormat, NamesRoundTripAndUnknownNamesAreListed) {
   for (const auto f : {ChatFormat::kLlama2, ChatFormat::kMistral, ChatFormat::kMistralV1, ChatFormat::kLlama3,
-                       ChatFormat::kLlama31,
+                       ChatFormat::kLlama31, ChatFormat::kQwen25,
                        ChatFormat::kChatml, ChatFormat::kQwen3, ChatFormat::kDeepseekV2, ChatFormat::kDeepseekV3}) {
     EXPECT_EQ(anvil::data::chat_format_from_name(anvil::data::chat_format_name(f)), f);
   }
@@ -309,7 +309,8 @@ TEST(ChatFormat, DetectsTheStoredTemplates) {
       {"llama2", ChatFormat::kLlama2},         {"mistral", ChatFormat::kMistral},
       {"mistral_v1", ChatFormat::kMistralV1},  {"llama3", ChatFormat::kLlama3},
       {"llama3_1", ChatFormat::kLlama31},
-      {"qwen2", ChatFormat::kChatml},          {"qwen3", ChatFormat::kQwen3},
+      {"qwen2", ChatFormat::kChatml},          {"qwen2_5", ChatFormat::kQwen25},
+      {"qwen3", ChatFormat::kQwen3},
       {"deepseek_v2", ChatFormat::kDeepseekV2}, {"deepseek_v3", ChatFormat::kDeepseekV3}};
   for (const auto& [file, format] : cases) {
     EXPECT_EQ(anvil::data::detect_chat_format(read_file(dir / (file + ".jinja"))), format) << file;
