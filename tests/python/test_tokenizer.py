@@ -178,6 +178,22 @@ def test_special_tokens_match_autotokenizer(family):
         assert ours.encode(text, False) == ref.encode(text, add_special_tokens=False)
 
 
+def test_config_named_token_missing_from_vocab_is_appended_like_autotokenizer(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    (tmp_path / "tokenizer.json").write_bytes((FIXTURES / "gpt2" / "tokenizer.json").read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(
+        '{"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<pad>"}', encoding="utf-8")
+    (tmp_path / "chat_template.jinja").write_text(
+        (TEMPLATES / "qwen2.jinja").read_text(encoding="utf-8"), encoding="utf-8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    ours = C.Tokenizer.load(str(tmp_path))
+    assert ours.pad_id == ref.pad_token_id and ours.vocab_size == len(ref)
+    assert ours.encode("a<pad>b") == ref.encode("a<pad>b")
+    assert ours.chat_format == "chatml"  # chat_template.jinja is read
+
+
 def test_deepseek_v3_follows_tokenizer_json():
     """DeepSeek-V3's config names LlamaTokenizerFast; transformers 5 rebuilds a Llama pipeline from that
     class name, while the model's tokenizer.json (what vLLM, SGLang and transformers 4 run) defines the
