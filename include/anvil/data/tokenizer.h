@@ -39,7 +39,7 @@ enum class ChatFormat {
   kMistral,     ///< Mistral-7B-Instruct-v0.1 / Mixtral-8x7B-Instruct-v0.1 (original): no system role
   kMistralV1,   ///< Mistral-7B-Instruct-v0.2/v0.3, Mixtral (updated): system prompt before the first user turn
   kLlama3,      ///< Meta-Llama-3-*-Instruct: `<|start_header_id|>role<|end_header_id|>\n\n..<|eot_id|>`
-  kLlama31,     ///< Llama-3.1 / 3.3-*-Instruct: Llama-3 turns after a dated system header (no tools)
+  kLlama31,     ///< Llama-3.1 / 3.3-*-Instruct: Llama-3 turns after a dated system header (no tool calls)
   kChatml,      ///< Qwen2 / Qwen1.5 ChatML with the default system prompt "You are a helpful assistant."
   kQwen25,      ///< Qwen2.5-*-Instruct ChatML: default system prompt "You are Qwen, created by Alibaba Cloud..."
   kQwen3,       ///< Qwen3 ChatML: no default system prompt, `<think>` blocks, enable_thinking
