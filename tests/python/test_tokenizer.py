@@ -353,3 +353,28 @@ def test_fixtures_regenerate_identically():
     if result.returncode == 3:
         pytest.skip(result.stdout.strip())
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---- the command line ---------------------------------------------------------------------------------
+def anvil_binary():
+    import anvil
+    path = Path(anvil.__file__).resolve().parents[2] / "bin" / "anvil"  # build/python/anvil -> build/bin/anvil
+    if not path.exists():
+        pytest.skip(f"no anvil binary at {path}")
+    return path
+
+
+def test_cli_tokenize_matches_tokenizers():
+    import subprocess
+    binary, ref = anvil_binary(), hf("qwen2")
+    text = SAMPLES[0][:400]
+    out = subprocess.run([str(binary), "tokenize", "--model", str(FIXTURES / "qwen2"), "--file",
+                          str(FIXTURES / "multilingual_sample.txt")], capture_output=True, encoding="utf-8", check=True)
+    assert [int(x) for x in out.stdout.split()] == ref.encode(SAMPLE).ids
+    ids = ref.encode(text).ids
+    out = subprocess.run([str(binary), "tokenize", "--model", str(FIXTURES / "qwen2"), "--decode",
+                          ",".join(map(str, ids))], capture_output=True, encoding="utf-8", check=True)
+    assert out.stdout == ref.decode(ids, skip_special_tokens=False) + "\n"
+    bad = subprocess.run([str(binary), "tokenize", "--model", str(FIXTURES / "qwen2"), "--decode", "1,x"],
+                         capture_output=True, encoding="utf-8")
+    assert bad.returncode == 2 and "'x' is not an integer id" in bad.stderr
