@@ -62,7 +62,8 @@ int cmd_version(int, char**) {
 int cmd_tokenize(int argc, char** argv) {
   cxxopts::Options options("anvil tokenize", "Encode text to ids (or decode ids) with a model folder's tokenizer");
   options.add_options()
-      ("model", "model folder with tokenizer.json or tokenizer.model (+ tokenizer_config.json)", cxxopts::value<std::string>())
+      ("model", "model folder with tokenizer.json or tokenizer.model (+ tokenizer_config.json)",
+       cxxopts::value<std::string>())
       ("text", "the text to encode (default: standard input)", cxxopts::value<std::string>())
       ("file", "encode this file's contents instead", cxxopts::value<std::string>())
       ("no-special-tokens", "do not add bos/eos")

@@ -213,8 +213,8 @@ void append_qwen_tool_output(const std::vector<ChatMessage>& messages, size_t i,
 // Qwen/Qwen2.5-*-Instruct: ChatML with Qwen's own default system prompt; roles it does not know are dropped
 std::string render_qwen25(const std::vector<ChatMessage>& messages, const ChatOptions& o) {
   std::string out = "<|im_start|>system\n";
-  out += messages[0].role == "system" ? messages[0].content
-                                      : std::string("You are Qwen, created by Alibaba Cloud. You are a helpful assistant.");
+  const char* kDefaultSystem = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.";
+  out += messages[0].role == "system" ? messages[0].content : std::string(kDefaultSystem);
   out += "<|im_end|>\n";
   for (size_t i = 0; i < messages.size(); ++i) {
     const ChatMessage& m = messages[i];

@@ -304,7 +304,8 @@ class HfBpeTokenizer final : public TokenizerImpl {
         const std::string s = entry.get<std::string>();
         const size_t space = s.find(' ');
         if (space == std::string::npos || s.find(' ', space + 1) != std::string::npos) {
-          fail(path, "model.merges[" + std::to_string(rank) + "] \"" + s + "\" is not two tokens separated by one space");
+          fail(path, "model.merges[" + std::to_string(rank) + "] \"" + s +
+                         "\" is not two tokens separated by one space");
         }
         a = s.substr(0, space);
         b = s.substr(space + 1);
@@ -425,7 +426,9 @@ class HfBpeTokenizer final : public TokenizerImpl {
         } else if (item.contains("SpecialToken")) {
           const std::string name = item["SpecialToken"].at("id").get<std::string>();
           const json& specials = p.at("special_tokens");
-          if (!specials.contains(name)) fail(path, "post_processor template names unknown special token \"" + name + "\"");
+          if (!specials.contains(name)) {
+            fail(path, "post_processor template names unknown special token \"" + name + "\"");
+          }
           for (const auto& id : specials[name].at("ids")) post_template_.push_back(id.get<int32_t>());
         } else {
           fail(path, "post_processor TemplateProcessing: an item is neither Sequence nor SpecialToken");
@@ -434,7 +437,8 @@ class HfBpeTokenizer final : public TokenizerImpl {
     } else if (type == "RobertaProcessing" || type == "BertProcessing") {
       post_template_ = {p.at("cls").at(1).get<int32_t>(), kSequenceMarker, p.at("sep").at(1).get<int32_t>()};
     } else {
-      unsupported(path, "post_processor", type, "TemplateProcessing, ByteLevel, RobertaProcessing, BertProcessing, Sequence");
+      unsupported(path, "post_processor", type,
+                  "TemplateProcessing, ByteLevel, RobertaProcessing, BertProcessing, Sequence");
     }
   }
 

@@ -5,8 +5,8 @@
 //           through SentencePiece, which adds its dummy-prefix space per piece; bos/eos as the config asks
 //   decode  pieces are concatenated with "▁" as a space, byte pieces (<0xAB>) as bytes (an invalid byte
 //           becomes U+FFFD, as SentencePiece decodes), special pieces as their text unless skipped, and
-//           the first piece's leading "▁" (the dummy prefix) is dropped: sentencepiece's DecodeIds for ordinary ids, and transformers'
-//           output where special tokens are kept.
+//           the first piece's leading "▁" (the dummy prefix) is dropped: sentencepiece's DecodeIds for
+//           ordinary ids, and transformers' output where special tokens are kept.
 #include "data/tokenizer_impl.h"
 #include "data/unicode_text.h"
 

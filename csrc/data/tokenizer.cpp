@@ -116,7 +116,9 @@ std::unique_ptr<Tokenizer> load_hf_tokenizer_json(const std::string& path) {
 
 std::unique_ptr<Tokenizer> load_sentencepiece_model(const std::string& path, bool add_bos, bool add_eos) {
   auto tok = detail::make_sentencepiece(path, add_bos, add_eos);
-  if (tok->bos_id() >= 0) tok->set_special_texts(tok->id_to_token(tok->bos_id()), tok->eos_id() >= 0 ? tok->id_to_token(tok->eos_id()) : "");
+  const std::string bos = tok->bos_id() >= 0 ? tok->id_to_token(tok->bos_id()) : "";
+  const std::string eos = tok->eos_id() >= 0 ? tok->id_to_token(tok->eos_id()) : "";
+  tok->set_special_texts(bos, eos);
   tok->set_eos_ids(tok->eos_id() >= 0 ? std::vector<int32_t>{tok->eos_id()} : std::vector<int32_t>{});
   return tok;
 }

@@ -51,7 +51,8 @@ def random_texts(seed, count, specials=()):
     marks, CJK, emoji sequences, the family's added tokens and random assigned code points."""
     rng = random.Random(seed)
     pools = [" \t\n\r\x0b\x0c\x85\xa0\u1680\u2000\u2028\u3000\u200b", "abcXYZ'sdtmlrve", "0123456789٣४",
-             ".,;:!?-_()[]{}<>/\\\"'`~@#$%^&*+=|", "éèñüßÅçœ\u0301\u0308", "中文字机器学习ひらがなカタカナ한국어",
+             ".,;:!?-_()[]{}<>/\\\"'`~@#$%^&*+=|", "éèñüßÅçœ\u0301\u0308",
+             "中文字机器学习ひらがなカタカナ한국어",
              "😀👍🏽❤️\u200d👨\U0001F1EB\U0001F1F7", "Ωπσжщة"]
     texts = []
     for _ in range(count):
@@ -252,7 +253,8 @@ def test_sentencepiece_special_strings_become_ids():
 # ---- chat templates vs transformers' apply_chat_template ----------------------------------------------
 CHAT_FORMATS = {"llama2": "llama2", "mistral": "mistral", "mistral_v1": "mistral-v1", "llama3": "llama3",
                 "llama3_1": "llama3.1",
-                "qwen2": "chatml", "qwen2_5": "qwen2.5", "qwen3": "qwen3", "deepseek_v2": "deepseek-v2", "deepseek_v3": "deepseek-v3"}
+                "qwen2": "chatml", "qwen2_5": "qwen2.5", "qwen3": "qwen3", "deepseek_v2": "deepseek-v2",
+                "deepseek_v3": "deepseek-v3"}
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello"}],
     [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "  Hi there \n"},
@@ -369,7 +371,8 @@ def test_cli_tokenize_matches_tokenizers():
     binary, ref = anvil_binary(), hf("qwen2")
     text = SAMPLES[0][:400]
     out = subprocess.run([str(binary), "tokenize", "--model", str(FIXTURES / "qwen2"), "--file",
-                          str(FIXTURES / "multilingual_sample.txt")], capture_output=True, encoding="utf-8", check=True)
+                          str(FIXTURES / "multilingual_sample.txt")],
+                         capture_output=True, encoding="utf-8", check=True)
     assert [int(x) for x in out.stdout.split()] == ref.encode(SAMPLE).ids
     ids = ref.encode(text).ids
     out = subprocess.run([str(binary), "tokenize", "--model", str(FIXTURES / "qwen2"), "--decode",

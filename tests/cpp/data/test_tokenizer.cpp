@@ -48,7 +48,8 @@ struct ScratchDir {
   ScratchDir() {
     static int counter = 0;
     const char* tmp = std::getenv("TMPDIR");
-    path = fs::path(tmp ? tmp : "/tmp") / ("anvil_tok_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
+    const std::string name = "anvil_tok_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter++);
+    path = fs::path(tmp ? tmp : "/tmp") / name;
     ::mkdir(path.c_str(), 0700);
   }
   ~ScratchDir() {
@@ -279,7 +280,8 @@ TEST(Tokenizer, ConfigFilesSetSpecialTokens) {
   ScratchDir dir;
   dir.write("tokenizer.json", read_file(kData / "llama3" / "tokenizer.json"));
   dir.write("tokenizer_config.json",
-            R"({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "add_bos_token": true, "add_eos_token": true,
+            R"({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+                "add_bos_token": true, "add_eos_token": true,
                 "chat_template": [{"name": "default", "template": "x <|im_start|> <think> enable_thinking"}]})");
   const auto both = load_tokenizer(dir.path.string());
   const auto ids = both->encode("hi");
