@@ -1,6 +1,7 @@
 // `anvil <subcommand> [options]`: one table of subcommands, each owned by the part of anvil that
 // implements it. With no subcommand, anvil runs its self-check (every registered op on the CPU and,
 // when present, the GPU), the embedded default job until the LoRA demo takes its place.
+#include "anvil/data/tokenizer.h"
 #include "anvil/selfcheck.h"
 #include "cli/commands.h"
 
@@ -11,8 +12,11 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <fstream>
 #include <functional>
 #include <iostream>
+#include <iterator>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -55,6 +59,61 @@ int cmd_version(int, char**) {
   return 0;
 }
 
+// `anvil tokenize`: a model folder's tokenizer on text (ids out) or on ids (text out); docs/CLI.md.
+int cmd_tokenize(int argc, char** argv) {
+  cxxopts::Options options("anvil tokenize", "Encode text to ids (or decode ids) with a model folder's tokenizer");
+  options.add_options()
+      ("model", "model folder with tokenizer.json or tokenizer.model (+ tokenizer_config.json)",
+       cxxopts::value<std::string>())
+      ("text", "the text to encode (default: standard input)", cxxopts::value<std::string>())
+      ("file", "encode this file's contents instead", cxxopts::value<std::string>())
+      ("no-special-tokens", "do not add bos/eos")
+      ("tokens", "print one 'id<TAB>token' line per id instead of one line of ids")
+      ("decode", "decode these ids (separated by spaces or commas) instead of encoding", cxxopts::value<std::string>())
+      ("skip-special-tokens", "with --decode: drop special tokens")
+      ("h,help", "show this help");
+  const auto args = options.parse(argc, argv);
+  if (args.count("help")) {
+    std::cout << options.help() << "\n";
+    return 0;
+  }
+  if (!args.count("model")) throw cxxopts::exceptions::exception("anvil tokenize: --model is required");
+  const auto tok = anvil::data::load_tokenizer(args["model"].as<std::string>());
+  if (args.count("decode")) {
+    std::string list = args["decode"].as<std::string>();
+    std::replace(list.begin(), list.end(), ',', ' ');
+    std::istringstream in(list);
+    std::vector<int32_t> ids;
+    for (std::string word; in >> word;) {
+      try {
+        ids.push_back(static_cast<int32_t>(std::stol(word)));
+      } catch (const std::exception&) {
+        throw cxxopts::exceptions::exception("anvil tokenize: --decode: '" + word + "' is not an integer id");
+      }
+    }
+    std::cout << tok->decode(ids, args.count("skip-special-tokens") > 0) << "\n";
+    return 0;
+  }
+  std::string text;
+  if (args.count("text")) {
+    text = args["text"].as<std::string>();
+  } else if (args.count("file")) {
+    std::ifstream in(args["file"].as<std::string>(), std::ios::binary);
+    if (!in) throw std::runtime_error("anvil tokenize: --file: cannot open " + args["file"].as<std::string>());
+    text.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  } else {
+    text.assign(std::istreambuf_iterator<char>(std::cin), std::istreambuf_iterator<char>());
+  }
+  const auto ids = tok->encode(text, args.count("no-special-tokens") == 0);
+  if (args.count("tokens")) {
+    for (const int32_t id : ids) std::cout << id << "\t" << tok->id_to_token(id) << "\n";
+  } else {
+    for (size_t i = 0; i < ids.size(); ++i) std::cout << (i ? " " : "") << ids[i];
+    std::cout << "\n";
+  }
+  return 0;
+}
+
 struct Subcommand {
   const char* name;
   const char* summary;
@@ -68,6 +127,7 @@ const std::vector<Subcommand>& subcommands() {
       {"version", "print the version", cmd_version},
       {"inspect", "list the tensors, totals and metadata of a safetensors file, checkpoint or cached hub id",
        anvil::cli::cmd_inspect},
+      {"tokenize", "encode text to ids (or decode ids) with a model's tokenizer", cmd_tokenize},
   };
   return table;
 }
