@@ -2,6 +2,7 @@
 // implements it. With no subcommand, anvil runs its self-check (every registered op on the CPU and,
 // when present, the GPU), the embedded default job until the LoRA demo takes its place.
 #include "anvil/selfcheck.h"
+#include "cli/commands.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <cxxopts.hpp>
@@ -65,6 +66,8 @@ const std::vector<Subcommand>& subcommands() {
       {"selfcheck", "check every registered op on CPU and GPU (the default)", cmd_selfcheck},
       {"ops", "list the registered ops with their schemas", cmd_ops},
       {"version", "print the version", cmd_version},
+      {"inspect", "list the tensors, totals and metadata of a safetensors file, checkpoint or cached hub id",
+       anvil::cli::cmd_inspect},
   };
   return table;
 }
@@ -95,6 +98,9 @@ int main(int argc, char** argv) {
   } catch (const cxxopts::exceptions::exception& e) {
     std::cerr << "anvil: " << e.what() << "\n";
     return 2;
+  } catch (const c10::Error& e) {  // the message without the C++ backtrace, which users cannot act on
+    std::cerr << "anvil: error: " << e.what_without_backtrace() << "\n";
+    return 1;
   } catch (const std::exception& e) {
     std::cerr << "anvil: error: " << e.what() << "\n";
     return 1;

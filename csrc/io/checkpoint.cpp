@@ -1,0 +1,253 @@
+// Checkpoint: a safetensors file or a Hugging Face checkpoint directory (single file or sharded with
+// model.safetensors.index.json), and load_all, its fast path to a GPU.
+//
+// The index is as untrusted as the shards: it may name only plain file names inside the directory
+// (no "/", no ".."), and every key it maps must exist in the shard it names.
+//
+// load_all to a GPU never copies a shard into anonymous host memory. Each shard's bytes go from the
+// mapping (page cache) into a ring of four pinned staging buffers (up to 32 MiB each); a chunk's host-to-device
+// copies are queued on a side stream and an event recorded after them, and the buffer is refilled only
+// after its event has completed. So the host memcpy of chunk i+1 (spread over ATen's threads) overlaps
+// the DMA of chunk i, and the host memory used is the ring, whatever the checkpoint's size. The
+// destination tensors are allocated on the caller's current stream (so the caching allocator ties
+// them to it), the side stream first waits for that stream, and load_all returns after the side stream
+// has finished, so the tensors are ready on any stream. Only ATen/c10's device-generic stream and
+// event API is used, so this file needs no CUDA headers and builds in the CPU-only configuration too.
+#include "anvil/io/safetensors.h"
+#include "io/io_internal.h"
+
+#include <ATen/Parallel.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/Event.h>
+#include <c10/core/StreamGuard.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
+#include <c10/util/Exception.h>
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <set>
+
+namespace anvil::io {
+namespace {
+
+constexpr const char* kSingleFile = "model.safetensors";
+constexpr const char* kIndexFile = "model.safetensors.index.json";
+constexpr uint64_t kMaxIndexBytes = 100'000'000;
+
+// A shard name from an index: a plain file name, nothing that climbs out of the directory.
+void check_shard_name(const std::string& name, const std::string& index_path) {
+  TORCH_CHECK(!name.empty() && name != "." && name != ".." && name.find('/') == std::string::npos &&
+                  name.find('\0') == std::string::npos,
+              "checkpoint index '", index_path, "': shard file name '", name,
+              "' must be a plain file name inside the checkpoint directory");
+}
+
+std::string metadata_value(const nlohmann::json& v) { return v.is_string() ? v.get<std::string>() : v.dump(); }
+
+}  // namespace
+
+Checkpoint::Checkpoint(const std::string& path) : path_(path) {
+  const bool is_file = detail::is_regular_file(path);
+  TORCH_CHECK(is_file || detail::is_directory(path), "checkpoint '", path, "': no such file or directory");
+  const std::string single = is_file ? path : detail::join_path(path, kSingleFile);
+  const std::string index_path = detail::join_path(path, kIndexFile);
+  if (is_file || detail::is_regular_file(single)) {
+    files_.push_back(std::make_unique<SafetensorsFile>(single));
+    for (const auto& e : files_[0]->entries()) where_.emplace(e.name, 0);
+    metadata_ = files_[0]->metadata();
+    return;
+  }
+  TORCH_CHECK(detail::is_regular_file(index_path), "checkpoint '", path, "': the directory holds neither ",
+              kSingleFile, " nor ", kIndexFile);
+
+  const auto index = detail::parse_json_strict(detail::read_text_file(index_path, kMaxIndexBytes),
+                                               "checkpoint index '" + index_path + "'");
+  TORCH_CHECK(index.is_object(), "checkpoint index '", index_path, "' must be a JSON object");
+  TORCH_CHECK(index.contains("weight_map") && index.at("weight_map").is_object(), "checkpoint index '",
+              index_path, "' lacks the object 'weight_map'");
+  if (index.contains("metadata")) {
+    TORCH_CHECK(index.at("metadata").is_object(), "checkpoint index '", index_path, "': 'metadata' must be an object");
+    for (const auto& [k, v] : index.at("metadata").items()) metadata_[k] = metadata_value(v);
+  }
+  // Shards open in file-name order (model-00001-of-... first), each once.
+  std::set<std::string> shard_names;
+  for (const auto& [key, v] : index.at("weight_map").items()) {
+    TORCH_CHECK(v.is_string(), "checkpoint index '", index_path, "': weight_map['", key, "'] must be a file name, got ",
+                v.dump());
+    check_shard_name(v.get<std::string>(), index_path);
+    shard_names.insert(v.get<std::string>());
+  }
+  std::map<std::string, size_t> shard_pos;
+  for (const auto& name : shard_names) {
+    const std::string shard_path = detail::join_path(path, name);
+    TORCH_CHECK(detail::is_regular_file(shard_path), "checkpoint index '", index_path, "' names the shard '", name,
+                "', which does not exist");
+    shard_pos[name] = files_.size();
+    files_.push_back(std::make_unique<SafetensorsFile>(shard_path));
+  }
+  for (const auto& [key, v] : index.at("weight_map").items()) {
+    const size_t pos = shard_pos.at(v.get<std::string>());
+    TORCH_CHECK(files_[pos]->contains(key), "checkpoint index '", index_path, "' maps '", key, "' to '",
+                v.get<std::string>(), "', which does not hold it");
+    where_.emplace(key, pos);
+  }
+}
+
+std::vector<std::string> Checkpoint::keys() const {
+  std::vector<std::string> out;
+  out.reserve(where_.size());
+  for (const auto& [k, _] : where_) out.push_back(k);
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+const SafetensorsFile& Checkpoint::file_of(const std::string& name) const {
+  auto it = where_.find(name);
+  TORCH_CHECK(it != where_.end(), "checkpoint '", path_, "': no tensor '", name, "' (", where_.size(), " tensors)");
+  return *files_[it->second];
+}
+
+const TensorEntry& Checkpoint::entry(const std::string& name) const { return file_of(name).entry(name); }
+
+at::Tensor Checkpoint::tensor(const std::string& name) const { return file_of(name).tensor(name); }
+
+namespace {
+
+// Copies n bytes spread over ATen's intra-op threads: one thread reading page-cache pages (and taking
+// their faults) is the bottleneck of a host-to-device load otherwise.
+void parallel_memcpy(uint8_t* dst, const uint8_t* src, uint64_t n) {
+  constexpr int64_t kGrain = 2 << 20;
+  at::parallel_for(0, static_cast<int64_t>(n), kGrain, [&](int64_t b, int64_t e) {
+    std::memcpy(dst + b, src + b, static_cast<size_t>(e - b));
+  });
+}
+
+// One shard to a device: its tensors (those the checkpoint maps to it), streamed through the ring.
+void stream_file_to_device(const SafetensorsFile& file, const std::vector<const TensorEntry*>& entries,
+                           at::Device device, std::unordered_map<std::string, at::Tensor>& out) {
+  // Destinations first, on the caller's stream: flat bytes, viewed as dtype and shape at the end.
+  std::vector<at::Tensor> flat;  // (nbytes) uint8 each, on device
+  uint64_t total = 0;
+  for (const auto* e : entries) {
+    flat.push_back(at::empty({static_cast<int64_t>(e->nbytes())}, at::TensorOptions().dtype(at::kByte).device(device)));
+    total += e->nbytes();
+  }
+  if (total > 0) {
+    const uint8_t* first = file.data(*entries.front());
+    const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+    const uintptr_t lo = reinterpret_cast<uintptr_t>(first) & ~(page - 1);
+    const uintptr_t hi = reinterpret_cast<uintptr_t>(file.data(*entries.back()) + entries.back()->nbytes());
+    // Hints (errors ignored): read ahead aggressively, and start reading the whole range now.
+    ::madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_SEQUENTIAL);
+    ::madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_WILLNEED);
+  }
+
+  c10::impl::VirtualGuardImpl impl(device.type());
+  const c10::Stream caller = impl.getStream(device);
+  const c10::Stream side = impl.getStreamFromGlobalPool(device);
+  c10::Event ready(device.type());
+  ready.record(caller);
+  ready.block(side);  // the side stream starts after the allocations' stream
+  c10::StreamGuard on_side(side);
+
+  // The ring: a few buffers of up to 32 MiB; small shards get small buffers.
+  constexpr int kRing = 4;
+  const uint64_t chunk = std::clamp<uint64_t>((total + kRing - 1) / kRing, 1 << 20, 32 << 20);
+  std::vector<at::Tensor> staging;  // (chunk) uint8, pinned host memory
+  std::vector<c10::Event> done;
+  for (int i = 0; i < kRing; ++i) {
+    staging.push_back(at::empty({static_cast<int64_t>(chunk)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true)));
+    done.emplace_back(device.type());
+  }
+
+  std::vector<uint64_t> sizes;
+  for (const auto* e : entries) sizes.push_back(e->nbytes());
+  for (const auto& c : detail::plan_ring(sizes, chunk, kRing)) {
+    if (done[c.slot].was_marked_for_recording()) done[c.slot].synchronize();  // its last copies have finished
+    uint8_t* buf = staging[c.slot].data_ptr<uint8_t>();
+    // Host side: pieces adjacent in the file (the usual case: every tensor of the shard) in one memcpy.
+    for (size_t i = 0; i < c.pieces.size();) {
+      const uint8_t* src = file.data(*entries[c.pieces[i].tensor]) + c.pieces[i].tensor_offset;
+      uint64_t n = c.pieces[i].bytes;
+      size_t j = i + 1;
+      for (; j < c.pieces.size(); ++j) {
+        const uint8_t* next = file.data(*entries[c.pieces[j].tensor]) + c.pieces[j].tensor_offset;
+        if (next != src + n) break;
+        n += c.pieces[j].bytes;
+      }
+      parallel_memcpy(buf + c.pieces[i].staging_offset, src, n);
+      i = j;
+    }
+    // Device side: one async copy per piece on the side stream, then the event that frees the slot.
+    for (const auto& p : c.pieces)
+      flat[p.tensor]
+          .narrow(0, static_cast<int64_t>(p.tensor_offset), static_cast<int64_t>(p.bytes))
+          .copy_(staging[c.slot].narrow(0, static_cast<int64_t>(p.staging_offset), static_cast<int64_t>(p.bytes)),
+                 /*non_blocking=*/true);
+    done[c.slot].record(side);
+  }
+  for (auto& ev : done)
+    if (ev.was_marked_for_recording()) ev.synchronize();
+  impl.synchronizeStream(side);
+
+  for (size_t i = 0; i < entries.size(); ++i) {
+    const TensorEntry& e = *entries[i];
+    // view(dtype) reinterprets the bytes; an empty tensor cannot be viewed into a shape with zeros
+    // from a flat byte tensor of another element size, so it is made directly.
+    out[e.name] = e.nbytes() == 0 ? at::empty(e.shape, at::TensorOptions().dtype(e.dtype).device(device))
+                                  : flat[i].view(e.dtype).view(e.shape);
+  }
+}
+
+}  // namespace
+
+namespace detail {
+
+std::vector<RingChunk> plan_ring(const std::vector<uint64_t>& sizes, uint64_t chunk, int ring) {
+  TORCH_CHECK(chunk > 0 && ring > 0, "plan_ring: chunk and ring must be positive");
+  std::vector<RingChunk> plan;
+  RingChunk current{0, {}};
+  uint64_t used = 0;
+  for (size_t t = 0; t < sizes.size(); ++t) {
+    for (uint64_t off = 0; off < sizes[t];) {
+      if (used == chunk) {  // this buffer is full: the next slot
+        plan.push_back(std::move(current));
+        current = RingChunk{static_cast<int>(plan.size() % ring), {}};
+        used = 0;
+      }
+      const uint64_t n = std::min(sizes[t] - off, chunk - used);
+      current.pieces.push_back({t, off, used, n});
+      used += n;
+      off += n;
+    }
+  }
+  if (!current.pieces.empty()) plan.push_back(std::move(current));
+  return plan;
+}
+
+}  // namespace detail
+
+std::unordered_map<std::string, at::Tensor> Checkpoint::load_all(at::Device device) const {
+  std::unordered_map<std::string, at::Tensor> out;
+  out.reserve(where_.size());
+  if (device.is_cpu()) {
+    for (const auto& [name, _] : where_) out.emplace(name, tensor(name));
+    return out;
+  }
+  c10::DeviceGuard guard(device);
+  if (!device.has_index()) device = at::Device(device.type(), c10::impl::VirtualGuardImpl(device.type()).getDevice().index());
+  for (size_t f = 0; f < files_.size(); ++f) {
+    std::vector<const TensorEntry*> entries;  // in data-offset order
+    for (const auto& e : files_[f]->entries()) {
+      auto it = where_.find(e.name);
+      if (it != where_.end() && it->second == f) entries.push_back(&e);
+    }
+    if (!entries.empty()) stream_file_to_device(*files_[f], entries, device, out);
+  }
+  return out;
+}
+
+}  // namespace anvil::io

@@ -1,0 +1,61 @@
+// Helpers shared by the io sources and not part of the public API: the writer's dtype order, JSON
+// files read with the same strictness as safetensors headers, atomic file writes, path utilities.
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace anvil::io::detail {
+
+/// The reference writer's dtype order (its enum order): tensors are written by rank descending, then
+/// name. -1 for an unknown name.
+int safetensors_dtype_rank(const std::string& dtype_name);
+
+/// One piece of a staging-ring plan: `bytes` bytes of tensor `tensor`, from `tensor_offset` in it, at
+/// `staging_offset` in the chunk's staging buffer.
+struct RingPiece {
+  size_t tensor;
+  uint64_t tensor_offset, staging_offset, bytes;
+};
+/// One fill of a staging buffer: the ring slot it uses and the pieces it carries.
+struct RingChunk {
+  int slot;
+  std::vector<RingPiece> pieces;
+};
+/// How tensors of the given byte sizes, back to back, stream through a ring of `ring` staging buffers of
+/// `chunk` bytes: chunks fill their buffer completely except the last, slots cycle 0, 1, ..., ring-1, 0,
+/// and a tensor larger than a chunk spans several. Zero-size tensors get no piece. Pure, so the CPU
+/// tests check it; load_all's GPU path executes it.
+std::vector<RingChunk> plan_ring(const std::vector<uint64_t>& sizes, uint64_t chunk, int ring);
+
+/// Writes a file atomically: `write(fd)` fills a temporary file in the target's directory, which is
+/// then fsync'ed and renamed over `path`. On any error (from `write` or the system) the temporary file
+/// is removed, the target is untouched, and the error is rethrown naming `path`.
+void write_file_atomically(const std::string& path, const std::function<void(int fd)>& write);
+
+/// Writes all of `n` bytes to `fd`, retrying short writes; throws naming `path` on failure.
+void write_all(int fd, const void* data, uint64_t n, const std::string& path);
+
+/// Reads a small text file whole (index.json, refs/main); throws naming the file when it cannot, or
+/// when it is larger than `max_bytes`.
+std::string read_text_file(const std::string& path, uint64_t max_bytes);
+
+/// Parses JSON text, rejecting duplicate keys; errors name `what`.
+nlohmann::json parse_json_strict(const std::string& text, const std::string& what);
+
+// Paths through POSIX, never std::filesystem (libtorch.so exports broken copies of its functions).
+bool is_directory(const std::string& path);
+bool is_regular_file(const std::string& path);
+std::string join_path(const std::string& dir, const std::string& name);
+std::string parent_dir(const std::string& path);
+std::string file_name(const std::string& path);
+/// mkdir -p; throws naming the directory.
+void make_directories(const std::string& dir);
+/// The entry names of `dir` (without "." and ".."); empty when it cannot be read.
+std::vector<std::string> list_directory(const std::string& dir);
+
+}  // namespace anvil::io::detail
