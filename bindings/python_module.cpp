@@ -2,14 +2,134 @@
 // It exposes the C++ core (the self-check now; model loading and pipelines as they land). Ops never
 // go through here: Python reaches them as torch.ops.anvil.*, so autograd, torch.compile and vmap compose.
 #include "anvil/io/safetensors.h"
+#include "anvil/model/generate.h"
+#include "anvil/model/transformer.h"
 #include "anvil/selfcheck.h"
 
 #include <torch/extension.h>
 
 namespace py = pybind11;
 
+namespace {
+
+// anvil._C.CausalLM: a loaded model (a holder, so pybind11 never sees torch::nn::Module). The
+// oracle tests drive it; the pipelines will grow a richer Python API on top.
+struct PyCausalLM {
+  std::shared_ptr<anvil::model::CausalLM> model;
+};
+
+void bind_model(py::module_& m) {
+  namespace am = anvil::model;
+  py::class_<PyCausalLM>(m, "CausalLM", "A Hugging Face causal LM loaded into anvil's LibTorch modules.")
+      .def(py::init([](const std::string& path, const std::string& dtype, const std::string& device) {
+             c10::optional<at::ScalarType> dt;
+             if (!dtype.empty()) dt = am::dtype_from_name(dtype);
+             py::gil_scoped_release no_gil;
+             return PyCausalLM{am::load_causal_lm(path, dt, at::Device(device))};
+           }),
+           py::arg("path"), py::arg("dtype") = "", py::arg("device") = "cpu",
+           "Loads config.json + safetensors from a directory (or a hub id in the local HF cache).")
+      .def_property_readonly("architecture", [](const PyCausalLM& s) { return s.model->config().architecture; })
+      .def_property_readonly("dtype", [](const PyCausalLM& s) { return am::dtype_name(s.model->dtype()); })
+      .def(
+          "logits",
+          [](PyCausalLM& s, const at::Tensor& ids) {
+            at::NoGradGuard no_grad;
+            return s.model->forward(ids);
+          },
+          py::arg("input_ids"), py::call_guard<py::gil_scoped_release>(), "input_ids (B, S) int64 -> logits (B, S, V).")
+      .def(
+          "cached_logits",
+          [](PyCausalLM& s, const at::Tensor& ids, int64_t chunk) {
+            // The same logits computed through the KV cache, `chunk` tokens per forward.
+            at::NoGradGuard no_grad;
+            auto cache = s.model->make_cache();
+            std::vector<at::Tensor> parts;
+            for (int64_t start = 0; start < ids.size(1); start += chunk)
+              parts.push_back(s.model->forward(ids.narrow(1, start, std::min(chunk, ids.size(1) - start)), &cache));
+            return at::cat(parts, 1);
+          },
+          py::arg("input_ids"), py::arg("chunk") = 1, py::call_guard<py::gil_scoped_release>())
+      .def(
+          "generate",
+          [](PyCausalLM& s, const at::Tensor& ids, int64_t max_new_tokens, double temperature, int64_t top_k,
+             double top_p, std::vector<int64_t> stop_tokens, int64_t pad_token_id, uint64_t seed, bool use_cache) {
+            am::GenerateOptions o;
+            o.max_new_tokens = max_new_tokens;
+            o.temperature = temperature;
+            o.top_k = top_k;
+            o.top_p = top_p;
+            o.stop_tokens = std::move(stop_tokens);
+            o.pad_token_id = pad_token_id;
+            o.seed = seed;
+            o.use_cache = use_cache;
+            return am::generate(*s.model, ids, o);
+          },
+          py::arg("input_ids"), py::arg("max_new_tokens") = 32, py::arg("temperature") = 0.0, py::arg("top_k") = 0,
+          py::arg("top_p") = 1.0, py::arg("stop_tokens") = std::vector<int64_t>{}, py::arg("pad_token_id") = -1,
+          py::arg("seed") = 0, py::arg("use_cache") = true, py::call_guard<py::gil_scoped_release>(),
+          "Greedy (temperature 0) or sampled generation -> (B, S + n) int64.")
+      .def(
+          "loss",
+          [](PyCausalLM& s, const at::Tensor& ids, c10::optional<at::Tensor> labels) {
+            at::NoGradGuard no_grad;
+            return am::causal_lm_loss(*s.model, ids, labels).item<double>();
+          },
+          py::arg("input_ids"), py::arg("labels") = py::none(), py::call_guard<py::gil_scoped_release>())
+      .def(
+          "perplexity",
+          [](PyCausalLM& s, const std::vector<at::Tensor>& seqs, int64_t max_length) {
+            am::PerplexityResult r;
+            {
+              py::gil_scoped_release no_gil;
+              r = am::perplexity(*s.model, seqs, max_length);
+            }
+            py::dict d;
+            d["nll_sum"] = r.nll_sum;
+            d["tokens"] = r.tokens;
+            d["perplexity"] = r.perplexity();
+            return d;
+          },
+          py::arg("sequences"), py::arg("max_length") = 0)
+      .def(
+          "save",
+          [](PyCausalLM& s, const std::string& dir, int64_t max_shard_bytes) {
+            am::save_causal_lm(*s.model, dir, max_shard_bytes);
+          },
+          py::arg("dir"), py::arg("max_shard_bytes") = 5'000'000'000LL, py::call_guard<py::gil_scoped_release>())
+      .def(
+          "loss_gradients",
+          [](PyCausalLM& s, const at::Tensor& ids) {
+            // Gradients of the mean next-token loss with respect to every parameter (zeros where
+            // none flows), for checking the backward pass against transformers'.
+            std::vector<std::pair<std::string, at::Tensor>> grads;
+            {
+              py::gil_scoped_release no_gil;
+              s.model->zero_grad();
+              am::causal_lm_loss(*s.model, ids).backward();
+              for (auto& p : s.model->named_parameters(true)) {
+                auto g = p.value().grad();
+                grads.emplace_back(p.key(), g.defined() ? g.clone() : at::zeros_like(p.value()));
+              }
+              s.model->zero_grad();
+            }
+            py::dict d;
+            for (auto& [name, g] : grads) d[py::str(name)] = g;
+            return d;
+          },
+          py::arg("input_ids"))
+      .def("state_dict", [](PyCausalLM& s) {
+        py::dict d;
+        for (auto& [name, t] : s.model->state_tensors()) d[py::str(name)] = t.detach();
+        return d;
+      });
+}
+
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "anvil C++ core";
+  bind_model(m);
   m.def(
       "selfcheck",
       [](bool cuda) {

@@ -1,0 +1,271 @@
+// Attention building blocks (include/anvil/model/attention.h). Each function mirrors the matching
+// code of transformers 5.17 (modeling_llama.py, modeling_qwen3.py, modeling_deepseek_v3.py,
+// modeling_rope_utils.py) so that fp32 logits agree to rounding; comments name the counterpart.
+#include "anvil/model/attention.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <stdexcept>
+
+namespace anvil::model {
+
+// ---- Linear, Embedding, RmsNorm ----------------------------------------------------------------
+
+Linear::Linear(int64_t in_features, int64_t out_features, bool has_bias, const at::TensorOptions& options) {
+  weight = register_parameter("weight", at::empty({out_features, in_features}, options));
+  if (has_bias) bias = register_parameter("bias", at::empty({out_features}, options));
+}
+
+at::Tensor Linear::forward(const at::Tensor& x) { return at::linear(x, weight, bias); }
+
+Embedding::Embedding(int64_t num_embeddings, int64_t dim, const at::TensorOptions& options) {
+  weight = register_parameter("weight", at::empty({num_embeddings, dim}, options));
+}
+
+at::Tensor Embedding::forward(const at::Tensor& ids) { return at::embedding(weight, ids); }
+
+RmsNorm::RmsNorm(int64_t dim, double eps_, const at::TensorOptions& options) : eps(eps_) {
+  weight = register_parameter("weight", at::ones({dim}, options));
+}
+
+at::Tensor RmsNorm::forward(const at::Tensor& x) {
+  auto xf = x.to(at::kFloat);                                // (..., D) fp32
+  auto variance = xf.pow(2).mean(-1, /*keepdim=*/true);      // (..., 1)
+  xf = xf * at::rsqrt(variance + eps);
+  return weight * xf.to(x.scalar_type());
+}
+
+// ---- rotary embeddings -------------------------------------------------------------------------
+
+namespace {
+
+// base ** (arange(0, dim, 2) / dim), fp32, as the rope init functions write it.
+at::Tensor rope_powers(double base, int64_t dim) {
+  auto exponents = at::arange(0, dim, 2, at::kLong).to(at::kFloat) / double(dim);
+  return at::pow(base, exponents);
+}
+
+at::Tensor llama3_inv_freq(const RopeConfig& r) {  // _compute_llama3_parameters
+  auto inv_freq = rope_powers(r.theta, r.dim).reciprocal();
+  const double old_len = double(r.original_max_position_embeddings);
+  const double low_freq_wavelen = old_len / r.low_freq_factor;
+  const double high_freq_wavelen = old_len / r.high_freq_factor;
+  auto wavelen = inv_freq.reciprocal() * (2 * M_PI);
+  auto inv_llama = at::where(wavelen > low_freq_wavelen, inv_freq / r.factor, inv_freq);
+  auto smooth = (old_len / wavelen - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor);
+  auto smoothed = (1 - smooth) * inv_llama / r.factor + smooth * inv_llama;
+  auto is_medium = (wavelen < high_freq_wavelen).logical_not() & (wavelen > low_freq_wavelen).logical_not();
+  return at::where(is_medium, smoothed, inv_llama);
+}
+
+at::Tensor yarn_inv_freq(const RopeConfig& r) {  // _compute_yarn_parameters
+  const int64_t dim = r.dim;
+  auto pos_freqs = rope_powers(r.theta, dim);
+  auto inv_extrapolation = pos_freqs.reciprocal();
+  auto inv_interpolation = (r.factor * pos_freqs).reciprocal();
+  auto correction_dim = [&](double rotations) {
+    return (double(dim) * std::log(double(r.original_max_position_embeddings) / (rotations * 2 * M_PI))) /
+           (2 * std::log(r.theta));
+  };
+  double low = correction_dim(r.beta_fast), high = correction_dim(r.beta_slow);
+  if (r.truncate) {
+    low = std::floor(low);
+    high = std::ceil(high);
+  }
+  low = std::max(low, 0.0);
+  high = std::min(high, double(dim - 1));
+  if (low == high) high += 0.001;  // transformers: prevent a singular ramp
+  auto ramp = ((at::arange(dim / 2, at::kFloat) - low) / (high - low)).clamp(0, 1);
+  auto extrapolation_factor = 1 - ramp;
+  return inv_interpolation * (1 - extrapolation_factor) + inv_extrapolation * extrapolation_factor;
+}
+
+}  // namespace
+
+RotaryEmbedding::RotaryEmbedding(const RopeConfig& rope) : rope_(rope) {
+  if (rope.type == "llama3") {
+    inv_freq_ = llama3_inv_freq(rope);
+  } else if (rope.type == "yarn") {
+    inv_freq_ = yarn_inv_freq(rope);
+  } else {
+    inv_freq_ = rope_powers(rope.theta, rope.dim).reciprocal();
+    if (rope.type == "linear") inv_freq_ = inv_freq_ / rope.factor;
+  }
+}
+
+std::pair<at::Tensor, at::Tensor> RotaryEmbedding::cos_sin(const at::Tensor& positions, at::ScalarType dtype) const {
+  auto inv = inv_freq_.to(positions.device());                          // (d/2) fp32
+  auto freqs = positions.to(at::kFloat).unsqueeze(-1) * inv;            // (B, S, d/2)
+  auto emb = at::cat({freqs, freqs}, -1);                               // (B, S, d)
+  auto cos = emb.cos() * rope_.attention_factor;
+  auto sin = emb.sin() * rope_.attention_factor;
+  return {cos.to(dtype), sin.to(dtype)};
+}
+
+at::Tensor apply_rotary(const at::Tensor& x, const at::Tensor& cos_in, const at::Tensor& sin_in, bool interleave) {
+  auto cos = cos_in.unsqueeze(1);  // (B, 1, S, d)
+  auto sin = sin_in.unsqueeze(1);
+  const int64_t d = x.size(-1), half = d / 2;
+  if (!interleave) {  // apply_rotary_pos_emb: x * cos + rotate_half(x) * sin
+    auto x1 = x.narrow(-1, 0, half), x2 = x.narrow(-1, half, half);
+    auto rotated = at::cat({-x2, x1}, -1);
+    return x * cos + rotated * sin;
+  }
+  // apply_rotary_pos_emb_interleave: pairs (x0, x1), (x2, x3), ... each rotated by one frequency;
+  // the output holds the rotated evens, then the rotated odds.
+  auto c = cos.narrow(-1, 0, half), s = sin.narrow(-1, 0, half);
+  auto x1 = x.slice(-1, 0, d, 2), x2 = x.slice(-1, 1, d, 2);
+  return at::cat({x1 * c - x2 * s, x2 * c + x1 * s}, -1);
+}
+
+// ---- cache and mask ----------------------------------------------------------------------------
+
+namespace {
+
+// Grows `buf` (B, H, cap, D) to hold `needed` positions, doubling, keeping the first `used`.
+void reserve(at::Tensor& buf, const at::Tensor& like, int64_t used, int64_t needed) {
+  if (buf.defined() && buf.size(2) >= needed) return;
+  const int64_t cap = std::max<int64_t>(needed, buf.defined() ? 2 * buf.size(2) : 16);
+  auto grown = at::empty({like.size(0), like.size(1), cap, like.size(3)}, like.options());
+  if (used > 0) grown.narrow(2, 0, used).copy_(buf.narrow(2, 0, used));
+  buf = grown;
+}
+
+}  // namespace
+
+std::pair<at::Tensor, at::Tensor> LayerCache::append(const at::Tensor& a, const at::Tensor& b) {
+  const int64_t s = a.size(2);
+  reserve(a_, a, length_, length_ + s);
+  reserve(b_, b, length_, length_ + s);
+  a_.narrow(2, length_, s).copy_(a);
+  b_.narrow(2, length_, s).copy_(b);
+  length_ += s;
+  return {a_.narrow(2, 0, length_), b_.narrow(2, 0, length_)};
+}
+
+AttentionMask AttentionMask::make(int64_t seq_len, int64_t offset, int64_t window, const at::Device& device) {
+  AttentionMask m;
+  const int64_t total = offset + seq_len;
+  if (window <= 0 || total <= window) {
+    if (offset == 0) return m;  // plain causal
+    if (seq_len == 1) {         // one new token sees everything cached
+      m.causal = false;
+      return m;
+    }
+  }
+  auto q = at::arange(offset, total, at::TensorOptions().dtype(at::kLong).device(device)).unsqueeze(1);  // (S, 1)
+  auto k = at::arange(0, total, at::TensorOptions().dtype(at::kLong).device(device)).unsqueeze(0);       // (1, L)
+  auto allowed = k <= q;
+  if (window > 0) allowed = allowed & (k > q - window);  // sliding_window_overlay
+  m.mask = allowed;
+  m.causal = false;
+  return m;
+}
+
+at::Tensor attend(const at::Tensor& q, const at::Tensor& k_in, const at::Tensor& v_in, const AttentionMask& mask,
+                  double scale, const std::string& backend) {
+  // repeat_kv: each of the Hk kv heads serves Hq / Hk consecutive query heads.
+  const int64_t groups = q.size(1) / k_in.size(1);
+  auto k = groups == 1 ? k_in : k_in.repeat_interleave(groups, 1);
+  auto v = groups == 1 ? v_in : v_in.repeat_interleave(groups, 1);
+  if (backend == "sdpa") {
+    c10::optional<at::Tensor> m;
+    if (mask.mask.defined()) m = mask.mask;
+    return at::scaled_dot_product_attention(q, k, v, m, 0.0, mask.causal && !mask.mask.defined(), scale);
+  }
+  // eager_attention_forward
+  auto scores = at::matmul(q, k.transpose(2, 3)) * scale;  // (B, H, S, L)
+  const int64_t s = q.size(2), l = k.size(2);
+  if (mask.mask.defined()) {
+    scores = scores.masked_fill(mask.mask.logical_not(), -std::numeric_limits<double>::infinity());
+  } else if (mask.causal && s > 1) {
+    auto causal = at::ones({s, l}, q.options().dtype(at::kBool)).tril(l - s);
+    scores = scores.masked_fill(causal.logical_not(), -std::numeric_limits<double>::infinity());
+  }
+  auto probs = at::softmax(scores, -1, at::kFloat).to(q.scalar_type());
+  return at::matmul(probs, v);
+}
+
+// ---- grouped-query attention -------------------------------------------------------------------
+
+GqaAttention::GqaAttention(const ModelConfig& c, const at::TensorOptions& options) : config_(c) {
+  const int64_t hq = c.num_attention_heads * c.head_dim, hkv = c.num_key_value_heads * c.head_dim;
+  q_proj_ = register_module("q_proj", std::make_shared<Linear>(c.hidden_size, hq, c.qkv_bias, options));
+  k_proj_ = register_module("k_proj", std::make_shared<Linear>(c.hidden_size, hkv, c.qkv_bias, options));
+  v_proj_ = register_module("v_proj", std::make_shared<Linear>(c.hidden_size, hkv, c.qkv_bias, options));
+  o_proj_ = register_module("o_proj", std::make_shared<Linear>(hq, c.hidden_size, c.o_bias, options));
+  if (c.qk_norm) {
+    q_norm_ = register_module("q_norm", std::make_shared<RmsNorm>(c.head_dim, c.rms_norm_eps, options));
+    k_norm_ = register_module("k_norm", std::make_shared<RmsNorm>(c.head_dim, c.rms_norm_eps, options));
+  }
+}
+
+at::Tensor GqaAttention::forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                                 const AttentionMask& mask, LayerCache* cache) {
+  const int64_t b = x.size(0), s = x.size(1), d = config_.head_dim;
+  auto q = q_proj_->forward(x).view({b, s, -1, d});  // (B, S, Hq, D)
+  auto k = k_proj_->forward(x).view({b, s, -1, d});  // (B, S, Hk, D)
+  auto v = v_proj_->forward(x).view({b, s, -1, d});
+  if (q_norm_) {  // Qwen3: RMSNorm over head_dim, before RoPE
+    q = q_norm_->forward(q);
+    k = k_norm_->forward(k);
+  }
+  q = apply_rotary(q.transpose(1, 2), cos, sin, config_.rope.interleave);  // (B, Hq, S, D)
+  k = apply_rotary(k.transpose(1, 2), cos, sin, config_.rope.interleave);  // (B, Hk, S, D)
+  v = v.transpose(1, 2);
+  if (cache) std::tie(k, v) = cache->append(k, v);                        // (B, Hk, L, D)
+  auto out = attend(q, k, v, mask, config_.attention_scale, config_.attention_backend);  // (B, Hq, S, D)
+  return o_proj_->forward(out.transpose(1, 2).reshape({b, s, -1}));
+}
+
+// ---- multi-head latent attention ---------------------------------------------------------------
+
+MlaAttention::MlaAttention(const ModelConfig& c, const at::TensorOptions& options) : config_(c) {
+  const int64_t h = c.num_attention_heads, qk_head = c.qk_nope_head_dim + c.qk_rope_head_dim;
+  if (c.q_lora_rank == 0) {
+    q_proj_ = register_module("q_proj", std::make_shared<Linear>(c.hidden_size, h * qk_head, false, options));
+  } else {
+    q_a_proj_ = register_module("q_a_proj", std::make_shared<Linear>(c.hidden_size, c.q_lora_rank, c.attention_bias, options));
+    q_a_layernorm_ = register_module("q_a_layernorm", std::make_shared<RmsNorm>(c.q_lora_rank, 1e-6, options));
+    q_b_proj_ = register_module("q_b_proj", std::make_shared<Linear>(c.q_lora_rank, h * qk_head, false, options));
+  }
+  kv_a_proj_ = register_module("kv_a_proj_with_mqa", std::make_shared<Linear>(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim,
+                                                                              c.attention_bias, options));
+  // transformers builds both latent norms with the default eps 1e-6, not rms_norm_eps.
+  kv_a_layernorm_ = register_module("kv_a_layernorm", std::make_shared<RmsNorm>(c.kv_lora_rank, 1e-6, options));
+  kv_b_proj_ = register_module("kv_b_proj", std::make_shared<Linear>(c.kv_lora_rank, h * (c.qk_nope_head_dim + c.v_head_dim),
+                                                                     false, options));
+  o_proj_ = register_module("o_proj", std::make_shared<Linear>(h * c.v_head_dim, c.hidden_size, c.attention_bias, options));
+}
+
+at::Tensor MlaAttention::forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                                 const AttentionMask& mask, LayerCache* cache) {
+  const auto& c = config_;
+  const int64_t b = x.size(0), s = x.size(1), h = c.num_attention_heads;
+  const int64_t nope = c.qk_nope_head_dim, rope = c.qk_rope_head_dim;
+  auto q = q_proj_ ? q_proj_->forward(x) : q_b_proj_->forward(q_a_layernorm_->forward(q_a_proj_->forward(x)));
+  q = q.view({b, s, h, nope + rope}).transpose(1, 2);  // (B, H, S, nope + rope)
+  auto q_pass = q.narrow(-1, 0, nope);
+  auto q_rot = q.narrow(-1, nope, rope);
+
+  auto compressed = kv_a_proj_->forward(x);                                       // (B, S, r + rope)
+  auto latent = kv_a_layernorm_->forward(compressed.narrow(-1, 0, c.kv_lora_rank))
+                    .view({b, 1, s, c.kv_lora_rank});                              // (B, 1, S, r)
+  auto k_rot = compressed.narrow(-1, c.kv_lora_rank, rope).reshape({b, 1, s, rope});  // (B, 1, S, rope)
+
+  q_rot = apply_rotary(q_rot, cos, sin, c.rope.interleave);
+  k_rot = apply_rotary(k_rot, cos, sin, c.rope.interleave);
+  if (cache) std::tie(latent, k_rot) = cache->append(latent, k_rot);  // (B, 1, L, r), (B, 1, L, rope)
+  const int64_t l = latent.size(2);
+
+  auto query = at::cat({q_pass, q_rot}, -1);                                            // (B, H, S, nope + rope)
+  auto kv = kv_b_proj_->forward(latent).view({b, l, h, nope + c.v_head_dim}).transpose(1, 2);  // (B, H, L, nope + v)
+  auto k_nope = kv.narrow(-1, 0, nope);
+  auto value = kv.narrow(-1, nope, c.v_head_dim);
+  auto key = at::cat({k_nope, k_rot.expand({b, h, l, rope})}, -1);                      // (B, H, L, nope + rope)
+  auto out = attend(query, key, value, mask, c.attention_scale, c.attention_backend);   // (B, H, S, v)
+  return o_proj_->forward(out.transpose(1, 2).reshape({b, s, h * c.v_head_dim}));
+}
+
+}  // namespace anvil::model

@@ -1,0 +1,113 @@
+// Generation with a KV cache and sequence loss / perplexity (include/anvil/model/generate.h).
+// The prompt is run once to fill the cache; each later step feeds only the newest token. Token
+// choice mirrors transformers' TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper.
+#include "anvil/model/generate.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <torch/types.h>
+
+#include <cmath>
+#include <limits>
+
+namespace anvil::model {
+namespace {
+
+constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+
+// TopKLogitsWarper: drop every logit below the k-th largest.
+at::Tensor keep_top_k(const at::Tensor& logits, int64_t k) {  // (B, V) fp32
+  k = std::min<int64_t>(k, logits.size(-1));
+  auto kth = std::get<0>(at::topk(logits, k, -1)).narrow(-1, k - 1, 1);  // (B, 1)
+  return logits.masked_fill(logits < kth, kNegInf);
+}
+
+// TopPLogitsWarper: sort ascending, drop the tokens whose cumulative probability stays <= 1 - p,
+// always keeping the most likely one.
+at::Tensor keep_top_p(const at::Tensor& logits, double p) {  // (B, V) fp32
+  auto [sorted, order] = at::sort(logits, -1, /*descending=*/false);
+  auto cumulative = sorted.softmax(-1).cumsum(-1);
+  auto remove = cumulative <= (1 - p);
+  remove.narrow(-1, remove.size(-1) - 1, 1).fill_(false);
+  auto remove_original = remove.scatter(-1, order, remove);
+  return logits.masked_fill(remove_original, kNegInf);
+}
+
+}  // namespace
+
+at::Tensor sample_next_token(const at::Tensor& logits_in, const GenerateOptions& o, at::Generator& generator) {
+  auto logits = logits_in.to(at::kFloat);  // (B, V)
+  if (o.temperature <= 0) return logits.argmax(-1);
+  logits = logits / o.temperature;
+  if (o.top_k > 0) logits = keep_top_k(logits, o.top_k);
+  if (o.top_p < 1.0) logits = keep_top_p(logits, o.top_p);
+  // Drawn on the CPU generator so that a seed means the same tokens on every device.
+  auto probs = logits.softmax(-1).to(at::kCPU);
+  return at::multinomial(probs, 1, /*replacement=*/false, generator).squeeze(-1).to(logits_in.device());
+}
+
+at::Tensor generate(CausalLM& model, const at::Tensor& prompt, const GenerateOptions& o) {
+  TORCH_CHECK(prompt.dim() == 2 && prompt.size(1) > 0, "generate: prompt must be (B, S) with S >= 1, got ", prompt.sizes());
+  TORCH_CHECK(o.max_new_tokens >= 0, "generate: max_new_tokens must be >= 0, got ", o.max_new_tokens);
+  TORCH_CHECK(o.top_p > 0 && o.top_p <= 1, "generate: top_p must be in (0, 1], got ", o.top_p);
+  TORCH_CHECK(o.top_k >= 0, "generate: top_k must be >= 0, got ", o.top_k);
+  at::NoGradGuard no_grad;
+  auto generator = at::make_generator<at::CPUGeneratorImpl>(o.seed);
+  auto ids = prompt.to(model.device(), at::kLong);
+  const int64_t pad = o.pad_token_id >= 0 ? o.pad_token_id : (o.stop_tokens.empty() ? 0 : o.stop_tokens[0]);
+  auto stop = at::tensor(o.stop_tokens.empty() ? std::vector<int64_t>{-1} : o.stop_tokens, ids.options());
+  auto finished = at::zeros({ids.size(0)}, ids.options().dtype(at::kBool));
+
+  KvCache cache = model.make_cache();
+  std::vector<at::Tensor> pieces{ids};
+  at::Tensor logits;
+  if (o.max_new_tokens > 0) logits = o.use_cache ? model.forward(ids, &cache) : model.forward(ids);
+  for (int64_t step = 0; step < o.max_new_tokens; ++step) {
+    auto next = sample_next_token(logits.select(1, logits.size(1) - 1), o, generator);  // (B)
+    next = at::where(finished, at::full_like(next, pad), next);
+    pieces.push_back(next.unsqueeze(1));
+    finished = finished | at::isin(next, stop);
+    if (finished.all().item<bool>() || step + 1 == o.max_new_tokens) break;
+    if (o.use_cache) logits = model.forward(next.unsqueeze(1), &cache);
+    else logits = model.forward(at::cat(pieces, 1));
+  }
+  return at::cat(pieces, 1);
+}
+
+at::Tensor causal_lm_loss(CausalLM& model, const at::Tensor& input_ids, const c10::optional<at::Tensor>& labels_in) {
+  TORCH_CHECK(input_ids.dim() == 2 && input_ids.size(1) >= 2, "causal_lm_loss: input_ids must be (B, S) with S >= 2, got ",
+              input_ids.sizes());
+  auto labels = (labels_in ? *labels_in : input_ids).to(model.device(), at::kLong);
+  TORCH_CHECK(labels.sizes() == input_ids.sizes(), "causal_lm_loss: labels ", labels.sizes(), " must match input_ids ",
+              input_ids.sizes());
+  auto logits = model.forward(input_ids).to(at::kFloat);  // (B, S, V)
+  const int64_t s = logits.size(1), v = logits.size(2);
+  auto shifted_logits = logits.narrow(1, 0, s - 1).reshape({-1, v});
+  auto shifted_labels = labels.narrow(1, 1, s - 1).reshape({-1});
+  return at::cross_entropy_loss(shifted_logits, shifted_labels, {}, at::Reduction::Mean, /*ignore_index=*/-100);
+}
+
+double PerplexityResult::perplexity() const { return std::exp(mean_nll()); }
+
+PerplexityResult perplexity(CausalLM& model, const std::vector<at::Tensor>& sequences, int64_t max_length) {
+  TORCH_CHECK(max_length == 0 || max_length >= 2, "perplexity: max_length must be 0 or >= 2, got ", max_length);
+  at::NoGradGuard no_grad;
+  PerplexityResult result;
+  for (size_t i = 0; i < sequences.size(); ++i) {
+    const auto& seq = sequences[i];
+    TORCH_CHECK(seq.dim() == 1, "perplexity: sequence ", i, " must be 1-D, got ", seq.sizes());
+    const int64_t n = seq.size(0);
+    const int64_t window = max_length > 0 ? max_length : n;
+    for (int64_t start = 0; start + 1 < n; start += window) {
+      const int64_t len = std::min(window, n - start);
+      if (len < 2) break;
+      auto ids = seq.narrow(0, start, len).unsqueeze(0);
+      const double mean = causal_lm_loss(model, ids).item<double>();
+      result.nll_sum += mean * double(len - 1);
+      result.tokens += len - 1;
+    }
+  }
+  return result;
+}
+
+}  // namespace anvil::model

@@ -1,0 +1,318 @@
+// The causal LM (include/anvil/model/transformer.h): decoder layers, the forward pass with an
+// optional KV cache, and the Hugging Face checkpoint bridge (load with name canonicalisation and
+// FP8 dequantization, save in HF layout through anvil::io).
+//
+// Name canonicalisation exists because one architecture has several spellings in the wild:
+// transformers 5.17 holds experts fused in memory (`mlp.experts.gate_up_proj` (E, 2I, H),
+// `mlp.experts.down_proj` (E, H, I)) but its save_pretrained writes them per expert, and Mixtral's
+// published checkpoints say `block_sparse_moe.experts.{e}.w1` where a converted one may say
+// `mlp.experts.{e}.gate_proj`. Everything is mapped to the module names here, which are what
+// save_pretrained writes, so anvil's output loads in transformers and in anvil alike.
+#include "anvil/model/transformer.h"
+
+#include "anvil/io/safetensors.h"
+#include "anvil/ops.h"
+
+#include <ATen/ATen.h>
+#include <nlohmann/json.hpp>
+#include <torch/nn/module.h>
+
+#include <filesystem>
+#include <fstream>
+#include <regex>
+#include <set>
+#include <stdexcept>
+
+namespace anvil::model {
+
+// ---- decoder layer and base model ----------------------------------------------------------------
+
+DecoderLayer::DecoderLayer(const ModelConfig& c, int64_t layer_index, const at::TensorOptions& options) {
+  if (c.mla) mla_ = register_module("self_attn", std::make_shared<MlaAttention>(c, options));
+  else gqa_ = register_module("self_attn", std::make_shared<GqaAttention>(c, options));
+  if (c.is_moe_layer(layer_index)) {
+    moe_ = register_module(c.family == ModelFamily::kMixtral ? "block_sparse_moe" : "mlp",
+                           std::make_shared<MoeBlock>(c, options));
+  } else {
+    mlp_ = register_module("mlp", std::make_shared<SwiGluMlp>(c.hidden_size, c.intermediate_size, c.mlp_bias,
+                                                              std::array<std::string, 3>{"gate_proj", "up_proj", "down_proj"},
+                                                              options));
+  }
+  input_layernorm_ = register_module("input_layernorm", std::make_shared<RmsNorm>(c.hidden_size, c.rms_norm_eps, options));
+  post_attention_layernorm_ =
+      register_module("post_attention_layernorm", std::make_shared<RmsNorm>(c.hidden_size, c.rms_norm_eps, options));
+}
+
+at::Tensor DecoderLayer::forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                                 const AttentionMask& mask, LayerCache* cache) {
+  auto normed = input_layernorm_->forward(x);
+  auto attn = mla_ ? mla_->forward(normed, cos, sin, mask, cache) : gqa_->forward(normed, cos, sin, mask, cache);
+  auto h = x + attn;
+  normed = post_attention_layernorm_->forward(h);
+  return h + (moe_ ? moe_->forward(normed) : mlp_->forward(normed));
+}
+
+TransformerModel::TransformerModel(const ModelConfig& c, const at::TensorOptions& options)
+    : config_(c), rotary_(c.rope) {
+  embed_tokens = register_module("embed_tokens", std::make_shared<Embedding>(c.vocab_size, c.hidden_size, options));
+  layers_ = register_module("layers", torch::nn::ModuleList());
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    auto layer = std::make_shared<DecoderLayer>(c, i, options);
+    layers_->push_back(layer);
+    layer_list_.push_back(layer);
+  }
+  norm_ = register_module("norm", std::make_shared<RmsNorm>(c.hidden_size, c.rms_norm_eps, options));
+}
+
+at::Tensor TransformerModel::forward(const at::Tensor& input_ids, const at::Tensor& positions, KvCache* cache) {
+  const int64_t s = input_ids.size(1);
+  const int64_t offset = cache ? cache->length() : 0;
+  auto h = embed_tokens->forward(input_ids);  // (B, S, H)
+  auto [cos, sin] = rotary_.cos_sin(positions, h.scalar_type());  // (B, S, rope_dim)
+  const auto full = AttentionMask::make(s, offset, 0, h.device());
+  AttentionMask sliding;
+  if (config_.sliding_window > 0) sliding = AttentionMask::make(s, offset, config_.sliding_window, h.device());
+  for (size_t i = 0; i < layer_list_.size(); ++i) {
+    const bool window = config_.sliding_window > 0 && config_.layer_sliding[i];
+    h = layer_list_[i]->forward(h, cos, sin, window ? sliding : full, cache ? &cache->layers[i] : nullptr);
+  }
+  return norm_->forward(h);
+}
+
+// ---- causal LM -------------------------------------------------------------------------------------
+
+CausalLM::CausalLM(ModelConfig config, const at::TensorOptions& options) : config_(std::move(config)) {
+  model = register_module("model", std::make_shared<TransformerModel>(config_, options));
+  if (!config_.tie_word_embeddings)
+    lm_head = register_module("lm_head", std::make_shared<Linear>(config_.hidden_size, config_.vocab_size, false, options));
+}
+
+at::Tensor CausalLM::hidden_states(const at::Tensor& input_ids, KvCache* cache, const c10::optional<at::Tensor>& positions) {
+  TORCH_CHECK(input_ids.dim() == 2, "input_ids must be (B, S), got ", input_ids.sizes());
+  TORCH_CHECK(input_ids.scalar_type() == at::kLong, "input_ids must be int64, got ", input_ids.scalar_type());
+  if (cache) TORCH_CHECK(int64_t(cache->layers.size()) == config_.num_hidden_layers, "cache has ",
+                         cache->layers.size(), " layers, the model ", config_.num_hidden_layers);
+  auto ids = input_ids.to(device());
+  at::Tensor pos;
+  if (positions) {
+    TORCH_CHECK(positions->sizes() == input_ids.sizes(), "positions must be shaped like input_ids ", input_ids.sizes(),
+                ", got ", positions->sizes());
+    pos = positions->to(device(), at::kLong);
+  } else {
+    const int64_t offset = cache ? cache->length() : 0;
+    pos = at::arange(offset, offset + ids.size(1), ids.options()).unsqueeze(0).expand({ids.size(0), -1});
+  }
+  return model->forward(ids, pos, cache);
+}
+
+at::Tensor CausalLM::forward(const at::Tensor& input_ids, KvCache* cache, const c10::optional<at::Tensor>& positions) {
+  auto h = hidden_states(input_ids, cache, positions);  // (B, S, H)
+  return lm_head ? lm_head->forward(h) : at::linear(h, model->embed_tokens->weight);  // (B, S, V)
+}
+
+KvCache CausalLM::make_cache() const {
+  KvCache cache;
+  cache.layers.resize(config_.num_hidden_layers);
+  return cache;
+}
+
+at::ScalarType CausalLM::dtype() const { return model->embed_tokens->weight.scalar_type(); }
+at::Device CausalLM::device() const { return model->embed_tokens->weight.device(); }
+
+std::vector<std::pair<std::string, at::Tensor>> CausalLM::state_tensors() const {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  for (const auto& p : named_parameters(/*recurse=*/true)) out.emplace_back(p.key(), p.value());
+  for (const auto& b : named_buffers(/*recurse=*/true)) out.emplace_back(b.key(), b.value());
+  return out;
+}
+
+// ---- checkpoint names ------------------------------------------------------------------------------
+
+namespace {
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+void replace_all(std::string& s, const std::string& from, const std::string& to) {
+  for (size_t pos = s.find(from); pos != std::string::npos; pos = s.find(from, pos + to.size())) s.replace(pos, from.size(), to);
+}
+
+// Keys a checkpoint may carry that the model has no use for: rotary tables some old checkpoints
+// saved, DeepSeek-V3's multi-token-prediction layers (model.layers.{N..}), a tied lm_head.
+bool ignored_key(const ModelConfig& c, const std::string& key) {
+  if (key.find("rotary_emb.inv_freq") != std::string::npos) return true;
+  if (c.tie_word_embeddings && key == "lm_head.weight") return true;
+  static const std::regex kLayer(R"(^model\.layers\.(\d+)\.)");
+  std::smatch m;
+  if (std::regex_search(key, m, kLayer) && std::stoll(m[1]) >= c.num_hidden_layers) return true;
+  return false;
+}
+
+// FineGrainedFP8: `X.weight` F8_E4M3 with `X.weight_scale_inv` fp32 (ceil(N/128), ceil(K/128)),
+// dequantized one tensor at a time (on the model's device) so that the peak memory is one weight.
+at::Tensor dequantize_if_fp8(const std::string& key, const at::Tensor& t,
+                             const std::unordered_map<std::string, at::Tensor>& all, at::ScalarType dtype,
+                             const at::Device& device, std::set<std::string>& used) {
+  if (t.scalar_type() != at::kFloat8_e4m3fn) return t;
+  const std::string scale_key = key + "_scale_inv";
+  auto it = all.find(scale_key);
+  if (it == all.end())
+    throw std::runtime_error("checkpoint tensor '" + key + "' is float8_e4m3fn but '" + scale_key +
+                             "' (its block128x128 scales) is missing");
+  if (t.dim() != 2)
+    throw std::runtime_error("checkpoint tensor '" + key + "' is float8_e4m3fn with " + std::to_string(t.dim()) +
+                             " dims; only 2-D weights with block128x128 scales are supported");
+  used.insert(scale_key);
+  return anvil::ops::dequantize_fp8(t.to(device), it->second.to(device, at::kFloat), "block128x128", dtype);
+}
+
+// One tensor of a fused expert layout (E, ...) split into the per-expert keys.
+void split_fused_experts(const std::string& prefix, const std::string& kind, const at::Tensor& t, bool mixtral,
+                         std::unordered_map<std::string, at::Tensor>& out) {
+  const std::string gate = mixtral ? "w1" : "gate_proj", up = mixtral ? "w3" : "up_proj", down = mixtral ? "w2" : "down_proj";
+  if (t.dim() != 3) throw std::runtime_error("fused expert tensor '" + prefix + "experts." + kind + "' must be 3-D, got " +
+                                             std::to_string(t.dim()) + " dims");
+  for (int64_t e = 0; e < t.size(0); ++e) {
+    const std::string base = prefix + "experts." + std::to_string(e) + ".";
+    if (kind == "gate_up_proj") {  // (E, 2I, H): gate rows then up rows
+      const int64_t i = t.size(1) / 2;
+      out[base + gate + ".weight"] = t[e].narrow(0, 0, i);
+      out[base + up + ".weight"] = t[e].narrow(0, i, i);
+    } else {  // down_proj (E, H, I)
+      out[base + down + ".weight"] = t[e];
+    }
+  }
+}
+
+std::unordered_map<std::string, at::Tensor> canonical_tensors(const ModelConfig& c,
+                                                              const std::unordered_map<std::string, at::Tensor>& in) {
+  const bool mixtral = c.family == ModelFamily::kMixtral;
+  static const std::regex kFused(R"(^(.*\.)experts\.(gate_up_proj|down_proj)$)");
+  static const std::regex kExpert(R"(\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.)");
+  std::unordered_map<std::string, at::Tensor> out;
+  for (const auto& [key_in, t] : in) {
+    if (ignored_key(c, key_in)) continue;
+    std::string key = key_in;
+    if (c.num_experts > 0) {
+      if (mixtral) {
+        replace_all(key, ".mlp.gate.", ".block_sparse_moe.gate.");
+        replace_all(key, ".mlp.experts.", ".block_sparse_moe.experts.");
+      } else {
+        replace_all(key, ".block_sparse_moe.", ".mlp.");
+      }
+      std::smatch m;
+      if (std::regex_match(key, m, kFused)) {
+        split_fused_experts(m[1], m[2], t, mixtral, out);
+        continue;
+      }
+      if (std::regex_search(key, m, kExpert)) {
+        static const std::map<std::string, std::string> kToMixtral = {
+            {"gate_proj", "w1"}, {"up_proj", "w3"}, {"down_proj", "w2"}, {"w1", "w1"}, {"w2", "w2"}, {"w3", "w3"}};
+        static const std::map<std::string, std::string> kToHf = {{"w1", "gate_proj"},     {"w3", "up_proj"},
+                                                                 {"w2", "down_proj"},     {"gate_proj", "gate_proj"},
+                                                                 {"up_proj", "up_proj"}, {"down_proj", "down_proj"}};
+        const std::string name = (mixtral ? kToMixtral : kToHf).at(m[2]);
+        key = m.prefix().str() + ".experts." + m[1].str() + "." + name + "." + m.suffix().str();
+      }
+    }
+    out[key] = t;
+  }
+  return out;
+}
+
+std::string join_first(const std::vector<std::string>& names, size_t n = 8) {
+  std::string s;
+  for (size_t i = 0; i < names.size() && i < n; ++i) s += (i ? ", " : "") + names[i];
+  if (names.size() > n) s += ", ... (" + std::to_string(names.size()) + " in all)";
+  return s;
+}
+
+}  // namespace
+
+void CausalLM::load_state(const std::unordered_map<std::string, at::Tensor>& tensors) {
+  at::NoGradGuard no_grad;
+  const auto canonical = canonical_tensors(config_, tensors);
+  std::vector<std::string> missing, mismatched;
+  std::set<std::string> used;
+  for (auto& [name, target] : state_tensors()) {
+    auto it = canonical.find(name);
+    if (it == canonical.end()) {
+      missing.push_back(name);
+      continue;
+    }
+    if (it->second.sizes() != target.sizes()) {
+      std::ostringstream msg;
+      msg << name << " " << it->second.sizes() << " (model expects " << target.sizes() << ")";
+      mismatched.push_back(msg.str());
+      continue;
+    }
+    target.copy_(dequantize_if_fp8(name, it->second, canonical, target.scalar_type(), target.device(), used));
+    used.insert(name);
+  }
+  std::vector<std::string> unexpected;
+  for (const auto& [name, t] : canonical)
+    if (!used.count(name)) unexpected.push_back(name);
+  std::sort(unexpected.begin(), unexpected.end());
+  std::string problems;
+  if (!missing.empty()) problems += " missing tensors: " + join_first(missing) + ";";
+  if (!mismatched.empty()) problems += " wrong shapes: " + join_first(mismatched) + ";";
+  if (!unexpected.empty()) problems += " unexpected tensors: " + join_first(unexpected) + ";";
+  if (!problems.empty())
+    throw std::runtime_error("loading " + config_.architecture + " weights:" + problems);
+}
+
+// ---- load and save ---------------------------------------------------------------------------------
+
+at::ScalarType dtype_from_name(const std::string& name) {
+  if (name == "float32" || name == "fp32") return at::kFloat;
+  if (name == "bfloat16" || name == "bf16") return at::kBFloat16;
+  if (name == "float16" || name == "fp16") return at::kHalf;
+  throw std::runtime_error("dtype '" + name + "' is not supported (float32, bfloat16, float16)");
+}
+
+std::string dtype_name(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return "float32";
+    case at::kBFloat16: return "bfloat16";
+    case at::kHalf: return "float16";
+    default: throw std::runtime_error(std::string("model dtype ") + c10::toString(dtype) + " has no config.json name");
+  }
+}
+
+std::shared_ptr<CausalLM> load_causal_lm(const std::string& path, c10::optional<at::ScalarType> dtype, at::Device device) {
+  const std::string dir = anvil::io::resolve_model_path(path);
+  ModelConfig config = load_model_config(dir);
+  at::ScalarType chosen = at::kFloat;
+  if (dtype) chosen = *dtype;
+  else if (config.fp8_checkpoint) chosen = at::kBFloat16;
+  else if (!config.dtype.empty() && config.dtype != "auto") chosen = dtype_from_name(config.dtype);
+  auto model = std::make_shared<CausalLM>(std::move(config), at::TensorOptions().dtype(chosen).device(device));
+  anvil::io::Checkpoint checkpoint(dir);
+  model->load_state(checkpoint.load_all(at::kCPU));
+  return model;
+}
+
+void save_causal_lm(const CausalLM& model, const std::string& dir, int64_t max_shard_bytes) {
+  namespace fs = std::filesystem;
+  fs::create_directories(dir);
+  auto json = nlohmann::json::parse(model.config().json);
+  json["dtype"] = dtype_name(model.dtype());
+  if (json.contains("torch_dtype")) json["torch_dtype"] = dtype_name(model.dtype());
+  json.erase("quantization_config");  // the weights are written dequantized
+  const fs::path config_path = fs::path(dir) / "config.json";
+  const fs::path tmp = fs::path(dir) / "config.json.tmp";
+  {
+    std::ofstream out(tmp);
+    if (!out) throw std::runtime_error(tmp.string() + ": cannot write");
+    out << json.dump(2) << "\n";
+    if (!out) throw std::runtime_error(tmp.string() + ": write failed");
+  }
+  fs::rename(tmp, config_path);
+
+  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  for (auto& [name, t] : model.state_tensors()) tensors.emplace_back(name, t.detach().to(at::kCPU).contiguous());
+  anvil::io::save_checkpoint(dir, tensors, max_shard_bytes);
+}
+
+}  // namespace anvil::model

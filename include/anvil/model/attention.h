@@ -1,0 +1,137 @@
+// The attention side of a decoder layer: the small building blocks (Linear, Embedding, RmsNorm),
+// rotary position embeddings, the KV cache, grouped-query attention (Llama, Mistral, Qwen2, Qwen3,
+// Mixtral) and DeepSeek's multi-head latent attention (MLA).
+//
+// Every module is a torch::nn::Module whose parameter names are the names of the Hugging Face
+// checkpoint (q_proj.weight, kv_a_proj_with_mqa.weight, ...), so a model's named_parameters() are
+// the checkpoint's keys. Linear and Embedding are anvil's own, allocated empty in the requested
+// dtype and device: torch::nn::Linear would first run a random initialisation that a loaded model
+// throws away (minutes for a 7B model on a CPU).
+//
+// The numerics follow transformers 5.17's modeling files line by line (RMSNorm in fp32 then cast
+// back, cos/sin computed in fp32 then cast to the model dtype, rotate_half or interleaved pairs).
+#pragma once
+
+#include "anvil/model/config.h"
+
+#include <torch/nn/module.h>
+#include <torch/types.h>
+
+#include <utility>
+#include <vector>
+
+namespace anvil::model {
+
+/// y = x W^T + b; parameters "weight" (out, in) and, when `bias`, "bias" (out).
+class Linear : public torch::nn::Module {
+ public:
+  Linear(int64_t in_features, int64_t out_features, bool bias, const at::TensorOptions& options);
+  at::Tensor forward(const at::Tensor& x);
+  at::Tensor weight;
+  at::Tensor bias;  ///< undefined when absent
+};
+
+/// Token embedding table, parameter "weight" (V, H).
+class Embedding : public torch::nn::Module {
+ public:
+  Embedding(int64_t num_embeddings, int64_t dim, const at::TensorOptions& options);
+  at::Tensor forward(const at::Tensor& ids);  ///< (B, S) int64 -> (B, S, H)
+  at::Tensor weight;
+};
+
+/// RMSNorm as transformers computes it: x * rsqrt(mean(x^2) + eps) in fp32, cast back to x's
+/// dtype, then times "weight".
+class RmsNorm : public torch::nn::Module {
+ public:
+  RmsNorm(int64_t dim, double eps, const at::TensorOptions& options);
+  at::Tensor forward(const at::Tensor& x);
+  at::Tensor weight;
+  double eps;
+};
+
+/// Rotary embedding tables: inverse frequencies per RopeConfig (default, linear, llama3, yarn),
+/// computed once in fp32 as transformers' ROPE_INIT_FUNCTIONS do.
+class RotaryEmbedding {
+ public:
+  explicit RotaryEmbedding(const RopeConfig& rope);
+  /// positions (B, S) int64 -> (cos, sin), each (B, S, dim) in `dtype`, scaled by attention_factor.
+  std::pair<at::Tensor, at::Tensor> cos_sin(const at::Tensor& positions, at::ScalarType dtype) const;
+  const at::Tensor& inv_freq() const { return inv_freq_; }  ///< (dim / 2) fp32, CPU
+
+ private:
+  RopeConfig rope_;
+  at::Tensor inv_freq_;
+};
+
+/// Rotates x (B, H, S, d) by (cos, sin) (B, S, d): halves (rotate_half) or interleaved pairs.
+at::Tensor apply_rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool interleave);
+
+/// One layer's cache: two tensors (B, H, L, D) grown along L (capacity doubles, so appending a token
+/// copies only that token). GQA keeps (keys, values) after RoPE; MLA keeps its compressed latent
+/// (kv_a_layernorm output, (B, 1, L, kv_lora_rank)) and the rotated shared key (B, 1, L, rope_dim),
+/// as transformers' DeepSeek attention does.
+class LayerCache {
+ public:
+  /// Appends a (B, H, S, D1) and b (B, H, S, D2); returns views of everything cached, (B, H, L, D).
+  std::pair<at::Tensor, at::Tensor> append(const at::Tensor& a, const at::Tensor& b);
+  int64_t length() const { return length_; }
+
+ private:
+  at::Tensor a_, b_;
+  int64_t length_ = 0;
+};
+
+/// The cache of a whole model: one LayerCache per decoder layer.
+struct KvCache {
+  std::vector<LayerCache> layers;
+  /// Tokens already cached (the position of the next token).
+  int64_t length() const { return layers.empty() ? 0 : layers[0].length(); }
+};
+
+/// Which keys a query may see: causal (optionally within a sliding window), offset by the tokens
+/// already in the cache. `mask` (S, L) bool, true = attend, is built only when `causal` alone cannot
+/// say it (a cache offset with several new tokens, or a sliding window).
+struct AttentionMask {
+  at::Tensor mask;
+  bool causal = true;
+  /// Builds the mask for S new tokens after `offset` cached ones; window 0 = none.
+  static AttentionMask make(int64_t seq_len, int64_t offset, int64_t window, const at::Device& device);
+};
+
+/// softmax(q k^T * scale + mask) v for q (B, Hq, S, D), k (B, Hk, L, D), v (B, Hk, L, Dv), Hq a
+/// multiple of Hk (grouped-query: each kv head serves Hq / Hk query heads). backend "sdpa" (torch's
+/// scaled_dot_product_attention) or "eager". -> (B, Hq, S, Dv)
+at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionMask& mask,
+                  double scale, const std::string& backend);
+
+/// Grouped-query attention: q_proj, k_proj, v_proj, o_proj (+ q_norm, k_norm for Qwen3). `config`
+/// must outlive the module (CausalLM owns it), as for every module below.
+class GqaAttention : public torch::nn::Module {
+ public:
+  GqaAttention(const ModelConfig& config, const at::TensorOptions& options);
+  /// x (B, S, H) -> (B, S, H); cos/sin (B, S, head_dim); cache may be null.
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const AttentionMask& mask,
+                     LayerCache* cache);
+
+ private:
+  const ModelConfig& config_;
+  std::shared_ptr<Linear> q_proj_, k_proj_, v_proj_, o_proj_;
+  std::shared_ptr<RmsNorm> q_norm_, k_norm_;
+};
+
+/// DeepSeek multi-head latent attention: q_proj or q_a_proj + q_a_layernorm + q_b_proj;
+/// kv_a_proj_with_mqa -> (latent, shared rotary key); kv_a_layernorm; kv_b_proj expands the latent
+/// into per-head k_nope and v; o_proj. Softmax scale ModelConfig::attention_scale (yarn mscale).
+class MlaAttention : public torch::nn::Module {
+ public:
+  MlaAttention(const ModelConfig& config, const at::TensorOptions& options);
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const AttentionMask& mask,
+                     LayerCache* cache);
+
+ private:
+  const ModelConfig& config_;
+  std::shared_ptr<Linear> q_proj_, q_a_proj_, q_b_proj_, kv_a_proj_, kv_b_proj_, o_proj_;
+  std::shared_ptr<RmsNorm> q_a_layernorm_, kv_a_layernorm_;
+};
+
+}  // namespace anvil::model

@@ -1,0 +1,114 @@
+// The causal language model: embed_tokens -> decoder layers -> norm -> lm_head, for every family of
+// ModelConfig. Module names mirror transformers' <Family>ForCausalLM, so named_parameters() are the
+// Hugging Face checkpoint keys ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+// "lm_head.weight"); loading, saving, LoRA targeting and PEFT export share that one naming.
+//
+// Checkpoints are read and written in Hugging Face layout (config.json + safetensors, sharded with
+// model.safetensors.index.json) through anvil::io. Loading canonicalises the spellings checkpoints
+// use (Mixtral's `mlp.` vs `block_sparse_moe.`, per-expert vs fused 3-D expert tensors) and
+// dequantizes FineGrainedFP8 weights (F8_E4M3 `weight` + `weight_scale_inv` 128x128 blocks) to the
+// model dtype with anvil::ops::dequantize_fp8.
+#pragma once
+
+#include "anvil/model/attention.h"
+#include "anvil/model/config.h"
+#include "anvil/model/moe.h"
+
+#include <c10/util/Optional.h>
+#include <torch/nn/modules/container/modulelist.h>
+
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace anvil::model {
+
+/// input_layernorm -> self_attn (GQA or MLA) -> residual -> post_attention_layernorm -> MLP or MoE
+/// (named "mlp", or "block_sparse_moe" for Mixtral) -> residual.
+class DecoderLayer : public torch::nn::Module {
+ public:
+  DecoderLayer(const ModelConfig& config, int64_t layer_index, const at::TensorOptions& options);
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const AttentionMask& mask,
+                     LayerCache* cache);
+
+ private:
+  std::shared_ptr<RmsNorm> input_layernorm_, post_attention_layernorm_;
+  std::shared_ptr<GqaAttention> gqa_;
+  std::shared_ptr<MlaAttention> mla_;
+  std::shared_ptr<SwiGluMlp> mlp_;
+  std::shared_ptr<MoeBlock> moe_;
+};
+
+/// The base model ("model." in the checkpoint): embed_tokens, layers, norm.
+class TransformerModel : public torch::nn::Module {
+ public:
+  TransformerModel(const ModelConfig& config, const at::TensorOptions& options);
+  /// input_ids (B, S) -> final hidden states (B, S, H).
+  at::Tensor forward(const at::Tensor& input_ids, const at::Tensor& positions, KvCache* cache);
+  std::shared_ptr<Embedding> embed_tokens;
+
+ private:
+  const ModelConfig& config_;
+  RotaryEmbedding rotary_;
+  torch::nn::ModuleList layers_;
+  std::vector<std::shared_ptr<DecoderLayer>> layer_list_;
+  std::shared_ptr<RmsNorm> norm_;
+};
+
+/// <Family>ForCausalLM.
+class CausalLM : public torch::nn::Module {
+ public:
+  /// An uninitialised model (parameters empty) in `options`' dtype and device; load weights next.
+  CausalLM(ModelConfig config, const at::TensorOptions& options);
+
+  /// input_ids (B, S) int64 -> logits (B, S, V) in the model dtype. With a cache, the tokens follow
+  /// those cached (positions continue from cache->length()) and their keys/values are appended.
+  /// positions (B, S) int64 overrides the default positions.
+  at::Tensor forward(const at::Tensor& input_ids, KvCache* cache = nullptr,
+                     const c10::optional<at::Tensor>& positions = c10::nullopt);
+
+  /// The final hidden states (B, S, H), before lm_head.
+  at::Tensor hidden_states(const at::Tensor& input_ids, KvCache* cache = nullptr,
+                           const c10::optional<at::Tensor>& positions = c10::nullopt);
+
+  /// An empty cache for this model.
+  KvCache make_cache() const;
+
+  const ModelConfig& config() const { return config_; }
+  at::ScalarType dtype() const;
+  at::Device device() const;
+
+  /// Parameters and persistent buffers by checkpoint name, in module order: what save writes.
+  std::vector<std::pair<std::string, at::Tensor>> state_tensors() const;
+
+  /// Copies checkpoint tensors into the model (converting dtype and device). Names are
+  /// canonicalised and FP8 weights dequantized first. Throws std::runtime_error naming the missing,
+  /// unexpected or wrongly shaped tensors.
+  void load_state(const std::unordered_map<std::string, at::Tensor>& tensors);
+
+  std::shared_ptr<TransformerModel> model;
+  std::shared_ptr<Linear> lm_head;  ///< null when tie_word_embeddings
+
+ private:
+  ModelConfig config_;
+};
+
+/// Loads a Hugging Face checkpoint directory (or a hub id in the local HF cache): config.json +
+/// safetensors. dtype defaults to the config's (`dtype`/`torch_dtype`; bf16 for FP8 checkpoints;
+/// fp32 when absent).
+std::shared_ptr<CausalLM> load_causal_lm(const std::string& path,
+                                         c10::optional<at::ScalarType> dtype = c10::nullopt,
+                                         at::Device device = at::kCPU);
+
+/// Writes config.json (the loaded one, `dtype` updated, `quantization_config` dropped since weights
+/// are saved dequantized) and the weights as safetensors in Hugging Face layout (sharded above
+/// max_shard_bytes, with model.safetensors.index.json).
+void save_causal_lm(const CausalLM& model, const std::string& dir, int64_t max_shard_bytes = 5'000'000'000);
+
+/// "float32", "bfloat16", "float16" <-> at::ScalarType; throws for other names.
+at::ScalarType dtype_from_name(const std::string& name);
+std::string dtype_name(at::ScalarType dtype);
+
+}  // namespace anvil::model
