@@ -17,6 +17,30 @@ else()
   message(FATAL_ERROR "anvil: libsentencepiece-dev not found (scripts/setup.sh installs it)")
 endif()
 
+# PCRE2 (8-bit, UTF + UCP): the pre-tokenizer regexes of tokenizer.json files (\p{L}, lookaheads).
+find_path(PCRE2_INCLUDE_DIR pcre2.h)
+find_library(PCRE2_LIBRARY pcre2-8)
+if(PCRE2_INCLUDE_DIR AND PCRE2_LIBRARY)
+  add_library(anvil::pcre2 UNKNOWN IMPORTED)
+  set_target_properties(anvil::pcre2 PROPERTIES
+    IMPORTED_LOCATION ${PCRE2_LIBRARY}
+    INTERFACE_INCLUDE_DIRECTORIES ${PCRE2_INCLUDE_DIR})
+else()
+  message(FATAL_ERROR "anvil: libpcre2-dev not found (scripts/setup.sh installs it)")
+endif()
+
+# utf8proc: Unicode normalization (NFC/NFKC...) of tokenizer.json normalizers.
+find_path(UTF8PROC_INCLUDE_DIR utf8proc.h)
+find_library(UTF8PROC_LIBRARY utf8proc)
+if(UTF8PROC_INCLUDE_DIR AND UTF8PROC_LIBRARY)
+  add_library(anvil::utf8proc UNKNOWN IMPORTED)
+  set_target_properties(anvil::utf8proc PROPERTIES
+    IMPORTED_LOCATION ${UTF8PROC_LIBRARY}
+    INTERFACE_INCLUDE_DIRECTORIES ${UTF8PROC_INCLUDE_DIR})
+else()
+  message(FATAL_ERROR "anvil: libutf8proc-dev not found (scripts/setup.sh installs it)")
+endif()
+
 if(ANVIL_TESTS)
   find_package(GTest REQUIRED)
 endif()
