@@ -124,6 +124,8 @@ void bind_model(py::module_& m) {
         for (auto& [name, t] : s.model->state_tensors()) d[py::str(name)] = t.detach();
         return d;
       });
+}
+
 // [{"role": ..., "content": ..., "reasoning_content": ...}, ...] to ChatMessage (reasoning_content as
 // transformers' Qwen3 template names it).
 std::vector<anvil::data::ChatMessage> chat_messages(const py::list& messages) {
