@@ -4,6 +4,8 @@
 
 namespace anvil::cli {
 
-int cmd_inspect(int argc, char** argv);  // csrc/cli/inspect.cpp
+int cmd_inspect(int argc, char** argv);   // csrc/cli/inspect.cpp
+int cmd_generate(int argc, char** argv);  // csrc/cli/generate.cpp
+int cmd_eval(int argc, char** argv);      // csrc/cli/eval.cpp
 
 }  // namespace anvil::cli

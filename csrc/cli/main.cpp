@@ -128,6 +128,8 @@ const std::vector<Subcommand>& subcommands() {
       {"inspect", "list the tensors, totals and metadata of a safetensors file, checkpoint or cached hub id",
        anvil::cli::cmd_inspect},
       {"tokenize", "encode text to ids (or decode ids) with a model's tokenizer", cmd_tokenize},
+      {"generate", "continue a prompt (or answer it as a chat) with a model and its tokenizer", anvil::cli::cmd_generate},
+      {"eval", "perplexity of a model on a .txt or .jsonl file", anvil::cli::cmd_eval},
   };
   return table;
 }

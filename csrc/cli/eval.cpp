@@ -1,0 +1,156 @@
+// `anvil eval`: perplexity of a model on a text or JSONL file, with a progress line. A .txt file is one
+// document; a .jsonl file is one document per line: its "text", its "prompt" + "completion", or its
+// "messages" rendered with the model's chat format. Each document is scored in windows of at most
+// --max-length tokens (each window's first token is context only, as transformers' loss counts it), and
+// the result is the token-weighted mean negative log-likelihood and its exponential.
+#include "cli/commands.h"
+#include "cli/model_args.h"
+
+#include "anvil/data/tokenizer.h"
+#include "anvil/model/generate.h"
+#include "anvil/model/transformer.h"
+#include "anvil/train/progress.h"
+
+#include <ATen/ATen.h>
+#include <cxxopts.hpp>
+#include <nlohmann/json.hpp>
+
+#include <cmath>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace anvil::cli {
+namespace {
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// One document of a JSONL line, as text to tokenize (add_special: whether the tokenizer adds bos).
+struct Document {
+  std::string text;
+  bool add_special = true;
+};
+
+Document jsonl_document(const nlohmann::json& j, const data::Tokenizer& tok, const std::string& where) {
+  if (!j.is_object()) throw std::runtime_error(where + ": each line must be a JSON object");
+  if (j.contains("text")) {
+    if (!j["text"].is_string()) throw std::runtime_error(where + ": \"text\" must be a string");
+    return {j["text"].get<std::string>(), true};
+  }
+  if (j.contains("prompt") && j.contains("completion")) {
+    if (!j["prompt"].is_string() || !j["completion"].is_string())
+      throw std::runtime_error(where + ": \"prompt\" and \"completion\" must be strings");
+    return {j["prompt"].get<std::string>() + j["completion"].get<std::string>(), true};
+  }
+  if (j.contains("messages")) {
+    if (!j["messages"].is_array()) throw std::runtime_error(where + ": \"messages\" must be an array");
+    std::vector<data::ChatMessage> messages;
+    for (const auto& m : j["messages"]) {
+      if (!m.is_object() || !m.contains("role") || !m.contains("content") || !m["role"].is_string() ||
+          !m["content"].is_string())
+        throw std::runtime_error(where + ": each message must be {\"role\": str, \"content\": str}");
+      messages.push_back({m["role"].get<std::string>(), m["content"].get<std::string>(), std::nullopt});
+    }
+    return {tok.render_chat(messages, /*add_generation_prompt=*/false), false};
+  }
+  throw std::runtime_error(where + ": a line needs \"text\", \"prompt\" + \"completion\", or \"messages\"");
+}
+
+std::vector<Document> read_documents(const std::string& path, const data::Tokenizer& tok, int64_t limit) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error("--data: cannot open '" + path + "'");
+  std::vector<Document> docs;
+  if (ends_with(path, ".jsonl")) {
+    std::string line;
+    int64_t n = 0;
+    while (std::getline(in, line)) {
+      ++n;
+      if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+      const std::string where = path + " line " + std::to_string(n);
+      nlohmann::json j;
+      try {
+        j = nlohmann::json::parse(line);
+      } catch (const nlohmann::json::exception& e) {
+        throw std::runtime_error(where + ": not valid JSON (" + e.what() + ")");
+      }
+      docs.push_back(jsonl_document(j, tok, where));
+      if (limit > 0 && int64_t(docs.size()) >= limit) break;
+    }
+  } else {
+    std::stringstream ss;
+    ss << in.rdbuf();
+    docs.push_back({ss.str(), true});
+  }
+  if (docs.empty()) throw std::runtime_error("--data: '" + path + "' holds no documents");
+  return docs;
+}
+
+}  // namespace
+
+int cmd_eval(int argc, char** argv) {
+  cxxopts::Options opts("anvil eval", "Perplexity of a model on a text (.txt) or JSONL (.jsonl) file");
+  add_model_options(opts);
+  opts.add_options()
+      ("d,data", "a .txt file (one document) or .jsonl (text | prompt+completion | messages per line)",
+       cxxopts::value<std::string>())
+      ("max-length", "tokens per scoring window (0: the model's max_position_embeddings, at most 4096)",
+       cxxopts::value<int64_t>()->default_value("0"))
+      ("limit", "score only the first N documents of a .jsonl (0: all)", cxxopts::value<int64_t>()->default_value("0"))
+      ("json", "print the result as one JSON object on stdout")
+      ("h,help", "show the options");
+  auto args = opts.parse(argc, argv);
+  if (args.count("help")) {
+    std::cout << opts.help() << "\n";
+    return 0;
+  }
+  if (!args.count("data")) throw std::invalid_argument("--data: required (a .txt or .jsonl file)");
+  int64_t max_length = args["max-length"].as<int64_t>();
+  if (max_length < 0 || max_length == 1) throw std::invalid_argument("--max-length must be 0 or >= 2, got " + std::to_string(max_length));
+  const int64_t limit = args["limit"].as<int64_t>();
+  if (limit < 0) throw std::invalid_argument("--limit must be >= 0, got " + std::to_string(limit));
+
+  LoadedModel m = load_model_and_tokenizer(args);
+  if (max_length == 0) {
+    const int64_t ctx = m.model->config().max_position_embeddings;
+    max_length = ctx > 0 ? std::min<int64_t>(ctx, 4096) : 2048;
+  }
+  const std::string path = args["data"].as<std::string>();
+  const auto docs = read_documents(path, *m.tokenizer, limit);
+
+  at::NoGradGuard no_grad;
+  model::PerplexityResult total;
+  train::Progress progress("eval", int64_t(docs.size()), "docs");
+  for (size_t i = 0; i < docs.size(); ++i) {
+    const auto ids = m.tokenizer->encode(docs[i].text, docs[i].add_special);
+    if (ids.size() >= 2) {
+      auto seq = at::tensor(std::vector<int64_t>(ids.begin(), ids.end()), at::kLong).to(m.model->device());
+      const auto r = model::perplexity(*m.model, {seq}, max_length);
+      total.nll_sum += r.nll_sum;
+      total.tokens += r.tokens;
+    }
+    char ppl[32];
+    std::snprintf(ppl, sizeof(ppl), "%.4f", total.tokens ? total.perplexity() : 0.0);
+    progress.update(int64_t(i + 1), {{"ppl", ppl}}, total.tokens);
+  }
+  if (total.tokens == 0) throw std::runtime_error("--data: no document of '" + path + "' has 2 or more tokens to score");
+  char ppl[32];
+  std::snprintf(ppl, sizeof(ppl), "%.4f", total.perplexity());
+  progress.finish({{"ppl", ppl}}, total.tokens);
+  if (args.count("json")) {
+    nlohmann::json out = {{"data", path},        {"documents", docs.size()},      {"tokens", total.tokens},
+                          {"mean_nll", total.mean_nll()}, {"perplexity", total.perplexity()},
+                          {"max_length", max_length}};
+    std::cout << out.dump() << std::endl;
+  } else {
+    std::printf("perplexity %.4f (mean NLL %.6f nats over %lld tokens, %zu documents, windows of %lld)\n",
+                total.perplexity(), total.mean_nll(), static_cast<long long>(total.tokens), docs.size(),
+                static_cast<long long>(max_length));
+  }
+  return 0;
+}
+
+}  // namespace anvil::cli
