@@ -1,6 +1,7 @@
 // anvil._C: the pybind11 module (torch's own pybind11, so tensors cross through torch's casters).
 // It exposes the C++ core (the self-check now; model loading and pipelines as they land). Ops never
 // go through here: Python reaches them as torch.ops.anvil.*, so autograd, torch.compile and vmap compose.
+#include "anvil/ops.h"
 #include "anvil/selfcheck.h"
 
 #include <torch/extension.h>
@@ -35,4 +36,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       [](bool cuda) { return anvil::format_selfcheck(anvil::run_selfcheck(cuda)); }, py::arg("cuda") = true,
       py::call_guard<py::gil_scoped_release>(),
       "Run the op self-check and return its table as text.");
+  m.def("fp8_gemm_configs", &anvil::ops::fp8_gemm_configs,
+        "The sm_90a fp8_gemm configurations compiled into this build, as 'name:dtype'.");
+  m.def(
+      "fp8_gemm_config",
+      [](int64_t m_, int64_t n, int64_t k, const std::string& out_dtype) {
+        const at::ScalarType dt = out_dtype == "float16" ? at::kHalf : out_dtype == "float32" ? at::kFloat : at::kBFloat16;
+        return anvil::ops::fp8_gemm_config(m_, n, k, dt);
+      },
+      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("out_dtype") = "bfloat16",
+      "The configuration fp8_gemm runs for (m, n, k) on the current device ('' when the fallback runs).");
 }
