@@ -118,17 +118,31 @@ def bench_dense(m, n, k, results, config_rows, want_configs):
     # accuracy, before timing
     ref = reference(first)
     ours_out = ops.fp8_gemm(first.qa, first.sa, first.qb, first.sb, torch.bfloat16)
-    cub_out = scaled_mm_block(first.qa4, first.sa4, first.qb, first.sb_t)[:m]
-    d_ours, d_cub = gemm_diff(ours_out, ref), gemm_diff(cub_out, ref)
+    d_ours = gemm_diff(ours_out, ref)
     assert d_ours < MAX_DIFF, f"M={m} N={n} K={k}: ours diff {d_ours:.2e}"
-    del ref, ours_out, cub_out
+    try:
+        d_cub = gemm_diff(scaled_mm_block(first.qa4, first.sa4, first.qb, first.sb_t)[:m], ref)
+    except RuntimeError as err:  # a shape cuBLAS's block scaling refuses: reported, not fatal
+        print(f"  _scaled_mm refuses M={m} N={n} K={k}: {str(err).splitlines()[0][:120]}")
+        d_cub = None
+    del ref, ours_out
 
     ours = lambda s: ops.fp8_gemm(s.qa, s.sa, s.qb, s.sb, torch.bfloat16)  # noqa: E731
     cub = lambda s: scaled_mm_block(s.qa4, s.sa4, s.qb, s.sb_t)            # noqa: E731
     bf16 = lambda s: torch.mm(s.x, s.wd.t())                                # noqa: E731
     args = [(s,) for s in sets]
-    timer = (lambda f: graph_ms(rotating(f, args), 2 * len(args))) if small else (lambda f: time_ms(rotating(f, args)))
-    t_ours, t_cub = timer(ours), timer(cub)
+
+    def timer(f):
+        if not small:
+            return time_ms(rotating(f, args))
+        try:
+            return graph_ms(rotating(f, args), 2 * len(args))
+        except RuntimeError as err:  # capture failed: say so, time eagerly
+            print(f"  CUDA graph capture failed ({str(err).splitlines()[0][:100]}); eager timing")
+            return time_ms(rotating(f, args), reps=100)
+
+    t_ours = timer(ours)
+    t_cub = timer(cub) if d_cub is not None else float("inf")
     row = {"m": m, "n": n, "k": k, "config": anvil.fp8_gemm_config(m, n, k), "timing": "cuda graphs" if small else "events",
            "pool_sets": len(sets), "ours_ms": t_ours, "scaled_mm_ms": t_cub, "ours_tflops": tflops(m, n, k, t_ours),
            "scaled_mm_tflops": tflops(m, n, k, t_cub), "diff_ours": d_ours, "diff_scaled_mm": d_cub,
@@ -139,7 +153,8 @@ def bench_dense(m, n, k, results, config_rows, want_configs):
         row["best_baseline_ms"] = min(t_cub, t_bf16)
         row["ratio_vs_best"] = row["best_baseline_ms"] / t_ours
         row["ours_eager_ms"] = time_ms(rotating(ours, args), reps=100)
-        row["scaled_mm_eager_ms"] = time_ms(rotating(cub, args), reps=100)
+        if d_cub is not None:
+            row["scaled_mm_eager_ms"] = time_ms(rotating(cub, args), reps=100)
     results.append(row)
     base = f"{row['bf16_mm_ms']:10.4f}" if small else f"{'':10}"
     ratio = row["ratio_vs_best"] if small else row["ratio_vs_scaled_mm"]
@@ -248,6 +263,7 @@ def main():
           f"compiled sm_90a configurations: {', '.join(anvil.fp8_gemm_configs()) or 'none (fallback only)'}")
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = False
+    os.environ["ANVIL_FP8_GEMM_STRICT"] = "1"   # time the sm_90a kernels, never a silent fallback
     dense, configs, other, grouped, goals = [], [], [], [], []
 
     print("\nblock-scaled (1x128 x 128x128), bf16 out; M <= 128 timed in CUDA graphs; ratio = baseline / ours,"

@@ -120,14 +120,15 @@ at::Tensor moe_sequence_balance_loss(const at::Tensor& logits, const at::Tensor&
 at::Tensor fp8_gemm(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b, const at::Tensor& b_scale,
                     at::ScalarType out_dtype, const Opt& bias) {
   static const auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                              const at::Tensor&, at::ScalarType, const Opt&)>("anvil::fp8_gemm");
+                                              const at::Tensor&, c10::optional<at::ScalarType>, const Opt&)>(
+      "anvil::fp8_gemm");
   return op.call(a, a_scale, b, b_scale, out_dtype, bias);
 }
 
 at::Tensor fp8_grouped_gemm(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b,
                             const at::Tensor& b_scale, const at::Tensor& offsets, at::ScalarType out_dtype) {
   static const auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                              const at::Tensor&, const at::Tensor&, at::ScalarType)>(
+                                              const at::Tensor&, const at::Tensor&, c10::optional<at::ScalarType>)>(
       "anvil::fp8_grouped_gemm");
   return op.call(a, a_scale, b, b_scale, offsets, out_dtype);
 }
@@ -135,7 +136,7 @@ at::Tensor fp8_grouped_gemm(const at::Tensor& a, const at::Tensor& a_scale, cons
 at::Tensor fp8_grouped_gemm_masked(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b,
                                    const at::Tensor& b_scale, const at::Tensor& masked_m, at::ScalarType out_dtype) {
   static const auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                              const at::Tensor&, const at::Tensor&, at::ScalarType)>(
+                                              const at::Tensor&, const at::Tensor&, c10::optional<at::ScalarType>)>(
       "anvil::fp8_grouped_gemm_masked");
   return op.call(a, a_scale, b, b_scale, masked_m, out_dtype);
 }

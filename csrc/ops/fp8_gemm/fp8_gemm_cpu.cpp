@@ -22,7 +22,9 @@ at::Tensor dequantize_b(const at::Tensor& b, const at::Tensor& b_scale, ScaleKin
 }
 
 at::Tensor fp8_gemm_cpu(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b,
-                        const at::Tensor& b_scale, at::ScalarType out_dtype, const c10::optional<at::Tensor>& bias) {
+                        const at::Tensor& b_scale, c10::optional<at::ScalarType> out_dtype_opt,
+                         const c10::optional<at::Tensor>& bias) {
+  const at::ScalarType out_dtype = out_dtype_opt.value_or(at::kBFloat16);
   const GemmShape s = check_gemm_args(a, a_scale, b, b_scale, out_dtype, bias, "anvil::fp8_gemm");
   auto out = at::matmul(dequantize_a(a, a_scale, s.a_kind), dequantize_b(b, b_scale, s.b_kind).t());  // (M, N)
   if (bias.has_value()) out.add_(bias->to(at::kFloat));
@@ -39,7 +41,9 @@ void expert_block(const at::Tensor& a, const at::Tensor& a_scale, const at::Tens
 }
 
 at::Tensor fp8_grouped_gemm_cpu(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b,
-                                const at::Tensor& b_scale, const at::Tensor& offsets, at::ScalarType out_dtype) {
+                                const at::Tensor& b_scale, const at::Tensor& offsets,
+                                 c10::optional<at::ScalarType> out_dtype_opt) {
+  const at::ScalarType out_dtype = out_dtype_opt.value_or(at::kBFloat16);
   const char* op = "anvil::fp8_grouped_gemm";
   const GroupedShape s = check_grouped_args(a, a_scale, b, b_scale, offsets, out_dtype, op);
   const int32_t* off = offsets.const_data_ptr<int32_t>();
@@ -55,7 +59,8 @@ at::Tensor fp8_grouped_gemm_cpu(const at::Tensor& a, const at::Tensor& a_scale, 
 
 at::Tensor fp8_grouped_gemm_masked_cpu(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b,
                                        const at::Tensor& b_scale, const at::Tensor& masked_m,
-                                       at::ScalarType out_dtype) {
+                                       c10::optional<at::ScalarType> out_dtype_opt) {
+  const at::ScalarType out_dtype = out_dtype_opt.value_or(at::kBFloat16);
   const char* op = "anvil::fp8_grouped_gemm_masked";
   const GroupedShape s = check_masked_args(a, a_scale, b, b_scale, masked_m, out_dtype, op);
   const auto a2 = a.view({s.rows, s.k});

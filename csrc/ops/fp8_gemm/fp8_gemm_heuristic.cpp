@@ -5,8 +5,11 @@
 //                         bf16, fp16, fp32 out: the one every output dtype has
 //   pingpong_64x128_c1x2  ping-pong 64x128x128, cluster 1x2, persistent, a scales K-major (cp.async)  bf16
 //   streamk_128x128       cooperative 128x128x128, cluster 1x1, stream-K, a scales K-major            bf16
+//   swapab_128x64         operands swapped (out^T = b a^T), cooperative 128(N)x64(M)x128, cluster 1x1,
+//                         stream-K, a scales K-major                                                 bf16
 //   grouped_128x128_c1x2  pointer-array grouped cooperative 128x128x128, cluster 1x2 (MoE)            bf16
 // Selection (dense), for the output dtype's compiled configurations:
+//   M <= 64                                     -> swapab_128x64     (decode: the tokens on the narrow side)
 //   tiles = ceil(M/128) ceil(N/128) < 4 x SMs  -> streamk_128x128   (decode and small problems: stream-K
 //                                                 splits K so every SM streams part of the weight)
 //   M < 2048                                    -> pingpong_64x128_c1x2
@@ -30,6 +33,7 @@ std::string run_coop_128x128_c1x2_fp16(const DenseArgs&);
 std::string run_coop_128x128_c1x2_fp32(const DenseArgs&);
 std::string run_pingpong_64x128_c1x2_bf16(const DenseArgs&);
 std::string run_streamk_128x128_bf16(const DenseArgs&);
+std::string run_swapab_128x64_bf16(const DenseArgs&);
 std::string run_grouped_128x128_c1x2_bf16(const GroupedArgs&);
 #endif
 
@@ -41,6 +45,7 @@ const std::vector<Sm90Config>& dense_configs() {
       {"coop_128x128_c1x2", true, OutType::kFloat, &run_coop_128x128_c1x2_fp32},
       {"pingpong_64x128_c1x2", false, OutType::kBFloat16, &run_pingpong_64x128_c1x2_bf16},
       {"streamk_128x128", false, OutType::kBFloat16, &run_streamk_128x128_bf16},
+      {"swapab_128x64", false, OutType::kBFloat16, &run_swapab_128x64_bf16},
 #endif
   };
   return configs;
@@ -90,7 +95,8 @@ const Sm90Config* choose_dense(int64_t m, int64_t n, int64_t /*k*/, OutType out,
     return c;
   }
   const int64_t tiles = ((m + 127) / 128) * ((n + 127) / 128);
-  const char* preferred = tiles < 4 * int64_t(sm_count) ? "streamk_128x128"
+  const char* preferred = m <= 64                        ? "swapab_128x64"
+                          : tiles < 4 * int64_t(sm_count) ? "streamk_128x128"
                           : m < 2048                     ? "pingpong_64x128_c1x2"
                                                          : "coop_128x128_c1x2";
   if (const Sm90Config* c = find_dense(preferred, out)) return c;

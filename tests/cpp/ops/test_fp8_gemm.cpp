@@ -160,7 +160,7 @@ TEST(Fp8Linear, ForwardAndInputGradient) {
   const auto grads = torch::autograd::grad({y}, {x, lin->bias}, {gy});
   const auto gx_ref = at::matmul(gy.reshape({6, N}).to(at::kDouble), wd.to(at::kDouble)).reshape({2, 3, K});
   EXPECT_LT(((grads[0] - gx_ref).norm() / gx_ref.norm()).item<double>(), 1e-5);
-  EXPECT_TRUE(at::allclose(grads[1], gy.sum({0, 1}), 1e-5, 1e-5));
+  EXPECT_TRUE(at::allclose(grads[1], gy.sum(at::IntArrayRef{0, 1}), 1e-5, 1e-5));
   // state_dict names as in DeepSeek-V3 / FineGrainedFP8 checkpoints
   const auto buffers = lin->named_buffers();
   EXPECT_TRUE(buffers.contains("weight") && buffers.contains("weight_scale_inv"));
