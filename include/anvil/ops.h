@@ -117,7 +117,8 @@ at::Tensor fp8_linear(const at::Tensor& x, const at::Tensor& weight, const at::T
                       const c10::optional<at::Tensor>& bias = c10::nullopt);
 
 /// grad_out (..., N) W (N, K) -> (..., K) in grad_out's dtype: fp8_linear's gradient with respect to x.
-at::Tensor fp8_linear_backward(const at::Tensor& grad_out, const at::Tensor& weight, const at::Tensor& weight_scale_inv);
+at::Tensor fp8_linear_backward(const at::Tensor& grad_out, const at::Tensor& weight,
+                               const at::Tensor& weight_scale_inv);
 
 /// The sm_90a kernel configuration fp8_gemm would run for this problem on the current CUDA device ("" when
 /// there is none: no sm_90a build or another GPU; the fallback runs then). The environment variable

@@ -201,7 +201,8 @@ const sm90::Sm90GroupedConfig* grouped_choice(const at::Tensor& a, const at::Ten
   const int device = a.get_device();
   std::string why = sm90_blocker(device, n, k, out_dtype, {a.const_data_ptr(), b.const_data_ptr()});
   const sm90::Sm90GroupedConfig* cfg = why.empty() ? sm90::choose_grouped(out_type(out_dtype)) : nullptr;
-  if (why.empty() && !cfg) why = std::string("no grouped sm_90a configuration is compiled for ") + c10::toString(out_dtype);
+  if (why.empty() && !cfg)
+    why = std::string("no grouped sm_90a configuration is compiled for ") + c10::toString(out_dtype);
   if (!cfg) warn_fallback(op, why);
   return cfg;
 }

@@ -119,11 +119,12 @@ TEST(Fp8GroupedGemm, ContiguousLayoutWithEmptyExpertsAndPadding) {
   }
   EXPECT_EQ(got.narrow(0, 0, 3).abs().max().item<float>(), 0.0f);
   EXPECT_EQ(got.narrow(0, 50, 14).abs().max().item<float>(), 0.0f);
-  expect_error([&] { anvil::ops::fp8_grouped_gemm(qa, sa, qb, sb, at::tensor(std::vector<int32_t>{0, 9, 5, 9, 9}, at::kInt)); },
-               {"offsets must be non-decreasing"});
+  const auto bad_offsets = at::tensor(std::vector<int32_t>{0, 9, 5, 9, 9}, at::kInt);
+  expect_error([&] { anvil::ops::fp8_grouped_gemm(qa, sa, qb, sb, bad_offsets); }, {"offsets must be non-decreasing"});
   expect_error([&] { anvil::ops::fp8_grouped_gemm(qa, sa, qb, sb, at::zeros({E}, at::kInt)); },
                {"offsets must have shape (E + 1) = (5)"});
-  expect_error([&] { anvil::ops::fp8_grouped_gemm(qa, sa, qb, sb.narrow(1, 0, 1).contiguous(), at::tensor(off, at::kInt)); },
+  const auto short_scale = sb.narrow(1, 0, 1).contiguous();
+  expect_error([&] { anvil::ops::fp8_grouped_gemm(qa, sa, qb, short_scale, at::tensor(off, at::kInt)); },
                {"b_scale must have shape (E, ceil(N/128), ceil(K/128))"});
 }
 
@@ -135,14 +136,14 @@ TEST(Fp8GroupedGemm, MaskedLayoutValidRowsOnly) {
   const auto got = anvil::ops::fp8_grouped_gemm_masked(qa, sa, qb, sb, at::tensor(valid, at::kInt), at::kFloat);
   ASSERT_EQ(got.sizes(), at::IntArrayRef({E, C, N}));
   for (int64_t e = 0; e < E; ++e) {
-    if (valid[e] > 0)
-      EXPECT_LT(gemm_diff(got[e].narrow(0, 0, valid[e]),
-                          formula(qa[e].narrow(0, 0, valid[e]), sa[e].narrow(0, 0, valid[e]), qb[e], sb[e], c10::nullopt)),
-                1e-9);
+    if (valid[e] > 0) {
+      const auto want = formula(qa[e].narrow(0, 0, valid[e]), sa[e].narrow(0, 0, valid[e]), qb[e], sb[e], c10::nullopt);
+      EXPECT_LT(gemm_diff(got[e].narrow(0, 0, valid[e]), want), 1e-9);
+    }
     if (valid[e] < C) EXPECT_EQ(got[e].narrow(0, valid[e], C - valid[e]).abs().max().item<float>(), 0.0f);
   }
-  expect_error([&] { anvil::ops::fp8_grouped_gemm_masked(qa, sa, qb, sb, at::tensor(std::vector<int32_t>{9, 0, 0}, at::kInt)); },
-               {"masked_m[0] = 9", "[0, C = 8]"});
+  const auto too_many = at::tensor(std::vector<int32_t>{9, 0, 0}, at::kInt);
+  expect_error([&] { anvil::ops::fp8_grouped_gemm_masked(qa, sa, qb, sb, too_many); }, {"masked_m[0] = 9", "[0, C = 8]"});
 }
 
 TEST(Fp8Linear, ForwardAndInputGradient) {
@@ -154,7 +155,8 @@ TEST(Fp8Linear, ForwardAndInputGradient) {
   ASSERT_EQ(y.sizes(), at::IntArrayRef({2, 3, N}));
   const auto wd = anvil::ops::dequantize_fp8(lin->weight, lin->weight_scale_inv, "block128x128", at::kFloat);
   const auto [qx, sx] = anvil::ops::quantize_fp8(x.detach().reshape({6, K}), "block1x128");
-  const auto want = at::matmul(anvil::ops::dequantize_fp8(qx, sx, "block1x128", at::kFloat), wd.t()) + lin->bias.detach();
+  const auto xd = anvil::ops::dequantize_fp8(qx, sx, "block1x128", at::kFloat);
+  const auto want = at::matmul(xd, wd.t()) + lin->bias.detach();
   EXPECT_LT(gemm_diff(y.detach().reshape({6, N}), want), 1e-9);
   const auto gy = at::randn({2, 3, N});
   const auto grads = torch::autograd::grad({y}, {x, lin->bias}, {gy});

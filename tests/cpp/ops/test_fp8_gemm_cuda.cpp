@@ -182,9 +182,8 @@ TEST(Fp8GroupedGemmCuda, ContiguousLayoutOneEightSixtyFourExperts) {
     for (int64_t e = 0; e < c.experts; ++e) {
       const int64_t r0 = off[e], rows = off[e + 1] - off[e];
       if (rows == 0) continue;
-      EXPECT_LT(gemm_diff(got.narrow(0, r0, rows), expert_reference(qa.narrow(0, r0, rows), sa.narrow(0, r0, rows), w, e)),
-                kMaxDiff)
-          << "expert " << e;
+      const auto want = expert_reference(qa.narrow(0, r0, rows), sa.narrow(0, r0, rows), w, e);
+      EXPECT_LT(gemm_diff(got.narrow(0, r0, rows), want), kMaxDiff) << "expert " << e;
     }
     EXPECT_EQ(got.narrow(0, off.back(), 100).abs().max().item<float>(), 0.0f) << "rows of no expert are not zero";
     EXPECT_FALSE(got.isnan().any().item<bool>());
