@@ -5,6 +5,7 @@
 #include "anvil/io/safetensors.h"
 #include "anvil/model/generate.h"
 #include "anvil/model/transformer.h"
+#include "anvil/ops.h"
 #include "anvil/selfcheck.h"
 
 #include <torch/extension.h>
@@ -277,4 +278,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "Writes a checkpoint directory (sharded with an index when larger than max_shard_bytes).");
   m.def("resolve_model_path", &anvil::io::resolve_model_path, py::arg("arg"),
         "A directory, file, or hub id in the local Hugging Face cache -> a local path.");
+  m.def("fp8_gemm_configs", &anvil::ops::fp8_gemm_configs,
+        "The sm_90a fp8_gemm configurations compiled into this build, as 'name:dtype'.");
+  m.def(
+      "fp8_gemm_config",
+      [](int64_t m_, int64_t n, int64_t k, const std::string& out_dtype) {
+        const at::ScalarType dt = out_dtype == "float16" ? at::kHalf : out_dtype == "float32" ? at::kFloat : at::kBFloat16;
+        return anvil::ops::fp8_gemm_config(m_, n, k, dt);
+      },
+      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("out_dtype") = "bfloat16",
+      "The configuration fp8_gemm runs for (m, n, k) on the current device ('' when the fallback runs).");
 }

@@ -26,6 +26,32 @@ dequantize_int8 = ops.dequantize_int8
 
 GRANULARITIES = ("tensor", "row", "block1x128", "block128x128")
 
+fp8_gemm = ops.fp8_gemm
+fp8_grouped_gemm = ops.fp8_grouped_gemm
+fp8_grouped_gemm_masked = ops.fp8_grouped_gemm_masked
+fp8_linear = ops.fp8_linear
+
+
+class Fp8Linear(_torch.nn.Module):
+    """y = x W^T + bias over a frozen FP8 weight, as include/anvil/fp8_linear.h: buffers ``weight`` (N, K)
+    float8_e4m3fn and ``weight_scale_inv`` (ceil(N/128), K/128) fp32 (DeepSeek-V3 / FineGrainedFP8 names),
+    an optional trainable ``bias``; x is quantized to 1x128 blocks on the fly. Gradients reach x and bias."""
+
+    def __init__(self, weight, weight_scale_inv, bias=None):
+        super().__init__()
+        self.register_buffer("weight", weight.contiguous())
+        self.register_buffer("weight_scale_inv", weight_scale_inv.contiguous())
+        self.bias = _torch.nn.Parameter(bias.contiguous()) if bias is not None else None
+
+    @classmethod
+    def from_float(cls, weight, bias=None):
+        """Quantizes a float weight (N, K) to e4m3 with 128x128 block scales."""
+        q, s = ops.quantize_fp8(weight.contiguous(), "block128x128")
+        return cls(q, s, bias)
+
+    def forward(self, x):
+        return ops.fp8_linear(x, self.weight, self.weight_scale_inv, self.bias)
+
 
 def selfcheck(cuda: bool = True) -> str:
     """Runs the op self-check (as ``anvil selfcheck``) and returns its table."""
@@ -34,4 +60,21 @@ def selfcheck(cuda: bool = True) -> str:
     return _C.format_selfcheck(cuda)
 
 
-__all__ = ["ops", "quantize_fp8", "dequantize_fp8", "quantize_int8", "dequantize_int8", "GRANULARITIES", "selfcheck"]
+__all__ = ["ops", "quantize_fp8", "dequantize_fp8", "quantize_int8", "dequantize_int8", "GRANULARITIES", "selfcheck",
+           "fp8_gemm", "fp8_grouped_gemm", "fp8_grouped_gemm_masked", "fp8_linear", "Fp8Linear", "fp8_gemm_configs",
+           "fp8_gemm_config"]
+
+
+def fp8_gemm_configs():
+    """The sm_90a configurations compiled into this build ("name:dtype"), and fp8_gemm's choice for a problem:
+    ``anvil.fp8_gemm_config(m, n, k)`` ("" when the fallback runs). ANVIL_FP8_GEMM_CONFIG=<name> forces one."""
+    if _C is None:
+        raise ImportError(f"anvil._C was not built: {_C_error}")
+    return _C.fp8_gemm_configs()
+
+
+def fp8_gemm_config(m, n, k, out_dtype=_torch.bfloat16):
+    """The configuration fp8_gemm runs for (m, n, k) on the current device ("" when the fallback runs)."""
+    if _C is None:
+        raise ImportError(f"anvil._C was not built: {_C_error}")
+    return _C.fp8_gemm_config(m, n, k, str(out_dtype).replace("torch.", ""))

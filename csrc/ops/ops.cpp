@@ -115,4 +115,44 @@ at::Tensor moe_sequence_balance_loss(const at::Tensor& logits, const at::Tensor&
   return (f * p).sum() * alpha;
 }
 
+// ---- FP8 GEMM ----
+
+at::Tensor fp8_gemm(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b, const at::Tensor& b_scale,
+                    at::ScalarType out_dtype, const Opt& bias) {
+  static const auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                              const at::Tensor&, c10::optional<at::ScalarType>, const Opt&)>(
+      "anvil::fp8_gemm");
+  return op.call(a, a_scale, b, b_scale, out_dtype, bias);
+}
+
+at::Tensor fp8_grouped_gemm(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b,
+                            const at::Tensor& b_scale, const at::Tensor& offsets, at::ScalarType out_dtype) {
+  static const auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                              const at::Tensor&, const at::Tensor&, c10::optional<at::ScalarType>)>(
+      "anvil::fp8_grouped_gemm");
+  return op.call(a, a_scale, b, b_scale, offsets, out_dtype);
+}
+
+at::Tensor fp8_grouped_gemm_masked(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b,
+                                   const at::Tensor& b_scale, const at::Tensor& masked_m, at::ScalarType out_dtype) {
+  static const auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                              const at::Tensor&, const at::Tensor&, c10::optional<at::ScalarType>)>(
+      "anvil::fp8_grouped_gemm_masked");
+  return op.call(a, a_scale, b, b_scale, masked_m, out_dtype);
+}
+
+at::Tensor fp8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale_inv,
+                      const Opt& bias) {
+  static const auto op =
+      op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Opt&)>("anvil::fp8_linear");
+  return op.call(x, weight, weight_scale_inv, bias);
+}
+
+at::Tensor fp8_linear_backward(const at::Tensor& grad_out, const at::Tensor& weight,
+                               const at::Tensor& weight_scale_inv) {
+  static const auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
+      "anvil::fp8_linear_backward");
+  return op.call(grad_out, weight, weight_scale_inv);
+}
+
 }  // namespace anvil::ops

@@ -40,4 +40,23 @@ TORCH_LIBRARY(anvil, m) {
   m.def("moe_expert_load(Tensor indices, int num_experts) -> Tensor");
   // DeepSeek-V3 auxiliary-loss-free balancing: bias += gamma * sign(mean(counts) - counts), in place.
   m.def("moe_update_bias(Tensor(a!) bias, Tensor counts, float gamma) -> ()");
+  // ---- FP8 GEMM (csrc/ops/fp8_gemm; docs/FORMATS.md "FP8 GEMM") ----
+  // out (M, N) = (a (M, K) e4m3 * a_scale) (b (N, K) e4m3 * b_scale)^T + bias, in out_dtype; scales as
+  // quantize_fp8 makes them: a per-tensor () | per-row (M, 1) | 1x128 (M, K/128); b per-tensor () |
+  // per-channel (N, 1) | 128x128 (N/128, K/128). FP32 accumulation promoted every 128 of K. out_dtype None: bf16.
+  m.def("fp8_gemm(Tensor a, Tensor a_scale, Tensor b, Tensor b_scale, ScalarType? out_dtype=None, "
+        "Tensor? bias=None) -> Tensor");
+  // MoE contiguous layout (moe_permute's): rows [offsets[e], offsets[e+1]) of a (R, K) times b[e] (N, K)
+  // -> (R, N); 1x128 a scales (R, K/128), 128x128 b scales (E, N/128, K/128); rows of no expert are zero.
+  m.def("fp8_grouped_gemm(Tensor a, Tensor a_scale, Tensor b, Tensor b_scale, Tensor offsets, "
+        "ScalarType? out_dtype=None) -> Tensor");
+  // MoE masked layout for decode (CUDA-graph safe): a (E, C, K), the first masked_m[e] rows of expert e
+  // valid -> (E, C, N); rows at or past masked_m[e] are not written on CUDA (zero on the CPU).
+  m.def("fp8_grouped_gemm_masked(Tensor a, Tensor a_scale, Tensor b, Tensor b_scale, Tensor masked_m, "
+        "ScalarType? out_dtype=None) -> Tensor");
+  // y (..., N) = x W^T + bias over a frozen FP8 weight (N, K) with 128x128 weight_scale_inv, x quantized
+  // on the fly to 1x128 blocks; differentiable with respect to x and bias (C++ autograd).
+  m.def("fp8_linear(Tensor x, Tensor weight, Tensor weight_scale_inv, Tensor? bias=None) -> Tensor");
+  // Gradient of fp8_linear with respect to x: grad_out (..., N) W (N, K), W dequantized slice by slice.
+  m.def("fp8_linear_backward(Tensor grad_out, Tensor weight, Tensor weight_scale_inv) -> Tensor");
 }

@@ -188,6 +188,107 @@ void check_moe(std::vector<SelfCheckRow>& rows, bool cuda) {
   rows.push_back({"moe_update_bias", "cuda", at::allclose(bcu.cpu(), b) ? "ok" : "FAIL", "equal to cpu", 0.0});
 }
 
+// ---- FP8 GEMM ----
+// The error measure of the issue (DeepGEMM's calc_diff): 1 - 2 sum(xy) / sum(x^2 + y^2), in double.
+double gemm_diff(const at::Tensor& x, const at::Tensor& y) {
+  const auto a = x.to(at::kDouble).cpu(), b = y.to(at::kDouble).cpu();
+  const double den = (a * a + b * b).sum().item<double>();
+  return den == 0 ? 0.0 : 1.0 - 2.0 * (a * b).sum().item<double>() / den;
+}
+
+// CPU: fp8_gemm (every scale granularity) and the grouped GEMMs against the formula (dequantize with
+// reference_dequantize, fp32 matmul); fp8_linear against quantize + formula, its backward against
+// grad_out W. CUDA: the same inputs on the GPU against the CPU, diff < 1e-3 (bf16 output).
+void check_fp8_gemm(std::vector<SelfCheckRow>& rows, bool cuda) {
+  const int64_t M = 37, N = 300, K = 512;
+  const auto x = at::randn({M, K}), w = at::randn({N, K}) * 0.05;
+  const auto bias = at::randn({N});
+  struct Pair {
+    const char *ga, *gb;
+  };
+  for (const Pair& g : {Pair{"block1x128", "block128x128"}, Pair{"row", "row"}, Pair{"tensor", "tensor"}}) {
+    const auto [qa, sa] = ops::quantize_fp8(x, g.ga);
+    const auto [qb, sb] = ops::quantize_fp8(w, g.gb);
+    const auto want = at::matmul(ops::reference_dequantize(qa, sa, g.ga), ops::reference_dequantize(qb, sb, g.gb).t()) + bias;
+    const auto got = ops::fp8_gemm(qa, sa, qb, sb, at::kFloat, bias);
+    const double d = gemm_diff(got, want);
+    const std::string name = std::string("fp8_gemm[") + g.ga + " x " + g.gb + "]";
+    rows.push_back({name, "cpu", d < 1e-9 ? "ok" : "FAIL", "diff vs formula " + fmt(d),
+                    time_ms([&] { ops::fp8_gemm(qa, sa, qb, sb, at::kBFloat16, bias); }, false)});
+    if (cuda) {
+      const auto gc = ops::fp8_gemm(qa.cuda(), sa.cuda(), qb.cuda(), sb.cuda(), at::kBFloat16, bias.cuda());
+      const double dc = gemm_diff(gc, want);
+      const auto qac = qa.cuda(), sac = sa.cuda(), qbc = qb.cuda(), sbc = sb.cuda(), bc = bias.cuda();
+      rows.push_back({name, "cuda", dc < 1e-3 ? "ok" : "FAIL",
+                      "diff vs formula " + fmt(dc) + " (config '" + ops::fp8_gemm_config(M, N, K) + "')",
+                      time_ms([&] { ops::fp8_gemm(qac, sac, qbc, sbc, at::kBFloat16, bc); }, true)});
+    }
+  }
+  // grouped: 3 experts, the middle one empty, rows padded to 8 per expert
+  const int64_t E = 3;
+  const auto offsets = at::tensor(std::vector<int32_t>{0, 16, 16, 40}, at::kInt);
+  const int64_t R = 48;  // rows 40..47 belong to no expert
+  const auto xg = at::randn({R, K});
+  const auto wg = at::randn({E, N, K}) * 0.05;
+  const auto [qa, sa] = ops::quantize_fp8(xg, "block1x128");
+  std::vector<at::Tensor> qbs, sbs;
+  for (int64_t e = 0; e < E; ++e) {
+    auto [q, s] = ops::quantize_fp8(wg[e].contiguous(), "block128x128");
+    qbs.push_back(q);
+    sbs.push_back(s);
+  }
+  const auto qb = at::stack(qbs), sb = at::stack(sbs);
+  auto want = at::zeros({R, N});
+  const auto da = ops::reference_dequantize(qa, sa, "block1x128");
+  for (auto [e, r0, r1] : {std::tuple<int64_t, int64_t, int64_t>{0, 0, 16}, {2, 16, 40}})
+    want.narrow(0, r0, r1 - r0).copy_(at::matmul(da.narrow(0, r0, r1 - r0),
+                                                 ops::reference_dequantize(qbs[e], sbs[e], "block128x128").t()));
+  const auto got = ops::fp8_grouped_gemm(qa, sa, qb, sb, offsets, at::kFloat);
+  const double dg = gemm_diff(got, want);
+  rows.push_back({"fp8_grouped_gemm", "cpu", dg < 1e-9 && got.narrow(0, 40, 8).abs().max().item<float>() == 0 ? "ok" : "FAIL",
+                  "3 experts (one empty) vs formula, diff " + fmt(dg), 0.0});
+  const auto masked = at::tensor(std::vector<int32_t>{16, 0, 9}, at::kInt);
+  const int64_t C = 16;
+  const auto qm = qa.narrow(0, 0, E * C).view({E, C, K}), sm = sa.narrow(0, 0, E * C).view({E, C, K / 128});
+  const auto gm = ops::fp8_grouped_gemm_masked(qm, sm, qb, sb, masked, at::kFloat);
+  auto wantm = at::zeros({E, C, N});
+  for (auto [e, rows_e] : {std::pair<int64_t, int64_t>{0, 16}, {2, 9}})
+    wantm[e].narrow(0, 0, rows_e).copy_(at::matmul(da.narrow(0, e * C, rows_e),
+                                                   ops::reference_dequantize(qbs[e], sbs[e], "block128x128").t()));
+  const double dm = gemm_diff(gm, wantm);
+  rows.push_back({"fp8_grouped_gemm_masked", "cpu", dm < 1e-9 ? "ok" : "FAIL", "counts 16, 0, 9 vs formula, diff " + fmt(dm), 0.0});
+  if (cuda) {
+    const auto gc = ops::fp8_grouped_gemm(qa.cuda(), sa.cuda(), qb.cuda(), sb.cuda(), offsets.cuda(), at::kBFloat16);
+    const double d1 = gemm_diff(gc, want);
+    rows.push_back({"fp8_grouped_gemm", "cuda", d1 < 1e-3 ? "ok" : "FAIL", "vs formula, diff " + fmt(d1), 0.0});
+    const auto mc = ops::fp8_grouped_gemm_masked(qm.cuda(), sm.cuda(), qb.cuda(), sb.cuda(), masked.cuda(), at::kBFloat16)
+                        .cpu().to(at::kFloat);
+    const double d2 = gemm_diff(at::cat({mc[0], mc[2].narrow(0, 0, 9)}), at::cat({wantm[0], wantm[2].narrow(0, 0, 9)}));
+    rows.push_back({"fp8_grouped_gemm_masked", "cuda", d2 < 1e-3 ? "ok" : "FAIL", "valid rows vs formula, diff " + fmt(d2), 0.0});
+  }
+  // fp8_linear and its backward
+  const auto [qw, sw] = ops::quantize_fp8(w, "block128x128");
+  auto xl = x.clone().requires_grad_(true);
+  const auto y = ops::fp8_linear(xl, qw, sw, bias);
+  const auto [qx, sx] = ops::quantize_fp8(x, "block1x128");
+  const auto wd = ops::reference_dequantize(qw, sw, "block128x128");
+  const double dl = gemm_diff(y.detach(), at::matmul(ops::reference_dequantize(qx, sx, "block1x128"), wd.t()) + bias);
+  const auto gy = at::randn({M, N});
+  const auto gx = torch::autograd::grad({y}, {xl}, {gy})[0];
+  const double rel = ((gx - at::matmul(gy, wd)).norm() / at::matmul(gy, wd).norm()).item<double>();
+  rows.push_back({"fp8_linear", "cpu", dl < 1e-9 ? "ok" : "FAIL", "vs quantize + formula, diff " + fmt(dl), 0.0});
+  rows.push_back({"fp8_linear_backward", "cpu", rel < 1e-5 ? "ok" : "FAIL", "dX vs dY W, rel err " + fmt(rel), 0.0});
+  if (cuda) {
+    auto xc = x.cuda().to(at::kBFloat16).requires_grad_(true);
+    const auto yc = ops::fp8_linear(xc, qw.cuda(), sw.cuda(), bias.cuda().to(at::kBFloat16));
+    const auto gxc = torch::autograd::grad({yc}, {xc}, {gy.cuda().to(at::kBFloat16)})[0];
+    const double dlc = gemm_diff(yc.detach(), y.detach());
+    const double relc = ((gxc.cpu().to(at::kFloat) - at::matmul(gy, wd)).norm() / at::matmul(gy, wd).norm()).item<double>();
+    rows.push_back({"fp8_linear", "cuda", dlc < 1e-3 ? "ok" : "FAIL", "bf16 vs cpu, diff " + fmt(dlc), 0.0});
+    rows.push_back({"fp8_linear_backward", "cuda", relc < 1e-2 ? "ok" : "FAIL", "bf16 dX vs dY W, rel err " + fmt(relc), 0.0});
+  }
+}
+
 // Runs `check`, turning an exception into a FAIL row so one broken op never hides the others.
 void guarded(const std::string& op, std::vector<SelfCheckRow>& rows, const std::function<void()>& check) {
   try {
@@ -216,6 +317,9 @@ std::vector<SelfCheckRow> run_selfcheck(bool cuda) {
   guarded("moe", rows, [&] { check_moe(rows, use_cuda); });
   for (const char* op : {"moe_gate", "moe_gate_backward", "moe_route", "moe_permute", "moe_permute_backward",
                          "moe_unpermute", "moe_unpermute_backward", "moe_expert_load", "moe_update_bias"})
+    checked.insert(op);
+  guarded("fp8_gemm", rows, [&] { check_fp8_gemm(rows, use_cuda); });
+  for (const char* op : {"fp8_gemm", "fp8_grouped_gemm", "fp8_grouped_gemm_masked", "fp8_linear", "fp8_linear_backward"})
     checked.insert(op);
   if (!use_cuda) rows.push_back({"(all ops)", "cuda", "skip", cuda ? "no CUDA device" : "--cpu-only", 0.0});
   for (const auto& name : c10::Dispatcher::singleton().getAllOpNames()) {

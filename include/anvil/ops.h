@@ -9,6 +9,7 @@
 
 #include <string>
 #include <tuple>
+#include <vector>
 
 namespace anvil::ops {
 
@@ -81,5 +82,50 @@ void moe_update_bias(at::Tensor& bias, const at::Tensor& counts, double gamma);
 /// alpha * sum_i f_i P_i, f_i = E / (k T) * #{t : i in indices[t]}, P_i = mean_t s[t, i] / sum_e s[t, e],
 /// with s = sigmoid(logits) (T, E) and indices (T, k).
 at::Tensor moe_sequence_balance_loss(const at::Tensor& logits, const at::Tensor& indices, double alpha);
+
+// ---- FP8 GEMM (docs/FORMATS.md, "FP8 GEMM") ----------------------------------------------------
+
+/// out (M, N) = dequant(a) dequant(b)^T + bias, rounded once to out_dtype (bf16, fp16 or fp32).
+/// a (M, K) and b (N, K) are float8_e4m3fn, contiguous; the scales are quantize_fp8's scale_inv, fp32:
+/// a_scale () per-tensor, (M, 1) per-row or (M, ceil(K/128)) 1x128 blocks; b_scale () per-tensor,
+/// (N, 1) per-channel or (ceil(N/128), ceil(K/128)) 128x128 blocks. Block scales on either side need
+/// K % 128 == 0. bias (N) fp32/bf16/fp16. Hopper: a CUTLASS sm_90a kernel (FP32 promotion every 128 of
+/// K); other GPUs: dequantize + bf16 GEMM (warned once); CPU: dequantize + fp32 matmul (the reference).
+at::Tensor fp8_gemm(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b, const at::Tensor& b_scale,
+                    at::ScalarType out_dtype = at::kBFloat16, const c10::optional<at::Tensor>& bias = c10::nullopt);
+
+/// MoE grouped GEMM, contiguous layout (moe_permute's): out[r] = dequant(a[r]) dequant(b[e])^T for the
+/// rows offsets[e] <= r < offsets[e+1]; rows of no expert are zero. a (R, K) e4m3 with a_scale
+/// (R, K/128); b (E, N, K) e4m3 with b_scale (E, ceil(N/128), K/128); offsets (E + 1) int32,
+/// non-decreasing in [0, R]. K % 128 == 0. -> (R, N) in out_dtype.
+at::Tensor fp8_grouped_gemm(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b,
+                            const at::Tensor& b_scale, const at::Tensor& offsets,
+                            at::ScalarType out_dtype = at::kBFloat16);
+
+/// MoE grouped GEMM, masked layout (decode, CUDA graphs): a (E, C, K) with a_scale (E, C, K/128), expert
+/// e's first masked_m[e] rows valid (masked_m (E) int32 on the device, read there: no host sync).
+/// -> (E, C, N); rows at or past masked_m[e] are not written on CUDA (their contents are unspecified) and
+/// zero on the CPU.
+at::Tensor fp8_grouped_gemm_masked(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b,
+                                   const at::Tensor& b_scale, const at::Tensor& masked_m,
+                                   at::ScalarType out_dtype = at::kBFloat16);
+
+/// y (..., N) = x W^T + bias in x's dtype, W (N, K) e4m3 frozen with weight_scale_inv (ceil(N/128), K/128);
+/// x (..., K) bf16/fp16/fp32 is quantized to 1x128 blocks on the fly. Differentiable with respect to x
+/// (dX = dY W, W dequantized to dY's dtype: bf16 accuracy) and bias.
+at::Tensor fp8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale_inv,
+                      const c10::optional<at::Tensor>& bias = c10::nullopt);
+
+/// grad_out (..., N) W (N, K) -> (..., K) in grad_out's dtype: fp8_linear's gradient with respect to x.
+at::Tensor fp8_linear_backward(const at::Tensor& grad_out, const at::Tensor& weight,
+                               const at::Tensor& weight_scale_inv);
+
+/// The sm_90a kernel configuration fp8_gemm would run for this problem on the current CUDA device ("" when
+/// there is none: no sm_90a build or another GPU; the fallback runs then). The environment variable
+/// ANVIL_FP8_GEMM_CONFIG=<name> forces one (docs/FORMATS.md, "FP8 GEMM", lists the names).
+std::string fp8_gemm_config(int64_t m, int64_t n, int64_t k, at::ScalarType out_dtype = at::kBFloat16);
+
+/// Every sm_90a configuration compiled into this build, as "name:dtype" (empty without sm_90a kernels).
+std::vector<std::string> fp8_gemm_configs();
 
 }  // namespace anvil::ops

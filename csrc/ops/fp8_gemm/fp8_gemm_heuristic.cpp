@@ -1,0 +1,128 @@
+// Which Hopper configuration fp8_gemm runs, in one place so the tuning round changes one table.
+//
+// The compiled configurations (one file each, fp8_gemm_sm90_<name>_<dtype>.cu):
+//   coop_128x128_c1x2     cooperative 128x128x128, cluster 1x2, persistent, a scales M-major (TMA)
+//                         bf16, fp16, fp32 out: the one every output dtype has
+//   pingpong_64x128_c1x2  ping-pong 64x128x128, cluster 1x2, persistent, a scales K-major (cp.async)  bf16
+//   streamk_128x128       cooperative 128x128x128, cluster 1x1, stream-K, a scales K-major            bf16
+//   swapab_128x64         operands swapped (out^T = b a^T), cooperative 128(N)x64(M)x128, cluster 1x1,
+//                         stream-K, a scales K-major                                                 bf16
+//   grouped_128x128_c1x2  pointer-array grouped cooperative 128x128x128, cluster 1x2 (MoE)            bf16
+// Selection (dense), for the output dtype's compiled configurations:
+//   M <= 64                                     -> swapab_128x64     (decode: the tokens on the narrow side)
+//   tiles = ceil(M/128) ceil(N/128) < 4 x SMs  -> streamk_128x128   (decode and small problems: stream-K
+//                                                 splits K so every SM streams part of the weight)
+//   M < 2048                                    -> pingpong_64x128_c1x2
+//   otherwise                                   -> coop_128x128_c1x2
+// falling back to coop_128x128_c1x2 where the preferred one is not compiled for the dtype.
+// ANVIL_FP8_GEMM_CONFIG=<name> forces a configuration (bench/fp8_gemm.py --configs uses it); an unknown
+// name is an error that lists the compiled ones.
+#include "ops/fp8_gemm/fp8_gemm_sm90.h"
+
+#include "anvil/ops.h"
+
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
+
+namespace anvil::ops::sm90 {
+
+#ifdef ANVIL_WITH_SM90A
+std::string run_coop_128x128_c1x2_bf16(const DenseArgs&);
+std::string run_coop_128x128_c1x2_fp16(const DenseArgs&);
+std::string run_coop_128x128_c1x2_fp32(const DenseArgs&);
+std::string run_pingpong_64x128_c1x2_bf16(const DenseArgs&);
+std::string run_streamk_128x128_bf16(const DenseArgs&);
+std::string run_swapab_128x64_bf16(const DenseArgs&);
+std::string run_grouped_128x128_c1x2_bf16(const GroupedArgs&);
+#endif
+
+const std::vector<Sm90Config>& dense_configs() {
+  static const std::vector<Sm90Config> configs = {
+#ifdef ANVIL_WITH_SM90A
+      {"coop_128x128_c1x2", true, OutType::kBFloat16, &run_coop_128x128_c1x2_bf16},
+      {"coop_128x128_c1x2", true, OutType::kHalf, &run_coop_128x128_c1x2_fp16},
+      {"coop_128x128_c1x2", true, OutType::kFloat, &run_coop_128x128_c1x2_fp32},
+      {"pingpong_64x128_c1x2", false, OutType::kBFloat16, &run_pingpong_64x128_c1x2_bf16},
+      {"streamk_128x128", false, OutType::kBFloat16, &run_streamk_128x128_bf16},
+      {"swapab_128x64", false, OutType::kBFloat16, &run_swapab_128x64_bf16},
+#endif
+  };
+  return configs;
+}
+
+const std::vector<Sm90GroupedConfig>& grouped_configs() {
+  static const std::vector<Sm90GroupedConfig> configs = {
+#ifdef ANVIL_WITH_SM90A
+      {"grouped_128x128_c1x2", OutType::kBFloat16, &run_grouped_128x128_c1x2_bf16},
+#endif
+  };
+  return configs;
+}
+
+const char* out_type_name(OutType t) {
+  return t == OutType::kBFloat16 ? "bf16" : t == OutType::kHalf ? "fp16" : "fp32";
+}
+
+namespace {
+
+const Sm90Config* find_dense(const std::string& name, OutType out) {
+  for (const auto& c : dense_configs())
+    if (name == c.name && c.out == out) return &c;
+  return nullptr;
+}
+
+std::string dense_names(OutType out) {
+  std::string s;
+  for (const auto& c : dense_configs())
+    if (c.out == out) s += (s.empty() ? "" : ", ") + std::string(c.name);
+  return s.empty() ? "(none)" : s;
+}
+
+std::string forced_config() {
+  const char* env = std::getenv("ANVIL_FP8_GEMM_CONFIG");
+  return env && *env && std::string(env) != "auto" ? std::string(env) : std::string();
+}
+
+}  // namespace
+
+const Sm90Config* choose_dense(int64_t m, int64_t n, int64_t /*k*/, OutType out, int sm_count) {
+  const std::string forced = forced_config();
+  if (!forced.empty()) {
+    const Sm90Config* c = find_dense(forced, out);
+    TORCH_CHECK(c, "anvil::fp8_gemm: ANVIL_FP8_GEMM_CONFIG='", forced, "' is not a compiled configuration for ",
+                out_type_name(out), " output; compiled: ", dense_names(out));
+    return c;
+  }
+  const int64_t tiles = ((m + 127) / 128) * ((n + 127) / 128);
+  const char* preferred = m <= 64                        ? "swapab_128x64"
+                          : tiles < 4 * int64_t(sm_count) ? "streamk_128x128"
+                          : m < 2048                     ? "pingpong_64x128_c1x2"
+                                                         : "coop_128x128_c1x2";
+  if (const Sm90Config* c = find_dense(preferred, out)) return c;
+  return find_dense("coop_128x128_c1x2", out);
+}
+
+const Sm90GroupedConfig* choose_grouped(OutType out) {
+  for (const auto& c : grouped_configs())
+    if (c.out == out) return &c;
+  return nullptr;
+}
+
+}  // namespace anvil::ops::sm90
+
+namespace anvil::ops {
+
+std::vector<std::string> fp8_gemm_configs() {
+  std::vector<std::string> names;
+  for (const auto& c : sm90::dense_configs()) names.push_back(std::string(c.name) + ":" + sm90::out_type_name(c.out));
+  for (const auto& c : sm90::grouped_configs())
+    names.push_back(std::string(c.name) + ":" + sm90::out_type_name(c.out));
+  return names;
+}
+
+#ifndef ANVIL_WITH_CUDA
+std::string fp8_gemm_config(int64_t, int64_t, int64_t, at::ScalarType) { return ""; }
+#endif
+
+}  // namespace anvil::ops
