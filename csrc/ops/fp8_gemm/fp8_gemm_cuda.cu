@@ -121,6 +121,21 @@ at::Tensor fp8_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scale, const a
     return gemm_fallback(a, a_scale, b, b_scale, out_dtype, bias, s);
   }
 
+  if (cfg->sfa_m_major && s.m % 4 != 0) {
+    // The TMA load of M-major scales needs 16-byte rows of scales, M a multiple of 4: CUTLASS's
+    // can_implement refuses M = 1, 14, 45 (seen on the H100, 2026-11-23). Pad a (and its per-row or
+    // 1x128 scales) with zero rows to the next multiple of 4, run, and return the first M rows.
+    const int64_t m4 = (s.m + 3) / 4 * 4;
+    auto a_pad = at::zeros({m4, s.k}, a.options().dtype(at::kByte)).view(a.scalar_type());  // (M4, K) e4m3 zeros
+    a_pad.narrow(0, 0, s.m).copy_(a);
+    at::Tensor sa_pad = a_scale;
+    if (s.a_kind != ScaleKind::kTensor) {
+      sa_pad = at::ones({m4, a_scale.size(1)}, a_scale.options());  // (M4, Kb) or (M4, 1)
+      sa_pad.narrow(0, 0, s.m).copy_(a_scale);
+    }
+    return fp8_gemm_cuda(a_pad, sa_pad, b, b_scale, out_dtype, bias).narrow(0, 0, s.m);
+  }
+
   auto out = at::empty({s.m, s.n}, a.options().dtype(out_dtype));  // (M, N)
   sm90::DenseArgs p{};
   p.a = a.const_data_ptr();
