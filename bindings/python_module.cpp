@@ -169,6 +169,27 @@ void bind_lora(py::module_& m) {
       },
       py::arg("model"), "Base-model parameters with requires_grad (empty once adapters are attached).");
   m.def(
+      "adapter_gradients",
+      [](PyCausalLM& s, const at::Tensor& ids) {
+        // Gradients of the mean next-token loss with respect to the adapter tensors, by PEFT file
+        // name (the base is frozen: its gradients must stay undefined).
+        TensorList out;
+        {
+          py::gil_scoped_release no_gil;
+          auto state = al::adapter_state(*s.model, true);
+          for (auto& [name, t] : state) t.mutable_grad() = at::Tensor();
+          anvil::model::causal_lm_loss(*s.model, ids).backward();
+          for (auto& [name, t] : state) out.emplace_back(name, t.grad().defined() ? t.grad().clone() : at::Tensor());
+          for (auto& [name, t] : state) t.mutable_grad() = at::Tensor();
+          for (auto& p : s.model->parameters())
+            if (p.grad().defined()) throw std::runtime_error("adapter_gradients: a frozen base parameter got a gradient");
+        }
+        py::dict d;
+        for (auto& [name, g] : out) d[py::str(name)] = g.defined() ? py::cast(g) : py::none();
+        return d;
+      },
+      py::arg("model"), py::arg("input_ids"));
+  m.def(
       "set_training", [](PyCausalLM& s, bool on) { s.model->train(on); }, py::arg("model"), py::arg("on"),
       "Training mode (LoRA dropout active) or eval mode; a loaded model starts in training mode.");
   m.def(

@@ -180,6 +180,7 @@ std::vector<std::pair<std::string, at::Tensor>> apply_lora(anvil::model::CausalL
     adapter->scaling = scaling_of(config, name);
     adapter->dropout = config.lora_dropout;
     if (config.use_dora) {  // DoraLinearLayer.update_layer: ||W + s B A||_row with B = 0
+      at::NoGradGuard no_grad;  // a leaf of its own, not a function of the (still trainable) weight
       adapter->magnitude = at::linalg_vector_norm(linear->weight.to(at::kFloat), 2, {1});
       adapter->magnitude.requires_grad_(true);
     }

@@ -162,6 +162,7 @@ LoraConfig parse_adapter_config(const std::string& text, const std::string& sour
     fail("task_type", "is " + j["task_type"].dump() + "; anvil adapts causal LMs (CAUSAL_LM)");
 
   LoraConfig c;
+  if (j.contains("r") && j["r"].is_number_float()) fail("r", "must be an integer, got " + j["r"].dump());
   c.r = get("r", int64_t(8));
   c.lora_alpha = get("lora_alpha", 8.0);
   c.lora_dropout = get("lora_dropout", 0.0);

@@ -263,6 +263,64 @@ def test_merge_matches_peft_merge_and_unload(base, tmp_path, variant):
     assert not os.path.exists(tmp_path / "merged" / "adapter_config.json")
 
 
+# ---- bf16 base ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", ["llama_patterns", "llama_dora"])
+def test_bf16_base_with_fp32_adapter(base, tmp_path, variant):
+    """A bf16 base keeps fp32 adapters (PEFT's autocast_adapter_dtype), the file holds fp32 tensors as
+    PEFT's does, logits follow the bf16 rule of docs/ARCHITECTURE.md (error vs the fp32 PEFT model <= 2x
+    PEFT's own bf16 error + slack), and the bf16 merge equals PEFT's to one bf16 rounding."""
+    case, kwargs = VARIANTS[variant]
+    d = base(case)
+    ref32 = peft.get_peft_model(hf_model(d), peft_config(kwargs))
+    randomize_adapter(peft_adapter_tensors(ref32), seed=21)
+    ref32.eval().save_pretrained(str(tmp_path / "adapter"))
+    hf16 = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16).eval()
+    peft16 = peft.PeftModel.from_pretrained(hf16, str(tmp_path / "adapter")).eval()
+    ours = _C.CausalLM(d, dtype="bfloat16")
+    _C.set_training(ours, False)
+    _C.load_adapter(ours, str(tmp_path / "adapter"))
+    assert all(t.dtype == torch.float32 for _, t in _C.adapter_state(ours))
+    ids = tokens(8)
+    ref = logits_of(ref32, ids).double()
+    theirs = (logits_of(peft16, ids).double() - ref).abs().max().item()
+    mine = (ours.logits(ids).double() - ref).abs().max().item()
+    assert mine <= 2 * theirs + 1e-3 * ref.abs().max().item(), f"anvil bf16 error {mine:.3g}, PEFT's {theirs:.3g}"
+    # The file anvil writes from a bf16 model: fp32 tensors, as PEFT writes.
+    _C.save_adapter(ours, config_json(kwargs), str(tmp_path / "again"))
+    with safe_open(str(tmp_path / "again" / "adapter_model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+    merged = peft16.merge_and_unload().state_dict()
+    _C.merge_adapter(ours)
+    for name, w in ours.state_dict().items():
+        assert w.dtype == torch.bfloat16
+        torch.testing.assert_close(w, merged[name], rtol=2 ** -7, atol=1e-6, msg=name)
+
+
+# ---- gradients (what the trainer will step) ------------------------------------------------------
+
+@pytest.mark.parametrize("variant", ["llama_suffix", "llama_patterns", "llama_bias_dora", "deepseek_v3_mla_list"])
+def test_adapter_gradients_match_peft(base, tmp_path, variant):
+    case, kwargs = VARIANTS[variant]
+    ours, _ = anvil_with_adapter(base(case), kwargs, seed=4)
+    _C.save_adapter(ours, config_json(kwargs), str(tmp_path))
+    pm = peft.PeftModel.from_pretrained(hf_model(base(case)), str(tmp_path), is_trainable=True).eval()
+    ids = tokens(7)
+    pm(input_ids=ids, labels=ids).loss.backward()
+    theirs = {}
+    for name, p in pm.named_parameters():
+        if p.requires_grad:
+            key = name.replace(".default", "")  # in-memory name -> file name
+            theirs[key[:-len(".weight")] if key.endswith("lora_magnitude_vector.weight") else key] = p.grad
+    mine = _C.adapter_gradients(ours, ids)
+    assert set(mine) == set(theirs)
+    for name, g in mine.items():
+        ref = theirs[name]
+        scale = ref.abs().max().item()
+        assert scale > 0, name
+        assert (g - ref).abs().max().item() <= 1e-4 * scale + 1e-7, name
+
+
 # ---- initialisation, freezing, targeting ---------------------------------------------------------
 
 def test_apply_lora_init_and_freezing(base):
@@ -270,7 +328,7 @@ def test_apply_lora_init_and_freezing(base):
     model = _C.CausalLM(d)
     named = dict(_C.apply_lora(model, config_json(dict(r=4, lora_alpha=8, target_modules="all-linear")), 7))
     assert _C.trainable_parameter_names(model) == []
-    assert all(t.requires_grad and t.dtype == torch.float32 for t in named.values())
+    assert all(t.requires_grad and t.is_leaf and t.dtype == torch.float32 for t in named.values())
     for name, t in named.items():
         if name.endswith("lora_A.weight"):
             bound = 1 / math.sqrt(t.shape[1])  # kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in))
@@ -333,6 +391,7 @@ def test_dora_magnitude_init_is_weight_row_norm(base):
     w = model.state_dict()["model.layers.0.self_attn.q_proj.weight"]
     m = named["base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"]
     torch.testing.assert_close(m, w.norm(dim=1))
+    assert m.is_leaf and m.requires_grad
 
 
 # ---- errors -----------------------------------------------------------------------------------------

@@ -131,6 +131,7 @@ TEST(LoraConfig, RejectsUnsupportedOptionsNamingTheKey) {
   expect_error(with("target_modules", "\"(unclosed\""), {"target_modules", "regex"});
   expect_error(with("r", "0"), {"r must be > 0"});
   expect_error(with("r", "\"four\""), {"\"r\"", "wrong type"});
+  expect_error(with("r", "4.5"), {"\"r\"", "integer"});
   expect_error(with("lora_dropout", "1.0"), {"lora_dropout"});
   expect_error(with("rank_pattern", R"({"k_proj": 1.5})"), {"rank_pattern.k_proj", "integer"});
   expect_error(with("rank_pattern", R"({"k_proj": -1})"), {"rank_pattern", "k_proj"});
