@@ -38,35 +38,25 @@ bool is_floating(at::ScalarType t) { return at::isFloatingType(t); }
 
 void validate(const LoraConfig& c) {
   auto fail = [](const std::string& what) { throw std::invalid_argument("LoraConfig: " + what); };
+  auto check_regex = [&](const std::string& pattern, const std::string& what) {
+    try {
+      std::regex check(pattern);
+    } catch (const std::regex_error& e) {
+      fail(what + " \"" + pattern + "\" is not a valid regex: " + e.what());
+    }
+  };
   if (c.r <= 0) fail("r must be > 0, got " + std::to_string(c.r));
   if (!(c.lora_dropout >= 0.0 && c.lora_dropout < 1.0))
     fail("lora_dropout must be in [0, 1), got " + std::to_string(c.lora_dropout));
   if (c.init != "kaiming" && c.init != "gaussian") fail("init must be \"kaiming\" or \"gaussian\", got \"" + c.init + "\"");
   const auto& t = c.target_modules;
   if (t.kind == TargetModules::Kind::kList && t.names.empty()) fail("target_modules is an empty list");
-  if (t.kind == TargetModules::Kind::kRegex) {
-    try {
-      std::regex check(t.regex);
-    } catch (const std::regex_error& e) {
-      fail("target_modules regex \"" + t.regex + "\" is invalid: " + e.what());
-    }
-  }
-  for (const auto& [key, rank] : c.rank_pattern)
-    if (rank <= 0) fail("rank_pattern[\"" + key + "\"] must be > 0, got " + std::to_string(rank));
+  if (t.kind == TargetModules::Kind::kRegex) check_regex(t.regex, "target_modules regex");
   for (const auto& [key, rank] : c.rank_pattern) {
-    try {
-      std::regex check(key);
-    } catch (const std::regex_error& e) {
-      fail("rank_pattern key \"" + key + "\" is not a valid regex");
-    }
+    if (rank <= 0) fail("rank_pattern[\"" + key + "\"] must be > 0, got " + std::to_string(rank));
+    check_regex(key, "rank_pattern key");
   }
-  for (const auto& entry : c.alpha_pattern) {
-    try {
-      std::regex check(entry.first);
-    } catch (const std::regex_error& e) {
-      fail("alpha_pattern key \"" + entry.first + "\" is not a valid regex");
-    }
-  }
+  for (const auto& entry : c.alpha_pattern) check_regex(entry.first, "alpha_pattern key");
 }
 
 bool is_target(const LoraConfig& c, const std::string& name, bool is_output_layer) {

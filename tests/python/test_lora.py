@@ -222,8 +222,8 @@ def test_anvil_adapter_loads_in_peft(base, tmp_path, variant):
 
 def test_adapter_config_text_matches_peft(base, tmp_path):
     # Byte-identical when target_modules has one entry (PEFT writes a set in hash order otherwise).
-    kwargs = dict(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=["q_proj"], rank_pattern={"k_proj": 2},
-                  alpha_pattern={"v_proj": 1.5})
+    kwargs = dict(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=["q_proj"],
+                  rank_pattern={r"layers\.1\.self_attn\.q_proj": 2}, alpha_pattern={"q_proj": 1.5})
     ours, _ = anvil_with_adapter(base("llama"), kwargs, seed=1)
     _C.save_adapter(ours, config_json({**kwargs, "base_model_name_or_path": base("llama")}), str(tmp_path / "anvil"))
     peft.get_peft_model(hf_model(base("llama")), peft_config(kwargs)).save_pretrained(str(tmp_path / "peft"))
