@@ -5,12 +5,11 @@
 // precedence as transformers' convert_rope_params_to_dict.
 #include "anvil/model/config.h"
 
+#include "io/io_internal.h"
+
 #include <nlohmann/json.hpp>
 
 #include <cmath>
-#include <filesystem>
-#include <fstream>
-#include <sstream>
 #include <stdexcept>
 
 namespace anvil::model {
@@ -414,13 +413,12 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
 }
 
 ModelConfig load_model_config(const std::string& path) {
-  namespace fs = std::filesystem;
-  fs::path file = fs::is_directory(path) ? fs::path(path) / "config.json" : fs::path(path);
-  std::ifstream in(file);
-  if (!in) throw std::runtime_error(file.string() + ": cannot open the model config (config.json)");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return parse_model_config(ss.str(), file.string());
+  // POSIX paths through io's helpers: std::filesystem is unsafe in a process that loads libtorch
+  // (docs/ARCHITECTURE.md, io).
+  const std::string file = anvil::io::detail::is_directory(path) ? anvil::io::detail::join_path(path, "config.json") : path;
+  if (!anvil::io::detail::is_regular_file(file))
+    throw std::runtime_error(file + ": cannot open the model config (config.json): no such file");
+  return parse_model_config(anvil::io::detail::read_text_file(file, 64ull << 20), file);
 }
 
 }  // namespace anvil::model

@@ -12,13 +12,12 @@
 
 #include "anvil/io/safetensors.h"
 #include "anvil/ops.h"
+#include "io/io_internal.h"
 
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
 #include <torch/nn/module.h>
 
-#include <filesystem>
-#include <fstream>
 #include <regex>
 #include <set>
 #include <stdexcept>
@@ -294,21 +293,15 @@ std::shared_ptr<CausalLM> load_causal_lm(const std::string& path, c10::optional<
 }
 
 void save_causal_lm(const CausalLM& model, const std::string& dir, int64_t max_shard_bytes) {
-  namespace fs = std::filesystem;
-  fs::create_directories(dir);
+  namespace detail = anvil::io::detail;  // POSIX paths: std::filesystem is unsafe beside libtorch
+  detail::make_directories(dir);
   auto json = nlohmann::json::parse(model.config().json);
   json["dtype"] = dtype_name(model.dtype());
   if (json.contains("torch_dtype")) json["torch_dtype"] = dtype_name(model.dtype());
   json.erase("quantization_config");  // the weights are written dequantized
-  const fs::path config_path = fs::path(dir) / "config.json";
-  const fs::path tmp = fs::path(dir) / "config.json.tmp";
-  {
-    std::ofstream out(tmp);
-    if (!out) throw std::runtime_error(tmp.string() + ": cannot write");
-    out << json.dump(2) << "\n";
-    if (!out) throw std::runtime_error(tmp.string() + ": write failed");
-  }
-  fs::rename(tmp, config_path);
+  const std::string text = json.dump(2) + "\n";
+  detail::write_file_atomically(detail::join_path(dir, "config.json"),
+                                [&](int fd) { detail::write_all(fd, text.data(), text.size(), dir + "/config.json"); });
 
   std::vector<std::pair<std::string, at::Tensor>> tensors;
   for (auto& [name, t] : model.state_tensors()) tensors.emplace_back(name, t.detach().to(at::kCPU).contiguous());

@@ -496,3 +496,22 @@ def test_gradients_match_transformers(case, saved):
     for name, g in theirs.items():
         diff = (ours[name].double() - g.double()).abs().max().item()
         assert diff <= 1e-4 * scale, f"{name}: max |diff| {diff:.3g} (largest gradient {scale:.3g})"
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_qwen_sliding_window_layers(family, tmp_path):
+    """use_sliding_window with max_window_layers: only the layers from max_window_layers on use the window."""
+    cls = transformers.Qwen2Config if family == "qwen2" else transformers.Qwen3Config
+    config = cls(**TINY, num_key_value_heads=2, use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    assert config.layer_types == ["full_attention", "sliding_attention"]
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    randomize(hf, 31)
+    hf.eval().save_pretrained(tmp_path)
+    ids = tokens(2, 12, seed=32)
+    with torch.no_grad():
+        ref = hf(ids).logits
+    ours = anvil._C.CausalLM(str(tmp_path))
+    assert_logits_close(ours.logits(ids), ref)
+    assert_logits_close(ours.cached_logits(ids, 1), ref)
+    assert_logits_close(ours.cached_logits(ids, 5), ref)
