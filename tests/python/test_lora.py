@@ -394,6 +394,43 @@ def test_dora_magnitude_init_is_weight_row_norm(base):
     assert m.is_leaf and m.requires_grad
 
 
+def test_dropout_only_in_training_mode(base, tmp_path):
+    """lora_dropout acts on the adapter's input in training mode only; a zero-dropout adapter computes
+    the same logits in both modes, and so does a trained one in eval mode."""
+    d = base("llama")
+    for dropout in (0.0, 0.5):
+        for dora in (False, True):
+            kwargs = dict(r=4, lora_alpha=8, lora_dropout=dropout, use_dora=dora, target_modules="all-linear")
+            model, _ = anvil_with_adapter(d, kwargs, seed=13)
+            ids = tokens(9)
+            eval_logits = model.logits(ids)
+            _C.set_training(model, True)
+            train_logits = model.logits(ids)
+            if dropout == 0.0:
+                assert torch.equal(train_logits, eval_logits)
+            else:
+                assert (train_logits - eval_logits).abs().max() > 1e-3 * eval_logits.abs().max()
+            _C.set_training(model, False)
+            assert torch.equal(model.logits(ids), eval_logits)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", ["llama_patterns", "llama_dora", "deepseek_v3_attn"])
+def test_cuda_adapter_matches_cpu(base, tmp_path, variant):
+    case, kwargs = VARIANTS[variant]
+    cpu, _ = anvil_with_adapter(base(case), kwargs, seed=17)
+    _C.save_adapter(cpu, config_json(kwargs), str(tmp_path))
+    gpu = _C.CausalLM(base(case), device="cuda")
+    _C.set_training(gpu, False)
+    _C.load_adapter(gpu, str(tmp_path))
+    assert all(t.is_cuda and t.dtype == torch.float32 for _, t in _C.adapter_state(gpu))
+    ids = tokens(10)
+    assert_logits_close(gpu.logits(ids.cuda()).cpu(), cpu.logits(ids))
+    _C.merge_adapter(gpu)
+    _C.merge_adapter(cpu)
+    assert_logits_close(gpu.logits(ids.cuda()).cpu(), cpu.logits(ids))
+
+
 # ---- errors -----------------------------------------------------------------------------------------
 
 def _saved_adapter(base, tmp_path, **config_overrides):
