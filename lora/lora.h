@@ -108,7 +108,9 @@ void save_adapter(anvil::model::CausalLM& model, const LoraConfig& config, const
 
 /// Reads a PEFT adapter directory and attaches it to `model` (freezing the base as apply_lora does).
 /// Every targeted module must have its tensors in the file and every tensor must belong to a targeted
-/// module, with the shapes the config implies; errors name the key. Returns the config.
+/// module, with the shapes the config implies; errors name the key, and nothing is attached on error.
+/// A targeted lm_head's "base_layer.weight" (PEFT's save_embedding_layers) replaces the base weight.
+/// Returns the config.
 LoraConfig load_adapter(anvil::model::CausalLM& model, const std::string& dir);
 
 /// Folds every adapter into its base weight (LoRA: W += scaling B A; DoRA: PEFT's merge,
