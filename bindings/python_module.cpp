@@ -7,6 +7,7 @@
 #include "anvil/model/transformer.h"
 #include "anvil/ops.h"
 #include "anvil/selfcheck.h"
+#include "lora/lora.h"
 
 #include <torch/extension.h>
 
@@ -207,12 +208,89 @@ void bind_tokenizer(py::module_& m) {
       py::arg("template"), "The built-in format a Jinja chat_template is recognised as; RuntimeError otherwise");
 }
 
+// LoRA (lora/): the config crosses as adapter_config.json text, so Python writes PEFT's own field
+// names and anvil's parser (with its errors) is the one under test.
+void bind_lora(py::module_& m) {
+  namespace al = anvil::lora;
+  using TensorList = std::vector<std::pair<std::string, at::Tensor>>;
+  m.def(
+      "apply_lora",
+      [](PyCausalLM& s, const std::string& config_json, uint64_t seed) {
+        return al::apply_lora(*s.model, al::parse_adapter_config(config_json, "config"), seed);
+      },
+      py::arg("model"), py::arg("config_json"), py::arg("seed") = 0, py::call_guard<py::gil_scoped_release>(),
+      "Attaches LoRA adapters per an adapter_config.json text; -> [(PEFT name, trainable tensor)].");
+  m.def(
+      "save_adapter",
+      [](PyCausalLM& s, const std::string& config_json, const std::string& dir) {
+        al::save_adapter(*s.model, al::parse_adapter_config(config_json, "config"), dir);
+      },
+      py::arg("model"), py::arg("config_json"), py::arg("dir"), py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "load_adapter",
+      [](PyCausalLM& s, const std::string& dir) {
+        auto c = al::load_adapter(*s.model, dir);
+        std::vector<std::string> names;
+        for (auto& [name, a] : al::adapters_of(*s.model)) names.push_back(name);
+        return al::adapter_config_json(c, names);
+      },
+      py::arg("model"), py::arg("dir"), py::call_guard<py::gil_scoped_release>(),
+      "Attaches a PEFT adapter directory; -> the config as anvil would write it.");
+  m.def(
+      "adapter_state", [](PyCausalLM& s) -> TensorList { return al::adapter_state(*s.model, true); }, py::arg("model"));
+  m.def(
+      "merge_adapter", [](PyCausalLM& s) { al::merge_adapter(*s.model); }, py::arg("model"),
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "trainable_parameter_names",
+      [](PyCausalLM& s) {
+        std::vector<std::string> names;
+        for (auto& p : s.model->named_parameters(true))
+          if (p.value().requires_grad()) names.push_back(p.key());
+        return names;
+      },
+      py::arg("model"), "Base-model parameters with requires_grad (empty once adapters are attached).");
+  m.def(
+      "adapter_gradients",
+      [](PyCausalLM& s, const at::Tensor& ids) {
+        // Gradients of the mean next-token loss with respect to the adapter tensors, by PEFT file
+        // name (the base is frozen: its gradients must stay undefined).
+        TensorList out;
+        {
+          py::gil_scoped_release no_gil;
+          auto state = al::adapter_state(*s.model, true);
+          for (auto& [name, t] : state) t.mutable_grad() = at::Tensor();
+          anvil::model::causal_lm_loss(*s.model, ids).backward();
+          for (auto& [name, t] : state) out.emplace_back(name, t.grad().defined() ? t.grad().clone() : at::Tensor());
+          for (auto& [name, t] : state) t.mutable_grad() = at::Tensor();
+          for (auto& p : s.model->parameters())
+            if (p.grad().defined()) throw std::runtime_error("adapter_gradients: a frozen base parameter got a gradient");
+        }
+        py::dict d;
+        for (auto& [name, g] : out) d[py::str(name)] = g.defined() ? py::cast(g) : py::none();
+        return d;
+      },
+      py::arg("model"), py::arg("input_ids"));
+  m.def(
+      "set_training", [](PyCausalLM& s, bool on) { s.model->train(on); }, py::arg("model"), py::arg("on"),
+      "Training mode (LoRA dropout active) or eval mode; a loaded model starts in training mode.");
+  m.def(
+      "linear_names",
+      [](PyCausalLM& s) {
+        std::vector<std::string> names;
+        for (auto& [name, l] : anvil::model::named_linears(*s.model)) names.push_back(name);
+        return names;
+      },
+      py::arg("model"));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "anvil C++ core";
   bind_model(m);
   bind_tokenizer(m);
+  bind_lora(m);
   m.def(
       "selfcheck",
       [](bool cuda) {

@@ -17,7 +17,18 @@ Linear::Linear(int64_t in_features, int64_t out_features, bool has_bias, const a
   if (has_bias) bias = register_parameter("bias", at::empty({out_features}, options));
 }
 
-at::Tensor Linear::forward(const at::Tensor& x) { return at::linear(x, weight, bias); }
+at::Tensor Linear::forward(const at::Tensor& x) {
+  auto out = at::linear(x, weight, bias);  // (..., out)
+  return adapter ? adapter->forward(*this, x, out) : out;
+}
+
+std::vector<std::pair<std::string, std::shared_ptr<Linear>>> named_linears(torch::nn::Module& root) {
+  std::vector<std::pair<std::string, std::shared_ptr<Linear>>> out;
+  for (auto& item : root.named_modules(/*name_prefix=*/"", /*include_self=*/false)) {
+    if (auto linear = std::dynamic_pointer_cast<Linear>(item.value())) out.emplace_back(item.key(), linear);
+  }
+  return out;
+}
 
 Embedding::Embedding(int64_t num_embeddings, int64_t dim, const at::TensorOptions& options) {
   weight = register_parameter("weight", at::empty({num_embeddings, dim}, options));

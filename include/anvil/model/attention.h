@@ -17,19 +17,42 @@
 #include <torch/nn/module.h>
 #include <torch/types.h>
 
+#include <memory>
+#include <string>
 #include <utility>
 #include <vector>
 
 namespace anvil::model {
 
-/// y = x W^T + b; parameters "weight" (out, in) and, when `bias`, "bias" (out).
+class Linear;
+
+/// A trainable side path attached to one Linear (LoRA, DoRA: lora/ implements it). The core only
+/// calls it; it knows nothing of how the adapter is built, saved or merged. The adapter is not a
+/// registered submodule, so the model's parameter names (the checkpoint's keys) never change; a
+/// pipeline enumerates the adapter's parameters itself.
+class LinearAdapter {
+ public:
+  virtual ~LinearAdapter() = default;
+  /// The layer's output given its input x (..., in) and the base output base_out = x W^T + b
+  /// (..., out): base_out + delta for LoRA, a rescaled base_out + delta for DoRA.
+  virtual at::Tensor forward(const Linear& base, const at::Tensor& x, const at::Tensor& base_out) = 0;
+};
+
+/// y = x W^T + b; parameters "weight" (out, in) and, when `bias`, "bias" (out). With an adapter
+/// attached, y = adapter->forward(*this, x, x W^T + b).
 class Linear : public torch::nn::Module {
  public:
   Linear(int64_t in_features, int64_t out_features, bool bias, const at::TensorOptions& options);
   at::Tensor forward(const at::Tensor& x);
   at::Tensor weight;
   at::Tensor bias;  ///< undefined when absent
+  std::shared_ptr<LinearAdapter> adapter;  ///< null = plain linear
 };
+
+/// Every Linear under `root` with its checkpoint module name ("model.layers.0.self_attn.q_proj",
+/// "model.layers.1.mlp.experts.3.gate_proj", "lm_head"), in module order. LoRA targeting and the
+/// PEFT adapter keys use these names.
+std::vector<std::pair<std::string, std::shared_ptr<Linear>>> named_linears(torch::nn::Module& root);
 
 /// Token embedding table, parameter "weight" (V, H).
 class Embedding : public torch::nn::Module {

@@ -1,0 +1,121 @@
+// LoRA adapters for anvil's causal LMs, in PEFT's format and with PEFT's semantics (peft 0.21).
+//
+// An adapter is a LoraAdapter attached to an anvil::model::Linear through the core's LinearAdapter
+// hook: y = W x + b + scaling * B(A(dropout(x))), with A (r, in) and B (out, r) kept in fp32 (PEFT
+// creates them in the base dtype and then, with its default autocast_adapter_dtype=True, upcasts
+// fp16/bf16 adapters to fp32; x is cast to the adapter dtype and the sum back to the base dtype).
+// DoRA adds the magnitude vector m (out): y = W x + b + (m / ||W + s B A||_row - 1) (W x) +
+// (m / ||W + s B A||_row) s B(A(x)), the norm detached, as PEFT's DoraLinearLayer computes it.
+//
+// Module names are the checkpoint's ("model.layers.0.self_attn.q_proj"), so PEFT's targeting rules
+// apply to them unchanged and the adapter file's keys are "base_model.model.<name>.lora_A.weight".
+// Everything the format allows but anvil does not implement (fan_in_fan_out, bias, layers_to_transform,
+// modules_to_save, other PEFT types, ...) is refused on load with the key named, never ignored.
+#pragma once
+
+#include "anvil/model/attention.h"
+#include "anvil/model/transformer.h"
+
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace anvil::lora {
+
+/// Which Linear modules get an adapter (PEFT's target_modules).
+struct TargetModules {
+  enum class Kind { kList, kRegex, kAllLinear };
+  Kind kind = Kind::kList;
+  /// kList: a module matches when its name equals an entry or ends with "." + entry.
+  std::vector<std::string> names;
+  /// kRegex: a module matches when the regex matches its whole name (Python re.fullmatch).
+  std::string regex;
+};
+
+/// PEFT's LoraConfig, the subset anvil implements.
+struct LoraConfig {
+  int64_t r = 8;
+  double lora_alpha = 8;
+  double lora_dropout = 0.0;
+  bool use_rslora = false;  ///< scaling alpha / sqrt(r) instead of alpha / r
+  bool use_dora = false;
+  /// kAllLinear = every Linear but lm_head (routed experts included: anvil's per-expert Linears are
+  /// the modules transformers 4.x had, on which PEFT's all-linear reached them).
+  TargetModules target_modules;
+  /// Per-module rank and alpha: keys are regexes matched as PEFT's get_pattern_key does
+  /// (re.match("(.*\.)?(key)$", name)), the first matching key in order wins.
+  std::vector<std::pair<std::string, int64_t>> rank_pattern;
+  std::vector<std::pair<std::string, double>> alpha_pattern;
+  /// "kaiming" (PEFT's init_lora_weights=True: A kaiming_uniform(a=sqrt(5)), B zeros) or
+  /// "gaussian" (A normal with std 1/r, B zeros).
+  std::string init = "kaiming";
+  std::string base_model_name_or_path;  ///< written to adapter_config.json (null when empty)
+};
+
+/// Throws std::invalid_argument naming the field when a value is out of range (r <= 0, dropout
+/// outside [0, 1), empty target list, bad regex, unknown init, ...).
+void validate(const LoraConfig& config);
+
+/// Whether `module_name` is targeted (`is_output_layer`: lm_head, excluded by all-linear).
+bool is_target(const LoraConfig& config, const std::string& module_name, bool is_output_layer);
+/// The rank and alpha of one module (rank_pattern / alpha_pattern, else r / lora_alpha).
+int64_t rank_of(const LoraConfig& config, const std::string& module_name);
+double alpha_of(const LoraConfig& config, const std::string& module_name);
+/// alpha / r, or alpha / sqrt(r) with use_rslora.
+double scaling_of(const LoraConfig& config, const std::string& module_name);
+
+/// One module's adapter. Parameters are plain tensors (not registered on the Linear, whose names
+/// stay the checkpoint's); apply_lora hands them out by PEFT name.
+class LoraAdapter : public anvil::model::LinearAdapter {
+ public:
+  at::Tensor lora_A;     ///< (r, in) fp32
+  at::Tensor lora_B;     ///< (out, r) fp32
+  at::Tensor magnitude;  ///< (out) fp32, DoRA only (PEFT "lora_magnitude_vector")
+  double scaling = 1.0;
+  double dropout = 0.0;  ///< applied to x in training mode (the Linear's is_training())
+
+  at::Tensor forward(const anvil::model::Linear& base, const at::Tensor& x, const at::Tensor& base_out) override;
+  /// scaling * B A (out, in) fp32: what merging adds to W.
+  at::Tensor delta_weight() const;
+};
+
+/// Attaches an adapter to every targeted Linear of `model` (initialised per config.init from a
+/// generator seeded with `seed`; DoRA magnitudes = row norms of W), sets requires_grad false on every
+/// base parameter, and returns the trainable tensors by their PEFT file name
+/// ("base_model.model.<module>.lora_A.weight", ...), in module order. Throws when nothing matches,
+/// when the model already has adapters, or when the config is invalid.
+std::vector<std::pair<std::string, at::Tensor>> apply_lora(anvil::model::CausalLM& model, const LoraConfig& config,
+                                                           uint64_t seed = 0);
+
+/// The attached adapters by module name, in module order.
+std::vector<std::pair<std::string, std::shared_ptr<LoraAdapter>>> adapters_of(anvil::model::CausalLM& model);
+
+/// The adapter tensors by PEFT file name (what save_adapter writes), in module order.
+std::vector<std::pair<std::string, at::Tensor>> adapter_state(anvil::model::CausalLM& model, bool use_dora);
+
+/// adapter_config.json text for `config`, as PEFT 0.21's save_pretrained writes it (sorted keys,
+/// indent 2). all-linear is written expanded to the module names it matched in `model`, as PEFT does.
+std::string adapter_config_json(const LoraConfig& config, const std::vector<std::string>& all_linear_names = {});
+
+/// Parses an adapter_config.json; throws std::runtime_error naming `source` and the key for anything
+/// anvil cannot reproduce exactly (peft_type other than LORA, fan_in_fan_out true, bias other than
+/// "none", layers_to_transform, modules_to_save, any other non-default option).
+LoraConfig parse_adapter_config(const std::string& json_text, const std::string& source = "adapter_config.json");
+
+/// Writes adapter_config.json and adapter_model.safetensors into `dir` (created), each atomically.
+void save_adapter(anvil::model::CausalLM& model, const LoraConfig& config, const std::string& dir);
+
+/// Reads a PEFT adapter directory and attaches it to `model` (freezing the base as apply_lora does).
+/// Every targeted module must have its tensors in the file and every tensor must belong to a targeted
+/// module, with the shapes the config implies; errors name the key, and nothing is attached on error.
+/// A targeted lm_head's "base_layer.weight" (PEFT's save_embedding_layers) replaces the base weight.
+/// Returns the config.
+LoraConfig load_adapter(anvil::model::CausalLM& model, const std::string& dir);
+
+/// Folds every adapter into its base weight (LoRA: W += scaling B A; DoRA: PEFT's merge,
+/// W = m / ||W + dW||_row * (W + dW)), in the weight's dtype, and detaches the adapters, so
+/// save_causal_lm writes a plain checkpoint. Base parameters get requires_grad back.
+void merge_adapter(anvil::model::CausalLM& model);
+
+}  // namespace anvil::lora
