@@ -41,6 +41,10 @@ def main():
         hf = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
     shutil.rmtree(args.dir, ignore_errors=True)
     hf.save_pretrained(args.dir)
+    # Reload the reference as users load a bf16 model: .to(bfloat16) above also rounded the rotary
+    # inv_freq buffer to bf16, which from_pretrained keeps in fp32 (as anvil does).
+    del hf
+    hf = LlamaForCausalLM.from_pretrained(args.dir, dtype=torch.bfloat16, attn_implementation="sdpa").to(dev).eval()
     ours = anvil._C.CausalLM(args.dir, "bfloat16", dev)
     ids = torch.randint(0, dims["vocab_size"], (args.batch, args.seq), device=dev)
     with torch.no_grad():
