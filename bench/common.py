@@ -37,6 +37,24 @@ def rotating(fn, inputs):
     return call
 
 
+def graph_ms(fn, calls=50, warmup=3, reps=20):
+    """Milliseconds per call of fn with launch overhead removed: `calls` calls captured in one CUDA graph
+    (after 3 eager calls on a side stream, as capture requires), the graph replayed and timed as in time_ms."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    ms = time_ms(graph.replay, warmup=warmup, reps=reps) / calls
+    del graph
+    return ms
+
+
 def copy_bandwidth_gbs(nbytes=2 << 30):
     """Device-to-device copy bandwidth, counting bytes read plus bytes written (ANCHORS.md's ceiling)."""
     src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")

@@ -29,7 +29,7 @@ import os
 import torch
 
 import anvil
-from common import device_info, time_ms, write_json
+from common import device_info, graph_ms, time_ms, write_json
 
 ops = anvil.ops
 PEAK_TFLOPS = 1979.0
@@ -56,23 +56,6 @@ def pool_size(bytes_per_set, cap=64):
 def rotating(fn, sets):
     it = itertools.cycle(sets)
     return lambda: fn(*next(it))
-
-
-def graph_ms(fn, calls):
-    """Milliseconds per call of fn with launch overhead removed: `calls` calls captured in one CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    ms = time_ms(graph.replay, warmup=3, reps=20) / calls
-    del graph
-    return ms
 
 
 def scaled_mm_block(qa, sa_mmajor, qb, sb_t):

@@ -19,7 +19,7 @@ import argparse
 import torch
 
 import anvil
-from common import copy_bandwidth_gbs, device_info, rotating, time_ms, write_json
+from common import copy_bandwidth_gbs, device_info, graph_ms, rotating, time_ms, write_json
 
 
 def composite_v3(logits, bias, top_k=8, n_group=8, topk_group=4, routed_scale=2.5):
@@ -84,22 +84,6 @@ def check_routing(name, w, idx, w_ref, idx_ref, choice):
     assert torch.allclose(wa, wb, rtol=1e-5, atol=1e-6), f"{name}: weights differ from the composite"
     print(f"  {name}: {same.float().mean().item() * 100:.3f}% of tokens the same experts, the rest ties "
           f"({unexplained * idx.shape[0]:.0f} near-ties)")
-
-
-def graph_ms(fn, inner=50):
-    """Milliseconds per call of fn with launch overhead removed: `inner` calls captured in one CUDA graph,
-    the graph replayed and timed as in time_ms."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(inner):
-            fn()
-    return time_ms(graph.replay) / inner
 
 
 def main():
