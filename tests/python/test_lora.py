@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import anvil
+from hf_models import randomize
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -73,22 +74,6 @@ VARIANTS = {
                                                                                    "kv_a_proj_with_mqa"],
                                                  rank_pattern={"kv_b_proj": 5}, use_dora=True)),
 }
-
-
-def randomize(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                scale = 3.0 if name.endswith("gate.weight") else 1.0
-                p.copy_(torch.randn(p.shape, generator=g) * scale / math.sqrt(p.shape[-1]))
-            elif name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(0.05 * torch.randn(b.shape, generator=g))
 
 
 def randomize_adapter(named, seed):
