@@ -289,6 +289,7 @@ std::shared_ptr<CausalLM> load_causal_lm(const std::string& path, c10::optional<
   auto model = std::make_shared<CausalLM>(std::move(config), at::TensorOptions().dtype(chosen).device(device));
   anvil::io::Checkpoint checkpoint(dir);
   model->load_state(checkpoint.load_all(at::kCPU));
+  model->eval();  // as transformers' from_pretrained: dropout (LoRA's) off until a trainer calls train()
   return model;
 }
 

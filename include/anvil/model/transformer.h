@@ -97,7 +97,7 @@ class CausalLM : public torch::nn::Module {
 
 /// Loads a Hugging Face checkpoint directory (or a hub id in the local HF cache): config.json +
 /// safetensors. dtype defaults to the config's (`dtype`/`torch_dtype`; bf16 for FP8 checkpoints;
-/// fp32 when absent).
+/// fp32 when absent). The model comes back in eval mode, as from transformers' from_pretrained.
 std::shared_ptr<CausalLM> load_causal_lm(const std::string& path,
                                          c10::optional<at::ScalarType> dtype = c10::nullopt,
                                          at::Device device = at::kCPU);
