@@ -1,6 +1,7 @@
 // anvil._C: the pybind11 module (torch's own pybind11, so tensors cross through torch's casters).
 // It exposes the C++ core (the self-check, the tokenizers; model loading and pipelines as they land). Ops never
 // go through here: Python reaches them as torch.ops.anvil.*, so autograd, torch.compile and vmap compose.
+#include "anvil/data/dataset.h"
 #include "anvil/data/tokenizer.h"
 #include "anvil/io/safetensors.h"
 #include "anvil/model/generate.h"
@@ -208,6 +209,39 @@ void bind_tokenizer(py::module_& m) {
       py::arg("template"), "The built-in format a Jinja chat_template is recognised as; RuntimeError otherwise");
 }
 
+// Training data (anvil/data/dataset.h): examples as (ids, target) lists, packed rows as a dict of lists.
+void bind_dataset(py::module_& m) {
+  namespace ad = anvil::data;
+  m.def(
+      "tokenize_example",
+      [](const std::string& line, const ad::Tokenizer& tok, bool completion_only, bool add_eos) {
+        ad::ReadOptions o;
+        o.loss_on = completion_only ? ad::LossOn::kCompletion : ad::LossOn::kAll;
+        o.add_eos = add_eos;
+        const auto ex = ad::tokenize_example(line, tok, o, "line");
+        return py::make_tuple(ex.ids, std::vector<int>(ex.target.begin(), ex.target.end()));
+      },
+      py::arg("line"), py::arg("tokenizer"), py::arg("completion_only") = false, py::arg("add_eos") = true,
+      "One JSONL line -> (ids, target flags).");
+  m.def(
+      "pack_examples",
+      [](const std::vector<std::pair<std::vector<int32_t>, std::vector<int>>>& examples, int64_t row_length,
+         int32_t pad_id) {
+        std::vector<ad::Example> exs;
+        for (const auto& [ids, target] : examples) exs.push_back({ids, std::vector<uint8_t>(target.begin(), target.end())});
+        const auto p = ad::pack_examples(exs, row_length, pad_id);
+        py::dict d;
+        d["rows"] = p.rows;
+        d["ids"] = p.ids;
+        d["labels"] = p.labels;
+        d["positions"] = p.positions;
+        d["doc_ids"] = p.doc_ids;
+        return d;
+      },
+      py::arg("examples"), py::arg("row_length"), py::arg("pad_id"));
+  m.def("shuffled_order", &ad::shuffled_order, py::arg("n"), py::arg("seed"));
+}
+
 // LoRA (lora/): the config crosses as adapter_config.json text, so Python writes PEFT's own field
 // names and anvil's parser (with its errors) is the one under test.
 void bind_lora(py::module_& m) {
@@ -290,6 +324,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "anvil C++ core";
   bind_model(m);
   bind_tokenizer(m);
+  bind_dataset(m);
   bind_lora(m);
   m.def(
       "selfcheck",
