@@ -43,6 +43,14 @@ void bind_model(py::module_& m) {
           },
           py::arg("input_ids"), py::call_guard<py::gil_scoped_release>(), "input_ids (B, S) int64 -> logits (B, S, V).")
       .def(
+          "packed_logits",
+          [](PyCausalLM& s, const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& doc_ids) {
+            at::NoGradGuard no_grad;
+            return s.model->forward(ids, nullptr, positions, doc_ids);
+          },
+          py::arg("input_ids"), py::arg("positions"), py::arg("doc_ids"), py::call_guard<py::gil_scoped_release>(),
+          "Logits of packed rows: per-document positions and document ids (B, S), documents kept apart.")
+      .def(
           "cached_logits",
           [](PyCausalLM& s, const at::Tensor& ids, int64_t chunk) {
             // The same logits computed through the KV cache, `chunk` tokens per forward.

@@ -63,14 +63,35 @@ TransformerModel::TransformerModel(const ModelConfig& c, const at::TensorOptions
   norm_ = register_module("norm", std::make_shared<RmsNorm>(c.hidden_size, c.rms_norm_eps, options));
 }
 
-at::Tensor TransformerModel::forward(const at::Tensor& input_ids, const at::Tensor& positions, KvCache* cache) {
+namespace {
+
+// Packed documents: the causal (and sliding-window) mask further limited to keys of the query's own
+// document, (B, 1, S, S) bool. O(S^2) memory per row: fine for the fine-tuning lengths of the dense path.
+AttentionMask document_mask(const AttentionMask& base, int64_t s, const at::Tensor& doc_ids) {
+  auto allowed = base.mask.defined() ? base.mask
+                                     : at::ones({s, s}, doc_ids.options().dtype(at::kBool)).tril();  // (S, S)
+  auto same = doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1);                                        // (B, S, S)
+  AttentionMask m;
+  m.mask = (same & allowed.unsqueeze(0)).unsqueeze(1);  // (B, 1, S, S)
+  m.causal = false;
+  return m;
+}
+
+}  // namespace
+
+at::Tensor TransformerModel::forward(const at::Tensor& input_ids, const at::Tensor& positions, KvCache* cache,
+                                     const at::Tensor& doc_ids) {
   const int64_t s = input_ids.size(1);
   const int64_t offset = cache ? cache->length() : 0;
   auto h = embed_tokens->forward(input_ids);  // (B, S, H)
   auto [cos, sin] = rotary_.cos_sin(positions, h.scalar_type());  // (B, S, rope_dim)
-  const auto full = AttentionMask::make(s, offset, 0, h.device());
+  auto full = AttentionMask::make(s, offset, 0, h.device());
   AttentionMask sliding;
   if (config_.sliding_window > 0) sliding = AttentionMask::make(s, offset, config_.sliding_window, h.device());
+  if (doc_ids.defined()) {
+    full = document_mask(full, s, doc_ids);
+    if (config_.sliding_window > 0) sliding = document_mask(sliding, s, doc_ids);
+  }
   for (size_t i = 0; i < layer_list_.size(); ++i) {
     const bool window = config_.sliding_window > 0 && config_.layer_sliding[i];
     h = layer_list_[i]->forward(h, cos, sin, window ? sliding : full, cache ? &cache->layers[i] : nullptr);
@@ -86,7 +107,8 @@ CausalLM::CausalLM(ModelConfig config, const at::TensorOptions& options) : confi
     lm_head = register_module("lm_head", std::make_shared<Linear>(config_.hidden_size, config_.vocab_size, false, options));
 }
 
-at::Tensor CausalLM::hidden_states(const at::Tensor& input_ids, KvCache* cache, const c10::optional<at::Tensor>& positions) {
+at::Tensor CausalLM::hidden_states(const at::Tensor& input_ids, KvCache* cache, const c10::optional<at::Tensor>& positions,
+                                   const c10::optional<at::Tensor>& doc_ids) {
   TORCH_CHECK(input_ids.dim() == 2, "input_ids must be (B, S), got ", input_ids.sizes());
   TORCH_CHECK(input_ids.scalar_type() == at::kLong, "input_ids must be int64, got ", input_ids.scalar_type());
   if (cache) TORCH_CHECK(int64_t(cache->layers.size()) == config_.num_hidden_layers, "cache has ",
@@ -101,11 +123,19 @@ at::Tensor CausalLM::hidden_states(const at::Tensor& input_ids, KvCache* cache, 
     const int64_t offset = cache ? cache->length() : 0;
     pos = at::arange(offset, offset + ids.size(1), ids.options()).unsqueeze(0).expand({ids.size(0), -1});
   }
-  return model->forward(ids, pos, cache);
+  at::Tensor docs;
+  if (doc_ids) {
+    TORCH_CHECK(!cache, "doc_ids (packed documents) cannot be combined with a KV cache");
+    TORCH_CHECK(doc_ids->sizes() == input_ids.sizes(), "doc_ids must be shaped like input_ids ", input_ids.sizes(),
+                ", got ", doc_ids->sizes());
+    docs = doc_ids->to(device(), at::kLong);
+  }
+  return model->forward(ids, pos, cache, docs);
 }
 
-at::Tensor CausalLM::forward(const at::Tensor& input_ids, KvCache* cache, const c10::optional<at::Tensor>& positions) {
-  auto h = hidden_states(input_ids, cache, positions);  // (B, S, H)
+at::Tensor CausalLM::forward(const at::Tensor& input_ids, KvCache* cache, const c10::optional<at::Tensor>& positions,
+                             const c10::optional<at::Tensor>& doc_ids) {
+  auto h = hidden_states(input_ids, cache, positions, doc_ids);  // (B, S, H)
   return lm_head ? lm_head->forward(h) : at::linear(h, model->embed_tokens->weight);  // (B, S, V)
 }
 

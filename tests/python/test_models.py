@@ -119,6 +119,23 @@ def test_logits_match_transformers(case, saved):
 
 
 @pytest.mark.parametrize("case", CASES)
+def test_packed_documents_equal_separate_forwards(case, saved):
+    """Three documents packed in a row (positions restart, doc ids) give each document's own logits;
+    padding at the end (doc id -1) leaves them alone."""
+    _, d = saved(case)
+    ours = anvil._C.CausalLM(d)
+    docs = [tokens(1, n, seed=20 + n)[0] for n in (5, 9, 4)]
+    ids = torch.cat(docs + [torch.zeros(3, dtype=torch.long)]).unsqueeze(0)              # (1, 21)
+    positions = torch.cat([torch.arange(len(x)) for x in docs] + [torch.zeros(3, dtype=torch.long)]).unsqueeze(0)
+    doc_ids = torch.cat([torch.full((len(x),), i) for i, x in enumerate(docs)] + [torch.full((3,), -1)]).unsqueeze(0)
+    packed = ours.packed_logits(ids, positions, doc_ids)[0]
+    start = 0
+    for x in docs:
+        assert_logits_close(packed[start:start + len(x)].unsqueeze(0), ours.logits(x.unsqueeze(0)))
+        start += len(x)
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_greedy_generation_matches_transformers(case, saved):
     hf, d = saved(case)
     ours = anvil._C.CausalLM(d)

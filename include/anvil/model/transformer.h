@@ -46,7 +46,9 @@ class TransformerModel : public torch::nn::Module {
  public:
   TransformerModel(const ModelConfig& config, const at::TensorOptions& options);
   /// input_ids (B, S) -> final hidden states (B, S, H).
-  at::Tensor forward(const at::Tensor& input_ids, const at::Tensor& positions, KvCache* cache);
+  /// doc_ids (B, S) int: packed rows; a token attends only to earlier tokens of its own document.
+  at::Tensor forward(const at::Tensor& input_ids, const at::Tensor& positions, KvCache* cache,
+                     const at::Tensor& doc_ids = at::Tensor());
   std::shared_ptr<Embedding> embed_tokens;
 
  private:
@@ -66,12 +68,16 @@ class CausalLM : public torch::nn::Module {
   /// input_ids (B, S) int64 -> logits (B, S, V) in the model dtype. With a cache, the tokens follow
   /// those cached (positions continue from cache->length()) and their keys/values are appended.
   /// positions (B, S) int64 overrides the default positions.
+  /// doc_ids (B, S) (anvil::data::pack_examples' document ids) keeps packed documents apart: a token
+  /// attends only to earlier tokens with its doc id (pass the per-document positions too). Not with a cache.
   at::Tensor forward(const at::Tensor& input_ids, KvCache* cache = nullptr,
-                     const c10::optional<at::Tensor>& positions = c10::nullopt);
+                     const c10::optional<at::Tensor>& positions = c10::nullopt,
+                     const c10::optional<at::Tensor>& doc_ids = c10::nullopt);
 
   /// The final hidden states (B, S, H), before lm_head.
   at::Tensor hidden_states(const at::Tensor& input_ids, KvCache* cache = nullptr,
-                           const c10::optional<at::Tensor>& positions = c10::nullopt);
+                           const c10::optional<at::Tensor>& positions = c10::nullopt,
+                           const c10::optional<at::Tensor>& doc_ids = c10::nullopt);
 
   /// An empty cache for this model.
   KvCache make_cache() const;
