@@ -6,6 +6,7 @@
 #include "cli/commands.h"
 #include "cli/model_args.h"
 
+#include "anvil/data/dataset.h"
 #include "anvil/data/tokenizer.h"
 #include "anvil/model/generate.h"
 #include "anvil/model/transformer.h"
@@ -13,7 +14,7 @@
 
 #include <ATen/ATen.h>
 #include <cxxopts.hpp>
-#include <nlohmann/json.hpp>
+#include <nlohmann/json.hpp>  // --json output
 
 #include <cmath>
 #include <fstream>
@@ -29,61 +30,27 @@ bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
-// One document of a JSONL line, as text to tokenize (add_special: whether the tokenizer adds bos).
-struct Document {
-  std::string text;
-  bool add_special = true;
-};
-
-Document jsonl_document(const nlohmann::json& j, const data::Tokenizer& tok, const std::string& where) {
-  if (!j.is_object()) throw std::runtime_error(where + ": each line must be a JSON object");
-  if (j.contains("text")) {
-    if (!j["text"].is_string()) throw std::runtime_error(where + ": \"text\" must be a string");
-    return {j["text"].get<std::string>(), true};
-  }
-  if (j.contains("prompt") && j.contains("completion")) {
-    if (!j["prompt"].is_string() || !j["completion"].is_string())
-      throw std::runtime_error(where + ": \"prompt\" and \"completion\" must be strings");
-    return {j["prompt"].get<std::string>() + j["completion"].get<std::string>(), true};
-  }
-  if (j.contains("messages")) {
-    if (!j["messages"].is_array()) throw std::runtime_error(where + ": \"messages\" must be an array");
-    std::vector<data::ChatMessage> messages;
-    for (const auto& m : j["messages"]) {
-      if (!m.is_object() || !m.contains("role") || !m.contains("content") || !m["role"].is_string() ||
-          !m["content"].is_string())
-        throw std::runtime_error(where + ": each message must be {\"role\": str, \"content\": str}");
-      messages.push_back({m["role"].get<std::string>(), m["content"].get<std::string>(), std::nullopt});
-    }
-    return {tok.render_chat(messages, /*add_generation_prompt=*/false), false};
-  }
-  throw std::runtime_error(where + ": a line needs \"text\", \"prompt\" + \"completion\", or \"messages\"");
-}
-
-std::vector<Document> read_documents(const std::string& path, const data::Tokenizer& tok, int64_t limit) {
+// The documents of the file, tokenized: a .txt file is one document (with the tokenizer's special
+// tokens); a .jsonl line is read as training data is (anvil/data/dataset.h), every token scored, no eos
+// added, so the perplexity is that of the text as transformers tokenizes it.
+std::vector<std::vector<int32_t>> read_documents(const std::string& path, const data::Tokenizer& tok, int64_t limit) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw std::runtime_error("--data: cannot open '" + path + "'");
-  std::vector<Document> docs;
+  std::vector<std::vector<int32_t>> docs;
   if (ends_with(path, ".jsonl")) {
+    data::ReadOptions o;
+    o.loss_on = data::LossOn::kAll;
+    o.add_eos = false;
     std::string line;
-    int64_t n = 0;
-    while (std::getline(in, line)) {
-      ++n;
+    for (int64_t n = 1; std::getline(in, line); ++n) {
       if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-      const std::string where = path + " line " + std::to_string(n);
-      nlohmann::json j;
-      try {
-        j = nlohmann::json::parse(line);
-      } catch (const nlohmann::json::exception& e) {
-        throw std::runtime_error(where + ": not valid JSON (" + e.what() + ")");
-      }
-      docs.push_back(jsonl_document(j, tok, where));
+      docs.push_back(data::tokenize_example(line, tok, o, path + " line " + std::to_string(n)).ids);
       if (limit > 0 && int64_t(docs.size()) >= limit) break;
     }
   } else {
     std::stringstream ss;
     ss << in.rdbuf();
-    docs.push_back({ss.str(), true});
+    docs.push_back(tok.encode(ss.str(), /*add_special_tokens=*/true));
   }
   if (docs.empty()) throw std::runtime_error("--data: '" + path + "' holds no documents");
   return docs;
@@ -125,7 +92,7 @@ int cmd_eval(int argc, char** argv) {
   model::PerplexityResult total;
   train::Progress progress("eval", int64_t(docs.size()), "docs");
   for (size_t i = 0; i < docs.size(); ++i) {
-    const auto ids = m.tokenizer->encode(docs[i].text, docs[i].add_special);
+    const auto& ids = docs[i];
     if (ids.size() >= 2) {
       auto seq = at::tensor(std::vector<int64_t>(ids.begin(), ids.end()), at::kLong).to(m.model->device());
       const auto r = model::perplexity(*m.model, {seq}, max_length);

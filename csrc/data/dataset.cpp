@@ -46,6 +46,10 @@ Example chat_example(const nlohmann::json& messages, const Tokenizer& tok, const
     turns.push_back({string_field(m, "role", w), string_field(m, "content", w), std::nullopt});
   }
   Example ex;
+  if (o.loss_on == LossOn::kAll) {  // no targets to mark: the whole rendering, as transformers tokenizes it
+    append(ex, tok.encode(tok.render_chat(turns, /*add_generation_prompt=*/false), false), true);
+    return ex;
+  }
   std::string before;  // render(turns[:k]) so far
   for (size_t k = 1; k <= turns.size(); ++k) {
     const std::vector<ChatMessage> upto(turns.begin(), turns.begin() + static_cast<std::ptrdiff_t>(k));

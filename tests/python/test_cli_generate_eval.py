@@ -73,20 +73,24 @@ def test_eval_perplexity_equals_transformers(tiny, tmp_path):
     d, model, tok = tiny
     texts = ["Perplexity of a tiny model on a short line.", "第二行：中文与 emoji 🎉 混合。",
              "def f(x):\n    return x * 2\n"]
+    chat = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Bye."}, {"role": "assistant", "content": "Bye!"}]
     data = tmp_path / "eval.jsonl"
-    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts) + json.dumps({"messages": chat}) + "\n")
     out = run_cli("eval", "--model", d, "--device", "cpu", "--data", str(data), "--json")
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])
     nll, n = 0.0, 0
+    chat_ids = tok.apply_chat_template(chat, tokenize=True)
+    chat_ids = list(chat_ids["input_ids"] if hasattr(chat_ids, "keys") else chat_ids)
     with torch.no_grad():
-        for t in texts:
-            ids = torch.tensor([tok(t).input_ids])
+        for seq in [tok(t).input_ids for t in texts] + [chat_ids]:
+            ids = torch.tensor([seq])
             nll += model(ids, labels=ids).loss.item() * (ids.shape[1] - 1)
             n += ids.shape[1] - 1
-    assert got["tokens"] == n and got["documents"] == 3
+    assert got["tokens"] == n and got["documents"] == 4
     assert got["perplexity"] == pytest.approx(float(torch.tensor(nll / n).exp()), rel=1e-4)
-    assert "eval 3/3 docs" in out.stderr
+    assert "eval 4/4 docs" in out.stderr
 
 
 @pytest.mark.parametrize("args, message", [

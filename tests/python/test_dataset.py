@@ -62,6 +62,10 @@ def test_chat_single_turn_equals_transformers_and_rewriting_formats_are_refused(
     assert hf.decode([i for i, t in zip(ids, target) if t]) == "<think>\n\n</think>\n\nSeven.<|im_end|>\n"
     with pytest.raises(RuntimeError, match=r"messages\[3\].*rewrites earlier turns"):
         C.tokenize_example(json.dumps({"messages": MESSAGES}), ours, completion_only=True)
+    # with every token a target there is nothing to cut: the whole rendering, as transformers has it
+    ids, target = C.tokenize_example(json.dumps({"messages": MESSAGES}), ours, completion_only=False)
+    want = hf.apply_chat_template(MESSAGES, tokenize=True)
+    assert ids == list(want["input_ids"] if hasattr(want, "keys") else want) and all(target)
 
 
 def test_packing_keeps_examples_whole_and_apart():
