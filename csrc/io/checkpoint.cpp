@@ -32,6 +32,9 @@
 #include <cerrno>
 
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <set>
 
@@ -150,6 +153,12 @@ struct ReadFd {
 // One shard to a device: its tensors (those the checkpoint maps to it), streamed through the ring.
 void stream_file_to_device(const SafetensorsFile& file, const std::vector<const TensorEntry*>& entries,
                            at::Device device, std::unordered_map<std::string, at::Tensor>& out) {
+  // ANVIL_LOAD_TRACE=1: where the time goes (allocation, reads, waits for the DMA), per shard, on stderr.
+  static const bool trace = std::getenv("ANVIL_LOAD_TRACE") != nullptr;
+  using Clock = std::chrono::steady_clock;
+  const auto seconds_since = [](Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); };
+  const auto t_start = Clock::now();
+  double t_read = 0, t_wait = 0, t_alloc = 0;
   // Destinations first, on the caller's stream: flat bytes, viewed as dtype and shape at the end.
   std::vector<at::Tensor> flat;  // (nbytes) uint8 each, on device
   uint64_t total = 0;
@@ -180,11 +189,15 @@ void stream_file_to_device(const SafetensorsFile& file, const std::vector<const 
         at::empty({static_cast<int64_t>(chunk)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true)));
     done.emplace_back(device.type());
   }
+  t_alloc = seconds_since(t_start);  // destinations on the device and the pinned ring
 
   std::vector<uint64_t> sizes;
   for (const auto* e : entries) sizes.push_back(e->nbytes());
   for (const auto& c : detail::plan_ring(sizes, chunk, kRing)) {
+    auto t0 = Clock::now();
     if (done[c.slot].was_marked_for_recording()) done[c.slot].synchronize();  // its last copies have finished
+    t_wait += seconds_since(t0);
+    t0 = Clock::now();
     uint8_t* buf = staging[c.slot].data_ptr<uint8_t>();
     // Host side: pieces adjacent in the file (the usual case: every tensor of the shard) in one read.
     for (size_t i = 0; i < c.pieces.size();) {
@@ -200,6 +213,7 @@ void stream_file_to_device(const SafetensorsFile& file, const std::vector<const 
       parallel_pread(in.fd, file.path(), buf + c.pieces[i].staging_offset, offset, n);
       i = j;
     }
+    t_read += seconds_since(t0);
     // Device side: one async copy per piece on the side stream, then the event that frees the slot.
     for (const auto& p : c.pieces)
       flat[p.tensor]
@@ -210,7 +224,13 @@ void stream_file_to_device(const SafetensorsFile& file, const std::vector<const 
   }
   for (auto& ev : done)
     if (ev.was_marked_for_recording()) ev.synchronize();
+  const auto t_drain = Clock::now();
   impl.synchronizeStream(side);
+  t_wait += seconds_since(t_drain);
+  if (trace)
+    std::fprintf(stderr, "load_all %s: %.2f GB in %.3f s (alloc+ring %.3f, read %.3f, wait %.3f), %d threads\n",
+                 file.path().c_str(), total / 1e9, seconds_since(t_start), t_alloc, t_read, t_wait,
+                 at::get_num_threads());
 
   for (size_t i = 0; i < entries.size(); ++i) {
     const TensorEntry& e = *entries[i];
