@@ -176,15 +176,21 @@ AttentionMask AttentionMask::make(int64_t seq_len, int64_t offset, int64_t windo
 
 at::Tensor attend(const at::Tensor& q, const at::Tensor& k_in, const at::Tensor& v_in, const AttentionMask& mask,
                   double scale, const std::string& backend) {
-  // repeat_kv: each of the Hk kv heads serves Hq / Hk consecutive query heads.
+  // Each of the Hk kv heads serves Hq / Hk consecutive query heads.
   const int64_t groups = q.size(1) / k_in.size(1);
+  if (backend == "sdpa") {
+    // Without a mask, enable_gqa: the flash kernel reads each kv head for its group of query heads, so
+    // no (B, Hq, L, D) copies of k and v are made (nor kept for the backward), as transformers' sdpa path
+    // does. With a mask the memory-efficient kernel runs, which (torch 2.11) takes no GQA: repeat then.
+    if (!mask.mask.defined())
+      return at::scaled_dot_product_attention(q, k_in, v_in, {}, 0.0, mask.causal, scale, /*enable_gqa=*/groups > 1);
+    auto k = groups == 1 ? k_in : k_in.repeat_interleave(groups, 1);
+    auto v = groups == 1 ? v_in : v_in.repeat_interleave(groups, 1);
+    return at::scaled_dot_product_attention(q, k, v, mask.mask, 0.0, false, scale);
+  }
+  // repeat_kv
   auto k = groups == 1 ? k_in : k_in.repeat_interleave(groups, 1);
   auto v = groups == 1 ? v_in : v_in.repeat_interleave(groups, 1);
-  if (backend == "sdpa") {
-    c10::optional<at::Tensor> m;
-    if (mask.mask.defined()) m = mask.mask;
-    return at::scaled_dot_product_attention(q, k, v, m, 0.0, mask.causal && !mask.mask.defined(), scale);
-  }
   // eager_attention_forward
   auto scores = at::matmul(q, k.transpose(2, 3)) * scale;  // (B, H, S, L)
   const int64_t s = q.size(2), l = k.size(2);
