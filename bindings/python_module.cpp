@@ -10,6 +10,7 @@
 #include "anvil/selfcheck.h"
 #include "lora/lora.h"
 
+#include <map>
 #include <torch/extension.h>
 
 namespace py = pybind11;
@@ -25,14 +26,24 @@ struct PyCausalLM {
 void bind_model(py::module_& m) {
   namespace am = anvil::model;
   py::class_<PyCausalLM>(m, "CausalLM", "A Hugging Face causal LM loaded into anvil's LibTorch modules.")
-      .def(py::init([](const std::string& path, const std::string& dtype, const std::string& device) {
+      .def(py::init([](const std::string& path, const std::string& dtype, const std::string& device,
+                       const std::string& base_weights) {
              c10::optional<at::ScalarType> dt;
              if (!dtype.empty()) dt = am::dtype_from_name(dtype);
              py::gil_scoped_release no_gil;
-             return PyCausalLM{am::load_causal_lm(path, dt, at::Device(device))};
+             return PyCausalLM{am::load_causal_lm(path, dt, at::Device(device), base_weights)};
            }),
-           py::arg("path"), py::arg("dtype") = "", py::arg("device") = "cpu",
-           "Loads config.json + safetensors from a directory (or a hub id in the local HF cache).")
+           py::arg("path"), py::arg("dtype") = "", py::arg("device") = "cpu", py::arg("base_weights") = "auto",
+           "Loads config.json + safetensors from a directory (or a hub id in the local HF cache). base_weights: "
+           "auto | dense | fp8 | int8 (how the Linear weights are held; anvil::model::load_causal_lm).")
+      .def("weight_formats",
+           [](PyCausalLM& s) {
+             std::map<std::string, std::string> out;
+             for (auto& [name, linear] : am::named_linears(*s.model))
+               out[name] = linear->weight_format().empty() ? "dense" : linear->weight_format();
+             return out;
+           },
+           "{module name: 'dense' | 'fp8' | 'int8'} for every Linear.")
       .def_property_readonly("architecture", [](const PyCausalLM& s) { return s.model->config().architecture; })
       .def_property_readonly("dtype", [](const PyCausalLM& s) { return am::dtype_name(s.model->dtype()); })
       .def(

@@ -163,7 +163,7 @@ at::Tensor LoraAdapter::forward(const anvil::model::Linear& base, const at::Tens
   auto lora_out = at::linear(at::linear(xd, lora_A), lora_B);  // (..., out) fp32
 
   // DoraLinearLayer.forward: the row norm of W + s B A, detached (DoRA paper section 4.3).
-  auto weight = base.weight.to(xa.scalar_type());  // (out, in)
+  auto weight = base.dense_weight(xa.scalar_type());  // (out, in), dequantized over a quantized base
   auto lora_weight = at::matmul(lora_B, lora_A).detach();
   auto weight_norm = at::linalg_vector_norm(weight + scaling * lora_weight, 2, {1}).detach();  // (out)
   auto mag_norm_scale = (magnitude / weight_norm).view({1, -1});
@@ -209,7 +209,7 @@ std::vector<std::pair<std::string, at::Tensor>> apply_lora(anvil::model::CausalL
     if (!is_target(config, name, name == "lm_head")) continue;
     const int64_t r = rank_of(config, name);
     const int64_t out_f = linear->weight.size(0), in_f = linear->weight.size(1);
-    if (!is_floating(linear->weight.scalar_type()))
+    if (linear->weight_format().empty() && !is_floating(linear->weight.scalar_type()))
       throw std::invalid_argument("apply_lora: module " + name + " has a non-floating weight");
     auto adapter = std::make_shared<LoraAdapter>();
     auto cpu = at::TensorOptions().dtype(at::kFloat);
@@ -227,7 +227,7 @@ std::vector<std::pair<std::string, at::Tensor>> apply_lora(anvil::model::CausalL
     adapter->dropout = config.lora_dropout;
     if (config.use_dora) {  // DoraLinearLayer.update_layer: ||W + s B A||_row with B = 0
       at::NoGradGuard no_grad;  // a leaf of its own, not a function of the (still trainable) weight
-      adapter->magnitude = at::linalg_vector_norm(linear->weight.to(at::kFloat), 2, {1});
+      adapter->magnitude = at::linalg_vector_norm(linear->dense_weight(at::kFloat), 2, {1});
       adapter->magnitude.requires_grad_(true);
     }
     adapter->lora_A.requires_grad_(true);
@@ -246,6 +246,9 @@ void merge_adapter(anvil::model::CausalLM& model) {
   for (auto& [name, linear] : anvil::model::named_linears(model)) {
     auto a = std::dynamic_pointer_cast<LoraAdapter>(linear->adapter);
     if (!a) continue;
+    if (!linear->weight_format().empty())
+      throw std::invalid_argument("merge_adapter: module " + name + " has a " + linear->weight_format() +
+                                  " base weight; merge into a dense base (load the base model without quantization)");
     auto& w = linear->weight;                      // (out, in) model dtype
     auto delta = a->delta_weight().to(w.device());  // (out, in) fp32
     if (a->magnitude.defined()) {

@@ -2,8 +2,10 @@
 // code of transformers 5.17 (modeling_llama.py, modeling_qwen3.py, modeling_deepseek_v3.py,
 // modeling_rope_utils.py) so that fp32 logits agree to rounding; comments name the counterpart.
 #include "anvil/model/attention.h"
+#include "anvil/ops.h"
 
 #include <ATen/ATen.h>
+#include <torch/autograd.h>
 
 #include <cmath>
 #include <stdexcept>
@@ -17,9 +19,86 @@ Linear::Linear(int64_t in_features, int64_t out_features, bool has_bias, const a
   if (has_bias) bias = register_parameter("bias", at::empty({out_features}, options));
 }
 
+namespace {
+
+// x W^T with W int8 (out, in) and per-row scales (out, 1): W is dequantized to x's dtype for the
+// product and again for dX, so only the int8 weight stays resident (autograd of at::linear would keep the
+// dequantized copy alive until the backward).
+class Int8WeightOnlyMatmul : public torch::autograd::Function<Int8WeightOnlyMatmul> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& q,
+                            const at::Tensor& scale) {
+    ctx->save_for_backward({q, scale});
+    return at::linear(x, anvil::ops::dequantize_int8(q, scale, "row", x.scalar_type()));  // (..., out)
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto& g = grads[0];  // (..., out)
+    at::Tensor dx;
+    if (ctx->needs_input_grad(0)) dx = at::matmul(g, anvil::ops::dequantize_int8(saved[0], saved[1], "row", g.scalar_type()));
+    return {dx, at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
 at::Tensor Linear::forward(const at::Tensor& x) {
-  auto out = at::linear(x, weight, bias);  // (..., out)
+  at::Tensor out;  // (..., out)
+  if (weight_format_.empty()) {
+    out = at::linear(x, weight, bias);
+  } else if (weight_format_ == "fp8") {
+    out = anvil::ops::fp8_linear(x, weight, weight_scale, bias.defined() ? c10::optional<at::Tensor>(bias) : c10::nullopt);
+  } else {
+    out = Int8WeightOnlyMatmul::apply(x, weight, weight_scale);
+    if (bias.defined()) out = out + bias;
+  }
   return adapter ? adapter->forward(*this, x, out) : out;
+}
+
+void Linear::quantize_weight(const std::string& format) {
+  TORCH_CHECK(weight_format_.empty(), "Linear: the weight is already quantized (", weight_format_, ")");
+  at::NoGradGuard no_grad;
+  if (format == "fp8") {
+    TORCH_CHECK(weight.size(1) % 128 == 0, "Linear: an fp8 weight needs in_features % 128 == 0 (the 1x128 activation blocks "
+                "of anvil::ops::fp8_linear), got ", weight.size(1));
+    auto [q, scale] = anvil::ops::quantize_fp8(weight.contiguous(), "block128x128");
+    set_quantized_weight(format, q, scale);
+  } else if (format == "int8") {
+    auto [q, scale] = anvil::ops::quantize_int8(weight.contiguous(), "row");
+    set_quantized_weight(format, q, scale);
+  } else {
+    TORCH_CHECK(false, "Linear: weight format '", format, "' is not one of fp8, int8");
+  }
+}
+
+void Linear::set_quantized_weight(const std::string& format, const at::Tensor& q, const at::Tensor& scale) {
+  TORCH_CHECK(weight_format_.empty(), "Linear: the weight is already quantized (", weight_format_, ")");
+  TORCH_CHECK(q.dim() == 2 && q.sizes() == weight.sizes(), "Linear: quantized weight shape ", q.sizes(),
+              " differs from the layer's ", weight.sizes());
+  if (format == "fp8") {
+    TORCH_CHECK(q.scalar_type() == at::kFloat8_e4m3fn, "Linear: an fp8 weight must be float8_e4m3fn, got ", q.scalar_type());
+    TORCH_CHECK(scale.dim() == 2 && scale.size(0) == (q.size(0) + 127) / 128 && scale.size(1) == (q.size(1) + 127) / 128,
+                "Linear: fp8 weight_scale_inv must be (ceil(out/128), ceil(in/128)), got ", scale.sizes());
+  } else if (format == "int8") {
+    TORCH_CHECK(q.scalar_type() == at::kChar, "Linear: an int8 weight must be int8, got ", q.scalar_type());
+    TORCH_CHECK(scale.dim() == 2 && scale.size(0) == q.size(0) && scale.size(1) == 1,
+                "Linear: int8 weight_scale must be (out, 1), got ", scale.sizes());
+  } else {
+    TORCH_CHECK(false, "Linear: weight format '", format, "' is not one of fp8, int8");
+  }
+  // The registered parameter is replaced (same name, so checkpoints keep their keys); the dense tensor
+  // is released with it.
+  weight = q.to(weight.device());
+  parameters_["weight"] = weight;
+  weight_scale = register_buffer(format == "fp8" ? "weight_scale_inv" : "weight_scale", scale.to(weight.device(), at::kFloat));
+  weight_format_ = format;
+}
+
+at::Tensor Linear::dense_weight(at::ScalarType dtype) const {
+  if (weight_format_.empty()) return weight.to(dtype);
+  if (weight_format_ == "fp8") return anvil::ops::dequantize_fp8(weight, weight_scale, "block128x128", dtype);
+  return anvil::ops::dequantize_int8(weight, weight_scale, "row", dtype);
 }
 
 std::vector<std::pair<std::string, std::shared_ptr<Linear>>> named_linears(torch::nn::Module& root) {

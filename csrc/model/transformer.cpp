@@ -15,6 +15,7 @@
 #include "io/io_internal.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
 #include <nlohmann/json.hpp>
 #include <torch/nn/module.h>
 
@@ -276,7 +277,11 @@ void CausalLM::load_state(const std::unordered_map<std::string, at::Tensor>& ten
       mismatched.push_back(msg.str());
       continue;
     }
-    target.copy_(dequantize_if_fp8(name, it->second, canonical, target.scalar_type(), target.device(), used));
+    if (target.scalar_type() == at::kFloat8_e4m3fn) {
+      target.copy_(it->second);  // a Linear that keeps the checkpoint's FP8 weight: as stored
+    } else {
+      target.copy_(dequantize_if_fp8(name, it->second, canonical, target.scalar_type(), target.device(), used));
+    }
     used.insert(name);
   }
   std::vector<std::string> unexpected;
@@ -309,22 +314,72 @@ std::string dtype_name(at::ScalarType dtype) {
   }
 }
 
-std::shared_ptr<CausalLM> load_causal_lm(const std::string& path, c10::optional<at::ScalarType> dtype, at::Device device) {
+namespace {
+
+// Whether anvil's FP8 GEMM kernel runs on `device` (an sm_90 GPU with the sm_90a build).
+bool fp8_gemm_runs_on(const at::Device& device) {
+  if (!device.is_cuda()) return false;
+  c10::DeviceGuard guard(device);
+  return !anvil::ops::fp8_gemm_config(4096, 4096, 4096).empty();
+}
+
+// Before loading an FP8 checkpoint with FP8 kept: each Linear whose checkpoint weight is F8_E4M3 becomes
+// an fp8 Linear with empty tensors of the stored shapes, which load_state then fills as stored (so the
+// dense weight is never materialized).
+void keep_checkpoint_fp8(CausalLM& model, const anvil::io::Checkpoint& checkpoint) {
+  for (auto& [name, linear] : named_linears(model)) {
+    const std::string key = name + ".weight";
+    if (!checkpoint.contains(key) || !checkpoint.contains(key + "_scale_inv")) continue;
+    const auto& w = checkpoint.entry(key);
+    const auto& s = checkpoint.entry(key + "_scale_inv");
+    if (w.dtype != at::kFloat8_e4m3fn || linear->weight.dim() != 2 || linear->weight.size(1) % 128 != 0) continue;
+    const auto on = linear->weight.options();
+    linear->set_quantized_weight("fp8", at::empty(w.shape, on.dtype(at::kFloat8_e4m3fn)), at::empty(s.shape, on.dtype(at::kFloat)));
+  }
+}
+
+}  // namespace
+
+int64_t quantize_base_weights(CausalLM& model, const std::string& format) {
+  TORCH_CHECK(format == "fp8" || format == "int8", "quantize_base_weights: format '", format, "' is not one of fp8, int8");
+  int64_t n = 0;
+  for (auto& [name, linear] : named_linears(model)) {
+    if (name == "lm_head" || !linear->weight_format().empty()) continue;
+    if (format == "fp8" && linear->weight.size(1) % 128 != 0) continue;  // the GEMM's 1x128 activation blocks
+    linear->quantize_weight(format);
+    ++n;
+  }
+  return n;
+}
+
+std::shared_ptr<CausalLM> load_causal_lm(const std::string& path, c10::optional<at::ScalarType> dtype, at::Device device,
+                                         const std::string& base_weights) {
+  if (base_weights != "auto" && base_weights != "dense" && base_weights != "fp8" && base_weights != "int8")
+    throw std::runtime_error("base_weights '" + base_weights + "' is not one of auto, dense, fp8, int8");
   const std::string dir = anvil::io::resolve_model_path(path);
   ModelConfig config = load_model_config(dir);
   at::ScalarType chosen = at::kFloat;
   if (dtype) chosen = *dtype;
   else if (config.fp8_checkpoint) chosen = at::kBFloat16;
   else if (!config.dtype.empty() && config.dtype != "auto") chosen = dtype_from_name(config.dtype);
+  const bool fp8_checkpoint = config.fp8_checkpoint;
   auto model = std::make_shared<CausalLM>(std::move(config), at::TensorOptions().dtype(chosen).device(device));
   anvil::io::Checkpoint checkpoint(dir);
+  const bool keep_fp8 = fp8_checkpoint && (base_weights == "fp8" || (base_weights == "auto" && fp8_gemm_runs_on(device)));
+  if (keep_fp8) keep_checkpoint_fp8(*model, checkpoint);
   model->load_state(checkpoint.load_all(at::kCPU));
+  if (base_weights == "int8" || (base_weights == "fp8" && !fp8_checkpoint)) quantize_base_weights(*model, base_weights);
   model->eval();  // as transformers' from_pretrained: dropout (LoRA's) off until a trainer calls train()
   return model;
 }
 
 void save_causal_lm(const CausalLM& model, const std::string& dir, int64_t max_shard_bytes) {
   namespace detail = anvil::io::detail;  // POSIX paths: std::filesystem is unsafe beside libtorch
+  for (const auto& [name, t] : model.state_tensors())
+    if (t.scalar_type() == at::kFloat8_e4m3fn || t.scalar_type() == at::kChar)
+      throw std::runtime_error("save_causal_lm: '" + name + "' is a quantized base weight (" +
+                               std::string(c10::toString(t.scalar_type())) +
+                               "); save a model loaded with base_weights=dense (or merge LoRA adapters into one)");
   detail::make_directories(dir);
   auto json = nlohmann::json::parse(model.config().json);
   json["dtype"] = dtype_name(model.dtype());

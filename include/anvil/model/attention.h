@@ -40,13 +40,34 @@ class LinearAdapter {
 
 /// y = x W^T + b; parameters "weight" (out, in) and, when `bias`, "bias" (out). With an adapter
 /// attached, y = adapter->forward(*this, x, x W^T + b).
+///
+/// A frozen base weight may be held quantized (LoRA over a quantized base, FP8 checkpoints kept in FP8):
+///   "fp8":  weight (out, in) float8_e4m3fn + buffer "weight_scale_inv" (ceil(out/128), in/128) fp32,
+///           DeepSeek-V3's FineGrainedFP8 layout; x is quantized to 1x128 blocks on the fly and the
+///           product runs in anvil::ops::fp8_linear (the sm_90a FP8 GEMM; dX through a bf16 dequantized W).
+///   "int8": weight (out, in) int8 + buffer "weight_scale" (out, 1) fp32, weight-only: W is dequantized
+///           to x's dtype for each product (forward and dX) and never kept dense.
+/// The weight then takes no gradient (the bias still may).
 class Linear : public torch::nn::Module {
  public:
   Linear(int64_t in_features, int64_t out_features, bool bias, const at::TensorOptions& options);
   at::Tensor forward(const at::Tensor& x);
-  at::Tensor weight;
+  /// Quantizes the current (dense) weight in place: format "fp8" or "int8" (above). Frees the dense one.
+  void quantize_weight(const std::string& format);
+  /// Takes an already quantized weight (e.g. straight from an FP8 checkpoint, or empty tensors of the
+  /// right shapes that loading then fills). Frees the dense weight.
+  void set_quantized_weight(const std::string& format, const at::Tensor& q, const at::Tensor& scale);
+  /// "" (dense), "fp8" or "int8".
+  const std::string& weight_format() const { return weight_format_; }
+  /// The weight as a dense (out, in) tensor of `dtype` (dequantized when quantized).
+  at::Tensor dense_weight(at::ScalarType dtype) const;
+  at::Tensor weight;        ///< (out, in): the model dtype, or e4m3 / int8 when quantized
+  at::Tensor weight_scale;  ///< quantized only: the dequantization multipliers (see above)
   at::Tensor bias;  ///< undefined when absent
   std::shared_ptr<LinearAdapter> adapter;  ///< null = plain linear
+
+ private:
+  std::string weight_format_;
 };
 
 /// Every Linear under `root` with its checkpoint module name ("model.layers.0.self_attn.q_proj",

@@ -104,9 +104,20 @@ class CausalLM : public torch::nn::Module {
 /// Loads a Hugging Face checkpoint directory (or a hub id in the local HF cache): config.json +
 /// safetensors. dtype defaults to the config's (`dtype`/`torch_dtype`; bf16 for FP8 checkpoints;
 /// fp32 when absent). The model comes back in eval mode, as from transformers' from_pretrained.
+/// base_weights: how the Linear weights (lm_head excluded) are held (anvil::model::Linear, "quantized"):
+///   "auto":  FP8 checkpoints keep their FP8 weights where the FP8 GEMM runs (an sm_90 GPU), else all dense
+///   "dense": every weight dequantized to the model dtype
+///   "fp8":   FP8 weights as stored; a dense checkpoint is quantized at load (128x128 blocks; layers whose
+///            in_features is not a multiple of 128 stay dense)
+///   "int8":  int8 weight-only, per-output-channel scales, quantized at load
+/// A quantized model is for inference and LoRA over a frozen base; save_causal_lm refuses it.
 std::shared_ptr<CausalLM> load_causal_lm(const std::string& path,
                                          c10::optional<at::ScalarType> dtype = c10::nullopt,
-                                         at::Device device = at::kCPU);
+                                         at::Device device = at::kCPU, const std::string& base_weights = "auto");
+
+/// Quantizes every dense Linear weight but lm_head's in place ("fp8" or "int8", as load_causal_lm's
+/// base_weights); returns how many layers were quantized.
+int64_t quantize_base_weights(CausalLM& model, const std::string& format);
 
 /// Writes config.json (the loaded one, `dtype` updated, `quantization_config` dropped since weights
 /// are saved dequantized) and the weights as safetensors in Hugging Face layout (sharded above

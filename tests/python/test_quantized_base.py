@@ -1,0 +1,197 @@
+"""Quantized base weights (anvil::model::Linear's "fp8" / "int8" formats; load_causal_lm's base_weights):
+FP8 checkpoints kept in FP8, dense checkpoints quantized at load, LoRA over a quantized base.
+
+Oracles: an int8 weight-only model must compute exactly what transformers computes with the dequantized
+weights (fp32, so to rounding); an fp8 model (activations quantized to 1x128 blocks too) must stay within
+the fp8-quantized-layer rule of ARCHITECTURE.md (SQNR >= 25 dB against the dense model); LoRA gradients over
+an int8 base equal those over the dense model holding the dequantized weights."""
+import json
+import os
+
+import pytest
+import torch
+
+import anvil
+from hf_models import randomize
+
+transformers = pytest.importorskip("transformers")
+_C = anvil._C
+
+# in_features multiples of 128 (the FP8 GEMM's 1x128 activation blocks): hidden 128, ffn 256, 4 x 32 heads.
+TINY = dict(vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=32, max_position_embeddings=64, tie_word_embeddings=False)
+PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="module")
+def dense_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("dense"))
+    torch.manual_seed(0)
+    m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).eval()
+    randomize(m, 0)
+    m.save_pretrained(d)
+    return d
+
+
+def rewrite_weights(src, dst, fn):
+    """A copy of checkpoint src whose projection weights are fn(name, w) (a dict of tensors to write)."""
+    from safetensors.torch import load_file, save_file
+    os.makedirs(dst, exist_ok=True)
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    out = {}
+    for name, w in tensors.items():
+        if name.endswith(".weight") and any(p in name for p in PROJ):
+            out.update(fn(name, w))
+        else:
+            out[name] = w
+    save_file(out, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    return cfg
+
+
+def write_config(dst, cfg):
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(cfg, f)
+
+
+def ids(seed=1):
+    return torch.randint(0, TINY["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(seed))
+
+
+def sqnr_db(ref, x):
+    return (10 * torch.log10(ref.pow(2).sum() / (ref - x).pow(2).sum())).item()
+
+
+def test_int8_base_equals_transformers_with_dequantized_weights(dense_dir, tmp_path):
+    ref_dir = str(tmp_path / "dequantized")
+
+    def dequantized(name, w):
+        q, s = anvil.quantize_int8(w.contiguous(), "row")
+        return {name: anvil.dequantize_int8(q, s, "row", torch.float32)}
+    write_config(ref_dir, rewrite_weights(dense_dir, ref_dir, dequantized))
+    ref = transformers.LlamaForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).eval()
+
+    ours = _C.CausalLM(dense_dir, dtype="float32", base_weights="int8")
+    formats = ours.weight_formats()
+    assert formats["lm_head"] == "dense"
+    assert all(f == "int8" for n, f in formats.items() if n != "lm_head") and len(formats) == 1 + 7 * 2
+    with torch.no_grad():
+        want = ref(ids()).logits
+    got = ours.logits(ids())
+    assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+
+
+def fp8_emulated(model):
+    """transformers' model with each projection computing what anvil's fp8 Linear computes on the CPU:
+    x quantized to 1x128 blocks, W to 128x128 blocks, both dequantized, fp32 product."""
+    def forward(self, x):
+        q, s = anvil.quantize_fp8(x.reshape(-1, x.shape[-1]).contiguous(), "block1x128")
+        xd = anvil.dequantize_fp8(q, s, "block1x128", torch.float32).view(x.shape)
+        wq, ws = anvil.quantize_fp8(self.weight.contiguous(), "block128x128")
+        return torch.nn.functional.linear(xd, anvil.dequantize_fp8(wq, ws, "block128x128", torch.float32))
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name.split(".")[-1] in PROJ:
+            mod.forward = forward.__get__(mod)
+    return model
+
+
+def test_fp8_base_from_a_dense_checkpoint_equals_the_fp8_emulation(dense_dir):
+    ref = fp8_emulated(transformers.LlamaForCausalLM.from_pretrained(dense_dir, dtype=torch.float32).eval())
+    dense = _C.CausalLM(dense_dir, dtype="float32", base_weights="dense")
+    fp8 = _C.CausalLM(dense_dir, dtype="float32", base_weights="fp8")
+    assert all(f == "fp8" for n, f in fp8.weight_formats().items() if n != "lm_head")
+    with torch.no_grad():
+        want = ref(ids()).logits
+    got = fp8.logits(ids())
+    assert not torch.equal(got, dense.logits(ids()))  # quantization happened
+    assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+
+
+def test_fp8_checkpoint_keeps_its_weights_as_stored(dense_dir, tmp_path):
+    fp8_dir = str(tmp_path / "fp8")
+
+    def quantized(name, w):
+        q, s = anvil.quantize_fp8(w.contiguous(), "block128x128")
+        return {name: q, name + "_scale_inv": s}
+    cfg = rewrite_weights(dense_dir, fp8_dir, quantized)
+    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                                  "weight_block_size": [128, 128]}
+    write_config(fp8_dir, cfg)
+    kept = _C.CausalLM(fp8_dir, dtype="float32", base_weights="fp8")
+    auto = _C.CausalLM(fp8_dir, dtype="float32")  # CPU: auto dequantizes
+    assert all(f == "fp8" for n, f in kept.weight_formats().items() if n != "lm_head")
+    assert all(f == "dense" for f in auto.weight_formats().values())
+    # Kept as stored: computes what quantizing the dense original at load computes (requantizing the
+    # dequantized blocks in fp32 gives back the stored e4m3 values and scales).
+    ref = fp8_emulated(transformers.LlamaForCausalLM.from_pretrained(dense_dir, dtype=torch.float32).eval())
+    with torch.no_grad():
+        want = ref(ids()).logits
+    got = kept.logits(ids())
+    assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+    assert sqnr_db(auto.logits(ids()), got) >= 15  # and close to the dequantized model (fp8 activations)
+    with pytest.raises(RuntimeError, match="quantized base weight"):
+        kept.save(str(tmp_path / "saved"))
+
+
+def test_bad_base_weights_value_is_named(dense_dir):
+    with pytest.raises(RuntimeError, match="base_weights 'int4' is not one of auto, dense, fp8, int8"):
+        _C.CausalLM(dense_dir, base_weights="int4")
+
+
+def test_lora_gradients_over_an_int8_base_equal_the_dequantized_dense_model(dense_dir, tmp_path):
+    ref_dir = str(tmp_path / "dequantized")
+
+    def dequantized(name, w):
+        q, s = anvil.quantize_int8(w.contiguous(), "row")
+        return {name: anvil.dequantize_int8(q, s, "row", torch.float32)}
+    write_config(ref_dir, rewrite_weights(dense_dir, ref_dir, dequantized))
+    config = json.dumps({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
+                         "target_modules": "all-linear"})
+    grads = []
+    for model in (_C.CausalLM(dense_dir, dtype="float32", base_weights="int8"), _C.CausalLM(ref_dir, dtype="float32")):
+        named = _C.apply_lora(model, config, 3)
+        with torch.no_grad():
+            for _, t in named:  # non-zero B, so every gradient path is exercised
+                t.normal_(0, 0.1, generator=torch.Generator().manual_seed(t.numel()))
+        grads.append(_C.adapter_gradients(model, ids(2)))
+    ours, ref = grads
+    assert set(ours) == set(ref) and len(ours) == 2 * 7 * 2
+    for name, g in ours.items():
+        scale = ref[name].abs().max().item()
+        assert scale > 0, name
+        assert (g - ref[name]).abs().max().item() <= 1e-4 * scale + 1e-7, name
+    model = _C.CausalLM(dense_dir, dtype="float32", base_weights="int8")
+    _C.apply_lora(model, config, 3)
+    with pytest.raises(ValueError, match="int8 base weight; merge into a dense base"):
+        _C.merge_adapter(model)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("base_weights", ["fp8", "int8"])
+def test_quantized_base_on_the_gpu_matches_its_cpu_emulation(dense_dir, base_weights):
+    """bf16 on the GPU (the sm_90a FP8 GEMM for fp8): logits and LoRA gradients against the fp32 emulation."""
+    ref = transformers.LlamaForCausalLM.from_pretrained(dense_dir, dtype=torch.float32).eval()
+    if base_weights == "fp8":
+        ref = fp8_emulated(ref)
+    else:
+        with torch.no_grad():
+            for name, mod in ref.named_modules():
+                if isinstance(mod, torch.nn.Linear) and name.split(".")[-1] in PROJ:
+                    q, s = anvil.quantize_int8(mod.weight.contiguous(), "row")
+                    mod.weight.copy_(anvil.dequantize_int8(q, s, "row", torch.float32))
+    gpu = _C.CausalLM(dense_dir, dtype="bfloat16", device="cuda", base_weights=base_weights)
+    assert gpu.weight_formats()["model.layers.0.mlp.down_proj"] == base_weights
+    with torch.no_grad():
+        want = ref(ids()).logits
+    got = gpu.logits(ids().cuda()).float().cpu()
+    err = 1 - 2 * (got * want).sum() / (got.pow(2) + want.pow(2)).sum()
+    assert err.item() < 1e-3
+    config = json.dumps({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
+                         "target_modules": "all-linear"})
+    named = _C.apply_lora(gpu, config, 3)
+    with torch.no_grad():
+        for _, t in named:
+            t.normal_(0, 0.1)
+    grads = _C.adapter_gradients(gpu, ids(2).cuda())
+    assert len(grads) == 2 * 7 * 2 and all(torch.isfinite(g).all() and g.abs().max() > 0 for g in grads.values())
