@@ -16,14 +16,21 @@
 //   otherwise                                   -> coop_128x128_c1x2
 // falling back to coop_128x128_c1x2 where the preferred one is not compiled for the dtype.
 // ANVIL_FP8_GEMM_CONFIG=<name> forces a configuration (bench/fp8_gemm.py --configs uses it); an unknown
-// name is an error that lists the compiled ones.
+// name is an error that lists the compiled ones. ANVIL_FP8_GEMM_GROUPED_CONFIG does the same for the
+// grouped kernels. ANVIL_FP8_GEMM_SCHED overrides the scheduler's run-time arguments (SchedulerKnobs).
+//
+// The tuning sweep (cmake -DANVIL_FP8_GEMM_SWEEP=ON, scripts/fp8-sweep.sh) compiles candidate
+// configurations beside these, listed under ANVIL_FP8_GEMM_SWEEP below; the heuristic never picks them
+// unless forced, so a sweep build measures them without changing the defaults.
 #include "ops/fp8_gemm/fp8_gemm_sm90.h"
 
 #include "anvil/ops.h"
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdlib>
+#include <exception>
 
 namespace anvil::ops::sm90 {
 
@@ -35,6 +42,16 @@ std::string run_pingpong_64x128_c1x2_bf16(const DenseArgs&);
 std::string run_streamk_128x128_bf16(const DenseArgs&);
 std::string run_swapab_128x64_bf16(const DenseArgs&);
 std::string run_grouped_128x128_c1x2_bf16(const GroupedArgs&);
+#ifdef ANVIL_FP8_GEMM_SWEEP
+std::string run_coop_128x128_c2x1_bf16(const DenseArgs&);
+std::string run_coop_128x128_c1x2_kmaj_bf16(const DenseArgs&);
+std::string run_coop_128x192_c2x1_bf16(const DenseArgs&);
+std::string run_pingpong_64x192_c2x1_bf16(const DenseArgs&);
+std::string run_streamk_128x128_c2x1_bf16(const DenseArgs&);
+std::string run_swapab_128x32_bf16(const DenseArgs&);
+std::string run_grouped_128x128_c2x1_bf16(const GroupedArgs&);
+std::string run_grouped_pingpong_64x128_c1x2_bf16(const GroupedArgs&);
+#endif
 #endif
 
 const std::vector<Sm90Config>& dense_configs() {
@@ -46,6 +63,14 @@ const std::vector<Sm90Config>& dense_configs() {
       {"pingpong_64x128_c1x2", false, OutType::kBFloat16, &run_pingpong_64x128_c1x2_bf16},
       {"streamk_128x128", false, OutType::kBFloat16, &run_streamk_128x128_bf16},
       {"swapab_128x64", false, OutType::kBFloat16, &run_swapab_128x64_bf16},
+#ifdef ANVIL_FP8_GEMM_SWEEP
+      {"coop_128x128_c2x1", true, OutType::kBFloat16, &run_coop_128x128_c2x1_bf16},
+      {"coop_128x128_c1x2_kmaj", false, OutType::kBFloat16, &run_coop_128x128_c1x2_kmaj_bf16},
+      {"coop_128x192_c2x1", true, OutType::kBFloat16, &run_coop_128x192_c2x1_bf16, 64},
+      {"pingpong_64x192_c2x1", false, OutType::kBFloat16, &run_pingpong_64x192_c2x1_bf16, 64},
+      {"streamk_128x128_c2x1", true, OutType::kBFloat16, &run_streamk_128x128_c2x1_bf16},
+      {"swapab_128x32", false, OutType::kBFloat16, &run_swapab_128x32_bf16},
+#endif
 #endif
   };
   return configs;
@@ -55,6 +80,10 @@ const std::vector<Sm90GroupedConfig>& grouped_configs() {
   static const std::vector<Sm90GroupedConfig> configs = {
 #ifdef ANVIL_WITH_SM90A
       {"grouped_128x128_c1x2", OutType::kBFloat16, &run_grouped_128x128_c1x2_bf16},
+#ifdef ANVIL_FP8_GEMM_SWEEP
+      {"grouped_128x128_c2x1", OutType::kBFloat16, &run_grouped_128x128_c2x1_bf16},
+      {"grouped_pingpong_64x128_c1x2", OutType::kBFloat16, &run_grouped_pingpong_64x128_c1x2_bf16},
+#endif
 #endif
   };
   return configs;
@@ -79,9 +108,54 @@ std::string dense_names(OutType out) {
   return s.empty() ? "(none)" : s;
 }
 
-std::string forced_config() {
-  const char* env = std::getenv("ANVIL_FP8_GEMM_CONFIG");
+std::string forced_config(const char* var = "ANVIL_FP8_GEMM_CONFIG") {
+  const char* env = std::getenv(var);
   return env && *env && std::string(env) != "auto" ? std::string(env) : std::string();
+}
+
+// ANVIL_FP8_GEMM_SCHED: comma-separated key=value pairs over the heuristic's knobs.
+//   raster=auto|m|n  swizzle=1|2|4|8  mode=auto|dp|splitk|streamk  splits=1..64  reduce=ordered|atomic
+void parse_knobs(const std::string& text, SchedulerKnobs* k) {
+  const char* var = "ANVIL_FP8_GEMM_SCHED";
+  size_t pos = 0;
+  while (pos <= text.size()) {
+    const size_t end = std::min(text.find(',', pos), text.size());
+    const std::string item = text.substr(pos, end - pos);
+    pos = end + 1;
+    if (item.empty()) continue;
+    const size_t eq = item.find('=');
+    TORCH_CHECK(eq != std::string::npos, "anvil::fp8_gemm: ", var, " item '", item, "' is not key=value");
+    const std::string key = item.substr(0, eq), val = item.substr(eq + 1);
+    auto number = [&](int lo, int hi) {
+      int v = 0;
+      try {
+        v = std::stoi(val);
+      } catch (const std::exception&) {
+        TORCH_CHECK(false, "anvil::fp8_gemm: ", var, " ", key, "='", val, "' is not a number");
+      }
+      TORCH_CHECK(v >= lo && v <= hi, "anvil::fp8_gemm: ", var, " ", key, "=", v, " is outside [", lo, ", ", hi, "]");
+      return v;
+    };
+    if (key == "raster") {
+      TORCH_CHECK(val == "auto" || val == "m" || val == "n", "anvil::fp8_gemm: ", var, " raster must be auto, m or n, got '", val, "'");
+      k->raster = val == "m" ? 1 : val == "n" ? 2 : 0;
+    } else if (key == "swizzle") {
+      k->swizzle = number(1, 8);
+      TORCH_CHECK((k->swizzle & (k->swizzle - 1)) == 0, "anvil::fp8_gemm: ", var, " swizzle must be 1, 2, 4 or 8");
+    } else if (key == "mode") {
+      TORCH_CHECK(val == "auto" || val == "dp" || val == "splitk" || val == "streamk", "anvil::fp8_gemm: ", var,
+                  " mode must be auto, dp, splitk or streamk, got '", val, "'");
+      k->mode = val == "dp" ? 1 : val == "splitk" ? 2 : val == "streamk" ? 3 : 0;
+    } else if (key == "splits") {
+      k->splits = number(1, 64);
+    } else if (key == "reduce") {
+      TORCH_CHECK(val == "ordered" || val == "atomic", "anvil::fp8_gemm: ", var, " reduce must be ordered or atomic");
+      k->atomic_reduce = val == "atomic";
+    } else {
+      TORCH_CHECK(false, "anvil::fp8_gemm: ", var, " has an unknown key '", key,
+                  "' (known: raster, swizzle, mode, splits, reduce)");
+    }
+  }
 }
 
 }  // namespace
@@ -104,9 +178,23 @@ const Sm90Config* choose_dense(int64_t m, int64_t n, int64_t /*k*/, OutType out,
 }
 
 const Sm90GroupedConfig* choose_grouped(OutType out) {
-  for (const auto& c : grouped_configs())
-    if (c.out == out) return &c;
+  const std::string forced = forced_config("ANVIL_FP8_GEMM_GROUPED_CONFIG");
+  std::string names;
+  for (const auto& c : grouped_configs()) {
+    if (c.out != out) continue;
+    if (forced.empty() || forced == c.name) return &c;
+    names += (names.empty() ? "" : ", ") + std::string(c.name);
+  }
+  TORCH_CHECK(forced.empty(), "anvil::fp8_grouped_gemm: ANVIL_FP8_GEMM_GROUPED_CONFIG='", forced,
+              "' is not a compiled grouped configuration for ", out_type_name(out), " output; compiled: ",
+              names.empty() ? "(none)" : names);
   return nullptr;
+}
+
+SchedulerKnobs choose_knobs(int64_t /*m*/, int64_t /*n*/, int64_t /*k*/, const char* /*config*/, int /*sm_count*/) {
+  SchedulerKnobs knobs;
+  if (const char* env = std::getenv("ANVIL_FP8_GEMM_SCHED")) parse_knobs(env, &knobs);
+  return knobs;
 }
 
 }  // namespace anvil::ops::sm90

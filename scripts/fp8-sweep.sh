@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The fp8 GEMM tuning sweep, on the GPU machine in one call: build with the sweep's candidate
+# configurations (-DANVIL_FP8_GEMM_SWEEP=ON, build-sweep/), check every configuration forced through
+# ANVIL_FP8_GEMM_CONFIG (and the grouped ones through ANVIL_FP8_GEMM_GROUPED_CONFIG, and the stream-K
+# decompositions through ANVIL_FP8_GEMM_SCHED) against the fp32 reference on cheap shapes, then time every
+# candidate and scheduler variant on the issue's shapes beside cuBLAS.
+#   device run: scripts/fp8-sweep.sh          (carry .gpu-deps)
+# Writes to $OUT: fp8-sweep.txt (the log: correctness, then one table per shape, best first),
+# fp8_sweep.json (M >= 4096 and grouped) and fp8_sweep_small.json (M <= 128); build logs.
+#   FP8_SWEEP_SKIP_TESTS=1   time only;   FP8_SWEEP_MS_LARGE / FP8_SWEEP_MS_SMALL   other M lists
+cd "$(dirname "$0")/.."
+source scripts/gpu-env.sh
+build=build-sweep
+log="$out/fp8-sweep.txt"
+: > "$log"
+say() { echo "$@" | tee -a "$log"; }
+
+t0=$SECONDS
+cmake --preset gpu -B "$build" -DANVIL_FP8_GEMM_SWEEP=ON -DANVIL_TESTS=OFF \
+      -DPython_EXECUTABLE="$(command -v python3)" -DCMAKE_PREFIX_PATH="$deps/usr" \
+      -DCMAKE_LIBRARY_PATH="$deps/usr/lib/x86_64-linux-gnu" -DANVIL_CUTLASS_DIR="$deps/cutlass" \
+      > "$out/sweep-configure.log" 2>&1 || { tail -30 "$out/sweep-configure.log"; exit 1; }
+cmake --build "$build" -j "$(nproc)" --target anvil_python > "$out/sweep-build.log" 2>&1 \
+  || { grep -E "error|Error" "$out/sweep-build.log" | head -40; exit 1; }
+say "fp8-sweep: configured and built in $(( SECONDS - t0 )) s"
+export PYTHONPATH="$root/$build/python${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+python3 -c "import anvil; print('compiled:', ', '.join(anvil.fp8_gemm_configs()))" 2>&1 | tee -a "$log"
+
+status=0
+if [ "${FP8_SWEEP_SKIP_TESTS:-0}" != 1 ]; then
+  t0=$SECONDS
+  pt() { python3 -m pytest tests/python/test_fp8_gemm.py -q -m cuda -p no:cacheprovider "$@" 2>&1 | tail -3; }
+  # every dense configuration forced (the test loops over them), with CUTLASS's default scheduling and
+  # with each stream-K decomposition and a raster / swizzle change; every grouped configuration forced
+  for knobs in "" "mode=dp" "mode=splitk,splits=3" "mode=streamk" "mode=streamk,reduce=atomic" "raster=n,swizzle=4"; do
+    sel="every_compiled_configuration"
+    [ -z "$knobs" ] && sel+=" or issue_matrix"   # the heuristic's picks on the issue's shapes, once
+    r=$(ANVIL_FP8_GEMM_SCHED="$knobs" pt -k "$sel")
+    say "correctness, every dense configuration, sched '${knobs:-default}': $(echo "$r" | tail -1)"
+    echo "$r" | grep -q failed && { status=1; echo "$r" | tee -a "$log"; }
+  done
+  for g in $(python3 -c "import anvil; print(' '.join(c.split(':')[0] for c in anvil.fp8_gemm_configs() if c.startswith('grouped')))"); do
+    for knobs in "" "raster=n,swizzle=2"; do
+      r=$(ANVIL_FP8_GEMM_GROUPED_CONFIG=$g ANVIL_FP8_GEMM_SCHED="$knobs" pt -k "grouped or masked")
+      say "correctness, $g sched '${knobs:-default}': $(echo "$r" | tail -1)"
+      echo "$r" | grep -q failed && { status=1; echo "$r" | tee -a "$log"; }
+    done
+  done
+  say "fp8-sweep: correctness in $(( SECONDS - t0 )) s"
+fi
+
+# What is timed. Decode / small M: the swapped and stream-K kernels under each decomposition (the tiles
+# are few, so how K is split decides), beside the plain persistent ones.
+small=""
+for c in swapab_128x64 swapab_128x32 streamk_128x128; do
+  for k in "" "mode=dp" "mode=splitk,splits=2" "mode=splitk,splits=4" "mode=streamk,reduce=atomic"; do
+    small+="$c${k:+@$k};"
+  done
+done
+small+="pingpong_64x128_c1x2;coop_128x128_c1x2"
+# Large M: tiles, clusters, the scale layout of a, raster order and swizzle, stream-K for the last wave.
+large="coop_128x128_c1x2;coop_128x128_c1x2@raster=m;coop_128x128_c1x2@raster=n;coop_128x128_c1x2@swizzle=2"
+large+=";coop_128x128_c1x2@swizzle=4;coop_128x128_c1x2@raster=m,swizzle=8;coop_128x128_c2x1;coop_128x128_c2x1@raster=m"
+large+=";coop_128x128_c1x2_kmaj;coop_128x192_c2x1;coop_128x192_c2x1@raster=m;coop_128x192_c2x1@swizzle=4"
+large+=";pingpong_64x128_c1x2;pingpong_64x192_c2x1;pingpong_64x192_c2x1@raster=m"
+large+=";streamk_128x128_c2x1;streamk_128x128_c2x1@mode=dp;streamk_128x128_c2x1@mode=streamk;streamk_128x128"
+grouped="grouped_128x128_c1x2;grouped_128x128_c1x2@raster=n;grouped_128x128_c1x2@swizzle=2;grouped_128x128_c1x2@swizzle=4"
+grouped+=";grouped_128x128_c2x1;grouped_128x128_c2x1@raster=n;grouped_128x128_c2x1@swizzle=4"
+grouped+=";grouped_pingpong_64x128_c1x2;grouped_pingpong_64x128_c1x2@raster=n"
+
+t0=$SECONDS
+say ""
+say "== M >= 4096 and grouped"
+python3 bench/fp8_gemm.py --ms "${FP8_SWEEP_MS_LARGE:-4096,8192}" --variants "$large" --grouped-variants "$grouped" \
+  --json "$out/fp8_sweep.json" 2>&1 | tee -a "$log"
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+say ""
+say "== M <= 128"
+python3 bench/fp8_gemm.py --ms "${FP8_SWEEP_MS_SMALL:-1,64,128}" --dense-only --variants "$small" \
+  --json "$out/fp8_sweep_small.json" 2>&1 | tee -a "$log"
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+say "fp8-sweep: timed in $(( SECONDS - t0 )) s; status $status"
+exit $status
