@@ -8,7 +8,8 @@ Goals (issue [fp8-gemm]):
 - grouped, 8 experts x 4096 rows, N 4096, K 7168: ours >= 1.2x a per-expert loop of `_scaled_mm`.
 TFLOP/s and the fraction of the 1979 TFLOP/s dense FP8 peak are printed for every row.
 
-Timing: CUDA events, median of 30 (bench/common.py). Each call takes the next of a pool of input sets whose
+Timing: CUDA events, median of 30 (bench/common.py); each contender timed twice, interleaved with the
+others, and the faster of its two medians kept (the first timing after a new shape's setup can run slow). Each call takes the next of a pool of input sets whose
 total size is over 2x the 50 MB L2, so no call finds its operands in L2 (the weight included). Problems with
 M <= 128 are launch-bound in eager mode for every contender, so they are timed inside CUDA graphs
 (`inner` calls per replay, rotating through the pool) and eager times are printed beside them.
@@ -159,14 +160,19 @@ def bench_dense(m, n, k, results, config_rows, want_configs, variants=None):
             print(f"  CUDA graph capture failed ({str(err).splitlines()[0][:100]}); eager timing")
             return time_ms(rotating(f, args), reps=100)
 
+    # Each contender timed twice, interleaved, the faster kept: in the sweep of 2026-11-23 the first
+    # timing after a shape's setup ran up to 16% slower than a second timing of the same kernel, which
+    # favoured whichever contender went second.
     t_ours = timer(ours)
     t_cub = timer(cub) if d_cub is not None else float("inf")
+    t_ours = min(t_ours, timer(ours))
+    t_cub = min(t_cub, timer(cub)) if d_cub is not None else t_cub
     row = {"m": m, "n": n, "k": k, "config": anvil.fp8_gemm_config(m, n, k), "timing": "cuda graphs" if small else "events",
            "pool_sets": len(sets), "ours_ms": t_ours, "scaled_mm_ms": t_cub, "ours_tflops": tflops(m, n, k, t_ours),
            "scaled_mm_tflops": tflops(m, n, k, t_cub), "diff_ours": d_ours, "diff_scaled_mm": d_cub,
            "ratio_vs_scaled_mm": t_cub / t_ours}
     if small:
-        t_bf16 = timer(bf16)
+        t_bf16 = min(timer(bf16), timer(bf16))
         row["bf16_mm_ms"] = t_bf16
         row["best_baseline_ms"] = min(t_cub, t_bf16)
         row["ratio_vs_best"] = row["best_baseline_ms"] / t_ours
@@ -225,6 +231,8 @@ def bench_other_granularities(results):
                                                       out_dtype=torch.bfloat16)
         t_ours = time_ms(rotating(lambda *s: ops.fp8_gemm(*s), sets))
         t_cub = time_ms(rotating(cub, sets))
+        t_ours = min(t_ours, time_ms(rotating(lambda *s: ops.fp8_gemm(*s), sets)))
+        t_cub = min(t_cub, time_ms(rotating(cub, sets)))
         r = {"m": m, "n": n, "k": k, "granularity": f"{ga}x{gb}", "ours_ms": t_ours, "scaled_mm_ms": t_cub,
              "ours_tflops": tflops(m, n, k, t_ours), "scaled_mm_tflops": tflops(m, n, k, t_cub),
              "ratio_vs_scaled_mm": t_cub / t_ours, "diff_ours": d}
@@ -258,6 +266,7 @@ def bench_grouped(results, variants=None):
         assert d < MAX_DIFF, f"grouped expert {i}: diff {d:.2e}"
     # each call reads 235 MB of activations and 235 MB of weights: no rotation needed to leave L2
     t_ours, t_loop = time_ms(ours), time_ms(loop)
+    t_ours, t_loop = min(t_ours, time_ms(ours)), min(t_loop, time_ms(loop))   # twice, interleaved (bench_dense)
     flop = 2 * e * rows * n * k
     r = {"case": f"grouped {e} x {rows} rows, N {n}, K {k}", "ours_ms": t_ours, "loop_ms": t_loop,
          "ours_tflops": flop / t_ours / 1e9, "loop_tflops": flop / t_loop / 1e9, "ratio_vs_loop": t_loop / t_ours}

@@ -9,6 +9,8 @@
 # fp8_sweep.json (M >= 4096 and grouped) and fp8_sweep_small.json (M <= 128); build logs.
 #   FP8_SWEEP_SKIP_TESTS=1   time only;   FP8_SWEEP_MS_LARGE / FP8_SWEEP_MS_SMALL   other M lists
 #   FP8_SWEEP_PYTEST=1       also tests/python/test_fp8_gemm.py's CUDA tests on the sweep build at the end
+# A tuning round: add candidate files to ANVIL_FP8_GEMM_SWEEP_SOURCES (CMakeLists.txt) and their rows to
+# fp8_gemm_heuristic.cpp (weak, under ANVIL_FP8_GEMM_SWEEP), name them in FP8_SWEEP_LARGE etc.
 cd "$(dirname "$0")/.."
 source scripts/gpu-env.sh
 build=build-sweep
@@ -37,24 +39,23 @@ export PYTHONPATH="$root/$build/python${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFE
 python3 -c "import anvil; print('compiled:', ', '.join(anvil.fp8_gemm_configs()))" 2>&1 | tee -a "$log"
 
 status=0
-# What is timed. Decode / small M: the swapped and stream-K kernels under each decomposition (the tiles
-# are few, so how K is split decides), beside the plain persistent ones.
+# What is timed: every configuration the heuristic can pick, under the scheduler settings that mattered in
+# the round of 2026-11-23, plus any candidates named in FP8_SWEEP_SMALL / _LARGE / _GROUPED (";"-separated
+# "name[@knobs]", appended). Decode / small M: the swapped kernels under each decomposition.
 small=""
-for c in swapab_128x64 swapab_128x32 streamk_128x128; do
+for c in swapab_128x32 swapab_128x64; do
   for k in "" "mode=dp" "mode=splitk,splits=2" "mode=splitk,splits=4" "mode=streamk,reduce=atomic"; do
     small+="$c${k:+@$k};"
   done
 done
-small+="pingpong_64x128_c1x2;coop_128x128_c1x2"
-# Large M: tiles, clusters, the scale layout of a, raster order and swizzle, stream-K for the last wave.
+small+="streamk_128x128@mode=dp;pingpong_64x128_c1x2${FP8_SWEEP_SMALL:+;$FP8_SWEEP_SMALL}"
+# Large M: the workhorse under raster orders and swizzles, the stream-K one under each decomposition.
 large="coop_128x128_c1x2;coop_128x128_c1x2@raster=m;coop_128x128_c1x2@raster=n;coop_128x128_c1x2@swizzle=2"
-large+=";coop_128x128_c1x2@swizzle=4;coop_128x128_c1x2@raster=m,swizzle=8;coop_128x128_c2x1;coop_128x128_c2x1@raster=m"
-large+=";coop_128x128_c1x2_kmaj;coop_128x192_c2x1;coop_128x192_c2x1@raster=m;coop_128x192_c2x1@swizzle=4"
-large+=";pingpong_64x128_c1x2;pingpong_64x192_c2x1;pingpong_64x192_c2x1@raster=m"
+large+=";coop_128x128_c1x2@swizzle=4;coop_128x128_c1x2@raster=m,swizzle=8"
 large+=";streamk_128x128_c2x1;streamk_128x128_c2x1@mode=dp;streamk_128x128_c2x1@mode=streamk;streamk_128x128"
-grouped="grouped_128x128_c1x2;grouped_128x128_c1x2@raster=n;grouped_128x128_c1x2@swizzle=2;grouped_128x128_c1x2@swizzle=4"
-grouped+=";grouped_128x128_c2x1;grouped_128x128_c2x1@raster=n;grouped_128x128_c2x1@swizzle=4"
-grouped+=";grouped_pingpong_64x128_c1x2;grouped_pingpong_64x128_c1x2@raster=n"
+large+="${FP8_SWEEP_LARGE:+;$FP8_SWEEP_LARGE}"
+grouped="grouped_128x128_c1x2;grouped_128x128_c1x2@raster=n;grouped_128x128_c1x2@swizzle=2"
+grouped+=";grouped_128x128_c1x2@swizzle=4${FP8_SWEEP_GROUPED:+;$FP8_SWEEP_GROUPED}"
 
 # Correctness first, every configuration forced under each scheduler setting, each in a process of its
 # own; a configuration that fails or faults is left out of the timing.

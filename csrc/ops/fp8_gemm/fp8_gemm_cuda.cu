@@ -150,10 +150,6 @@ at::Tensor fp8_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scale, const a
   at::Tensor alpha;
   if (s.b_kind == ScaleKind::kBlock) {
     p.sfb_ld = ceil_div(s.k, kBlock);
-    if (cfg->sfb_gran_n == 64) {  // every (128-row block, Kb) row of scales twice: (2 Nb, Kb), a few KB
-      const int64_t nb = b_scale.size(0);
-      sfb = b_scale.unsqueeze(1).expand({nb, 2, p.sfb_ld}).reshape({2 * nb, p.sfb_ld});
-    }
   } else {
     sfb = at::ones({ceil_div(s.k, kBlock)}, b_scale.options());
     p.sfb_ld = 0;

@@ -84,9 +84,6 @@ struct Sm90Config {
   OutType out;
   // Runs the kernel; returns "" or why it cannot (CUTLASS's can_implement failed, ...).
   std::string (*run)(const DenseArgs&);
-  // The rows of b one scale covers as the kernel reads them: 128 (anvil's 128x128 blocks as they are), or
-  // 64 for tiles of N = 192, for which the launcher repeats each block's row of scales twice.
-  int sfb_gran_n = 128;
 };
 
 struct Sm90GroupedConfig {

@@ -96,11 +96,9 @@ void set_scheduler_args(SchedulerArgs& s, const SchedulerKnobs& k, bool keep_def
 // kernel schedule (cooperative: 2 consumer warpgroups split one tile; pingpong: each owns a tile, so
 // one's epilogue overlaps the other's mainloop); Scheduler: void (persistent) or StreamKScheduler;
 // kSfaMMajor: a's scales M-major (TMA-loaded; the launcher transposes them) or K-major (cp.async;
-// anvil's (M, Kb) layout as is); kSfbGranN: the rows of b one scale covers as the kernel reads them, 128
-// (anvil's 128x128 blocks as they are) or 64 for tiles whose N is not a multiple of 128 (192: CUTLASS wants
-// the granularity to divide the tile; the launcher then repeats every block's scale twice, a few KB).
+// anvil's (M, Kb) layout as is).
 template <class Tile, class Cluster, class Schedule, class EpilogueSchedule, class Scheduler, bool kSfaMMajor,
-          OutType kOut, int kSfbGranN = 128>
+          OutType kOut>
 struct DenseGemm {
   using ElementA = cutlass::float_e4m3_t;
   using ElementB = cutlass::float_e4m3_t;
@@ -111,7 +109,7 @@ struct DenseGemm {
   static constexpr int kAlignAB = 16;             // elements of 16 bytes (TMA)
   static constexpr int kAlignD = 128 / cutlass::sizeof_bits<ElementD>::value;
 
-  using ScaleConfig = cutlass::detail::Sm90BlockwiseScaleConfig<1, kSfbGranN, 128,
+  using ScaleConfig = cutlass::detail::Sm90BlockwiseScaleConfig<1, 128, 128,
                                                                 kSfaMMajor ? cute::GMMA::Major::MN : cute::GMMA::Major::K,
                                                                 cute::GMMA::Major::K>;
   using LayoutSFA = decltype(ScaleConfig::deduce_layoutSFA());
@@ -153,9 +151,8 @@ struct DenseGemm {
   }
 
   static LayoutSFB layout_sfb(const DenseArgs& p) {
-    const int32_t nb = int32_t((p.n + kSfbGranN - 1) / kSfbGranN), kb = int32_t((p.k + 127) / 128),
-                  ld = int32_t(p.sfb_ld);
-    return make_layout(make_shape(make_shape(Int<kSfbGranN>{}, nb), make_shape(_128{}, kb), int32_t(1)),
+    const int32_t nb = int32_t((p.n + 127) / 128), kb = int32_t((p.k + 127) / 128), ld = int32_t(p.sfb_ld);
+    return make_layout(make_shape(make_shape(_128{}, nb), make_shape(_128{}, kb), int32_t(1)),
                        make_stride(make_stride(_0{}, ld), make_stride(_0{}, _1{}), int32_t(nb * kb)));
   }
 

@@ -1,9 +1,11 @@
-// Sweep candidate "streamk_128x128_c2x1", bf16 output (built with -DANVIL_FP8_GEMM_SWEEP=ON only): the
-// workhorse tile (cooperative 128 x 128 x 128, a's scales M-major) under CUTLASS's stream-K scheduler with
-// clusters of 2 x 1. Its decomposition is a run-time argument (SchedulerKnobs.mode): data-parallel (the
-// persistent schedule), stream-K for the partial last wave (N = 2112 at M = 4096: 4 full waves and 16
-// tiles; stream-K spreads those 16 tiles' K loops over all SMs) or split-K. Template:
-// fp8_gemm_sm90_kernels.cuh.
+// Configuration "streamk_128x128_c2x1", bf16 output: large M where whole waves of 128 x 128 tiles leave a
+// nearly empty last wave (N = 2112 at M = 4096: 544 tiles on 132 SMs, 4 full waves and 16 tiles). The
+// workhorse tile (cooperative 128 x 128 x 128, a's scales M-major through TMA) under CUTLASS's stream-K
+// scheduler with its own decomposition heuristic: the full waves data-parallel, the remainder's K loops
+// spread over every SM. Clusters of 2 x 1 (B multicast to two row tiles): 17 column tiles are odd, so a
+// 1 x 2 cluster would leave one CTA of every pair idle on the last column. Sweep of 2026-11-23: 0.91x /
+// 0.94x cuBLAS at M = 4096 / 8192, N = 2112, where coop_128x128_c1x2 gave 0.77x / 0.87x.
+// Template: fp8_gemm_sm90_kernels.cuh; selection: fp8_gemm_heuristic.cpp.
 #include "ops/fp8_gemm/fp8_gemm_sm90_kernels.cuh"
 
 namespace anvil::ops::sm90 {
