@@ -9,6 +9,8 @@
 # fp8_sweep.json (M >= 4096 and grouped) and fp8_sweep_small.json (M <= 128); build logs.
 #   FP8_SWEEP_SKIP_TESTS=1   time only;   FP8_SWEEP_MS_LARGE / FP8_SWEEP_MS_SMALL   other M lists
 #   FP8_SWEEP_PYTEST=1       also tests/python/test_fp8_gemm.py's CUDA tests on the sweep build at the end
+#   FP8_SWEEP_VARIANTS=0     verification: bench/fp8_gemm.py as it is (every M, the heuristic's picks, all
+#                            goals in one run; JSON $OUT/fp8_gemm.json) instead of the variant tables
 # A tuning round: add candidate files to ANVIL_FP8_GEMM_SWEEP_SOURCES (CMakeLists.txt) and their rows to
 # fp8_gemm_heuristic.cpp (weak, under ANVIL_FP8_GEMM_SWEEP), name them in FP8_SWEEP_LARGE etc.
 cd "$(dirname "$0")/.."
@@ -75,16 +77,22 @@ drop_failed() {  # a ;-separated variant list without the configurations that fa
 small=$(drop_failed "$small"); large=$(drop_failed "$large"); grouped=$(drop_failed "$grouped")
 
 t0=$SECONDS
-say ""
-say "== M >= 4096 and grouped"
-python3 bench/fp8_gemm.py --ms "${FP8_SWEEP_MS_LARGE:-4096,8192}" --variants "$large" --grouped-variants "$grouped" \
-  --json "$out/fp8_sweep.json" 2>&1 | tee -a "$log"
-[ "${PIPESTATUS[0]}" = 0 ] || status=1
-say ""
-say "== M <= 128"
-python3 bench/fp8_gemm.py --ms "${FP8_SWEEP_MS_SMALL:-1,64,128}" --dense-only --variants "$small" \
-  --json "$out/fp8_sweep_small.json" 2>&1 | tee -a "$log"
-[ "${PIPESTATUS[0]}" = 0 ] || status=1
+if [ "${FP8_SWEEP_VARIANTS:-1}" = 0 ]; then   # verification: the benchmark as it is, the heuristic's picks only
+  say ""
+  python3 bench/fp8_gemm.py --json "$out/fp8_gemm.json" 2>&1 | tee -a "$log"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+else
+  say ""
+  say "== M >= 4096 and grouped"
+  python3 bench/fp8_gemm.py --ms "${FP8_SWEEP_MS_LARGE:-4096,8192}" --variants "$large" --grouped-variants "$grouped" \
+    --json "$out/fp8_sweep.json" 2>&1 | tee -a "$log"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  say ""
+  say "== M <= 128"
+  python3 bench/fp8_gemm.py --ms "${FP8_SWEEP_MS_SMALL:-1,64,128}" --dense-only --variants "$small" \
+    --json "$out/fp8_sweep_small.json" 2>&1 | tee -a "$log"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
 if [ "${FP8_SWEEP_PYTEST:-0}" = 1 ]; then   # the CUDA tests of test_fp8_gemm.py as they are (sweep build)
   python3 -m pytest tests/python/test_fp8_gemm.py -q -m cuda -p no:cacheprovider 2>&1 | tail -5 | tee -a "$log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
