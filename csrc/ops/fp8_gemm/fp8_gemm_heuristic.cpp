@@ -15,12 +15,13 @@
 // Selection (dense), from the sweep of 2026-11-23 on the H100 (scripts/fp8-sweep.sh; 132 SMs; the issue's
 // six (N, K) at M = 1, 64, 128, 4096, 8192; docs/BENCHMARKS.md). Nt = ceil(N/128) weight tiles.
 //   M <= 64    -> swapab_128x32: ceil(M/32) Nt tiles. Data-parallel, or split-K in s = round(SMs / (2
-//                 tiles)) slices (2..4, at least 8 blocks of K each) when the tiles fill less than half the
-//                 SMs (N = 2112 and 4096 at M = 1, N = 2112 at M = 64): the weight is streamed by s times
-//                 as many SMs, against one reduction of the partial tiles (0.96x, 0.96x, 1.12x the best
-//                 baseline; CUTLASS's own stream-K choice 0.82x, 0.82x, 1.01x; its unordered "atomic"
-//                 reduction as fast or slower, and not deterministic). Data-parallel elsewhere: 0.89-1.39x,
-//                 except M = 1, N 7168, K 16384, where stream-K's 1.00x beats it (0.91x).
+//                 tiles)) slices (2..4, at least 8 blocks of K each) when that is 2 or more (N = 2112 and
+//                 4096 at M = 1, N = 2112 at M = 64), or in 2 when the tiles fill under half the SMs and K
+//                 has 64 blocks or more (M = 1, N 7168, K 16384): the weight is streamed by s times as many
+//                 SMs, against one reduction of the partial tiles (0.96x, 0.96x, 1.12x, 0.96x the best
+//                 baseline; CUTLASS's own stream-K choice 0.82x, 0.82x, 1.01x, 1.00x; its unordered
+//                 "atomic" reduction as fast or slower, and not deterministic). Data-parallel elsewhere:
+//                 0.89-1.39x (M = 1, N 7168, K 2048: split-K 0.72x, data-parallel 0.89x).
 //   M <= 128   -> swapab_128x32 when its ceil(M/32) Nt tiles fit one wave (N <= 4224 at M = 128: 1.14x,
 //                 1.39x), else swapab_128x64 (half the tiles: 0.96-1.05x where swapab_128x32 needed two
 //                 or more waves, 0.76-0.85x); both data-parallel. (streamk_128x128 won only N = 14336,
@@ -210,8 +211,11 @@ SchedulerKnobs preferred_knobs(int64_t m, int64_t n, int64_t k, const std::strin
   if (config == "swapab_128x32" || config == "swapab_128x64") {
     const int64_t tiles = ceil_div64(m, config == "swapab_128x32" ? 32 : 64) * ceil_div64(n, 128);
     const int64_t kb = ceil_div64(k, 128);
-    // split-K where the tiles fill under half the SMs: round(SMs / (2 tiles)) slices, 2..4, >= 8 K blocks
+    // split-K in round(SMs / (2 tiles)) slices (2..4, >= 8 K blocks each) where that is >= 2 (tiles up to
+    // a third of the SMs); 2 slices where the tiles fill under half the SMs and K is long (>= 64 blocks:
+    // the reduction is then cheap against the K loop)
     int64_t splits = std::min<int64_t>(4, (int64_t(sm_count) + tiles) / (2 * tiles));
+    if (splits < 2 && 2 * tiles <= int64_t(sm_count) && kb >= 64) splits = 2;
     while (splits > 1 && kb / splits < 8) --splits;
     knobs.mode = splits >= 2 ? 2 : 1;
     knobs.splits = int(std::max<int64_t>(splits, 1));
