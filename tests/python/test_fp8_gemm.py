@@ -309,3 +309,30 @@ def test_masked_layout_replays_in_a_cuda_graph():
             if v:
                 ref = gpu_reference(qa[i, :v], sa[i, :v], "block1x128", qb[i], sb[i], "block128x128")
                 assert gemm_diff(out[i, :v], ref) < MAX_DIFF, f"expert {i}, {v} rows"
+
+
+@pytest.mark.cuda
+def test_scheduler_settings_and_forced_grouped_config_cuda(monkeypatch):
+    """ANVIL_FP8_GEMM_SCHED: each decomposition of the decode configuration gives the reference's result;
+    malformed settings raise naming the key and the rule. ANVIL_FP8_GEMM_GROUPED_CONFIG: an unknown name
+    raises listing the compiled ones."""
+    if not any(c.startswith("grouped") for c in anvil.fp8_gemm_configs()):
+        pytest.skip("no sm_90a kernels in this build")
+    qa, sa, qb, sb = quantized(5, 2112, 1024, "block1x128", "block128x128", "cuda")
+    want = gpu_reference(qa, sa, "block1x128", qb, sb, "block128x128")
+    for knobs in ("mode=splitk,splits=3", "mode=streamk,reduce=atomic", "mode=dp,raster=n,swizzle=2", "mode=auto"):
+        monkeypatch.setenv("ANVIL_FP8_GEMM_SCHED", knobs)
+        d = gemm_diff(ops.fp8_gemm(qa, sa, qb, sb), want)
+        assert d < MAX_DIFF, f"{knobs}: diff {d:.2e} (config '{anvil.fp8_gemm_config(5, 2112, 1024)}')"
+    for bad, rule in (("mode=fast", "mode must be auto, dp, splitk or streamk"), ("splits=0", r"outside \[1, 64\]"),
+                      ("swizzle=3", "swizzle must be 1, 2, 4 or 8"), ("tile=2", "unknown key 'tile'"),
+                      ("raster", "is not key=value"), ("splits=two", "is not a number")):
+        monkeypatch.setenv("ANVIL_FP8_GEMM_SCHED", bad)
+        with pytest.raises(RuntimeError, match=rule):
+            ops.fp8_gemm(qa, sa, qb, sb)
+    monkeypatch.delenv("ANVIL_FP8_GEMM_SCHED")
+    qe, se = expert_weights(2, 128, 256, "cuda")
+    qx, sx = ops.quantize_fp8(torch.randn(8, 256, device="cuda"), "block1x128")
+    monkeypatch.setenv("ANVIL_FP8_GEMM_GROUPED_CONFIG", "no_such_config")
+    with pytest.raises(RuntimeError, match="ANVIL_FP8_GEMM_GROUPED_CONFIG='no_such_config'.*compiled: grouped_"):
+        ops.fp8_grouped_gemm(qx, sx, qe, se, torch.tensor([0, 3, 8], dtype=torch.int32, device="cuda"))

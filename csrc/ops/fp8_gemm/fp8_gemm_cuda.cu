@@ -170,6 +170,7 @@ at::Tensor fp8_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scale, const a
   p.device = device;
   p.sm_count = sm_count(device);
   p.stream = at::cuda::getCurrentCUDAStream(device);
+  p.knobs = sm90::choose_knobs(s.m, s.n, s.k, cfg->name, p.sm_count);
   const std::string err = cfg->run(p);
   if (!err.empty()) {
     // Tests and benchmarks set ANVIL_FP8_GEMM_STRICT=1 so that a declining kernel fails loudly instead of
@@ -266,6 +267,7 @@ at::Tensor fp8_grouped_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scale,
   auto out = at::empty({s.rows, s.n}, a.options().dtype(out_dtype));  // (R, N)
   sm90::GroupedArgs p = grouped_args(a, a_scale, b, b_scale, out, s);
   p.offsets = offsets.const_data_ptr<int32_t>();
+  p.knobs = sm90::choose_knobs(s.rows, s.n, s.k, cfg->name, p.sm_count);
   const int64_t row_vecs = s.n * int64_t(c10::elementSize(out_dtype)) / 16;
   const int blocks = int(std::min<int64_t>(s.rows, 4 * int64_t(p.sm_count)));
   zero_rows_outside_kernel<<<blocks, 128, 0, p.stream>>>(static_cast<uint4*>(p.out), s.rows, row_vecs, p.offsets,
@@ -300,6 +302,7 @@ at::Tensor fp8_grouped_gemm_masked_cuda(const at::Tensor& a, const at::Tensor& a
   auto out = at::empty({s.experts, s.capacity, s.n}, a.options().dtype(out_dtype));  // (E, C, N)
   sm90::GroupedArgs p = grouped_args(a2, s2, b, b_scale, out, s);
   p.masked_m = masked_m.const_data_ptr<int32_t>();
+  p.knobs = sm90::choose_knobs(s.rows, s.n, s.k, cfg->name, p.sm_count);
   const std::string err = cfg->run(p);
   TORCH_CHECK(err.empty(), op, ": the sm_90a grouped kernel ", cfg->name, " failed: ", err);
   return out;

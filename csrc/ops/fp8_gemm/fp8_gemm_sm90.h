@@ -26,6 +26,18 @@ namespace anvil::ops::sm90 {
 
 enum class OutType { kBFloat16, kHalf, kFloat };
 
+// Run-time arguments of CUTLASS's persistent tile schedulers (no recompilation to change them): the order
+// in which the persistent CTAs walk the output tiles, and, for the stream-K scheduler, how the K loop is
+// divided. Chosen per shape by the heuristic; ANVIL_FP8_GEMM_SCHED overrides them (the tuning sweep), e.g.
+// "raster=n,swizzle=2" or "mode=splitk,splits=4" (fp8_gemm_heuristic.cpp, parse_knobs).
+struct SchedulerKnobs {
+  int raster = 0;          // 0 CUTLASS's heuristic, 1 along M (consecutive CTAs share a weight tile), 2 along N
+  int swizzle = 1;         // 1, 2, 4, 8: CTAs walk blocks of this many tiles across the other dimension
+  int mode = 0;            // stream-K scheduler only: 0 heuristic, 1 data-parallel, 2 split-K, 3 stream-K
+  int splits = 1;          // split-K: the number of K slices
+  bool atomic_reduce = false;  // stream-K / split-K: CUTLASS's non-deterministic (unordered) reduction
+};
+
 struct DenseArgs {
   const void* a;           // (M, K) e4m3
   const void* b;           // (N, K) e4m3
@@ -42,6 +54,7 @@ struct DenseArgs {
   int device;
   int sm_count;
   cudaStream_t stream;
+  SchedulerKnobs knobs;
 };
 
 // The grouped kernels: expert e multiplies rows [row0_e, row0_e + rows_e) of a by b[e]. Contiguous layout
@@ -61,6 +74,7 @@ struct GroupedArgs {
   int device;
   int sm_count;
   cudaStream_t stream;
+  SchedulerKnobs knobs;    // raster and swizzle only (the grouped scheduler has no stream-K)
 };
 
 // What the launcher needs to know of a compiled configuration.
@@ -84,8 +98,12 @@ const std::vector<Sm90GroupedConfig>& grouped_configs();
 const char* out_type_name(OutType t);
 
 // The heuristic (fp8_gemm_heuristic.cpp): the configuration for a problem, nullptr when none is compiled
-// for the output dtype. ANVIL_FP8_GEMM_CONFIG=<name> forces one (an unknown name raises, listing them).
+// for the output dtype. ANVIL_FP8_GEMM_CONFIG=<name> forces one (an unknown name raises, listing them);
+// ANVIL_FP8_GEMM_GROUPED_CONFIG=<name> forces a grouped one.
 const Sm90Config* choose_dense(int64_t m, int64_t n, int64_t k, OutType out, int sm_count);
 const Sm90GroupedConfig* choose_grouped(OutType out);
+// The scheduler arguments for a problem run by config; ANVIL_FP8_GEMM_SCHED overrides them (a malformed
+// value raises, naming the rule).
+SchedulerKnobs choose_knobs(int64_t m, int64_t n, int64_t k, const char* config, int sm_count);
 
 }  // namespace anvil::ops::sm90

@@ -7,7 +7,9 @@
 namespace anvil::ops::sm90 {
 
 std::string run_grouped_128x128_c1x2_bf16(const GroupedArgs& p) {
-  return GroupedGemm<Shape<_128, _128, _128>, Shape<_1, _2, _1>, OutType::kBFloat16>::run(p);
+  return GroupedGemm<Shape<_128, _128, _128>, Shape<_1, _2, _1>,
+                     cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8Blockwise,
+                     cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative, OutType::kBFloat16>::run(p);
 }
 
 }  // namespace anvil::ops::sm90

@@ -66,6 +66,31 @@ inline at::Tensor workspace_tensor(size_t bytes, int device) {
                    at::TensorOptions().dtype(at::kByte).device(at::kCUDA, device));
 }
 
+// The run-time scheduler arguments (fp8_gemm_sm90.h, SchedulerKnobs) into CUTLASS's: raster order and
+// swizzle for every persistent scheduler; the decomposition, splits and reduction mode where the scheduler
+// is stream-K's (detected by its decomposition_mode member).
+template <class T, class = void>
+struct HasDecomposition : std::false_type {};
+template <class T>
+struct HasDecomposition<T, std::void_t<decltype(std::declval<T&>().decomposition_mode)>> : std::true_type {};
+
+template <class SchedulerArgs>
+void set_scheduler_args(SchedulerArgs& s, const SchedulerKnobs& k, bool keep_default_raster = false) {
+  using Raster = decltype(s.raster_order);
+  if (k.raster == 1) s.raster_order = Raster::AlongM;
+  else if (k.raster == 2) s.raster_order = Raster::AlongN;
+  else if (!keep_default_raster) s.raster_order = Raster::Heuristic;
+  s.max_swizzle_size = k.swizzle;
+  if constexpr (HasDecomposition<SchedulerArgs>::value) {
+    using Mode = decltype(s.decomposition_mode);
+    using Reduce = decltype(s.reduction_mode);
+    s.decomposition_mode = k.mode == 1 ? Mode::DataParallel : k.mode == 2 ? Mode::SplitK
+                           : k.mode == 3 ? Mode::StreamK : Mode::Heuristic;
+    s.splits = k.mode == 2 ? k.splits : 1;
+    s.reduction_mode = k.atomic_reduce ? Reduce::Nondeterministic : Reduce::Deterministic;
+  }
+}
+
 // ---- dense ------------------------------------------------------------------------------------------
 // Tile: CTA tile (M, N, K = 128, the scale block); Cluster: CTAs sharing TMA multicasts; Schedule: the
 // kernel schedule (cooperative: 2 consumer warpgroups split one tile; pingpong: each owns a tile, so
@@ -153,6 +178,7 @@ struct DenseGemm {
         hw};
     auto& f = args.epilogue.thread;  // {alpha, acc, bias, op}
     f = {{p.alpha, 1.0f, {_0{}, p.alpha_is_vector, 0}}, {}, {p.bias, 0.0f, {}}, {}};
+    set_scheduler_args(args.scheduler, p.knobs);
     return args;
   }
 
@@ -177,7 +203,7 @@ struct DenseGemm {
 // scale layouts written on the device by grouped_setup_kernel from the offsets / masked counts (so no
 // host synchronisation), and a persistent scheduler walking the tiles of all experts; an expert with no
 // rows has no tiles. The tensor maps are rewritten in place per expert (CUTLASS's tensormap update).
-template <class Tile, class Cluster, OutType kOut>
+template <class Tile, class Cluster, class Schedule, class EpilogueSchedule, OutType kOut>
 struct GroupedGemm {
   using ElementA = cutlass::float_e4m3_t;
   using ElementB = cutlass::float_e4m3_t;
@@ -196,15 +222,14 @@ struct GroupedGemm {
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, LayoutD*, kAlignD, ElementD, LayoutD*,
-      kAlignD, cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
-      cutlass::epilogue::fusion::LinearCombination<ElementD, float, void, float>>::CollectiveOp;
+      kAlignD, EpilogueSchedule, cutlass::epilogue::fusion::LinearCombination<ElementD, float, void, float>>::CollectiveOp;
 
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, ElementA, cute::tuple<LayoutA*, LayoutSFA*>, kAlignAB,
       ElementB, cute::tuple<LayoutB*, LayoutSFB*>, kAlignAB, float, Tile, Cluster,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename Epilogue::SharedStorage))>,
-      cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8Blockwise>::CollectiveOp;
+      Schedule>::CollectiveOp;
 
   using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
@@ -285,9 +310,9 @@ __global__ void grouped_setup_kernel(GroupedArgs p, typename G::Arrays arr) {
   arr.layout_sfb[e] = G::ScaleConfig::tile_atom_to_shape_SFB(make_shape(m, n, k, 1));
 }
 
-template <class Tile, class Cluster, OutType kOut>
-std::string GroupedGemm<Tile, Cluster, kOut>::run(const GroupedArgs& p) {
-  using G = GroupedGemm<Tile, Cluster, kOut>;
+template <class Tile, class Cluster, class Schedule, class EpilogueSchedule, OutType kOut>
+std::string GroupedGemm<Tile, Cluster, Schedule, EpilogueSchedule, kOut>::run(const GroupedArgs& p) {
+  using G = GroupedGemm<Tile, Cluster, Schedule, EpilogueSchedule, kOut>;
   size_t bytes = 0;
   carve(nullptr, p.experts, &bytes);
   auto buffer = workspace_tensor(bytes, p.device);
@@ -308,6 +333,9 @@ std::string GroupedGemm<Tile, Cluster, kOut>::run(const GroupedArgs& p) {
   auto& f = args.epilogue.thread;
   f.alpha = 1.0f;
   f.beta = 0.0f;
+  // The grouped scheduler keeps its own default raster (along M) unless one is asked for: CUTLASS applies
+  // no heuristic across groups.
+  set_scheduler_args(args.scheduler, p.knobs, /*keep_default_raster=*/true);
   Gemm gemm;
   const cutlass::Status can = gemm.can_implement(args);
   if (can != cutlass::Status::kSuccess) return "CUTLASS can_implement: " + status_text(can);

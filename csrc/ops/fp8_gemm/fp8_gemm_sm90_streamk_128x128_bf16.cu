@@ -1,5 +1,5 @@
-// Configuration "streamk_128x128", bf16 output: decode and other problems with fewer tiles than a few
-// waves of SMs (M <= 128 against N of a few thousand gives 17-192 tiles for 132 SMs). Cooperative
+// Configuration "streamk_128x128", bf16 output: mid-size problems (M > 128) with fewer tiles than four
+// waves of SMs (M <= 128 goes to the swapped configurations since the sweep of 2026-11-23). Cooperative
 // 128 x 128 x 128, cluster 1 x 1, CUTLASS's stream-K scheduler: the K loop of the tiles is split across
 // the SMs (partial sums reduced through a workspace), so every SM streams its share of the weight, which
 // is what bounds a small-M GEMM. a's scales K-major (anvil's layout as is: no extra launch before the

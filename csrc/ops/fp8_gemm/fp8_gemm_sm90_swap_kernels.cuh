@@ -85,6 +85,7 @@ struct SwapAbGemm {
         hw};
     auto& f = args.epilogue.thread;  // {alpha, acc, bias, op}
     f = {{p.alpha, 1.0f, {p.alpha_is_vector, _0{}, 0}}, {}, {p.bias, 0.0f, {}}, {}};
+    set_scheduler_args(args.scheduler, p.knobs);  // the kernel's M is out's N: raster "along M" walks N
     Gemm gemm;
     const cutlass::Status can = gemm.can_implement(args);
     if (can != cutlass::Status::kSuccess) return "CUTLASS can_implement: " + status_text(can);
