@@ -152,7 +152,33 @@ def train_tokenizer(texts, out_dir):
         with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2, sort_keys=True)
             f.write("\n")
-    print(f"  {prefix}.model: vocab {kVocabSize}")
+    write_tokenizer_json(prefix + ".model", out_dir)
+    print(f"  {prefix}.model, tokenizer.json: vocab {kVocabSize}")
+
+
+def write_tokenizer_json(model_file, out_dir):
+    """tokenizer.json for transformers 5, which cannot read tokenizer.model without protobuf: the
+    SentencePiece BPE's pieces and the merges they imply (transformers' own generate_merges) in its
+    LlamaTokenizer pipeline (Metaspace, byte fallback). anvil keeps reading tokenizer.model (a
+    SentencePiece-style tokenizer.json beside one is skipped); tests/python/test_demo_data.py checks
+    that the two give the same ids."""
+    import shutil
+    import tempfile
+
+    import sentencepiece as spm
+    import transformers
+    from transformers.tokenization_utils_base import generate_merges
+
+    sp = spm.SentencePieceProcessor(model_file=model_file)
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    tok = transformers.LlamaTokenizer(vocab=vocab, merges=generate_merges(vocab), pad_token="<pad>", legacy=False,
+                                     add_bos_token=True, add_eos_token=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save_pretrained(tmp)
+        with open(os.path.join(tmp, "tokenizer.json"), encoding="utf-8") as f:
+            text = json.dumps(json.load(f), ensure_ascii=False, indent=1, sort_keys=True)
+    with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
+        f.write(text + "\n")
 
 
 def main():
