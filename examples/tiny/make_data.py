@@ -136,13 +136,20 @@ def train_tokenizer(texts, out_dir):
                 if line.strip():
                     f.write(line + "\n")
     prefix = os.path.join(out_dir, "tokenizer")
-    spm.SentencePieceTrainer.train(
-        input=corpus, model_prefix=prefix, model_type="bpe", vocab_size=kVocabSize,
-        character_coverage=1.0, byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
-        remove_extra_whitespaces=False, normalization_rule_name="identity",
-        unk_id=0, bos_id=1, eos_id=2, pad_id=3, unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
-        pad_piece="<pad>", input_sentence_size=2_000_000, shuffle_input_sentence=False, seed_sentencepiece_size=200_000,
-        num_threads=2, minloglevel=2)
+    # The model records its trainer's input and prefix paths: relative ones, from out_dir, so that the
+    # file's bytes do not depend on where the repository is.
+    cwd = os.getcwd()
+    os.chdir(out_dir)
+    try:
+        spm.SentencePieceTrainer.train(
+            input="corpus.tmp.txt", model_prefix="tokenizer", model_type="bpe", vocab_size=kVocabSize,
+            character_coverage=1.0, byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
+            remove_extra_whitespaces=False, normalization_rule_name="identity",
+            unk_id=0, bos_id=1, eos_id=2, pad_id=3, unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
+            pad_piece="<pad>", input_sentence_size=2_000_000, shuffle_input_sentence=False,
+            seed_sentencepiece_size=200_000, num_threads=2, minloglevel=2)
+    finally:
+        os.chdir(cwd)
     os.remove(corpus)
     os.remove(prefix + ".vocab")
     special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}

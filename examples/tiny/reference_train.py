@@ -118,7 +118,7 @@ def main():
     p.add_argument("--train", default="")
     p.add_argument("--val", default="")
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", type=int, default=0, help="rows per step (default: 16 pretrain, 8 lora)")
     p.add_argument("--steps", type=int, default=0)
     p.add_argument("--lr", type=float, default=0.0)
     p.add_argument("--warmup", type=int, default=0)
@@ -131,7 +131,7 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--time-limit", type=float, default=0, help="stop after this many seconds of training")
     p.add_argument("--out", default="", help="save the trained model (pretrain) or adapter (lora) here")
-    p.add_argument("--prompts", nargs="*", default=["Q: What is a compiler?\nA:", "Q: What is TCP?\nA:"])
+    p.add_argument("--prompts", nargs="*", default=None, help="default: the config's eval.prompts")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -140,10 +140,16 @@ def main():
     data = os.path.join(HERE, "data")
     args.train = args.train or os.path.join(data, "general_train.jsonl" if pretrain else "foldoc_train.jsonl")
     args.val = args.val or os.path.join(data, "general_val.jsonl" if pretrain else "foldoc_val.jsonl")
-    args.steps = args.steps or (2000 if pretrain else 60)
-    args.lr = args.lr or (3e-3 if pretrain else 2e-3)
-    args.warmup = args.warmup or (100 if pretrain else 5)
+    # The defaults are examples/tiny/pretrain.json's and lora.json's.
+    args.batch = args.batch or (16 if pretrain else 8)
+    args.steps = args.steps or (600 if pretrain else 60)
+    args.lr = args.lr or (3e-3 if pretrain else 5e-3)
+    args.warmup = args.warmup or (50 if pretrain else 5)
+    args.eval_every = args.eval_every or (100 if pretrain else 10)
 
+    if args.prompts is None:
+        with open(os.path.join(HERE, "pretrain.json" if pretrain else "lora.json")) as f:
+            args.prompts = json.load(f)["eval"]["prompts"]
     sp = spm.SentencePieceProcessor(model_file=os.path.join(args.tokenizer, "tokenizer.model"))
     train = load_rows(args.train, sp, args.seq_len, not pretrain, args.seed)
     val = load_rows(args.val, sp, args.seq_len, not pretrain, 0)

@@ -37,8 +37,8 @@ def sp():
 
 def test_tokenizer_same_in_anvil_and_sentencepiece(sp):
     ours = _C.Tokenizer.load(TOK)
-    assert ours.kind() == "sentencepiece"  # tokenizer.model wins over the SentencePiece-style tokenizer.json
-    assert ours.vocab_size() == sp.get_piece_size() == 4096
+    assert ours.kind == "sentencepiece"  # tokenizer.model wins over the SentencePiece-style tokenizer.json
+    assert ours.vocab_size == sp.get_piece_size() == 4096
     texts = [json.loads(line)["text"] for line in lines("general_val.jsonl", 100)]
     texts += [json.loads(line)["completion"] for line in lines("foldoc_val.jsonl", 100)]
     texts += ["Q: What is TCP/IP?\nA:", "naïve café — 東京 🐕 \t tabs  and  spaces\n\n"]
@@ -46,7 +46,7 @@ def test_tokenizer_same_in_anvil_and_sentencepiece(sp):
         expected = [sp.bos_id()] + sp.encode(text)
         assert ours.encode(text) == expected, text
         assert ours.decode(expected[1:]) == sp.decode(expected[1:]) == text
-    assert [ours.token_to_id(t) for t in ("<unk>", "<s>", "</s>", "<pad>")] == [0, 1, 2, 3]
+    assert (ours.unk_id, ours.bos_id, ours.eos_id, ours.pad_id) == (0, 1, 2, 3)
 
 
 def test_tokenizer_json_for_transformers_matches_on_the_demo_data(sp):
