@@ -70,8 +70,11 @@ void copy_file(const std::string& from, const std::string& to) {
   if (!out) throw std::runtime_error("cannot write " + to);
 }
 
-double seconds_since(std::chrono::steady_clock::time_point start) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+// "1.23 s": elapsed wall time for the progress lines.
+std::string seconds_since(std::chrono::steady_clock::time_point start) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.2f s", std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  return buf;
 }
 
 // The adapter folder must hold PEFT's two files; say which one is missing and where.
@@ -159,8 +162,7 @@ int cmd_merge(int argc, char** argv) {
   const auto start = std::chrono::steady_clock::now();
   auto model = model::load_causal_lm(base, dtype, at::Device(device));
   std::cerr << "merge: loaded " << model->config().architecture << " from " << base << " ("
-            << model::dtype_name(model->dtype()) << ", " << model->device().str() << ") in " << seconds_since(start)
-            << " s\n";
+            << model::dtype_name(model->dtype()) << ", " << model->device().str() << ") in " << seconds_since(start) << "\n";
 
   const auto config = load_adapter(*model, adapter);
   const size_t modules = adapters_of(*model).size();
@@ -188,7 +190,7 @@ int cmd_merge(int argc, char** argv) {
     }
     throw;
   }
-  std::cerr << "merge: wrote " << out << " in " << seconds_since(start) << " s\n";
+  std::cerr << "merge: wrote " << out << " in " << seconds_since(start) << "\n";
   std::cout << out << "\n";
   return 0;
 }
