@@ -8,16 +8,17 @@ Inputs (installed by scripts/setup.sh, nothing is downloaded here):
 
 Outputs (all under examples/tiny/, committed; re-running gives the same bytes):
   data/general_train.jsonl, data/general_val.jsonl  {"text": fortune} lines: pretraining the base model
-  data/foldoc_train.jsonl, data/foldoc_val.jsonl    {"prompt": "Q: What is <term>?\nA:", "completion":
-                                                    "<first paragraph of its definition>"}: no
-                                                    leading space, SentencePiece adds its own "▁"
-                                                    when the completion is encoded on its own: the domain
-  tokenizer/  tokenizer.model (a SentencePiece BPE model trained here on both corpora),
-              tokenizer_config.json, special_tokens_map.json: what anvil's and transformers' loaders read
+  data/foldoc_train.jsonl, data/foldoc_val.jsonl    the domain: {"prompt": "Q: What is <term>?\nA:",
+                                                    "completion": "<first paragraph of its definition>"}
+                                                    (no leading space: SentencePiece adds its own "▁"
+                                                    when the completion is encoded on its own)
+  tokenizer/  tokenizer.model (a SentencePiece BPE model trained here on both corpora), tokenizer.json
+              (the same for transformers 5), tokenizer_config.json, special_tokens_map.json
 
 Why these choices: splits are decided by a hash of the text (stable when the packages change a little),
 definitions are cut to their first paragraph and at most kMaxCompletionChars so that a 2-minute CPU
-fine-tune sees most of them, and the tokenizer is byte_fallback BPE, so no text is ever <unk>.
+fine-tune sees most of them, and the tokenizer is byte_fallback BPE, so no text is ever <unk>. FOLDOC's train split is capped at
+kFoldocTrainMax entries (of about 11,000) to keep the committed file small; no term is in both splits.
 """
 import argparse
 import gzip
