@@ -19,6 +19,7 @@ say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 apt_packages=(libsentencepiece-dev sentencepiece nlohmann-json3-dev libcxxopts-dev libgtest-dev
               ninja-build ccache python3-venv g++ clang
               libpcre2-dev libutf8proc-dev)
+apt_packages+=(fortunes fortunes-min dict-foldoc)  # the demo's corpora (examples/tiny/make.sh)
 if [ "${ANVIL_SKIP_APT:-0}" != 1 ]; then
   missing=()
   for p in "${apt_packages[@]}"; do

@@ -4,6 +4,7 @@
 #include "anvil/data/tokenizer.h"
 #include "anvil/selfcheck.h"
 #include "cli/commands.h"
+#include "lora/merge_cli.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <cxxopts.hpp>
@@ -130,6 +131,7 @@ const std::vector<Subcommand>& subcommands() {
       {"tokenize", "encode text to ids (or decode ids) with a model's tokenizer", cmd_tokenize},
       {"generate", "continue a prompt (or answer it as a chat) with a model and its tokenizer", anvil::cli::cmd_generate},
       {"eval", "perplexity of a model on a .txt or .jsonl file", anvil::cli::cmd_eval},
+      {"merge", "fold a LoRA adapter into its base model and save the merged checkpoint", anvil::lora::cmd_merge},
   };
   return table;
 }
