@@ -130,6 +130,8 @@ const std::vector<Subcommand>& subcommands() {
       {"tokenize", "encode text to ids (or decode ids) with a model's tokenizer", cmd_tokenize},
       {"generate", "continue a prompt (or answer it as a chat) with a model and its tokenizer", anvil::cli::cmd_generate},
       {"eval", "perplexity of a model on a .txt or .jsonl file", anvil::cli::cmd_eval},
+      {"lora", "train LoRA adapters from a JSON config (no --config: the embedded demo)", anvil::cli::cmd_lora},
+      {"train", "train every parameter of a model (or a random one) from a JSON config", anvil::cli::cmd_train},
   };
   return table;
 }
