@@ -25,6 +25,7 @@
 #include "anvil/train/optim.h"
 #include "anvil/train/plot.h"
 #include "anvil/train/progress.h"
+#include "io/io_internal.h"  // the core's POSIX path helpers
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
@@ -36,14 +37,18 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
+#include <cstring>
 #include <cmath>
 #include <csignal>
 #include <cstdio>
-#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <map>
 #include <sstream>
+
+#include <sys/stat.h>
+#include <unistd.h>
 
 #if defined(ANVIL_WITH_CUDA)
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -53,7 +58,6 @@ namespace anvil::lora {
 
 namespace {
 
-namespace fs = std::filesystem;
 using nlohmann::json;
 using anvil::data::Example;
 using anvil::model::CausalLM;
@@ -69,21 +73,55 @@ extern "C" void on_interrupt(int) {
 }
 
 // ---- small file helpers ----------------------------------------------------------------------------
+// Paths through POSIX and the core's helpers, never std::filesystem (libtorch.so exports broken copies
+// of its functions: docs/ARCHITECTURE.md).
 
-void write_text_atomic(const fs::path& path, const std::string& text) {
-  const fs::path tmp = path.string() + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) throw std::runtime_error("cannot write " + tmp.string());
-    out << text;
-    if (!out) throw std::runtime_error("write to " + tmp.string() + " failed");
-  }
-  fs::rename(tmp, path);
+std::string join(const std::string& dir, const std::string& name) { return io::detail::join_path(dir, name); }
+
+bool path_exists(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0;
 }
 
-std::string read_text(const fs::path& path) {
+void rename_path(const std::string& from, const std::string& to) {
+  if (::rename(from.c_str(), to.c_str()) != 0)
+    throw std::runtime_error("cannot rename " + from + " to " + to + ": " + std::strerror(errno));
+}
+
+// rm -r: a directory's entries, then the directory; nothing when absent.
+void remove_tree(const std::string& path) {
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) != 0) return;
+  if (S_ISDIR(st.st_mode)) {
+    for (const auto& name : io::detail::list_directory(path)) remove_tree(join(path, name));
+    if (::rmdir(path.c_str()) != 0) throw std::runtime_error("cannot remove " + path + ": " + std::strerror(errno));
+  } else if (::unlink(path.c_str()) != 0) {
+    throw std::runtime_error("cannot remove " + path + ": " + std::strerror(errno));
+  }
+}
+
+void copy_file(const std::string& from, const std::string& to) {
+  std::ifstream in(from, std::ios::binary);
+  std::ofstream out(to, std::ios::binary | std::ios::trunc);
+  if (!in || !out) throw std::runtime_error("cannot copy " + from + " to " + to);
+  out << in.rdbuf();
+  if (!out) throw std::runtime_error("copy of " + from + " to " + to + " failed");
+}
+
+void write_text_atomic(const std::string& path, const std::string& text) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    if (!out) throw std::runtime_error("cannot write " + tmp);
+    out << text;
+    if (!out) throw std::runtime_error("write to " + tmp + " failed");
+  }
+  rename_path(tmp, path);
+}
+
+std::string read_text(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
-  if (!in) throw std::runtime_error("cannot open " + path.string());
+  if (!in) throw std::runtime_error("cannot open " + path);
   std::stringstream s;
   s << in.rdbuf();
   return s.str();
@@ -138,15 +176,15 @@ std::shared_ptr<CausalLM> build_model(const RecipeConfig& c, at::Device device, 
 std::string tokenizer_dir(const RecipeConfig& c) {
   if (!c.model.tokenizer.empty()) return io::resolve_model_path(c.model.tokenizer);
   if (c.model.init == "random") {
-    const fs::path p(c.model.config);
-    return fs::is_directory(p) ? p.string() : p.parent_path().string();
+    const std::string& p = c.model.config;
+    return io::detail::is_directory(p) ? p : io::detail::parent_dir(p);
   }
   return io::resolve_model_path(c.model.path);
 }
 
 // The tokenizer, or null when the folder has none (pre-tokenized data needs none).
 std::unique_ptr<anvil::data::Tokenizer> load_tokenizer_if_present(const std::string& dir) {
-  const bool has = fs::exists(fs::path(dir) / "tokenizer.json") || fs::exists(fs::path(dir) / "tokenizer.model");
+  const bool has = path_exists(join(dir, "tokenizer.json")) || path_exists(join(dir, "tokenizer.model"));
   if (!has) return nullptr;
   return anvil::data::load_tokenizer(dir);
 }
@@ -414,8 +452,10 @@ MemoryEstimate estimate_memory(const CausalLM& model, const RecipeConfig& c, int
 std::string format_estimate(const MemoryEstimate& m, const RecipeConfig& c, int64_t trainable_numel) {
   std::ostringstream o;
   char buf[160];
-  auto row = [&](const char* what, double bytes) {
-    std::snprintf(buf, sizeof buf, "  %-34s %9.3f GiB\n", what, gib(bytes));
+  auto row = [&](const char* what, double bytes) {  // GiB, or MiB below one GiB
+    const bool big = bytes >= double(1ull << 30);
+    std::snprintf(buf, sizeof buf, "  %-38s %10.3f %s\n", what, big ? gib(bytes) : bytes / double(1ull << 20),
+                  big ? "GiB" : "MiB");
     o << buf;
   };
   o << "memory estimate (batch_size " << c.train.batch_size << " x seq_len " << c.data.seq_len
@@ -443,32 +483,32 @@ struct TrainState {
 // checkpoint/ = trainable.safetensors, optimizer.safetensors, rng.safetensors, state.json. Written
 // into checkpoint.tmp/, then the old checkpoint/ is moved to checkpoint.old/, the new one renamed
 // into place and the old one removed: some complete checkpoint exists at every moment.
-void save_training_checkpoint(const fs::path& out_dir, const std::vector<std::pair<std::string, at::Tensor>>& trainable,
+void save_training_checkpoint(const std::string& out_dir, const std::vector<std::pair<std::string, at::Tensor>>& trainable,
                               const anvil::train::AdamW& optimizer, const TrainState& st, const json& config,
                               at::Device device) {
-  const fs::path dir = out_dir / "checkpoint", tmp = out_dir / "checkpoint.tmp", old = out_dir / "checkpoint.old";
-  fs::remove_all(tmp);
-  fs::create_directories(tmp);
+  const std::string dir = join(out_dir, "checkpoint"), tmp = join(out_dir, "checkpoint.tmp"), old = join(out_dir, "checkpoint.old");
+  remove_tree(tmp);
+  io::detail::make_directories(tmp);
   std::vector<std::pair<std::string, at::Tensor>> weights;
   for (const auto& [name, t] : trainable) weights.emplace_back(name, t.detach());
-  io::save_safetensors((tmp / "trainable.safetensors").string(), weights);
-  io::save_safetensors((tmp / "optimizer.safetensors").string(), optimizer.state_tensors());
+  io::save_safetensors(join(tmp, "trainable.safetensors"), weights);
+  io::save_safetensors(join(tmp, "optimizer.safetensors"), optimizer.state_tensors());
   std::vector<std::pair<std::string, at::Tensor>> rng = {{"cpu", at::detail::getDefaultCPUGenerator().get_state()}};
   if (device.is_cuda()) rng.emplace_back("cuda", at::globalContext().defaultGenerator(device).get_state());
-  io::save_safetensors((tmp / "rng.safetensors").string(), rng);
+  io::save_safetensors(join(tmp, "rng.safetensors"), rng);
   json state = {{"step", st.step},   {"epoch", st.epoch},     {"batch_index", st.index},
                 {"tokens", st.tokens}, {"elapsed_s", st.elapsed}, {"config", config}};
-  write_text_atomic(tmp / "state.json", state.dump(2) + "\n");
-  fs::remove_all(old);
-  if (fs::exists(dir)) fs::rename(dir, old);
-  fs::rename(tmp, dir);
-  fs::remove_all(old);
+  write_text_atomic(join(tmp, "state.json"), state.dump(2) + "\n");
+  remove_tree(old);
+  if (path_exists(dir)) rename_path(dir, old);
+  rename_path(tmp, dir);
+  remove_tree(old);
 }
 
-fs::path find_checkpoint(const fs::path& out_dir) {
-  if (fs::exists(out_dir / "checkpoint" / "state.json")) return out_dir / "checkpoint";
-  if (fs::exists(out_dir / "checkpoint.old" / "state.json")) return out_dir / "checkpoint.old";  // crash mid-rename
-  throw std::runtime_error("--resume: no checkpoint in " + (out_dir / "checkpoint").string() +
+std::string find_checkpoint(const std::string& out_dir) {
+  if (path_exists(join(out_dir, "checkpoint/state.json"))) return join(out_dir, "checkpoint");
+  if (path_exists(join(out_dir, "checkpoint.old/state.json"))) return join(out_dir, "checkpoint.old");  // crash mid-rename
+  throw std::runtime_error("--resume: no checkpoint in " + join(out_dir, "checkpoint") +
                            " (start without --resume, or set output.dir to the run to continue)");
 }
 
@@ -487,12 +527,12 @@ void check_same_run(const json& now, const json& then) {
                                " but the checkpoint was made with " + then["train"].value(key, json()).dump());
 }
 
-TrainState load_training_checkpoint(const fs::path& dir, const std::vector<std::pair<std::string, at::Tensor>>& trainable,
+TrainState load_training_checkpoint(const std::string& dir, const std::vector<std::pair<std::string, at::Tensor>>& trainable,
                                     anvil::train::AdamW& optimizer, const json& config, at::Device device) {
-  const auto state = json::parse(read_text(dir / "state.json"));
+  const auto state = json::parse(read_text(join(dir, "state.json")));
   check_same_run(config, state.at("config"));
   {
-    io::SafetensorsFile f((dir / "trainable.safetensors").string());
+    io::SafetensorsFile f(join(dir, "trainable.safetensors"));
     at::NoGradGuard no_grad;
     for (const auto& [name, t] : trainable) {
       if (!f.contains(name)) throw std::runtime_error("--resume: " + f.path() + " lacks tensor '" + name + "'");
@@ -505,16 +545,19 @@ TrainState load_training_checkpoint(const fs::path& dir, const std::vector<std::
     }
   }
   {
-    io::SafetensorsFile f((dir / "optimizer.safetensors").string());
+    io::SafetensorsFile f(join(dir, "optimizer.safetensors"));
     std::vector<std::pair<std::string, at::Tensor>> tensors;
     for (const auto& e : f.entries()) tensors.emplace_back(e.name, f.tensor(e.name));
     optimizer.load_state(tensors);
   }
   {
-    io::SafetensorsFile f((dir / "rng.safetensors").string());
-    at::detail::getDefaultCPUGenerator().set_state(f.tensor("cpu").clone());
-    if (device.is_cuda() && f.contains("cuda"))
-      at::globalContext().defaultGenerator(device).set_state(f.tensor("cuda").clone());
+    io::SafetensorsFile f(join(dir, "rng.safetensors"));
+    auto cpu = at::detail::getDefaultCPUGenerator();
+    cpu.set_state(f.tensor("cpu").clone());
+    if (device.is_cuda() && f.contains("cuda")) {
+      auto gen = at::globalContext().defaultGenerator(device);
+      gen.set_state(f.tensor("cuda").clone());
+    }
   }
   TrainState st;
   st.step = state.at("step").get<int64_t>();
@@ -528,8 +571,8 @@ TrainState load_training_checkpoint(const fs::path& dir, const std::vector<std::
 // ---- metrics.jsonl ---------------------------------------------------------------------------------
 
 // Keeps the lines of steps <= step (a resumed run rewrites what came after its checkpoint).
-void truncate_metrics(const fs::path& path, int64_t step) {
-  if (!fs::exists(path)) return;
+void truncate_metrics(const std::string& path, int64_t step) {
+  if (!path_exists(path)) return;
   std::ifstream in(path);
   std::string kept, line;
   while (std::getline(in, line)) {
@@ -542,8 +585,8 @@ void truncate_metrics(const fs::path& path, int64_t step) {
 
 class MetricsLog {
  public:
-  explicit MetricsLog(const fs::path& path) : out_(path, std::ios::app) {
-    if (!out_) throw std::runtime_error("cannot append to " + path.string());
+  explicit MetricsLog(const std::string& path) : out_(path, std::ios::app) {
+    if (!out_) throw std::runtime_error("cannot append to " + path);
   }
   void write(const json& j) {
     out_ << j.dump() << "\n";
@@ -554,7 +597,7 @@ class MetricsLog {
   std::ofstream out_;
 };
 
-void plot_metrics(const fs::path& metrics, const fs::path& svg, const std::string& title) {
+void plot_metrics(const std::string& metrics, const std::string& svg, const std::string& title) {
   anvil::train::LossSeries train{"train", {}, false, "#1f77b4"}, val{"validation", {}, true, "#d62728"};
   std::ifstream in(metrics);
   std::string line;
@@ -564,16 +607,16 @@ void plot_metrics(const fs::path& metrics, const fs::path& svg, const std::strin
     if (j.contains("loss")) train.xy.emplace_back(j["step"].get<double>(), j["loss"].get<double>());
     if (j.contains("val_loss")) val.xy.emplace_back(j["step"].get<double>(), j["val_loss"].get<double>());
   }
-  anvil::train::write_loss_plot(svg.string(), {train, val}, title);
+  anvil::train::write_loss_plot(svg, {train, val}, title);
 }
 
 // ---- outputs ---------------------------------------------------------------------------------------
 
-void copy_tokenizer_files(const std::string& from, const fs::path& to) {
+void copy_tokenizer_files(const std::string& from, const std::string& to) {
   for (const char* name : {"tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                            "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja"}) {
-    const fs::path src = fs::path(from) / name;
-    if (fs::exists(src)) fs::copy_file(src, to / name, fs::copy_options::overwrite_existing);
+    const std::string src = join(from, name);
+    if (path_exists(src)) copy_file(src, join(to, name));
   }
 }
 
@@ -629,7 +672,7 @@ class AutocastGuard {
 
 int run_recipe(const RecipeConfig& c, const RecipeOptions& options) {
   const bool lora_mode = c.mode == RecipeMode::kLora;
-  const fs::path out_dir(c.output.dir);
+  const std::string out_dir(c.output.dir);
   const at::Device device = resolve_device(c.model.device);
   const bool mixed = c.train.mixed_precision == "bf16";
   if (mixed && !device.is_cuda())
@@ -693,7 +736,7 @@ int run_recipe(const RecipeConfig& c, const RecipeOptions& options) {
   }
 
   // ---- output directory, resume ----
-  fs::create_directories(out_dir);
+  io::detail::make_directories(out_dir);
   anvil::train::AdamWOptions adamw;
   adamw.beta1 = c.train.beta1, adamw.beta2 = c.train.beta2, adamw.eps = c.train.eps, adamw.weight_decay = c.train.weight_decay;
   std::vector<at::Tensor> params;
@@ -704,17 +747,17 @@ int run_recipe(const RecipeConfig& c, const RecipeOptions& options) {
     const auto dir = find_checkpoint(out_dir);
     st = load_training_checkpoint(dir, trainable, optimizer, c.resolved, device);
     stream.seek(st.epoch, st.index);
-    truncate_metrics(out_dir / "metrics.jsonl", st.step);
-    std::cerr << "resuming from " << dir.string() << " at step " << st.step << "\n";
+    truncate_metrics(join(out_dir, "metrics.jsonl"), st.step);
+    std::cerr << "resuming from " << dir << " at step " << st.step << "\n";
   } else {
-    if (fs::exists(out_dir / "checkpoint"))
-      throw std::runtime_error("output.dir " + out_dir.string() + " already holds a run (checkpoint/); pass --resume to "
+    if (path_exists(join(out_dir, "checkpoint")))
+      throw std::runtime_error("output.dir " + out_dir + " already holds a run (checkpoint/); pass --resume to "
                                "continue it, or choose another output.dir");
-    write_text_atomic(out_dir / "metrics.jsonl", "");
+    write_text_atomic(join(out_dir, "metrics.jsonl"), "");
   }
-  write_text_atomic(out_dir / "config.json", c.resolved.dump(2) + "\n");
+  write_text_atomic(join(out_dir, "config.json"), c.resolved.dump(2) + "\n");
   if (lora_mode && c.output.save_initial_adapter && !options.resume)
-    save_adapter(*model, lora_config, (out_dir / "initial_adapter").string());
+    save_adapter(*model, lora_config, join(out_dir, "initial_adapter"));
 
   std::vector<std::string> before;
   if (!c.eval.prompts.empty() && tok) before = generate_all(*model, *tok, c.eval.prompts, c.eval.max_new_tokens);
@@ -723,7 +766,7 @@ int run_recipe(const RecipeConfig& c, const RecipeOptions& options) {
   anvil::train::ScheduleOptions schedule;
   schedule.kind = c.train.schedule, schedule.lr = c.train.lr, schedule.warmup_steps = c.train.warmup_steps;
   schedule.total_steps = total_steps, schedule.min_lr_ratio = c.train.min_lr_ratio;
-  MetricsLog metrics(out_dir / "metrics.jsonl");
+  MetricsLog metrics(join(out_dir, "metrics.jsonl"));
   anvil::train::Progress progress(lora_mode ? "lora" : "train", total_steps, "steps");
   progress.resume_from(st.step);
   const double elapsed_before = st.elapsed;
@@ -792,7 +835,7 @@ int run_recipe(const RecipeConfig& c, const RecipeOptions& options) {
           std::cerr << "\n" << (lora_mode ? "anvil lora" : "anvil train") << ": the loss is " << loss << " at step "
                     << st.step << "; stopping. ";
           if (has_checkpoint)
-            std::cerr << "The last good checkpoint is " << (out_dir / "checkpoint").string() << " (step "
+            std::cerr << "The last good checkpoint is " << join(out_dir, "checkpoint") << " (step "
                       << last_good_step << "): lower train.lr (now " << c.train.lr << ") and resume with --resume.\n";
           else
             std::cerr << "No checkpoint was saved yet: lower train.lr (now " << c.train.lr
@@ -816,8 +859,8 @@ int run_recipe(const RecipeConfig& c, const RecipeOptions& options) {
       if (save_due && !interrupted && !last) save();
       if (interrupted && !last) {
         save();
-        std::cerr << "\ninterrupted: saved a checkpoint at step " << st.step << " in " << (out_dir / "checkpoint").string()
-                  << "\nresume with: anvil " << (lora_mode ? "lora" : "train") << " --config " << out_dir.string()
+        std::cerr << "\ninterrupted: saved a checkpoint at step " << st.step << " in " << join(out_dir, "checkpoint")
+                  << "\nresume with: anvil " << (lora_mode ? "lora" : "train") << " --config " << out_dir
                   << "/config.json --resume\n";
         return kExitInterrupted;
       }
@@ -837,16 +880,16 @@ int run_recipe(const RecipeConfig& c, const RecipeOptions& options) {
   // ---- outputs ----
   save();
   if (lora_mode) {
-    save_adapter(*model, lora_config, (out_dir / "adapter").string());
+    save_adapter(*model, lora_config, join(out_dir, "adapter"));
   } else {
     if (mixed) model->to(anvil::model::dtype_from_name(c.model.dtype));
-    const fs::path model_dir = out_dir / "model";
-    anvil::model::save_causal_lm(*model, model_dir.string());
+    const std::string model_dir = join(out_dir, "model");
+    anvil::model::save_causal_lm(*model, model_dir);
     copy_tokenizer_files(tok_dir, model_dir);
   }
   if (c.output.plot)
-    plot_metrics(out_dir / "metrics.jsonl", out_dir / "loss.svg",
-                 std::string(lora_mode ? "anvil lora" : "anvil train") + ": " + out_dir.filename().string());
+    plot_metrics(join(out_dir, "metrics.jsonl"), join(out_dir, "loss.svg"),
+                 std::string(lora_mode ? "anvil lora" : "anvil train") + ": " + io::detail::file_name(out_dir));
   if (!c.eval.prompts.empty() && tok) {
     const auto after = generate_all(*model, *tok, c.eval.prompts, c.eval.max_new_tokens);
     std::cout << "\ngenerations (greedy, " << c.eval.max_new_tokens << " new tokens at most):\n";
@@ -854,9 +897,9 @@ int run_recipe(const RecipeConfig& c, const RecipeOptions& options) {
       std::cout << "prompt: " << one_line(c.eval.prompts[i]) << "\n  before: " << one_line(before[i])
                 << "\n  after:  " << one_line(after[i]) << "\n";
   }
-  std::cout << "wrote " << (out_dir / (lora_mode ? "adapter" : "model")).string() << ", "
-            << (out_dir / "metrics.jsonl").string() << (c.output.plot ? ", " + (out_dir / "loss.svg").string() : "")
-            << ", " << (out_dir / "checkpoint").string() << "\n";
+  std::cout << "wrote " << join(out_dir, lora_mode ? "adapter" : "model") << ", "
+            << join(out_dir, "metrics.jsonl") << (c.output.plot ? ", " + join(out_dir, "loss.svg") : "")
+            << ", " << join(out_dir, "checkpoint") << "\n";
   return kExitOk;
 }
 

@@ -10,8 +10,8 @@
 
 #include <cxxopts.hpp>
 
-#include <filesystem>
-#include <fstream>
+#include <sys/stat.h>
+
 #include <iostream>
 #include <string>
 #include <vector>
@@ -24,7 +24,11 @@ namespace anvil::cli {
 
 namespace {
 
-namespace fs = std::filesystem;
+// POSIX stat, not std::filesystem (unsafe beside libtorch: docs/ARCHITECTURE.md).
+bool path_exists(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0;
+}
 
 // An override is "--section.key=value" or "--section.key value": a long option whose name has a dot.
 bool is_override(const std::string& arg) {
@@ -35,11 +39,11 @@ bool is_override(const std::string& arg) {
 
 // Input paths of the embedded demo config are relative to the source tree.
 void anchor_demo_paths(nlohmann::json& config) {
-  const fs::path root(ANVIL_SOURCE_DIR);
+  const std::string root = ANVIL_SOURCE_DIR;
   auto anchor = [&](const char* section, const char* key) {
     if (!config.contains(section) || !config[section].contains(key) || !config[section][key].is_string()) return;
     const std::string p = config[section][key].get<std::string>();
-    if (!p.empty() && fs::path(p).is_relative() && fs::exists(root / p)) config[section][key] = (root / p).string();
+    if (!p.empty() && p[0] != '/' && path_exists(root + "/" + p)) config[section][key] = root + "/" + p;
   };
   anchor("model", "path");
   anchor("model", "config");
@@ -90,11 +94,11 @@ int run(int argc, char** argv, lora::RecipeMode mode) {
   if (args.count("config")) {
     config_path = args["config"].as<std::string>();
   } else if (mode == lora::RecipeMode::kLora) {
-    config_path = (fs::path(ANVIL_SOURCE_DIR) / "examples" / "tiny" / "lora.json").string();
+    config_path = std::string(ANVIL_SOURCE_DIR) + "/examples/tiny/lora.json";
     demo = true;
-    if (!fs::exists(config_path))
+    if (!path_exists(config_path))
       throw std::runtime_error("anvil lora: no --config given and the embedded demo config " + config_path +
-                               " is missing (run scripts/make_demo.sh, or pass --config)");
+                               " is missing (the demo's files are made with its data; pass --config FILE to train on your own)");
   } else {
     throw cxxopts::exceptions::exception("anvil train: --config is required");
   }

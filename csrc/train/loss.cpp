@@ -7,6 +7,7 @@
 // (fp32 accumulation across chunks, cast at the end). Peak extra memory: one chunk of logits in fp32.
 #include "anvil/train/loss.h"
 
+#include <ATen/autocast_mode.h>
 #include <torch/autograd.h>
 
 namespace anvil::train {
@@ -23,12 +24,15 @@ struct ChunkLogits {
   at::Tensor mask;      // (rows) fp32, 1 on targets
 };
 
+// The reduction dtype: fp32, or fp64 for fp64 models (tests).
+at::ScalarType accumulate_type(const at::Tensor& h) { return h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
 ChunkLogits chunk_logits(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& labels) {
   ChunkLogits c;
-  c.logits32 = at::linear(h, weight).to(at::kFloat);  // (rows, V)
+  c.logits32 = at::linear(h, weight).to(accumulate_type(h));  // (rows, V)
   auto valid = labels != kIgnoreIndex;
   c.labels = labels.masked_fill(~valid, 0);
-  c.mask = valid.to(at::kFloat);
+  c.mask = valid.to(accumulate_type(h));
   return c;
 }
 
@@ -37,8 +41,8 @@ class ChunkedLmLoss : public torch::autograd::Function<ChunkedLmLoss> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& hidden, const at::Tensor& weight,
                             const at::Tensor& labels, double scale, int64_t chunk) {
     const int64_t n = hidden.size(0);
-    auto lse = at::empty({n}, hidden.options().dtype(at::kFloat));  // (N) fp32
-    auto total = at::zeros({}, hidden.options().dtype(at::kFloat));
+    auto lse = at::empty({n}, hidden.options().dtype(accumulate_type(hidden)));  // (N) fp32
+    auto total = at::zeros({}, hidden.options().dtype(accumulate_type(hidden)));
     for (int64_t start = 0; start < n; start += chunk) {
       const int64_t end = std::min(n, start + chunk);
       auto c = chunk_logits(hidden.slice(0, start, end), weight, labels.slice(0, start, end));
@@ -59,10 +63,10 @@ class ChunkedLmLoss : public torch::autograd::Function<ChunkedLmLoss> {
     const double scale = ctx->saved_data["scale"].toDouble();
     const int64_t chunk = ctx->saved_data["chunk"].toInt();
     const bool need_dh = ctx->needs_input_grad(0), need_dw = ctx->needs_input_grad(1);
-    auto g = grad_outputs[0].to(at::kFloat) * scale;  // () fp32
+    auto g = grad_outputs[0].to(accumulate_type(hidden)) * scale;  // () fp32
     const int64_t n = hidden.size(0);
     at::Tensor dh = need_dh ? at::empty_like(hidden) : at::Tensor();
-    at::Tensor dw = need_dw ? at::zeros(weight.sizes(), weight.options().dtype(at::kFloat)) : at::Tensor();
+    at::Tensor dw = need_dw ? at::zeros(weight.sizes(), weight.options().dtype(accumulate_type(hidden))) : at::Tensor();
     for (int64_t start = 0; start < n; start += chunk) {
       const int64_t end = std::min(n, start + chunk);
       auto h = hidden.slice(0, start, end);
@@ -72,7 +76,7 @@ class ChunkedLmLoss : public torch::autograd::Function<ChunkedLmLoss> {
       dlogits.mul_((c.mask * g).unsqueeze(1));
       auto d = dlogits.to(hidden.scalar_type());  // (rows, V) model dtype
       if (need_dh) dh.slice(0, start, end).copy_(at::matmul(d, weight));
-      if (need_dw) dw.add_(at::matmul(d.t(), h).to(at::kFloat));
+      if (need_dw) dw.add_(at::matmul(d.t(), h).to(dw.scalar_type()));
     }
     return {dh, need_dw ? dw.to(weight.scalar_type()) : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
@@ -88,9 +92,19 @@ at::Tensor causal_lm_loss(const at::Tensor& hidden, const at::Tensor& weight, co
               " must have one entry per hidden row ", hidden.sizes());
   TORCH_CHECK(chunk >= 1, "causal_lm_loss: chunk must be >= 1, got ", chunk);
   auto h = hidden.reshape({-1, hidden.size(-1)});  // (N, H)
+  auto w = weight;
+  const auto device_type = hidden.device().type();
+  if (at::autocast::is_autocast_enabled(device_type)) {
+    // Autocast does not reach into a custom Function's backward: cast here, where autograd records
+    // the casts (so an fp32 master weight still gets an fp32 gradient).
+    const auto dtype = at::autocast::get_autocast_dtype(device_type);
+    h = h.to(dtype), w = w.to(dtype);
+  } else if (h.scalar_type() != w.scalar_type()) {
+    h = h.to(w.scalar_type());
+  }
   auto l = labels.reshape({-1}).to(hidden.device(), at::kLong);
   const double scale = normalizer > 0 ? 1.0 / normalizer : 0.0;
-  return ChunkedLmLoss::apply(h, weight, l, scale, chunk);
+  return ChunkedLmLoss::apply(h, w, l, scale, chunk);
 }
 
 }  // namespace anvil::train

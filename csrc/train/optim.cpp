@@ -84,6 +84,8 @@ int64_t AdamW::state_numel() const {
 }
 
 double lr_at(const ScheduleOptions& o, int64_t step) {
+  if (o.kind != "cosine" && o.kind != "linear" && o.kind != "constant")
+    throw std::invalid_argument("schedule: unknown kind '" + o.kind + "' (cosine, linear, constant)");
   if (o.warmup_steps > 0 && step < o.warmup_steps) return o.lr * double(step) / double(o.warmup_steps);
   const double progress =
       double(step - o.warmup_steps) / double(std::max<int64_t>(1, o.total_steps - o.warmup_steps));
