@@ -108,7 +108,8 @@ void check_loss_against_cross_entropy(at::ScalarType dtype, int64_t chunk, doubl
   const auto ours_grads = torch::autograd::grad({ours}, {hidden, weight});
   const auto &dh = ours_grads[0], &dw = ours_grads[1];
   auto h2 = hidden.detach().clone().set_requires_grad(true), w2 = weight.detach().clone().set_requires_grad(true);
-  auto logits = at::linear(h2, w2).to(at::kFloat);  // the full (B, S, V) logits
+  // The full (B, S, V) logits, reduced in fp32 (fp64 for fp64 inputs) as the chunked loss does.
+  auto logits = at::linear(h2, w2).to(dtype == at::kDouble ? at::kDouble : at::kFloat);
   auto ref = at::cross_entropy_loss(logits.view({-1, vocab}), labels.view({-1}), {}, at::Reduction::Sum, kIgnoreIndex) /
              normalizer;
   auto grads = torch::autograd::grad({ref}, {h2, w2});
