@@ -675,8 +675,6 @@ int run_recipe(const RecipeConfig& c, const RecipeOptions& options) {
   const std::string out_dir(c.output.dir);
   const at::Device device = resolve_device(c.model.device);
   const bool mixed = c.train.mixed_precision == "bf16";
-  if (mixed && !device.is_cuda())
-    throw std::invalid_argument("config key train.mixed_precision: \"bf16\" autocast needs a CUDA device (model.device)");
   // Mixed precision keeps fp32 master weights and computes in bf16 under autocast.
   const at::ScalarType dtype = mixed ? at::kFloat : anvil::model::dtype_from_name(c.model.dtype);
 

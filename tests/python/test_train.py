@@ -386,3 +386,35 @@ def test_recipe_fixture(tmp_path):
     with open(fixture_path) as f:
         expected = json.load(f)["losses"]
     assert losses == pytest.approx(expected, rel=1e-5)
+
+
+def test_full_training_bf16_mixed_precision_keeps_fp32_master_weights(tmp_path):
+    """train.mixed_precision = bf16 (CPU autocast here, CUDA on a GPU) with gradient checkpointing:
+    the first loss is the fp32 run's within bf16 rounding, the loss falls, the checkpoint's master
+    weights are fp32 and model/ is written in model.dtype."""
+    from safetensors import safe_open
+    cfg_dir = tmp_path / "cfg"
+    cfg_dir.mkdir()
+    transformers.LlamaConfig(**TINY).save_pretrained(cfg_dir)
+    examples = [{"input_ids": [3 + (s + k * step) % (VOCAB - 3) for k in range(16)]}
+                for s in range(12) for step in (1, 2)]
+    train = write_jsonl(tmp_path / "train.jsonl", examples)
+
+    def run(name, **train_keys):
+        cfg = {
+            "model": {"init": "random", "config": str(cfg_dir / "config.json"), "dtype": "bfloat16", "device": "cpu"},
+            "data": {"train": train, "seq_len": 16},
+            "train": {"batch_size": 4, "steps": 20, "lr": 1e-2, "schedule": "constant", "seed": 1, **train_keys},
+            "output": {"dir": str(tmp_path / name), "plot": False},
+        }
+        check_ok(run_cli("train", "--config", write_config(tmp_path / f"{name}.json", cfg)))
+        return [l for _, l in train_losses(tmp_path / name)[0]]
+
+    mixed = run("mixed", mixed_precision="bf16", grad_checkpointing=True)
+    full32 = run("fp32", mixed_precision="none")  # model.dtype bfloat16 without autocast: bf16 weights
+    assert mixed[0] == pytest.approx(full32[0], rel=2e-2)
+    assert sum(mixed[-3:]) / 3 < 0.8 * mixed[0], mixed
+    with safe_open(str(tmp_path / "mixed" / "checkpoint" / "trainable.safetensors"), "pt") as f:
+        assert all(f.get_slice(k).get_dtype() == "F32" for k in f.keys())
+    with safe_open(str(tmp_path / "mixed" / "model" / "model.safetensors"), "pt") as f:
+        assert all(f.get_slice(k).get_dtype() == "BF16" for k in f.keys())
