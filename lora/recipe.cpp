@@ -321,10 +321,17 @@ class BatchStream {
   anvil::data::PackedRows rows_;
 };
 
-at::Tensor to_device(const std::vector<int32_t>& v, int64_t rows, int64_t length, at::Device device) {
-  // from_blob views the host vector; .to(kLong) copies it, so the vector may go away afterwards.
-  auto host = at::from_blob(const_cast<int32_t*>(v.data()), {rows, length}, at::kInt);
-  return host.to(at::kLong).to(device, /*non_blocking=*/false);
+// The batch's ids, positions, doc ids and labels as one (4, B, S) int64 tensor on `device`: one copy.
+// For CUDA the host tensor is pinned and the copy non-blocking, so the host does not wait for the
+// device's queue (a copy from pageable memory synchronizes the stream first).
+at::Tensor to_device(const Batch& b, at::Device device) {
+  auto host = at::empty({4, b.rows, b.length}, at::kLong);
+  const std::vector<int32_t>* parts[4] = {&b.ids, &b.positions, &b.doc_ids, &b.labels};
+  auto* out = host.data_ptr<int64_t>();
+  for (const auto* part : parts)
+    for (const int32_t v : *part) *out++ = v;
+  if (!device.is_cuda()) return host;
+  return host.pin_memory().to(device, /*non_blocking=*/true);
 }
 
 // ---- the loss of one micro-batch -----------------------------------------------------------------
@@ -334,10 +341,8 @@ at::Tensor head_weight(CausalLM& model) { return model.lm_head ? model.lm_head->
 // sum of target losses / normalizer. The chunked loss over the head, unless lm_head carries an
 // adapter (targeted explicitly): then the head's full forward and at::cross_entropy.
 at::Tensor batch_loss(CausalLM& model, const Batch& b, double normalizer, int64_t chunk, at::Device device) {
-  auto ids = to_device(b.ids, b.rows, b.length, device);
-  auto positions = to_device(b.positions, b.rows, b.length, device);
-  auto docs = to_device(b.doc_ids, b.rows, b.length, device);
-  auto labels = to_device(b.labels, b.rows, b.length, device);
+  const auto all = to_device(b, device);  // (4, B, S) int64
+  const auto ids = all[0], positions = all[1], docs = all[2], labels = all[3];
   auto h = model.hidden_states(ids, nullptr, positions, docs);  // (B, S, H)
   if (model.lm_head && model.lm_head->adapter) {
     auto logits = model.lm_head->forward(h).to(at::kFloat);  // (B, S, V)
