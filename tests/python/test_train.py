@@ -238,11 +238,15 @@ def wait_for(predicate, proc, timeout=120):
 
 
 def checkpoint_step(out):
-    try:
-        with open(os.path.join(out, "checkpoint", "state.json")) as f:
-            return json.load(f)["step"]
-    except (OSError, ValueError):
-        return None
+    """The step of the checkpoint a resume would use (checkpoint/, else checkpoint.old/ when a kill fell
+    between the two renames of a save)."""
+    for name in ("checkpoint", "checkpoint.old"):
+        try:
+            with open(os.path.join(out, name, "state.json")) as f:
+                return json.load(f)["step"]
+        except (OSError, ValueError):
+            pass
+    return None
 
 
 def test_sigkill_then_resume_is_bit_exact(base, uninterrupted):
