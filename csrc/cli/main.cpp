@@ -132,6 +132,8 @@ const std::vector<Subcommand>& subcommands() {
       {"generate", "continue a prompt (or answer it as a chat) with a model and its tokenizer", anvil::cli::cmd_generate},
       {"eval", "perplexity of a model on a .txt or .jsonl file", anvil::cli::cmd_eval},
       {"merge", "fold a LoRA adapter into its base model and save the merged checkpoint", anvil::lora::cmd_merge},
+      {"lora", "train LoRA adapters from a JSON config (no --config: the embedded demo)", anvil::cli::cmd_lora},
+      {"train", "train every parameter of a model (or a random one) from a JSON config", anvil::cli::cmd_train},
   };
   return table;
 }

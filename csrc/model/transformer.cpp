@@ -12,6 +12,7 @@
 
 #include "anvil/io/safetensors.h"
 #include "anvil/ops.h"
+#include "anvil/train/checkpointing.h"
 #include "io/io_internal.h"
 
 #include <ATen/ATen.h>
@@ -95,6 +96,15 @@ at::Tensor TransformerModel::forward(const at::Tensor& input_ids, const at::Tens
   }
   for (size_t i = 0; i < layer_list_.size(); ++i) {
     const bool window = config_.sliding_window > 0 && config_.layer_sliding[i];
+    if (gradient_checkpointing_ && !cache && at::GradMode::is_enabled()) {
+      // The lambda keeps its own handles: backward runs it again after this function has returned.
+      h = anvil::train::checkpoint(
+          [layer = layer_list_[i], cos, sin, mask = window ? sliding : full](const at::Tensor& x) {
+            return layer->forward(x, cos, sin, mask, nullptr);
+          },
+          h);
+      continue;
+    }
     h = layer_list_[i]->forward(h, cos, sin, window ? sliding : full, cache ? &cache->layers[i] : nullptr);
   }
   return norm_->forward(h);

@@ -59,12 +59,12 @@ std::string Progress::line(int64_t done, const std::vector<std::pair<std::string
   }
   out += buf;
   for (const auto& [k, v] : fields) out += " | " + k + " " + v;
-  const double units = rate_units >= 0 ? double(rate_units) : double(done);
+  const double units = rate_units >= 0 ? double(rate_units) : double(done - done_start_);
   std::snprintf(buf, sizeof(buf), " | %.1f %s/s", units / secs, rate_units >= 0 ? "tok" : unit_.c_str());
   out += buf;
   out += " | " + format_duration(secs);
-  if (total_ > 0 && done > 0 && done < total_)
-    out += " elapsed, ETA " + format_duration(secs * double(total_ - done) / double(done));
+  if (total_ > 0 && done > done_start_ && done < total_)
+    out += " elapsed, ETA " + format_duration(secs * double(total_ - done) / double(done - done_start_));
   return out;
 }
 

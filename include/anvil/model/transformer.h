@@ -51,12 +51,18 @@ class TransformerModel : public torch::nn::Module {
                      const at::Tensor& doc_ids = at::Tensor());
   std::shared_ptr<Embedding> embed_tokens;
 
+  /// Training: when on (and grad mode is on, without a cache), each decoder layer runs under
+  /// anvil::train::checkpoint (activations recomputed in backward instead of stored).
+  void set_gradient_checkpointing(bool on) { gradient_checkpointing_ = on; }
+  bool gradient_checkpointing() const { return gradient_checkpointing_; }
+
  private:
   const ModelConfig& config_;
   RotaryEmbedding rotary_;
   torch::nn::ModuleList layers_;
   std::vector<std::shared_ptr<DecoderLayer>> layer_list_;
   std::shared_ptr<RmsNorm> norm_;
+  bool gradient_checkpointing_ = false;
 };
 
 /// <Family>ForCausalLM.

@@ -26,6 +26,10 @@ class Progress {
   /// Prints the final line (and a newline on a terminal).
   void finish(const std::vector<std::pair<std::string, std::string>>& fields = {}, int64_t rate_units = -1);
 
+  /// Work already done before this run (a resumed training run): the rate and ETA count only the
+  /// work done since, while the line still shows done/total.
+  void resume_from(int64_t done) { done_start_ = done; }
+
   /// Seconds since construction.
   double elapsed() const;
 
@@ -43,6 +47,7 @@ class Progress {
   bool tty_;
   std::chrono::steady_clock::time_point start_, last_print_;
   int64_t done_ = 0;
+  int64_t done_start_ = 0;
   size_t last_width_ = 0;
 };
 

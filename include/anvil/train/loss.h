@@ -1,0 +1,31 @@
+// The training loss: a causal-LM cross-entropy over the LM head that never materializes fp32 logits
+// for all tokens.
+//
+// Logits of a fine-tuning batch are big (8 x 1024 tokens x 128k vocabulary = 4 GiB in fp32, as much
+// again for their gradient). causal_lm_loss walks the tokens in chunks: each chunk's logits h W^T are
+// computed in the model dtype, reduced in fp32 to a log-sum-exp and the target logit, and dropped;
+// only h, W, the labels and one fp32 log-sum-exp per token are kept for backward, which recomputes the
+// chunk's logits and writes dh (and dW when the head is trainable). It is one function so that a fused
+// kernel can later replace the inner chunk.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+namespace anvil::train {
+
+/// The label that marks a position without a target (transformers' ignore_index).
+constexpr int64_t kIgnoreIndex = -100;
+
+/// sum over targets of -log softmax(h W^T)[label] / normalizer, an fp32 scalar with autograd to
+/// hidden and (when it requires grad) weight.
+/// hidden (..., H) in the model dtype; weight (V, H) the LM head; labels (...) int64, already aligned
+/// (labels[i] is the token to predict at position i, kIgnoreIndex for none; anvil::data::pack_examples'
+/// labels are). normalizer: the number of targets the mean is over, counted across every micro-batch
+/// of the optimizer step so that micro-batches are weighted by their targets (<= 0: the loss is 0).
+/// chunk: token rows per chunk.
+at::Tensor causal_lm_loss(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
+                          double normalizer, int64_t chunk = 4096);
+
+}  // namespace anvil::train
