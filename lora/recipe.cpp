@@ -258,6 +258,7 @@ struct Batch {
   int64_t rows = 0, length = 0;
   std::vector<int32_t> ids, labels, positions, doc_ids;
   int64_t targets = 0, tokens = 0;  // labels != -100; non-padding tokens
+  bool packed = false;              // some row holds a second document (doc id > 0)
 };
 
 // Micro-batches of packed rows, epoch after epoch: epoch e packs the examples in the order
@@ -307,6 +308,7 @@ class BatchStream {
     for (size_t i = 0; i < b.labels.size(); ++i) {
       b.targets += b.labels[i] != anvil::train::kIgnoreIndex;
       b.tokens += b.doc_ids[i] >= 0;
+      b.packed = b.packed || b.doc_ids[i] > 0;
     }
     return b;
   }
@@ -343,7 +345,9 @@ at::Tensor head_weight(CausalLM& model) { return model.lm_head ? model.lm_head->
 at::Tensor batch_loss(CausalLM& model, const Batch& b, double normalizer, int64_t chunk, at::Device device) {
   const auto all = to_device(b, device);  // (4, B, S) int64
   const auto ids = all[0], positions = all[1], docs = all[2], labels = all[3];
-  auto h = model.hidden_states(ids, nullptr, positions, docs);  // (B, S, H)
+  // Document ids only where a row packs several documents: one document per row (padding after it) is
+  // plain causal attention, which runs SDPA's flash kernel; a document mask takes the slower masked path.
+  auto h = model.hidden_states(ids, nullptr, positions, b.packed ? c10::optional<at::Tensor>(docs) : c10::nullopt);  // (B, S, H)
   if (model.lm_head && model.lm_head->adapter) {
     auto logits = model.lm_head->forward(h).to(at::kFloat);  // (B, S, V)
     auto sum = at::cross_entropy_loss(logits.view({-1, logits.size(-1)}), labels.view({-1}), {}, at::Reduction::Sum,
