@@ -801,6 +801,8 @@ int run_recipe(const RecipeConfig& c, const RecipeOptions& options) {
               << " (" << r.targets << " tokens)\n";
   };
 
+  // Where validation starts, so that the first periodic evaluation has something to fall from.
+  if (st.step == 0 && c.eval.every > 0) run_eval();
   model->train();
   auto loss_acc = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(device));
   int64_t steps_since_log = 0;
