@@ -166,7 +166,11 @@ double initializer_range_of(const std::string& config_json) {
 }
 
 std::shared_ptr<CausalLM> build_model(const RecipeConfig& c, at::Device device, at::ScalarType dtype) {
-  if (c.model.init == "pretrained") return anvil::model::load_causal_lm(io::resolve_model_path(c.model.path), dtype, device);
+  if (c.model.init == "pretrained") {
+    // anvil train updates every weight, so FP8 checkpoints are dequantized for it.
+    const std::string base = c.mode == RecipeMode::kFull ? std::string("dense") : c.model.base_weights;
+    return anvil::model::load_causal_lm(io::resolve_model_path(c.model.path), dtype, device, base);
+  }
   auto config = anvil::model::load_model_config(c.model.config);
   auto model = std::make_shared<CausalLM>(config, at::TensorOptions().dtype(dtype).device(device));
   random_init(*model, initializer_range_of(model->config().json), c.train.seed);

@@ -18,7 +18,7 @@ json default_config() {
   return json{
       {"model",
        {{"path", ""}, {"init", "pretrained"}, {"config", ""}, {"tokenizer", ""}, {"dtype", "bfloat16"},
-        {"device", "auto"}}},
+        {"device", "auto"}, {"base_weights", "auto"}}},
       {"data",
        {{"train", ""}, {"validation", ""}, {"validation_fraction", 0.0}, {"seq_len", 1024}, {"loss_on", "completion"},
         {"add_eos", true}}},
@@ -133,6 +133,10 @@ void read_model(const Reader& r, RecipeMode mode, ModelSection& m) {
   m.tokenizer = r.string("model.tokenizer");
   m.dtype = r.string_in("model.dtype", {"bfloat16", "float32", "float16"});
   m.device = r.string("model.device");
+  m.base_weights = r.string_in("model.base_weights", {"auto", "dense", "fp8", "int8"});
+  if ((m.base_weights == "fp8" || m.base_weights == "int8") && mode == RecipeMode::kFull)
+    fail("model.base_weights", "\"fp8\" and \"int8\" hold a frozen base for anvil lora; anvil train updates every weight",
+         m.base_weights);
   const bool cuda_n = m.device.rfind("cuda:", 0) == 0 && m.device.size() > 5 &&
                       m.device.find_first_not_of("0123456789", 5) == std::string::npos;
   if (m.device != "auto" && m.device != "cpu" && m.device != "cuda" && !cuda_n)

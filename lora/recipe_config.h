@@ -29,6 +29,7 @@ struct ModelSection {
   std::string tokenizer;   ///< folder with tokenizer files; "" = model.path or model.config's folder
   std::string dtype;       ///< "bfloat16" | "float32" | "float16"
   std::string device;      ///< "auto" | "cpu" | "cuda" | "cuda:N"
+  std::string base_weights;  ///< "auto" | "dense" | "fp8" | "int8" (anvil lora: how the frozen base is held)
 };
 
 struct DataSection {
