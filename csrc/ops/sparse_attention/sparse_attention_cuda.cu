@@ -56,6 +56,11 @@ Params make_params(const SparseAttentionConfig& c, const c10::optional<at::Tenso
   return p;
 }
 
+// 128-row query tiles need every tile inside one query block.
+bool wide_tiles(const SparseAttentionConfig& c, const c10::optional<at::Tensor>& block_indices) {
+  return !block_indices.has_value() || c.block_size % 128 == 0;
+}
+
 template <typename F>
 void dispatch(at::ScalarType dtype, int64_t dim, F&& f) {
   auto by_dim = [&](auto tag) {
@@ -90,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_cuda(const at::Tensor& q, co
   p.lse = lse.data_ptr<float>();
   const auto stream = at::cuda::getCurrentCUDAStream();
   dispatch(q.scalar_type(), c.dim_qk, [&](auto tag, auto dim) {
-    sparse_cuda::launch_forward<decltype(tag), decltype(dim)::value>(p, stream);
+    sparse_cuda::launch_forward<decltype(tag), decltype(dim)::value>(p, wide_tiles(c, block_indices), stream);
   });
   return {o, lse};
 }
@@ -119,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cuda(
     const at::Tensor& grad_o, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o,
     const at::Tensor& lse, const c10::optional<at::Tensor>& block_indices,
     const c10::optional<at::Tensor>& block_counts, const c10::optional<at::Tensor>& cu_seqlens, int64_t window,
-    int64_t sink_tokens, int64_t block_size, c10::optional<double> scale, bool) {
+    int64_t sink_tokens, int64_t block_size, c10::optional<double> scale, bool deterministic) {
   const char* op = "anvil::sparse_attention_backward";
   const auto c = check_sparse_attention_args(q, k, v, block_indices, block_counts, cu_seqlens, window, sink_tokens,
                                              block_size, scale, op);
@@ -151,10 +156,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cuda(
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
+  // GQA, not deterministic: the heads of a group split over CTAs that add into fp32 buffers.
+  at::Tensor dk_accum, dv_accum;
+  if (!deterministic && c.group() > 1) {
+    dk_accum = at::zeros(kc.sizes(), kc.options().dtype(at::kFloat));
+    dv_accum = at::zeros(vc.sizes(), vc.options().dtype(at::kFloat));
+    p.dk_accum = dk_accum.data_ptr<float>();
+    p.dv_accum = dv_accum.data_ptr<float>();
+  }
   const auto stream = at::cuda::getCurrentCUDAStream();
   dispatch(q.scalar_type(), c.dim_qk, [&](auto tag, auto dim) {
-    sparse_cuda::launch_backward<decltype(tag), decltype(dim)::value>(p, stream);
+    sparse_cuda::launch_backward<decltype(tag), decltype(dim)::value>(p, wide_tiles(c, block_indices), stream);
   });
+  if (dk_accum.defined()) {
+    dk.copy_(dk_accum);
+    dv.copy_(dv_accum);
+  }
   return {dq, dk, dv};
 }
 

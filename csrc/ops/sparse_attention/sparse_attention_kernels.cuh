@@ -14,13 +14,16 @@
 //
 // Forward: online softmax in base 2 (scale * log2(e) folded in), O and the row max/sum in registers,
 // K/V double-buffered in shared memory (cp.async), lse = (m + log2 l) * ln 2.
-// Backward (recomputation from lse, no atomics, so it is deterministic):
+// Backward (recomputation from lse):
 //   dq kernel   query-tile-major, the forward's tile walk: P = exp(S - lse), dP = dO V^T,
 //               dS = P (dP - Delta), dQ += dS K, Delta = rowsum(dO * O) computed beforehand;
 //   dkdv kernel key-tile-major for a kv head, over the G query heads of its group and the query tiles
 //               that reach the key tile: the band/sink row range [k0, hi] plus the query blocks that
 //               list its block (an inverse index built by the launcher with sort + searchsorted);
-//               S^T = K Q^T, dV += P^T dO, dK += dS^T Q.
+//               S^T = K Q^T, dV += P^T dO, dK += dS^T Q. With GQA and deterministic = false, each
+//               head of the group gets its own CTA (grid.z = G) and the CTAs add into fp32 buffers
+//               with atomics: a key tile that every query block lists (NSA's forced first block) would
+//               otherwise walk G * S / 64 query tiles alone. deterministic = true: one CTA, plain stores.
 // Shared-memory tiles are 64 x D 16-bit elements with the 16-byte chunks XOR-swizzled by (row & 7), so
 // ldmatrix of 8 rows at one column touches 8 different banks groups.
 #pragma once
@@ -56,6 +59,8 @@ struct Params {
   void* dq;
   void* dk;
   void* dv;
+  float* dk_accum;  // (B, Hkv, S, D) fp32, zeroed: set when the dk/dv kernel splits a group's heads over
+  float* dv_accum;  // CTAs (grid.z = G) and adds with atomics; null: one CTA per key tile stores dk/dv
   // selection and documents
   const int32_t* block_indices;  // (B, Hkv, NB, n) or null
   const int32_t* block_counts;   // (B, Hkv, NB) or null
@@ -133,11 +138,12 @@ __device__ __forceinline__ int swz(int row, int col) {
   return row * D + ((((col >> 3) ^ (row & 7))) << 3) + (col & 7);
 }
 
-// Loads rows [row0, row0 + 64) of a (S, D) head into a swizzled tile; rows at or past `rows` are zeros.
-template <typename T, int D>
+// Loads rows [row0, row0 + kRows) of a (S, D) head into a swizzled tile with kThr threads; rows at or
+// past `rows` are zeros.
+template <typename T, int D, int kRows = kTile, int kThr = kThreads>
 __device__ __forceinline__ void load_tile(T* tile, const T* head, int row0, int rows) {
-  constexpr int kChunks = kTile * D / 8;
-  for (int c = threadIdx.x; c < kChunks; c += kThreads) {
+  constexpr int kChunks = kRows * D / 8;
+  for (int c = threadIdx.x; c < kChunks; c += kThr) {
     const int r = c / (D / 8), col = (c % (D / 8)) * 8;
     const bool valid = row0 + r < rows;
     const T* src = valid ? head + static_cast<int64_t>(row0 + r) * D + col : head;
@@ -256,30 +262,33 @@ __device__ __forceinline__ bool tile_fully_visible(const Params& p, int i0, int 
 
 // ---- forward ---------------------------------------------------------------------------------------
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) sparse_attention_fwd_kernel(const Params p) {
+// kWarps warps of 16 query rows each: 8 (a 128-row tile, half the K/V traffic per query) when a query
+// tile lies in one query block (no block_indices, or block_size a multiple of 128), else 4.
+template <typename T, int D, int kWarps>
+__global__ void __launch_bounds__(kWarps * 32) sparse_attention_fwd_kernel(const Params p) {
+  constexpr int kRows = kWarps * 16, kThr = kWarps * 32;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __shared__ QueryPlan plan;
-  T* sQ = reinterpret_cast<T*>(smem_raw);  // (64, D)
-  T* sK = sQ + kTile * D;                  // (2, 64, D)
+  T* sQ = reinterpret_cast<T*>(smem_raw);  // (kRows, D)
+  T* sK = sQ + kRows * D;                  // (2, 64, D)
   T* sV = sK + 2 * kTile * D;              // (2, 64, D)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int qt = gridDim.x - 1 - blockIdx.x;  // the longest walks first
   const int bh = blockIdx.y, b = bh / p.heads_q, h = bh % p.heads_q, hkv = h / (p.heads_q / p.heads_kv);
-  const int i0 = qt * kTile, i1 = min(i0 + kTile - 1, p.seq - 1);
+  const int i0 = qt * kRows, i1 = min(i0 + kRows - 1, p.seq - 1);
   const int64_t S = p.seq;
   const T* qh = static_cast<const T*>(p.q) + (static_cast<int64_t>(bh) * S) * D;
   const T* kh = static_cast<const T*>(p.k) + (static_cast<int64_t>(b) * p.heads_kv + hkv) * S * D;
   const T* vh = static_cast<const T*>(p.v) + (static_cast<int64_t>(b) * p.heads_kv + hkv) * S * D;
   if (threadIdx.x == 0) build_query_plan(plan, p, b, hkv, i0, i1);
-  load_tile<T, D>(sQ, qh, i0, p.seq);
+  load_tile<T, D, kRows, kThr>(sQ, qh, i0, p.seq);
   __syncthreads();
   const int n_tiles = plan.count();
   const int tiles_per_block = p.block_size / kTile;
   if (n_tiles > 0) {
     const int t0 = plan.tile(0);
-    load_tile<T, D>(sK, kh, t0 * kTile, p.seq);
-    load_tile<T, D>(sV, vh, t0 * kTile, p.seq);
+    load_tile<T, D, kTile, kThr>(sK, kh, t0 * kTile, p.seq);
+    load_tile<T, D, kTile, kThr>(sV, vh, t0 * kTile, p.seq);
   }
   cp_async_commit();
 
@@ -299,8 +308,8 @@ __global__ void __launch_bounds__(kThreads) sparse_attention_fwd_kernel(const Pa
     const int stage = it & 1;
     if (it + 1 < n_tiles) {
       const int tn = plan.tile(it + 1);
-      load_tile<T, D>(sK + (stage ^ 1) * kTile * D, kh, tn * kTile, p.seq);
-      load_tile<T, D>(sV + (stage ^ 1) * kTile * D, vh, tn * kTile, p.seq);
+      load_tile<T, D, kTile, kThr>(sK + (stage ^ 1) * kTile * D, kh, tn * kTile, p.seq);
+      load_tile<T, D, kTile, kThr>(sV + (stage ^ 1) * kTile * D, vh, tn * kTile, p.seq);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
@@ -392,33 +401,34 @@ __global__ void __launch_bounds__(kThreads) sparse_attention_fwd_kernel(const Pa
 // that every P of it is exp2(-inf) = 0.
 __device__ __forceinline__ float lse_log2(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) sparse_attention_dq_kernel(const Params p) {
+template <typename T, int D, int kWarps>
+__global__ void __launch_bounds__(kWarps * 32) sparse_attention_dq_kernel(const Params p) {
+  constexpr int kRows = kWarps * 16, kThr = kWarps * 32;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __shared__ QueryPlan plan;
-  T* sQ = reinterpret_cast<T*>(smem_raw);  // (64, D)
-  T* sdO = sQ + kTile * D;                 // (64, D)
-  T* sK = sdO + kTile * D;                 // (2, 64, D)
+  T* sQ = reinterpret_cast<T*>(smem_raw);  // (kRows, D)
+  T* sdO = sQ + kRows * D;                 // (kRows, D)
+  T* sK = sdO + kRows * D;                 // (2, 64, D)
   T* sV = sK + 2 * kTile * D;              // (2, 64, D)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int qt = gridDim.x - 1 - blockIdx.x;
   const int bh = blockIdx.y, b = bh / p.heads_q, h = bh % p.heads_q, hkv = h / (p.heads_q / p.heads_kv);
-  const int i0 = qt * kTile, i1 = min(i0 + kTile - 1, p.seq - 1);
+  const int i0 = qt * kRows, i1 = min(i0 + kRows - 1, p.seq - 1);
   const int64_t S = p.seq;
   const T* qh = static_cast<const T*>(p.q) + static_cast<int64_t>(bh) * S * D;
   const T* goh = static_cast<const T*>(p.grad_o) + static_cast<int64_t>(bh) * S * D;
   const T* kh = static_cast<const T*>(p.k) + (static_cast<int64_t>(b) * p.heads_kv + hkv) * S * D;
   const T* vh = static_cast<const T*>(p.v) + (static_cast<int64_t>(b) * p.heads_kv + hkv) * S * D;
   if (threadIdx.x == 0) build_query_plan(plan, p, b, hkv, i0, i1);
-  load_tile<T, D>(sQ, qh, i0, p.seq);
-  load_tile<T, D>(sdO, goh, i0, p.seq);
+  load_tile<T, D, kRows, kThr>(sQ, qh, i0, p.seq);
+  load_tile<T, D, kRows, kThr>(sdO, goh, i0, p.seq);
   __syncthreads();
   const int n_tiles = plan.count();
   const int tiles_per_block = p.block_size / kTile;
   if (n_tiles > 0) {
     const int t0 = plan.tile(0);
-    load_tile<T, D>(sK, kh, t0 * kTile, p.seq);
-    load_tile<T, D>(sV, vh, t0 * kTile, p.seq);
+    load_tile<T, D, kTile, kThr>(sK, kh, t0 * kTile, p.seq);
+    load_tile<T, D, kTile, kThr>(sV, vh, t0 * kTile, p.seq);
   }
   cp_async_commit();
 
@@ -439,8 +449,8 @@ __global__ void __launch_bounds__(kThreads) sparse_attention_dq_kernel(const Par
     const int stage = it & 1;
     if (it + 1 < n_tiles) {
       const int tn = plan.tile(it + 1);
-      load_tile<T, D>(sK + (stage ^ 1) * kTile * D, kh, tn * kTile, p.seq);
-      load_tile<T, D>(sV + (stage ^ 1) * kTile * D, vh, tn * kTile, p.seq);
+      load_tile<T, D, kTile, kThr>(sK + (stage ^ 1) * kTile * D, kh, tn * kTile, p.seq);
+      load_tile<T, D, kTile, kThr>(sV + (stage ^ 1) * kTile * D, vh, tn * kTile, p.seq);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
@@ -572,7 +582,7 @@ __global__ void __launch_bounds__(kThreads) sparse_attention_dkdv_kernel(const P
   float* sLse = reinterpret_cast<float*>(sdO + 2 * kTile * D);  // (2, 64) log2 units
   float* sDelta = sLse + 2 * kTile;                             // (2, 64)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int kt = gridDim.x - 1 - blockIdx.x;
+  const int kt = blockIdx.x;  // tile 0 first: with sinks or a forced first block it has the longest walk
   const int bkv = blockIdx.y, b = bkv / p.heads_kv, hkv = bkv % p.heads_kv, G = p.heads_q / p.heads_kv;
   const int k0 = kt * kTile, k1 = min(k0 + kTile - 1, p.seq - 1);
   const int64_t S = p.seq;
@@ -589,7 +599,7 @@ __global__ void __launch_bounds__(kThreads) sparse_attention_dkdv_kernel(const P
     walk.tiles_per_block = p.block_size / kTile;
     walk.num_q_tiles = (p.seq + kTile - 1) / kTile;
     walk.kv_tile = kt;
-    walk.group = G;
+    walk.group = gridDim.z == 1 ? G : static_cast<int>(blockIdx.z) + 1;  // split: this CTA's head only
     walk.list = p.inv_qblocks;
     walk.list_lo = walk.list_hi = 0;
     if (p.inv_qblocks != nullptr) {
@@ -597,7 +607,7 @@ __global__ void __launch_bounds__(kThreads) sparse_attention_dkdv_kernel(const P
       walk.list_lo = p.inv_offsets[key];
       walk.list_hi = p.inv_offsets[key + 1];
     }
-    walk.g = 0;
+    walk.g = gridDim.z == 1 ? 0 : static_cast<int>(blockIdx.z);
     walk.phase = 0;
     walk.qt = walk.r_lo;
     walk.pos = walk.sub = 0;
@@ -715,8 +725,17 @@ __global__ void __launch_bounds__(kThreads) sparse_attention_dkdv_kernel(const P
     if (j >= p.seq) continue;
     for (int n = 0; n < D / 8; ++n) {
       const int64_t off = static_cast<int64_t>(j) * D + n * 8 + 2 * tq;
-      *reinterpret_cast<uint32_t*>(dkh + off) = pack2<T>(dk[n][2 * hf] * p.scale, dk[n][2 * hf + 1] * p.scale);
-      *reinterpret_cast<uint32_t*>(dvh + off) = pack2<T>(dv[n][2 * hf], dv[n][2 * hf + 1]);
+      if (p.dk_accum != nullptr) {
+        float* ak = p.dk_accum + static_cast<int64_t>(bkv) * S * D + off;
+        float* av = p.dv_accum + static_cast<int64_t>(bkv) * S * D + off;
+        atomicAdd(ak, dk[n][2 * hf] * p.scale);
+        atomicAdd(ak + 1, dk[n][2 * hf + 1] * p.scale);
+        atomicAdd(av, dv[n][2 * hf]);
+        atomicAdd(av + 1, dv[n][2 * hf + 1]);
+      } else {
+        *reinterpret_cast<uint32_t*>(dkh + off) = pack2<T>(dk[n][2 * hf] * p.scale, dk[n][2 * hf + 1] * p.scale);
+        *reinterpret_cast<uint32_t*>(dvh + off) = pack2<T>(dv[n][2 * hf], dv[n][2 * hf + 1]);
+      }
     }
   }
 }
