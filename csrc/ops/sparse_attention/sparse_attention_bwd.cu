@@ -1,5 +1,5 @@
-// Instantiations of the sparse_attention backward kernels: the dq kernel (4 or 8 warps) and the dk/dv
-// kernel, bf16 and fp16, head dims 64 and 128 (twelve kernels). Kernels: sparse_attention_kernels.cuh.
+// Instantiations of the sparse_attention backward kernels: the dq kernel (the forward's three tile shapes)
+// and the dk/dv kernel, bf16 and fp16, head dims 64 and 128 (sixteen kernels). Kernels: sparse_attention_kernels.cuh.
 #include "ops/sparse_attention/sparse_attention_launch.h"
 
 #include <ATen/cuda/CUDAContext.h>
@@ -8,12 +8,13 @@
 namespace anvil::ops::sparse_cuda {
 namespace {
 
-template <typename T, int D, int kWarps>
+template <typename T, int D, int kWarps, int kHeads>
 void launch_dq(const Params& p, cudaStream_t stream) {
   const int smem = (2 * kWarps * 16 + 4 * kTile) * D * static_cast<int>(sizeof(T));  // Q, dO, 2 x K, 2 x V
-  auto kernel = sparse_attention_dq_kernel<T, D, kWarps>;
+  auto kernel = sparse_attention_dq_kernel<T, D, kWarps, kHeads>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  const dim3 grid((p.seq + kWarps * 16 - 1) / (kWarps * 16), p.batch * p.heads_q);
+  constexpr int kRowsH = kWarps * 16 / kHeads;
+  const dim3 grid((p.seq + kRowsH - 1) / kRowsH, p.batch * p.heads_q / kHeads);
   kernel<<<grid, kWarps * 32, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -21,13 +22,16 @@ void launch_dq(const Params& p, cudaStream_t stream) {
 }  // namespace
 
 template <typename T, int D>
-void launch_backward(const Params& p, bool wide, cudaStream_t stream) {
+void launch_backward(const Params& p, TileShape shape, cudaStream_t stream) {
   const int tile_bytes = kTile * D * static_cast<int>(sizeof(T));
   const int wide_smem = 8 * tile_bytes + static_cast<int>(sizeof(QueryPlan));
-  if (wide && at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin >= static_cast<size_t>(wide_smem)) {
-    launch_dq<T, D, 8>(p, stream);
-  } else {
-    launch_dq<T, D, 4>(p, stream);
+  if (at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin < static_cast<size_t>(wide_smem)) {
+    shape = TileShape::kRows64;
+  }
+  switch (shape) {
+    case TileShape::kRows128: launch_dq<T, D, 8, 1>(p, stream); break;
+    case TileShape::kTwoHeads64: launch_dq<T, D, 8, 2>(p, stream); break;
+    default: launch_dq<T, D, 4, 1>(p, stream);
   }
   // K, V, 2 x (Q, dO), 2 x (lse, Delta)
   const int smem_dkdv = 6 * tile_bytes + 4 * kTile * static_cast<int>(sizeof(float));
@@ -39,9 +43,9 @@ void launch_backward(const Params& p, bool wide, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template void launch_backward<__nv_bfloat16, 64>(const Params&, bool, cudaStream_t);
-template void launch_backward<__nv_bfloat16, 128>(const Params&, bool, cudaStream_t);
-template void launch_backward<__half, 64>(const Params&, bool, cudaStream_t);
-template void launch_backward<__half, 128>(const Params&, bool, cudaStream_t);
+template void launch_backward<__nv_bfloat16, 64>(const Params&, TileShape, cudaStream_t);
+template void launch_backward<__nv_bfloat16, 128>(const Params&, TileShape, cudaStream_t);
+template void launch_backward<__half, 64>(const Params&, TileShape, cudaStream_t);
+template void launch_backward<__half, 128>(const Params&, TileShape, cudaStream_t);
 
 }  // namespace anvil::ops::sparse_cuda

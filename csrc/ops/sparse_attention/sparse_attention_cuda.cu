@@ -56,9 +56,11 @@ Params make_params(const SparseAttentionConfig& c, const c10::optional<at::Tenso
   return p;
 }
 
-// 128-row query tiles need every tile inside one query block.
-bool wide_tiles(const SparseAttentionConfig& c, const c10::optional<at::Tensor>& block_indices) {
-  return !block_indices.has_value() || c.block_size % 128 == 0;
+// 128-row query tiles need every tile inside one query block; else two heads of a group share a CTA.
+sparse_cuda::TileShape tile_shape(const SparseAttentionConfig& c, const c10::optional<at::Tensor>& block_indices) {
+  if (!block_indices.has_value() || c.block_size % 128 == 0) return sparse_cuda::TileShape::kRows128;
+  if (c.group() % 2 == 0) return sparse_cuda::TileShape::kTwoHeads64;
+  return sparse_cuda::TileShape::kRows64;
 }
 
 template <typename F>
@@ -95,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_cuda(const at::Tensor& q, co
   p.lse = lse.data_ptr<float>();
   const auto stream = at::cuda::getCurrentCUDAStream();
   dispatch(q.scalar_type(), c.dim_qk, [&](auto tag, auto dim) {
-    sparse_cuda::launch_forward<decltype(tag), decltype(dim)::value>(p, wide_tiles(c, block_indices), stream);
+    sparse_cuda::launch_forward<decltype(tag), decltype(dim)::value>(p, tile_shape(c, block_indices), stream);
   });
   return {o, lse};
 }
@@ -166,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cuda(
   }
   const auto stream = at::cuda::getCurrentCUDAStream();
   dispatch(q.scalar_type(), c.dim_qk, [&](auto tag, auto dim) {
-    sparse_cuda::launch_backward<decltype(tag), decltype(dim)::value>(p, wide_tiles(c, block_indices), stream);
+    sparse_cuda::launch_backward<decltype(tag), decltype(dim)::value>(p, tile_shape(c, block_indices), stream);
   });
   if (dk_accum.defined()) {
     dk.copy_(dk_accum);

@@ -262,26 +262,34 @@ __device__ __forceinline__ bool tile_fully_visible(const Params& p, int i0, int 
 
 // ---- forward ---------------------------------------------------------------------------------------
 
-// kWarps warps of 16 query rows each: 8 (a 128-row tile, half the K/V traffic per query) when a query
-// tile lies in one query block (no block_indices, or block_size a multiple of 128), else 4.
-template <typename T, int D, int kWarps>
+// kWarps warps of 16 query rows each, for kHeads query heads of one GQA group (they share the kv head
+// and the listed blocks, so the CTA walks one plan): 8 warps x 1 head (a 128-row tile) when a 128-row
+// tile lies in one query block (no block_indices, or block_size a multiple of 128); 8 warps x 2 heads
+// of 64 rows when block_size is 64 and the group is even; else 4 warps x 1 head. The wide forms load
+// each K/V tile once for 128 query rows: half the L2 traffic per query of the 64-row form.
+template <typename T, int D, int kWarps, int kHeads>
 __global__ void __launch_bounds__(kWarps * 32) sparse_attention_fwd_kernel(const Params p) {
-  constexpr int kRows = kWarps * 16, kThr = kWarps * 32;
+  constexpr int kRows = kWarps * 16, kThr = kWarps * 32, kRowsH = kRows / kHeads, kWarpsH = kWarps / kHeads;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __shared__ QueryPlan plan;
-  T* sQ = reinterpret_cast<T*>(smem_raw);  // (kRows, D)
+  T* sQ = reinterpret_cast<T*>(smem_raw);  // (kHeads, kRowsH, D)
   T* sK = sQ + kRows * D;                  // (2, 64, D)
   T* sV = sK + 2 * kTile * D;              // (2, 64, D)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int qt = gridDim.x - 1 - blockIdx.x;  // the longest walks first
-  const int bh = blockIdx.y, b = bh / p.heads_q, h = bh % p.heads_q, hkv = h / (p.heads_q / p.heads_kv);
-  const int i0 = qt * kRows, i1 = min(i0 + kRows - 1, p.seq - 1);
+  const int heads_cta = p.heads_q / kHeads;
+  const int b = blockIdx.y / heads_cta, h0 = (blockIdx.y % heads_cta) * kHeads, hkv = h0 / (p.heads_q / p.heads_kv);
+  const int wr = warp % kWarpsH;                                      // this warp's 16-row slot
+  const int64_t bh = static_cast<int64_t>(b) * p.heads_q + h0 + warp / kWarpsH;  // this warp's head
+  const int i0 = qt * kRowsH, i1 = min(i0 + kRowsH - 1, p.seq - 1);
   const int64_t S = p.seq;
-  const T* qh = static_cast<const T*>(p.q) + (static_cast<int64_t>(bh) * S) * D;
   const T* kh = static_cast<const T*>(p.k) + (static_cast<int64_t>(b) * p.heads_kv + hkv) * S * D;
   const T* vh = static_cast<const T*>(p.v) + (static_cast<int64_t>(b) * p.heads_kv + hkv) * S * D;
   if (threadIdx.x == 0) build_query_plan(plan, p, b, hkv, i0, i1);
-  load_tile<T, D, kRows, kThr>(sQ, qh, i0, p.seq);
+  for (int hh = 0; hh < kHeads; ++hh) {
+    const T* qh = static_cast<const T*>(p.q) + (static_cast<int64_t>(b) * p.heads_q + h0 + hh) * S * D;
+    load_tile<T, D, kRowsH, kThr>(sQ + hh * kRowsH * D, qh, i0, p.seq);
+  }
   __syncthreads();
   const int n_tiles = plan.count();
   const int tiles_per_block = p.block_size / kTile;
@@ -296,7 +304,7 @@ __global__ void __launch_bounds__(kWarps * 32) sparse_attention_fwd_kernel(const
   const int g = lane >> 2, tq = lane & 3;
   int row_i[2], row_ds[2];
   for (int hf = 0; hf < 2; ++hf) {
-    row_i[hf] = i0 + warp * 16 + g + hf * 8;
+    row_i[hf] = i0 + wr * 16 + g + hf * 8;
     row_ds[hf] = doc_start(p, min(row_i[hf], p.seq - 1));
   }
   float acc[D / 8][4];
@@ -379,7 +387,7 @@ __global__ void __launch_bounds__(kWarps * 32) sparse_attention_fwd_kernel(const
   }
   if (n_tiles == 0) cp_async_wait<0>();
 
-  T* oh = static_cast<T*>(p.o) + static_cast<int64_t>(bh) * S * D;
+  T* oh = static_cast<T*>(p.o) + bh * S * D;
   for (int hf = 0; hf < 2; ++hf) {
     float l = row_sum[hf];
     l += __shfl_xor_sync(0xffffffffu, l, 1);
@@ -391,7 +399,7 @@ __global__ void __launch_bounds__(kWarps * 32) sparse_attention_fwd_kernel(const
       *reinterpret_cast<uint32_t*>(oh + static_cast<int64_t>(i) * D + n * 8 + 2 * tq) =
           pack2<T>(acc[n][2 * hf] * inv, acc[n][2 * hf + 1] * inv);
     }
-    if (tq == 0) p.lse[static_cast<int64_t>(bh) * S + i] = l > 0.f ? (row_max[hf] + log2f(l)) * kLn2 : -INFINITY;
+    if (tq == 0) p.lse[bh * S + i] = l > 0.f ? (row_max[hf] + log2f(l)) * kLn2 : -INFINITY;
   }
 }
 
@@ -401,27 +409,32 @@ __global__ void __launch_bounds__(kWarps * 32) sparse_attention_fwd_kernel(const
 // that every P of it is exp2(-inf) = 0.
 __device__ __forceinline__ float lse_log2(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
 
-template <typename T, int D, int kWarps>
+// Rows, warps and packed heads as in the forward kernel.
+template <typename T, int D, int kWarps, int kHeads>
 __global__ void __launch_bounds__(kWarps * 32) sparse_attention_dq_kernel(const Params p) {
-  constexpr int kRows = kWarps * 16, kThr = kWarps * 32;
+  constexpr int kRows = kWarps * 16, kThr = kWarps * 32, kRowsH = kRows / kHeads, kWarpsH = kWarps / kHeads;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __shared__ QueryPlan plan;
-  T* sQ = reinterpret_cast<T*>(smem_raw);  // (kRows, D)
-  T* sdO = sQ + kRows * D;                 // (kRows, D)
+  T* sQ = reinterpret_cast<T*>(smem_raw);  // (kHeads, kRowsH, D)
+  T* sdO = sQ + kRows * D;                 // (kHeads, kRowsH, D)
   T* sK = sdO + kRows * D;                 // (2, 64, D)
   T* sV = sK + 2 * kTile * D;              // (2, 64, D)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int qt = gridDim.x - 1 - blockIdx.x;
-  const int bh = blockIdx.y, b = bh / p.heads_q, h = bh % p.heads_q, hkv = h / (p.heads_q / p.heads_kv);
-  const int i0 = qt * kRows, i1 = min(i0 + kRows - 1, p.seq - 1);
+  const int heads_cta = p.heads_q / kHeads;
+  const int b = blockIdx.y / heads_cta, h0 = (blockIdx.y % heads_cta) * kHeads, hkv = h0 / (p.heads_q / p.heads_kv);
+  const int wr = warp % kWarpsH;
+  const int64_t bh = static_cast<int64_t>(b) * p.heads_q + h0 + warp / kWarpsH;
+  const int i0 = qt * kRowsH, i1 = min(i0 + kRowsH - 1, p.seq - 1);
   const int64_t S = p.seq;
-  const T* qh = static_cast<const T*>(p.q) + static_cast<int64_t>(bh) * S * D;
-  const T* goh = static_cast<const T*>(p.grad_o) + static_cast<int64_t>(bh) * S * D;
   const T* kh = static_cast<const T*>(p.k) + (static_cast<int64_t>(b) * p.heads_kv + hkv) * S * D;
   const T* vh = static_cast<const T*>(p.v) + (static_cast<int64_t>(b) * p.heads_kv + hkv) * S * D;
   if (threadIdx.x == 0) build_query_plan(plan, p, b, hkv, i0, i1);
-  load_tile<T, D, kRows, kThr>(sQ, qh, i0, p.seq);
-  load_tile<T, D, kRows, kThr>(sdO, goh, i0, p.seq);
+  for (int hh = 0; hh < kHeads; ++hh) {
+    const int64_t head = (static_cast<int64_t>(b) * p.heads_q + h0 + hh) * S * D;
+    load_tile<T, D, kRowsH, kThr>(sQ + hh * kRowsH * D, static_cast<const T*>(p.q) + head, i0, p.seq);
+    load_tile<T, D, kRowsH, kThr>(sdO + hh * kRowsH * D, static_cast<const T*>(p.grad_o) + head, i0, p.seq);
+  }
   __syncthreads();
   const int n_tiles = plan.count();
   const int tiles_per_block = p.block_size / kTile;
@@ -436,11 +449,11 @@ __global__ void __launch_bounds__(kWarps * 32) sparse_attention_dq_kernel(const 
   int row_i[2], row_ds[2];
   float row_lse[2], row_delta[2];
   for (int hf = 0; hf < 2; ++hf) {
-    row_i[hf] = i0 + warp * 16 + g + hf * 8;
+    row_i[hf] = i0 + wr * 16 + g + hf * 8;
     const int ic = min(row_i[hf], p.seq - 1);
     row_ds[hf] = doc_start(p, ic);
-    row_lse[hf] = lse_log2(p.lse_in[static_cast<int64_t>(bh) * S + ic]);
-    row_delta[hf] = p.delta[static_cast<int64_t>(bh) * S + ic];
+    row_lse[hf] = lse_log2(p.lse_in[bh * S + ic]);
+    row_delta[hf] = p.delta[bh * S + ic];
   }
   float dq[D / 8][4];
   for (int n = 0; n < D / 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
@@ -502,7 +515,7 @@ __global__ void __launch_bounds__(kWarps * 32) sparse_attention_dq_kernel(const 
     __syncthreads();
   }
   if (n_tiles == 0) cp_async_wait<0>();
-  T* dqh = static_cast<T*>(p.dq) + static_cast<int64_t>(bh) * S * D;
+  T* dqh = static_cast<T*>(p.dq) + bh * S * D;
   for (int hf = 0; hf < 2; ++hf) {
     const int i = row_i[hf];
     if (i >= p.seq) continue;
