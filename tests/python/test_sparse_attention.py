@@ -285,6 +285,10 @@ def test_bad_inputs_raise_naming_the_argument():
         ops.sparse_attention(q, k, v, None, None, None, -5)
     with pytest.raises(RuntimeError, match="top_n"):
         ops.select_blocks(q, k, 64, 0)
+    o, lse = ops.sparse_attention(q, k, v)
+    with pytest.raises(RuntimeError, match="block_indices must lie in"):
+        ops.sparse_attention_backward(o, q, k, v, o, lse, torch.full((1, 2, 1, 1), 9, dtype=torch.int32), None, None,
+                                      -1, 0, 64, None, False)
 
 
 # ---------------------------------------------------------------------------------------------------

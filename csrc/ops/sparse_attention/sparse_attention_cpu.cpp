@@ -195,6 +195,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cpu(
               "), got ", grad_o.sizes(), " and ", o.sizes());
   ANVIL_CHECK(lse.sizes() == at::IntArrayRef({c.batch, c.heads_q, c.seq}), op, ": lse must be (B, Hq, S), got ",
               lse.sizes());
+  check_index_values(c, block_indices, block_counts, cu_seqlens, op);
   const MaskContext m{c, doc_starts(c.seq, cu_seqlens), listed_blocks(c, block_indices, block_counts)};
   const auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
   const auto oc = o.to(q.scalar_type()).contiguous(), goc = grad_o.to(q.scalar_type()).contiguous();

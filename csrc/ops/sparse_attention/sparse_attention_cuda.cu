@@ -135,6 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cuda(
               ": grad_o and o must be (B, Hq, S, Dv), got ", grad_o.sizes(), " and ", o.sizes());
   ANVIL_CHECK(lse.sizes() == at::IntArrayRef({c.batch, c.heads_q, c.seq}), op, ": lse must be (B, Hq, S), got ",
               lse.sizes());
+  check_index_values(c, block_indices, block_counts, cu_seqlens, op);  // the kernels index with them
   const c10::cuda::CUDAGuard guard(q.device());
   const auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
   const auto goc = grad_o.to(q.scalar_type()).contiguous();
