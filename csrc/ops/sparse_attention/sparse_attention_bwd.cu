@@ -1,5 +1,5 @@
 // Instantiations of the sparse_attention backward kernels: the dq kernel (the forward's three tile shapes)
-// and the dk/dv kernel, bf16 and fp16, head dims 64 and 128 (sixteen kernels). Kernels: sparse_attention_kernels.cuh.
+// and the dk/dv kernel (64 or 128 keys), bf16 and fp16, head dims 64 and 128 (twenty kernels). Kernels: sparse_attention_kernels.cuh.
 #include "ops/sparse_attention/sparse_attention_launch.h"
 
 #include <ATen/cuda/CUDAContext.h>
@@ -19,6 +19,19 @@ void launch_dq(const Params& p, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename T, int D, int kWarps>
+void launch_dkdv(const Params& p, cudaStream_t stream) {
+  // K, V (kWarps * 16 keys each), 2 x (Q, dO) of 64 queries, 2 x (lse, Delta)
+  const int smem = (2 * kWarps * 16 + 4 * kTile) * D * static_cast<int>(sizeof(T)) +
+                   4 * kTile * static_cast<int>(sizeof(float));
+  auto kernel = sparse_attention_dkdv_kernel<T, D, kWarps>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const int tiles = (p.seq + kWarps * 16 - 1) / (kWarps * 16);
+  const int split = p.dk_accum != nullptr ? p.heads_q / p.heads_kv : 1;
+  kernel<<<dim3(tiles, p.batch * p.heads_kv, split), kWarps * 32, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 template <typename T, int D>
@@ -33,14 +46,11 @@ void launch_backward(const Params& p, TileShape shape, cudaStream_t stream) {
     case TileShape::kTwoHeads64: launch_dq<T, D, 8, 2>(p, stream); break;
     default: launch_dq<T, D, 4, 1>(p, stream);
   }
-  // K, V, 2 x (Q, dO), 2 x (lse, Delta)
-  const int smem_dkdv = 6 * tile_bytes + 4 * kTile * static_cast<int>(sizeof(float));
-  auto dkdv_kernel = sparse_attention_dkdv_kernel<T, D>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(dkdv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_dkdv));
-  const int tiles = (p.seq + kTile - 1) / kTile;
-  const int split = p.dk_accum != nullptr ? p.heads_q / p.heads_kv : 1;
-  dkdv_kernel<<<dim3(tiles, p.batch * p.heads_kv, split), kThreads, smem_dkdv, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (shape == TileShape::kRows128) {
+    launch_dkdv<T, D, 8>(p, stream);
+  } else {
+    launch_dkdv<T, D, 4>(p, stream);
+  }
 }
 
 template void launch_backward<__nv_bfloat16, 64>(const Params&, TileShape, cudaStream_t);

@@ -252,12 +252,12 @@ __device__ inline void build_query_plan(QueryPlan& plan, const Params& p, int b,
   }
 }
 
-// Every (row, key) of query rows [i0, i1] x key tile [k0, k0 + 63] attends.
+// Every (row, key) of query rows [i0, i1] x keys [k0, k_last] attends.
 __device__ __forceinline__ bool tile_fully_visible(const Params& p, int i0, int i1, int ds_first, int ds_last, int k0,
-                                                   bool listed) {
-  if (k0 + kTile - 1 > i0) return false;  // causal
-  if (ds_last > k0) return false;         // some row's document starts after the tile's first key
-  return listed || p.window < 0 || i1 - k0 < p.window || k0 + kTile - 1 - ds_first < p.sink_tokens;
+                                                   int k_last, bool listed) {
+  if (k_last > i0) return false;   // causal
+  if (ds_last > k0) return false;  // some row's document starts after the tile's first key
+  return listed || p.window < 0 || i1 - k0 < p.window || k_last - ds_first < p.sink_tokens;
 }
 
 // ---- forward ---------------------------------------------------------------------------------------
@@ -342,7 +342,7 @@ __global__ void __launch_bounds__(kWarps * 32) sparse_attention_fwd_kernel(const
         mma16816<T>(s[2 * np + 1], qf[kk], bf[2], bf[3]);
       }
     }
-    const bool full = tile_fully_visible(p, i0, i1, plan.ds_first, plan.ds_last, k0, listed);
+    const bool full = tile_fully_visible(p, i0, i1, plan.ds_first, plan.ds_last, k0, k0 + kTile - 1, listed);
     for (int n = 0; n < 8; ++n) {
       for (int e = 0; e < 4; ++e) {
         const int hf = e >> 1, j = k0 + n * 8 + 2 * tq + (e & 1);
@@ -492,7 +492,7 @@ __global__ void __launch_bounds__(kWarps * 32) sparse_attention_dq_kernel(const 
         mma16816<T>(dp[2 * np + 1], ga, bv[2], bv[3]);
       }
     }
-    const bool full = tile_fully_visible(p, i0, i1, plan.ds_first, plan.ds_last, k0, listed);
+    const bool full = tile_fully_visible(p, i0, i1, plan.ds_first, plan.ds_last, k0, k0 + kTile - 1, listed);
     for (int n = 0; n < 8; ++n) {
       for (int e = 0; e < 4; ++e) {
         const int hf = e >> 1, j = k0 + n * 8 + 2 * tq + (e & 1);
@@ -585,19 +585,22 @@ struct KeyWalk {
   }
 };
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) sparse_attention_dkdv_kernel(const Params p) {
+// kWarps warps of 16 keys: 8 (128 keys per CTA, half the Q/dO traffic per key) when a 128-key tile lies
+// in one key block (no block_indices, or block_size a multiple of 128), else 4.
+template <typename T, int D, int kWarps>
+__global__ void __launch_bounds__(kWarps * 32) sparse_attention_dkdv_kernel(const Params p) {
+  constexpr int kKeys = kWarps * 16, kThr = kWarps * 32;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  T* sK = reinterpret_cast<T*>(smem_raw);   // (64, D)
-  T* sV = sK + kTile * D;                   // (64, D)
-  T* sQ = sV + kTile * D;                   // (2, 64, D)
+  T* sK = reinterpret_cast<T*>(smem_raw);   // (kKeys, D)
+  T* sV = sK + kKeys * D;                   // (kKeys, D)
+  T* sQ = sV + kKeys * D;                   // (2, 64, D)
   T* sdO = sQ + 2 * kTile * D;              // (2, 64, D)
   float* sLse = reinterpret_cast<float*>(sdO + 2 * kTile * D);  // (2, 64) log2 units
   float* sDelta = sLse + 2 * kTile;                             // (2, 64)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int kt = blockIdx.x;  // tile 0 first: with sinks or a forced first block it has the longest walk
   const int bkv = blockIdx.y, b = bkv / p.heads_kv, hkv = bkv % p.heads_kv, G = p.heads_q / p.heads_kv;
-  const int k0 = kt * kTile, k1 = min(k0 + kTile - 1, p.seq - 1);
+  const int k0 = kt * kKeys, k1 = min(k0 + kKeys - 1, p.seq - 1);
   const int64_t S = p.seq;
   const T* kh = static_cast<const T*>(p.k) + static_cast<int64_t>(bkv) * S * D;
   const T* vh = static_cast<const T*>(p.v) + static_cast<int64_t>(bkv) * S * D;
@@ -607,11 +610,11 @@ __global__ void __launch_bounds__(kThreads) sparse_attention_dkdv_kernel(const P
     const int ds0 = doc_start(p, k0), de1 = doc_end(p, k1);
     int hi = p.window < 0 ? de1 - 1 : min(k1 + p.window - 1, de1 - 1);
     if (p.sink_tokens > 0 && (k0 - ds0 < p.sink_tokens || doc_start(p, k1) > k0)) hi = de1 - 1;
-    walk.r_lo = kt;
-    walk.r_hi = hi >= k0 ? hi / kTile : kt - 1;
+    walk.r_lo = k0 / kTile;
+    walk.r_hi = hi >= k0 ? hi / kTile : walk.r_lo - 1;
     walk.tiles_per_block = p.block_size / kTile;
     walk.num_q_tiles = (p.seq + kTile - 1) / kTile;
-    walk.kv_tile = kt;
+    walk.kv_tile = k0 / kTile;  // query tiles before it end before every key
     walk.group = gridDim.z == 1 ? G : static_cast<int>(blockIdx.z) + 1;  // split: this CTA's head only
     walk.list = p.inv_qblocks;
     walk.list_lo = walk.list_hi = 0;
@@ -626,13 +629,13 @@ __global__ void __launch_bounds__(kThreads) sparse_attention_dkdv_kernel(const P
     walk.pos = walk.sub = 0;
   }
 
-  load_tile<T, D>(sK, kh, k0, p.seq);
-  load_tile<T, D>(sV, vh, k0, p.seq);
+  load_tile<T, D, kKeys, kThr>(sK, kh, k0, p.seq);
+  load_tile<T, D, kKeys, kThr>(sV, vh, k0, p.seq);
   // Loads the query-side tiles of one item into a stage; lse and Delta through plain loads.
   auto load_item = [&](int stage, int head, int tile) {
     const int64_t bh = static_cast<int64_t>(b) * p.heads_q + hkv * G + head;
-    load_tile<T, D>(sQ + stage * kTile * D, static_cast<const T*>(p.q) + bh * S * D, tile * kTile, p.seq);
-    load_tile<T, D>(sdO + stage * kTile * D, static_cast<const T*>(p.grad_o) + bh * S * D, tile * kTile, p.seq);
+    load_tile<T, D, kTile, kThr>(sQ + stage * kTile * D, static_cast<const T*>(p.q) + bh * S * D, tile * kTile, p.seq);
+    load_tile<T, D, kTile, kThr>(sdO + stage * kTile * D, static_cast<const T*>(p.grad_o) + bh * S * D, tile * kTile, p.seq);
     if (threadIdx.x < kTile) {
       const int i = min(tile * kTile + static_cast<int>(threadIdx.x), p.seq - 1);
       sLse[stage * kTile + threadIdx.x] = lse_log2(p.lse_in[bh * S + i]);
@@ -691,7 +694,7 @@ __global__ void __launch_bounds__(kThreads) sparse_attention_dkdv_kernel(const P
     }
     // Rows of the query tile share a document start only when no document starts inside it.
     const int ds_q0 = doc_start(p, q0), ds_q1 = doc_start(p, q1);
-    const bool full = tile_fully_visible(p, q0, q1, ds_q0, ds_q1, k0, listed);
+    const bool full = tile_fully_visible(p, q0, q1, ds_q0, ds_q1, k0, k0 + kKeys - 1, listed);
     for (int n = 0; n < 8; ++n) {
       for (int e = 0; e < 4; ++e) {
         const int c = n * 8 + 2 * tq + (e & 1), i = q0 + c, j = key_j[e >> 1];
