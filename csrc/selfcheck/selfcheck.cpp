@@ -303,7 +303,7 @@ at::Tensor sparse_formula(const at::Tensor& q, const at::Tensor& k, const at::Te
   auto table = at::zeros({k.size(1), NB, NB + 1}, at::TensorOptions().dtype(at::kBool));
   const auto bil = bi[0].to(at::kLong);
   table.scatter_(2, at::where(bil >= 0, bil, at::full({}, NB, lopt)), true);
-  const auto listed = table.narrow(2, 0, NB).index_select(1, (i / bs).view({S})).index_select(2, (j / bs).view({S}));
+  const auto listed = table.narrow(2, 0, NB).index_select(1, i.div(bs, "floor").view({S})).index_select(2, j.div(bs, "floor").view({S}));
   const auto mask = (near.unsqueeze(0) | (base.unsqueeze(0) & listed)).repeat_interleave(G, 0);  // (Hq, S, S)
   const auto kk = k.repeat_interleave(G, 1), vv = v.repeat_interleave(G, 1);
   auto sc = at::matmul(q, kk.transpose(-1, -2)) / std::sqrt(static_cast<double>(q.size(3)));

@@ -114,11 +114,11 @@ std::tuple<at::Tensor, at::Tensor> inverse_block_index(const SparseAttentionConf
     valid = valid & (at::arange(n, lopt).view({1, 1, 1, n}) < block_counts->to(at::kLong).unsqueeze(-1));
   }
   const auto row = at::arange(R, lopt).view({c.batch, c.heads_kv, NB, 1});     // (b * Hkv + h) * NB + qb
-  const auto key = (row / NB) * NB + bi.clamp_min(0);                          // (b * Hkv + h) * NB + kb
+  const auto key = row.div(NB, "floor") * NB + bi.clamp_min(0);                       // (b * Hkv + h) * NB + kb
   const auto combined = at::where(valid, key * NB + row % NB, at::full({}, R * NB, lopt)).flatten();
   const auto sorted = std::get<0>(combined.sort());
   const auto qblocks = (sorted % NB).to(at::kInt);
-  const auto offsets = at::searchsorted(sorted / NB, at::arange(R + 1, lopt), /*out_int32=*/true);
+  const auto offsets = at::searchsorted(sorted.div(NB, "floor"), at::arange(R + 1, lopt), /*out_int32=*/true);
   return {offsets, qblocks};
 }
 

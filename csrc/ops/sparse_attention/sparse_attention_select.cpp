@@ -41,14 +41,14 @@ at::Tensor select_blocks_aten(const at::Tensor& q, const at::Tensor& k, const Se
     auto logits = at::matmul(qs, kbar.transpose(-1, -2)).mul_(c.scale).view({B, Hkv, G, R, NB});
     const auto rows = at::arange(r0, r1, lopt);                                        // (R)
     const auto ds_rows = ds.slice(0, r0, r1);                                          // (R)
-    const auto eligible = (kb.view({1, NB}) <= (rows / bs).view({R, 1})) &
+    const auto eligible = (kb.view({1, NB}) <= rows.div(bs, "floor").view({R, 1})) &
                           ((kb.view({1, NB}) + 1) * bs > ds_rows.view({R, 1}));        // (R, NB)
     logits.masked_fill_(eligible.logical_not(), -std::numeric_limits<float>::infinity());
     auto score = logits.softmax(-1).sum(2);                                            // (B, Hkv, R, NB)
     score = at::constant_pad_nd(score, {0, 0, 0, nq * bs - R}).view({B, Hkv, nq, bs, NB}).sum(3);
     // Eligible blocks of a query block: from the block of its first query's document start to itself.
     const auto qbs = at::arange(qb0, qb1, lopt);                                       // (nq)
-    const auto first_kb = ds.index_select(0, qbs * bs) / bs;                           // (nq)
+    const auto first_kb = ds.index_select(0, qbs * bs).div(bs, "floor");                         // (nq)
     const auto kbv = kb.view({1, NB});
     const auto elig = (kbv >= first_kb.view({nq, 1})) & (kbv <= qbs.view({nq, 1}));    // (nq, NB)
     const auto forced = elig & ((kbv < first_kb.view({nq, 1}) + c.sink_blocks) |

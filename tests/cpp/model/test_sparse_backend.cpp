@@ -36,8 +36,8 @@ at::Tensor logits_of(const std::string& json, const at::Tensor& ids) {
   auto model = std::make_shared<anvil::model::CausalLM>(parse_model_config(json), at::TensorOptions().dtype(at::kFloat));
   torch::NoGradGuard no_grad;
   for (auto& p : model->parameters()) p.normal_(0.0, 0.05);
-  for (auto& [name, p] : model->named_parameters()) {
-    if (name.find("norm") != std::string::npos) p.fill_(1.0);
+  for (auto& item : model->named_parameters()) {
+    if (item.key().find("norm") != std::string::npos) item.value().fill_(1.0);
   }
   model->eval();
   return model->forward(ids);

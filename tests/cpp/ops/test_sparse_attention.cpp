@@ -43,7 +43,7 @@ at::Tensor rule_mask(const Case& c, const Opt& bi, const Opt& bc, const Opt& cu)
     if (bc) valid = valid & (at::arange(c.n, lopt).view({1, 1, 1, c.n}) < bc->to(at::kLong).unsqueeze(-1));
     auto table = at::zeros({c.Hkv, NB, NB + 1}, at::TensorOptions().dtype(at::kBool));
     table.scatter_(2, at::where(valid[0], (*bi)[0].to(at::kLong), at::full({}, NB, lopt)), true);
-    const auto listed = table.narrow(2, 0, NB).index_select(1, pos / c.bs).index_select(2, pos / c.bs);
+    const auto listed = table.narrow(2, 0, NB).index_select(1, pos.div(c.bs, "floor")).index_select(2, pos.div(c.bs, "floor"));
     mask = mask | (base.unsqueeze(0) & listed);
   }
   return mask;
