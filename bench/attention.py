@@ -159,7 +159,8 @@ def main():
         bad[..., 1:] |= cand[..., 1:] == cand[..., :-1]
         key = torch.where(bad, NB + 1, cand).sort(-1).values
         num = (key <= NB).sum(-1).int()
-        idx = torch.where(key > NB, 0, key).int()
+        idx = torch.zeros(HKV, NB, NB, dtype=torch.int32, device=DEV)  # kv_indices must be (.., Q_BLOCKS, KV_BLOCKS)
+        idx[..., : key.shape[-1]] = torch.where(key > NB, 0, key).int()
         m = BlockMask.from_kv_blocks(num.repeat_interleave(G, 0)[None], idx.repeat_interleave(G, 0)[None],
                                      BLOCK_SIZE=BS, mask_mod=nsa_mask, seq_lengths=(S, S))
         with torch.no_grad():
