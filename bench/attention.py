@@ -14,6 +14,7 @@ Inputs rotate through sets larger than the 50 MB L2, so no timing measures the c
 """
 import argparse
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +102,14 @@ def main():
         t_ours = time_ms(rotating(lambda x: ours_fwd(*x[:3]), sets))
         t_flex = time_ms(rotating(lambda x: flex(*x[:3], block_mask=mask), sets))
         t_sdpa = time_ms(rotating(lambda x: sdpa_causal(*x[:3]), sets))
+    os.environ["ANVIL_SPARSE_FWD_WARPS"] = "4"  # the other form of the 128-row tile: 4 warps x 32 rows
+    with torch.no_grad():
+        o4 = ours_fwd(q, k, v)
+        t_ours4 = time_ms(rotating(lambda x: ours_fwd(*x[:3]), sets))
+    del os.environ["ANVIL_SPARSE_FWD_WARPS"]
+    print(f"  forward tiles of 128 rows: 8 warps x 16 rows {t_ours:.3f} ms, 4 warps x 32 rows {t_ours4:.3f} ms "
+          f"(outputs differ by {(o4.float() - o_ours.float()).abs().max().item():.3g})")
+    results.append({"case": f"window {W} S={S} fwd, 4 warps x 32 rows", "ours_ms": t_ours4})
     r1 = row(f"window {W} S={S} fwd vs FlexAttention", t_ours, t_flex, pairs_w, H, D, 1, "flex")
     r2 = row(f"window {W} S={S} fwd vs SDPA dense causal", t_ours, t_sdpa, pairs_w, H, D, 1, "sdpa")
     t_ours_fb = time_ms(rotating(fwd_bwd(ours_fwd), sets), warmup=3, reps=10)
@@ -115,7 +124,7 @@ def main():
     goals.append(("window fwd vs flex", r1["speedup"] >= 1.5, f"{r1['speedup']:.2f}x FlexAttention (>= 1.5x)"))
     goals.append(("window fwd vs sdpa", r2["speedup"] >= 3.5, f"{r2['speedup']:.2f}x SDPA causal (>= 3.5x)"))
     goals.append(("window fwd+bwd vs sdpa", r3["speedup"] >= 3.5, f"{r3['speedup']:.2f}x SDPA causal (>= 3.5x)"))
-    del sets, mask, o_ours, o_flex
+    del sets, mask, o_ours, o_flex, o4
 
     # --- NSA-style: top-16 blocks of 64 + window 512 at S = 65536, 64 q / 4 kv heads ----------------------
     S, HQ, HKV, BS, TOP, W = 65536, 64, 4, 64, 16, 512
@@ -128,9 +137,14 @@ def main():
     # SDPA's flash kernel takes equal head counts: k, v repeated outside the timing.
     kr, vr = (t.detach().repeat_interleave(HQ // HKV, 1).requires_grad_() for t in (k, v))
     dense = [(q, kr, vr, go)]
+    os.environ["ANVIL_SPARSE_FWD_WARPS"] = "4"
+    with torch.no_grad():
+        t_ours4 = time_ms(lambda: nsa(q, k, v), warmup=2, reps=10)
+    del os.environ["ANVIL_SPARSE_FWD_WARPS"]
     with torch.no_grad():
         t_ours = time_ms(lambda: nsa(q, k, v), warmup=2, reps=10)
         t_sdpa = time_ms(lambda: sdpa_causal(q, kr, vr), warmup=2, reps=5)
+    print(f"  NSA forward, 2 heads x 64 rows: 8 warps x 16 rows {t_ours:.3f} ms, 4 warps x 32 rows {t_ours4:.3f} ms")
     t_ours_fb = time_ms(lambda: fwd_bwd(nsa)((q, k, v, go)), warmup=2, reps=5)
     t_sdpa_fb = time_ms(lambda: fwd_bwd(sdpa_causal)(dense[0]), warmup=1, reps=3)
     # Pairs actually attended: at most (16 blocks + window) per query.

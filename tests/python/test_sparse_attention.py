@@ -354,6 +354,28 @@ def test_cuda_against_fp32_reference(case, dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("warps", ["8", "4"])
+@pytest.mark.parametrize("Hkv,n,bs", [(8, 0, 64), (2, 4, 64), (8, 4, 64), (4, 2, 128)])
+def test_cuda_forward_tile_shapes(monkeypatch, warps, Hkv, n, bs):
+    """Every forward tile shape (64 rows; 128 rows; 2 heads x 64 rows; the wide ones as 8 warps x 16 rows
+    or 4 warps x 32 rows, ANVIL_SPARSE_FWD_WARPS) within the error bound, documents and sinks included."""
+    monkeypatch.setenv("ANVIL_SPARSE_FWD_WARPS", warps)
+    g = gen(int(warps) * 100 + Hkv + n)
+    S, Hq, D = 777, 8, 128
+    q, k, v = (torch.randn(1, h, S, D, generator=g).cuda().to(torch.bfloat16) for h in (Hq, Hkv, Hkv))
+    bi, bc = random_selection(1, Hkv, S, bs, n, g, True) if n else (None, None)
+    cu = torch.tensor([0, 300, 777], dtype=torch.int32).cuda()
+    to = lambda t: None if t is None else t.cuda()
+    kw = dict(window=100, sinks=3, bs=bs, block_indices=to(bi), block_counts=to(bc), cu_seqlens=cu)
+    ro, rlse = reference(q, k, v, dtype=torch.float32, **kw)
+    lo, _ = reference(q, k, v, dtype=torch.bfloat16, **kw)
+    o, lse = ops.sparse_attention(q, k, v, to(bi), to(bc), cu, 100, 3, bs)
+    assert err(o, ro) <= 2 * err(lo, ro) + 1e-3
+    fin = torch.isfinite(rlse)
+    assert torch.equal(torch.isfinite(lse), fin) and err(lse[fin], rlse[fin]) <= 1e-3
+
+
+@pytest.mark.cuda
 def test_cuda_matches_cpu_reference_and_is_deterministic():
     g = gen(11)
     S = 300

@@ -262,14 +262,16 @@ __device__ __forceinline__ bool tile_fully_visible(const Params& p, int i0, int 
 
 // ---- forward ---------------------------------------------------------------------------------------
 
-// kWarps warps of 16 query rows each, for kHeads query heads of one GQA group (they share the kv head
-// and the listed blocks, so the CTA walks one plan): 8 warps x 1 head (a 128-row tile) when a 128-row
-// tile lies in one query block (no block_indices, or block_size a multiple of 128); 8 warps x 2 heads
-// of 64 rows when block_size is 64 and the group is even; else 4 warps x 1 head. The wide forms load
-// each K/V tile once for 128 query rows: half the L2 traffic per query of the 64-row form.
-template <typename T, int D, int kWarps, int kHeads>
+// kWarps warps of kM x 16 query rows each, for kHeads query heads of one GQA group (they share the kv
+// head and the listed blocks, so the CTA walks one plan). The launcher picks the shape: 128 rows of one
+// head when a 128-row tile lies in one query block (no block_indices, or block_size a multiple of 128);
+// 2 heads x 64 rows when block_size is 64 and the group is even; else 64 rows. The wide shapes load each
+// K/V tile once for 128 query rows (half the L2 traffic per query of the 64-row shape); kM = 2 also
+// reuses each K/V fragment for two 16-row m-tiles (half the shared-memory reads per MMA), Q being read
+// from shared memory then instead of held in registers.
+template <typename T, int D, int kWarps, int kHeads, int kM>
 __global__ void __launch_bounds__(kWarps * 32) sparse_attention_fwd_kernel(const Params p) {
-  constexpr int kRows = kWarps * 16, kThr = kWarps * 32, kRowsH = kRows / kHeads, kWarpsH = kWarps / kHeads;
+  constexpr int kRows = kWarps * 16 * kM, kThr = kWarps * 32, kRowsH = kRows / kHeads, kWarpsH = kWarps / kHeads;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __shared__ QueryPlan plan;
   T* sQ = reinterpret_cast<T*>(smem_raw);  // (kHeads, kRowsH, D)
@@ -279,7 +281,7 @@ __global__ void __launch_bounds__(kWarps * 32) sparse_attention_fwd_kernel(const
   const int qt = gridDim.x - 1 - blockIdx.x;  // the longest walks first
   const int heads_cta = p.heads_q / kHeads;
   const int b = blockIdx.y / heads_cta, h0 = (blockIdx.y % heads_cta) * kHeads, hkv = h0 / (p.heads_q / p.heads_kv);
-  const int wr = warp % kWarpsH;                                      // this warp's 16-row slot
+  const int wr = warp % kWarpsH;                                                 // this warp's row slot
   const int64_t bh = static_cast<int64_t>(b) * p.heads_q + h0 + warp / kWarpsH;  // this warp's head
   const int i0 = qt * kRowsH, i1 = min(i0 + kRowsH - 1, p.seq - 1);
   const int64_t S = p.seq;
@@ -300,17 +302,23 @@ __global__ void __launch_bounds__(kWarps * 32) sparse_attention_fwd_kernel(const
   }
   cp_async_commit();
 
-  // This thread's two rows: r = warp * 16 + lane / 4 (+ 8).
+  // This thread's rows: m-tile m, half hf: r = (warp * kM + m) * 16 + lane / 4 + 8 hf in the CTA's tile.
   const int g = lane >> 2, tq = lane & 3;
-  int row_i[2], row_ds[2];
-  for (int hf = 0; hf < 2; ++hf) {
-    row_i[hf] = i0 + wr * 16 + g + hf * 8;
-    row_ds[hf] = doc_start(p, min(row_i[hf], p.seq - 1));
+  int row_i[kM][2], row_ds[kM][2];
+  float acc[kM][D / 8][4], row_max[kM][2], row_sum[kM][2];
+  #pragma unroll
+  for (int m = 0; m < kM; ++m) {
+    #pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      row_i[m][hf] = i0 + (wr * kM + m) * 16 + g + hf * 8;
+      row_ds[m][hf] = doc_start(p, min(row_i[m][hf], p.seq - 1));
+      row_max[m][hf] = -INFINITY;
+      row_sum[m][hf] = 0.f;
+    }
+    #pragma unroll
+    for (int n = 0; n < D / 8; ++n) acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0.f;
   }
-  float acc[D / 8][4];
-  for (int n = 0; n < D / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
-  uint32_t qf[D / 16][4];
+  uint32_t qf[kM == 1 ? D / 16 : 1][4];  // Q held in registers when one m-tile
 
   for (int it = 0; it < n_tiles; ++it) {
     const int stage = it & 1;
@@ -324,63 +332,103 @@ __global__ void __launch_bounds__(kWarps * 32) sparse_attention_fwd_kernel(const
       cp_async_wait<0>();
     }
     __syncthreads();
-    if (it == 0) {
-      for (int kk = 0; kk < D / 16; ++kk) load_a<D>(qf[kk], sQ, warp * 16, kk * 16, lane);
+    if (kM == 1 && it == 0) {
+      #pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) load_a<D>(qf[kM == 1 ? kk : 0], sQ, warp * 16, kk * 16, lane);
     }
     const T* tK = sK + stage * kTile * D;
     const T* tV = sV + stage * kTile * D;
     const int kv_tile = plan.tile(it), k0 = kv_tile * kTile;
     const bool listed = plan.listed(it, kv_tile, tiles_per_block);
 
-    float s[8][4];
-    for (int n = 0; n < 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+    float s[kM][8][4];
+    #pragma unroll
+    for (int m = 0; m < kM; ++m)
+      #pragma unroll
+      for (int n = 0; n < 8; ++n) s[m][n][0] = s[m][n][1] = s[m][n][2] = s[m][n][3] = 0.f;
+    #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t qa[kM][4];
+      #pragma unroll
+      for (int m = 0; m < kM; ++m) {
+        if (kM == 1) {
+          #pragma unroll
+          for (int r = 0; r < 4; ++r) qa[m][r] = qf[kM == 1 ? kk : 0][r];
+        } else {
+          load_a<D>(qa[m], sQ, (warp * kM + m) * 16, kk * 16, lane);
+        }
+      }
+      #pragma unroll
       for (int np = 0; np < 4; ++np) {
         uint32_t bf[4];
         load_b_nk<D>(bf, tK, np * 16, kk * 16, lane);
-        mma16816<T>(s[2 * np], qf[kk], bf[0], bf[1]);
-        mma16816<T>(s[2 * np + 1], qf[kk], bf[2], bf[3]);
+        #pragma unroll
+        for (int m = 0; m < kM; ++m) {
+          mma16816<T>(s[m][2 * np], qa[m], bf[0], bf[1]);
+          mma16816<T>(s[m][2 * np + 1], qa[m], bf[2], bf[3]);
+        }
       }
     }
     const bool full = tile_fully_visible(p, i0, i1, plan.ds_first, plan.ds_last, k0, k0 + kTile - 1, listed);
-    for (int n = 0; n < 8; ++n) {
-      for (int e = 0; e < 4; ++e) {
-        const int hf = e >> 1, j = k0 + n * 8 + 2 * tq + (e & 1);
-        const bool ok = full || sparse_attends(row_i[hf], j, row_ds[hf], listed, p.window, p.sink_tokens);
-        s[n][e] = ok ? s[n][e] * p.scale_log2 : -INFINITY;
-      }
-    }
-    // Online softmax per row (4 lanes of a quad share a row).
-    for (int hf = 0; hf < 2; ++hf) {
-      float mx = -INFINITY;
-      for (int n = 0; n < 8; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * hf], s[n][2 * hf + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(row_max[hf], mx);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;
-      const float corr = exp2f(row_max[hf] - m_use);
-      float sum = 0.f;
+    #pragma unroll
+    for (int m = 0; m < kM; ++m) {
+      #pragma unroll
       for (int n = 0; n < 8; ++n) {
-        s[n][2 * hf] = exp2f(s[n][2 * hf] - m_use);
-        s[n][2 * hf + 1] = exp2f(s[n][2 * hf + 1] - m_use);
-        sum += s[n][2 * hf] + s[n][2 * hf + 1];
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int hf = e >> 1, j = k0 + n * 8 + 2 * tq + (e & 1);
+          const bool ok =
+              full || sparse_attends(row_i[m][hf], j, row_ds[m][hf], listed, p.window, p.sink_tokens);
+          s[m][n][e] = ok ? s[m][n][e] * p.scale_log2 : -INFINITY;
+        }
       }
-      row_sum[hf] = row_sum[hf] * corr + sum;
-      row_max[hf] = m_new;
-      for (int n = 0; n < D / 8; ++n) {
-        acc[n][2 * hf] *= corr;
-        acc[n][2 * hf + 1] *= corr;
+      // Online softmax per row (4 lanes of a quad share a row).
+      #pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        float mx = -INFINITY;
+        #pragma unroll
+        for (int n = 0; n < 8; ++n) mx = fmaxf(mx, fmaxf(s[m][n][2 * hf], s[m][n][2 * hf + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(row_max[m][hf], mx);
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;
+        const float corr = exp2f(row_max[m][hf] - m_use);
+        float sum = 0.f;
+        #pragma unroll
+        for (int n = 0; n < 8; ++n) {
+          s[m][n][2 * hf] = exp2f(s[m][n][2 * hf] - m_use);
+          s[m][n][2 * hf + 1] = exp2f(s[m][n][2 * hf + 1] - m_use);
+          sum += s[m][n][2 * hf] + s[m][n][2 * hf + 1];
+        }
+        row_sum[m][hf] = row_sum[m][hf] * corr + sum;
+        row_max[m][hf] = m_new;
+        #pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+          acc[m][n][2 * hf] *= corr;
+          acc[m][n][2 * hf + 1] *= corr;
+        }
       }
     }
     // O += P V, P converted in registers from the accumulator layout to the A-operand layout.
+    #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                       pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      uint32_t a[kM][4];
+      #pragma unroll
+      for (int m = 0; m < kM; ++m) {
+        a[m][0] = pack2<T>(s[m][2 * kk][0], s[m][2 * kk][1]);
+        a[m][1] = pack2<T>(s[m][2 * kk][2], s[m][2 * kk][3]);
+        a[m][2] = pack2<T>(s[m][2 * kk + 1][0], s[m][2 * kk + 1][1]);
+        a[m][3] = pack2<T>(s[m][2 * kk + 1][2], s[m][2 * kk + 1][3]);
+      }
+      #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
         uint32_t bf[4];
         load_b_kn<D>(bf, tV, kk * 16, dp * 16, lane);
-        mma16816<T>(acc[2 * dp], a, bf[0], bf[1]);
-        mma16816<T>(acc[2 * dp + 1], a, bf[2], bf[3]);
+        #pragma unroll
+        for (int m = 0; m < kM; ++m) {
+          mma16816<T>(acc[m][2 * dp], a[m], bf[0], bf[1]);
+          mma16816<T>(acc[m][2 * dp + 1], a[m], bf[2], bf[3]);
+        }
       }
     }
     __syncthreads();  // the next iteration's load overwrites the other stage, this one two iterations on
@@ -388,18 +436,23 @@ __global__ void __launch_bounds__(kWarps * 32) sparse_attention_fwd_kernel(const
   if (n_tiles == 0) cp_async_wait<0>();
 
   T* oh = static_cast<T*>(p.o) + bh * S * D;
-  for (int hf = 0; hf < 2; ++hf) {
-    float l = row_sum[hf];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const int i = row_i[hf];
-    if (i >= p.seq) continue;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    for (int n = 0; n < D / 8; ++n) {
-      *reinterpret_cast<uint32_t*>(oh + static_cast<int64_t>(i) * D + n * 8 + 2 * tq) =
-          pack2<T>(acc[n][2 * hf] * inv, acc[n][2 * hf + 1] * inv);
+  #pragma unroll
+  for (int m = 0; m < kM; ++m) {
+    #pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float l = row_sum[m][hf];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const int i = row_i[m][hf];
+      if (i >= p.seq) continue;
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      #pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        *reinterpret_cast<uint32_t*>(oh + static_cast<int64_t>(i) * D + n * 8 + 2 * tq) =
+            pack2<T>(acc[m][n][2 * hf] * inv, acc[m][n][2 * hf + 1] * inv);
+      }
+      if (tq == 0) p.lse[bh * S + i] = l > 0.f ? (row_max[m][hf] + log2f(l)) * kLn2 : -INFINITY;
     }
-    if (tq == 0) p.lse[bh * S + i] = l > 0.f ? (row_max[hf] + log2f(l)) * kLn2 : -INFINITY;
   }
 }
 
@@ -448,6 +501,7 @@ __global__ void __launch_bounds__(kWarps * 32) sparse_attention_dq_kernel(const 
   const int g = lane >> 2, tq = lane & 3;
   int row_i[2], row_ds[2];
   float row_lse[2], row_delta[2];
+  #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
     row_i[hf] = i0 + wr * 16 + g + hf * 8;
     const int ic = min(row_i[hf], p.seq - 1);
@@ -456,6 +510,7 @@ __global__ void __launch_bounds__(kWarps * 32) sparse_attention_dq_kernel(const 
     row_delta[hf] = p.delta[bh * S + ic];
   }
   float dq[D / 8][4];
+  #pragma unroll
   for (int n = 0; n < D / 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
 
   for (int it = 0; it < n_tiles; ++it) {
@@ -476,12 +531,16 @@ __global__ void __launch_bounds__(kWarps * 32) sparse_attention_dq_kernel(const 
     const bool listed = plan.listed(it, kv_tile, tiles_per_block);
 
     float s[8][4], dp[8][4];
+    #pragma unroll
     for (int n = 0; n < 8; ++n)
+      #pragma unroll
       for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
+    #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t qa[4], ga[4];
       load_a<D>(qa, sQ, warp * 16, kk * 16, lane);
       load_a<D>(ga, sdO, warp * 16, kk * 16, lane);
+      #pragma unroll
       for (int np = 0; np < 4; ++np) {
         uint32_t bk[4], bv[4];
         load_b_nk<D>(bk, tK, np * 16, kk * 16, lane);
@@ -493,7 +552,9 @@ __global__ void __launch_bounds__(kWarps * 32) sparse_attention_dq_kernel(const 
       }
     }
     const bool full = tile_fully_visible(p, i0, i1, plan.ds_first, plan.ds_last, k0, k0 + kTile - 1, listed);
+    #pragma unroll
     for (int n = 0; n < 8; ++n) {
+      #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int hf = e >> 1, j = k0 + n * 8 + 2 * tq + (e & 1);
         const bool ok = full || sparse_attends(row_i[hf], j, row_ds[hf], listed, p.window, p.sink_tokens);
@@ -502,9 +563,11 @@ __global__ void __launch_bounds__(kWarps * 32) sparse_attention_dq_kernel(const 
       }
     }
     // dQ += dS K: K as the B operand [key][d], a transposing load.
+    #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
                        pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      #pragma unroll
       for (int dd = 0; dd < D / 16; ++dd) {
         uint32_t bf[4];
         load_b_kn<D>(bf, tK, kk * 16, dd * 16, lane);
@@ -516,9 +579,11 @@ __global__ void __launch_bounds__(kWarps * 32) sparse_attention_dq_kernel(const 
   }
   if (n_tiles == 0) cp_async_wait<0>();
   T* dqh = static_cast<T*>(p.dq) + bh * S * D;
+  #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
     const int i = row_i[hf];
     if (i >= p.seq) continue;
+    #pragma unroll
     for (int n = 0; n < D / 8; ++n) {
       *reinterpret_cast<uint32_t*>(dqh + static_cast<int64_t>(i) * D + n * 8 + 2 * tq) =
           pack2<T>(dq[n][2 * hf] * p.scale, dq[n][2 * hf + 1] * p.scale);
@@ -650,9 +715,12 @@ __global__ void __launch_bounds__(kWarps * 32) sparse_attention_dkdv_kernel(cons
 
   const int g = lane >> 2, tq = lane & 3;
   int key_j[2];
+  #pragma unroll
   for (int hf = 0; hf < 2; ++hf) key_j[hf] = k0 + warp * 16 + g + hf * 8;
   float dk[D / 8][4], dv[D / 8][4];
+  #pragma unroll
   for (int n = 0; n < D / 8; ++n)
+    #pragma unroll
     for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
 
   int stage = 0;
@@ -676,12 +744,16 @@ __global__ void __launch_bounds__(kWarps * 32) sparse_attention_dkdv_kernel(cons
 
     // S^T = K Q^T and dP^T = V dO^T: rows are this warp's 16 keys, columns the 64 queries.
     float st[8][4], dpt[8][4];
+    #pragma unroll
     for (int n = 0; n < 8; ++n)
+      #pragma unroll
       for (int e = 0; e < 4; ++e) st[n][e] = dpt[n][e] = 0.f;
+    #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t ka[4], va[4];
       load_a<D>(ka, sK, warp * 16, kk * 16, lane);
       load_a<D>(va, sV, warp * 16, kk * 16, lane);
+      #pragma unroll
       for (int np = 0; np < 4; ++np) {
         uint32_t bq[4], bo[4];
         load_b_nk<D>(bq, tQ, np * 16, kk * 16, lane);
@@ -695,7 +767,9 @@ __global__ void __launch_bounds__(kWarps * 32) sparse_attention_dkdv_kernel(cons
     // Rows of the query tile share a document start only when no document starts inside it.
     const int ds_q0 = doc_start(p, q0), ds_q1 = doc_start(p, q1);
     const bool full = tile_fully_visible(p, q0, q1, ds_q0, ds_q1, k0, k0 + kKeys - 1, listed);
+    #pragma unroll
     for (int n = 0; n < 8; ++n) {
+      #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int c = n * 8 + 2 * tq + (e & 1), i = q0 + c, j = key_j[e >> 1];
         bool ok = full && i < p.seq;  // queries past S are zero rows: keep them out all the same
@@ -709,6 +783,7 @@ __global__ void __launch_bounds__(kWarps * 32) sparse_attention_dkdv_kernel(cons
       }
     }
     // dV += P^T dO and dK += dS^T Q: the queries are the k dimension; Q and dO as [k][n] tiles.
+    #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       uint32_t pa[4] = {pack2<T>(st[2 * kk][0], st[2 * kk][1]), pack2<T>(st[2 * kk][2], st[2 * kk][3]),
                         pack2<T>(st[2 * kk + 1][0], st[2 * kk + 1][1]),
@@ -716,6 +791,7 @@ __global__ void __launch_bounds__(kWarps * 32) sparse_attention_dkdv_kernel(cons
       uint32_t da[4] = {pack2<T>(dpt[2 * kk][0], dpt[2 * kk][1]), pack2<T>(dpt[2 * kk][2], dpt[2 * kk][3]),
                         pack2<T>(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
                         pack2<T>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
+      #pragma unroll
       for (int dd = 0; dd < D / 16; ++dd) {
         uint32_t bo[4], bq[4];
         load_b_kn<D>(bo, tdO, kk * 16, dd * 16, lane);
@@ -736,9 +812,11 @@ __global__ void __launch_bounds__(kWarps * 32) sparse_attention_dkdv_kernel(cons
   cp_async_wait<0>();
   T* dkh = static_cast<T*>(p.dk) + static_cast<int64_t>(bkv) * S * D;
   T* dvh = static_cast<T*>(p.dv) + static_cast<int64_t>(bkv) * S * D;
+  #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
     const int j = key_j[hf];
     if (j >= p.seq) continue;
+    #pragma unroll
     for (int n = 0; n < D / 8; ++n) {
       const int64_t off = static_cast<int64_t>(j) * D + n * 8 + 2 * tq;
       if (p.dk_accum != nullptr) {
