@@ -31,6 +31,9 @@ fp8_grouped_gemm = ops.fp8_grouped_gemm
 fp8_grouped_gemm_masked = ops.fp8_grouped_gemm_masked
 fp8_linear = ops.fp8_linear
 
+sparse_attention = ops.sparse_attention  # docs/FORMATS.md, "Sparse attention"
+select_blocks = ops.select_blocks
+
 
 class Fp8Linear(_torch.nn.Module):
     """y = x W^T + bias over a frozen FP8 weight, as include/anvil/fp8_linear.h: buffers ``weight`` (N, K)

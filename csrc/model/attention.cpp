@@ -311,6 +311,11 @@ at::Tensor GqaAttention::forward(const at::Tensor& x, const at::Tensor& cos, con
   k = apply_rotary(k.transpose(1, 2), cos, sin, config_.rope.interleave);  // (B, Hk, S, D)
   v = v.transpose(1, 2);
   if (cache) std::tie(k, v) = cache->append(k, v);                        // (B, Hk, L, D)
+  if (config_.attention_backend == "sparse" && cache == nullptr && mask.causal && !mask.mask.defined()) {
+    // Long-context fine-tuning: block-sparse attention (include/anvil/model/sparse_attention.h).
+    auto out = sparse_attend(q, k, v, config_.sparse, config_.attention_scale);  // (B, Hq, S, D)
+    return o_proj_->forward(out.transpose(1, 2).reshape({b, s, -1}));
+  }
   auto out = attend(q, k, v, mask, config_.attention_scale, config_.attention_backend);  // (B, Hq, S, D)
   return o_proj_->forward(out.transpose(1, 2).reshape({b, s, -1}));
 }

@@ -334,8 +334,16 @@ void validate(const Reader& r, const ModelConfig& c) {
     if (c.first_k_dense_replace < 0) r.fail("key 'first_k_dense_replace' must be >= 0");
   }
   if (c.hidden_act != "silu") r.fail("hidden_act '" + c.hidden_act + "' is not supported (only silu)");
-  if (c.attention_backend != "sdpa" && c.attention_backend != "eager")
-    r.fail("anvil_attention_backend '" + c.attention_backend + "' is not supported (sdpa, eager)");
+  if (c.attention_backend != "sdpa" && c.attention_backend != "eager" && c.attention_backend != "sparse")
+    r.fail("anvil_attention_backend '" + c.attention_backend + "' is not supported (sdpa, eager, sparse)");
+  if (c.attention_backend == "sparse") {
+    const auto& sp = c.sparse;
+    if (sp.window < -1) r.fail("anvil_sparse_window must be >= 0 or -1 (unlimited), got " + std::to_string(sp.window));
+    if (sp.block_size < 64 || sp.block_size % 64 != 0)
+      r.fail("anvil_sparse_block_size must be a multiple of 64, got " + std::to_string(sp.block_size));
+    if (sp.sink_tokens < 0 || sp.top_n < 0 || sp.sink_blocks < 0 || sp.local_blocks < 0)
+      r.fail("anvil_sparse_sink_tokens, _top_n, _sink_blocks and _local_blocks must be >= 0");
+  }
 }
 
 }  // namespace
@@ -381,6 +389,12 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
   c.hidden_act = r.opt_string("hidden_act", "silu");
   c.dtype = r.opt_string("dtype", r.opt_string("torch_dtype", ""));
   c.attention_backend = r.opt_string("anvil_attention_backend", "sdpa");
+  c.sparse.window = r.opt_int("anvil_sparse_window", c.sparse.window);
+  c.sparse.sink_tokens = r.opt_int("anvil_sparse_sink_tokens", c.sparse.sink_tokens);
+  c.sparse.block_size = r.opt_int("anvil_sparse_block_size", c.sparse.block_size);
+  c.sparse.top_n = r.opt_int("anvil_sparse_top_n", c.sparse.top_n);
+  c.sparse.sink_blocks = r.opt_int("anvil_sparse_sink_blocks", c.sparse.sink_blocks);
+  c.sparse.local_blocks = r.opt_int("anvil_sparse_local_blocks", c.sparse.local_blocks);
 
   // Which projections carry biases, per transformers' modeling files.
   const bool attention_bias = r.opt_bool("attention_bias", false);

@@ -155,4 +155,37 @@ at::Tensor fp8_linear_backward(const at::Tensor& grad_out, const at::Tensor& wei
   return op.call(grad_out, weight, weight_scale_inv);
 }
 
+// ---- Sparse attention ----
+
+using OptD = c10::optional<double>;
+using T3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+T2 sparse_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Opt& block_indices,
+                    const Opt& block_counts, const Opt& cu_seqlens, int64_t window, int64_t sink_tokens,
+                    int64_t block_size, OptD scale, bool deterministic) {
+  static const auto op = op_handle<T2(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Opt&, const Opt&,
+                                      const Opt&, int64_t, int64_t, int64_t, OptD, bool)>("anvil::sparse_attention");
+  return op.call(q, k, v, block_indices, block_counts, cu_seqlens, window, sink_tokens, block_size, scale,
+                 deterministic);
+}
+
+T3 sparse_attention_backward(const at::Tensor& grad_o, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const at::Tensor& o, const at::Tensor& lse, const Opt& block_indices,
+                             const Opt& block_counts, const Opt& cu_seqlens, int64_t window, int64_t sink_tokens,
+                             int64_t block_size, OptD scale, bool deterministic) {
+  static const auto op =
+      op_handle<T3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                   const at::Tensor&, const Opt&, const Opt&, const Opt&, int64_t, int64_t, int64_t, OptD, bool)>(
+          "anvil::sparse_attention_backward");
+  return op.call(grad_o, q, k, v, o, lse, block_indices, block_counts, cu_seqlens, window, sink_tokens, block_size,
+                 scale, deterministic);
+}
+
+at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& k, int64_t block_size, int64_t top_n,
+                         int64_t sink_blocks, int64_t local_blocks, const Opt& cu_seqlens, OptD scale) {
+  static const auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t,
+                                              int64_t, const Opt&, OptD)>("anvil::select_blocks");
+  return op.call(q, k, block_size, top_n, sink_blocks, local_blocks, cu_seqlens, scale);
+}
+
 }  // namespace anvil::ops

@@ -59,4 +59,21 @@ TORCH_LIBRARY(anvil, m) {
   m.def("fp8_linear(Tensor x, Tensor weight, Tensor weight_scale_inv, Tensor? bias=None) -> Tensor");
   // Gradient of fp8_linear with respect to x: grad_out (..., N) W (N, K), W dequantized slice by slice.
   m.def("fp8_linear_backward(Tensor grad_out, Tensor weight, Tensor weight_scale_inv) -> Tensor");
+  // ---- Sparse attention (csrc/ops/sparse_attention; docs/FORMATS.md "Sparse attention") ----
+  // Causal attention over q (B, Hq, S, Dqk), k (B, Hkv, S, Dqk), v (B, Hkv, S, Dv) where query i sees key j
+  // when i - window < j <= i (window -1: unlimited), j is one of its document's first sink_tokens, or j's
+  // block is listed in block_indices (B, Hkv, ceil(S/block_size), n) (-1 padded, first block_counts used);
+  // cu_seqlens packs documents (B = 1) that never attend across. -> o (B, Hq, S, Dv), lse (B, Hq, S) fp32.
+  m.def("sparse_attention(Tensor q, Tensor k, Tensor v, Tensor? block_indices=None, Tensor? block_counts=None, "
+        "Tensor? cu_seqlens=None, int window=-1, int sink_tokens=0, int block_size=64, float? scale=None, "
+        "bool deterministic=False) -> (Tensor o, Tensor lse)");
+  // Gradients of sparse_attention's o, recomputed from lse -> (dq, dk, dv).
+  m.def("sparse_attention_backward(Tensor grad_o, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, "
+        "Tensor? block_indices, Tensor? block_counts, Tensor? cu_seqlens, int window, int sink_tokens, "
+        "int block_size, float? scale, bool deterministic) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // NSA-style block selection: mean-pooled key blocks scored by each query block (softmax per query, summed
+  // over the block and the GQA group), sink and local blocks forced, top_n, ascending, -1 padded
+  // -> (B, Hkv, ceil(S/block_size), top_n) int32. Ties: the lower block index.
+  m.def("select_blocks(Tensor q, Tensor k, int block_size, int top_n, int sink_blocks=1, int local_blocks=2, "
+        "Tensor? cu_seqlens=None, float? scale=None) -> Tensor");
 }

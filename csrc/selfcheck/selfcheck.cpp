@@ -13,7 +13,9 @@
 #include <torch/autograd.h>
 #include <torch/cuda.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <functional>
 #include <iomanip>
 #include <set>
@@ -289,6 +291,69 @@ void check_fp8_gemm(std::vector<SelfCheckRow>& rows, bool cuda) {
   }
 }
 
+// sparse_attention: the CPU op against masked softmax built from the rule (window 40, 2 sinks, listed
+// blocks, GQA 4), its gradients against torch autograd of that formula; CUDA (bf16) against the CPU.
+at::Tensor sparse_formula(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bi,
+                          int64_t window, int64_t sinks, int64_t bs) {
+  const int64_t S = q.size(2), NB = bi.size(2), G = q.size(1) / k.size(1);
+  const auto lopt = at::TensorOptions().dtype(at::kLong);
+  const auto i = at::arange(S, lopt).view({S, 1}), j = at::arange(S, lopt).view({1, S});
+  const auto base = j <= i;
+  const auto near = base & ((i - j < window) | (j < sinks));                     // (S, S)
+  auto table = at::zeros({k.size(1), NB, NB + 1}, at::TensorOptions().dtype(at::kBool));
+  const auto bil = bi[0].to(at::kLong);
+  table.scatter_(2, at::where(bil >= 0, bil, at::full({}, NB, lopt)), true);
+  const auto listed = table.narrow(2, 0, NB).index_select(1, i.div(bs, "floor").view({S})).index_select(2, j.div(bs, "floor").view({S}));
+  const auto mask = (near.unsqueeze(0) | (base.unsqueeze(0) & listed)).repeat_interleave(G, 0);  // (Hq, S, S)
+  const auto kk = k.repeat_interleave(G, 1), vv = v.repeat_interleave(G, 1);
+  auto sc = at::matmul(q, kk.transpose(-1, -2)) / std::sqrt(static_cast<double>(q.size(3)));
+  sc = sc.masked_fill(mask.unsqueeze(0).logical_not(), -INFINITY);
+  return at::matmul(at::softmax(sc, -1), vv);
+}
+
+void check_sparse_attention(std::vector<SelfCheckRow>& rows, bool cuda) {
+  const int64_t S = 130, W = 40, sinks = 2, bs = 64;
+  auto q = at::randn({1, 8, S, 64}, at::kDouble), k = at::randn({1, 2, S, 64}, at::kDouble),
+       v = at::randn({1, 2, S, 64}, at::kDouble);
+  const auto bi = at::tensor({0, -1, 1, 0, 2, 1, -1, -1, 0, 0, 1, -1}, at::kInt).view({1, 2, 3, 2});
+  const auto ref = sparse_formula(q, k, v, bi, W, sinks, bs);
+  const auto [o, lse] = ops::sparse_attention(q.to(at::kFloat), k.to(at::kFloat), v.to(at::kFloat), bi, c10::nullopt,
+                                              c10::nullopt, W, sinks, bs);
+  const double err = (o.to(at::kDouble) - ref).abs().max().item<double>();
+  rows.push_back({"sparse_attention", "cpu", err < 1e-5 ? "ok" : "FAIL", "fp32 vs masked-softmax formula, err " + fmt(err),
+                  time_ms([&] { ops::sparse_attention(q.to(at::kFloat), k.to(at::kFloat), v.to(at::kFloat), bi,
+                                                      c10::nullopt, c10::nullopt, W, sinks, bs); }, false)});
+  const auto go = at::randn(ref.sizes(), at::kDouble);
+  auto qr = q.clone().requires_grad_(), kr = k.clone().requires_grad_(), vr = v.clone().requires_grad_();
+  sparse_formula(qr, kr, vr, bi, W, sinks, bs).backward(go);
+  const auto [o64, lse64] = ops::sparse_attention(q, k, v, bi, c10::nullopt, c10::nullopt, W, sinks, bs);
+  const auto [dq, dk, dv] =
+      ops::sparse_attention_backward(go, q, k, v, o64, lse64, bi, c10::nullopt, c10::nullopt, W, sinks, bs, c10::nullopt);
+  const double gerr = std::max({(dq - qr.grad()).abs().max().item<double>(), (dk - kr.grad()).abs().max().item<double>(),
+                                (dv - vr.grad()).abs().max().item<double>()});
+  rows.push_back({"sparse_attention_backward", "cpu", gerr < 1e-9 ? "ok" : "FAIL",
+                  "fp64 vs torch autograd of the formula, err " + fmt(gerr), 0.0});
+  const auto sel = ops::select_blocks(q.to(at::kFloat), k.to(at::kFloat), bs, 2, 1, 1);
+  const bool sel_ok = sel[0][0][2][0].item<int>() == 0 && sel[0][0][2][1].item<int>() == 2 &&
+                      sel[0][1][0][1].item<int>() == -1;
+  rows.push_back({"select_blocks", "cpu", sel_ok ? "ok" : "FAIL", "forced sink + local blocks, -1 padding", 0.0});
+  if (!cuda) return;
+  const auto bf = [](const at::Tensor& t) { return t.to(at::kBFloat16).cuda(); };
+  const auto [oc, lsec] = ops::sparse_attention(bf(q), bf(k), bf(v), bi.cuda(), c10::nullopt, c10::nullopt, W, sinks, bs);
+  const double cerr = (oc.cpu().to(at::kDouble) - ref).abs().max().item<double>();
+  rows.push_back({"sparse_attention", "cuda", cerr < 3e-2 ? "ok" : "FAIL", "bf16 vs formula, err " + fmt(cerr),
+                  time_ms([&] { ops::sparse_attention(bf(q), bf(k), bf(v), bi.cuda(), c10::nullopt, c10::nullopt, W,
+                                                      sinks, bs); }, true)});
+  const auto [dqc, dkc, dvc] = ops::sparse_attention_backward(bf(go), bf(q), bf(k), bf(v), oc, lsec, bi.cuda(),
+                                                              c10::nullopt, c10::nullopt, W, sinks, bs, c10::nullopt);
+  const double rel = std::max({((dqc.cpu().to(at::kDouble) - qr.grad()).abs().max() / qr.grad().abs().max()).item<double>(),
+                               ((dkc.cpu().to(at::kDouble) - kr.grad()).abs().max() / kr.grad().abs().max()).item<double>(),
+                               ((dvc.cpu().to(at::kDouble) - vr.grad()).abs().max() / vr.grad().abs().max()).item<double>()});
+  rows.push_back({"sparse_attention_backward", "cuda", rel < 3e-2 ? "ok" : "FAIL", "bf16 vs autograd, rel err " + fmt(rel), 0.0});
+  const auto selc = ops::select_blocks(q.to(at::kFloat).cuda(), k.to(at::kFloat).cuda(), bs, 2, 1, 1);
+  rows.push_back({"select_blocks", "cuda", at::equal(selc.cpu(), sel) ? "ok" : "FAIL", "equal to cpu", 0.0});
+}
+
 // Runs `check`, turning an exception into a FAIL row so one broken op never hides the others.
 void guarded(const std::string& op, std::vector<SelfCheckRow>& rows, const std::function<void()>& check) {
   try {
@@ -321,6 +386,8 @@ std::vector<SelfCheckRow> run_selfcheck(bool cuda) {
   guarded("fp8_gemm", rows, [&] { check_fp8_gemm(rows, use_cuda); });
   for (const char* op : {"fp8_gemm", "fp8_grouped_gemm", "fp8_grouped_gemm_masked", "fp8_linear", "fp8_linear_backward"})
     checked.insert(op);
+  guarded("sparse_attention", rows, [&] { check_sparse_attention(rows, use_cuda); });
+  for (const char* op : {"sparse_attention", "sparse_attention_backward", "select_blocks"}) checked.insert(op);
   if (!use_cuda) rows.push_back({"(all ops)", "cuda", "skip", cuda ? "no CUDA device" : "--cpu-only", 0.0});
   for (const auto& name : c10::Dispatcher::singleton().getAllOpNames()) {
     if (name.name.rfind("anvil::", 0) != 0) continue;

@@ -128,4 +128,41 @@ std::string fp8_gemm_config(int64_t m, int64_t n, int64_t k, at::ScalarType out_
 /// Every sm_90a configuration compiled into this build, as "name:dtype" (empty without sm_90a kernels).
 std::vector<std::string> fp8_gemm_configs();
 
+// ---- Sparse attention (docs/FORMATS.md, "Sparse attention") -----------------------------------
+
+/// Causal block-sparse attention. q (B, Hq, S, Dqk), k (B, Hkv, S, Dqk), v (B, Hkv, S, Dv), Hq % Hkv == 0
+/// (GQA; the heads of a group share the selected blocks); head dims 64 or 128 (Dqk = Dv), or 192 with
+/// Dv 128 (CPU only for now). Query i attends key j when j <= i, j is in i's document (cu_seqlens
+/// (ndocs + 1) int32, B = 1) and: i - j < window (window -1: unlimited), or j is among its document's
+/// first sink_tokens, or block j / block_size is among the first block_counts[b, hkv, i / block_size]
+/// entries of block_indices[b, hkv, i / block_size] (int32, -1 padded; absolute block numbers of the
+/// packed sequence). One softmax over the union. scale defaults to 1/sqrt(Dqk). A query that attends no
+/// key gets o = 0 and lse = -inf. CUDA: bf16/fp16; CPU: also fp32/fp64 (the reference).
+/// Differentiable with respect to q, k, v (C++ autograd). deterministic: bit-reproducible backward.
+/// @returns (o (B, Hq, S, Dv) in q's dtype, lse (B, Hq, S) fp32, natural log)
+std::tuple<at::Tensor, at::Tensor> sparse_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                    const c10::optional<at::Tensor>& block_indices = c10::nullopt,
+                                                    const c10::optional<at::Tensor>& block_counts = c10::nullopt,
+                                                    const c10::optional<at::Tensor>& cu_seqlens = c10::nullopt,
+                                                    int64_t window = -1, int64_t sink_tokens = 0,
+                                                    int64_t block_size = 64, c10::optional<double> scale = c10::nullopt,
+                                                    bool deterministic = false);
+
+/// Gradients of sparse_attention's o: (dq, dk, dv) in the inputs' dtype, recomputed from lse.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward(
+    const at::Tensor& grad_o, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o,
+    const at::Tensor& lse, const c10::optional<at::Tensor>& block_indices,
+    const c10::optional<at::Tensor>& block_counts, const c10::optional<at::Tensor>& cu_seqlens, int64_t window,
+    int64_t sink_tokens, int64_t block_size, c10::optional<double> scale, bool deterministic = false);
+
+/// NSA-style selection of key blocks for every (b, kv head, query block): keys mean-pooled per block,
+/// each query's softmax over the blocks it may see (block <= its own, within its document), summed over
+/// the query block and the GQA group; the first sink_blocks blocks of the document and the local_blocks
+/// blocks ending at the query block are forced; then the highest scores (ties: lower block index).
+/// @returns (B, Hkv, ceil(S / block_size), top_n) int32, ascending, -1 padded; no gradient.
+at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& k, int64_t block_size, int64_t top_n,
+                         int64_t sink_blocks = 1, int64_t local_blocks = 2,
+                         const c10::optional<at::Tensor>& cu_seqlens = c10::nullopt,
+                         c10::optional<double> scale = c10::nullopt);
+
 }  // namespace anvil::ops

@@ -9,6 +9,8 @@
 // an error naming them; optional keys take the defaults of transformers 5.17's configuration classes.
 #pragma once
 
+#include "anvil/model/sparse_attention.h"
+
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -88,6 +90,10 @@ struct ModelConfig {
   /// anvil's attention backend, config.json key `anvil_attention_backend`: "sdpa" (default: dense
   /// torch scaled_dot_product_attention) or "eager" (matmul + softmax, for debugging).
   std::string attention_backend = "sdpa";
+  /// With attention_backend "sparse" (block-sparse attention for long context, GQA layers without a KV
+  /// cache or an explicit mask): window, sinks and block selection, keys `anvil_sparse_*`
+  /// (include/anvil/model/sparse_attention.h). Elsewhere "sparse" computes as "eager".
+  SparseAttentionSettings sparse;
 
   // ---- MLA (DeepSeek-V2/V3) ----
   bool mla = false;

@@ -1,0 +1,61 @@
+// Instantiations of the sparse_attention backward kernels: the dq kernel (the forward's three tile shapes)
+// and the dk/dv kernel (64 or 128 keys), bf16 and fp16, head dims 64 and 128 (twenty kernels). Kernels: sparse_attention_kernels.cuh.
+#include "ops/sparse_attention/sparse_attention_launch.h"
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+namespace anvil::ops::sparse_cuda {
+namespace {
+
+template <typename T, int D, int kWarps, int kHeads>
+void launch_dq(const Params& p, cudaStream_t stream) {
+  const int smem = (2 * kWarps * 16 + 4 * kTile) * D * static_cast<int>(sizeof(T));  // Q, dO, 2 x K, 2 x V
+  auto kernel = sparse_attention_dq_kernel<T, D, kWarps, kHeads>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  constexpr int kRowsH = kWarps * 16 / kHeads;
+  const dim3 grid((p.seq + kRowsH - 1) / kRowsH, p.batch * p.heads_q / kHeads);
+  kernel<<<grid, kWarps * 32, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int D, int kWarps>
+void launch_dkdv(const Params& p, cudaStream_t stream) {
+  // K, V (kWarps * 16 keys each), 2 x (Q, dO) of 64 queries, 2 x (lse, Delta)
+  const int smem = (2 * kWarps * 16 + 4 * kTile) * D * static_cast<int>(sizeof(T)) +
+                   4 * kTile * static_cast<int>(sizeof(float));
+  auto kernel = sparse_attention_dkdv_kernel<T, D, kWarps>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const int tiles = (p.seq + kWarps * 16 - 1) / (kWarps * 16);
+  const int split = p.dk_accum != nullptr ? p.heads_q / p.heads_kv : 1;
+  kernel<<<dim3(tiles, p.batch * p.heads_kv, split), kWarps * 32, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+template <typename T, int D>
+void launch_backward(const Params& p, TileShape shape, cudaStream_t stream) {
+  const int tile_bytes = kTile * D * static_cast<int>(sizeof(T));
+  const int wide_smem = 8 * tile_bytes + static_cast<int>(sizeof(QueryPlan));
+  if (at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin < static_cast<size_t>(wide_smem)) {
+    shape = TileShape::kRows64;
+  }
+  switch (shape) {
+    case TileShape::kRows128: launch_dq<T, D, 8, 1>(p, stream); break;
+    case TileShape::kTwoHeads64: launch_dq<T, D, 8, 2>(p, stream); break;
+    default: launch_dq<T, D, 4, 1>(p, stream);
+  }
+  if (shape == TileShape::kRows128) {
+    launch_dkdv<T, D, 8>(p, stream);
+  } else {
+    launch_dkdv<T, D, 4>(p, stream);
+  }
+}
+
+template void launch_backward<__nv_bfloat16, 64>(const Params&, TileShape, cudaStream_t);
+template void launch_backward<__nv_bfloat16, 128>(const Params&, TileShape, cudaStream_t);
+template void launch_backward<__half, 64>(const Params&, TileShape, cudaStream_t);
+template void launch_backward<__half, 128>(const Params&, TileShape, cudaStream_t);
+
+}  // namespace anvil::ops::sparse_cuda
