@@ -201,3 +201,45 @@ def test_cuda_opcheck():
         args = tuple(a.detach().cuda().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) and a.is_floating_point()
                      else a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
         torch.library.opcheck(op, args)
+
+
+# ---- the model layer runs them ------------------------------------------------------------------------------
+
+MODEL_SCRIPT = r"""
+import sys, json, torch
+sys.path.insert(0, {tests!r})
+import anvil
+from test_models import build_hf, tokens
+out = {{}}
+for case in ("qwen3", "deepseek_v3"):
+    d = {tmp!r} + "/" + case
+    hf = build_hf(case, d)
+    model = anvil._C.CausalLM(d)
+    ids = tokens(2, 9, 0)
+    with torch.profiler.profile() as prof:
+        logits = model.logits(ids)
+    with torch.no_grad():
+        ref = hf(ids).logits
+    out[case] = dict(ops=sorted({{e.name for e in prof.events() if e.name.startswith("anvil::")}}),
+                     err=(logits - ref).abs().max().item() / ref.abs().max().item())
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_model_layer_uses_the_fused_ops(fused, tmp_path):
+    """Qwen3 (q/k norm, half rotation) and DeepSeek-V3 (MLA, interleaved rotation, MoE experts) run anvil's
+    rms_norm, rope and swiglu, unless ANVIL_FUSED_OPS=0; the logits match transformers either way."""
+    import json
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, ANVIL_FUSED_OPS="1" if fused else "0")
+    script = MODEL_SCRIPT.format(tests=os.path.dirname(__file__), tmp=str(tmp_path))
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    for case, r in out.items():
+        used = {"anvil::rms_norm", "anvil::rope", "anvil::swiglu"} & set(r["ops"])
+        assert used == ({"anvil::rms_norm", "anvil::rope", "anvil::swiglu"} if fused else set()), (case, r["ops"])
+        assert r["err"] <= 1e-4, (case, r["err"])
