@@ -2,7 +2,6 @@
 // code of transformers 5.17 (modeling_llama.py, modeling_qwen3.py, modeling_deepseek_v3.py,
 // modeling_rope_utils.py) so that fp32 logits agree to rounding; comments name the counterpart.
 #include "anvil/model/attention.h"
-
 #include "anvil/ops.h"
 
 #include <ATen/ATen.h>
