@@ -186,6 +186,52 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& k, int64_t block
   static const auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t,
                                               int64_t, const Opt&, OptD)>("anvil::select_blocks");
   return op.call(q, k, block_size, top_n, sink_blocks, local_blocks, cu_seqlens, scale);
+// ---- fused training ops ----
+
+T2 rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  static const auto op = op_handle<T2(const at::Tensor&, const at::Tensor&, double)>("anvil::rms_norm");
+  return op.call(x, weight, eps);
+}
+
+T2 rms_norm_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& rstd) {
+  static const auto op = op_handle<T2(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
+      "anvil::rms_norm_backward");
+  return op.call(grad_y, x, weight, rstd);
+}
+
+at::Tensor swiglu(const at::Tensor& gate, const at::Tensor& up) {
+  static const auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&)>("anvil::swiglu");
+  return op.call(gate, up);
+}
+
+T2 swiglu_backward(const at::Tensor& grad, const at::Tensor& gate, const at::Tensor& up) {
+  static const auto op =
+      op_handle<T2(const at::Tensor&, const at::Tensor&, const at::Tensor&)>("anvil::swiglu_backward");
+  return op.call(grad, gate, up);
+}
+
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool interleaved) {
+  static const auto op =
+      op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool)>("anvil::rope");
+  return op.call(x, cos, sin, interleaved);
+}
+
+at::Tensor rope_backward(const at::Tensor& grad, const at::Tensor& cos, const at::Tensor& sin, bool interleaved) {
+  static const auto op =
+      op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool)>("anvil::rope_backward");
+  return op.call(grad, cos, sin, interleaved);
+}
+
+T2 cross_entropy_chunk(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index) {
+  static const auto op = op_handle<T2(const at::Tensor&, const at::Tensor&, int64_t)>("anvil::cross_entropy_chunk");
+  return op.call(logits, labels, ignore_index);
+}
+
+void cross_entropy_chunk_backward(at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
+                                  const at::Tensor& grad_loss, int64_t ignore_index) {
+  static const auto op = op_handle<void(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>(
+      "anvil::cross_entropy_chunk_backward");
+  op.call(logits, labels, lse, grad_loss, ignore_index);
 }
 
 }  // namespace anvil::ops

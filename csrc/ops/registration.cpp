@@ -76,4 +76,26 @@ TORCH_LIBRARY(anvil, m) {
   // -> (B, Hkv, ceil(S/block_size), top_n) int32. Ties: the lower block index.
   m.def("select_blocks(Tensor q, Tensor k, int block_size, int top_n, int sink_blocks=1, int local_blocks=2, "
         "Tensor? cu_seqlens=None, float? scale=None) -> Tensor");
+  // ---- fused training ops (csrc/ops/fused; docs/FORMATS.md "Fused training ops") ----
+  // transformers' LlamaRMSNorm over x (..., H): y = weight * (x.float() * rstd).to(x.dtype), rstd = rsqrt(mean(x^2)
+  // + eps) (...) fp32 (fp64 for fp64 x); weight (H) in x's dtype. Differentiable wrt x and weight (C++ autograd).
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> (Tensor y, Tensor rstd)");
+  // Gradients of rms_norm -> (grad_x (..., H), grad_weight (H)); grad_weight summed in fp32, deterministically.
+  m.def("rms_norm_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor rstd) -> (Tensor grad_x, Tensor grad_weight)");
+  // silu(gate) * up, gate and up (..., F) of one dtype; differentiable, the backward recomputes silu.
+  m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
+  // Gradients of swiglu -> (grad_gate, grad_up), from grad and the inputs.
+  m.def("swiglu_backward(Tensor grad, Tensor gate, Tensor up) -> (Tensor grad_gate, Tensor grad_up)");
+  // Rotary embedding of x (B, S, H, D) (unit stride along D) by cos, sin (B or 1, S, D):
+  // out = x * cos + rotate_half(x) * sin, or DeepSeek's interleaved pairs (rotated evens, then odds);
+  // -> contiguous (B, S, H, D). Differentiable wrt x.
+  m.def("rope(Tensor x, Tensor cos, Tensor sin, bool interleaved=False) -> Tensor");
+  // The transposed rotation: rope's gradient wrt x, given grad (B, S, H, D) of its output.
+  m.def("rope_backward(Tensor grad, Tensor cos, Tensor sin, bool interleaved=False) -> Tensor");
+  // One chunk of a causal-LM loss: logits (T, V), labels (T) int64 -> (loss (T) fp32 = lse - logits[label], 0 where
+  // label == ignore_index; lse (T) fp32 = logsumexp(logits)). Differentiable wrt logits through loss.
+  m.def("cross_entropy_chunk(Tensor logits, Tensor labels, int ignore_index=-100) -> (Tensor loss, Tensor lse)");
+  // In place: logits <- (softmax(logits) - onehot(labels)) * grad_loss (grad_loss (T) or () fp32); ignored rows 0.
+  m.def("cross_entropy_chunk_backward(Tensor(a!) logits, Tensor labels, Tensor lse, Tensor grad_loss, "
+        "int ignore_index=-100) -> ()");
 }

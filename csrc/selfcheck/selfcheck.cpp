@@ -354,6 +354,93 @@ void check_sparse_attention(std::vector<SelfCheckRow>& rows, bool cuda) {
   rows.push_back({"select_blocks", "cuda", at::equal(selc.cpu(), sel) ? "ok" : "FAIL", "equal to cpu", 0.0});
 }
 
+// ---- fused training ops ----
+// CPU: each op against the ATen formula it replaces (transformers' RMSNorm, silu(gate) * up,
+// apply_rotary_pos_emb bit for bit, cross_entropy), backwards against autograd through the formulas.
+// CUDA: against the CPU (rope bit for bit, the others within 1e-5 relative in fp32).
+double rel_err(const at::Tensor& got, const at::Tensor& want) {
+  const auto g = got.cpu().to(at::kDouble), w = want.cpu().to(at::kDouble);
+  return (g - w).abs().max().item<double>() / std::max(1e-30, w.abs().max().item<double>());
+}
+
+void check_fused(std::vector<SelfCheckRow>& rows, bool cuda) {
+  const int64_t T = 300, H = 1000, D = 64, V = 5000;
+  auto row = [&](const std::string& op, const std::string& dev, bool ok, const std::string& detail) {
+    rows.push_back({op, dev, ok ? "ok" : "FAIL", detail, 0.0});
+  };
+  // rms_norm
+  const auto x = at::randn({T, H}) * 2, w = at::randn({H}) * 0.3 + 1, gy = at::randn({T, H});
+  const auto [y, rstd] = ops::rms_norm(x, w, 1e-6);
+  auto xr = x.clone().requires_grad_(true), wr = w.clone().requires_grad_(true);
+  const auto yr = wr * (xr * at::rsqrt(xr.pow(2).mean(-1, true) + 1e-6));
+  const auto ref_g = torch::autograd::grad({yr}, {xr, wr}, {gy});
+  const auto [dx, dw] = ops::rms_norm_backward(gy, x, w, rstd);
+  const double e_y = rel_err(y, yr.detach()), e_dx = rel_err(dx, ref_g[0]), e_dw = rel_err(dw, ref_g[1]);
+  row("rms_norm", "cpu", e_y < 1e-6, "vs LlamaRMSNorm formula, rel err " + fmt(e_y));
+  row("rms_norm_backward", "cpu", e_dx < 1e-5 && e_dw < 1e-5, "vs autograd, rel err dx " + fmt(e_dx) + ", dw " + fmt(e_dw));
+  // swiglu
+  const auto g = at::randn({T, H}) * 4, u = at::randn({T, H});
+  const auto sy = ops::swiglu(g, u);
+  auto grr = g.clone().requires_grad_(true), urr = u.clone().requires_grad_(true);
+  const auto syr = at::silu(grr) * urr;
+  const auto sref = torch::autograd::grad({syr}, {grr, urr}, {gy});
+  const auto [dg, du] = ops::swiglu_backward(gy, g, u);
+  const double e_s = rel_err(sy, syr.detach()), e_dg = rel_err(dg, sref[0]), e_du = rel_err(du, sref[1]);
+  row("swiglu", "cpu", e_s < 1e-6, "vs silu(gate) * up, rel err " + fmt(e_s));
+  row("swiglu_backward", "cpu", e_dg < 1e-5 && e_du < 1e-5, "vs autograd, rel err " + fmt(std::max(e_dg, e_du)));
+  // rope (half layout) against apply_rotary_pos_emb written in ATen ops
+  const auto q = at::randn({2, 50, 4, D}, at::kBFloat16);
+  const auto ang = at::rand({2, 50, D / 2}) * 50;
+  const auto emb = at::cat({ang, ang}, -1);
+  const auto cs = emb.cos().to(at::kBFloat16), sn = emb.sin().to(at::kBFloat16);
+  const auto rot = at::cat({-q.narrow(-1, D / 2, D / 2), q.narrow(-1, 0, D / 2)}, -1);
+  const auto qr = q * cs.unsqueeze(2) + rot * sn.unsqueeze(2);
+  const auto qo = ops::rope(q, cs, sn, false);
+  row("rope", "cpu", bit_equal(qo, qr), "bf16 vs apply_rotary_pos_emb, bit for bit");
+  const auto gq = at::randn({2, 50, 4, D});
+  const auto c32 = emb.cos(), s32 = emb.sin();  // fp32 angles: cos^2 + sin^2 = 1 to fp32 rounding
+  const auto back = ops::rope_backward(ops::rope(gq, c32, s32, true), c32, s32, true);
+  const double e_rb = rel_err(back, gq);
+  row("rope_backward", "cpu", e_rb < 1e-5, "inverse of rope (interleaved), rel err " + fmt(e_rb));
+  // cross_entropy_chunk
+  const auto logits = at::randn({T, V}) * 3;
+  auto labels = at::randint(0, V, {T}, at::kLong);
+  labels[0] = -100;
+  const auto [loss, lse] = ops::cross_entropy_chunk(logits, labels, -100);
+  const double e_l = rel_err(loss, at::cross_entropy_loss(logits, labels, {}, at::Reduction::None, -100));
+  row("cross_entropy_chunk", "cpu", e_l < 1e-6, "vs torch cross_entropy, rel err " + fmt(e_l));
+  auto buf = logits.clone();
+  const auto gl = at::rand({T});
+  ops::cross_entropy_chunk_backward(buf, labels, lse, gl, -100);
+  auto want = (at::softmax(logits, -1) - at::one_hot(labels.clamp_min(0), V).to(at::kFloat)) * gl.unsqueeze(1);
+  want[0].zero_();
+  const double e_b = rel_err(buf, want);
+  row("cross_entropy_chunk_backward", "cpu", e_b < 1e-5, "in place = (softmax - onehot) * grad, rel err " + fmt(e_b));
+  if (!cuda) return;
+  const auto [yc, rc] = ops::rms_norm(x.cuda(), w.cuda(), 1e-6);
+  const auto [dxc, dwc] = ops::rms_norm_backward(gy.cuda(), x.cuda(), w.cuda(), rc);
+  const double c_y = rel_err(yc, y), c_dx = rel_err(dxc, dx), c_dw = rel_err(dwc, dw);
+  row("rms_norm", "cuda", c_y < 1e-5, "vs cpu, rel err " + fmt(c_y));
+  row("rms_norm_backward", "cuda", c_dx < 1e-5 && c_dw < 1e-5, "vs cpu, rel err " + fmt(std::max(c_dx, c_dw)));
+  const double c_s = rel_err(ops::swiglu(g.cuda(), u.cuda()), sy);
+  const auto [dgc, duc] = ops::swiglu_backward(gy.cuda(), g.cuda(), u.cuda());
+  row("swiglu", "cuda", c_s < 1e-5, "vs cpu, rel err " + fmt(c_s));
+  row("swiglu_backward", "cuda", rel_err(dgc, dg) < 1e-5 && rel_err(duc, du) < 1e-5, "vs cpu");
+  const bool rope_same = bit_equal(ops::rope(q.cuda(), cs.cuda(), sn.cuda(), false), qo) &&
+                         bit_equal(ops::rope(q.cuda(), cs.cuda(), sn.cuda(), true), ops::rope(q, cs, sn, true));
+  row("rope", "cuda", rope_same, rope_same ? "bit-exact vs cpu (both layouts)" : "differs from cpu");
+  const auto gqb = gq.to(at::kBFloat16);
+  const bool rb_same = bit_equal(ops::rope_backward(gqb.cuda(), cs.cuda(), sn.cuda(), true), ops::rope_backward(gqb, cs, sn, true));
+  row("rope_backward", "cuda", rb_same, rb_same ? "bit-exact vs cpu" : "differs from cpu");
+  const auto [lc, lsec] = ops::cross_entropy_chunk(logits.cuda(), labels.cuda(), -100);
+  const double c_l = rel_err(lc, loss);
+  row("cross_entropy_chunk", "cuda", c_l < 1e-5 && rel_err(lsec, lse) < 1e-5, "vs cpu, rel err " + fmt(c_l));
+  auto bufc = logits.cuda();
+  ops::cross_entropy_chunk_backward(bufc, labels.cuda(), lsec, gl.cuda(), -100);
+  const double c_b = rel_err(bufc, buf);
+  row("cross_entropy_chunk_backward", "cuda", c_b < 1e-5, "vs cpu, rel err " + fmt(c_b));
+}
+
 // Runs `check`, turning an exception into a FAIL row so one broken op never hides the others.
 void guarded(const std::string& op, std::vector<SelfCheckRow>& rows, const std::function<void()>& check) {
   try {
@@ -388,6 +475,10 @@ std::vector<SelfCheckRow> run_selfcheck(bool cuda) {
     checked.insert(op);
   guarded("sparse_attention", rows, [&] { check_sparse_attention(rows, use_cuda); });
   for (const char* op : {"sparse_attention", "sparse_attention_backward", "select_blocks"}) checked.insert(op);
+  guarded("fused", rows, [&] { check_fused(rows, use_cuda); });
+  for (const char* op : {"rms_norm", "rms_norm_backward", "swiglu", "swiglu_backward", "rope", "rope_backward",
+                         "cross_entropy_chunk", "cross_entropy_chunk_backward"})
+    checked.insert(op);
   if (!use_cuda) rows.push_back({"(all ops)", "cuda", "skip", cuda ? "no CUDA device" : "--cpu-only", 0.0});
   for (const auto& name : c10::Dispatcher::singleton().getAllOpNames()) {
     if (name.name.rfind("anvil::", 0) != 0) continue;

@@ -164,5 +164,51 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& k, int64_t block
                          int64_t sink_blocks = 1, int64_t local_blocks = 2,
                          const c10::optional<at::Tensor>& cu_seqlens = c10::nullopt,
                          c10::optional<double> scale = c10::nullopt);
+// ---- fused training ops (docs/FORMATS.md, "Fused training ops") --------------------------------
+
+/// transformers' LlamaRMSNorm: y = weight * (x.float() * rstd).to(x.dtype) with rstd = 1 / sqrt(mean(x^2) + eps)
+/// over the last dim, in fp32. x (..., H) contiguous fp32/bf16/fp16 (fp64 on the CPU), weight (H) of x's dtype.
+/// Differentiable wrt x and weight (the backward saves x and rstd; grad_weight is summed in fp32 in a fixed order).
+/// @returns (y (..., H), rstd (...) fp32, fp64 for fp64 x)
+std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+
+/// Gradients of rms_norm: (grad_x (..., H), grad_weight (H)), both in x's dtype.
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad_y, const at::Tensor& x,
+                                                     const at::Tensor& weight, const at::Tensor& rstd);
+
+/// silu(gate) * up for gate, up (..., F) contiguous of one dtype: silu rounded to the dtype, then the product,
+/// as PyTorch's eager `act_fn(gate) * up`. Differentiable; the backward saves only gate and up.
+at::Tensor swiglu(const at::Tensor& gate, const at::Tensor& up);
+
+/// Gradients of swiglu: (grad_gate, grad_up), computed in fp32 from grad and the inputs.
+std::tuple<at::Tensor, at::Tensor> swiglu_backward(const at::Tensor& grad, const at::Tensor& gate,
+                                                   const at::Tensor& up);
+
+/// Rotary embedding of x (B, S, H, D), any strides with a unit stride along D (the view of a projection's
+/// output), by cos and sin (B or 1, S, D) contiguous in x's dtype, as transformers applies them:
+/// half layout out = x * cos + rotate_half(x) * sin; interleaved (DeepSeek) the pairs (x[2i], x[2i+1]) rotated
+/// by cos[i], sin[i], output the rotated evens then the rotated odds. Every product and sum is rounded as
+/// the ATen composite rounds it, so the result equals it bit for bit. Differentiable wrt x.
+/// @returns a contiguous (B, S, H, D) tensor
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool interleaved = false);
+
+/// rope's gradient wrt x: the transposed rotation of grad (B, S, H, D) -> contiguous (B, S, H, D).
+at::Tensor rope_backward(const at::Tensor& grad, const at::Tensor& cos, const at::Tensor& sin,
+                         bool interleaved = false);
+
+/// One chunk of a causal-LM cross-entropy. logits (T, V) contiguous fp32/bf16/fp16 (fp64 on the CPU), labels (T)
+/// int64. lse[t] = logsumexp(logits[t]) in fp32; loss[t] = lse[t] - logits[t, labels[t]], 0 where
+/// labels[t] == ignore_index. A label outside [0, V) that is not ignore_index raises on the CPU and gives a
+/// NaN loss on CUDA (no host sync). Differentiable wrt logits through loss (lse is not differentiable).
+/// @returns (loss (T) fp32, lse (T) fp32; fp64 for fp64 logits)
+std::tuple<at::Tensor, at::Tensor> cross_entropy_chunk(const at::Tensor& logits, const at::Tensor& labels,
+                                                       int64_t ignore_index = -100);
+
+/// The backward of cross_entropy_chunk, in place, so a chunked loss never holds a second (T, V) buffer:
+/// logits[t, v] <- (exp(logits[t, v] - lse[t]) - [v == labels[t]]) * grad_loss[t], zero rows where
+/// labels[t] == ignore_index. grad_loss (T) or a scalar () fp32 (fp64 for fp64 logits); lse as returned by the
+/// forward.
+void cross_entropy_chunk_backward(at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
+                                  const at::Tensor& grad_loss, int64_t ignore_index = -100);
 
 }  // namespace anvil::ops
