@@ -186,6 +186,8 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& k, int64_t block
   static const auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t,
                                               int64_t, const Opt&, OptD)>("anvil::select_blocks");
   return op.call(q, k, block_size, top_n, sink_blocks, local_blocks, cu_seqlens, scale);
+}
+
 // ---- fused training ops ----
 
 T2 rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
