@@ -184,9 +184,16 @@ def test_quantized_base_on_the_gpu_matches_its_cpu_emulation(dense_dir, base_wei
     assert gpu.weight_formats()["model.layers.0.mlp.down_proj"] == base_weights
     with torch.no_grad():
         want = ref(ids()).logits
+        dense_ref = transformers.LlamaForCausalLM.from_pretrained(dense_dir, dtype=torch.float32).eval()(ids()).logits
+
+    def err(got, ref):
+        return (1 - 2 * (got * ref).sum() / (got.pow(2) + ref.pow(2)).sum()).item()
     got = gpu.logits(ids().cuda()).float().cpu()
-    err = 1 - 2 * (got * want).sum() / (got.pow(2) + want.pow(2)).sum()
-    assert err.item() < 1e-3
+    # The whole model runs in bf16 on the GPU: bound its distance from the fp32 emulation by twice the
+    # distance of the dense bf16 model from its own fp32 reference (the house rule for bf16 logits).
+    dense_bf16 = _C.CausalLM(dense_dir, dtype="bfloat16", device="cuda", base_weights="dense")
+    bound = err(dense_bf16.logits(ids().cuda()).float().cpu(), dense_ref)
+    assert err(got, want) <= 2 * bound + 1e-4
     config = json.dumps({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
                          "target_modules": "all-linear"})
     named = _C.apply_lora(gpu, config, 3)

@@ -43,7 +43,8 @@ TEST(RmsNormCuda, ForwardAndBackwardCloseToCpu) {
       auto [y, rstd] = anvil::ops::rms_norm(x, w, 1e-6);
       auto [yc, rc] = anvil::ops::rms_norm(x.cuda(), w.cuda(), 1e-6);
       expect_close(yc, y, "y " + what);
-      EXPECT_TRUE(at::allclose(rc.cpu(), rstd, 1e-6, 0)) << what;
+      // An fp32 reduction over h terms in another order: the house fp32 rule.
+      EXPECT_TRUE(at::allclose(rc.cpu(), rstd, 1.3e-6, 1e-5)) << what;
       auto [dx, dw] = anvil::ops::rms_norm_backward(g, x, w, rstd);
       auto [dxc, dwc] = anvil::ops::rms_norm_backward(g.cuda(), x.cuda(), w.cuda(), rc);
       expect_close(dxc, dx, "dx " + what);
@@ -124,8 +125,10 @@ TEST(CrossEntropyChunkCuda, LossLseAndInPlaceBackwardCloseToCpu) {
       auto grad = at::rand({t});
       auto buf = logits.clone();
       anvil::ops::cross_entropy_chunk_backward(buf, labels, lse, grad, -100);
+      // The backward from the CPU's lse, so that the comparison is of the backward kernel alone (the lse
+      // themselves agree to the tolerance above, which scaled by p would dominate the difference).
       auto bufc = logits.cuda();
-      anvil::ops::cross_entropy_chunk_backward(bufc, labels.cuda(), lsec, grad.cuda(), -100);
+      anvil::ops::cross_entropy_chunk_backward(bufc, labels.cuda(), lse.cuda(), grad.cuda(), -100);
       expect_close(bufc, buf, "dlogits " + what);
     }
 }
