@@ -68,11 +68,11 @@ def make_cases(t, compile_composites):
         comp = c(rms_norm_composite) if c else None
         nb = t * h * 2
         cases.append((f"rms_norm fwd T={t} H={h}", lambda x=x, w=w: ops.rms_norm(x, w, 1e-6),
-                      lambda x=x, w=w: rms_norm_composite(x, w), (lambda x=x, w=w: comp(x, w)) if c else None,
+                      lambda x=x, w=w: rms_norm_composite(x, w), (lambda x=x, w=w, comp=comp: comp(x, w)) if c else None,
                       2 * nb + t * 4))
         cases.append((f"rms_norm fwd+bwd T={t} H={h}", fwd_bwd(lambda x=x, w=w: ops.rms_norm(x, w, 1e-6), (x, w), dy),
                       fwd_bwd(lambda x=x, w=w: rms_norm_composite(x, w), (x, w), dy),
-                      fwd_bwd(lambda x=x, w=w: comp(x, w), (x, w), dy) if c else None, 5 * nb + 2 * t * 4))
+                      fwd_bwd(lambda x=x, w=w, comp=comp: comp(x, w), (x, w), dy) if c else None, 5 * nb + 2 * t * 4))
 
     for f in (5632, 14336):
         g = torch.randn(t, f, device="cuda", dtype=BF16).requires_grad_(True)
@@ -80,11 +80,11 @@ def make_cases(t, compile_composites):
         dy = torch.randn(t, f, device="cuda", dtype=BF16)
         comp = c(swiglu_composite) if c else None
         nb = t * f * 2
-        cases.append((f"swiglu fwd T={t} F={f}", lambda g=g, u=u: ops.swiglu(g, u), lambda g=g, u=u: swiglu_composite(g, u),
-                      (lambda g=g, u=u: comp(g, u)) if c else None, 3 * nb))
-        cases.append((f"swiglu fwd+bwd T={t} F={f}", fwd_bwd(lambda g=g, u=u: ops.swiglu(g, u), (g, u), dy),
-                      fwd_bwd(lambda g=g, u=u: swiglu_composite(g, u), (g, u), dy),
-                      fwd_bwd(lambda g=g, u=u: comp(g, u), (g, u), dy) if c else None, 8 * nb))
+        cases.append((f"swiglu fwd T={t} F={f}", lambda g=g, u=u, comp=comp: ops.swiglu(g, u), lambda g=g, u=u, comp=comp: swiglu_composite(g, u),
+                      (lambda g=g, u=u, comp=comp: comp(g, u)) if c else None, 3 * nb))
+        cases.append((f"swiglu fwd+bwd T={t} F={f}", fwd_bwd(lambda g=g, u=u, comp=comp: ops.swiglu(g, u), (g, u), dy),
+                      fwd_bwd(lambda g=g, u=u, comp=comp: swiglu_composite(g, u), (g, u), dy),
+                      fwd_bwd(lambda g=g, u=u, comp=comp: comp(g, u), (g, u), dy) if c else None, 8 * nb))
 
     b = max(1, t // 1024)
     s = t // b
@@ -98,13 +98,13 @@ def make_cases(t, compile_composites):
         dy_ours = dy.transpose(1, 2)  # the gradient arrives in the (B, H, S, D) layout attention uses
         comp = c(rope_composite) if c else None
         nb = b * s * heads * d * 2
-        cases.append((f"rope fwd T={t} heads={heads} d={d}", lambda x=x: ops.rope(x, cos, sin, False),
-                      lambda x=x: rope_composite(x, cos, sin), (lambda x=x: comp(x, cos, sin)) if c else None,
+        cases.append((f"rope fwd T={t} heads={heads} d={d}", lambda x=x, cos=cos, sin=sin, comp=comp: ops.rope(x, cos, sin, False),
+                      lambda x=x, cos=cos, sin=sin, comp=comp: rope_composite(x, cos, sin), (lambda x=x, cos=cos, sin=sin, comp=comp: comp(x, cos, sin)) if c else None,
                       2 * nb + 2 * b * s * d * 2))
         cases.append((f"rope fwd+bwd T={t} heads={heads} d={d}",
-                      fwd_bwd(lambda x=x: ops.rope(x, cos, sin, False).transpose(1, 2), (x,), dy),
-                      fwd_bwd(lambda x=x: rope_composite(x, cos, sin), (x,), dy),
-                      fwd_bwd(lambda x=x: comp(x, cos, sin), (x,), dy) if c else None, 4 * nb + 4 * b * s * d * 2))
+                      fwd_bwd(lambda x=x, cos=cos, sin=sin, comp=comp: ops.rope(x, cos, sin, False).transpose(1, 2), (x,), dy),
+                      fwd_bwd(lambda x=x, cos=cos, sin=sin, comp=comp: rope_composite(x, cos, sin), (x,), dy),
+                      fwd_bwd(lambda x=x, cos=cos, sin=sin, comp=comp: comp(x, cos, sin), (x,), dy) if c else None, 4 * nb + 4 * b * s * d * 2))
         del dy_ours
 
     v = 32000
@@ -121,11 +121,11 @@ def make_cases(t, compile_composites):
         return loss
 
     cases.append((f"cross_entropy fwd T={t} V={v}", lambda: ops.cross_entropy_chunk(logits, labels, -100),
-                  lambda: cross_entropy_composite(logits, labels), (lambda: comp(logits, labels)) if c else None, nb))
+                  lambda: cross_entropy_composite(logits, labels), (lambda comp=comp: comp(logits, labels)) if c else None, nb))
     one = torch.ones((), device="cuda")
     cases.append((f"cross_entropy fwd+bwd T={t} V={v}", ce_ours_fwd_bwd,
                   fwd_bwd(lambda: cross_entropy_composite(logits_g, labels), (logits_g,), one),
-                  fwd_bwd(lambda: comp(logits_g, labels), (logits_g,), one) if c else None, 3 * nb))
+                  fwd_bwd(lambda comp=comp: comp(logits_g, labels), (logits_g,), one) if c else None, 3 * nb))
     return cases
 
 
