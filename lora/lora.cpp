@@ -101,11 +101,11 @@ at::Tensor LoraAdapter::delta_weight() const { return at::matmul(lora_B, lora_A)
 
 namespace {
 
-// x @ w^T with an fp32 result (for adapter gradients from half-precision activations): cuBLAS
-// accumulates in fp32 and writes fp32, so the gradient is not rounded to bf16 on the way.
-at::Tensor mm_nt_fp32(const at::Tensor& x, const at::Tensor& w) {
-  if (x.is_cuda() && x.scalar_type() != at::kFloat) return at::mm(x, w.t(), at::kFloat);
-  return at::mm(x.to(at::kFloat), w.to(at::kFloat).t());
+// a @ b with an fp32 result (for adapter gradients from half-precision activations): cuBLAS accumulates
+// in fp32 and writes fp32, so the gradient is not rounded to bf16 on the way.
+at::Tensor mm_fp32(const at::Tensor& a, const at::Tensor& b) {
+  if (a.is_cuda() && a.scalar_type() != at::kFloat) return at::mm(a, b, at::kFloat);
+  return at::mm(a.to(at::kFloat), b.to(at::kFloat));
 }
 
 // The LoRA branch s * (x A^T) B^T of a plain adapter, computed in x's dtype with a hand-written backward.
@@ -142,8 +142,8 @@ class LoraBranch : public torch::autograd::Function<LoraBranch> {
     const auto gb = at::mm(g, b_scaled);                             // (T, r) = s g B
     // (..., in); not wanted for the first layer's q/k/v, whose input comes from the frozen embedding
     const auto dx = ctx->needs_input_grad(0) ? at::mm(gb, a).view(x.sizes()) : at::Tensor();
-    const auto d_a = mm_nt_fp32(gb.t(), x2.t());                     // (r, in) = s (g B)^T x
-    const auto d_b = mm_nt_fp32(g.t(), xa.reshape({-1, r}).t()) * scaling;  // (out, r) = s g^T (x A^T)
+    const auto d_a = mm_fp32(gb.t(), x2);                           // (r, in) = s (g B)^T x
+    const auto d_b = mm_fp32(g.t(), xa.reshape({-1, r})) * scaling;  // (out, r) = s g^T (x A^T)
     return {dx, d_a, d_b, at::Tensor()};
   }
 };
