@@ -116,8 +116,10 @@ def child(method, path, device, out):
     if device == "cuda":
         torch.empty(1, device="cuda")  # the CUDA context, before the baseline and the clock
         torch.cuda.synchronize()
-    if method == "anvil":
+    if method.startswith("anvil"):
         import anvil
+        if method == "anvil-ring":  # the staging-ring path, for comparison (the default registers the mapping)
+            os.environ["ANVIL_LOAD_PATH"] = "ring"
         load = lambda: anvil._C.load_checkpoint(path, device)
     else:
         from safetensors.torch import load_file
@@ -135,7 +137,7 @@ def child(method, path, device, out):
     seconds = time.perf_counter() - t0
     result = {"seconds": seconds, "anon_before_kib": before, "tensors": len(tensors),
               "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
-    if method == "anvil":  # bit-exact against safetensors' own reader, a few tensors
+    if method.startswith("anvil"):  # bit-exact against safetensors' own reader, a few tensors
         from safetensors import safe_open
         with open(os.path.join(path, "model.safetensors.index.json")) as f:
             weight_map = json.load(f)["weight_map"]
@@ -209,9 +211,10 @@ def main():
     try:
         if not args.cold:
             warm_page_cache(files)
-        runs = {"anvil": [], "safetensors": []}
+        methods = ("anvil", "anvil-ring", "safetensors") if device == "cuda" else ("anvil", "safetensors")
+        runs = {m: [] for m in methods}
         for _ in range(args.reps):
-            for method in ("anvil", "safetensors"):
+            for method in methods:
                 runs[method].append(run_child(method, path, device, args.cold))
     finally:
         if not args.keep:
@@ -220,7 +223,11 @@ def main():
     rows = {}
     mib = 1 / 1024
     print(f"\n{'method':<34}{'median s':>10}{'GB/s':>8}{'peak RssAnon MiB':>18}{'increase MiB':>14}{'peak VmHWM MiB':>16}")
-    for method, label in (("anvil", f"anvil load_all -> {device}"), ("safetensors", f"load_file + .to({device!r})")):
+    labels = {"anvil": f"anvil load_all -> {device}", "anvil-ring": "  (anvil's staging ring)",
+              "safetensors": f"load_file + .to({device!r})"}
+    for method, label in labels.items():
+        if method not in runs:
+            continue
         rs = runs[method]
         sec = statistics.median(r["seconds"] for r in rs)
         row = {"method": method, "seconds": sec, "seconds_all": [r["seconds"] for r in rs], "gbs": total / sec / 1e9,

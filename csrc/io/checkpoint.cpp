@@ -4,7 +4,11 @@
 // The index is as untrusted as the shards: it may name only plain file names inside the directory
 // (no "/", no ".."), and every key it maps must exist in the shard it names.
 //
-// load_all to a GPU never copies a shard into anonymous host memory. Each shard's bytes are read with
+// load_all to a GPU never copies a shard into anonymous host memory. Where the CUDA runtime can, each
+// shard is mapped read-only and page-locked (detail::RegisteredFile, host_register.cpp) and its tensors
+// are copied to the device straight from the page cache; the next shard is registered while the
+// previous one's copies run. Elsewhere (no CUDA in the build, a device without read-only registration,
+// a registration that fails, or ANVIL_LOAD_PATH=ring) the ring path below runs: each shard's bytes are read with
 // pread (page cache -> buffer, spread over ATen's threads) into a ring of four pinned staging buffers (up
 // to 64 MiB each); a chunk's host-to-device copies are queued on a side stream and an event recorded after
 // them, and the buffer is refilled only after its event has completed. So the reads of chunk i+1 overlap
@@ -14,8 +18,9 @@
 // the mapping, reached 6.2 GB/s on the H100 machine, below a plain pageable .to("cuda")). The
 // destination tensors are allocated on the caller's current stream (so the caching allocator ties
 // them to it), the side stream first waits for that stream, and load_all returns after the side stream
-// has finished, so the tensors are ready on any stream. Only ATen/c10's device-generic stream and
-// event API is used, so this file needs no CUDA headers and builds in the CPU-only configuration too.
+// has finished, so the tensors are ready on any stream (both paths). Only ATen/c10's device-generic
+// stream and event API is used here, so this file needs no CUDA headers and builds in the CPU-only
+// configuration too.
 #include "anvil/io/safetensors.h"
 #include "io/io_internal.h"
 
@@ -150,6 +155,24 @@ struct ReadFd {
   ReadFd& operator=(const ReadFd&) = delete;
 };
 
+// The device-side tensors of one shard's entries: flat bytes on `device`, allocated on the caller's
+// stream (so the caching allocator ties them to it).
+std::vector<at::Tensor> allocate_flat(const std::vector<const TensorEntry*>& entries, at::Device device) {
+  std::vector<at::Tensor> flat;  // (nbytes) uint8 each, on device
+  for (const auto* e : entries)
+    flat.push_back(at::empty({static_cast<int64_t>(e->nbytes())}, at::TensorOptions().dtype(at::kByte).device(device)));
+  return flat;
+}
+
+void view_flat(const std::vector<const TensorEntry*>& entries, const std::vector<at::Tensor>& flat, at::Device device,
+               std::unordered_map<std::string, at::Tensor>& out) {
+  for (size_t i = 0; i < entries.size(); ++i) {
+    const TensorEntry& e = *entries[i];
+    out[e.name] = e.nbytes() == 0 ? at::empty(e.shape, at::TensorOptions().dtype(e.dtype).device(device))
+                                  : flat[i].view(e.dtype).view(e.shape);
+  }
+}
+
 // One shard to a device: its tensors (those the checkpoint maps to it), streamed through the ring.
 void stream_file_to_device(const SafetensorsFile& file, const std::vector<const TensorEntry*>& entries,
                            at::Device device, std::unordered_map<std::string, at::Tensor>& out) {
@@ -160,12 +183,9 @@ void stream_file_to_device(const SafetensorsFile& file, const std::vector<const 
   const auto t_start = Clock::now();
   double t_read = 0, t_wait = 0, t_alloc = 0;
   // Destinations first, on the caller's stream: flat bytes, viewed as dtype and shape at the end.
-  std::vector<at::Tensor> flat;  // (nbytes) uint8 each, on device
+  const auto flat = allocate_flat(entries, device);  // (nbytes) uint8 each, on device
   uint64_t total = 0;
-  for (const auto* e : entries) {
-    flat.push_back(at::empty({static_cast<int64_t>(e->nbytes())}, at::TensorOptions().dtype(at::kByte).device(device)));
-    total += e->nbytes();
-  }
+  for (const auto* e : entries) total += e->nbytes();
   const ReadFd in(file.path());
   const uint64_t data_start = 8 + file.header_bytes();  // file offset of the data section
   // Hint (errors ignored): the shard is read front to back.
@@ -232,13 +252,71 @@ void stream_file_to_device(const SafetensorsFile& file, const std::vector<const 
                  file.path().c_str(), total / 1e9, seconds_since(t_start), t_alloc, t_read, t_wait,
                  at::get_num_threads());
 
-  for (size_t i = 0; i < entries.size(); ++i) {
-    const TensorEntry& e = *entries[i];
-    // view(dtype) reinterprets the bytes; an empty tensor cannot be viewed into a shape with zeros
-    // from a flat byte tensor of another element size, so it is made directly.
-    out[e.name] = e.nbytes() == 0 ? at::empty(e.shape, at::TensorOptions().dtype(e.dtype).device(device))
-                                  : flat[i].view(e.dtype).view(e.shape);
+  view_flat(entries, flat, device, out);
+}
+
+// The registered path: every shard page-locked in turn, its tensors copied from the page cache by DMA
+// on a side stream; shard f+1 is registered (page faults and pinning, the slow part) while shard f's
+// copies run, and f is unregistered once its copies have completed. Returns false, having copied
+// nothing, when the first shard cannot be registered (the caller then takes the ring path).
+bool copy_registered_files(const std::vector<const SafetensorsFile*>& files,
+                           const std::vector<std::vector<const TensorEntry*>>& entries, at::Device device,
+                           std::unordered_map<std::string, at::Tensor>& out) {
+  static const bool trace = std::getenv("ANVIL_LOAD_TRACE") != nullptr;
+  using Clock = std::chrono::steady_clock;
+  const auto seconds_since = [](Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); };
+  std::string why_not;
+  auto t0 = Clock::now();
+  auto current = detail::RegisteredFile::open(files[0]->path(), &why_not);
+  if (!current) {
+    if (trace) std::fprintf(stderr, "load_all: registered path not taken (%s): staging ring\n", why_not.c_str());
+    return false;
   }
+  c10::impl::VirtualGuardImpl impl(device.type());
+  const c10::Stream caller = impl.getStream(device);
+  const c10::Stream side = impl.getStreamFromGlobalPool(device);
+  for (size_t f = 0; f < files.size(); ++f) {
+    const double t_register = seconds_since(t0);
+    const auto t_copy = Clock::now();
+    const auto flat = allocate_flat(entries[f], device);
+    c10::Event ready(device.type());
+    ready.record(caller);
+    ready.block(side);  // the copies start after the allocations' stream
+    {
+      c10::StreamGuard on_side(side);
+      const uint64_t data_start = 8 + files[f]->header_bytes();
+      TORCH_CHECK(current->size() >= data_start + files[f]->data_bytes(), "safetensors: '", files[f]->path(),
+                  "' changed size while it was being loaded");
+      for (size_t i = 0; i < entries[f].size(); ++i) {
+        const TensorEntry& e = *entries[f][i];
+        if (e.nbytes() == 0) continue;
+        // (nbytes) uint8, a view of the page-locked mapping: the copy is an asynchronous DMA.
+        auto src = at::from_blob(const_cast<uint8_t*>(current->bytes() + data_start + e.begin),
+                                 {static_cast<int64_t>(e.nbytes())}, at::TensorOptions().dtype(at::kByte));
+        flat[i].copy_(src, /*non_blocking=*/true);
+      }
+    }
+    c10::Event done(device.type());
+    done.record(side);
+    // The next shard is registered while this one's copies run; a failure there falls back to the ring
+    // for the rest, after this shard's copies have completed.
+    t0 = Clock::now();
+    std::unique_ptr<detail::RegisteredFile> next;
+    if (f + 1 < files.size()) next = detail::RegisteredFile::open(files[f + 1]->path(), &why_not);
+    done.synchronize();
+    view_flat(entries[f], flat, device, out);
+    if (trace)
+      std::fprintf(stderr, "load_all %s (registered): register %.3f s, copy %.3f s (with the next registration)\n",
+                   files[f]->path().c_str(), t_register, seconds_since(t_copy));
+    current = std::move(next);
+    if (!current && f + 1 < files.size()) {
+      if (trace) std::fprintf(stderr, "load_all: registered path stops (%s): staging ring\n", why_not.c_str());
+      for (size_t g = f + 1; g < files.size(); ++g)
+        if (!entries[g].empty()) stream_file_to_device(*files[g], entries[g], device, out);
+      return true;
+    }
+  }
+  return true;
 }
 
 }  // namespace
@@ -279,14 +357,28 @@ std::unordered_map<std::string, at::Tensor> Checkpoint::load_all(at::Device devi
   c10::DeviceGuard guard(device);
   if (!device.has_index())
     device = at::Device(device.type(), c10::impl::VirtualGuardImpl(device.type()).getDevice().index());
+  std::vector<const SafetensorsFile*> files;               // the shards that hold a tensor of the checkpoint
+  std::vector<std::vector<const TensorEntry*>> entries;    // per such shard, in data-offset order
   for (size_t f = 0; f < files_.size(); ++f) {
-    std::vector<const TensorEntry*> entries;  // in data-offset order
+    std::vector<const TensorEntry*> mine;
     for (const auto& e : files_[f]->entries()) {
       auto it = where_.find(e.name);
-      if (it != where_.end() && it->second == f) entries.push_back(&e);
+      if (it != where_.end() && it->second == f) mine.push_back(&e);
     }
-    if (!entries.empty()) stream_file_to_device(*files_[f], entries, device, out);
+    if (mine.empty()) continue;
+    files.push_back(files_[f].get());
+    entries.push_back(std::move(mine));
   }
+  if (files.empty()) return out;
+  // ANVIL_LOAD_PATH=ring forces the staging ring (for comparisons); the default tries registration.
+  const char* path_env = std::getenv("ANVIL_LOAD_PATH");
+  const std::string load_path = path_env ? path_env : "auto";
+  TORCH_CHECK(load_path == "auto" || load_path == "ring" || load_path == "registered",
+              "ANVIL_LOAD_PATH must be auto, ring or registered, got '", load_path, "'");
+  if (load_path != "ring" && device.is_cuda() && copy_registered_files(files, entries, device, out)) return out;
+  TORCH_CHECK(load_path != "registered", "ANVIL_LOAD_PATH=registered: the registered path is not available "
+              "here (ANVIL_LOAD_TRACE=1 says why)");
+  for (size_t f = 0; f < files.size(); ++f) stream_file_to_device(*files[f], entries[f], device, out);
   return out;
 }
 

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -31,6 +32,28 @@ struct RingChunk {
 /// and a tensor larger than a chunk spans several. Zero-size tensors get no piece. Pure, so the CPU
 /// tests check it; load_all's GPU path executes it.
 std::vector<RingChunk> plan_ring(const std::vector<uint64_t>& sizes, uint64_t chunk, int ring);
+
+/// A whole file mapped read-only and page-locked (cudaHostRegister, read-only) so the GPU copies from it
+/// directly: load_all's fast path to a CUDA device (host_register.cpp says why).
+class RegisteredFile {
+ public:
+  /// nullptr, with the reason in *why_not, where registration is not available (a build without CUDA, a
+  /// device without read-only registration, a failed mapping or registration); throws naming `path`
+  /// when the file cannot be opened.
+  static std::unique_ptr<RegisteredFile> open(const std::string& path, std::string* why_not);
+  ~RegisteredFile();
+  RegisteredFile(const RegisteredFile&) = delete;
+  RegisteredFile& operator=(const RegisteredFile&) = delete;
+  /// The file's bytes (page-locked, valid while this object lives).
+  const uint8_t* bytes() const { return static_cast<const uint8_t*>(addr_); }
+  size_t size() const { return size_; }
+
+ private:
+  RegisteredFile() = default;
+  void* addr_ = nullptr;
+  size_t size_ = 0;
+  bool registered_ = false;
+};
 
 /// Writes a file atomically: `write(fd)` fills a temporary file in the target's directory, which is
 /// then fsync'ed and renamed over `path`. On any error (from `write` or the system) the temporary file

@@ -639,13 +639,28 @@ TEST(CheckpointCuda, LoadAllToGpuEqualsCpu) {
   anvil::io::save_checkpoint(dir.path(), tensors, 4'000'000);
   anvil::io::Checkpoint c(dir.path());
   EXPECT_GT(c.files().size(), 1u);
-  const auto gpu = c.load_all(at::Device(at::kCUDA, 0));
-  ASSERT_EQ(gpu.size(), tensors.size());
-  for (const auto& [name, t] : tensors) {
-    const at::Tensor& g = gpu.at(name);
-    EXPECT_TRUE(g.is_cuda()) << name;
-    EXPECT_TRUE(bit_equal(g, t)) << name;
+  // Both paths: the page-locked mapping (the default on a CUDA build) and the staging ring.
+  for (const char* path : {"registered", "ring"}) {
+    ::setenv("ANVIL_LOAD_PATH", path, 1);
+    const auto gpu = c.load_all(at::Device(at::kCUDA, 0));
+    ::unsetenv("ANVIL_LOAD_PATH");
+    ASSERT_EQ(gpu.size(), tensors.size()) << path;
+    for (const auto& [name, t] : tensors) {
+      const at::Tensor& g = gpu.at(name);
+      EXPECT_TRUE(g.is_cuda()) << path << " " << name;
+      EXPECT_TRUE(bit_equal(g, t)) << path << " " << name;
+    }
   }
+}
+
+TEST(CheckpointCuda, LoadPathKnobIsChecked) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  TempDir dir;
+  anvil::io::save_checkpoint(dir.path(), {{"w", random_tensor(at::kFloat, {2, 3})}}, 0);
+  anvil::io::Checkpoint c(dir.path());
+  ::setenv("ANVIL_LOAD_PATH", "fast", 1);
+  expect_error([&] { c.load_all(at::Device(at::kCUDA, 0)); }, {"ANVIL_LOAD_PATH", "auto, ring or registered", "fast"});
+  ::unsetenv("ANVIL_LOAD_PATH");
 }
 
 }  // namespace
