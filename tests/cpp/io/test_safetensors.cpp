@@ -656,7 +656,7 @@ TEST(CheckpointCuda, LoadAllToGpuEqualsCpu) {
 TEST(CheckpointCuda, LoadPathKnobIsChecked) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
   TempDir dir;
-  anvil::io::save_checkpoint(dir.path(), {{"w", random_tensor(at::kFloat, {2, 3})}}, 0);
+  anvil::io::save_checkpoint(dir.path(), {{"w", random_tensor(at::kFloat, {2, 3})}});
   anvil::io::Checkpoint c(dir.path());
   ::setenv("ANVIL_LOAD_PATH", "fast", 1);
   expect_error([&] { c.load_all(at::Device(at::kCUDA, 0)); }, {"ANVIL_LOAD_PATH", "auto, ring or registered", "fast"});
