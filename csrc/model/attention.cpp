@@ -276,8 +276,51 @@ AttentionMask AttentionMask::make(int64_t seq_len, int64_t offset, int64_t windo
   return m;
 }
 
+AttentionMask AttentionMask::packed(const at::Tensor& doc_ids, int64_t window) {
+  TORCH_CHECK(doc_ids.dim() == 2, "doc_ids must be (B, S), got ", doc_ids.sizes());
+  const int64_t b = doc_ids.size(0), s = doc_ids.size(1);
+  const auto ids = doc_ids.to(at::kLong);
+  // A document starts at every row start and wherever the id changes within a row.
+  auto starts = at::ones({b, s}, ids.options().dtype(at::kBool));  // (B, S)
+  if (s > 1) starts.narrow(1, 1, s - 1).copy_(ids.narrow(1, 1, s - 1).ne(ids.narrow(1, 0, s - 1)));
+  const auto begin = at::nonzero(starts.reshape({-1})).reshape({-1});  // (docs) int64, ascending
+  AttentionMask m;
+  m.cu_seqlens = at::cat({begin, at::full({1}, b * s, begin.options())}).to(at::kInt);  // (docs + 1)
+  m.window = window;
+  return m;
+}
+
+bool use_varlen_for_packed(const at::Device& device, at::ScalarType dtype, int64_t qk_head_dim, int64_t v_head_dim) {
+  const char* env = std::getenv("ANVIL_PACKED_ATTENTION");
+  if (env != nullptr && std::strcmp(env, "varlen") == 0) return true;
+  if (env != nullptr && std::strcmp(env, "mask") == 0) return false;
+  TORCH_CHECK(env == nullptr || *env == '\0', "ANVIL_PACKED_ATTENTION must be mask or varlen, got '", env, "'");
+  const bool dims = (qk_head_dim == v_head_dim && (qk_head_dim == 64 || qk_head_dim == 128)) ||
+                    (qk_head_dim == 192 && v_head_dim == 128);
+  return device.is_cuda() && (dtype == at::kBFloat16 || dtype == at::kHalf) && dims;
+}
+
+namespace {
+
+// Packed rows on the varlen path: q (B, Hq, S, D), k (B, Hk, S, D), v (B, Hk, S, Dv) flattened to one
+// row of B * S tokens, attended document by document by sparse_attention (causal within each document,
+// the sliding window if any), then unflattened -> (B, Hq, S, Dv).
+at::Tensor attend_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionMask& mask,
+                         double scale) {
+  const int64_t b = q.size(0), s = q.size(2);
+  const auto flat = [&](const at::Tensor& t) {  // (B, H, S, D) -> (1, H, B * S, D)
+    return t.transpose(0, 1).reshape({1, t.size(1), b * s, t.size(3)});
+  };
+  auto [o, lse] = ops::sparse_attention(flat(q), flat(k), flat(v), c10::nullopt, c10::nullopt, mask.cu_seqlens,
+                                        mask.window > 0 ? mask.window : -1, 0, 64, scale);
+  return o.view({q.size(1), b, s, v.size(3)}).transpose(0, 1);  // (B, Hq, S, Dv)
+}
+
+}  // namespace
+
 at::Tensor attend(const at::Tensor& q, const at::Tensor& k_in, const at::Tensor& v_in, const AttentionMask& mask,
                   double scale, const std::string& backend) {
+  if (mask.cu_seqlens.defined()) return attend_varlen(q, k_in, v_in, mask, scale);
   // Each of the Hk kv heads serves Hq / Hk consecutive query heads.
   const int64_t groups = q.size(1) / k_in.size(1);
   if (backend == "sdpa") {
@@ -335,8 +378,17 @@ at::Tensor GqaAttention::forward(const at::Tensor& x, const at::Tensor& cos, con
   v = v.transpose(1, 2);
   if (cache) std::tie(k, v) = cache->append(k, v);                        // (B, Hk, L, D)
   if (config_.attention_backend == "sparse" && cache == nullptr && mask.causal && !mask.mask.defined()) {
-    // Long-context fine-tuning: block-sparse attention (include/anvil/model/sparse_attention.h).
-    auto out = sparse_attend(q, k, v, config_.sparse, config_.attention_scale);  // (B, Hq, S, D)
+    // Long-context fine-tuning: block-sparse attention (include/anvil/model/sparse_attention.h); packed
+    // documents as one row of B * S tokens with their boundaries.
+    at::Tensor out;  // (B, Hq, S, D)
+    if (mask.cu_seqlens.defined()) {
+      const auto flat = [&](const at::Tensor& t) { return t.transpose(0, 1).reshape({1, t.size(1), b * s, d}); };
+      out = sparse_attend(flat(q), flat(k), flat(v), config_.sparse, config_.attention_scale, mask.cu_seqlens)
+                .view({q.size(1), b, s, d})
+                .transpose(0, 1);
+    } else {
+      out = sparse_attend(q, k, v, config_.sparse, config_.attention_scale);
+    }
     return o_proj_->forward(out.transpose(1, 2).reshape({b, s, -1}));
   }
   auto out = attend(q, k, v, mask, config_.attention_scale, config_.attention_backend);  // (B, Hq, S, D)

@@ -91,8 +91,15 @@ at::Tensor TransformerModel::forward(const at::Tensor& input_ids, const at::Tens
   AttentionMask sliding;
   if (config_.sliding_window > 0) sliding = AttentionMask::make(s, offset, config_.sliding_window, h.device());
   if (doc_ids.defined()) {
-    full = document_mask(full, s, doc_ids);
-    if (config_.sliding_window > 0) sliding = document_mask(sliding, s, doc_ids);
+    const int64_t qk_dim = config_.mla ? config_.qk_nope_head_dim + config_.qk_rope_head_dim : config_.head_dim;
+    const int64_t v_dim = config_.mla ? config_.v_head_dim : config_.head_dim;
+    if (!cache && use_varlen_for_packed(h.device(), h.scalar_type(), qk_dim, v_dim)) {
+      full = AttentionMask::packed(doc_ids, 0);
+      if (config_.sliding_window > 0) sliding = AttentionMask::packed(doc_ids, config_.sliding_window);
+    } else {
+      full = document_mask(full, s, doc_ids);
+      if (config_.sliding_window > 0) sliding = document_mask(sliding, s, doc_ids);
+    }
   }
   for (size_t i = 0; i < layer_list_.size(); ++i) {
     const bool window = config_.sliding_window > 0 && config_.layer_sliding[i];

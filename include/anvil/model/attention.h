@@ -140,12 +140,25 @@ struct KvCache {
 /// Which keys a query may see: causal (optionally within a sliding window), offset by the tokens
 /// already in the cache. `mask` (S, L) bool, true = attend, is built only when `causal` alone cannot
 /// say it (a cache offset with several new tokens, or a sliding window).
+/// Packed documents take one of two forms: `mask` (B, 1, S, S) limited to each query's document, or,
+/// on the varlen path, no mask at all but `cu_seqlens`: the document boundaries over the B * S tokens
+/// flattened row after row, which anvil's sparse_attention op takes directly (no S x S tensor, and no
+/// work on key tiles of other documents).
 struct AttentionMask {
   at::Tensor mask;
   bool causal = true;
+  at::Tensor cu_seqlens;  ///< (docs + 1) int32, on the varlen path only
+  int64_t window = 0;     ///< the sliding window of the varlen path (0: none)
   /// Builds the mask for S new tokens after `offset` cached ones; window 0 = none.
   static AttentionMask make(int64_t seq_len, int64_t offset, int64_t window, const at::Device& device);
+  /// The varlen form for packed rows: doc_ids (B, S), a document a run of equal ids within a row.
+  static AttentionMask packed(const at::Tensor& doc_ids, int64_t window);
 };
+
+/// Whether packed documents take the varlen path (sparse_attention with cu_seqlens) rather than a
+/// (B, 1, S, S) mask: on CUDA for bf16/fp16 and the head dims the op has kernels for (64, 128; MLA 192/128).
+/// ANVIL_PACKED_ATTENTION=mask or =varlen forces one (varlen on the CPU runs the op's reference loops).
+bool use_varlen_for_packed(const at::Device& device, at::ScalarType dtype, int64_t qk_head_dim, int64_t v_head_dim);
 
 /// softmax(q k^T * scale + mask) v for q (B, Hq, S, D), k (B, Hk, L, D), v (B, Hk, L, Dv), Hq a
 /// multiple of Hk (grouped-query: each kv head serves Hq / Hk query heads). backend "sdpa" (torch's

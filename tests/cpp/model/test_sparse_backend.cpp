@@ -72,3 +72,129 @@ TEST(SparseBackend, CuSeqlensFromDocIds) {
 }
 
 }  // namespace
+
+// ---- packed documents on the varlen path --------------------------------------------------------------
+// Rows that pack several documents: the varlen path (sparse_attention with cu_seqlens over the flattened
+// rows) against the (B, 1, S, S) document mask, on the CPU through the op's reference (forced with
+// ANVIL_PACKED_ATTENTION=varlen), logits and gradients; on CUDA in bf16 (the default there).
+
+struct PackedEnv {
+  explicit PackedEnv(const char* value) { ::setenv("ANVIL_PACKED_ATTENTION", value, 1); }
+  ~PackedEnv() { ::unsetenv("ANVIL_PACKED_ATTENTION"); }
+};
+
+TEST(PackedAttention, CuSeqlensOfPackedRows) {
+  const auto doc_ids = at::tensor({0, 0, 1, 1, 1, 0, 0, 0, 2, 2}, at::kLong).view({2, 5});
+  const auto m = anvil::model::AttentionMask::packed(doc_ids, 7);
+  EXPECT_TRUE(at::equal(m.cu_seqlens, at::tensor({0, 2, 5, 8, 10}, at::kInt)));
+  EXPECT_FALSE(m.mask.defined());
+  EXPECT_EQ(m.window, 7);
+  // A row holding one document still starts a document at its first token.
+  const auto single = anvil::model::AttentionMask::packed(at::zeros({3, 4}, at::kLong), 0);
+  EXPECT_TRUE(at::equal(single.cu_seqlens, at::tensor({0, 4, 8, 12}, at::kInt)));
+}
+
+std::shared_ptr<anvil::model::CausalLM> seeded_model(const std::string& json, at::ScalarType dtype) {
+  torch::manual_seed(3);
+  auto model = std::make_shared<anvil::model::CausalLM>(parse_model_config(json), at::TensorOptions().dtype(at::kFloat));
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : model->parameters()) p.normal_(0.0, 0.05);
+    for (auto& item : model->named_parameters())
+      if (item.key().find("norm") != std::string::npos) item.value().fill_(1.0);
+  }
+  model->to(dtype);
+  return model;
+}
+
+// Two rows of 150 tokens, documents of 40 / 70 / 40 and 100 / 50 tokens, positions restarting per document.
+std::pair<at::Tensor, at::Tensor> packed_rows_doc_ids_and_positions() {
+  auto doc = at::zeros({2, 150}, at::kLong);
+  doc[0].narrow(0, 40, 70).fill_(1);
+  doc[0].narrow(0, 110, 40).fill_(2);
+  doc[1].narrow(0, 100, 50).fill_(1);
+  auto pos = at::zeros({2, 150}, at::kLong);
+  pos[0].narrow(0, 0, 40).copy_(at::arange(40));
+  pos[0].narrow(0, 40, 70).copy_(at::arange(70));
+  pos[0].narrow(0, 110, 40).copy_(at::arange(40));
+  pos[1].narrow(0, 0, 100).copy_(at::arange(100));
+  pos[1].narrow(0, 100, 50).copy_(at::arange(50));
+  return {doc, pos};
+}
+
+TEST(PackedAttention, VarlenEqualsTheDocumentMaskOnCpu) {
+  const auto ids = at::randint(0, 64, {2, 150}, at::TensorOptions().dtype(at::kLong));
+  const auto doc_pos = packed_rows_doc_ids_and_positions();
+  const at::Tensor doc = doc_pos.first, pos = doc_pos.second;
+  // Llama, and the same as Mistral with a sliding window of 32 (shorter than the documents).
+  auto mistral = [](std::string text) {
+    text.replace(text.find("LlamaForCausalLM"), 16, "MistralForCausalLM");
+    text.replace(text.find("\"model_type\": \"llama\""), 21, "\"model_type\": \"mistral\", \"sliding_window\": 32");
+    return text;
+  };
+  for (const std::string& json : {tiny_llama(""), mistral(tiny_llama(""))}) {
+    const std::string extra = json.find("mistral") != std::string::npos ? " (mistral, window 32)" : " (llama)";
+    auto run = [&](const char* path) {
+      PackedEnv env(path);
+      auto model = seeded_model(json, at::kFloat);
+      auto logits = model->forward(ids, nullptr, pos, doc);  // (B, S, V)
+      (logits.square().mean()).backward();
+      std::vector<at::Tensor> grads;
+      for (auto& p : model->parameters()) grads.push_back(p.grad().clone());
+      return std::make_pair(logits.detach(), grads);
+    };
+    const auto mask_run = run("mask");
+    const auto varlen_run = run("varlen");
+    const at::Tensor& mask_logits = mask_run.first;
+    const at::Tensor& varlen_logits = varlen_run.first;
+    const auto& mask_grads = mask_run.second;
+    const auto& varlen_grads = varlen_run.second;
+    EXPECT_LE((varlen_logits - mask_logits).abs().max().item<double>(), 1e-4 * mask_logits.abs().max().item<double>())
+        << "logits" << extra;
+    for (size_t i = 0; i < mask_grads.size(); ++i)
+      EXPECT_LE((varlen_grads[i] - mask_grads[i]).abs().max().item<double>(),
+                1e-4 * mask_grads[i].abs().max().item<double>() + 1e-8)
+          << "gradient " << i << extra;
+  }
+}
+
+TEST(PackedAttention, SparseBackendKeepsPackedDocumentsApart) {
+  // The sparse backend with an unlimited window on packed rows equals the dense backend's document mask.
+  const auto ids = at::randint(0, 64, {2, 150}, at::TensorOptions().dtype(at::kLong));
+  const auto doc_pos = packed_rows_doc_ids_and_positions();
+  const at::Tensor doc = doc_pos.first, pos = doc_pos.second;
+  torch::NoGradGuard no_grad;
+  at::Tensor dense, sparse;
+  {
+    PackedEnv env("mask");
+    dense = seeded_model(tiny_llama(""), at::kFloat)->forward(ids, nullptr, pos, doc);
+  }
+  {
+    PackedEnv env("varlen");
+    sparse = seeded_model(tiny_llama(", \"anvil_attention_backend\": \"sparse\", \"anvil_sparse_window\": -1"), at::kFloat)
+                 ->forward(ids, nullptr, pos, doc);
+  }
+  EXPECT_LE((sparse - dense).abs().max().item<double>(), 1e-4 * dense.abs().max().item<double>());
+}
+
+TEST(PackedAttentionCuda, VarlenBf16WithinTwiceTheMaskPathsError) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  const auto ids = at::randint(0, 64, {2, 150}, at::TensorOptions().dtype(at::kLong));
+  const auto doc_pos = packed_rows_doc_ids_and_positions();
+  const at::Tensor doc = doc_pos.first, pos = doc_pos.second;
+  torch::NoGradGuard no_grad;
+  at::Tensor reference;  // fp32 on the CPU, document mask
+  {
+    PackedEnv env("mask");
+    reference = seeded_model(tiny_llama(""), at::kFloat)->forward(ids, nullptr, pos, doc);
+  }
+  auto on_gpu = [&](const char* path) {
+    PackedEnv env(path);
+    auto model = seeded_model(tiny_llama(""), at::kBFloat16);
+    model->to(at::kCUDA);
+    return model->forward(ids.cuda(), nullptr, pos.cuda(), doc.cuda()).cpu().to(at::kFloat);
+  };
+  const double err_mask = (on_gpu("mask") - reference).abs().max().item<double>();
+  const double err_varlen = (on_gpu("varlen") - reference).abs().max().item<double>();
+  EXPECT_LE(err_varlen, 2 * err_mask + 1e-3) << "mask path error " << err_mask;
+}
