@@ -132,6 +132,13 @@ def run_anvil(anvil_bin, model_path, data_path, batch, seq, ckpt, steps, warmup,
     cfg_path = os.path.join(root, "anvil-lora.json")
     with open(cfg_path, "w") as f:
         json.dump(cfg, f, indent=1)
+    # The --dry-run memory estimate of the same config, recorded beside the measured peak.
+    dry = subprocess.run([anvil_bin, "lora", "--config", cfg_path, "--dry-run"], capture_output=True, text=True)
+    estimate_gib = None
+    for line in dry.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == "total":
+            estimate_gib = float(parts[1]) / (1024 if parts[2] == "MiB" else 1)
     proc = subprocess.run([anvil_bin, "lora", "--config", cfg_path], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"anvil lora failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -141,7 +148,7 @@ def run_anvil(anvil_bin, model_path, data_path, batch, seq, ckpt, steps, warmup,
     seconds = train[steps]["elapsed_s"] - train[warmup]["elapsed_s"]
     return {"tokens_per_s": (steps - warmup) * batch * seq / seconds,
             "peak_gib": max(m.get("peak_mem_gib", 0.0) for m in train.values()),
-            "first_loss": train[1]["loss"], "last_loss": train[steps]["loss"]}
+            "first_loss": train[1]["loss"], "last_loss": train[steps]["loss"], "dry_run_estimate_gib": estimate_gib}
 
 
 def main():
@@ -188,6 +195,9 @@ def main():
             print(f"  {name:24}{r['tokens_per_s']:12,.0f}{r['peak_gib']:10.2f}"
                   f"{r['first_loss']:12.4f} -> {r['last_loss']:.4f}")
         print(f"  ratio: {speed:.2f}x tokens/s, {mem:.2f}x peak memory")
+        if ours.get("dry_run_estimate_gib") and ours["peak_gib"]:
+            print(f"  anvil lora --dry-run estimated {ours['dry_run_estimate_gib']:.2f} GiB "
+                  f"({ours['dry_run_estimate_gib'] / ours['peak_gib']:.2f}x the measured peak)")
         if speed_goal:
             goals.append((f"{case} speed", speed >= speed_goal, f"{speed:.2f}x (>= {speed_goal}x)"))
         if mem_goal:
