@@ -1,0 +1,39 @@
+// Instantiations of the Hopper forward of sparse_attention (sparse_attention_sm90.cuh): bf16 and fp16,
+// head dims 64 and 128, 128 rows of one head or 64 rows of two heads: eight kernels, compiled for
+// sm_90a only (the anvil_ops_sm90a object library). sparse_attention_cuda.cu calls launch_forward_sm90
+// on sm_90 devices (ANVIL_SPARSE_SM90=0 keeps the mma.sync kernel).
+#include "ops/sparse_attention/sparse_attention_launch.h"
+#include "ops/sparse_attention/sparse_attention_sm90.cuh"
+
+#include <c10/cuda/CUDAException.h>
+
+namespace anvil::ops::sparse_cuda {
+namespace {
+
+template <typename T, int D, int kHeads>
+void launch(const Params& p, cudaStream_t stream) {
+  constexpr int kRowsH = sm90::kRows / kHeads;
+  // Q, kStages x (K, V), and 1 KB to align the dynamic base to the swizzle's 1024-byte period.
+  const int smem = (sm90::kRows + 2 * sm90::kStages * kTile) * D * static_cast<int>(sizeof(T)) + 1024;
+  auto kernel = sm90::sparse_attention_fwd_sm90_kernel<T, D, kHeads>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const dim3 grid((p.seq + kRowsH - 1) / kRowsH, p.batch * p.heads_q / kHeads);
+  kernel<<<grid, sm90::kThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+template <typename T, int D>
+void launch_forward_sm90(const Params& p, TileShape shape, cudaStream_t stream) {
+  TORCH_CHECK(shape != TileShape::kRows64, "launch_forward_sm90: no 64-row shape (use the mma.sync kernel)");
+  if (shape == TileShape::kTwoHeads64) launch<T, D, 2>(p, stream);
+  else launch<T, D, 1>(p, stream);
+}
+
+template void launch_forward_sm90<__nv_bfloat16, 64>(const Params&, TileShape, cudaStream_t);
+template void launch_forward_sm90<__nv_bfloat16, 128>(const Params&, TileShape, cudaStream_t);
+template void launch_forward_sm90<__half, 64>(const Params&, TileShape, cudaStream_t);
+template void launch_forward_sm90<__half, 128>(const Params&, TileShape, cudaStream_t);
+
+}  // namespace anvil::ops::sparse_cuda

@@ -1,0 +1,307 @@
+// The Hopper (sm_90a) forward of sparse_attention: the FlashAttention-2 loop of
+// sparse_attention_kernels.cuh with both GEMMs on warpgroup MMA (wgmma), after FlashAttention-3's design.
+// The tile walk (range A / range B / extra, QueryPlan) and the element rule (sparse_attends) are the
+// mma.sync kernel's own, so the two kernels visit the same key tiles and mask the same elements.
+//
+// Shape: a CTA of 2 warpgroups (256 threads) owns 128 query rows, 64 per warpgroup: either 128 rows of
+// one head (TileShape::kRows128) or 64 rows of two heads of a GQA group (kTwoHeads64). Each key tile is
+// 64 keys (the plan's granularity: ranges and listed blocks are counted in 64-key tiles).
+//   S = Q K^T   wgmma m64n64k16, both operands in shared memory (Q and K K-major), D / 16 of them;
+//   softmax     on the fp32 accumulator in registers (base 2, scale * log2 e folded in, as before);
+//   O += P V    wgmma m64nDk16 with P as the register A operand ("RS"): the accumulator fragment of S
+//               is, pair by pair, the A fragment of the second GEMM (both are the m16n8k16 layout per
+//               warp: thread t holds rows t/4 and t/4 + 8, columns 2 (t % 4) + {0, 1} + 8 i), so P is
+//               only converted to 16 bits, never moved; V is (keys, D) with D contiguous, i.e. the
+//               MN-major B operand (wgmma's transposed-B flag).
+// Shared memory holds every tile in the canonical 128-byte-swizzle layout of wgmma: a tile of R rows x D
+// columns is D / 64 panels of R rows x 64 elements (128 bytes a row), panel after panel; inside a panel
+// the 16-byte chunk c of row r sits at chunk c ^ (r & 7). Panels start on 1024-byte boundaries, so the
+// swizzle the hardware applies to address bits [4, 7) ^ [7, 10) is exactly this one. Descriptors:
+//   Q, K (K-major)  stride byte offset 1024 (8 rows x 128 B); k-steps of 16 columns add 32 bytes inside
+//                   a panel, the next panel adds R x 128 bytes;
+//   V (MN-major)    stride byte offset 1024 (8 keys), leading byte offset = the panel size (the next
+//                   64 columns of D); k-steps of 16 keys add 16 x 128 bytes.
+// Loads are cp.async by all 256 threads, K/V double-buffered: the loads of tile j + 1 are issued before
+// the MMAs of tile j and run under them. Writes through cp.async are generic-proxy writes and wgmma
+// reads shared memory through the async proxy, so each thread fences (fence.proxy.async) after its
+// cp.async group lands and before the barrier that hands the tile to the MMAs.
+// Not (yet) here: TMA loads, warp specialization and FA3's ping-pong of the two warpgroups; two CTAs
+// fit on an SM (96 KB of shared memory each at D = 128), which overlaps one CTA's softmax with the other's
+// GEMMs in the meantime.
+#pragma once
+
+#include "ops/sparse_attention/sparse_attention_kernels.cuh"
+
+#include <cute/arch/mma_sm90_gmma.hpp>
+
+#include <utility>
+
+namespace anvil::ops::sparse_cuda::sm90 {
+
+constexpr int kThreads = 256;     // 2 warpgroups
+constexpr int kRows = 128;        // query rows per CTA (64 per warpgroup)
+constexpr int kStages = 2;        // K/V ring
+constexpr int kPanel = 64;        // columns of a 128-byte swizzle panel (16-bit elements)
+
+// Element offset of (row, col) in a swizzled tile of kR rows.
+template <int kR>
+__device__ __forceinline__ int swz128(int row, int col) {
+  return (col >> 6) * (kR * kPanel) + row * kPanel + ((((col >> 3) & 7) ^ (row & 7)) << 3) + (col & 7);
+}
+
+// Loads rows [row0, row0 + kR) of a (S, D) head into a swizzled tile; rows at or past `rows` are zeros.
+template <typename T, int D, int kR>
+__device__ __forceinline__ void load_tile_sw128(T* tile, const T* head, int row0, int rows, int tid) {
+  constexpr int kChunks = kR * D / 8;
+  #pragma unroll
+  for (int c = tid; c < kChunks; c += kThreads) {
+    const int r = c / (D / 8), col = (c % (D / 8)) * 8;
+    const bool valid = row0 + r < rows;
+    const T* src = valid ? head + static_cast<int64_t>(row0 + r) * D + col : head;
+    cp_async16(tile + swz128<kR>(r, col), src, valid);
+  }
+}
+
+// wgmma shared-memory descriptor of the 128-byte swizzle layout (byte offsets in 16-byte units).
+__device__ __forceinline__ uint64_t sw128_desc(const void* smem, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  uint64_t desc = (addr >> 4) & 0x3FFFu;
+  desc |= static_cast<uint64_t>((lbo_bytes >> 4) & 0x3FFFu) << 16;
+  desc |= static_cast<uint64_t>((sbo_bytes >> 4) & 0x3FFFu) << 32;
+  desc |= static_cast<uint64_t>(1) << 62;  // SWIZZLE_128B
+  return desc;
+}
+
+__device__ __forceinline__ void fence_proxy_async_smem() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// The CuTe MMA atoms (raw wgmma PTX) for T = bf16 / fp16.
+template <typename T, int N>
+struct Gmma;
+template <>
+struct Gmma<__nv_bfloat16, 64> {
+  using SS = cute::SM90::GMMA::MMA_64x64x16_F32BF16BF16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
+  using RS = cute::SM90::GMMA::MMA_64x64x16_F32BF16BF16_RS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::MN>;
+};
+template <>
+struct Gmma<__nv_bfloat16, 128> {
+  using RS = cute::SM90::GMMA::MMA_64x128x16_F32BF16BF16_RS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::MN>;
+};
+template <>
+struct Gmma<__half, 64> {
+  using SS = cute::SM90::GMMA::MMA_64x64x16_F32F16F16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
+  using RS = cute::SM90::GMMA::MMA_64x64x16_F32F16F16_RS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::MN>;
+};
+template <>
+struct Gmma<__half, 128> {
+  using RS = cute::SM90::GMMA::MMA_64x128x16_F32F16F16_RS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::MN>;
+};
+
+// d (N / 2 floats per thread) (+)= A (smem) B (smem).
+template <typename Op, size_t... I>
+__device__ __forceinline__ void gmma_ss(uint64_t da, uint64_t db, float* d, bool accumulate,
+                                        std::index_sequence<I...>) {
+  Op::fma(da, db, d[I]..., accumulate ? cute::SM90::GMMA::ScaleOut::One : cute::SM90::GMMA::ScaleOut::Zero);
+}
+// d (N / 2 floats per thread) += A (4 registers) B (smem).
+template <typename Op, size_t... I>
+__device__ __forceinline__ void gmma_rs(const uint32_t (&a)[4], uint64_t db, float* d, std::index_sequence<I...>) {
+  Op::fma(a[0], a[1], a[2], a[3], db, d[I]..., cute::SM90::GMMA::ScaleOut::One);
+}
+
+// Keeps the compiler from moving reads or writes of wgmma accumulators across the fence/wait.
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&r)[N]) {
+  #pragma unroll
+  for (int i = 0; i < N; ++i) cute::warpgroup_fence_operand(r[i]);
+}
+
+// kHeads = 1: 128 rows of one head (every 128-row tile in one query block); kHeads = 2: 64 rows of two
+// heads of a GQA group. The grid and the plan are the mma.sync kernel's for the same TileShape.
+template <typename T, int D, int kHeads>
+__global__ void __launch_bounds__(kThreads, 1) sparse_attention_fwd_sm90_kernel(const Params p) {
+  static_assert(D == 64 || D == 128, "head dim 64 or 128");
+  constexpr int kRowsH = kRows / kHeads;  // query rows per head
+  constexpr int kWgPerHead = 2 / kHeads;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  __shared__ QueryPlan plan;
+  // Panels must start on 1024-byte boundaries: align the dynamic base (the launcher adds 1 KB).
+  T* sQ = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
+  T* sK = sQ + kRows * D;            // (kStages, 64, D)
+  T* sV = sK + kStages * kTile * D;  // (kStages, 64, D)
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wg = warp >> 2, wq = warp & 3;  // warpgroup, warp in it
+  const int qt = gridDim.x - 1 - blockIdx.x;  // the longest walks first
+  const int heads_cta = p.heads_q / kHeads;
+  const int b = blockIdx.y / heads_cta, h0 = (blockIdx.y % heads_cta) * kHeads, hkv = h0 / (p.heads_q / p.heads_kv);
+  const int i0 = qt * kRowsH, i1 = min(i0 + kRowsH - 1, p.seq - 1);
+  const int64_t S = p.seq;
+  const int64_t bh = static_cast<int64_t>(b) * p.heads_q + h0 + wg / kWgPerHead;  // this warpgroup's head
+  const T* kh = static_cast<const T*>(p.k) + (static_cast<int64_t>(b) * p.heads_kv + hkv) * S * D;
+  const T* vh = static_cast<const T*>(p.v) + (static_cast<int64_t>(b) * p.heads_kv + hkv) * S * D;
+
+  if (tid == 0) build_query_plan(plan, p, b, hkv, i0, i1);
+  // Q: tile row r is head h0 + r / kRowsH, query i0 + r % kRowsH; warpgroup w owns rows [64 w, 64 w + 64).
+  for (int hh = 0; hh < kHeads; ++hh) {
+    const T* qh = static_cast<const T*>(p.q) + (static_cast<int64_t>(b) * p.heads_q + h0 + hh) * S * D;
+    // A (kRowsH, D) block of rows hh * kRowsH.. of the 128-row tile: chunk by chunk into the panels.
+    constexpr int kChunks = kRowsH * D / 8;
+    for (int c = tid; c < kChunks; c += kThreads) {
+      const int r = c / (D / 8), col = (c % (D / 8)) * 8;
+      const bool valid = i0 + r < p.seq;
+      const T* src = valid ? qh + static_cast<int64_t>(i0 + r) * D + col : qh;
+      cp_async16(sQ + swz128<kRows>(hh * kRowsH + r, col), src, valid);
+    }
+  }
+  cp_async_commit();
+  __syncthreads();  // the plan
+  const int n_tiles = plan.count();
+  const int tiles_per_block = p.block_size / kTile;
+  if (n_tiles > 0) {
+    const int t0 = plan.tile(0);
+    load_tile_sw128<T, D, kTile>(sK, kh, t0 * kTile, p.seq, tid);
+    load_tile_sw128<T, D, kTile>(sV, vh, t0 * kTile, p.seq, tid);
+  }
+  cp_async_commit();
+
+  // This thread's rows: r = 16 wq + lane / 4 + 8 hf of its warpgroup's 64.
+  const int g = lane >> 2, tq = lane & 3;
+  int row_i[2], row_ds[2];
+  float row_max[2], row_sum[2];
+  #pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    row_i[hf] = i0 + (wg % kWgPerHead) * 64 + wq * 16 + g + hf * 8;
+    row_ds[hf] = doc_start(p, min(row_i[hf], p.seq - 1));
+    row_max[hf] = -INFINITY;
+    row_sum[hf] = 0.f;
+  }
+  // Accumulators in the wgmma fragment layout: element 4 n + e is row g + 8 (e / 2), column 8 n + 2 tq + e % 2.
+  float s[32];     // S / P of one 64-key tile
+  float acc[D / 2];  // O
+  #pragma unroll
+  for (int i = 0; i < 32; ++i) s[i] = 0.f;
+  #pragma unroll
+  for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
+
+  const T* q_wg = sQ + wg * 64 * kPanel;  // this warpgroup's 64 rows in panel 0
+  constexpr uint32_t kSbo = 8 * 128;      // 8 rows of 128 bytes
+  constexpr uint32_t kTileBytes = kTile * kPanel * sizeof(T);  // one 64-row panel: V's leading byte offset
+
+  for (int it = 0; it < n_tiles; ++it) {
+    const int stage = it % kStages;
+    if (it + 1 < n_tiles) {
+      const int tn = plan.tile(it + 1);
+      load_tile_sw128<T, D, kTile>(sK + ((it + 1) % kStages) * kTile * D, kh, tn * kTile, p.seq, tid);
+      load_tile_sw128<T, D, kTile>(sV + ((it + 1) % kStages) * kTile * D, vh, tn * kTile, p.seq, tid);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    fence_proxy_async_smem();
+    __syncthreads();
+    const T* tK = sK + stage * kTile * D;
+    const T* tV = sV + stage * kTile * D;
+    const int kv_tile = plan.tile(it), k0 = kv_tile * kTile;
+    const bool listed = plan.listed(it, kv_tile, tiles_per_block);
+
+    // S = Q K^T over D in steps of 16.
+    fence_regs(s);
+    cute::warpgroup_arrive();
+    #pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const int panel = kk / 4, within = (kk % 4) * 16;
+      const uint64_t da = sw128_desc(q_wg + panel * kRows * kPanel + within, 16, kSbo);
+      const uint64_t db = sw128_desc(tK + panel * kTile * kPanel + within, 16, kSbo);
+      gmma_ss<typename Gmma<T, 64>::SS>(da, db, s, kk > 0, std::make_index_sequence<32>{});
+    }
+    cute::warpgroup_commit_batch();
+    cute::warpgroup_wait<0>();
+    fence_regs(s);
+
+    const bool full = tile_fully_visible(p, i0, i1, plan.ds_first, plan.ds_last, k0, k0 + kTile - 1, listed);
+    #pragma unroll
+    for (int n = 0; n < 8; ++n) {
+      #pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int hf = e >> 1, j = k0 + n * 8 + 2 * tq + (e & 1);
+        const bool ok = full || sparse_attends(row_i[hf], j, row_ds[hf], listed, p.window, p.sink_tokens);
+        s[4 * n + e] = ok ? s[4 * n + e] * p.scale_log2 : -INFINITY;
+      }
+    }
+    // Online softmax per row (the 4 lanes of a quad share a row).
+    #pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float mx = -INFINITY;
+      #pragma unroll
+      for (int n = 0; n < 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * hf], s[4 * n + 2 * hf + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(row_max[hf], mx);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;
+      const float corr = exp2f(row_max[hf] - m_use);
+      float sum = 0.f;
+      #pragma unroll
+      for (int n = 0; n < 8; ++n) {
+        s[4 * n + 2 * hf] = exp2f(s[4 * n + 2 * hf] - m_use);
+        s[4 * n + 2 * hf + 1] = exp2f(s[4 * n + 2 * hf + 1] - m_use);
+        sum += s[4 * n + 2 * hf] + s[4 * n + 2 * hf + 1];
+      }
+      row_sum[hf] = row_sum[hf] * corr + sum;
+      row_max[hf] = m_new;
+      #pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        acc[4 * n + 2 * hf] *= corr;
+        acc[4 * n + 2 * hf + 1] *= corr;
+      }
+    }
+    // P as the A operand, 16 keys per wgmma: n8 blocks 2 kk and 2 kk + 1 of the accumulator.
+    uint32_t pa[4][4];
+    #pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      pa[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
+      pa[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
+      pa[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
+      pa[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+    // O += P V over the 64 keys in steps of 16.
+    fence_regs(acc);
+    cute::warpgroup_arrive();
+    #pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint64_t db = sw128_desc(tV + kk * 16 * kPanel, kTileBytes, kSbo);
+      gmma_rs<typename Gmma<T, D>::RS>(pa[kk], db, acc, std::make_index_sequence<D / 2>{});
+    }
+    cute::warpgroup_commit_batch();
+    cute::warpgroup_wait<0>();
+    fence_regs(acc);
+    #pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      #pragma unroll
+      for (int r = 0; r < 4; ++r) cute::warpgroup_fence_operand(pa[kk][r]);  // live until the MMAs read them
+    }
+    __syncthreads();  // the next iteration's load overwrites the other stage, this one two iterations on
+  }
+  if (n_tiles == 0) cp_async_wait<0>();
+
+  T* oh = static_cast<T*>(p.o) + bh * S * D;
+  #pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    float l = row_sum[hf];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const int i = row_i[hf];
+    if (i >= p.seq) continue;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    #pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      *reinterpret_cast<uint32_t*>(oh + static_cast<int64_t>(i) * D + n * 8 + 2 * tq) =
+          pack2<T>(acc[4 * n + 2 * hf] * inv, acc[4 * n + 2 * hf + 1] * inv);
+    }
+    if (tq == 0) p.lse[bh * S + i] = l > 0.f ? (row_max[hf] + log2f(l)) * kLn2 : -INFINITY;
+  }
+}
+
+}  // namespace anvil::ops::sparse_cuda::sm90
