@@ -1,10 +1,11 @@
-"""bench/profile/sparse_sm90_check: the Hopper (wgmma) forward of sparse_attention beside the mma.sync one.
+"""bench/profile/sparse_sm90_check: the Hopper (wgmma) forwards of sparse_attention beside the mma.sync one.
 
 For a few shapes (window, sinks, NSA blocks, documents, GQA; D 64/128; bf16/fp16) prints the max error of
-the new kernel (ANVIL_SPARSE_SM90=1, the default on sm_90) and of the old one (ANVIL_SPARSE_SM90=0) against
-an fp32 torch reference, the error between the two, the same for lse, and the forward time of each
-(median of CUDA-event timings). Shapes too large for the reference compare new against old only. Exits
-non-zero when an error bound fails (2x torch's own same-dtype error + 1e-3, as the tests).
+each kernel against an fp32 torch reference and against the mma.sync kernel, the same for lse, and the
+forward time of each (median of CUDA-event timings). Kernels (ANVIL_SPARSE_SM90): ws = the warp-specialized
+TMA kernel (the default on sm_90), simple = the first cp.async kernel, old = mma.sync (=0). Shapes too
+large for the reference compare against the old kernel only. Exits non-zero when an error bound fails
+(2x torch's own same-dtype error + 1e-3, as the tests).
 
     PYTHONPATH=build-gpu/python python3 bench/profile/sparse_sm90_check.py [--quick]
 """
@@ -42,8 +43,11 @@ def err(a, b):
     return (a.float() - b.float()).abs().max().item()
 
 
-def run(q, k, v, args, sm90):
-    os.environ["ANVIL_SPARSE_SM90"] = "1" if sm90 else "0"
+KERNELS = {"ws": "1", "simple": "simple", "old": "0"}
+
+
+def run(q, k, v, args, kernel):
+    os.environ["ANVIL_SPARSE_SM90"] = KERNELS[kernel]
     return ops.sparse_attention(q, k, v, *args)
 
 
@@ -62,28 +66,36 @@ def check(shape, quick):
     cu = packed_cu(S, g) if varlen else None
     to = lambda t: None if t is None else t.cuda()
     args = (to(bi), to(bc), to(cu), window, sinks, bs)
-    o_new, lse_new = run(q, k, v, args, True)
-    o_old, lse_old = run(q, k, v, args, False)
+    outs = {kn: run(q, k, v, args, kn) for kn in KERNELS}
     torch.cuda.synchronize()
+    o_old, lse_old = outs["old"]
     fin = torch.isfinite(lse_old)
-    ok = torch.equal(torch.isfinite(lse_new), fin) and bool(torch.isfinite(o_new).all())
-    line = f"{name:40s} new-old o {err(o_new, o_old):.3g} lse {err(lse_new[fin], lse_old[fin]) if fin.any() else 0:.3g}"
+    ok = True
+    line = f"{name:38s}"
+    for kn in ("ws", "simple"):
+        o, lse = outs[kn]
+        ok &= torch.equal(torch.isfinite(lse), fin) and bool(torch.isfinite(o).all())
+        line += f" {kn}-old o {err(o, o_old):.3g} lse {err(lse[fin], lse_old[fin]) if fin.any() else 0:.3g};"
     if with_ref and not quick or (with_ref and S <= 4096):
         kw = dict(window=window, sinks=sinks, bs=bs, block_indices=to(bi), block_counts=to(bc), cu_seqlens=to(cu))
         ro, rlse = reference(q, k, v, dtype=torch.float32, chunk=512, **kw)
         lo, _ = reference(q, k, v, dtype=dtype, chunk=512, **kw)
-        e_new, e_old, e_torch = err(o_new, ro), err(o_old, ro), err(lo, ro)
+        e_torch = err(lo, ro)
         rf = torch.isfinite(rlse)
-        l_new = err(lse_new[rf], rlse[rf]) if rf.any() else 0.0
-        ok &= e_new <= 2 * e_torch + 1e-3 and l_new <= 1e-3
-        line += f" | vs fp32: new {e_new:.3g} old {e_old:.3g} torch-{str(dtype)[6:]} {e_torch:.3g} lse-new {l_new:.3g}"
-    t_new = time_ms(lambda: run(q, k, v, args, True), warmup=3, reps=10 if quick else 20)
-    t_old = time_ms(lambda: run(q, k, v, args, False), warmup=3, reps=10 if quick else 20)
-    line += f" | ms new {t_new:.3f} old {t_old:.3f} ({t_old / t_new:.2f}x)"
+        line += f" | vs fp32 (torch-{str(dtype)[6:]} {e_torch:.3g}):"
+        for kn in KERNELS:
+            o, lse = outs[kn]
+            e = err(o, ro)
+            el = err(lse[rf], rlse[rf]) if rf.any() else 0.0
+            ok &= e <= 2 * e_torch + 1e-3 and el <= 1e-3
+            line += f" {kn} {e:.3g}/lse {el:.2g}"
+    times = {kn: time_ms(lambda: run(q, k, v, args, kn), warmup=3, reps=10 if quick else 20) for kn in KERNELS}
+    line += " | ms " + " ".join(f"{kn} {t:.3f}" for kn, t in times.items())
+    t_new = times["ws"]
     if window > 0 and n == 0 and cu is None and sinks == 0:
         w = min(window, S)
         pairs = w * (w + 1) // 2 + (S - w) * w
-        line += f" new {4 * pairs * Hq * D / t_new / 1e9:.0f} TFLOP/s"
+        line += f" (ws {4 * pairs * Hq * D / t_new / 1e9:.0f} TFLOP/s, {times['old'] / t_new:.2f}x old)"
     print(("OK   " if ok else "FAIL ") + line, flush=True)
     return ok
 

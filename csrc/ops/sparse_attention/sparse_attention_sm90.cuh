@@ -32,6 +32,7 @@
 
 #include "ops/sparse_attention/sparse_attention_kernels.cuh"
 
+#include <cuda.h>
 #include <cute/arch/mma_sm90_gmma.hpp>
 
 #include <utility>
@@ -86,6 +87,7 @@ struct Gmma<__nv_bfloat16, 64> {
 };
 template <>
 struct Gmma<__nv_bfloat16, 128> {
+  using SS = cute::SM90::GMMA::MMA_64x128x16_F32BF16BF16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
   using RS = cute::SM90::GMMA::MMA_64x128x16_F32BF16BF16_RS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::MN>;
 };
 template <>
@@ -95,6 +97,7 @@ struct Gmma<__half, 64> {
 };
 template <>
 struct Gmma<__half, 128> {
+  using SS = cute::SM90::GMMA::MMA_64x128x16_F32F16F16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
   using RS = cute::SM90::GMMA::MMA_64x128x16_F32F16F16_RS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::MN>;
 };
 
@@ -285,6 +288,294 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attention_fwd_sm90_kernel(
     __syncthreads();  // the next iteration's load overwrites the other stage, this one two iterations on
   }
   if (n_tiles == 0) cp_async_wait<0>();
+
+  T* oh = static_cast<T*>(p.o) + bh * S * D;
+  #pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    float l = row_sum[hf];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const int i = row_i[hf];
+    if (i >= p.seq) continue;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    #pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      *reinterpret_cast<uint32_t*>(oh + static_cast<int64_t>(i) * D + n * 8 + 2 * tq) =
+          pack2<T>(acc[4 * n + 2 * hf] * inv, acc[4 * n + 2 * hf + 1] * inv);
+    }
+    if (tq == 0) p.lse[bh * S + i] = l > 0.f ? (row_max[hf] + log2f(l)) * kLn2 : -INFINITY;
+  }
+}
+
+
+// ---- the warp-specialized kernel: TMA producer, mbarrier ring, 128-key steps --------------------------
+//
+// 3 warpgroups (384 threads): warpgroup 0 is the producer (one thread issues every TMA copy; the
+// warpgroup gives up registers with setmaxnreg), warpgroups 1 and 2 are the consumers of 64 query rows
+// each (they take the registers). Q arrives once (q_full); K/V come in a ring of kWsStages stages of two
+// 64-key slots each: one step of the consumers is two plan tiles (128 keys; the last step of an odd count
+// is one tile), S = Q K^T as one m64n128k16 chain (m64n64 for a single tile), O += P V as 8 (4) k16 steps.
+// The slots of a step lie next to each other inside each 64-column panel ([panel][slot][64 keys][64]),
+// so the two tiles read as one 128-key operand whichever key tiles they are.
+// Barriers per stage: full (the producer's arrive.expect_tx + the TMA bytes) and empty (one arrive per
+// consumer warp after its PV wgmma completed). No CTA-wide barrier in the loop: the two consumer
+// warpgroups drift apart, so one's softmax runs under the other's GEMMs.
+// TMA copies (D, 64 rows) boxes of 64 columns with the 128-byte swizzle, which is the wgmma layout above;
+// rows past S arrive as zeros (out of bounds of the tensor map's S dimension).
+
+constexpr int kWsThreads = 384;
+constexpr int kWsStages = 2;
+constexpr int kSlots = 2 * kWsStages;
+
+struct TmaMaps {
+  CUtensorMap q, k, v;  // 3-d: (D, S, B * H), boxes (64, 64, 1), 128-byte swizzle
+};
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  const uint32_t addr = smem_u32(bar);
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(addr), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+// One (64 columns, 64 rows) box of a 3-d tensor map into shared memory, completing on `bar`.
+__device__ __forceinline__ void tma_load_box(void* dst, const CUtensorMap* map, uint64_t* bar, int col, int row,
+                                             int head) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], "
+      "[%2];\n" ::"r"(smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(col), "r"(row), "r"(head)
+      : "memory");
+}
+
+template <typename T, int D, int kHeads>
+__global__ void __launch_bounds__(kWsThreads, 1)
+    sparse_attention_fwd_sm90_ws_kernel(const Params p, const __grid_constant__ TmaMaps maps) {
+  static_assert(D == 64 || D == 128, "head dim 64 or 128");
+  constexpr int kRowsH = kRows / kHeads;
+  constexpr int kWgPerHead = 2 / kHeads;
+  constexpr int kPanels = D / kPanel;
+  constexpr int kBox = kTile * kPanel;                   // elements of one (64 x 64) box
+  constexpr uint32_t kBoxBytes = kBox * sizeof(T);       // 8 KB
+  constexpr int kKvPanel = kSlots * kBox;                // elements of one panel of the K (V) ring
+  constexpr uint32_t kSbo = 8 * 128;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  __shared__ QueryPlan plan;
+  __shared__ __align__(8) uint64_t full_bar[kWsStages], empty_bar[kWsStages], q_bar;
+  T* sQ = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
+  T* sK = sQ + kRows * D;          // [panel][slot][64][64]
+  T* sV = sK + kPanels * kKvPanel;  // [panel][slot][64][64]
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int wg = warp >> 2;
+  const int qt = gridDim.x - 1 - blockIdx.x;
+  const int heads_cta = p.heads_q / kHeads;
+  const int b = blockIdx.y / heads_cta, h0 = (blockIdx.y % heads_cta) * kHeads, hkv = h0 / (p.heads_q / p.heads_kv);
+  const int i0 = qt * kRowsH, i1 = min(i0 + kRowsH - 1, p.seq - 1);
+  if (tid == 0) {
+    build_query_plan(plan, p, b, hkv, i0, i1);
+    for (int st = 0; st < kWsStages; ++st) {
+      mbar_init(&full_bar[st], 1);
+      mbar_init(&empty_bar[st], 8);  // one arrive per consumer warp
+    }
+    mbar_init(&q_bar, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    fence_proxy_async_smem();
+  }
+  __syncthreads();
+  const int n_tiles = plan.count();
+  const int n_steps = (n_tiles + 1) / 2;
+
+  if (wg == 0) {
+    // ---- producer ----
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (tid != 0) return;
+    const int kv_head = b * p.heads_kv + hkv;
+    // Q: box (panel, half) -> rows [64 half, 64 half + 64) of panel `panel`.
+    mbar_arrive_expect_tx(&q_bar, 2 * kPanels * kBoxBytes);
+    for (int half = 0; half < 2; ++half) {
+      const int head = b * p.heads_q + h0 + (kHeads == 2 ? half : 0);
+      const int row = i0 + (kHeads == 2 ? 0 : 64 * half);
+      for (int pn = 0; pn < kPanels; ++pn) {
+        tma_load_box(sQ + pn * kRows * kPanel + half * kBox, &maps.q, &q_bar, pn * kPanel, row, head);
+      }
+    }
+    for (int step = 0; step < n_steps; ++step) {
+      const int st = step % kWsStages;
+      if (step >= kWsStages) mbar_wait(&empty_bar[st], ((step / kWsStages) - 1) & 1);
+      const int tiles = min(2, n_tiles - 2 * step);
+      mbar_arrive_expect_tx(&full_bar[st], tiles * 2 * kPanels * kBoxBytes);
+      for (int u = 0; u < tiles; ++u) {
+        const int key0 = plan.tile(2 * step + u) * kTile;
+        const int slot = 2 * st + u;
+        for (int pn = 0; pn < kPanels; ++pn) {
+          tma_load_box(sK + pn * kKvPanel + slot * kBox, &maps.k, &full_bar[st], pn * kPanel, key0, kv_head);
+          tma_load_box(sV + pn * kKvPanel + slot * kBox, &maps.v, &full_bar[st], pn * kPanel, key0, kv_head);
+        }
+      }
+    }
+    return;
+  }
+
+  // ---- consumers ----
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  const int cw = wg - 1;            // consumer warpgroup 0 / 1: tile rows [64 cw, 64 cw + 64)
+  const int wq = warp & 3;
+  const int64_t S = p.seq;
+  const int64_t bh = static_cast<int64_t>(b) * p.heads_q + h0 + cw / kWgPerHead;
+  const int tiles_per_block = p.block_size / kTile;
+  const int g = lane >> 2, tq = lane & 3;
+  int row_i[2], row_ds[2];
+  float row_max[2], row_sum[2];
+  #pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    row_i[hf] = i0 + (cw % kWgPerHead) * 64 + wq * 16 + g + hf * 8;
+    row_ds[hf] = doc_start(p, min(row_i[hf], p.seq - 1));
+    row_max[hf] = -INFINITY;
+    row_sum[hf] = 0.f;
+  }
+  float s[64];       // S / P of a 128-key step: element 4 n + e, n8 block n (blocks 8.. are the second tile)
+  float acc[D / 2];  // O
+  #pragma unroll
+  for (int i = 0; i < 64; ++i) s[i] = 0.f;
+  #pragma unroll
+  for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
+  const T* q_wg = sQ + cw * 64 * kPanel;
+
+  mbar_wait(&q_bar, 0);
+  for (int step = 0; step < n_steps; ++step) {
+    const int st = step % kWsStages;
+    const bool pair = 2 * step + 1 < n_tiles;
+    int k0[2];
+    bool listed[2], full[2];
+    #pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int n = min(2 * step + u, n_tiles - 1);
+      const int kv_tile = plan.tile(n);
+      k0[u] = kv_tile * kTile;
+      listed[u] = plan.listed(n, kv_tile, tiles_per_block);
+      full[u] = tile_fully_visible(p, i0, i1, plan.ds_first, plan.ds_last, k0[u], k0[u] + kTile - 1, listed[u]);
+    }
+    const T* tK = sK + 2 * st * kBox;
+    const T* tV = sV + 2 * st * kBox;
+    mbar_wait(&full_bar[st], (step / kWsStages) & 1);
+
+    // Each wgmma chain is straight-line code from its arrive to its commit (a branch inside one makes
+    // ptxas insert extra warpgroup.arrive fences).
+    fence_regs(s);
+    if (pair) {
+      cute::warpgroup_arrive();
+      #pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const int pn = kk / 4, within = (kk % 4) * 16;
+        const uint64_t da = sw128_desc(q_wg + pn * kRows * kPanel + within, 16, kSbo);
+        const uint64_t db = sw128_desc(tK + pn * kKvPanel + within, 16, kSbo);
+        gmma_ss<typename Gmma<T, 128>::SS>(da, db, s, kk > 0, std::make_index_sequence<64>{});
+      }
+      cute::warpgroup_commit_batch();
+    } else {
+      cute::warpgroup_arrive();
+      #pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const int pn = kk / 4, within = (kk % 4) * 16;
+        const uint64_t da = sw128_desc(q_wg + pn * kRows * kPanel + within, 16, kSbo);
+        const uint64_t db = sw128_desc(tK + pn * kKvPanel + within, 16, kSbo);
+        gmma_ss<typename Gmma<T, 64>::SS>(da, db, s, kk > 0, std::make_index_sequence<32>{});
+      }
+      cute::warpgroup_commit_batch();
+    }
+    cute::warpgroup_wait<0>();
+    fence_regs(s);
+
+    #pragma unroll
+    for (int n = 0; n < 16; ++n) {
+      const int u = n >> 3;
+      #pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int hf = e >> 1, j = k0[u] + (n & 7) * 8 + 2 * tq + (e & 1);
+        bool ok = full[u] || sparse_attends(row_i[hf], j, row_ds[hf], listed[u], p.window, p.sink_tokens);
+        if (u == 1) ok = ok && pair;
+        s[4 * n + e] = ok ? s[4 * n + e] * p.scale_log2 : -INFINITY;
+      }
+    }
+    #pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float mx = -INFINITY;
+      #pragma unroll
+      for (int n = 0; n < 16; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * hf], s[4 * n + 2 * hf + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(row_max[hf], mx);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;
+      const float corr = exp2f(row_max[hf] - m_use);
+      float sum = 0.f;
+      #pragma unroll
+      for (int n = 0; n < 16; ++n) {
+        s[4 * n + 2 * hf] = exp2f(s[4 * n + 2 * hf] - m_use);
+        s[4 * n + 2 * hf + 1] = exp2f(s[4 * n + 2 * hf + 1] - m_use);
+        sum += s[4 * n + 2 * hf] + s[4 * n + 2 * hf + 1];
+      }
+      row_sum[hf] = row_sum[hf] * corr + sum;
+      row_max[hf] = m_new;
+      #pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        acc[4 * n + 2 * hf] *= corr;
+        acc[4 * n + 2 * hf + 1] *= corr;
+      }
+    }
+    uint32_t pa[8][4];
+    #pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+      pa[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
+      pa[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
+      pa[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
+      pa[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+    fence_regs(acc);
+    if (pair) {
+      cute::warpgroup_arrive();
+      #pragma unroll
+      for (int kk = 0; kk < 8; ++kk) {
+        const uint64_t db = sw128_desc(tV + kk * 16 * kPanel, kKvPanel * sizeof(T), kSbo);
+        gmma_rs<typename Gmma<T, D>::RS>(pa[kk], db, acc, std::make_index_sequence<D / 2>{});
+      }
+      cute::warpgroup_commit_batch();
+    } else {
+      cute::warpgroup_arrive();
+      #pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        const uint64_t db = sw128_desc(tV + kk * 16 * kPanel, kKvPanel * sizeof(T), kSbo);
+        gmma_rs<typename Gmma<T, D>::RS>(pa[kk], db, acc, std::make_index_sequence<D / 2>{});
+      }
+      cute::warpgroup_commit_batch();
+    }
+    cute::warpgroup_wait<0>();
+    fence_regs(acc);
+    #pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+      #pragma unroll
+      for (int r = 0; r < 4; ++r) cute::warpgroup_fence_operand(pa[kk][r]);
+    }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&empty_bar[st]);  // this warp is done with the stage
+  }
 
   T* oh = static_cast<T*>(p.o) + bh * S * D;
   #pragma unroll
