@@ -2,8 +2,10 @@
 
 For a few shapes (window, sinks, NSA blocks, documents, GQA; D 64/128; bf16/fp16) prints the max error of
 each kernel against an fp32 torch reference and against the mma.sync kernel, the same for lse, and the
-forward time of each (median of CUDA-event timings). Kernels (ANVIL_SPARSE_SM90): ws = the warp-specialized
-TMA kernel (the default on sm_90), simple = the first cp.async kernel, old = mma.sync (=0). Shapes too
+forward time of each (median of CUDA-event timings). Kernels (ANVIL_SPARSE_SM90): pp = the overlapped
+warp-specialized kernel with ping-pong (the default on sm_90), pp0 = the same without ping-pong
+(ANVIL_SPARSE_SM90_PINGPONG=0), ws = warp-specialized without overlap, simple = the first cp.async
+kernel, old = mma.sync (=0). Shapes too
 large for the reference compare against the old kernel only. Exits non-zero when an error bound fails
 (2x torch's own same-dtype error + 1e-3, as the tests).
 
@@ -43,11 +45,12 @@ def err(a, b):
     return (a.float() - b.float()).abs().max().item()
 
 
-KERNELS = {"old": "0", "simple": "simple", "ws": "1"}
+# name -> (ANVIL_SPARSE_SM90, ANVIL_SPARSE_SM90_PINGPONG)
+KERNELS = {"old": ("0", "1"), "simple": ("simple", "1"), "ws": ("ws", "1"), "pp0": ("1", "0"), "pp": ("1", "1")}
 
 
 def run(q, k, v, args, kernel):
-    os.environ["ANVIL_SPARSE_SM90"] = KERNELS[kernel]
+    os.environ["ANVIL_SPARSE_SM90"], os.environ["ANVIL_SPARSE_SM90_PINGPONG"] = KERNELS[kernel]
     return ops.sparse_attention(q, k, v, *args)
 
 
@@ -74,7 +77,7 @@ def check(shape, quick):
     fin = torch.isfinite(lse_old)
     ok = True
     line = f"{name:38s}"
-    for kn in (x for x in ("ws", "simple") if x in KERNELS):
+    for kn in (x for x in KERNELS if x != "old"):
         o, lse = outs[kn]
         ok &= torch.equal(torch.isfinite(lse), fin) and bool(torch.isfinite(o).all())
         line += f" {kn}-old o {err(o, o_old):.3g} lse {err(lse[fin], lse_old[fin]) if fin.any() else 0:.3g};"
@@ -93,11 +96,11 @@ def check(shape, quick):
             line += f" {kn} {e:.3g}/lse {el:.2g}"
     times = {kn: time_ms(lambda: run(q, k, v, args, kn), warmup=3, reps=10 if quick else 20) for kn in KERNELS}
     line += " | ms " + " ".join(f"{kn} {t:.3f}" for kn, t in times.items())
-    t_new = times.get("ws", times.get("simple", times["old"]))
+    t_new = min(times.values())
     if window > 0 and n == 0 and cu is None and sinks == 0:
         w = min(window, S)
         pairs = w * (w + 1) // 2 + (S - w) * w
-        line += f" (newest {4 * pairs * Hq * D / t_new / 1e9:.0f} TFLOP/s, {times['old'] / t_new:.2f}x old)"
+        line += f" (fastest {4 * pairs * Hq * D / t_new / 1e9:.0f} TFLOP/s, {times['old'] / t_new:.2f}x old)"
     print(("OK   " if ok else "FAIL ") + line, flush=True)
     return ok
 
@@ -105,7 +108,7 @@ def check(shape, quick):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="reference only for S <= 4096")
-    ap.add_argument("--kernels", default="old,simple,ws", help="which of old, simple, ws (old is always run)")
+    ap.add_argument("--kernels", default="old,simple,ws,pp0,pp", help="which of old, simple, ws, pp0, pp (old always runs)")
     a = ap.parse_args()
     for kn in list(KERNELS):
         if kn != "old" and kn not in a.kernels.split(","):
@@ -121,6 +124,7 @@ def main():
             good = False
         torch.cuda.empty_cache()
     os.environ.pop("ANVIL_SPARSE_SM90", None)
+    os.environ.pop("ANVIL_SPARSE_SM90_PINGPONG", None)
     print("all OK" if good else "SOME FAILED")
     sys.exit(0 if good else 1)
 

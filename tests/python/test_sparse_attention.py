@@ -354,16 +354,18 @@ def test_cuda_against_fp32_reference(case, dtype):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("kernel", ["default", "simple", "mma8", "mma4"])
+@pytest.mark.parametrize("kernel", ["default", "pp0", "ws", "simple", "mma8", "mma4"])
 @pytest.mark.parametrize("Hkv,n,bs", [(8, 0, 64), (2, 4, 64), (8, 4, 64), (4, 2, 128)])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_forward_tile_shapes(monkeypatch, kernel, Hkv, n, bs, D, dtype):
     """Every forward kernel and tile shape within the error bound, documents and sinks included: the
-    default (on sm_90 the warp-specialized wgmma kernel for the 128-row shapes), the simple wgmma kernel
-    (ANVIL_SPARSE_SM90=simple) and the mma.sync kernel (ANVIL_SPARSE_SM90=0) as 8 warps x 16 rows or
-    4 warps x 32 rows (ANVIL_SPARSE_FWD_WARPS); 64 rows; 128 rows; 2 heads x 64."""
-    monkeypatch.setenv("ANVIL_SPARSE_SM90", {"default": "1", "simple": "simple"}.get(kernel, "0"))
+    default (on sm_90 the overlapped warp-specialized wgmma kernel with ping-pong for the 128-row shapes),
+    the same without ping-pong (ANVIL_SPARSE_SM90_PINGPONG=0), the warp-specialized kernel without overlap
+    (ANVIL_SPARSE_SM90=ws), the simple wgmma kernel (=simple) and the mma.sync kernel (=0) as 8 warps x 16
+    rows or 4 warps x 32 rows (ANVIL_SPARSE_FWD_WARPS); 64 rows; 128 rows; 2 heads x 64."""
+    monkeypatch.setenv("ANVIL_SPARSE_SM90", {"default": "1", "pp0": "1", "ws": "ws", "simple": "simple"}.get(kernel, "0"))
+    monkeypatch.setenv("ANVIL_SPARSE_SM90_PINGPONG", "0" if kernel == "pp0" else "1")
     monkeypatch.setenv("ANVIL_SPARSE_FWD_WARPS", "4" if kernel == "mma4" else "8")
     g = gen(len(kernel) * 100 + Hkv + n + D)
     S, Hq = 777, 8
@@ -384,7 +386,7 @@ def test_cuda_forward_tile_shapes(monkeypatch, kernel, Hkv, n, bs, D, dtype):
 @pytest.mark.parametrize("S", [1, 64, 127, 128, 129, 1500])
 @pytest.mark.parametrize("D", [64, 128])
 def test_cuda_wgmma_forward_equals_mma_sync_forward(monkeypatch, S, D):
-    """On sm_90 the wgmma forwards (warp-specialized; simple) and the mma.sync forward (ANVIL_SPARSE_SM90=0)
+    """On sm_90 the wgmma forwards (overlapped; warp-specialized; simple) and the mma.sync forward (ANVIL_SPARSE_SM90=0)
     agree to bf16 rounding on tiles with every mask edge (window, sinks, listed blocks, documents), GQA
     2 heads x 64 rows and 128 rows; elsewhere every run takes the same kernel and this passes trivially."""
     g = gen(S + D)
@@ -396,7 +398,7 @@ def test_cuda_wgmma_forward_equals_mma_sync_forward(monkeypatch, S, D):
         monkeypatch.setenv("ANVIL_SPARSE_SM90", "0")
         o0, l0 = ops.sparse_attention(q, k, v, *args)
         fin = torch.isfinite(l0)
-        for kernel in ("1", "simple"):
+        for kernel in ("1", "ws", "simple"):
             monkeypatch.setenv("ANVIL_SPARSE_SM90", kernel)
             o1, l1 = ops.sparse_attention(q, k, v, *args)
             assert torch.equal(torch.isfinite(l1), fin), (kernel, Hkv, bs)

@@ -312,9 +312,11 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attention_fwd_sm90_kernel(
 //
 // 3 warpgroups (384 threads): warpgroup 0 is the producer (one thread issues every TMA copy; the
 // warpgroup gives up registers with setmaxnreg), warpgroups 1 and 2 are the consumers of 64 query rows
-// each (they take the registers). Q arrives once (q_full); K/V come in a ring of kWsStages stages of two
-// 64-key slots each: one step of the consumers is two plan tiles (128 keys; the last step of an odd count
-// is one tile), S = Q K^T as one m64n128k16 chain (m64n64 for a single tile), O += P V as 8 (4) k16 steps.
+// each (they take the registers). Q arrives once (q_bar); K/V come in a ring of kWsStages stages of two
+// 64-key slots each: one step of the consumers is two plan tiles (128 keys), S = Q K^T as one m64n128k16
+// chain, O += P V as 8 k16 steps. The last step of an odd count loads its second slot from past S (TMA
+// fills it with zeros) and masks it: every step runs the same wgmma chains, no branch in between (a
+// branch there makes ptxas serialize the wgmmas).
 // The slots of a step lie next to each other inside each 64-column panel ([panel][slot][64 keys][64]),
 // so the two tiles read as one 128-key operand whichever key tiles they are.
 // Barriers per stage: full (the producer's arrive.expect_tx + the TMA bytes) and empty (one arrive per
@@ -365,6 +367,45 @@ __device__ __forceinline__ void tma_load_box(void* dst, const CUtensorMap* map, 
       : "memory");
 }
 
+__device__ __forceinline__ void named_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// S (+)= Q K^T for one step: 128 keys (two slots) or 64 (one).
+template <typename T, int D, int kKvPanel, bool kPair>
+__device__ __forceinline__ void issue_qk(float (&s)[64], const T* q_wg, const T* tK) {
+  constexpr uint32_t kSbo = 8 * 128;
+  cute::warpgroup_arrive();
+  #pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const int pn = kk / 4, within = (kk % 4) * 16;
+    const uint64_t da = sw128_desc(q_wg + pn * kRows * kPanel + within, 16, kSbo);
+    const uint64_t db = sw128_desc(tK + pn * kKvPanel + within, 16, kSbo);
+    if constexpr (kPair) {
+      gmma_ss<typename Gmma<T, 128>::SS>(da, db, s, kk > 0, std::make_index_sequence<64>{});
+    } else {
+      gmma_ss<typename Gmma<T, 64>::SS>(da, db, s, kk > 0, std::make_index_sequence<32>{});
+    }
+  }
+  cute::warpgroup_commit_batch();
+}
+
+// O += P V for one step: kSteps x 16 keys (8: two slots, 4: one).
+template <typename T, int D, int kKvPanel, int kSteps>
+__device__ __forceinline__ void issue_pv(float (&acc)[D / 2], const uint32_t (&pa)[8][4], const T* tV) {
+  constexpr uint32_t kSbo = 8 * 128;
+  cute::warpgroup_arrive();
+  #pragma unroll
+  for (int kk = 0; kk < kSteps; ++kk) {
+    const uint64_t db = sw128_desc(tV + kk * 16 * kPanel, kKvPanel * sizeof(T), kSbo);
+    gmma_rs<typename Gmma<T, D>::RS>(pa[kk], db, acc, std::make_index_sequence<D / 2>{});
+  }
+  cute::warpgroup_commit_batch();
+}
+
 template <typename T, int D, int kHeads>
 __global__ void __launch_bounds__(kWsThreads, 1)
     sparse_attention_fwd_sm90_ws_kernel(const Params p, const __grid_constant__ TmaMaps maps) {
@@ -375,7 +416,6 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   constexpr int kBox = kTile * kPanel;                   // elements of one (64 x 64) box
   constexpr uint32_t kBoxBytes = kBox * sizeof(T);       // 8 KB
   constexpr int kKvPanel = kSlots * kBox;                // elements of one panel of the K (V) ring
-  constexpr uint32_t kSbo = 8 * 128;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   __shared__ QueryPlan plan;
   __shared__ __align__(8) uint64_t full_bar[kWsStages], empty_bar[kWsStages], q_bar;
@@ -420,10 +460,10 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     for (int step = 0; step < n_steps; ++step) {
       const int st = step % kWsStages;
       if (step >= kWsStages) mbar_wait(&empty_bar[st], ((step / kWsStages) - 1) & 1);
-      const int tiles = min(2, n_tiles - 2 * step);
-      mbar_arrive_expect_tx(&full_bar[st], tiles * 2 * kPanels * kBoxBytes);
-      for (int u = 0; u < tiles; ++u) {
-        const int key0 = plan.tile(2 * step + u) * kTile;
+      // Always two slots: the missing second tile of an odd count is a box past S (zeros).
+      mbar_arrive_expect_tx(&full_bar[st], 2 * 2 * kPanels * kBoxBytes);
+      for (int u = 0; u < 2; ++u) {
+        const int key0 = 2 * step + u < n_tiles ? plan.tile(2 * step + u) * kTile : p.seq;
         const int slot = 2 * st + u;
         for (int pn = 0; pn < kPanels; ++pn) {
           tma_load_box(sK + pn * kKvPanel + slot * kBox, &maps.k, &full_bar[st], pn * kPanel, key0, kv_head);
@@ -477,30 +517,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     const T* tV = sV + 2 * st * kBox;
     mbar_wait(&full_bar[st], (step / kWsStages) & 1);
 
-    // Each wgmma chain is straight-line code from its arrive to its commit (a branch inside one makes
-    // ptxas insert extra warpgroup.arrive fences).
     fence_regs(s);
-    if (pair) {
-      cute::warpgroup_arrive();
-      #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const int pn = kk / 4, within = (kk % 4) * 16;
-        const uint64_t da = sw128_desc(q_wg + pn * kRows * kPanel + within, 16, kSbo);
-        const uint64_t db = sw128_desc(tK + pn * kKvPanel + within, 16, kSbo);
-        gmma_ss<typename Gmma<T, 128>::SS>(da, db, s, kk > 0, std::make_index_sequence<64>{});
-      }
-      cute::warpgroup_commit_batch();
-    } else {
-      cute::warpgroup_arrive();
-      #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const int pn = kk / 4, within = (kk % 4) * 16;
-        const uint64_t da = sw128_desc(q_wg + pn * kRows * kPanel + within, 16, kSbo);
-        const uint64_t db = sw128_desc(tK + pn * kKvPanel + within, 16, kSbo);
-        gmma_ss<typename Gmma<T, 64>::SS>(da, db, s, kk > 0, std::make_index_sequence<32>{});
-      }
-      cute::warpgroup_commit_batch();
-    }
+    issue_qk<T, D, kKvPanel, true>(s, q_wg, tK);
     cute::warpgroup_wait<0>();
     fence_regs(s);
 
@@ -549,23 +567,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       pa[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
     }
     fence_regs(acc);
-    if (pair) {
-      cute::warpgroup_arrive();
-      #pragma unroll
-      for (int kk = 0; kk < 8; ++kk) {
-        const uint64_t db = sw128_desc(tV + kk * 16 * kPanel, kKvPanel * sizeof(T), kSbo);
-        gmma_rs<typename Gmma<T, D>::RS>(pa[kk], db, acc, std::make_index_sequence<D / 2>{});
-      }
-      cute::warpgroup_commit_batch();
-    } else {
-      cute::warpgroup_arrive();
-      #pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        const uint64_t db = sw128_desc(tV + kk * 16 * kPanel, kKvPanel * sizeof(T), kSbo);
-        gmma_rs<typename Gmma<T, D>::RS>(pa[kk], db, acc, std::make_index_sequence<D / 2>{});
-      }
-      cute::warpgroup_commit_batch();
-    }
+    issue_pv<T, D, kKvPanel, 8>(acc, pa, tV);
     cute::warpgroup_wait<0>();
     fence_regs(acc);
     #pragma unroll
@@ -575,6 +577,259 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     }
     __syncwarp();
     if (lane == 0) mbar_arrive(&empty_bar[st]);  // this warp is done with the stage
+  }
+
+  T* oh = static_cast<T*>(p.o) + bh * S * D;
+  #pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    float l = row_sum[hf];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const int i = row_i[hf];
+    if (i >= p.seq) continue;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    #pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      *reinterpret_cast<uint32_t*>(oh + static_cast<int64_t>(i) * D + n * 8 + 2 * tq) =
+          pack2<T>(acc[4 * n + 2 * hf] * inv, acc[4 * n + 2 * hf + 1] * inv);
+    }
+    if (tq == 0) p.lse[bh * S + i] = l > 0.f ? (row_max[hf] + log2f(l)) * kLn2 : -INFINITY;
+  }
+}
+
+
+// ---- the overlapped kernel: FlashAttention-3's intra-warpgroup overlap and ping-pong ------------------
+//
+// The warp-specialized kernel above with the consumer loop of FA3: step j issues S(j) = Q K_j^T and then
+// O += P(j-1) V(j-1) back to back, waits for S(j) only, runs the softmax of step j while the PV GEMM of
+// step j-1 is still in the tensor cores, then waits for it, rescales O and packs P(j) (so S of one step,
+// P of the previous one and O are live at once: the consumers need about 200 registers, which
+// setmaxnreg gives them). With `pingpong` the two consumer warpgroups take turns to issue their GEMMs
+// (named barriers 1 and 2, warpgroup 0 first): one warpgroup's softmax runs under the other's GEMMs.
+// Stages: 2 x 128 keys at D = 128 (Q 32 KB + K/V 128 KB), 4 at D = 64.
+
+template <int D>
+struct PpConfig {
+  static constexpr int kStages = D == 64 ? 4 : 2;
+  static constexpr int kSlots = 2 * kStages;
+  static constexpr int kSmemBytes = (kRows + 2 * kSlots * kTile) * D * 2 + 1024;
+};
+
+template <typename T, int D, int kHeads>
+__global__ void __launch_bounds__(kWsThreads, 1)
+    sparse_attention_fwd_sm90_pp_kernel(const Params p, const __grid_constant__ TmaMaps maps, const int pingpong) {
+  static_assert(D == 64 || D == 128, "head dim 64 or 128");
+  using Cfg = PpConfig<D>;
+  constexpr int kStages = Cfg::kStages;
+  constexpr int kRowsH = kRows / kHeads;
+  constexpr int kWgPerHead = 2 / kHeads;
+  constexpr int kPanels = D / kPanel;
+  constexpr int kBox = kTile * kPanel;
+  constexpr uint32_t kBoxBytes = kBox * sizeof(T);
+  constexpr int kKvPanel = Cfg::kSlots * kBox;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  __shared__ QueryPlan plan;
+  __shared__ __align__(8) uint64_t full_bar[kStages], empty_bar[kStages], q_bar;
+  T* sQ = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
+  T* sK = sQ + kRows * D;           // [panel][slot][64][64]
+  T* sV = sK + kPanels * kKvPanel;  // [panel][slot][64][64]
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int wg = warp >> 2;
+  const int qt = gridDim.x - 1 - blockIdx.x;
+  const int heads_cta = p.heads_q / kHeads;
+  const int b = blockIdx.y / heads_cta, h0 = (blockIdx.y % heads_cta) * kHeads, hkv = h0 / (p.heads_q / p.heads_kv);
+  const int i0 = qt * kRowsH, i1 = min(i0 + kRowsH - 1, p.seq - 1);
+  if (tid == 0) {
+    build_query_plan(plan, p, b, hkv, i0, i1);
+    for (int st = 0; st < kStages; ++st) {
+      mbar_init(&full_bar[st], 1);
+      mbar_init(&empty_bar[st], 8);  // one arrive per consumer warp
+    }
+    mbar_init(&q_bar, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    fence_proxy_async_smem();
+  }
+  __syncthreads();
+  const int n_tiles = plan.count();
+  const int n_steps = (n_tiles + 1) / 2;
+
+  if (wg == 0) {
+    // ---- producer: one thread ----
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (tid != 0) return;
+    const int kv_head = b * p.heads_kv + hkv;
+    mbar_arrive_expect_tx(&q_bar, 2 * kPanels * kBoxBytes);
+    for (int half = 0; half < 2; ++half) {
+      const int head = b * p.heads_q + h0 + (kHeads == 2 ? half : 0);
+      const int row = i0 + (kHeads == 2 ? 0 : 64 * half);
+      for (int pn = 0; pn < kPanels; ++pn) {
+        tma_load_box(sQ + pn * kRows * kPanel + half * kBox, &maps.q, &q_bar, pn * kPanel, row, head);
+      }
+    }
+    for (int step = 0; step < n_steps; ++step) {
+      const int st = step % kStages;
+      if (step >= kStages) mbar_wait(&empty_bar[st], ((step / kStages) - 1) & 1);
+      // Always two slots: the missing second tile of an odd count is a box past S, which TMA fills with
+      // zeros (P V then adds 0 x 0, and no branch splits the consumers' wgmma chains).
+      mbar_arrive_expect_tx(&full_bar[st], 2 * 2 * kPanels * kBoxBytes);
+      for (int u = 0; u < 2; ++u) {
+        const int key0 = 2 * step + u < n_tiles ? plan.tile(2 * step + u) * kTile : p.seq;
+        const int slot = 2 * st + u;
+        for (int pn = 0; pn < kPanels; ++pn) {
+          tma_load_box(sK + pn * kKvPanel + slot * kBox, &maps.k, &full_bar[st], pn * kPanel, key0, kv_head);
+          tma_load_box(sV + pn * kKvPanel + slot * kBox, &maps.v, &full_bar[st], pn * kPanel, key0, kv_head);
+        }
+      }
+    }
+    return;
+  }
+
+  // ---- consumers ----
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  const int cw = wg - 1;
+  const int wq = warp & 3;
+  const int64_t S = p.seq;
+  const int64_t bh = static_cast<int64_t>(b) * p.heads_q + h0 + cw / kWgPerHead;
+  const int tiles_per_block = p.block_size / kTile;
+  const int g = lane >> 2, tq = lane & 3;
+  int row_i[2], row_ds[2];
+  float row_max[2], row_sum[2], corr[2];
+  #pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    row_i[hf] = i0 + (cw % kWgPerHead) * 64 + wq * 16 + g + hf * 8;
+    row_ds[hf] = doc_start(p, min(row_i[hf], p.seq - 1));
+    row_max[hf] = -INFINITY;
+    row_sum[hf] = 0.f;
+    corr[hf] = 1.f;
+  }
+  float s[64];
+  float acc[D / 2];
+  uint32_t pa[8][4];
+  #pragma unroll
+  for (int i = 0; i < 64; ++i) s[i] = 0.f;
+  #pragma unroll
+  for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
+  #pragma unroll
+  for (int kk = 0; kk < 8; ++kk) pa[kk][0] = pa[kk][1] = pa[kk][2] = pa[kk][3] = 0u;
+  const T* q_wg = sQ + cw * 64 * kPanel;
+  const int my_bar = 1 + cw, other_bar = 2 - cw;
+
+  // The softmax of a step: scale, mask (per element only where a tile is not fully visible; the
+  // missing second tile of an odd count is masked whole), row max, exp2, row sums; corr rescales O.
+  auto softmax = [&](int step) {
+    const bool pair = 2 * step + 1 < n_tiles;
+    int k0[2];
+    bool listed[2], full[2];
+    #pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int n = min(2 * step + u, n_tiles - 1);
+      const int kv_tile = plan.tile(n);
+      k0[u] = kv_tile * kTile;
+      listed[u] = plan.listed(n, kv_tile, tiles_per_block);
+      full[u] = tile_fully_visible(p, i0, i1, plan.ds_first, plan.ds_last, k0[u], k0[u] + kTile - 1, listed[u]);
+    }
+    full[1] = full[1] && pair;
+    #pragma unroll
+    for (int n = 0; n < 16; ++n) {
+      const int u = n >> 3;
+      #pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int hf = e >> 1, j = k0[u] + (n & 7) * 8 + 2 * tq + (e & 1);
+        bool ok = full[u] || sparse_attends(row_i[hf], j, row_ds[hf], listed[u], p.window, p.sink_tokens);
+        if (u == 1) ok = ok && pair;
+        s[4 * n + e] = ok ? s[4 * n + e] * p.scale_log2 : -INFINITY;
+      }
+    }
+    #pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float mx = -INFINITY;
+      #pragma unroll
+      for (int n = 0; n < 16; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * hf], s[4 * n + 2 * hf + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(row_max[hf], mx);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;
+      corr[hf] = exp2f(row_max[hf] - m_use);
+      float sum = 0.f;
+      #pragma unroll
+      for (int n = 0; n < 16; ++n) {
+        s[4 * n + 2 * hf] = exp2f(s[4 * n + 2 * hf] - m_use);
+        s[4 * n + 2 * hf + 1] = exp2f(s[4 * n + 2 * hf + 1] - m_use);
+        sum += s[4 * n + 2 * hf] + s[4 * n + 2 * hf + 1];
+      }
+      row_sum[hf] = row_sum[hf] * corr[hf] + sum;
+      row_max[hf] = m_new;
+    }
+  };
+  auto rescale_and_pack = [&]() {
+    #pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      acc[4 * n + 0] *= corr[0];
+      acc[4 * n + 1] *= corr[0];
+      acc[4 * n + 2] *= corr[1];
+      acc[4 * n + 3] *= corr[1];
+    }
+    #pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+      pa[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
+      pa[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
+      pa[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
+      pa[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+  };
+  auto fence_pa = [&]() {
+    #pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+      #pragma unroll
+      for (int r = 0; r < 4; ++r) cute::warpgroup_fence_operand(pa[kk][r]);
+    }
+  };
+
+  mbar_wait(&q_bar, 0);
+  // Rounds of the ping-pong: step 0 issues S(0); step j in [1, n) issues S(j) and PV(j - 1); the last
+  // round issues PV(n - 1). Each round: my barrier (the other warpgroup has issued), issue, the other's
+  // barrier. Warpgroup 0 goes first; warpgroup 1 skips the arrive of the last round (nobody waits for it).
+  if (n_steps > 0) {
+    if (pingpong && cw == 1) named_arrive(other_bar, 2 * 128);
+    mbar_wait(&full_bar[0], 0);
+    if (pingpong) named_sync(my_bar, 2 * 128);
+    fence_regs(s);
+    issue_qk<T, D, kKvPanel, true>(s, q_wg, sK);
+    if (pingpong) named_arrive(other_bar, 2 * 128);
+    cute::warpgroup_wait<0>();
+    fence_regs(s);
+    softmax(0);
+    rescale_and_pack();
+    for (int step = 1; step < n_steps; ++step) {
+      const int st = step % kStages, prev_st = (step - 1) % kStages;
+      mbar_wait(&full_bar[st], (step / kStages) & 1);
+      if (pingpong) named_sync(my_bar, 2 * 128);
+      fence_regs(s);
+      issue_qk<T, D, kKvPanel, true>(s, q_wg, sK + 2 * st * kBox);
+      fence_regs(acc);
+      fence_pa();
+      issue_pv<T, D, kKvPanel, 8>(acc, pa, sV + 2 * prev_st * kBox);
+      if (pingpong) named_arrive(other_bar, 2 * 128);
+      cute::warpgroup_wait<1>();  // S(step); PV(step - 1) may still run under the softmax
+      fence_regs(s);
+      softmax(step);
+      cute::warpgroup_wait<0>();
+      fence_regs(acc);
+      fence_pa();
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&empty_bar[prev_st]);  // this warp is done with step - 1's stage
+      rescale_and_pack();
+    }
+    const int last_st = (n_steps - 1) % kStages;
+    if (pingpong) named_sync(my_bar, 2 * 128);
+    fence_regs(acc);
+    fence_pa();
+    issue_pv<T, D, kKvPanel, 8>(acc, pa, sV + 2 * last_st * kBox);
+    if (pingpong && cw == 0) named_arrive(other_bar, 2 * 128);
+    cute::warpgroup_wait<0>();
+    fence_regs(acc);
+    fence_pa();
   }
 
   T* oh = static_cast<T*>(p.o) + bh * S * D;
