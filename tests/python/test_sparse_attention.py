@@ -387,8 +387,9 @@ def test_cuda_forward_tile_shapes(monkeypatch, kernel, Hkv, n, bs, D, dtype):
 @pytest.mark.parametrize("D", [64, 128])
 def test_cuda_wgmma_forward_equals_mma_sync_forward(monkeypatch, S, D):
     """On sm_90 the wgmma forwards (overlapped; warp-specialized; simple) and the mma.sync forward
-    (ANVIL_SPARSE_SM90=0) agree to bf16 rounding on tiles with every mask edge (window, sinks, listed blocks, documents), GQA
-    2 heads x 64 rows and 128 rows; elsewhere every run takes the same kernel and this passes trivially."""
+    (ANVIL_SPARSE_SM90=0) agree to bf16 rounding on tiles with every mask edge (window, sinks, listed
+    blocks, documents), GQA 2 heads x 64 rows and 128 rows; elsewhere every run takes the same kernel and
+    this passes trivially."""
     g = gen(S + D)
     for Hkv, bs in ((2, 64), (8, 128)):
         q, k, v = (torch.randn(1, h, S, D, generator=g).cuda().to(torch.bfloat16) for h in (8, Hkv, Hkv))
