@@ -614,7 +614,9 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 // P of the previous one and O are live at once: the consumers need about 200 registers, which
 // setmaxnreg gives them). With `pingpong` the two consumer warpgroups take turns to issue their GEMMs
 // (named barriers 1 and 2, warpgroup 0 first): one warpgroup's softmax runs under the other's GEMMs.
-// Stages: 2 x 128 keys at D = 128 (Q 32 KB + K/V 128 KB), 4 at D = 64.
+// Stages: 2 x 128 keys at D = 128 (Q 32 KB + K/V 128 KB), 4 at D = 64. K and V have separate full/empty
+// barriers and the producer loads K one step ahead of V: K(j) is released when S(j) is done, V(j) when
+// PV(j) is, so each load has about a step of slack even with two stages.
 
 template <int D>
 struct PpConfig {
@@ -637,7 +639,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   constexpr int kKvPanel = Cfg::kSlots * kBox;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   __shared__ QueryPlan plan;
-  __shared__ __align__(8) uint64_t full_bar[kStages], empty_bar[kStages], q_bar;
+  // K and V have barriers of their own: K(j) is free once S(j) is done, V(j) only after PV(j).
+  __shared__ __align__(8) uint64_t full_k[kStages], full_v[kStages], empty_k[kStages], empty_v[kStages], q_bar;
   T* sQ = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
   T* sK = sQ + kRows * D;           // [panel][slot][64][64]
   T* sV = sK + kPanels * kKvPanel;  // [panel][slot][64][64]
@@ -651,8 +654,10 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   if (tid == 0) {
     build_query_plan(plan, p, b, hkv, i0, i1);
     for (int st = 0; st < kStages; ++st) {
-      mbar_init(&full_bar[st], 1);
-      mbar_init(&empty_bar[st], 8);  // one arrive per consumer warp
+      mbar_init(&full_k[st], 1);
+      mbar_init(&full_v[st], 1);
+      mbar_init(&empty_k[st], 8);  // one arrive per consumer warp
+      mbar_init(&empty_v[st], 8);
     }
     mbar_init(&q_bar, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -675,20 +680,24 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         tma_load_box(sQ + pn * kRows * kPanel + half * kBox, &maps.q, &q_bar, pn * kPanel, row, head);
       }
     }
-    for (int step = 0; step < n_steps; ++step) {
+    // Step j's two slots of K (or V); always two: the missing second tile of an odd count is a box past
+    // S, which TMA fills with zeros (P V then adds 0 x 0, and no branch splits the consumers' wgmma chains).
+    auto load = [&](int step, T* ring, const CUtensorMap* map, uint64_t* full, uint64_t* empty) {
       const int st = step % kStages;
-      if (step >= kStages) mbar_wait(&empty_bar[st], ((step / kStages) - 1) & 1);
-      // Always two slots: the missing second tile of an odd count is a box past S, which TMA fills with
-      // zeros (P V then adds 0 x 0, and no branch splits the consumers' wgmma chains).
-      mbar_arrive_expect_tx(&full_bar[st], 2 * 2 * kPanels * kBoxBytes);
+      if (step >= kStages) mbar_wait(&empty[st], ((step / kStages) - 1) & 1);
+      mbar_arrive_expect_tx(&full[st], 2 * kPanels * kBoxBytes);
       for (int u = 0; u < 2; ++u) {
         const int key0 = 2 * step + u < n_tiles ? plan.tile(2 * step + u) * kTile : p.seq;
-        const int slot = 2 * st + u;
         for (int pn = 0; pn < kPanels; ++pn) {
-          tma_load_box(sK + pn * kKvPanel + slot * kBox, &maps.k, &full_bar[st], pn * kPanel, key0, kv_head);
-          tma_load_box(sV + pn * kKvPanel + slot * kBox, &maps.v, &full_bar[st], pn * kPanel, key0, kv_head);
+          tma_load_box(ring + pn * kKvPanel + (2 * st + u) * kBox, map, &full[st], pn * kPanel, key0, kv_head);
         }
       }
+    };
+    // K runs one step ahead of V: K(j + 1) is needed before V(j) (S(j + 1) is issued with PV(j)).
+    if (n_steps > 0) load(0, sK, &maps.k, full_k, empty_k);
+    for (int step = 0; step < n_steps; ++step) {
+      if (step + 1 < n_steps) load(step + 1, sK, &maps.k, full_k, empty_k);
+      load(step, sV, &maps.v, full_v, empty_v);
     }
     return;
   }
@@ -805,18 +814,21 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   // barrier. Warpgroup 0 goes first; warpgroup 1 skips the arrive of the last round (nobody waits for it).
   if (n_steps > 0) {
     if (pingpong && cw == 1) named_arrive(other_bar, 2 * 128);
-    mbar_wait(&full_bar[0], 0);
+    mbar_wait(&full_k[0], 0);
     if (pingpong) named_sync(my_bar, 2 * 128);
     fence_regs(s);
     issue_qk<T, D, kKvPanel, true>(s, q_wg, sK);
     if (pingpong) named_arrive(other_bar, 2 * 128);
     cute::warpgroup_wait<0>();
     fence_regs(s);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&empty_k[0]);
     softmax(0);
     rescale_and_pack();
     for (int step = 1; step < n_steps; ++step) {
       const int st = step % kStages, prev_st = (step - 1) % kStages;
-      mbar_wait(&full_bar[st], (step / kStages) & 1);
+      mbar_wait(&full_k[st], (step / kStages) & 1);
+      mbar_wait(&full_v[prev_st], ((step - 1) / kStages) & 1);
       if (pingpong) named_sync(my_bar, 2 * 128);
       fence_regs(s);
       issue_qk<T, D, kKvPanel, true>(s, q_wg, sK + 2 * st * kBox);
@@ -826,15 +838,18 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       if (pingpong) named_arrive(other_bar, 2 * 128);
       cute::warpgroup_wait<1>();  // S(step); PV(step - 1) may still run under the softmax
       fence_regs(s);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&empty_k[st]);  // this warp is done with K(step)
       softmax(step);
       cute::warpgroup_wait<0>();
       fence_regs(acc);
       fence_pa();
       __syncwarp();
-      if (lane == 0) mbar_arrive(&empty_bar[prev_st]);  // this warp is done with step - 1's stage
+      if (lane == 0) mbar_arrive(&empty_v[prev_st]);  // this warp is done with V(step - 1)
       rescale_and_pack();
     }
     const int last_st = (n_steps - 1) % kStages;
+    mbar_wait(&full_v[last_st], ((n_steps - 1) / kStages) & 1);
     if (pingpong) named_sync(my_bar, 2 * 128);
     fence_regs(acc);
     fence_pa();
