@@ -354,25 +354,57 @@ def test_cuda_against_fp32_reference(case, dtype):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("warps", ["8", "4"])
+@pytest.mark.parametrize("kernel", ["default", "pp0", "ws", "simple", "mma8", "mma4"])
 @pytest.mark.parametrize("Hkv,n,bs", [(8, 0, 64), (2, 4, 64), (8, 4, 64), (4, 2, 128)])
-def test_cuda_forward_tile_shapes(monkeypatch, warps, Hkv, n, bs):
-    """Every forward tile shape (64 rows; 128 rows; 2 heads x 64 rows; the wide ones as 8 warps x 16 rows
-    or 4 warps x 32 rows, ANVIL_SPARSE_FWD_WARPS) within the error bound, documents and sinks included."""
-    monkeypatch.setenv("ANVIL_SPARSE_FWD_WARPS", warps)
-    g = gen(int(warps) * 100 + Hkv + n)
-    S, Hq, D = 777, 8, 128
-    q, k, v = (torch.randn(1, h, S, D, generator=g).cuda().to(torch.bfloat16) for h in (Hq, Hkv, Hkv))
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_forward_tile_shapes(monkeypatch, kernel, Hkv, n, bs, D, dtype):
+    """Every forward kernel and tile shape within the error bound, documents and sinks included: the
+    default (on sm_90 the overlapped warp-specialized wgmma kernel with ping-pong for the 128-row shapes),
+    the same without ping-pong (ANVIL_SPARSE_SM90_PINGPONG=0), the warp-specialized kernel without overlap
+    (ANVIL_SPARSE_SM90=ws), the simple wgmma kernel (=simple) and the mma.sync kernel (=0) as 8 warps x 16
+    rows or 4 warps x 32 rows (ANVIL_SPARSE_FWD_WARPS); 64 rows; 128 rows; 2 heads x 64."""
+    monkeypatch.setenv("ANVIL_SPARSE_SM90", {"default": "1", "pp0": "1", "ws": "ws", "simple": "simple"}.get(kernel, "0"))
+    monkeypatch.setenv("ANVIL_SPARSE_SM90_PINGPONG", "0" if kernel == "pp0" else "1")
+    monkeypatch.setenv("ANVIL_SPARSE_FWD_WARPS", "4" if kernel == "mma4" else "8")
+    g = gen(len(kernel) * 100 + Hkv + n + D)
+    S, Hq = 777, 8
+    q, k, v = (torch.randn(1, h, S, D, generator=g).cuda().to(dtype) for h in (Hq, Hkv, Hkv))
     bi, bc = random_selection(1, Hkv, S, bs, n, g, True) if n else (None, None)
     cu = torch.tensor([0, 300, 777], dtype=torch.int32).cuda()
     to = lambda t: None if t is None else t.cuda()
     kw = dict(window=100, sinks=3, bs=bs, block_indices=to(bi), block_counts=to(bc), cu_seqlens=cu)
     ro, rlse = reference(q, k, v, dtype=torch.float32, **kw)
-    lo, _ = reference(q, k, v, dtype=torch.bfloat16, **kw)
+    lo, _ = reference(q, k, v, dtype=dtype, **kw)
     o, lse = ops.sparse_attention(q, k, v, to(bi), to(bc), cu, 100, 3, bs)
     assert err(o, ro) <= 2 * err(lo, ro) + 1e-3
     fin = torch.isfinite(rlse)
     assert torch.equal(torch.isfinite(lse), fin) and err(lse[fin], rlse[fin]) <= 1e-3
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("S", [1, 64, 127, 128, 129, 1500])
+@pytest.mark.parametrize("D", [64, 128])
+def test_cuda_wgmma_forward_equals_mma_sync_forward(monkeypatch, S, D):
+    """On sm_90 the wgmma forwards (overlapped; warp-specialized; simple) and the mma.sync forward
+    (ANVIL_SPARSE_SM90=0) agree to bf16 rounding on tiles with every mask edge (window, sinks, listed
+    blocks, documents), GQA 2 heads x 64 rows and 128 rows; elsewhere every run takes the same kernel and
+    this passes trivially."""
+    g = gen(S + D)
+    for Hkv, bs in ((2, 64), (8, 128)):
+        q, k, v = (torch.randn(1, h, S, D, generator=g).cuda().to(torch.bfloat16) for h in (8, Hkv, Hkv))
+        bi, bc = random_selection(1, Hkv, S, bs, 3, g, True)
+        cu = packed_cu(S, g).cuda()
+        args = (bi.cuda(), bc.cuda(), cu, 70, 2, bs)
+        monkeypatch.setenv("ANVIL_SPARSE_SM90", "0")
+        o0, l0 = ops.sparse_attention(q, k, v, *args)
+        fin = torch.isfinite(l0)
+        for kernel in ("1", "ws", "simple"):
+            monkeypatch.setenv("ANVIL_SPARSE_SM90", kernel)
+            o1, l1 = ops.sparse_attention(q, k, v, *args)
+            assert torch.equal(torch.isfinite(l1), fin), (kernel, Hkv, bs)
+            assert err(o1, o0) <= 2e-2, (kernel, Hkv, bs)
+            assert fin.sum() == 0 or err(l1[fin], l0[fin]) <= 1e-3, (kernel, Hkv, bs)
 
 
 @pytest.mark.cuda

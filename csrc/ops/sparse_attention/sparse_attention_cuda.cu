@@ -3,7 +3,8 @@
 // backward's precomputations (Delta = rowsum(dO * O); the inverse block index: for each key block the
 // ascending query blocks that list it, by one sort and a searchsorted, no host sync) and the dispatch
 // over dtype and head dim. Kernels: sparse_attention_kernels.cuh, instantiated in
-// sparse_attention_fwd.cu and sparse_attention_bwd.cu.
+// sparse_attention_fwd.cu and sparse_attention_bwd.cu; on sm_90 the forward is the wgmma kernel of
+// sparse_attention_sm90.cuh (sparse_attention_fwd_sm90.cu; ANVIL_SPARSE_SM90=0 keeps the mma.sync one).
 #include "ops/sparse_attention/sparse_attention_common.h"
 #include "ops/sparse_attention/sparse_attention_launch.h"
 
@@ -13,6 +14,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <tuple>
 
 namespace anvil::ops {
@@ -63,6 +66,21 @@ sparse_cuda::TileShape tile_shape(const SparseAttentionConfig& c, const c10::opt
   return sparse_cuda::TileShape::kRows64;
 }
 
+// The Hopper forward (wgmma) runs on sm_90 devices for the 128-row shapes, unless ANVIL_SPARSE_SM90=0
+// (read on every call, so a check or benchmark can time both kernels in one process).
+bool use_sm90_forward(sparse_cuda::TileShape shape) {
+#if defined(ANVIL_WITH_SM90A)
+  if (shape == sparse_cuda::TileShape::kRows64) return false;
+  const char* env = std::getenv("ANVIL_SPARSE_SM90");
+  if (env != nullptr && std::string(env) == "0") return false;
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  return prop->major == 9 && prop->minor == 0;
+#else
+  (void)shape;
+  return false;
+#endif
+}
+
 template <typename F>
 void dispatch(at::ScalarType dtype, int64_t dim, F&& f) {
   auto by_dim = [&](auto tag) {
@@ -96,8 +114,17 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_cuda(const at::Tensor& q, co
   p.o = o.data_ptr();
   p.lse = lse.data_ptr<float>();
   const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto shape = tile_shape(c, block_indices);
+  const bool sm90 = use_sm90_forward(shape);
+  (void)sm90;  // unused without ANVIL_WITH_SM90A
   dispatch(q.scalar_type(), c.dim_qk, [&](auto tag, auto dim) {
-    sparse_cuda::launch_forward<decltype(tag), decltype(dim)::value>(p, tile_shape(c, block_indices), stream);
+#if defined(ANVIL_WITH_SM90A)
+    if (sm90) {
+      sparse_cuda::launch_forward_sm90<decltype(tag), decltype(dim)::value>(p, shape, stream);
+      return;
+    }
+#endif
+    sparse_cuda::launch_forward<decltype(tag), decltype(dim)::value>(p, shape, stream);
   });
   return {o, lse};
 }

@@ -17,6 +17,10 @@ enum class TileShape { kRows64, kRows128, kTwoHeads64 };
 // Grid (query tiles, B * Hq / heads per CTA); T is __nv_bfloat16 or __half, D 64 or 128.
 template <typename T, int D>
 void launch_forward(const Params& p, TileShape shape, cudaStream_t stream);
+// The Hopper forward (wgmma; sparse_attention_fwd_sm90.cu, built only with ANVIL_WITH_SM90A): shapes
+// kRows128 and kTwoHeads64 only, on an sm_90 device.
+template <typename T, int D>
+void launch_forward_sm90(const Params& p, TileShape shape, cudaStream_t stream);
 // dq kernel, then the dk/dv kernel.
 template <typename T, int D>
 void launch_backward(const Params& p, TileShape shape, cudaStream_t stream);

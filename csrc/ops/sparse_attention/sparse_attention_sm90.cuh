@@ -1,0 +1,881 @@
+// The Hopper (sm_90a) forward of sparse_attention: the FlashAttention-2 loop of
+// sparse_attention_kernels.cuh with both GEMMs on warpgroup MMA (wgmma), after FlashAttention-3's design.
+// The tile walk (range A / range B / extra, QueryPlan) and the element rule (sparse_attends) are the
+// mma.sync kernel's own, so the two kernels visit the same key tiles and mask the same elements.
+//
+// Shape: a CTA of 2 warpgroups (256 threads) owns 128 query rows, 64 per warpgroup: either 128 rows of
+// one head (TileShape::kRows128) or 64 rows of two heads of a GQA group (kTwoHeads64). Each key tile is
+// 64 keys (the plan's granularity: ranges and listed blocks are counted in 64-key tiles).
+//   S = Q K^T   wgmma m64n64k16, both operands in shared memory (Q and K K-major), D / 16 of them;
+//   softmax     on the fp32 accumulator in registers (base 2, scale * log2 e folded in, as before);
+//   O += P V    wgmma m64nDk16 with P as the register A operand ("RS"): the accumulator fragment of S
+//               is, pair by pair, the A fragment of the second GEMM (both are the m16n8k16 layout per
+//               warp: thread t holds rows t/4 and t/4 + 8, columns 2 (t % 4) + {0, 1} + 8 i), so P is
+//               only converted to 16 bits, never moved; V is (keys, D) with D contiguous, i.e. the
+//               MN-major B operand (wgmma's transposed-B flag).
+// Shared memory holds every tile in the canonical 128-byte-swizzle layout of wgmma: a tile of R rows x D
+// columns is D / 64 panels of R rows x 64 elements (128 bytes a row), panel after panel; inside a panel
+// the 16-byte chunk c of row r sits at chunk c ^ (r & 7). Panels start on 1024-byte boundaries, so the
+// swizzle the hardware applies to address bits [4, 7) ^ [7, 10) is exactly this one. Descriptors:
+//   Q, K (K-major)  stride byte offset 1024 (8 rows x 128 B); k-steps of 16 columns add 32 bytes inside
+//                   a panel, the next panel adds R x 128 bytes;
+//   V (MN-major)    stride byte offset 1024 (8 keys), leading byte offset = the panel size (the next
+//                   64 columns of D); k-steps of 16 keys add 16 x 128 bytes.
+// Loads are cp.async by all 256 threads, K/V double-buffered: the loads of tile j + 1 are issued before
+// the MMAs of tile j and run under them. Writes through cp.async are generic-proxy writes and wgmma
+// reads shared memory through the async proxy, so each thread fences (fence.proxy.async) after its
+// cp.async group lands and before the barrier that hands the tile to the MMAs.
+// Not (yet) here: TMA loads, warp specialization and FA3's ping-pong of the two warpgroups; two CTAs
+// fit on an SM (96 KB of shared memory each at D = 128), which overlaps one CTA's softmax with the other's
+// GEMMs in the meantime.
+#pragma once
+
+#include "ops/sparse_attention/sparse_attention_kernels.cuh"
+
+#include <cuda.h>
+#include <cute/arch/mma_sm90_gmma.hpp>
+
+#include <utility>
+
+namespace anvil::ops::sparse_cuda::sm90 {
+
+constexpr int kThreads = 256;     // 2 warpgroups
+constexpr int kRows = 128;        // query rows per CTA (64 per warpgroup)
+constexpr int kStages = 2;        // K/V ring
+constexpr int kPanel = 64;        // columns of a 128-byte swizzle panel (16-bit elements)
+
+// Element offset of (row, col) in a swizzled tile of kR rows.
+template <int kR>
+__device__ __forceinline__ int swz128(int row, int col) {
+  return (col >> 6) * (kR * kPanel) + row * kPanel + ((((col >> 3) & 7) ^ (row & 7)) << 3) + (col & 7);
+}
+
+// Loads rows [row0, row0 + kR) of a (S, D) head into a swizzled tile; rows at or past `rows` are zeros.
+template <typename T, int D, int kR>
+__device__ __forceinline__ void load_tile_sw128(T* tile, const T* head, int row0, int rows, int tid) {
+  constexpr int kChunks = kR * D / 8;
+  #pragma unroll
+  for (int c = tid; c < kChunks; c += kThreads) {
+    const int r = c / (D / 8), col = (c % (D / 8)) * 8;
+    const bool valid = row0 + r < rows;
+    const T* src = valid ? head + static_cast<int64_t>(row0 + r) * D + col : head;
+    cp_async16(tile + swz128<kR>(r, col), src, valid);
+  }
+}
+
+// wgmma shared-memory descriptor of the 128-byte swizzle layout (byte offsets in 16-byte units).
+__device__ __forceinline__ uint64_t sw128_desc(const void* smem, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  uint64_t desc = (addr >> 4) & 0x3FFFu;
+  desc |= static_cast<uint64_t>((lbo_bytes >> 4) & 0x3FFFu) << 16;
+  desc |= static_cast<uint64_t>((sbo_bytes >> 4) & 0x3FFFu) << 32;
+  desc |= static_cast<uint64_t>(1) << 62;  // SWIZZLE_128B
+  return desc;
+}
+
+__device__ __forceinline__ void fence_proxy_async_smem() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// The CuTe MMA atoms (raw wgmma PTX) for T = bf16 / fp16.
+template <typename T, int N>
+struct Gmma;
+template <>
+struct Gmma<__nv_bfloat16, 64> {
+  using SS = cute::SM90::GMMA::MMA_64x64x16_F32BF16BF16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
+  using RS = cute::SM90::GMMA::MMA_64x64x16_F32BF16BF16_RS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::MN>;
+};
+template <>
+struct Gmma<__nv_bfloat16, 128> {
+  using SS = cute::SM90::GMMA::MMA_64x128x16_F32BF16BF16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
+  using RS = cute::SM90::GMMA::MMA_64x128x16_F32BF16BF16_RS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::MN>;
+};
+template <>
+struct Gmma<__half, 64> {
+  using SS = cute::SM90::GMMA::MMA_64x64x16_F32F16F16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
+  using RS = cute::SM90::GMMA::MMA_64x64x16_F32F16F16_RS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::MN>;
+};
+template <>
+struct Gmma<__half, 128> {
+  using SS = cute::SM90::GMMA::MMA_64x128x16_F32F16F16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
+  using RS = cute::SM90::GMMA::MMA_64x128x16_F32F16F16_RS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::MN>;
+};
+
+// d (N / 2 floats per thread) (+)= A (smem) B (smem).
+template <typename Op, size_t... I>
+__device__ __forceinline__ void gmma_ss(uint64_t da, uint64_t db, float* d, bool accumulate,
+                                        std::index_sequence<I...>) {
+  Op::fma(da, db, d[I]..., accumulate ? cute::SM90::GMMA::ScaleOut::One : cute::SM90::GMMA::ScaleOut::Zero);
+}
+// d (N / 2 floats per thread) += A (4 registers) B (smem).
+template <typename Op, size_t... I>
+__device__ __forceinline__ void gmma_rs(const uint32_t (&a)[4], uint64_t db, float* d, std::index_sequence<I...>) {
+  Op::fma(a[0], a[1], a[2], a[3], db, d[I]..., cute::SM90::GMMA::ScaleOut::One);
+}
+
+// Keeps the compiler from moving reads or writes of wgmma accumulators across the fence/wait.
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&r)[N]) {
+  #pragma unroll
+  for (int i = 0; i < N; ++i) cute::warpgroup_fence_operand(r[i]);
+}
+
+// kHeads = 1: 128 rows of one head (every 128-row tile in one query block); kHeads = 2: 64 rows of two
+// heads of a GQA group. The grid and the plan are the mma.sync kernel's for the same TileShape.
+template <typename T, int D, int kHeads>
+__global__ void __launch_bounds__(kThreads, 1) sparse_attention_fwd_sm90_kernel(const Params p) {
+  static_assert(D == 64 || D == 128, "head dim 64 or 128");
+  constexpr int kRowsH = kRows / kHeads;  // query rows per head
+  constexpr int kWgPerHead = 2 / kHeads;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  __shared__ QueryPlan plan;
+  // Panels must start on 1024-byte boundaries: align the dynamic base (the launcher adds 1 KB).
+  T* sQ = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
+  T* sK = sQ + kRows * D;            // (kStages, 64, D)
+  T* sV = sK + kStages * kTile * D;  // (kStages, 64, D)
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wg = warp >> 2, wq = warp & 3;  // warpgroup, warp in it
+  const int qt = gridDim.x - 1 - blockIdx.x;  // the longest walks first
+  const int heads_cta = p.heads_q / kHeads;
+  const int b = blockIdx.y / heads_cta, h0 = (blockIdx.y % heads_cta) * kHeads, hkv = h0 / (p.heads_q / p.heads_kv);
+  const int i0 = qt * kRowsH, i1 = min(i0 + kRowsH - 1, p.seq - 1);
+  const int64_t S = p.seq;
+  const int64_t bh = static_cast<int64_t>(b) * p.heads_q + h0 + wg / kWgPerHead;  // this warpgroup's head
+  const T* kh = static_cast<const T*>(p.k) + (static_cast<int64_t>(b) * p.heads_kv + hkv) * S * D;
+  const T* vh = static_cast<const T*>(p.v) + (static_cast<int64_t>(b) * p.heads_kv + hkv) * S * D;
+
+  if (tid == 0) build_query_plan(plan, p, b, hkv, i0, i1);
+  // Q: tile row r is head h0 + r / kRowsH, query i0 + r % kRowsH; warpgroup w owns rows [64 w, 64 w + 64).
+  for (int hh = 0; hh < kHeads; ++hh) {
+    const T* qh = static_cast<const T*>(p.q) + (static_cast<int64_t>(b) * p.heads_q + h0 + hh) * S * D;
+    // A (kRowsH, D) block of rows hh * kRowsH.. of the 128-row tile: chunk by chunk into the panels.
+    constexpr int kChunks = kRowsH * D / 8;
+    for (int c = tid; c < kChunks; c += kThreads) {
+      const int r = c / (D / 8), col = (c % (D / 8)) * 8;
+      const bool valid = i0 + r < p.seq;
+      const T* src = valid ? qh + static_cast<int64_t>(i0 + r) * D + col : qh;
+      cp_async16(sQ + swz128<kRows>(hh * kRowsH + r, col), src, valid);
+    }
+  }
+  cp_async_commit();
+  __syncthreads();  // the plan
+  const int n_tiles = plan.count();
+  const int tiles_per_block = p.block_size / kTile;
+  if (n_tiles > 0) {
+    const int t0 = plan.tile(0);
+    load_tile_sw128<T, D, kTile>(sK, kh, t0 * kTile, p.seq, tid);
+    load_tile_sw128<T, D, kTile>(sV, vh, t0 * kTile, p.seq, tid);
+  }
+  cp_async_commit();
+
+  // This thread's rows: r = 16 wq + lane / 4 + 8 hf of its warpgroup's 64.
+  const int g = lane >> 2, tq = lane & 3;
+  int row_i[2], row_ds[2];
+  float row_max[2], row_sum[2];
+  #pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    row_i[hf] = i0 + (wg % kWgPerHead) * 64 + wq * 16 + g + hf * 8;
+    row_ds[hf] = doc_start(p, min(row_i[hf], p.seq - 1));
+    row_max[hf] = -INFINITY;
+    row_sum[hf] = 0.f;
+  }
+  // Accumulators in the wgmma fragment layout: element 4 n + e is row g + 8 (e / 2), column 8 n + 2 tq + e % 2.
+  float s[32];     // S / P of one 64-key tile
+  float acc[D / 2];  // O
+  #pragma unroll
+  for (int i = 0; i < 32; ++i) s[i] = 0.f;
+  #pragma unroll
+  for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
+
+  const T* q_wg = sQ + wg * 64 * kPanel;  // this warpgroup's 64 rows in panel 0
+  constexpr uint32_t kSbo = 8 * 128;      // 8 rows of 128 bytes
+  constexpr uint32_t kTileBytes = kTile * kPanel * sizeof(T);  // one 64-row panel: V's leading byte offset
+
+  for (int it = 0; it < n_tiles; ++it) {
+    const int stage = it % kStages;
+    if (it + 1 < n_tiles) {
+      const int tn = plan.tile(it + 1);
+      load_tile_sw128<T, D, kTile>(sK + ((it + 1) % kStages) * kTile * D, kh, tn * kTile, p.seq, tid);
+      load_tile_sw128<T, D, kTile>(sV + ((it + 1) % kStages) * kTile * D, vh, tn * kTile, p.seq, tid);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    fence_proxy_async_smem();
+    __syncthreads();
+    const T* tK = sK + stage * kTile * D;
+    const T* tV = sV + stage * kTile * D;
+    const int kv_tile = plan.tile(it), k0 = kv_tile * kTile;
+    const bool listed = plan.listed(it, kv_tile, tiles_per_block);
+
+    // S = Q K^T over D in steps of 16.
+    fence_regs(s);
+    cute::warpgroup_arrive();
+    #pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const int panel = kk / 4, within = (kk % 4) * 16;
+      const uint64_t da = sw128_desc(q_wg + panel * kRows * kPanel + within, 16, kSbo);
+      const uint64_t db = sw128_desc(tK + panel * kTile * kPanel + within, 16, kSbo);
+      gmma_ss<typename Gmma<T, 64>::SS>(da, db, s, kk > 0, std::make_index_sequence<32>{});
+    }
+    cute::warpgroup_commit_batch();
+    cute::warpgroup_wait<0>();
+    fence_regs(s);
+
+    const bool full = tile_fully_visible(p, i0, i1, plan.ds_first, plan.ds_last, k0, k0 + kTile - 1, listed);
+    #pragma unroll
+    for (int n = 0; n < 8; ++n) {
+      #pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int hf = e >> 1, j = k0 + n * 8 + 2 * tq + (e & 1);
+        const bool ok = full || sparse_attends(row_i[hf], j, row_ds[hf], listed, p.window, p.sink_tokens);
+        s[4 * n + e] = ok ? s[4 * n + e] * p.scale_log2 : -INFINITY;
+      }
+    }
+    // Online softmax per row (the 4 lanes of a quad share a row).
+    #pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float mx = -INFINITY;
+      #pragma unroll
+      for (int n = 0; n < 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * hf], s[4 * n + 2 * hf + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(row_max[hf], mx);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;
+      const float corr = exp2f(row_max[hf] - m_use);
+      float sum = 0.f;
+      #pragma unroll
+      for (int n = 0; n < 8; ++n) {
+        s[4 * n + 2 * hf] = exp2f(s[4 * n + 2 * hf] - m_use);
+        s[4 * n + 2 * hf + 1] = exp2f(s[4 * n + 2 * hf + 1] - m_use);
+        sum += s[4 * n + 2 * hf] + s[4 * n + 2 * hf + 1];
+      }
+      row_sum[hf] = row_sum[hf] * corr + sum;
+      row_max[hf] = m_new;
+      #pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        acc[4 * n + 2 * hf] *= corr;
+        acc[4 * n + 2 * hf + 1] *= corr;
+      }
+    }
+    // P as the A operand, 16 keys per wgmma: n8 blocks 2 kk and 2 kk + 1 of the accumulator.
+    uint32_t pa[4][4];
+    #pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      pa[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
+      pa[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
+      pa[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
+      pa[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+    // O += P V over the 64 keys in steps of 16.
+    fence_regs(acc);
+    cute::warpgroup_arrive();
+    #pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint64_t db = sw128_desc(tV + kk * 16 * kPanel, kTileBytes, kSbo);
+      gmma_rs<typename Gmma<T, D>::RS>(pa[kk], db, acc, std::make_index_sequence<D / 2>{});
+    }
+    cute::warpgroup_commit_batch();
+    cute::warpgroup_wait<0>();
+    fence_regs(acc);
+    #pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      #pragma unroll
+      for (int r = 0; r < 4; ++r) cute::warpgroup_fence_operand(pa[kk][r]);  // live until the MMAs read them
+    }
+    __syncthreads();  // the next iteration's load overwrites the other stage, this one two iterations on
+  }
+  if (n_tiles == 0) cp_async_wait<0>();
+
+  T* oh = static_cast<T*>(p.o) + bh * S * D;
+  #pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    float l = row_sum[hf];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const int i = row_i[hf];
+    if (i >= p.seq) continue;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    #pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      *reinterpret_cast<uint32_t*>(oh + static_cast<int64_t>(i) * D + n * 8 + 2 * tq) =
+          pack2<T>(acc[4 * n + 2 * hf] * inv, acc[4 * n + 2 * hf + 1] * inv);
+    }
+    if (tq == 0) p.lse[bh * S + i] = l > 0.f ? (row_max[hf] + log2f(l)) * kLn2 : -INFINITY;
+  }
+}
+
+
+// ---- the warp-specialized kernel: TMA producer, mbarrier ring, 128-key steps --------------------------
+//
+// 3 warpgroups (384 threads): warpgroup 0 is the producer (one thread issues every TMA copy; the
+// warpgroup gives up registers with setmaxnreg), warpgroups 1 and 2 are the consumers of 64 query rows
+// each (they take the registers). Q arrives once (q_bar); K/V come in a ring of kWsStages stages of two
+// 64-key slots each: one step of the consumers is two plan tiles (128 keys), S = Q K^T as one m64n128k16
+// chain, O += P V as 8 k16 steps. The last step of an odd count loads its second slot from past S (TMA
+// fills it with zeros) and masks it: every step runs the same wgmma chains, no branch in between (a
+// branch there makes ptxas serialize the wgmmas).
+// The slots of a step lie next to each other inside each 64-column panel ([panel][slot][64 keys][64]),
+// so the two tiles read as one 128-key operand whichever key tiles they are.
+// Barriers per stage: full (the producer's arrive.expect_tx + the TMA bytes) and empty (one arrive per
+// consumer warp after its PV wgmma completed). No CTA-wide barrier in the loop: the two consumer
+// warpgroups drift apart, so one's softmax runs under the other's GEMMs.
+// TMA copies (D, 64 rows) boxes of 64 columns with the 128-byte swizzle, which is the wgmma layout above;
+// rows past S arrive as zeros (out of bounds of the tensor map's S dimension).
+
+constexpr int kWsThreads = 384;
+constexpr int kWsStages = 2;
+constexpr int kSlots = 2 * kWsStages;
+
+struct TmaMaps {
+  CUtensorMap q, k, v;  // 3-d: (D, S, B * H), boxes (64, 64, 1), 128-byte swizzle
+};
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  const uint32_t addr = smem_u32(bar);
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(addr), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+// One (64 columns, 64 rows) box of a 3-d tensor map into shared memory, completing on `bar`.
+__device__ __forceinline__ void tma_load_box(void* dst, const CUtensorMap* map, uint64_t* bar, int col, int row,
+                                             int head) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], "
+      "[%2];\n" ::"r"(smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(col), "r"(row), "r"(head)
+      : "memory");
+}
+
+// 2^x by the MUFU instruction alone (exp2f adds a range fix-up for denormal results; P in [0, 1] is
+// rounded to 16 bits right after, so flushing those to zero changes nothing that survives).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ void named_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// S (+)= Q K^T for one step: 128 keys (two slots) or 64 (one).
+template <typename T, int D, int kKvPanel, bool kPair>
+__device__ __forceinline__ void issue_qk(float (&s)[64], const T* q_wg, const T* tK) {
+  constexpr uint32_t kSbo = 8 * 128;
+  cute::warpgroup_arrive();
+  #pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const int pn = kk / 4, within = (kk % 4) * 16;
+    const uint64_t da = sw128_desc(q_wg + pn * kRows * kPanel + within, 16, kSbo);
+    const uint64_t db = sw128_desc(tK + pn * kKvPanel + within, 16, kSbo);
+    if constexpr (kPair) {
+      gmma_ss<typename Gmma<T, 128>::SS>(da, db, s, kk > 0, std::make_index_sequence<64>{});
+    } else {
+      gmma_ss<typename Gmma<T, 64>::SS>(da, db, s, kk > 0, std::make_index_sequence<32>{});
+    }
+  }
+  cute::warpgroup_commit_batch();
+}
+
+// O += P V for one step: kSteps x 16 keys (8: two slots, 4: one).
+template <typename T, int D, int kKvPanel, int kSteps>
+__device__ __forceinline__ void issue_pv(float (&acc)[D / 2], const uint32_t (&pa)[8][4], const T* tV) {
+  constexpr uint32_t kSbo = 8 * 128;
+  cute::warpgroup_arrive();
+  #pragma unroll
+  for (int kk = 0; kk < kSteps; ++kk) {
+    const uint64_t db = sw128_desc(tV + kk * 16 * kPanel, kKvPanel * sizeof(T), kSbo);
+    gmma_rs<typename Gmma<T, D>::RS>(pa[kk], db, acc, std::make_index_sequence<D / 2>{});
+  }
+  cute::warpgroup_commit_batch();
+}
+
+template <typename T, int D, int kHeads>
+__global__ void __launch_bounds__(kWsThreads, 1)
+    sparse_attention_fwd_sm90_ws_kernel(const Params p, const __grid_constant__ TmaMaps maps) {
+  static_assert(D == 64 || D == 128, "head dim 64 or 128");
+  constexpr int kRowsH = kRows / kHeads;
+  constexpr int kWgPerHead = 2 / kHeads;
+  constexpr int kPanels = D / kPanel;
+  constexpr int kBox = kTile * kPanel;                   // elements of one (64 x 64) box
+  constexpr uint32_t kBoxBytes = kBox * sizeof(T);       // 8 KB
+  constexpr int kKvPanel = kSlots * kBox;                // elements of one panel of the K (V) ring
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  __shared__ QueryPlan plan;
+  __shared__ __align__(8) uint64_t full_bar[kWsStages], empty_bar[kWsStages], q_bar;
+  T* sQ = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
+  T* sK = sQ + kRows * D;          // [panel][slot][64][64]
+  T* sV = sK + kPanels * kKvPanel;  // [panel][slot][64][64]
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int wg = warp >> 2;
+  const int qt = gridDim.x - 1 - blockIdx.x;
+  const int heads_cta = p.heads_q / kHeads;
+  const int b = blockIdx.y / heads_cta, h0 = (blockIdx.y % heads_cta) * kHeads, hkv = h0 / (p.heads_q / p.heads_kv);
+  const int i0 = qt * kRowsH, i1 = min(i0 + kRowsH - 1, p.seq - 1);
+  if (tid == 0) {
+    build_query_plan(plan, p, b, hkv, i0, i1);
+    for (int st = 0; st < kWsStages; ++st) {
+      mbar_init(&full_bar[st], 1);
+      mbar_init(&empty_bar[st], 8);  // one arrive per consumer warp
+    }
+    mbar_init(&q_bar, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    fence_proxy_async_smem();
+  }
+  __syncthreads();
+  const int n_tiles = plan.count();
+  const int n_steps = (n_tiles + 1) / 2;
+
+  if (wg == 0) {
+    // ---- producer ----
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (tid != 0) return;
+    const int kv_head = b * p.heads_kv + hkv;
+    // Q: box (panel, half) -> rows [64 half, 64 half + 64) of panel `panel`.
+    mbar_arrive_expect_tx(&q_bar, 2 * kPanels * kBoxBytes);
+    for (int half = 0; half < 2; ++half) {
+      const int head = b * p.heads_q + h0 + (kHeads == 2 ? half : 0);
+      const int row = i0 + (kHeads == 2 ? 0 : 64 * half);
+      for (int pn = 0; pn < kPanels; ++pn) {
+        tma_load_box(sQ + pn * kRows * kPanel + half * kBox, &maps.q, &q_bar, pn * kPanel, row, head);
+      }
+    }
+    for (int step = 0; step < n_steps; ++step) {
+      const int st = step % kWsStages;
+      if (step >= kWsStages) mbar_wait(&empty_bar[st], ((step / kWsStages) - 1) & 1);
+      // Always two slots: the missing second tile of an odd count is a box past S (zeros).
+      mbar_arrive_expect_tx(&full_bar[st], 2 * 2 * kPanels * kBoxBytes);
+      for (int u = 0; u < 2; ++u) {
+        const int key0 = 2 * step + u < n_tiles ? plan.tile(2 * step + u) * kTile : p.seq;
+        const int slot = 2 * st + u;
+        for (int pn = 0; pn < kPanels; ++pn) {
+          tma_load_box(sK + pn * kKvPanel + slot * kBox, &maps.k, &full_bar[st], pn * kPanel, key0, kv_head);
+          tma_load_box(sV + pn * kKvPanel + slot * kBox, &maps.v, &full_bar[st], pn * kPanel, key0, kv_head);
+        }
+      }
+    }
+    return;
+  }
+
+  // ---- consumers ----
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  const int cw = wg - 1;            // consumer warpgroup 0 / 1: tile rows [64 cw, 64 cw + 64)
+  const int wq = warp & 3;
+  const int64_t S = p.seq;
+  const int64_t bh = static_cast<int64_t>(b) * p.heads_q + h0 + cw / kWgPerHead;
+  const int tiles_per_block = p.block_size / kTile;
+  const int g = lane >> 2, tq = lane & 3;
+  int row_i[2], row_ds[2];
+  float row_max[2], row_sum[2];
+  #pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    row_i[hf] = i0 + (cw % kWgPerHead) * 64 + wq * 16 + g + hf * 8;
+    row_ds[hf] = doc_start(p, min(row_i[hf], p.seq - 1));
+    row_max[hf] = -INFINITY;
+    row_sum[hf] = 0.f;
+  }
+  float s[64];       // S / P of a 128-key step: element 4 n + e, n8 block n (blocks 8.. are the second tile)
+  float acc[D / 2];  // O
+  #pragma unroll
+  for (int i = 0; i < 64; ++i) s[i] = 0.f;
+  #pragma unroll
+  for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
+  const T* q_wg = sQ + cw * 64 * kPanel;
+
+  mbar_wait(&q_bar, 0);
+  for (int step = 0; step < n_steps; ++step) {
+    const int st = step % kWsStages;
+    const bool pair = 2 * step + 1 < n_tiles;
+    int k0[2];
+    bool listed[2], full[2];
+    #pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int n = min(2 * step + u, n_tiles - 1);
+      const int kv_tile = plan.tile(n);
+      k0[u] = kv_tile * kTile;
+      listed[u] = plan.listed(n, kv_tile, tiles_per_block);
+      full[u] = tile_fully_visible(p, i0, i1, plan.ds_first, plan.ds_last, k0[u], k0[u] + kTile - 1, listed[u]);
+    }
+    const T* tK = sK + 2 * st * kBox;
+    const T* tV = sV + 2 * st * kBox;
+    mbar_wait(&full_bar[st], (step / kWsStages) & 1);
+
+    fence_regs(s);
+    issue_qk<T, D, kKvPanel, true>(s, q_wg, tK);
+    cute::warpgroup_wait<0>();
+    fence_regs(s);
+
+    #pragma unroll
+    for (int n = 0; n < 16; ++n) {
+      const int u = n >> 3;
+      #pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int hf = e >> 1, j = k0[u] + (n & 7) * 8 + 2 * tq + (e & 1);
+        bool ok = full[u] || sparse_attends(row_i[hf], j, row_ds[hf], listed[u], p.window, p.sink_tokens);
+        if (u == 1) ok = ok && pair;
+        s[4 * n + e] = ok ? s[4 * n + e] * p.scale_log2 : -INFINITY;
+      }
+    }
+    #pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float mx = -INFINITY;
+      #pragma unroll
+      for (int n = 0; n < 16; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * hf], s[4 * n + 2 * hf + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(row_max[hf], mx);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;
+      const float corr = exp2f(row_max[hf] - m_use);
+      float sum = 0.f;
+      #pragma unroll
+      for (int n = 0; n < 16; ++n) {
+        s[4 * n + 2 * hf] = exp2f(s[4 * n + 2 * hf] - m_use);
+        s[4 * n + 2 * hf + 1] = exp2f(s[4 * n + 2 * hf + 1] - m_use);
+        sum += s[4 * n + 2 * hf] + s[4 * n + 2 * hf + 1];
+      }
+      row_sum[hf] = row_sum[hf] * corr + sum;
+      row_max[hf] = m_new;
+      #pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        acc[4 * n + 2 * hf] *= corr;
+        acc[4 * n + 2 * hf + 1] *= corr;
+      }
+    }
+    uint32_t pa[8][4];
+    #pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+      pa[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
+      pa[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
+      pa[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
+      pa[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+    fence_regs(acc);
+    issue_pv<T, D, kKvPanel, 8>(acc, pa, tV);
+    cute::warpgroup_wait<0>();
+    fence_regs(acc);
+    #pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+      #pragma unroll
+      for (int r = 0; r < 4; ++r) cute::warpgroup_fence_operand(pa[kk][r]);
+    }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&empty_bar[st]);  // this warp is done with the stage
+  }
+
+  T* oh = static_cast<T*>(p.o) + bh * S * D;
+  #pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    float l = row_sum[hf];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const int i = row_i[hf];
+    if (i >= p.seq) continue;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    #pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      *reinterpret_cast<uint32_t*>(oh + static_cast<int64_t>(i) * D + n * 8 + 2 * tq) =
+          pack2<T>(acc[4 * n + 2 * hf] * inv, acc[4 * n + 2 * hf + 1] * inv);
+    }
+    if (tq == 0) p.lse[bh * S + i] = l > 0.f ? (row_max[hf] + log2f(l)) * kLn2 : -INFINITY;
+  }
+}
+
+
+// ---- the overlapped kernel: FlashAttention-3's intra-warpgroup overlap and ping-pong ------------------
+//
+// The warp-specialized kernel above with the consumer loop of FA3: step j issues S(j) = Q K_j^T and then
+// O += P(j-1) V(j-1) back to back, waits for S(j) only, runs the softmax of step j while the PV GEMM of
+// step j-1 is still in the tensor cores, then waits for it, rescales O and packs P(j) (so S of one step,
+// P of the previous one and O are live at once: the consumers need about 200 registers, which
+// setmaxnreg gives them). With `pingpong` the two consumer warpgroups take turns to issue their GEMMs
+// (named barriers 1 and 2, warpgroup 0 first): one warpgroup's softmax runs under the other's GEMMs.
+// Stages: 2 x 128 keys at D = 128 (Q 32 KB + K/V 128 KB), 4 at D = 64. K and V have separate full/empty
+// barriers and the producer loads K one step ahead of V: K(j) is released when S(j) is done, V(j) when
+// PV(j) is, so each load has about a step of slack even with two stages.
+
+template <int D>
+struct PpConfig {
+  static constexpr int kStages = D == 64 ? 4 : 2;
+  static constexpr int kSlots = 2 * kStages;
+  static constexpr int kSmemBytes = (kRows + 2 * kSlots * kTile) * D * 2 + 1024;
+};
+
+template <typename T, int D, int kHeads>
+__global__ void __launch_bounds__(kWsThreads, 1)
+    sparse_attention_fwd_sm90_pp_kernel(const Params p, const __grid_constant__ TmaMaps maps, const int pingpong) {
+  static_assert(D == 64 || D == 128, "head dim 64 or 128");
+  using Cfg = PpConfig<D>;
+  constexpr int kStages = Cfg::kStages;
+  constexpr int kRowsH = kRows / kHeads;
+  constexpr int kWgPerHead = 2 / kHeads;
+  constexpr int kPanels = D / kPanel;
+  constexpr int kBox = kTile * kPanel;
+  constexpr uint32_t kBoxBytes = kBox * sizeof(T);
+  constexpr int kKvPanel = Cfg::kSlots * kBox;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  __shared__ QueryPlan plan;
+  // K and V have barriers of their own: K(j) is free once S(j) is done, V(j) only after PV(j).
+  __shared__ __align__(8) uint64_t full_k[kStages], full_v[kStages], empty_k[kStages], empty_v[kStages], q_bar;
+  T* sQ = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
+  T* sK = sQ + kRows * D;           // [panel][slot][64][64]
+  T* sV = sK + kPanels * kKvPanel;  // [panel][slot][64][64]
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int wg = warp >> 2;
+  const int qt = gridDim.x - 1 - blockIdx.x;
+  const int heads_cta = p.heads_q / kHeads;
+  const int b = blockIdx.y / heads_cta, h0 = (blockIdx.y % heads_cta) * kHeads, hkv = h0 / (p.heads_q / p.heads_kv);
+  const int i0 = qt * kRowsH, i1 = min(i0 + kRowsH - 1, p.seq - 1);
+  if (tid == 0) {
+    build_query_plan(plan, p, b, hkv, i0, i1);
+    for (int st = 0; st < kStages; ++st) {
+      mbar_init(&full_k[st], 1);
+      mbar_init(&full_v[st], 1);
+      mbar_init(&empty_k[st], 8);  // one arrive per consumer warp
+      mbar_init(&empty_v[st], 8);
+    }
+    mbar_init(&q_bar, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    fence_proxy_async_smem();
+  }
+  __syncthreads();
+  const int n_tiles = plan.count();
+  const int n_steps = (n_tiles + 1) / 2;
+
+  if (wg == 0) {
+    // ---- producer: one thread ----
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (tid != 0) return;
+    const int kv_head = b * p.heads_kv + hkv;
+    mbar_arrive_expect_tx(&q_bar, 2 * kPanels * kBoxBytes);
+    for (int half = 0; half < 2; ++half) {
+      const int head = b * p.heads_q + h0 + (kHeads == 2 ? half : 0);
+      const int row = i0 + (kHeads == 2 ? 0 : 64 * half);
+      for (int pn = 0; pn < kPanels; ++pn) {
+        tma_load_box(sQ + pn * kRows * kPanel + half * kBox, &maps.q, &q_bar, pn * kPanel, row, head);
+      }
+    }
+    // Step j's two slots of K (or V); always two: the missing second tile of an odd count is a box past
+    // S, which TMA fills with zeros (P V then adds 0 x 0, and no branch splits the consumers' wgmma chains).
+    auto load = [&](int step, T* ring, const CUtensorMap* map, uint64_t* full, uint64_t* empty) {
+      const int st = step % kStages;
+      if (step >= kStages) mbar_wait(&empty[st], ((step / kStages) - 1) & 1);
+      mbar_arrive_expect_tx(&full[st], 2 * kPanels * kBoxBytes);
+      for (int u = 0; u < 2; ++u) {
+        const int key0 = 2 * step + u < n_tiles ? plan.tile(2 * step + u) * kTile : p.seq;
+        for (int pn = 0; pn < kPanels; ++pn) {
+          tma_load_box(ring + pn * kKvPanel + (2 * st + u) * kBox, map, &full[st], pn * kPanel, key0, kv_head);
+        }
+      }
+    };
+    // K runs one step ahead of V: K(j + 1) is needed before V(j) (S(j + 1) is issued with PV(j)).
+    if (n_steps > 0) load(0, sK, &maps.k, full_k, empty_k);
+    for (int step = 0; step < n_steps; ++step) {
+      if (step + 1 < n_steps) load(step + 1, sK, &maps.k, full_k, empty_k);
+      load(step, sV, &maps.v, full_v, empty_v);
+    }
+    return;
+  }
+
+  // ---- consumers ----
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  const int cw = wg - 1;
+  const int wq = warp & 3;
+  const int64_t S = p.seq;
+  const int64_t bh = static_cast<int64_t>(b) * p.heads_q + h0 + cw / kWgPerHead;
+  const int tiles_per_block = p.block_size / kTile;
+  const int g = lane >> 2, tq = lane & 3;
+  int row_i[2], row_ds[2];
+  float row_max[2], row_sum[2], corr[2];
+  #pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    row_i[hf] = i0 + (cw % kWgPerHead) * 64 + wq * 16 + g + hf * 8;
+    row_ds[hf] = doc_start(p, min(row_i[hf], p.seq - 1));
+    row_max[hf] = -INFINITY;
+    row_sum[hf] = 0.f;
+    corr[hf] = 1.f;
+  }
+  float s[64];
+  float acc[D / 2];
+  uint32_t pa[8][4];
+  #pragma unroll
+  for (int i = 0; i < 64; ++i) s[i] = 0.f;
+  #pragma unroll
+  for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
+  #pragma unroll
+  for (int kk = 0; kk < 8; ++kk) pa[kk][0] = pa[kk][1] = pa[kk][2] = pa[kk][3] = 0u;
+  const T* q_wg = sQ + cw * 64 * kPanel;
+  const int my_bar = 1 + cw, other_bar = 2 - cw;
+
+  // The softmax of a step: scale, mask (per element only where a tile is not fully visible; the
+  // missing second tile of an odd count is masked whole), row max, exp2, row sums; corr rescales O.
+  auto softmax = [&](int step) {
+    const bool pair = 2 * step + 1 < n_tiles;
+    int k0[2];
+    bool listed[2], full[2];
+    #pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int n = min(2 * step + u, n_tiles - 1);
+      const int kv_tile = plan.tile(n);
+      k0[u] = kv_tile * kTile;
+      listed[u] = plan.listed(n, kv_tile, tiles_per_block);
+      full[u] = tile_fully_visible(p, i0, i1, plan.ds_first, plan.ds_last, k0[u], k0[u] + kTile - 1, listed[u]);
+    }
+    full[1] = full[1] && pair;
+    if (full[0] && full[1]) {  // the common case: no per-element test
+      #pragma unroll
+      for (int i = 0; i < 64; ++i) s[i] *= p.scale_log2;
+    } else {
+      #pragma unroll
+      for (int n = 0; n < 16; ++n) {
+        const int u = n >> 3;
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int hf = e >> 1, j = k0[u] + (n & 7) * 8 + 2 * tq + (e & 1);
+          bool ok = full[u] || sparse_attends(row_i[hf], j, row_ds[hf], listed[u], p.window, p.sink_tokens);
+          if (u == 1) ok = ok && pair;
+          s[4 * n + e] = ok ? s[4 * n + e] * p.scale_log2 : -INFINITY;
+        }
+      }
+    }
+    #pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float mx = -INFINITY;
+      #pragma unroll
+      for (int n = 0; n < 16; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * hf], s[4 * n + 2 * hf + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(row_max[hf], mx);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;
+      corr[hf] = fast_exp2(row_max[hf] - m_use);
+      float sum = 0.f;
+      #pragma unroll
+      for (int n = 0; n < 16; ++n) {
+        s[4 * n + 2 * hf] = fast_exp2(s[4 * n + 2 * hf] - m_use);
+        s[4 * n + 2 * hf + 1] = fast_exp2(s[4 * n + 2 * hf + 1] - m_use);
+        sum += s[4 * n + 2 * hf] + s[4 * n + 2 * hf + 1];
+      }
+      row_sum[hf] = row_sum[hf] * corr[hf] + sum;
+      row_max[hf] = m_new;
+    }
+  };
+  auto rescale_and_pack = [&]() {
+    #pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      acc[4 * n + 0] *= corr[0];
+      acc[4 * n + 1] *= corr[0];
+      acc[4 * n + 2] *= corr[1];
+      acc[4 * n + 3] *= corr[1];
+    }
+    #pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+      pa[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
+      pa[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
+      pa[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
+      pa[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+  };
+  auto fence_pa = [&]() {
+    #pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+      #pragma unroll
+      for (int r = 0; r < 4; ++r) cute::warpgroup_fence_operand(pa[kk][r]);
+    }
+  };
+
+  mbar_wait(&q_bar, 0);
+  // Rounds of the ping-pong: step 0 issues S(0); step j in [1, n) issues S(j) and PV(j - 1); the last
+  // round issues PV(n - 1). Each round: my barrier (the other warpgroup has issued), issue, the other's
+  // barrier. Warpgroup 0 goes first; warpgroup 1 skips the arrive of the last round (nobody waits for it).
+  if (n_steps > 0) {
+    if (pingpong && cw == 1) named_arrive(other_bar, 2 * 128);
+    mbar_wait(&full_k[0], 0);
+    if (pingpong) named_sync(my_bar, 2 * 128);
+    fence_regs(s);
+    issue_qk<T, D, kKvPanel, true>(s, q_wg, sK);
+    if (pingpong) named_arrive(other_bar, 2 * 128);
+    cute::warpgroup_wait<0>();
+    fence_regs(s);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&empty_k[0]);
+    softmax(0);
+    rescale_and_pack();
+    for (int step = 1; step < n_steps; ++step) {
+      const int st = step % kStages, prev_st = (step - 1) % kStages;
+      mbar_wait(&full_k[st], (step / kStages) & 1);
+      mbar_wait(&full_v[prev_st], ((step - 1) / kStages) & 1);
+      if (pingpong) named_sync(my_bar, 2 * 128);
+      fence_regs(s);
+      issue_qk<T, D, kKvPanel, true>(s, q_wg, sK + 2 * st * kBox);
+      fence_regs(acc);
+      fence_pa();
+      issue_pv<T, D, kKvPanel, 8>(acc, pa, sV + 2 * prev_st * kBox);
+      if (pingpong) named_arrive(other_bar, 2 * 128);
+      cute::warpgroup_wait<1>();  // S(step); PV(step - 1) may still run under the softmax
+      fence_regs(s);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&empty_k[st]);  // this warp is done with K(step)
+      softmax(step);
+      cute::warpgroup_wait<0>();
+      fence_regs(acc);
+      fence_pa();
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&empty_v[prev_st]);  // this warp is done with V(step - 1)
+      rescale_and_pack();
+    }
+    const int last_st = (n_steps - 1) % kStages;
+    mbar_wait(&full_v[last_st], ((n_steps - 1) / kStages) & 1);
+    if (pingpong) named_sync(my_bar, 2 * 128);
+    fence_regs(acc);
+    fence_pa();
+    issue_pv<T, D, kKvPanel, 8>(acc, pa, sV + 2 * last_st * kBox);
+    if (pingpong && cw == 0) named_arrive(other_bar, 2 * 128);
+    cute::warpgroup_wait<0>();
+    fence_regs(acc);
+    fence_pa();
+  }
+
+  T* oh = static_cast<T*>(p.o) + bh * S * D;
+  #pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    float l = row_sum[hf];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const int i = row_i[hf];
+    if (i >= p.seq) continue;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    #pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      *reinterpret_cast<uint32_t*>(oh + static_cast<int64_t>(i) * D + n * 8 + 2 * tq) =
+          pack2<T>(acc[4 * n + 2 * hf] * inv, acc[4 * n + 2 * hf + 1] * inv);
+    }
+    if (tq == 0) p.lse[bh * S + i] = l > 0.f ? (row_max[hf] + log2f(l)) * kLn2 : -INFINITY;
+  }
+}
+
+}  // namespace anvil::ops::sparse_cuda::sm90
