@@ -96,7 +96,8 @@ TEST(ClipGradNorm, ReturnsTheNormAndScales) {
   EXPECT_NEAR(b.grad()[0].item<float>(), 4.0 / (5.0 + 1e-6), 1e-6);
 }
 
-void check_loss_against_cross_entropy(at::ScalarType dtype, int64_t chunk, double tol) {
+void check_loss_against_cross_entropy(at::ScalarType dtype, int64_t chunk, double tol,
+                                      LossKernel kernel = LossKernel::kAuto) {
   at::manual_seed(1);
   const int64_t b = 3, s = 7, h = 16, vocab = 50;
   auto hidden = at::randn({b, s, h}).to(dtype).set_requires_grad(true);
@@ -104,7 +105,7 @@ void check_loss_against_cross_entropy(at::ScalarType dtype, int64_t chunk, doubl
   auto labels = at::randint(0, vocab, {b, s}, at::kLong);
   labels.index_put_({labels.remainder(4) == 0}, kIgnoreIndex);
   const double normalizer = 30.0;  // e.g. the targets of a whole accumulated step
-  auto ours = causal_lm_loss(hidden, weight, labels, normalizer, chunk);
+  auto ours = causal_lm_loss(hidden, weight, labels, normalizer, chunk, kernel);
   const auto ours_grads = torch::autograd::grad({ours}, {hidden, weight});
   const auto &dh = ours_grads[0], &dw = ours_grads[1];
   auto h2 = hidden.detach().clone().set_requires_grad(true), w2 = weight.detach().clone().set_requires_grad(true);
@@ -122,6 +123,51 @@ TEST(ChunkedLoss, EqualsCrossEntropyOnFullLogits) {
   for (int64_t chunk : {1, 4, 5, 21, 4096}) check_loss_against_cross_entropy(at::kFloat, chunk, 1e-5);
   check_loss_against_cross_entropy(at::kDouble, 6, 1e-10);
   check_loss_against_cross_entropy(at::kBFloat16, 8, 2e-2);
+}
+
+// The fused op (the CUDA default) on the CPU, against the same full-logits oracle.
+TEST(ChunkedLoss, FusedKernelEqualsCrossEntropyOnFullLogits) {
+  for (int64_t chunk : {1, 5, 4096}) check_loss_against_cross_entropy(at::kFloat, chunk, 1e-5, LossKernel::kFused);
+  check_loss_against_cross_entropy(at::kDouble, 6, 1e-10, LossKernel::kFused);
+  check_loss_against_cross_entropy(at::kBFloat16, 8, 2e-2, LossKernel::kFused);
+}
+
+// Fused and ATen chunk kernels side by side: the same lse/loss formula and the same fp32 dlogits
+// rounded once to the model dtype, so they agree to fp32 rounding (fp32, fp64) or to an ulp of the
+// rounded dlogits (bf16); an all-ignored chunk and chunk sizes that do not divide the rows included.
+TEST(ChunkedLoss, FusedKernelEqualsAtenKernel) {
+  struct Case {
+    at::ScalarType dtype;
+    int64_t chunk;
+    double rtol, atol;
+  };
+  for (const Case c : {Case{at::kFloat, 7, 1e-5, 1e-7}, Case{at::kFloat, 64, 1e-5, 1e-7}, Case{at::kDouble, 5, 1e-12, 1e-14},
+                       Case{at::kBFloat16, 9, 1.6e-2, 1e-3}}) {
+    at::manual_seed(5);
+    const int64_t n = 37, h = 24, vocab = 300;
+    auto hidden = at::randn({n, h}).to(c.dtype);
+    auto weight = (at::randn({vocab, h}) / 3).to(c.dtype);
+    auto labels = at::randint(0, vocab, {n}, at::kLong);
+    labels.slice(0, 0, 9).fill_(kIgnoreIndex);  // the first chunk(s) without a target
+    labels[20] = kIgnoreIndex;
+    auto run = [&](LossKernel kernel) {
+      auto hh = hidden.clone().set_requires_grad(true), ww = weight.clone().set_requires_grad(true);
+      auto loss = causal_lm_loss(hh, ww, labels, 25.0, c.chunk, kernel);
+      auto grads = torch::autograd::grad({loss}, {hh, ww});
+      return std::make_tuple(loss, grads[0], grads[1]);
+    };
+    const auto [fl, fdh, fdw] = run(LossKernel::kFused);
+    const auto [al, adh, adw] = run(LossKernel::kAten);
+    const std::string what = std::string(c10::toString(c.dtype)) + " chunk " + std::to_string(c.chunk);
+    EXPECT_EQ(fl.scalar_type(), al.scalar_type()) << what;
+    EXPECT_NEAR(fl.item<double>(), al.item<double>(), 1e-6 * std::abs(al.item<double>())) << what;
+    EXPECT_GT(adh.abs().max().item<double>(), 0.0) << what;
+    EXPECT_TRUE(at::allclose(fdh.to(at::kDouble), adh.to(at::kDouble), c.rtol, c.atol))
+        << "dh " << what << ": max |diff| " << (fdh.to(at::kDouble) - adh.to(at::kDouble)).abs().max().item<double>();
+    EXPECT_TRUE(at::allclose(fdw.to(at::kDouble), adw.to(at::kDouble), c.rtol, c.atol))
+        << "dW " << what << ": max |diff| " << (fdw.to(at::kDouble) - adw.to(at::kDouble)).abs().max().item<double>();
+    EXPECT_EQ(fdh.slice(0, 0, 9).abs().max().item<double>(), 0.0) << "ignored rows get no gradient, " << what;
+  }
 }
 
 TEST(ChunkedLoss, NoTargetsGiveZeroAndBadShapesThrow) {
