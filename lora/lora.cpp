@@ -349,8 +349,10 @@ std::vector<std::pair<std::string, at::Tensor>> apply_lora(
       // weight - scaling * lora_B @ lora_A, in fp32 from the unrounded factors, then in W's dtype.
       linear->weight.copy_((linear->weight.to(at::kFloat) - at::matmul(b0 * adapter->scaling, a0)).to(dt));
       adapter->pissa_A0 = a0.contiguous(), adapter->pissa_B0 = b0.contiguous();
-      adapter->lora_A = a0.to(dt).to(at::kFloat);  // the base dtype, then autocast_adapter_dtype's fp32
-      adapter->lora_B = b0.to(dt).to(at::kFloat);
+      // The base dtype, then autocast_adapter_dtype's fp32; a copy always (fp32 bases: .to is a no-op, and
+      // the trained tensors must not alias the initial factors).
+      adapter->lora_A = a0.to(dt).to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
+      adapter->lora_B = b0.to(dt).to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
     } else {
       // reset_lora_parameters: kaiming_uniform_(a=sqrt(5)) is U(-1/sqrt(in), 1/sqrt(in)).
       at::Tensor a = at::empty({r, in_f}, cpu);

@@ -17,6 +17,7 @@ SVD factors are compared only through sign-free quantities (B A, residual, logit
 """
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -28,7 +29,7 @@ from test_train import (TINY, VOCAB, check_ok, full_row_examples, lora_config, r
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-from safetensors.torch import load_file  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 _C = anvil._C
 LOGIT_RTOL = 1e-4
@@ -212,8 +213,11 @@ def anvil_trained_model(base_dir, out, kwargs, seed):
 
 
 def without_provenance(cfg):
+    """The config without the keys that only record provenance (PEFT rewrites the initial folder's config
+    with the training-time inference_mode false when it converts)."""
     cfg = dict(cfg)
     cfg.pop("base_model_name_or_path", None)
+    cfg.pop("inference_mode", None)
     cfg["target_modules"] = sorted(cfg["target_modules"])
     return cfg
 
@@ -316,8 +320,18 @@ def test_resume_rebuilds_the_same_residual(base, tmp_path):
     full = train_losses(tmp_path / "full")
     part = write_config(tmp_path / "part.json", cfg(tmp_path / "part", 4))
     check_ok(run_cli("lora", "--config", part))
-    assert (tmp_path / "part" / "checkpoint" / "pissa_init.safetensors").exists()
+    factors_file = tmp_path / "part" / "checkpoint" / "pissa_init.safetensors"
+    assert factors_file.exists()
+    # The residual comes from the checkpoint's factors, not from a new SVD: a copy of the run whose
+    # factors are perturbed resumes into other losses.
+    shutil.copytree(tmp_path / "part", tmp_path / "tampered")
+    factors = load_file(str(factors_file))
+    save_file({k: v * 1.05 if k.endswith("lora_A.weight") else v for k, v in factors.items()},
+              str(tmp_path / "tampered" / "checkpoint" / "pissa_init.safetensors"))
+    tampered = write_config(tmp_path / "tampered.json", cfg(tmp_path / "tampered", 4))
+    check_ok(run_cli("lora", "--config", tampered, "--resume", "--train.steps=10"))
     check_ok(run_cli("lora", "--config", part, "--resume", "--train.steps=10"))
+    assert train_losses(tmp_path / "tampered")[0][4][1] != full[0][4][1]
     assert train_losses(tmp_path / "part") == full  # bit-exact
     a = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "part" / "adapter" / "adapter_model.safetensors"))
