@@ -148,6 +148,38 @@ def test_init_matches_peft(base, monkeypatch, init, kwargs):
     assert (residual - base_logits).abs().max() > 10 * LOGIT_RTOL * base_logits.abs().max()  # W really changed
 
 
+def test_bf16_base_keeps_its_dtype_and_rounds_the_adapters_as_peft(base):
+    """PEFT's dtype handling: the SVD in fp32, the residual written back in bf16, lora_A/lora_B moved to the
+    base dtype and then upcast to fp32 (autocast_adapter_dtype)."""
+    kwargs = dict(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"], init_lora_weights="pissa")
+    hf = transformers.LlamaForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    pm = peft.get_peft_model(hf, peft.LoraConfig(task_type="CAUSAL_LM", **kwargs))
+    model = _C.CausalLM(base, "bfloat16")
+    named = dict(_C.apply_lora(model, config_json(kwargs), 0))
+    for t in named.values():
+        assert t.dtype == torch.float32 and torch.equal(t.to(torch.bfloat16).float(), t)
+    mine, theirs = anvil_products(named), peft_products(pm)
+    assert set(mine) == set(theirs)
+    for module, ba in mine.items():
+        assert (ba - theirs[module]).abs().max() <= 2 ** -7 * theirs[module].abs().max(), module
+    ours_w = model.state_dict()
+    peft_w = {n.replace("base_model.model.", "").replace(".base_layer", ""): p for n, p in pm.named_parameters()
+              if "lora_" not in n}
+    original = hf_model(base).state_dict()
+    for module in mine:
+        key = module[len("base_model.model."):] + ".weight"
+        w, ref = ours_w[key], peft_w[key]
+        assert w.dtype == torch.bfloat16 and ref.dtype == torch.bfloat16, key
+        torch.testing.assert_close(w.float(), ref.float(), rtol=2 ** -7, atol=1e-6, msg=key)  # an ulp at most
+        assert not torch.equal(w.float(), original[key].to(torch.bfloat16).float()), key  # the residual
+
+
+def test_quantized_base_is_refused(base):
+    model = _C.CausalLM(base, "float32", "cpu", "int8")
+    with pytest.raises(Exception, match="int8-quantized"):
+        _C.apply_lora(model, config_json(dict(r=2, target_modules=["q_proj"], init_lora_weights="pissa")), 0)
+
+
 def test_attach_refusals(base):
     model = _C.CausalLM(base)
     with pytest.raises(Exception, match="use_dora"):
