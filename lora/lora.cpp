@@ -292,6 +292,11 @@ std::vector<std::pair<std::string, at::Tensor>> apply_lora(
   auto linears = anvil::model::named_linears(model);
   for (auto& [name, linear] : linears)
     if (linear->adapter) throw std::invalid_argument("apply_lora: module " + name + " already has an adapter");
+  std::map<std::string, at::Tensor> given;  // pissa_factors by PEFT file name
+  if (pissa_factors) {
+    if (!pissa) throw std::invalid_argument("apply_lora: pissa_factors given, but init is \"" + config.init + "\"");
+    for (const auto& [key, t] : *pissa_factors) given[key] = t;
+  }
   if (pissa) {  // every refusal before any weight is touched
     for (auto& [name, linear] : linears) {
       if (!is_target(config, name, name == "lm_head")) continue;
@@ -310,12 +315,17 @@ std::vector<std::pair<std::string, at::Tensor>> apply_lora(
       if (r > std::min(linear->weight.size(0), linear->weight.size(1)))
         throw std::invalid_argument(pissa_refusal(name, "r = " + std::to_string(r) + " exceeds min(out, in) = " +
                                                            std::to_string(std::min(linear->weight.size(0), linear->weight.size(1)))));
+      if (!pissa_factors) continue;
+      const int64_t out_f = linear->weight.size(0), in_f = linear->weight.size(1);
+      const std::string key_a = kFilePrefix + name + ".lora_A.weight", key_b = kFilePrefix + name + ".lora_B.weight";
+      if (!given.count(key_a) || !given.count(key_b))
+        throw std::invalid_argument("apply_lora: pissa_factors lack " + (given.count(key_a) ? key_b : key_a));
+      if (given[key_a].sizes() != at::IntArrayRef{r, in_f} || given[key_b].sizes() != at::IntArrayRef{out_f, r})
+        throw std::invalid_argument("apply_lora: pissa_factors of " + name + " have shapes " +
+                                    c10::str(given[key_a].sizes()) + " and " + c10::str(given[key_b].sizes()) +
+                                    ", the config implies (" + std::to_string(r) + ", " + std::to_string(in_f) +
+                                    ") and (" + std::to_string(out_f) + ", " + std::to_string(r) + ")");
     }
-  }
-  std::map<std::string, at::Tensor> given;
-  if (pissa_factors) {
-    if (!pissa) throw std::invalid_argument("apply_lora: pissa_factors given, but init is \"" + config.init + "\"");
-    for (const auto& [key, t] : *pissa_factors) given[key] = t;
   }
   auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
   int64_t attached = 0;
@@ -331,16 +341,10 @@ std::vector<std::pair<std::string, at::Tensor>> apply_lora(
     adapter->dropout = config.lora_dropout;
     if (pissa) {
       at::Tensor a0, b0;  // (r, in), (out, r) fp32, unrounded
-      if (pissa_factors) {
-        const std::string key_a = kFilePrefix + name + ".lora_A.weight", key_b = kFilePrefix + name + ".lora_B.weight";
-        if (!given.count(key_a) || !given.count(key_b))
-          throw std::invalid_argument("apply_lora: pissa_factors lack " + (given.count(key_a) ? key_b : key_a));
-        a0 = given[key_a].to(linear->weight.device(), at::kFloat), b0 = given[key_b].to(linear->weight.device(), at::kFloat);
-        if (a0.sizes() != at::IntArrayRef{r, in_f} || b0.sizes() != at::IntArrayRef{out_f, r})
-          throw std::invalid_argument("apply_lora: pissa_factors of " + name + " have shapes " + c10::str(a0.sizes()) +
-                                      " and " + c10::str(b0.sizes()) + ", the config implies (" + std::to_string(r) +
-                                      ", " + std::to_string(in_f) + ") and (" + std::to_string(out_f) + ", " +
-                                      std::to_string(r) + ")");
+      if (pissa_factors) {  // checked above; copied, so that nothing aliases the caller's tensors
+        const auto device = linear->weight.device();
+        a0 = given[kFilePrefix + name + ".lora_A.weight"].to(device, at::kFloat, /*non_blocking=*/false, /*copy=*/true);
+        b0 = given[kFilePrefix + name + ".lora_B.weight"].to(device, at::kFloat, /*non_blocking=*/false, /*copy=*/true);
       } else {
         std::tie(a0, b0) = pissa_factors_of(linear->weight.detach(), r, adapter->scaling, niter, gen);
       }

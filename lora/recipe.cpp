@@ -440,7 +440,7 @@ double gib(double bytes) { return bytes / double(1ull << 30); }
 // autograd keeps for a Llama-style layer (norm inputs, q/k/v, attention output, the MLP's gate, up and
 // product), the fp32 copies LoRA keeps of each adapted layer's input, and the per-document mask.
 MemoryEstimate estimate_memory(const CausalLM& model, const RecipeConfig& c, int64_t trainable_numel,
-                               int64_t trainable_elsize) {
+                               int64_t trainable_elsize, at::Device device) {
   MemoryEstimate m;
   const auto& cfg = model.config();
   int64_t weights = 0;
@@ -460,7 +460,11 @@ MemoryEstimate estimate_memory(const CausalLM& model, const RecipeConfig& c, int
   m.activations = per_token * tokens * layers + mask + tokens * e * h;
   m.activations_ckpt = tokens * e * h * layers + per_token * tokens + mask + tokens * e * h;
   const double rows = std::min<double>(double(c.train.loss_chunk), tokens);
-  m.loss_chunk = rows * double(cfg.vocab_size) * (4.0 * 2 + e) + tokens * 4.0;
+  // The fused cross-entropy (CUDA) keeps only the chunk's logits in the model dtype; the ATen path an fp32
+  // copy and an fp32 temporary besides.
+  const bool fused_loss =
+      device.is_cuda() && anvil::model::use_fused_ops(at::empty({0}, at::TensorOptions().dtype(model.dtype()).device(device)));
+  m.loss_chunk = rows * double(cfg.vocab_size) * (fused_loss ? e : 4.0 * 2 + e) + tokens * 4.0;
   m.total = m.weights + (c.mode == RecipeMode::kFull ? 0 : m.trainable) + m.gradients + m.optimizer + m.loss_chunk;
   m.total_ckpt = m.total + m.activations_ckpt;
   m.total += m.activations;
@@ -766,7 +770,7 @@ int run_recipe(const RecipeConfig& c, const RecipeOptions& options) {
   }
 
   // ---- memory estimate, dry run ----
-  const auto estimate = estimate_memory(*model, c, trainable_numel, trainable_elsize);
+  const auto estimate = estimate_memory(*model, c, trainable_numel, trainable_elsize, device);
   std::cerr << (lora_mode ? "anvil lora: " : "anvil train: ") << model->config().architecture << " ("
             << anvil::model::dtype_name(model->dtype()) << ", " << device.str() << "), " << trainable.size()
             << " trainable tensors (" << trainable_numel << " parameters), " << train_examples.size()
