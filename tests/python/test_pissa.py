@@ -393,3 +393,45 @@ def test_bad_pissa_config_names_the_key(base, tmp_path, overrides, words):
     assert r.returncode == 1, r.stderr
     for w in words:
         assert w in r.stderr, r.stderr
+
+
+# ---- on the GPU ---------------------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_2"])
+def test_cuda_init_matches_cpu(base, init):
+    """The SVD (cuSOLVER; the randomized variant's Gaussian matrix drawn on the CPU and moved) gives the
+    CPU's residual and B A on the GPU."""
+    kwargs = dict(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=init)
+    cpu, cpu_named = anvil_pissa(base, kwargs, 5)
+    gpu = _C.CausalLM(base, device="cuda")
+    _C.set_training(gpu, False)
+    gpu_named = dict(_C.apply_lora(gpu, config_json(kwargs), 5))
+    assert all(t.is_cuda and t.dtype == torch.float32 for t in gpu_named.values())
+    mine, ref = anvil_products({k: v.cpu() for k, v in gpu_named.items()}), anvil_products(cpu_named)
+    for module, ba in mine.items():
+        assert (ba - ref[module]).abs().max() <= 1e-4 * ref[module].abs().max(), module
+    ids = tokens(3)
+    with torch.no_grad():
+        for named in (cpu_named, gpu_named):
+            for name, t in named.items():
+                if name.endswith("lora_B.weight"):
+                    t.zero_()
+    assert_logits_close(gpu.logits(ids.cuda()).cpu(), cpu.logits(ids))  # the residual bases
+
+
+@pytest.mark.cuda
+def test_cuda_run_writes_an_adapter_of_the_original_base(base, tmp_path):
+    """`anvil lora` with PiSSA on the GPU (the fused loss): adapter/ on the original base (PEFT, CPU)
+    gives the GPU's trained model."""
+    train = write_jsonl(tmp_path / "train.jsonl", full_row_examples(8, 16, seed=5))
+    out = tmp_path / "run"
+    cfg = lora_config(base, train, out, model={"device": "cuda"}, lora={"r": 4, "alpha": 8, "init": "pissa"},
+                      train={"lr": 2e-3, "steps": 4})
+    check_ok(run_cli("lora", "--config", write_config(tmp_path / "cfg.json", cfg)))
+    kwargs = dict(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights="pissa")
+    mine = anvil_trained_model(base, out, kwargs, cfg["train"]["seed"])  # on the CPU: the residual rebuilt
+    converted = peft.PeftModel.from_pretrained(hf_model(base), str(out / "adapter")).eval()
+    ids = tokens(6)
+    with torch.no_grad():
+        assert_logits_close(converted(ids).logits, mine.logits(ids))
