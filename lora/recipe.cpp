@@ -729,7 +729,10 @@ int run_recipe(const RecipeConfig& c, const RecipeOptions& options) {
     if (is_pissa(lora_config) && options.resume) {
       // The residual base is rebuilt from the checkpoint's initial factors, not from a new SVD: bit for bit
       // the run's own, on any machine and for the randomized variant too.
-      const auto factors = load_pissa_factors(find_checkpoint(out_dir));
+      // The config check first, so that a changed lora.r is named as such, not as a shape mismatch.
+      const auto dir = find_checkpoint(out_dir);
+      check_same_run(c.resolved, json::parse(read_text(join(dir, "state.json"))).at("config"));
+      const auto factors = load_pissa_factors(dir);
       trainable = apply_lora(*model, lora_config, c.train.seed, &factors);
     } else {
       trainable = apply_lora(*model, lora_config, c.train.seed);

@@ -374,6 +374,8 @@ def test_resume_rebuilds_the_same_residual(base, tmp_path):
     check_ok(run_cli("lora", "--config", write_config(tmp_path / "k.json", kaiming)))
     r = run_cli("lora", "--config", str(tmp_path / "k.json"), "--resume", "--lora.init=pissa", "--train.steps=2")
     assert r.returncode == 1 and "lora.init" in r.stderr, r.stderr
+    r = run_cli("lora", "--config", part, "--resume", "--lora.r=2", "--train.steps=12")
+    assert r.returncode == 1 and "config key lora.r is 2" in r.stderr, r.stderr
 
 
 # ---- refusals -----------------------------------------------------------------------------------------
