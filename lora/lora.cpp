@@ -1,15 +1,22 @@
 // LoRA targeting, the adapter's forward pass, attaching and merging (lora/lora.h). Each rule names
 // the PEFT 0.21 function it mirrors (peft/tuners/tuners_utils.py, peft/utils/other.py,
-// peft/tuners/lora/{layer,dora,variants}.py) so the two can be compared line by line.
+// peft/tuners/lora/{layer,dora,variants}.py) so the two can be compared line by line. PiSSA (pissa_init)
+// replaces the base weight by its residual at attach time; the randomized SVD it may use is a port of
+// torch.svd_lowrank, op for op, so the same Gaussian draws give PEFT's factors.
 #include "lora/lora.h"
 
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 #include <torch/nn/init.h>
 
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <algorithm>
 #include <cmath>
+#include <map>
 #include <regex>
 #include <stdexcept>
+#include <tuple>
 
 namespace anvil::lora {
 
@@ -34,6 +41,18 @@ const std::pair<std::string, T>* pattern_entry(const std::vector<std::pair<std::
 
 bool is_floating(at::ScalarType t) { return at::isFloatingType(t); }
 
+// "pissa_niter_N" -> N (digits only, as int() of PEFT's split("_niter_")[-1] accepts them); -1 for "pissa";
+// throws for anything else starting with "pissa".
+int64_t pissa_niter(const std::string& init) {
+  if (init == "pissa") return -1;
+  const std::string prefix = "pissa_niter_";
+  const std::string digits = init.rfind(prefix, 0) == 0 ? init.substr(prefix.size()) : std::string();
+  if (digits.empty() || digits.size() > 6 || digits.find_first_not_of("0123456789") != std::string::npos)
+    throw std::invalid_argument("LoraConfig: init must be \"kaiming\", \"gaussian\", \"pissa\" or \"pissa_niter_N\" "
+                                "(N >= 0 subspace iterations), got \"" + init + "\"");
+  return std::stoll(digits);
+}
+
 
 }  // namespace
 
@@ -49,7 +68,13 @@ void validate(const LoraConfig& c) {
   if (c.r <= 0) fail("r must be > 0, got " + std::to_string(c.r));
   if (!(c.lora_dropout >= 0.0 && c.lora_dropout < 1.0))
     fail("lora_dropout must be in [0, 1), got " + std::to_string(c.lora_dropout));
-  if (c.init != "kaiming" && c.init != "gaussian") fail("init must be \"kaiming\" or \"gaussian\", got \"" + c.init + "\"");
+  if (c.init != "kaiming" && c.init != "gaussian") pissa_niter(c.init);  // throws unless pissa / pissa_niter_N
+  if (is_pissa(c) && c.use_dora)
+    fail("init \"" + c.init + "\" with use_dora: a PiSSA adapter is only usable on the original base once converted "
+         "to a plain LoRA delta (PEFT's path_initial_model_for_weight_conversion), which cannot express DoRA's magnitude");
+  if (is_pissa(c) && c.use_rslora && (!c.rank_pattern.empty() || !c.alpha_pattern.empty()))
+    fail("init \"" + c.init + "\" with use_rslora and rank_pattern/alpha_pattern: PEFT cannot convert such a PiSSA "
+         "adapter back to a LoRA of the original base (LoraModel._convert_state_dict_for_initial_model refuses it)");
   const auto& t = c.target_modules;
   if (t.kind == TargetModules::Kind::kList && t.names.empty()) fail("target_modules is an empty list");
   if (t.kind == TargetModules::Kind::kRegex) check_regex(t.regex, "target_modules regex");
@@ -59,6 +84,8 @@ void validate(const LoraConfig& c) {
   }
   for (const auto& entry : c.alpha_pattern) check_regex(entry.first, "alpha_pattern key");
 }
+
+bool is_pissa(const LoraConfig& c) { return c.init.rfind("pissa", 0) == 0; }
 
 bool is_target(const LoraConfig& c, const std::string& name, bool is_output_layer) {
   const auto& t = c.target_modules;
@@ -177,6 +204,65 @@ at::Tensor LoraAdapter::forward(const anvil::model::Linear& base, const at::Tens
   return (base_out + dora).to(base_out.scalar_type());
 }
 
+// ---- PiSSA ---------------------------------------------------------------------------------------
+
+namespace {
+
+// torch.svd_lowrank(a, q, niter) (torch/_lowrank.py: Halko et al. 2009, algorithm 5.1 over the basis of
+// algorithm 4.4), op for op, so that the same Gaussian draws give the same factors: -> (U (m, q), S (q),
+// V (n, q)) with a ~= U diag(S) V^T. The test matrix is drawn on the CPU from `gen` (torch draws it on
+// a's device from the default generator) and moved to a's device.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> svd_lowrank(const at::Tensor& a_in, int64_t q, int64_t niter,
+                                                           at::Generator& gen) {
+  const int64_t m = a_in.size(0), n = a_in.size(1);
+  const auto a = m < n ? a_in.t() : a_in;  // (M, N) with M >= N
+  const auto r = at::randn({a.size(1), q}, gen, at::TensorOptions().dtype(at::kFloat)).to(a.device());  // (N, q)
+  auto qr_q = [](const at::Tensor& x) { return std::get<0>(at::linalg_qr(x)); };
+  auto basis = qr_q(at::matmul(a, r));  // (M, q) get_approximate_basis
+  for (int64_t i = 0; i < niter; ++i) {
+    basis = qr_q(at::matmul(a.t(), basis));  // (N, q)
+    basis = qr_q(at::matmul(a, basis));      // (M, q)
+  }
+  const auto b = at::matmul(basis.t(), a);  // (q, N)
+  auto [u, s, vh] = at::linalg_svd(b, /*full_matrices=*/false);
+  auto v = vh.t();                          // (N, q)
+  u = basis.matmul(u);                      // (M, q)
+  if (m < n) std::swap(u, v);
+  return {u, s, v};
+}
+
+// PEFT's LoraLayer.pissa_init on one weight: -> (A (r, in), B (out, r)) fp32, unrounded.
+std::pair<at::Tensor, at::Tensor> pissa_factors_of(const at::Tensor& weight, int64_t r, double scaling, int64_t niter,
+                                                   at::Generator& gen) {
+  const auto w = weight.to(at::kFloat);  // (out, in) fp32
+  at::Tensor vr, sr, uhr;                // PEFT's names: W = V S Uh
+  if (niter < 0) {
+    auto [v, s, uh] = at::linalg_svd(w, /*full_matrices=*/false);
+    vr = v.slice(1, 0, r), sr = s.slice(0, 0, r) / scaling, uhr = uh.slice(0, 0, r);
+  } else {
+    auto [v, s, u] = svd_lowrank(w, r, niter, gen);
+    vr = v, sr = s / scaling, uhr = u.t();
+  }
+  const auto root = at::diag(at::sqrt(sr));  // (r, r)
+  return {at::matmul(root, uhr), at::matmul(vr, root)};
+}
+
+std::string pissa_refusal(const std::string& module, const std::string& why) {
+  return "apply_lora: init PiSSA cannot adapt module " + module + ": " + why;
+}
+
+}  // namespace
+
+std::vector<std::pair<std::string, at::Tensor>> pissa_initial_factors(anvil::model::CausalLM& model) {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  for (auto& [name, a] : adapters_of(model)) {
+    if (!a->pissa_A0.defined()) continue;
+    out.emplace_back(kFilePrefix + name + ".lora_A.weight", a->pissa_A0);
+    out.emplace_back(kFilePrefix + name + ".lora_B.weight", a->pissa_B0);
+  }
+  return out;
+}
+
 // ---- attach, enumerate, merge --------------------------------------------------------------------
 
 std::vector<std::pair<std::string, std::shared_ptr<LoraAdapter>>> adapters_of(anvil::model::CausalLM& model) {
@@ -197,12 +283,50 @@ std::vector<std::pair<std::string, at::Tensor>> adapter_state(anvil::model::Caus
   return out;
 }
 
-std::vector<std::pair<std::string, at::Tensor>> apply_lora(anvil::model::CausalLM& model, const LoraConfig& config,
-                                                           uint64_t seed) {
+std::vector<std::pair<std::string, at::Tensor>> apply_lora(
+    anvil::model::CausalLM& model, const LoraConfig& config, uint64_t seed,
+    const std::vector<std::pair<std::string, at::Tensor>>* pissa_factors) {
   validate(config);
+  const bool pissa = is_pissa(config);
+  const int64_t niter = pissa ? pissa_niter(config.init) : -1;
   auto linears = anvil::model::named_linears(model);
   for (auto& [name, linear] : linears)
     if (linear->adapter) throw std::invalid_argument("apply_lora: module " + name + " already has an adapter");
+  std::map<std::string, at::Tensor> given;  // pissa_factors by PEFT file name
+  if (pissa_factors) {
+    if (!pissa) throw std::invalid_argument("apply_lora: pissa_factors given, but init is \"" + config.init + "\"");
+    for (const auto& [key, t] : *pissa_factors) given[key] = t;
+  }
+  if (pissa) {  // every refusal before any weight is touched
+    for (auto& [name, linear] : linears) {
+      if (!is_target(config, name, name == "lm_head")) continue;
+      if (!linear->weight_format().empty())
+        throw std::invalid_argument(pissa_refusal(name, "its base weight is " + linear->weight_format() +
+                                                           "-quantized, and the residual W - scaling B A needs a dense "
+                                                           "weight (load the base dense: model.base_weights \"dense\")"));
+      const auto dt = linear->weight.scalar_type();
+      if (dt != at::kFloat && dt != at::kBFloat16 && dt != at::kHalf)
+        throw std::invalid_argument(pissa_refusal(name, std::string("its weight is ") + c10::toString(dt) +
+                                                           "; PEFT initializes PiSSA under float32, float16 or bfloat16"));
+      if (name == "lm_head")
+        throw std::invalid_argument(pissa_refusal(name, "PiSSA rewrites the base weight, and lm_head's may be tied to "
+                                                        "the input embedding; leave lm_head out of the targets"));
+      const int64_t r = rank_of(config, name);
+      if (r > std::min(linear->weight.size(0), linear->weight.size(1)))
+        throw std::invalid_argument(pissa_refusal(name, "r = " + std::to_string(r) + " exceeds min(out, in) = " +
+                                                           std::to_string(std::min(linear->weight.size(0), linear->weight.size(1)))));
+      if (!pissa_factors) continue;
+      const int64_t out_f = linear->weight.size(0), in_f = linear->weight.size(1);
+      const std::string key_a = kFilePrefix + name + ".lora_A.weight", key_b = kFilePrefix + name + ".lora_B.weight";
+      if (!given.count(key_a) || !given.count(key_b))
+        throw std::invalid_argument("apply_lora: pissa_factors lack " + (given.count(key_a) ? key_b : key_a));
+      if (given[key_a].sizes() != at::IntArrayRef{r, in_f} || given[key_b].sizes() != at::IntArrayRef{out_f, r})
+        throw std::invalid_argument("apply_lora: pissa_factors of " + name + " have shapes " +
+                                    c10::str(given[key_a].sizes()) + " and " + c10::str(given[key_b].sizes()) +
+                                    ", the config implies (" + std::to_string(r) + ", " + std::to_string(in_f) +
+                                    ") and (" + std::to_string(out_f) + ", " + std::to_string(r) + ")");
+    }
+  }
   auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
   int64_t attached = 0;
   for (auto& [name, linear] : linears) {
@@ -213,18 +337,38 @@ std::vector<std::pair<std::string, at::Tensor>> apply_lora(anvil::model::CausalL
       throw std::invalid_argument("apply_lora: module " + name + " has a non-floating weight");
     auto adapter = std::make_shared<LoraAdapter>();
     auto cpu = at::TensorOptions().dtype(at::kFloat);
-    // reset_lora_parameters: kaiming_uniform_(a=sqrt(5)) is U(-1/sqrt(in), 1/sqrt(in)).
-    at::Tensor a = at::empty({r, in_f}, cpu);
-    if (config.init == "gaussian") {
-      a.normal_(0.0, 1.0 / double(r), gen);
-    } else {
-      const double bound = 1.0 / std::sqrt(double(in_f));
-      a.uniform_(-bound, bound, gen);
-    }
-    adapter->lora_A = a.to(linear->weight.device());
-    adapter->lora_B = at::zeros({out_f, r}, cpu.device(linear->weight.device()));
     adapter->scaling = scaling_of(config, name);
     adapter->dropout = config.lora_dropout;
+    if (pissa) {
+      at::Tensor a0, b0;  // (r, in), (out, r) fp32, unrounded
+      if (pissa_factors) {  // checked above; copied, so that nothing aliases the caller's tensors
+        const auto device = linear->weight.device();
+        a0 = given[kFilePrefix + name + ".lora_A.weight"].to(device, at::kFloat, /*non_blocking=*/false, /*copy=*/true);
+        b0 = given[kFilePrefix + name + ".lora_B.weight"].to(device, at::kFloat, /*non_blocking=*/false, /*copy=*/true);
+      } else {
+        std::tie(a0, b0) = pissa_factors_of(linear->weight.detach(), r, adapter->scaling, niter, gen);
+      }
+      at::NoGradGuard no_grad;
+      const auto dt = linear->weight.scalar_type();
+      // weight - scaling * lora_B @ lora_A, in fp32 from the unrounded factors, then in W's dtype.
+      linear->weight.copy_((linear->weight.to(at::kFloat) - at::matmul(b0 * adapter->scaling, a0)).to(dt));
+      adapter->pissa_A0 = a0.contiguous(), adapter->pissa_B0 = b0.contiguous();
+      // The base dtype, then autocast_adapter_dtype's fp32; a copy always (fp32 bases: .to is a no-op, and
+      // the trained tensors must not alias the initial factors).
+      adapter->lora_A = a0.to(dt).to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
+      adapter->lora_B = b0.to(dt).to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
+    } else {
+      // reset_lora_parameters: kaiming_uniform_(a=sqrt(5)) is U(-1/sqrt(in), 1/sqrt(in)).
+      at::Tensor a = at::empty({r, in_f}, cpu);
+      if (config.init == "gaussian") {
+        a.normal_(0.0, 1.0 / double(r), gen);
+      } else {
+        const double bound = 1.0 / std::sqrt(double(in_f));
+        a.uniform_(-bound, bound, gen);
+      }
+      adapter->lora_A = a.to(linear->weight.device());
+      adapter->lora_B = at::zeros({out_f, r}, cpu.device(linear->weight.device()));
+    }
     if (config.use_dora) {  // DoraLinearLayer.update_layer: ||W + s B A||_row with B = 0
       at::NoGradGuard no_grad;  // a leaf of its own, not a function of the (still trainable) weight
       adapter->magnitude = at::linalg_vector_norm(linear->dense_weight(at::kFloat), 2, {1});

@@ -47,8 +47,10 @@ struct LoraConfig {
   /// (re.match("(.*\.)?(key)$", name)), the first matching key in order wins.
   std::vector<std::pair<std::string, int64_t>> rank_pattern;
   std::vector<std::pair<std::string, double>> alpha_pattern;
-  /// "kaiming" (PEFT's init_lora_weights=True: A kaiming_uniform(a=sqrt(5)), B zeros) or
-  /// "gaussian" (A normal with std 1/r, B zeros).
+  /// "kaiming" (PEFT's init_lora_weights=True: A kaiming_uniform(a=sqrt(5)), B zeros),
+  /// "gaussian" (A normal with std 1/r, B zeros), or PiSSA: "pissa" (full SVD of W) or
+  /// "pissa_niter_N" (torch.svd_lowrank with N subspace iterations), which set A and B to W's top-r
+  /// singular triplets and replace W by the residual W - scaling B A (PEFT's LoraLayer.pissa_init).
   std::string init = "kaiming";
   std::string base_model_name_or_path;  ///< written to adapter_config.json (null when empty)
 };
@@ -72,6 +74,11 @@ class LoraAdapter : public anvil::model::LinearAdapter {
   at::Tensor lora_A;     ///< (r, in) fp32
   at::Tensor lora_B;     ///< (out, r) fp32
   at::Tensor magnitude;  ///< (out) fp32, DoRA only (PEFT "lora_magnitude_vector")
+  /// PiSSA only: the initial factors as the SVD gave them, before lora_A/lora_B were rounded to the
+  /// base dtype (fp32 bases: equal to the initial lora_A/lora_B). The base weight holds
+  /// W - scaling * pissa_B0 pissa_A0, so these two tensors (not a new SVD) rebuild the residual on resume.
+  at::Tensor pissa_A0;  ///< (r, in) fp32, no grad
+  at::Tensor pissa_B0;  ///< (out, r) fp32, no grad
   double scaling = 1.0;
   double dropout = 0.0;  ///< applied to x in training mode (the Linear's is_training())
 
@@ -80,13 +87,31 @@ class LoraAdapter : public anvil::model::LinearAdapter {
   at::Tensor delta_weight() const;
 };
 
+/// Whether config.init is PiSSA ("pissa" or "pissa_niter_N").
+bool is_pissa(const LoraConfig& config);
+
 /// Attaches an adapter to every targeted Linear of `model` (initialised per config.init from a
 /// generator seeded with `seed`; DoRA magnitudes = row norms of W), sets requires_grad false on every
 /// base parameter, and returns the trainable tensors by their PEFT file name
 /// ("base_model.model.<module>.lora_A.weight", ...), in module order. Throws when nothing matches,
 /// when the model already has adapters, or when the config is invalid.
-std::vector<std::pair<std::string, at::Tensor>> apply_lora(anvil::model::CausalLM& model, const LoraConfig& config,
-                                                           uint64_t seed = 0);
+///
+/// PiSSA (config.init "pissa" / "pissa_niter_N") as PEFT 0.21's pissa_init: W (fp32) = U S Vh;
+/// A = diag(sqrt(S_r / scaling)) Vh_r, B = U_r diag(sqrt(S_r / scaling)); W <- (W - scaling B A) in W's
+/// dtype; A and B are then rounded to W's dtype and kept in fp32 (PEFT's move to the base dtype and
+/// autocast_adapter_dtype). The randomized variant draws its Gaussian test matrix from the same seeded
+/// CPU generator, module after module. `pissa_factors` (by PEFT file name, the unrounded pissa_A0 /
+/// pissa_B0 of an earlier run, as pissa_initial_factors returns them) replaces the SVD: the residual is
+/// then rebuilt bit for bit (resume). Refused, naming the module: quantized base weights (the residual
+/// needs a dense writable W), weights other than fp32/bf16/fp16 (PEFT's rule), a targeted lm_head (its
+/// weight may be tied to the embedding), r > min(out, in); and DoRA (validate).
+std::vector<std::pair<std::string, at::Tensor>> apply_lora(
+    anvil::model::CausalLM& model, const LoraConfig& config, uint64_t seed = 0,
+    const std::vector<std::pair<std::string, at::Tensor>>* pissa_factors = nullptr);
+
+/// The PiSSA adapters' unrounded initial factors (pissa_A0 as "...lora_A.weight", pissa_B0 as
+/// "...lora_B.weight"), in module order; empty without PiSSA adapters.
+std::vector<std::pair<std::string, at::Tensor>> pissa_initial_factors(anvil::model::CausalLM& model);
 
 /// The attached adapters by module name, in module order.
 std::vector<std::pair<std::string, std::shared_ptr<LoraAdapter>>> adapters_of(anvil::model::CausalLM& model);
@@ -104,9 +129,27 @@ std::string adapter_config_json(const LoraConfig& config, const std::vector<std:
 LoraConfig parse_adapter_config(const std::string& json_text, const std::string& source = "adapter_config.json");
 
 /// Writes adapter_config.json and adapter_model.safetensors into `dir` (created), each atomically.
+/// With a PiSSA config this is the raw PiSSA adapter (init_lora_weights "pissa"...): it belongs on the
+/// residual base; PEFT's from_pretrained rebuilds that residual with its own SVD of the original base
+/// (close for "pissa", a different random basis for "pissa_niter_N").
 void save_adapter(anvil::model::CausalLM& model, const LoraConfig& config, const std::string& dir);
 
+/// PiSSA -> LoRA, as PEFT 0.21's save_pretrained(path_initial_model_for_weight_conversion=...) writes it
+/// (LoraModel.subtract_mutated_init): the adapter becomes the plain LoRA delta B A - B0 A0 of rank 2r,
+/// lora_A = [A; A0] (2r, in), lora_B = [B | -B0] (out, 2r), with A0/B0 the initial adapter (rounded to the
+/// base dtype, as PEFT's initial adapter holds them), r and rank_pattern doubled, lora_alpha and
+/// alpha_pattern doubled (lora_alpha times sqrt 2 with rsLoRA), init_lora_weights true. It loads on the
+/// ORIGINAL base model (W + scaling (B A - B0 A0) = W_res + scaling B A). Throws unless the adapters
+/// are PiSSA adapters; rsLoRA with rank/alpha patterns is refused as PEFT refuses it.
+void save_pissa_as_lora(anvil::model::CausalLM& model, const LoraConfig& config, const std::string& dir);
+
+/// The initial PiSSA adapter (A0, B0 rounded to the base dtype) with init_lora_weights true: PEFT's
+/// `path_initial_model_for_weight_conversion` folder, from which PEFT itself can convert the raw adapter.
+void save_pissa_initial_adapter(anvil::model::CausalLM& model, const LoraConfig& config, const std::string& dir);
+
 /// Reads a PEFT adapter directory and attaches it to `model` (freezing the base as apply_lora does).
+/// A raw PiSSA adapter (init_lora_weights "pissa...") is refused: it needs the residual base; load the
+/// converted adapter (save_pissa_as_lora) on the original base instead.
 /// Every targeted module must have its tensors in the file and every tensor must belong to a targeted
 /// module, with the shapes the config implies; errors name the key, and nothing is attached on error.
 /// A targeted lm_head's "base_layer.weight" (PEFT's save_embedding_layers) replaces the base weight.

@@ -105,7 +105,7 @@ std::string adapter_config_json(const LoraConfig& c, const std::vector<std::stri
   j["alpha_pattern"] = Json::object();
   for (const auto& [k, v] : c.alpha_pattern) j["alpha_pattern"][k] = number(v);
   j["base_model_name_or_path"] = c.base_model_name_or_path.empty() ? Json(nullptr) : Json(c.base_model_name_or_path);
-  j["init_lora_weights"] = c.init == "gaussian" ? Json("gaussian") : Json(true);
+  j["init_lora_weights"] = c.init == "kaiming" ? Json(true) : Json(c.init);  // "gaussian", "pissa", "pissa_niter_N"
   j["lora_alpha"] = number(c.lora_alpha);
   j["lora_dropout"] = c.lora_dropout;
   j["r"] = c.r;
@@ -173,8 +173,9 @@ LoraConfig parse_adapter_config(const std::string& text, const std::string& sour
     const auto& v = j["init_lora_weights"];
     if (v.is_boolean()) c.init = "kaiming";
     else if (v == "gaussian") c.init = "gaussian";
-    else fail("init_lora_weights", "is " + v.dump() + "; anvil supports true, false and \"gaussian\" (PiSSA, OLoRA, "
-              "LoftQ, EVA, CorDA change the base weights)");
+    else if (v.is_string() && v.get<std::string>().rfind("pissa", 0) == 0) c.init = v.get<std::string>();  // validate() checks it
+    else fail("init_lora_weights", "is " + v.dump() + "; anvil supports true, false, \"gaussian\", \"pissa\" and "
+              "\"pissa_niter_N\" (OLoRA, LoftQ, EVA, CorDA, ... are not implemented)");
   }
   if (!j.contains("target_modules") || j["target_modules"].is_null())
     fail("target_modules", "is missing; anvil needs the targeted module names");
@@ -231,9 +232,12 @@ LoraConfig parse_adapter_config(const std::string& text, const std::string& sour
   return c;
 }
 
-void save_adapter(anvil::model::CausalLM& model, const LoraConfig& config, const std::string& dir) {
-  auto state = adapter_state(model, config.use_dora);
-  if (state.empty()) throw std::invalid_argument("save_adapter: the model has no LoRA adapters attached");
+namespace {
+
+// adapter_model.safetensors from `state` (plus lm_head's base layer, see below) and adapter_config.json
+// for `config`, into `dir`.
+void write_adapter(anvil::model::CausalLM& model, const LoraConfig& config,
+                   const std::vector<std::pair<std::string, at::Tensor>>& state, const std::string& dir) {
   std::vector<std::string> names;
   for (auto& [name, a] : adapters_of(model)) names.push_back(name);
   anvil::io::detail::make_directories(dir);
@@ -251,9 +255,76 @@ void save_adapter(anvil::model::CausalLM& model, const LoraConfig& config, const
   write_text_atomically(anvil::io::detail::join_path(dir, kConfigFile), adapter_config_json(config, names));
 }
 
+// The PiSSA adapters of `model` with their initial factors rounded as PEFT's initial adapter holds them
+// (the base dtype, then fp32): (module name, adapter, A0 (r, in), B0 (out, r)).
+struct PissaModule {
+  std::string name;
+  std::shared_ptr<LoraAdapter> adapter;
+  at::Tensor a0, b0;
+};
+
+std::vector<PissaModule> pissa_modules(anvil::model::CausalLM& model, const LoraConfig& config, const char* caller) {
+  if (!is_pissa(config))
+    throw std::invalid_argument(std::string(caller) + ": the config's init is \"" + config.init + "\", not PiSSA");
+  std::vector<PissaModule> out;
+  for (auto& [name, linear] : anvil::model::named_linears(model)) {
+    auto a = std::dynamic_pointer_cast<LoraAdapter>(linear->adapter);
+    if (!a) continue;
+    if (!a->pissa_A0.defined())
+      throw std::invalid_argument(std::string(caller) + ": module " + name + "'s adapter was not initialized by PiSSA");
+    const auto dt = linear->weight.scalar_type();
+    out.push_back({name, a, a->pissa_A0.to(dt).to(at::kFloat), a->pissa_B0.to(dt).to(at::kFloat)});
+  }
+  if (out.empty()) throw std::invalid_argument(std::string(caller) + ": the model has no LoRA adapters attached");
+  return out;
+}
+
+}  // namespace
+
+void save_adapter(anvil::model::CausalLM& model, const LoraConfig& config, const std::string& dir) {
+  auto state = adapter_state(model, config.use_dora);
+  if (state.empty()) throw std::invalid_argument("save_adapter: the model has no LoRA adapters attached");
+  write_adapter(model, config, state, dir);
+}
+
+void save_pissa_initial_adapter(anvil::model::CausalLM& model, const LoraConfig& config, const std::string& dir) {
+  std::vector<std::pair<std::string, at::Tensor>> state;
+  for (auto& m : pissa_modules(model, config, "save_pissa_initial_adapter")) {
+    state.emplace_back(kFilePrefix + m.name + ".lora_A.weight", m.a0);
+    state.emplace_back(kFilePrefix + m.name + ".lora_B.weight", m.b0);
+  }
+  LoraConfig initial = config;
+  initial.init = "kaiming";  // PeftModel.save_pretrained writes the initial adapter with init_lora_weights = True
+  write_adapter(model, initial, state, dir);
+}
+
+void save_pissa_as_lora(anvil::model::CausalLM& model, const LoraConfig& config, const std::string& dir) {
+  if (config.use_rslora && (!config.rank_pattern.empty() || !config.alpha_pattern.empty()))
+    throw std::invalid_argument("save_pissa_as_lora: rsLoRA with rank_pattern/alpha_pattern cannot be converted (PEFT "
+                                "refuses it too: the doubled rank would need another alpha per pattern)");
+  std::vector<std::pair<std::string, at::Tensor>> state;
+  for (auto& m : pissa_modules(model, config, "save_pissa_as_lora")) {
+    // LoraModel.subtract_mutated_init: dW = B A - B0 A0 = [B | -B0] [A; A0].
+    state.emplace_back(kFilePrefix + m.name + ".lora_A.weight", at::cat({m.adapter->lora_A.detach(), m.a0}, 0));
+    state.emplace_back(kFilePrefix + m.name + ".lora_B.weight", at::cat({m.adapter->lora_B.detach(), -m.b0}, 1));
+  }
+  // PeftModel.save_pretrained's bookkeeping for the converted config: the same scaling at twice the rank.
+  LoraConfig converted = config;
+  converted.init = "kaiming";
+  converted.r *= 2;
+  converted.lora_alpha *= config.use_rslora ? std::sqrt(2.0) : 2.0;
+  for (auto& entry : converted.rank_pattern) entry.second *= 2;
+  for (auto& entry : converted.alpha_pattern) entry.second *= 2;
+  write_adapter(model, converted, state, dir);
+}
+
 LoraConfig load_adapter(anvil::model::CausalLM& model, const std::string& dir) {
   const auto config_path = anvil::io::detail::join_path(dir, kConfigFile);
   LoraConfig config = parse_adapter_config(read_text(config_path), config_path);
+  if (is_pissa(config))
+    throw std::runtime_error(config_path + ": \"init_lora_weights\" is \"" + config.init + "\": a raw PiSSA adapter "
+                             "belongs on the residual base W - scaling B0 A0, not on this model; load the converted "
+                             "adapter (anvil lora writes it to adapter/; PEFT's path_initial_model_for_weight_conversion)");
   const auto weights_path = anvil::io::detail::join_path(dir, kWeightsFile);
   if (!anvil::io::detail::is_regular_file(weights_path))
     throw std::runtime_error(weights_path + ": missing (anvil reads the safetensors adapter format only)");

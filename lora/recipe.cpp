@@ -9,7 +9,12 @@
 // Exactness of resume (bit-exact on the CPU in fp32) rests on three things, each saved in the
 // checkpoint: the trainable tensors and AdamW state (safetensors, exact), the torch CPU (and CUDA)
 // generator states (LoRA dropout draws from them), and the data position (epoch, micro-batch index):
-// an epoch's order is a pure function of (seed, epoch), so packing is recomputed, not stored.
+// an epoch's order is a pure function of (seed, epoch), so packing is recomputed, not stored. With
+// PiSSA the frozen base itself depends on the run (W - scaling B0 A0): the initial factors travel in
+// every checkpoint and a resumed run rebuilds the residual from them instead of from a new SVD.
+//
+// PiSSA's outputs: adapter/ is the adapter converted to a plain LoRA of the original base (PEFT's
+// path_initial_model_for_weight_conversion), so that it loads where every other adapter does.
 //
 // Host syncs: micro-batches are packed on the host, so the target count of a step (the loss
 // normalizer) is known without touching the device; the loss is accumulated on the device and read
@@ -435,7 +440,7 @@ double gib(double bytes) { return bytes / double(1ull << 30); }
 // autograd keeps for a Llama-style layer (norm inputs, q/k/v, attention output, the MLP's gate, up and
 // product), the fp32 copies LoRA keeps of each adapted layer's input, and the per-document mask.
 MemoryEstimate estimate_memory(const CausalLM& model, const RecipeConfig& c, int64_t trainable_numel,
-                               int64_t trainable_elsize) {
+                               int64_t trainable_elsize, at::Device device) {
   MemoryEstimate m;
   const auto& cfg = model.config();
   int64_t weights = 0;
@@ -455,7 +460,11 @@ MemoryEstimate estimate_memory(const CausalLM& model, const RecipeConfig& c, int
   m.activations = per_token * tokens * layers + mask + tokens * e * h;
   m.activations_ckpt = tokens * e * h * layers + per_token * tokens + mask + tokens * e * h;
   const double rows = std::min<double>(double(c.train.loss_chunk), tokens);
-  m.loss_chunk = rows * double(cfg.vocab_size) * (4.0 * 2 + e) + tokens * 4.0;
+  // The fused cross-entropy (CUDA) keeps only the chunk's logits in the model dtype; the ATen path an fp32
+  // copy and an fp32 temporary besides.
+  const bool fused_loss =
+      device.is_cuda() && anvil::model::use_fused_ops(at::empty({0}, at::TensorOptions().dtype(model.dtype()).device(device)));
+  m.loss_chunk = rows * double(cfg.vocab_size) * (fused_loss ? e : 4.0 * 2 + e) + tokens * 4.0;
   m.total = m.weights + (c.mode == RecipeMode::kFull ? 0 : m.trainable) + m.gradients + m.optimizer + m.loss_chunk;
   m.total_ckpt = m.total + m.activations_ckpt;
   m.total += m.activations;
@@ -488,15 +497,20 @@ std::string format_estimate(const MemoryEstimate& m, const RecipeConfig& c, int6
 
 // ---- checkpoints -----------------------------------------------------------------------------------
 
+// checkpoint/'s file of PiSSA's initial factors (the residual base is W - scaling B0 A0).
+const char kPissaInitFile[] = "pissa_init.safetensors";
+
 struct TrainState {
   int64_t step = 0, epoch = 0, index = 0, tokens = 0;
   double elapsed = 0;
 };
 
-// checkpoint/ = trainable.safetensors, optimizer.safetensors, rng.safetensors, state.json. Written
+// checkpoint/ = trainable.safetensors, optimizer.safetensors, rng.safetensors, state.json (and, for
+// PiSSA, pissa_init.safetensors: the initial factors that define the residual base). Written
 // into checkpoint.tmp/, then the old checkpoint/ is moved to checkpoint.old/, the new one renamed
 // into place and the old one removed: some complete checkpoint exists at every moment.
 void save_training_checkpoint(const std::string& out_dir, const std::vector<std::pair<std::string, at::Tensor>>& trainable,
+                              const std::vector<std::pair<std::string, at::Tensor>>& pissa_init,
                               const anvil::train::AdamW& optimizer, const TrainState& st, const json& config,
                               at::Device device) {
   const std::string dir = join(out_dir, "checkpoint"), tmp = join(out_dir, "checkpoint.tmp"), old = join(out_dir, "checkpoint.old");
@@ -506,6 +520,7 @@ void save_training_checkpoint(const std::string& out_dir, const std::vector<std:
   for (const auto& [name, t] : trainable) weights.emplace_back(name, t.detach());
   io::save_safetensors(join(tmp, "trainable.safetensors"), weights);
   io::save_safetensors(join(tmp, "optimizer.safetensors"), optimizer.state_tensors());
+  if (!pissa_init.empty()) io::save_safetensors(join(tmp, kPissaInitFile), pissa_init);
   std::vector<std::pair<std::string, at::Tensor>> rng = {{"cpu", at::detail::getDefaultCPUGenerator().get_state()}};
   if (device.is_cuda()) rng.emplace_back("cuda", at::globalContext().defaultGenerator(device).get_state());
   io::save_safetensors(join(tmp, "rng.safetensors"), rng);
@@ -516,6 +531,18 @@ void save_training_checkpoint(const std::string& out_dir, const std::vector<std:
   if (path_exists(dir)) rename_path(dir, old);
   rename_path(tmp, dir);
   remove_tree(old);
+}
+
+// PiSSA's unrounded initial factors from a checkpoint (pissa_init.safetensors), by PEFT file name.
+std::vector<std::pair<std::string, at::Tensor>> load_pissa_factors(const std::string& dir) {
+  const std::string path = join(dir, kPissaInitFile);
+  if (!path_exists(path))
+    throw std::runtime_error("--resume: " + path + " is missing; the checkpoint was not made by a PiSSA run "
+                             "(lora.init must match the run's)");
+  io::SafetensorsFile f(path);
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  for (const auto& e : f.entries()) out.emplace_back(e.name, f.tensor(e.name));
+  return out;
 }
 
 std::string find_checkpoint(const std::string& out_dir) {
@@ -695,11 +722,22 @@ int run_recipe(const RecipeConfig& c, const RecipeOptions& options) {
   at::manual_seed(c.train.seed);  // dropout draws from the default generators
   auto model = build_model(c, device, dtype);
   std::vector<std::pair<std::string, at::Tensor>> trainable;
+  std::vector<std::pair<std::string, at::Tensor>> pissa_init;  // PiSSA's initial factors (kept in every checkpoint)
   LoraConfig lora_config = c.lora;
   if (lora_mode) {
-    if (lora_config.init == "pissa") throw std::invalid_argument("config key lora.init: \"pissa\" is not implemented yet (use \"kaiming\" or \"gaussian\")");
     lora_config.base_model_name_or_path = c.model.path;
-    trainable = apply_lora(*model, lora_config, c.train.seed);
+    if (is_pissa(lora_config) && options.resume) {
+      // The residual base is rebuilt from the checkpoint's initial factors, not from a new SVD: bit for bit
+      // the run's own, on any machine and for the randomized variant too.
+      // The config check first, so that a changed lora.r is named as such, not as a shape mismatch.
+      const auto dir = find_checkpoint(out_dir);
+      check_same_run(c.resolved, json::parse(read_text(join(dir, "state.json"))).at("config"));
+      const auto factors = load_pissa_factors(dir);
+      trainable = apply_lora(*model, lora_config, c.train.seed, &factors);
+    } else {
+      trainable = apply_lora(*model, lora_config, c.train.seed);
+    }
+    pissa_init = pissa_initial_factors(*model);
   } else {
     for (auto& p : model->named_parameters(/*recurse=*/true)) {
       p.value().set_requires_grad(true);
@@ -735,7 +773,7 @@ int run_recipe(const RecipeConfig& c, const RecipeOptions& options) {
   }
 
   // ---- memory estimate, dry run ----
-  const auto estimate = estimate_memory(*model, c, trainable_numel, trainable_elsize);
+  const auto estimate = estimate_memory(*model, c, trainable_numel, trainable_elsize, device);
   std::cerr << (lora_mode ? "anvil lora: " : "anvil train: ") << model->config().architecture << " ("
             << anvil::model::dtype_name(model->dtype()) << ", " << device.str() << "), " << trainable.size()
             << " trainable tensors (" << trainable_numel << " parameters), " << train_examples.size()
@@ -767,8 +805,10 @@ int run_recipe(const RecipeConfig& c, const RecipeOptions& options) {
     write_text_atomic(join(out_dir, "metrics.jsonl"), "");
   }
   write_text_atomic(join(out_dir, "config.json"), c.resolved.dump(2) + "\n");
-  if (lora_mode && c.output.save_initial_adapter && !options.resume)
-    save_adapter(*model, lora_config, join(out_dir, "initial_adapter"));
+  if (lora_mode && c.output.save_initial_adapter && !options.resume) {
+    if (pissa_init.empty()) save_adapter(*model, lora_config, join(out_dir, "initial_adapter"));
+    else save_pissa_initial_adapter(*model, lora_config, join(out_dir, "initial_adapter"));
+  }
 
   std::vector<std::string> before;
   if (!c.eval.prompts.empty() && tok) before = generate_all(*model, *tok, c.eval.prompts, c.eval.max_new_tokens);
@@ -793,7 +833,7 @@ int run_recipe(const RecipeConfig& c, const RecipeOptions& options) {
 
   auto save = [&]() {
     st.elapsed = elapsed_before + progress.elapsed();
-    save_training_checkpoint(out_dir, trainable, optimizer, st, c.resolved, device);
+    save_training_checkpoint(out_dir, trainable, pissa_init, optimizer, st, c.resolved, device);
     last_good_step = st.step;
     has_checkpoint = true;
   };
@@ -892,7 +932,11 @@ int run_recipe(const RecipeConfig& c, const RecipeOptions& options) {
 
   // ---- outputs ----
   save();
-  if (lora_mode) {
+  if (lora_mode && !pissa_init.empty()) {
+    // PiSSA trained a residual base: adapter/ is the LoRA delta of the original base (PEFT's conversion).
+    save_pissa_as_lora(*model, lora_config, join(out_dir, "adapter"));
+    if (c.output.save_pissa_adapter) save_adapter(*model, lora_config, join(out_dir, "adapter_pissa"));
+  } else if (lora_mode) {
     save_adapter(*model, lora_config, join(out_dir, "adapter"));
   } else {
     if (mixed) model->to(anvil::model::dtype_from_name(c.model.dtype));

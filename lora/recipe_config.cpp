@@ -32,7 +32,7 @@ json default_config() {
         {"loss_chunk", 4096}, {"seed", 0}}},
       {"eval", {{"every", 0}, {"max_batches", 0}, {"prompts", json::array()}, {"max_new_tokens", 48}}},
       {"output",
-       {{"dir", "runs/lora"}, {"save_every", 0}, {"log_every", 1}, {"plot", true}, {"save_initial_adapter", false}}},
+       {{"dir", "runs/lora"}, {"save_every", 0}, {"log_every", 1}, {"plot", true}, {"save_initial_adapter", false}, {"save_pissa_adapter", false}}},
   };
 }
 
@@ -174,7 +174,16 @@ void read_lora(const Reader& r, RecipeMode mode, LoraConfig& l) {
   l.lora_dropout = r.number_in("lora.dropout", 0.0, 1.0, true, "[0, 1)");
   l.use_rslora = r.boolean("lora.rslora");
   l.use_dora = r.boolean("lora.dora");
-  l.init = r.string_in("lora.init", {"kaiming", "gaussian", "pissa"});
+  l.init = r.string("lora.init");
+  try {
+    LoraConfig check;
+    check.init = l.init;
+    check.target_modules.kind = TargetModules::Kind::kAllLinear;  // valid: only init is under test
+    validate(check);
+  } catch (const std::invalid_argument&) {
+    fail("lora.init", "must be \"kaiming\", \"gaussian\", \"pissa\" or \"pissa_niter_N\" (N >= 0 subspace iterations "
+         "of the randomized SVD)", r.at("lora.init"));
+  }
   const std::string regex = r.string("lora.target_regex");
   const json& targets = r.at("lora.targets");
   if (!regex.empty()) {
@@ -252,6 +261,7 @@ void read_output(const Reader& r, OutputSection& o) {
   o.log_every = r.int_at_least("output.log_every", 1);
   o.plot = r.boolean("output.plot");
   o.save_initial_adapter = r.boolean("output.save_initial_adapter");
+  o.save_pissa_adapter = r.boolean("output.save_pissa_adapter");
 }
 
 }  // namespace
@@ -287,6 +297,20 @@ RecipeConfig resolve_config(const json& user, RecipeMode mode) {
   read_output(r, c.output);
   if (mode == RecipeMode::kFull && c.output.save_initial_adapter)
     fail("output.save_initial_adapter", "is for anvil lora (anvil train has no adapter)", true);
+  if (c.output.save_pissa_adapter && (mode == RecipeMode::kFull || !is_pissa(c.lora)))
+    fail("output.save_pissa_adapter", "is for anvil lora with lora.init \"pissa\" or \"pissa_niter_N\"", true);
+  if (mode == RecipeMode::kLora && is_pissa(c.lora)) {
+    if (c.model.base_weights == "fp8" || c.model.base_weights == "int8")
+      fail("lora.init", "\"" + c.lora.init + "\" rewrites the base weights into the residual W - scaling B A, which needs "
+           "dense weights; model.base_weights \"" + c.model.base_weights + "\" quantizes them (use \"dense\")",
+           c.resolved["lora"]["init"]);
+    if (c.lora.use_dora)
+      fail("lora.dora", "cannot be combined with PiSSA: the PiSSA adapter is written converted to a plain LoRA delta of "
+           "the original base (PEFT's conversion), which cannot express DoRA's magnitude", true);
+    if (c.lora.use_rslora && (!c.lora.rank_pattern.empty() || !c.lora.alpha_pattern.empty()))
+      fail("lora.rslora", "with rank_pattern/alpha_pattern cannot be combined with PiSSA: PEFT cannot convert such an "
+           "adapter back to a LoRA of the original base", true);
+  }
   return c;
 }
 

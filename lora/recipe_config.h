@@ -63,6 +63,7 @@ struct OutputSection {
   int64_t save_every = 0, log_every = 1;
   bool plot = true;
   bool save_initial_adapter = false;  ///< also write the step-0 adapter to initial_adapter/ (tests, oracles)
+  bool save_pissa_adapter = false;    ///< PiSSA: also write the raw (unconverted) adapter to adapter_pissa/
 };
 
 /// The typed, validated config.
@@ -70,7 +71,7 @@ struct RecipeConfig {
   RecipeMode mode = RecipeMode::kLora;
   ModelSection model;
   DataSection data;
-  LoraConfig lora;  ///< lora.init "pissa" is accepted by the schema; apply_lora decides what it supports
+  LoraConfig lora;  ///< lora.init "pissa" / "pissa_niter_N": PiSSA (apply_lora), written converted (save_pissa_as_lora)
   TrainSection train;
   EvalSection eval;
   OutputSection output;

@@ -124,7 +124,8 @@ TEST(LoraConfig, RejectsUnsupportedOptionsNamingTheKey) {
   expect_error(with("modules_to_save", R"(["lm_head"])"), {"modules_to_save"});
   expect_error(with("target_parameters", R"(["experts.gate_up_proj"])"), {"target_parameters"});
   expect_error(with("trainable_token_indices", "[1, 2]"), {"trainable_token_indices"});
-  expect_error(with("init_lora_weights", "\"pissa\""), {"init_lora_weights", "pissa"});
+  expect_error(with("init_lora_weights", "\"olora\""), {"init_lora_weights", "olora"});
+  expect_error(with("init_lora_weights", "\"pissa_niter_two\""), {"init", "pissa_niter_N"});
   expect_error(with("target_modules", "null"), {"target_modules", "missing"});
   expect_error(with("target_modules", "[]"), {"target_modules", "empty"});
   expect_error(with("target_modules", "5"), {"target_modules"});

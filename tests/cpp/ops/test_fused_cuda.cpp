@@ -120,8 +120,10 @@ TEST(CrossEntropyChunkCuda, LossLseAndInPlaceBackwardCloseToCpu) {
       labels[5] = -100;
       auto [loss, lse] = anvil::ops::cross_entropy_chunk(logits, labels, -100);
       auto [lossc, lsec] = anvil::ops::cross_entropy_chunk(logits.cuda(), labels.cuda(), -100);
-      EXPECT_TRUE(at::allclose(lossc.cpu(), loss, 1e-5, 2e-5)) << what;
-      EXPECT_TRUE(at::allclose(lsec.cpu(), lse, 1e-5, 2e-5)) << what;
+      // The house fp32 rule: the CPU reference sums exp() in fp64 (a sequential fp32 sum was 3e-4 off at
+      // V = 151936 on the H100 run; the kernel itself 1e-6), so both are within ~1e-6 of the fp64 log-sum-exp.
+      expect_close(lossc, loss, "loss " + what);
+      expect_close(lsec, lse, "lse " + what);
       auto grad = at::rand({t});
       auto buf = logits.clone();
       anvil::ops::cross_entropy_chunk_backward(buf, labels, lse, grad, -100);
