@@ -290,14 +290,15 @@ AttentionMask AttentionMask::packed(const at::Tensor& doc_ids, int64_t window) {
   return m;
 }
 
-bool use_varlen_for_packed(const at::Device& device, at::ScalarType dtype, int64_t qk_head_dim, int64_t v_head_dim) {
+bool use_varlen_for_packed(const at::Device& device, at::ScalarType dtype, int64_t qk_head_dim, int64_t v_head_dim,
+                           int64_t seq_len) {
   const char* env = std::getenv("ANVIL_PACKED_ATTENTION");
   if (env != nullptr && std::strcmp(env, "varlen") == 0) return true;
   if (env != nullptr && std::strcmp(env, "mask") == 0) return false;
   TORCH_CHECK(env == nullptr || *env == '\0', "ANVIL_PACKED_ATTENTION must be mask or varlen, got '", env, "'");
   const bool dims = (qk_head_dim == v_head_dim && (qk_head_dim == 64 || qk_head_dim == 128)) ||
                     (qk_head_dim == 192 && v_head_dim == 128);
-  return device.is_cuda() && (dtype == at::kBFloat16 || dtype == at::kHalf) && dims;
+  return device.is_cuda() && (dtype == at::kBFloat16 || dtype == at::kHalf) && dims && seq_len >= kVarlenMinSeqLen;
 }
 
 namespace {

@@ -93,7 +93,7 @@ at::Tensor TransformerModel::forward(const at::Tensor& input_ids, const at::Tens
   if (doc_ids.defined()) {
     const int64_t qk_dim = config_.mla ? config_.qk_nope_head_dim + config_.qk_rope_head_dim : config_.head_dim;
     const int64_t v_dim = config_.mla ? config_.v_head_dim : config_.head_dim;
-    if (!cache && use_varlen_for_packed(h.device(), h.scalar_type(), qk_dim, v_dim)) {
+    if (!cache && use_varlen_for_packed(h.device(), h.scalar_type(), qk_dim, v_dim, s)) {
       full = AttentionMask::packed(doc_ids, 0);
       if (config_.sliding_window > 0) sliding = AttentionMask::packed(doc_ids, config_.sliding_window);
     } else {

@@ -155,10 +155,19 @@ struct AttentionMask {
   static AttentionMask packed(const at::Tensor& doc_ids, int64_t window);
 };
 
-/// Whether packed documents take the varlen path (sparse_attention with cu_seqlens) rather than a
-/// (B, 1, S, S) mask: on CUDA for bf16/fp16 and the head dims the op has kernels for (64, 128; MLA 192/128).
-/// ANVIL_PACKED_ATTENTION=mask or =varlen forces one (varlen on the CPU runs the op's reference loops).
-bool use_varlen_for_packed(const at::Device& device, at::ScalarType dtype, int64_t qk_head_dim, int64_t v_head_dim);
+/// Whether packed rows of `seq_len` tokens take the varlen path (sparse_attention with cu_seqlens) rather
+/// than a (B, 1, S, S) mask: on CUDA for bf16/fp16 and the head dims the op has kernels for (64, 128; MLA
+/// 192/128), from kVarlenMinSeqLen tokens per row. ANVIL_PACKED_ATTENTION=mask or =varlen forces one
+/// (varlen on the CPU runs the op's reference loops).
+bool use_varlen_for_packed(const at::Device& device, at::ScalarType dtype, int64_t qk_head_dim, int64_t v_head_dim,
+                           int64_t seq_len);
+
+/// Rows this long or longer take the varlen path by default. Measured forward + backward on the H100
+/// (bench/profile/packed_attention.py, 16/4 heads, D 128, bf16, 2026-11-23), SDPA's memory-efficient kernel
+/// with the document mask / anvil varlen: S 1024 0.67-0.68x (documents of ~190 and ~590 tokens), S 4096
+/// 1.96x / 0.95x (~220 / ~1640), S 8192 4.21x / 1.84x: below 4096 the mask's S^2 work is cheaper than
+/// the sparse kernel's backward, above it the work skipped on other documents wins.
+constexpr int64_t kVarlenMinSeqLen = 4096;
 
 /// softmax(q k^T * scale + mask) v for q (B, Hq, S, D), k (B, Hk, L, D), v (B, Hk, L, Dv), Hq a
 /// multiple of Hk (grouped-query: each kv head serves Hq / Hk query heads). backend "sdpa" (torch's
