@@ -327,6 +327,77 @@ def test_unknown_tensor_name_is_an_error(tmp_path):
         anvil._C.CausalLM(str(tmp_path / "x.gguf"))
 
 
+# ---- the tokenizer ---------------------------------------------------------------------------------------
+
+TOKENIZERS = os.path.join(os.path.dirname(__file__), "..", "data", "tokenizers")
+PRE = {"gpt2": "gpt-2", "llama3": "llama-bpe", "qwen2": "qwen2"}
+
+
+def tokenizer_json_to_gguf(name, path):
+    """A fixture tokenizer.json written as llama.cpp's converter writes a BPE vocabulary (gguf-py)."""
+    import json
+    j = json.load(open(os.path.join(TOKENIZERS, name, "tokenizer.json"), encoding="utf-8"))
+    by_id = {i: t for t, i in j["model"]["vocab"].items()}
+    types = {i: 1 for i in by_id}
+    for a in j["added_tokens"]:
+        by_id[a["id"]] = a["content"]
+        types[a["id"]] = 3 if a["special"] else 4
+    n = max(by_id) + 1
+    assert sorted(by_id) == list(range(n))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in j["model"]["merges"]]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(PRE[name])
+    w.add_token_list([by_id[i] for i in range(n)])
+    w.add_token_types([types[i] for i in range(n)])
+    w.add_token_merges(merges)
+    specials = [a["id"] for a in j["added_tokens"] if a["special"]]
+    w.add_bos_token_id(specials[0])
+    w.add_eos_token_id(specials[1])
+    w.add_add_bos_token(name == "llama3")
+    w.add_chat_template("{{ messages }}")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    j["normalizer"] = None  # llama.cpp's BPE pre-tokenizers do not normalize
+    j["post_processor"] = None
+    return json.dumps(j), specials
+
+
+@pytest.mark.parametrize("name", list(PRE))
+def test_tokenizer_from_gguf_matches_tokenizers(name, tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    path = tmp_path / f"{name}.gguf"
+    text, specials = tokenizer_json_to_gguf(name, path)
+    ref = tokenizers.Tokenizer.from_str(text)
+    ours = anvil._C.Tokenizer.load(str(path))
+    assert ours.vocab_size == ref.get_vocab_size(with_added_tokens=True)
+    lines = open(os.path.join(TOKENIZERS, "multilingual_sample.txt"), encoding="utf-8").read().splitlines()
+    lines += ["".join(ref.id_to_token(i) for i in specials) + " hello 12345 world\n\n  x"]
+    for line in lines:
+        expected = ref.encode(line, add_special_tokens=False).ids
+        assert ours.encode(line, add_special_tokens=False) == expected, line
+        assert ours.decode(expected) == ref.decode(expected, skip_special_tokens=False), line
+    with_bos = ours.encode("hi", add_special_tokens=True)
+    assert (with_bos[0] == specials[0]) == (name == "llama3")
+
+
+def test_tokenizer_errors_point_to_tokenizer_json(tmp_path):
+    w = gguf.GGUFWriter(str(tmp_path / "spm.gguf"), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(["<unk>", "a"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(RuntimeError, match=r"tokenizer.ggml.model 'llama' is not supported.*tokenizer.json"):
+        anvil._C.Tokenizer.load(str(tmp_path / "spm.gguf"))
+    p = write(tmp_path / "none.gguf")
+    with pytest.raises(RuntimeError, match=r"holds no tokenizer.*tokenizer.json"):
+        anvil._C.Tokenizer.load(p)
+
+
 # ---- opt-in: a real model ----------------------------------------------------------------------------
 
 def smollm2_path():
@@ -344,7 +415,7 @@ def test_smollm2_real_model(tmp_path):
     assert {"Q4_1", "Q8_0", "F32"} <= types
     for t in reader.tensors:
         ref = gguf.quants.dequantize(t.data, t.tensor_type)
-        ref = torch.from_numpy(np.ascontiguousarray(ref, dtype=np.float32)).reshape(ours[t.name].shape)
+        ref = torch.from_numpy(np.array(ref, dtype=np.float32)).reshape(ours[t.name].shape)
         assert torch.equal(ours[t.name], ref), t.name
     # transformers loads the same file through gguf-py (dequantized, q/k unpermuted): same logits.
     d, f = os.path.split(os.path.abspath(path))
@@ -354,3 +425,31 @@ def test_smollm2_real_model(tmp_path):
     with torch.no_grad():
         ref = hf(ids).logits
     assert_logits_close(model.logits(ids), ref)
+    # The tokenizer from the metadata, against transformers' GGUF tokenizer conversion. That conversion
+    # ignores tokenizer.ggml.pre ("smollm": every \p{N} isolated first, as SmolLM2's tokenizer.json does with
+    # Digits(individual_digits)), so it is the oracle as is for text without numbers, and with SmolLM2's
+    # pre-tokenizer put back for text with numbers.
+    from tokenizers import pre_tokenizers
+    hf_tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=f)
+    smollm_tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=f)
+    smollm_tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok = anvil._C.Tokenizer.load(path)
+    assert tok.vocab_size == len(hf_tok) == 49152
+    lines = open(os.path.join(TOKENIZERS, "multilingual_sample.txt"), encoding="utf-8").read().splitlines()
+    lines += ["<|im_start|>user\nWhat is 12345 + 678?<|im_end|>\n"]
+    for line in lines:
+        ids = tok.encode(line, add_special_tokens=False)
+        assert ids == smollm_tok.encode(line, add_special_tokens=False), line
+        if not any(ch.isnumeric() for ch in line):
+            assert ids == hf_tok.encode(line, add_special_tokens=False), line
+        assert tok.decode(ids) == hf_tok.decode(ids), line
+    # anvil's greedy generation is transformers' and answers sensibly.
+    prompt = tok.encode("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+                        add_special_tokens=False)
+    ids = torch.tensor([prompt])
+    ours_out = model.generate(ids, max_new_tokens=8)
+    ref_out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
+                          do_sample=False, eos_token_id=None, pad_token_id=2)
+    assert ours_out.tolist() == ref_out.tolist()
+    assert "Paris" in tok.decode(ours_out[0, len(prompt):].tolist())
