@@ -279,7 +279,10 @@ GgufTensorInfo read_tensor_info(Cursor& c, uint64_t index, const std::string& wh
   }
   TORCH_CHECK(t.dims[0] % type->block_elems == 0, "gguf: '", what, "': ", tn, " of type ", type->name,
               " has innermost dimension ", t.dims[0], ", not a multiple of its block size ", type->block_elems);
-  t.nbytes = numel / type->block_elems * type->block_bytes;
+  const uint64_t n_blocks = numel / type->block_elems;
+  TORCH_CHECK(n_blocks <= std::numeric_limits<uint64_t>::max() / type->block_bytes, "gguf: '", what, "': ", tn,
+              " has too many bytes (size overflow)");
+  t.nbytes = n_blocks * type->block_bytes;
   return t;
 }
 
