@@ -453,3 +453,18 @@ def test_smollm2_real_model(tmp_path):
                           do_sample=False, eos_token_id=None, pad_token_id=2)
     assert ours_out.tolist() == ref_out.tolist()
     assert "Paris" in tok.decode(ours_out[0, len(prompt):].tolist())
+
+
+@pytest.mark.skipif(smollm2_path() is None, reason="SmolLM2 GGUF absent (scripts/setup.sh fetches it)")
+def test_smollm2_cli_generate():
+    """`anvil generate --model file.gguf`: model and tokenizer from the one file."""
+    import subprocess
+    binary = os.path.join(os.path.dirname(anvil.__file__), "..", "..", "bin", "anvil")
+    if not os.path.isfile(binary):
+        pytest.skip("the anvil binary is not built beside this package")
+    r = subprocess.run([binary, "generate", "--model", smollm2_path(), "--device", "cpu", "--chat", "--chat-format",
+                        "chatml", "-p", "What is the capital of France?", "--max-new-tokens", "8"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    assert "LlamaForCausalLM" in r.stderr and "49152 ids" in r.stderr
