@@ -182,7 +182,9 @@ class Cursor {
   const std::string& what_;
 };
 
-bool valid_scalar_type(uint32_t t) { return t <= static_cast<uint32_t>(GgufType::kFloat64) && t != 9; }
+bool valid_scalar_type(uint32_t t) {
+  return t <= static_cast<uint32_t>(GgufType::kFloat64) && t != static_cast<uint32_t>(GgufType::kArray);
+}
 
 uint64_t scalar_min_bytes(GgufType t) {
   switch (t) {
