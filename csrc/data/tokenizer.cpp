@@ -125,6 +125,15 @@ std::unique_ptr<Tokenizer> load_sentencepiece_model(const std::string& path, boo
 
 namespace {
 
+// A regular file that starts with GGUF's magic (as anvil::io::is_gguf_file, without pulling ATen in here).
+bool is_gguf_file(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) return false;
+  std::ifstream in(path, std::ios::binary);
+  char magic[4] = {};
+  return in.read(magic, 4) && std::string(magic, 4) == "GGUF";
+}
+
 std::unique_ptr<Tokenizer> load_model_folder(const std::string& dir_name) {
   if (!is_directory(dir_name)) throw std::runtime_error(dir_name + ": not a directory (a model folder is expected)");
   const std::string dir = dir_name.back() == '/' ? dir_name : dir_name + "/";
@@ -204,6 +213,7 @@ std::unique_ptr<Tokenizer> load_model_folder(const std::string& dir_name) {
 }  // namespace
 
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir_name) {
+  if (is_gguf_file(dir_name)) return load_gguf_tokenizer(dir_name);  // csrc/data/gguf_tokenizer.cpp
   try {
     return load_model_folder(dir_name);
   } catch (const nlohmann::json::exception& e) {  // a config value of the wrong JSON type

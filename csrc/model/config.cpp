@@ -5,6 +5,8 @@
 // precedence as transformers' convert_rope_params_to_dict.
 #include "anvil/model/config.h"
 
+#include "anvil/io/gguf.h"
+#include "anvil/model/gguf_model.h"
 #include "io/io_internal.h"
 
 #include <nlohmann/json.hpp>
@@ -429,6 +431,7 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
 ModelConfig load_model_config(const std::string& path) {
   // POSIX paths through io's helpers: std::filesystem is unsafe in a process that loads libtorch
   // (docs/ARCHITECTURE.md, io).
+  if (anvil::io::is_gguf_file(path)) return gguf_model_config(anvil::io::GgufFile(path));  // a llama.cpp model file
   const std::string file = anvil::io::detail::is_directory(path) ? anvil::io::detail::join_path(path, "config.json") : path;
   if (!anvil::io::detail::is_regular_file(file))
     throw std::runtime_error(file + ": cannot open the model config (config.json): no such file");

@@ -11,6 +11,7 @@
 #include "anvil/model/transformer.h"
 
 #include "anvil/io/safetensors.h"
+#include "anvil/model/gguf_model.h"
 #include "anvil/ops.h"
 #include "anvil/train/checkpointing.h"
 #include "io/io_internal.h"
@@ -369,11 +370,26 @@ int64_t quantize_base_weights(CausalLM& model, const std::string& format) {
   return n;
 }
 
+// A GGUF file (include/anvil/model/gguf_model.h): config from its metadata, weights dequantized to fp32
+// and renamed; fp32 unless a dtype is asked for (GGUF holds no dtype of the original model).
+std::shared_ptr<CausalLM> load_gguf_causal_lm(const std::string& path, c10::optional<at::ScalarType> dtype,
+                                              at::Device device, const std::string& base_weights) {
+  anvil::io::GgufFile file(path);
+  ModelConfig config = gguf_model_config(file);
+  const auto tensors = gguf_model_tensors(file, config);
+  auto model = std::make_shared<CausalLM>(std::move(config), at::TensorOptions().dtype(dtype.value_or(at::kFloat)).device(device));
+  model->load_state(tensors);
+  if (base_weights == "int8" || base_weights == "fp8") quantize_base_weights(*model, base_weights);
+  model->eval();
+  return model;
+}
+
 std::shared_ptr<CausalLM> load_causal_lm(const std::string& path, c10::optional<at::ScalarType> dtype, at::Device device,
                                          const std::string& base_weights) {
   if (base_weights != "auto" && base_weights != "dense" && base_weights != "fp8" && base_weights != "int8")
     throw std::runtime_error("base_weights '" + base_weights + "' is not one of auto, dense, fp8, int8");
   const std::string dir = anvil::io::resolve_model_path(path);
+  if (anvil::io::is_gguf_file(dir)) return load_gguf_causal_lm(dir, dtype, device, base_weights);
   ModelConfig config = load_model_config(dir);
   at::ScalarType chosen = at::kFloat;
   if (dtype) chosen = *dtype;

@@ -139,7 +139,15 @@ class Tokenizer {
 /// supported byte-level BPE, else tokenizer.model (SentencePiece), plus the config files named above.
 /// Throws std::runtime_error naming the file and the rule broken: a missing folder or file, malformed
 /// JSON, or an unsupported normalizer / pre-tokenizer / model / post-processor / decoder type.
+/// A GGUF file (llama.cpp) instead of a folder: the tokenizer its tokenizer.ggml.* metadata describes
+/// (load_gguf_tokenizer).
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir);
+
+/// The byte-level BPE tokenizer of a GGUF file's metadata (tokenizer.ggml.model "gpt2"; pre-tokenizers
+/// default/gpt-2, smollm, llama-bpe, qwen2), with its bos/eos/pad/unk ids, add_bos/add_eos and chat
+/// template. Throws std::runtime_error naming the file and the key for anything else, pointing to a
+/// tokenizer.json folder instead.
+std::unique_ptr<Tokenizer> load_gguf_tokenizer(const std::string& path);
 
 /// Loads one tokenizer.json alone (no config files): bos/eos come from its post-processor only.
 std::unique_ptr<Tokenizer> load_hf_tokenizer_json(const std::string& path);
