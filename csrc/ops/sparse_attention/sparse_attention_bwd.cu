@@ -1,9 +1,13 @@
 // Instantiations of the sparse_attention backward kernels: the dq kernel (the forward's three tile shapes)
 // and the dk/dv kernel (64 or 128 keys), bf16 and fp16, head dims 64 and 128 (twenty kernels). Kernels: sparse_attention_kernels.cuh.
+// On sm_90 the 128-key dk/dv kernel is the wgmma one of sparse_attention_bwd_sm90.cuh.
 #include "ops/sparse_attention/sparse_attention_launch.h"
 
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+
+#include <cstdlib>
+#include <string>
 
 namespace anvil::ops::sparse_cuda {
 namespace {
@@ -32,6 +36,21 @@ void launch_dkdv(const Params& p, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The Hopper dk/dv kernel on sm_90 devices, unless ANVIL_SPARSE_SM90=0 or ANVIL_SPARSE_SM90_BWD=0 (read on
+// every call).
+bool use_sm90_dkdv() {
+#if defined(ANVIL_WITH_SM90A)
+  for (const char* name : {"ANVIL_SPARSE_SM90", "ANVIL_SPARSE_SM90_BWD"}) {
+    const char* env = std::getenv(name);
+    if (env != nullptr && std::string(env) == "0") return false;
+  }
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  return prop->major == 9 && prop->minor == 0;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 template <typename T, int D>
@@ -47,6 +66,12 @@ void launch_backward(const Params& p, TileShape shape, cudaStream_t stream) {
     default: launch_dq<T, D, 4, 1>(p, stream);
   }
   if (shape == TileShape::kRows128) {
+#if defined(ANVIL_WITH_SM90A)
+    if (use_sm90_dkdv()) {
+      launch_dkdv_sm90<T, D>(p, stream);
+      return;
+    }
+#endif
     launch_dkdv<T, D, 8>(p, stream);
   } else {
     launch_dkdv<T, D, 4>(p, stream);

@@ -4,10 +4,10 @@
 // on sm_90 devices (ANVIL_SPARSE_SM90=0 keeps the mma.sync kernel).
 #include "ops/sparse_attention/sparse_attention_launch.h"
 #include "ops/sparse_attention/sparse_attention_sm90.cuh"
+#include "ops/sparse_attention/sparse_attention_tma.h"
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
-#include <cudaTypedefs.h>
 
 #include <cstdlib>
 #include <string>
@@ -25,35 +25,6 @@ void launch(const Params& p, cudaStream_t stream) {
   const dim3 grid((p.seq + kRowsH - 1) / kRowsH, p.batch * p.heads_q / kHeads);
   kernel<<<grid, sm90::kThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// cuTensorMapEncodeTiled through the runtime's driver entry point (no link against libcuda).
-PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
-  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult status{};
-    C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &status));
-    TORCH_CHECK(status == cudaDriverEntryPointSuccess && f != nullptr,
-                "sparse_attention: cuTensorMapEncodeTiled is not available from the driver");
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
-  }();
-  return fn;
-}
-
-// (D, S, heads) view of a (B, H, S, D) contiguous tensor, boxes of 64 columns x 64 rows, 128-byte swizzle.
-template <typename T, int D>
-CUtensorMap head_map(const void* ptr, int64_t seq, int64_t heads) {
-  CUtensorMap map;
-  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(D), static_cast<cuuint64_t>(seq), static_cast<cuuint64_t>(heads)};
-  const cuuint64_t strides[2] = {D * sizeof(T), static_cast<cuuint64_t>(seq) * D * sizeof(T)};
-  const cuuint32_t box[3] = {static_cast<cuuint32_t>(sm90::kPanel), static_cast<cuuint32_t>(kTile), 1};
-  const cuuint32_t elem_strides[3] = {1, 1, 1};
-  const auto dtype = std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-  const CUresult r = encode_fn()(&map, dtype, 3, const_cast<void*>(ptr), dims, strides, box, elem_strides,
-                                 CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  TORCH_CHECK(r == CUDA_SUCCESS, "sparse_attention: cuTensorMapEncodeTiled failed with CUresult ", static_cast<int>(r));
-  return map;
 }
 
 template <typename T, int D, int kHeads>
