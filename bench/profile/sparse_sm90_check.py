@@ -10,7 +10,7 @@ large for the reference compare against the old kernel only. Exits non-zero when
 (2x torch's own same-dtype error + 1e-3, as the tests).
 
     PYTHONPATH=build-gpu/python python3 bench/profile/sparse_sm90_check.py [--quick] [--kernels ...] [--bwd]
-(--bwd: the backward's wgmma dk/dv kernel against the mma.sync one instead.)
+(--bwd: the backward's wgmma dq and dk/dv kernels against the mma.sync ones instead.)
 """
 import argparse
 import os
@@ -111,15 +111,16 @@ BWD_SHAPES = [
     ("bwd-win100-sinks3-gqa4-D128-bf16", 1000, 8, 2, 128, 100, 3, 0, False, 64, torch.bfloat16, True),
     ("bwd-docs-blocks-bs128-D64-fp16", 3000, 8, 8, 64, 200, 2, 4, True, 128, torch.float16, True),
     ("bwd-dense-causal-D128-bf16", 4096, 8, 8, 128, -1, 0, 0, False, 64, torch.bfloat16, True),
+    ("bwd-nsa-bs64-2heads-D128-bf16", 4096, 8, 2, 128, 512, 1, 8, False, 64, torch.bfloat16, True),
     ("bwd-win4096-S32768-H16-D128-bf16", 32768, 16, 16, 128, 4096, 0, 0, False, 64, torch.bfloat16, False),
     ("bwd-win4096-S32768-Hq16-Hkv4-D128", 32768, 16, 4, 128, 4096, 0, 0, False, 64, torch.bfloat16, False),
 ]
 
 
 def check_bwd(shape, quick):
-    """The wgmma dk/dv kernel (ANVIL_SPARSE_SM90_BWD=1, default) against the mma.sync one (=0): dk/dv errors
-    between them and against the fp32 reference, backward ms of each, and fwd + bwd ms (new fwd + new bwd
-    against old fwd + old bwd)."""
+    """The wgmma backward kernels (ANVIL_SPARSE_SM90_BWD=1, default) against the mma.sync ones (=0): dq/dk/dv
+    errors between them and against the fp32 reference, backward ms of each, and fwd + bwd ms (new fwd +
+    new bwd against old fwd + old bwd)."""
     name, S, Hq, Hkv, D, window, sinks, n, varlen, bs, dtype, with_ref = shape
     g = torch.Generator().manual_seed(S + D + n + 1)
     q, k, v, go = (torch.randn(1, h, S, D, generator=g).to(dtype).cuda() for h in (Hq, Hkv, Hkv, Hq))
@@ -137,12 +138,13 @@ def check_bwd(shape, quick):
     old, new = bwd("0"), bwd("1")
     torch.cuda.synchronize()
     ok = all(bool(torch.isfinite(x).all()) for x in new)
-    line = f"{name:38s} new-old dk {err(new[1], old[1]):.3g} dv {err(new[2], old[2]):.3g};"
+    line = f"{name:34s} new-old dq {err(new[0], old[0]):.3g} dk {err(new[1], old[1]):.3g} dv {err(new[2], old[2]):.3g};"
     if with_ref and (not quick or S <= 4096):
         kw = dict(window=window, sinks=sinks, bs=bs, block_indices=to(bi), block_counts=to(bc), cu_seqlens=to(cu))
-        _, _, _, rdk, rdv = reference(q, k, v, dtype=torch.float32, grad_o=go, chunk=512, **kw)
-        _, _, _, ldk, ldv = reference(q, k, v, dtype=dtype, grad_o=go, chunk=512, **kw)
-        for nm, x, xo, r, lo in (("dk", new[1], old[1], rdk, ldk), ("dv", new[2], old[2], rdv, ldv)):
+        _, _, rdq, rdk, rdv = reference(q, k, v, dtype=torch.float32, grad_o=go, chunk=512, **kw)
+        _, _, ldq, ldk, ldv = reference(q, k, v, dtype=dtype, grad_o=go, chunk=512, **kw)
+        for nm, x, xo, r, lo in (("dq", new[0], old[0], rdq, ldq), ("dk", new[1], old[1], rdk, ldk),
+                                 ("dv", new[2], old[2], rdv, ldv)):
             e, eo, et = err(x, r), err(xo, r), err(lo, r)
             ok &= e <= 2 * et + 2e-3
             line += f" {nm} vs fp32 new {e:.3g} old {eo:.3g} torch {et:.3g};"
@@ -167,7 +169,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="reference only for S <= 4096")
     ap.add_argument("--kernels", default="old,simple,ws,pp0,pp", help="which of old, simple, ws, pp0, pp (old always runs)")
-    ap.add_argument("--bwd", action="store_true", help="only the backward check (the wgmma dk/dv kernel)")
+    ap.add_argument("--bwd", action="store_true", help="only the backward check (the wgmma dq, dk/dv kernels)")
     a = ap.parse_args()
     for kn in list(KERNELS):
         if kn != "old" and kn not in a.kernels.split(","):

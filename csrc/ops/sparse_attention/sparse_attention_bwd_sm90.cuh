@@ -277,4 +277,206 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   }
 }
 
+
+// ---- the dq kernel ----------------------------------------------------------------------------------
+//
+// The forward's structure (grid, QueryPlan, 128 query rows as 2 consumer warpgroups x 64, a producer
+// warpgroup with TMA, 128-key steps of two 64-key slots, the odd tail's second slot a zero box past S)
+// with the dq kernel's arithmetic: per step S = Q K^T and dP = dO V^T (SS, one batch), P = exp2(S scale
+// log2 e - lse), dS = P (dP - Delta), dQ += dS K (RS; K as the MN-major B operand, as V in the forward).
+// Q and dO arrive once; lse and Delta of a thread's two rows are read from global memory once.
+
+template <int D>
+struct DqConfig {
+  static constexpr int kStages = D == 64 ? 4 : 2;
+  static constexpr int kSlots = 2 * kStages;
+  // Q, dO (128 rows each), kSlots x (K, V) of 64 keys, and 1 KB to align the base.
+  static constexpr int kSmemBytes = (2 * kRows + 2 * kSlots * kTile) * D * 2 + 1024;
+};
+
+// d (N / 2 floats) (+)= A B for the 128-key S and dP chains.
+template <typename T, int D, int kKvPanel>
+__device__ __forceinline__ void issue_s_dp(float (&s)[64], float (&dp)[64], const T* q_wg, const T* do_wg,
+                                           const T* tK, const T* tV) {
+  constexpr uint32_t kSbo = 8 * 128;
+  cute::warpgroup_arrive();
+  #pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const int pn = kk / 4, within = (kk % 4) * 16;
+    const uint64_t da = sw128_desc(q_wg + pn * kRows * kPanel + within, 16, kSbo);
+    const uint64_t db = sw128_desc(tK + pn * kKvPanel + within, 16, kSbo);
+    gmma_ss<typename Gmma<T, 128>::SS>(da, db, s, kk > 0, std::make_index_sequence<64>{});
+  }
+  #pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const int pn = kk / 4, within = (kk % 4) * 16;
+    const uint64_t da = sw128_desc(do_wg + pn * kRows * kPanel + within, 16, kSbo);
+    const uint64_t db = sw128_desc(tV + pn * kKvPanel + within, 16, kSbo);
+    gmma_ss<typename Gmma<T, 128>::SS>(da, db, dp, kk > 0, std::make_index_sequence<64>{});
+  }
+  cute::warpgroup_commit_batch();
+}
+
+template <typename T, int D, int kHeads>
+__global__ void __launch_bounds__(kWsThreads, 1)
+    sparse_attention_dq_sm90_kernel(const Params p, const __grid_constant__ TmaMaps maps,
+                                    const __grid_constant__ CUtensorMap grad_o_map) {
+  static_assert(D == 64 || D == 128, "head dim 64 or 128");
+  using Cfg = DqConfig<D>;
+  constexpr int kStages = Cfg::kStages;
+  constexpr int kRowsH = kRows / kHeads;
+  constexpr int kWgPerHead = 2 / kHeads;
+  constexpr int kPanels = D / kPanel;
+  constexpr int kBox = kTile * kPanel;
+  constexpr uint32_t kBoxBytes = kBox * sizeof(T);
+  constexpr int kKvPanel = Cfg::kSlots * kBox;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  __shared__ QueryPlan plan;
+  __shared__ __align__(8) uint64_t full_bar[kStages], empty_bar[kStages], q_bar;
+  T* sQ = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
+  T* sdO = sQ + kRows * D;           // [panel][128 rows][64]
+  T* sK = sdO + kRows * D;           // [panel][slot][64][64]
+  T* sV = sK + kPanels * kKvPanel;   // [panel][slot][64][64]
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int wg = warp >> 2;
+  const int qt = gridDim.x - 1 - blockIdx.x;
+  const int heads_cta = p.heads_q / kHeads;
+  const int b = blockIdx.y / heads_cta, h0 = (blockIdx.y % heads_cta) * kHeads, hkv = h0 / (p.heads_q / p.heads_kv);
+  const int i0 = qt * kRowsH, i1 = min(i0 + kRowsH - 1, p.seq - 1);
+  if (tid == 0) {
+    build_query_plan(plan, p, b, hkv, i0, i1);
+    for (int st = 0; st < kStages; ++st) {
+      mbar_init(&full_bar[st], 1);
+      mbar_init(&empty_bar[st], 8);  // one arrive per consumer warp
+    }
+    mbar_init(&q_bar, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    fence_proxy_async_smem();
+  }
+  __syncthreads();
+  const int n_tiles = plan.count();
+  const int n_steps = (n_tiles + 1) / 2;
+
+  if (wg == 0) {
+    // ---- producer: one thread ----
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (tid != 0) return;
+    const int kv_head = b * p.heads_kv + hkv;
+    mbar_arrive_expect_tx(&q_bar, 2 * 2 * kPanels * kBoxBytes);
+    for (int half = 0; half < 2; ++half) {
+      const int head = b * p.heads_q + h0 + (kHeads == 2 ? half : 0);
+      const int row = i0 + (kHeads == 2 ? 0 : 64 * half);
+      for (int pn = 0; pn < kPanels; ++pn) {
+        tma_load_box(sQ + pn * kRows * kPanel + half * kBox, &maps.q, &q_bar, pn * kPanel, row, head);
+        tma_load_box(sdO + pn * kRows * kPanel + half * kBox, &grad_o_map, &q_bar, pn * kPanel, row, head);
+      }
+    }
+    for (int step = 0; step < n_steps; ++step) {
+      const int st = step % kStages;
+      if (step >= kStages) mbar_wait(&empty_bar[st], ((step / kStages) - 1) & 1);
+      mbar_arrive_expect_tx(&full_bar[st], 2 * 2 * kPanels * kBoxBytes);
+      for (int u = 0; u < 2; ++u) {
+        const int key0 = 2 * step + u < n_tiles ? plan.tile(2 * step + u) * kTile : p.seq;
+        const int slot = 2 * st + u;
+        for (int pn = 0; pn < kPanels; ++pn) {
+          tma_load_box(sK + pn * kKvPanel + slot * kBox, &maps.k, &full_bar[st], pn * kPanel, key0, kv_head);
+          tma_load_box(sV + pn * kKvPanel + slot * kBox, &maps.v, &full_bar[st], pn * kPanel, key0, kv_head);
+        }
+      }
+    }
+    return;
+  }
+
+  // ---- consumers ----
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  const int cw = wg - 1, wq = warp & 3;
+  const int64_t S = p.seq;
+  const int64_t bh = static_cast<int64_t>(b) * p.heads_q + h0 + cw / kWgPerHead;
+  const int tiles_per_block = p.block_size / kTile;
+  const int g = lane >> 2, tq = lane & 3;
+  int row_i[2], row_ds[2];
+  float row_lse[2], row_delta[2];
+  #pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    row_i[hf] = i0 + (cw % kWgPerHead) * 64 + wq * 16 + g + hf * 8;
+    const int ic = min(row_i[hf], p.seq - 1);
+    row_ds[hf] = doc_start(p, ic);
+    row_lse[hf] = lse_log2(p.lse_in[bh * S + ic]);
+    row_delta[hf] = p.delta[bh * S + ic];
+  }
+  float s[64], dp[64], dq[D / 2];
+  #pragma unroll
+  for (int i = 0; i < 64; ++i) s[i] = dp[i] = 0.f;
+  #pragma unroll
+  for (int i = 0; i < D / 2; ++i) dq[i] = 0.f;
+  const T* q_wg = sQ + cw * 64 * kPanel;
+  const T* do_wg = sdO + cw * 64 * kPanel;
+
+  mbar_wait(&q_bar, 0);
+  for (int step = 0; step < n_steps; ++step) {
+    const int st = step % kStages;
+    const bool pair = 2 * step + 1 < n_tiles;
+    int k0[2];
+    bool listed[2], full[2];
+    #pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int n = min(2 * step + u, n_tiles - 1);
+      const int kv_tile = plan.tile(n);
+      k0[u] = kv_tile * kTile;
+      listed[u] = plan.listed(n, kv_tile, tiles_per_block);
+      full[u] = tile_fully_visible(p, i0, i1, plan.ds_first, plan.ds_last, k0[u], k0[u] + kTile - 1, listed[u]);
+    }
+    full[1] = full[1] && pair;
+    mbar_wait(&full_bar[st], (step / kStages) & 1);
+    fence_regs(s);
+    fence_regs(dp);
+    issue_s_dp<T, D, kKvPanel>(s, dp, q_wg, do_wg, sK + 2 * st * kBox, sV + 2 * st * kBox);
+    cute::warpgroup_wait<0>();
+    fence_regs(s);
+    fence_regs(dp);
+    #pragma unroll
+    for (int n = 0; n < 16; ++n) {
+      const int u = n >> 3;
+      #pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int hf = e >> 1, j = k0[u] + (n & 7) * 8 + 2 * tq + (e & 1);
+        bool ok = full[u] || sparse_attends(row_i[hf], j, row_ds[hf], listed[u], p.window, p.sink_tokens);
+        if (u == 1) ok = ok && pair;
+        const float pr = ok ? exp2f(s[4 * n + e] * p.scale_log2 - row_lse[hf]) : 0.f;
+        s[4 * n + e] = pr * (dp[4 * n + e] - row_delta[hf]);  // dS (the softmax scale comes at the end)
+      }
+    }
+    uint32_t da[8][4];
+    #pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+      #pragma unroll
+      for (int r = 0; r < 4; ++r) da[kk][r] = pack2<T>(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
+    }
+    fence_regs(dq);
+    issue_pv<T, D, kKvPanel, 8>(dq, da, sK + 2 * st * kBox);  // dQ += dS K
+    cute::warpgroup_wait<0>();
+    fence_regs(dq);
+    #pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+      #pragma unroll
+      for (int r = 0; r < 4; ++r) cute::warpgroup_fence_operand(da[kk][r]);
+    }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&empty_bar[st]);
+  }
+
+  T* dqh = static_cast<T*>(p.dq) + bh * S * D;
+  #pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int i = row_i[hf];
+    if (i >= p.seq) continue;
+    #pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      *reinterpret_cast<uint32_t*>(dqh + static_cast<int64_t>(i) * D + n * 8 + 2 * tq) =
+          pack2<T>(dq[4 * n + 2 * hf] * p.scale, dq[4 * n + 2 * hf + 1] * p.scale);
+    }
+  }
+}
+
 }  // namespace anvil::ops::sparse_cuda::sm90

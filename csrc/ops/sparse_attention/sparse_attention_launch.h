@@ -25,6 +25,9 @@ void launch_forward_sm90(const Params& p, TileShape shape, cudaStream_t stream);
 // per CTA (the kRows128 shape), on an sm_90 device.
 template <typename T, int D>
 void launch_dkdv_sm90(const Params& p, cudaStream_t stream);
+// The Hopper dq kernel: shapes kRows128 and kTwoHeads64, on an sm_90 device.
+template <typename T, int D>
+void launch_dq_sm90(const Params& p, TileShape shape, cudaStream_t stream);
 // dq kernel, then the dk/dv kernel.
 template <typename T, int D>
 void launch_backward(const Params& p, TileShape shape, cudaStream_t stream);
