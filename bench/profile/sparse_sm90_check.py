@@ -4,8 +4,8 @@ For a few shapes (window, sinks, NSA blocks, documents, GQA; D 64/128; bf16/fp16
 each kernel against an fp32 torch reference and against the mma.sync kernel, the same for lse, and the
 forward time of each (median of CUDA-event timings). Kernels (ANVIL_SPARSE_SM90): pp = the overlapped
 warp-specialized kernel with ping-pong (the default on sm_90), pp0 = the same without ping-pong
-(ANVIL_SPARSE_SM90_PINGPONG=0), ws = warp-specialized without overlap, simple = the first cp.async
-kernel, old = mma.sync (=0). Shapes too
+(ANVIL_SPARSE_SM90_PINGPONG=0), pp3 = with a third K stage at D = 128 (ANVIL_SPARSE_SM90_KSTAGES=3), ws =
+warp-specialized without overlap, simple = the first cp.async kernel, old = mma.sync (=0). Shapes too
 large for the reference compare against the old kernel only. Exits non-zero when an error bound fails
 (2x torch's own same-dtype error + 1e-3, as the tests).
 
@@ -46,12 +46,15 @@ def err(a, b):
     return (a.float() - b.float()).abs().max().item()
 
 
-# name -> (ANVIL_SPARSE_SM90, ANVIL_SPARSE_SM90_PINGPONG)
-KERNELS = {"old": ("0", "1"), "simple": ("simple", "1"), "ws": ("ws", "1"), "pp0": ("1", "0"), "pp": ("1", "1")}
+# name -> (ANVIL_SPARSE_SM90, ANVIL_SPARSE_SM90_PINGPONG, ANVIL_SPARSE_SM90_KSTAGES)
+KERNELS = {"old": ("0", "1", "0"), "simple": ("simple", "1", "0"), "ws": ("ws", "1", "0"), "pp0": ("1", "0", "0"),
+           "pp": ("1", "1", "0"), "pp3": ("1", "1", "3")}
+ENV = ("ANVIL_SPARSE_SM90", "ANVIL_SPARSE_SM90_PINGPONG", "ANVIL_SPARSE_SM90_KSTAGES")
 
 
 def run(q, k, v, args, kernel):
-    os.environ["ANVIL_SPARSE_SM90"], os.environ["ANVIL_SPARSE_SM90_PINGPONG"] = KERNELS[kernel]
+    for name, value in zip(ENV, KERNELS[kernel]):
+        os.environ[name] = value
     return ops.sparse_attention(q, k, v, *args)
 
 
@@ -128,7 +131,8 @@ def check_bwd(shape, quick):
     cu = packed_cu(S, g) if varlen else None
     to = lambda t: None if t is None else t.cuda()
     args = (to(bi), to(bc), to(cu), window, sinks, bs)
-    os.environ["ANVIL_SPARSE_SM90"], os.environ["ANVIL_SPARSE_SM90_PINGPONG"] = "1", "1"
+    for name, value in zip(ENV, KERNELS["pp"]):
+        os.environ[name] = value
     o, lse = ops.sparse_attention(q, k, v, *args)
 
     def bwd(flag):
@@ -168,7 +172,8 @@ def check_bwd(shape, quick):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="reference only for S <= 4096")
-    ap.add_argument("--kernels", default="old,simple,ws,pp0,pp", help="which of old, simple, ws, pp0, pp (old always runs)")
+    ap.add_argument("--kernels", default="old,simple,ws,pp0,pp,pp3",
+                    help="which of old, simple, ws, pp0, pp, pp3 (old always runs)")
     ap.add_argument("--bwd", action="store_true", help="only the backward check (the wgmma dq, dk/dv kernels)")
     a = ap.parse_args()
     for kn in list(KERNELS):
@@ -184,8 +189,8 @@ def main():
             print(f"FAIL {shape[0]}: {type(e).__name__}: {e}", flush=True)
             good = False
         torch.cuda.empty_cache()
-    os.environ.pop("ANVIL_SPARSE_SM90", None)
-    os.environ.pop("ANVIL_SPARSE_SM90_PINGPONG", None)
+    for name in ENV:
+        os.environ.pop(name, None)
     os.environ.pop("ANVIL_SPARSE_SM90_BWD", None)
     print("all OK" if good else "SOME FAILED")
     sys.exit(0 if good else 1)

@@ -42,25 +42,38 @@ void launch_ws(const Params& p, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The overlapped kernel (FA3's intra-warpgroup overlap; ping-pong unless ANVIL_SPARSE_SM90_PINGPONG=0).
-template <typename T, int D, int kHeads>
+// The overlapped kernel (FA3's intra-warpgroup overlap; ping-pong unless ANVIL_SPARSE_SM90_PINGPONG=0);
+// kKStages: the K ring's depth (0: as deep as the V ring).
+template <typename T, int D, int kHeads, int kKStages>
 void launch_pp(const Params& p, cudaStream_t stream) {
   constexpr int kRowsH = sm90::kRows / kHeads;
-  const int smem = sm90::PpConfig<D>::kSmemBytes;
+  const int smem = sm90::PpConfig<D, kKStages>::kSmemBytes;
   sm90::TmaMaps maps;
   maps.q = head_map<T, D>(p.q, p.seq, static_cast<int64_t>(p.batch) * p.heads_q);
   maps.k = head_map<T, D>(p.k, p.seq, static_cast<int64_t>(p.batch) * p.heads_kv);
   maps.v = head_map<T, D>(p.v, p.seq, static_cast<int64_t>(p.batch) * p.heads_kv);
   const char* env = std::getenv("ANVIL_SPARSE_SM90_PINGPONG");
   const int pingpong = env != nullptr && std::string(env) == "0" ? 0 : 1;
-  auto kernel = sm90::sparse_attention_fwd_sm90_pp_kernel<T, D, kHeads>;
+  auto kernel = sm90::sparse_attention_fwd_sm90_pp_kernel<T, D, kHeads, kKStages>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const dim3 grid((p.seq + kRowsH - 1) / kRowsH, p.batch * p.heads_q / kHeads);
   kernel<<<grid, sm90::kWsThreads, smem, stream>>>(p, maps, pingpong);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// ANVIL_SPARSE_SM90=simple: the first, not warp-specialized kernel (cp.async, 64-key steps), for A/B checks.
+// ANVIL_SPARSE_SM90_KSTAGES=3: a third K stage at D = 128 (an experiment on load latency).
+template <typename T, int D, int kHeads>
+void launch_pp_stages(const Params& p, cudaStream_t stream) {
+  if constexpr (D == 128) {
+    const char* env = std::getenv("ANVIL_SPARSE_SM90_KSTAGES");
+    if (env != nullptr && std::string(env) == "3") {
+      launch_pp<T, D, kHeads, 3>(p, stream);
+      return;
+    }
+  }
+  launch_pp<T, D, kHeads, 0>(p, stream);
+}
+
 // ANVIL_SPARSE_SM90=ws: the warp-specialized kernel without the overlap (the previous default).
 std::string sm90_variant() {
   const char* env = std::getenv("ANVIL_SPARSE_SM90");
@@ -79,7 +92,7 @@ void launch_forward_sm90(const Params& p, TileShape shape, cudaStream_t stream) 
   } else if (variant == "ws") {
     two ? launch_ws<T, D, 2>(p, stream) : launch_ws<T, D, 1>(p, stream);
   } else {
-    two ? launch_pp<T, D, 2>(p, stream) : launch_pp<T, D, 1>(p, stream);
+    two ? launch_pp_stages<T, D, 2>(p, stream) : launch_pp_stages<T, D, 1>(p, stream);
   }
 }
 

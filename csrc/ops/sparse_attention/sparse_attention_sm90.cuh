@@ -618,32 +618,34 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 // barriers and the producer loads K one step ahead of V: K(j) is released when S(j) is done, V(j) when
 // PV(j) is, so each load has about a step of slack even with two stages.
 
-template <int D>
+// kKStages: stages of the K ring (0: as many as V's). At D = 128 a third K stage still fits (192 KB).
+template <int D, int kKStages = 0>
 struct PpConfig {
-  static constexpr int kStages = D == 64 ? 4 : 2;
-  static constexpr int kSlots = 2 * kStages;
-  static constexpr int kSmemBytes = (kRows + 2 * kSlots * kTile) * D * 2 + 1024;
+  static constexpr int kStagesV = D == 64 ? 4 : 2;
+  static constexpr int kStagesK = kKStages > 0 ? kKStages : kStagesV;
+  static constexpr int kSmemBytes = (kRows + 2 * (kStagesK + kStagesV) * kTile) * D * 2 + 1024;
 };
 
-template <typename T, int D, int kHeads>
+template <typename T, int D, int kHeads, int kKStages>
 __global__ void __launch_bounds__(kWsThreads, 1)
     sparse_attention_fwd_sm90_pp_kernel(const Params p, const __grid_constant__ TmaMaps maps, const int pingpong) {
   static_assert(D == 64 || D == 128, "head dim 64 or 128");
-  using Cfg = PpConfig<D>;
-  constexpr int kStages = Cfg::kStages;
+  using Cfg = PpConfig<D, kKStages>;
+  constexpr int kStK = Cfg::kStagesK, kStV = Cfg::kStagesV;
   constexpr int kRowsH = kRows / kHeads;
   constexpr int kWgPerHead = 2 / kHeads;
   constexpr int kPanels = D / kPanel;
   constexpr int kBox = kTile * kPanel;
   constexpr uint32_t kBoxBytes = kBox * sizeof(T);
-  constexpr int kKvPanel = Cfg::kSlots * kBox;
+  constexpr int kKPanel = 2 * kStK * kBox;  // elements of one panel of the K ring
+  constexpr int kVPanel = 2 * kStV * kBox;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   __shared__ QueryPlan plan;
   // K and V have barriers of their own: K(j) is free once S(j) is done, V(j) only after PV(j).
-  __shared__ __align__(8) uint64_t full_k[kStages], full_v[kStages], empty_k[kStages], empty_v[kStages], q_bar;
+  __shared__ __align__(8) uint64_t full_k[kStK], full_v[kStV], empty_k[kStK], empty_v[kStV], q_bar;
   T* sQ = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
   T* sK = sQ + kRows * D;           // [panel][slot][64][64]
-  T* sV = sK + kPanels * kKvPanel;  // [panel][slot][64][64]
+  T* sV = sK + kPanels * kKPanel;  // [panel][slot][64][64]
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int wg = warp >> 2;
@@ -653,10 +655,12 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   const int i0 = qt * kRowsH, i1 = min(i0 + kRowsH - 1, p.seq - 1);
   if (tid == 0) {
     build_query_plan(plan, p, b, hkv, i0, i1);
-    for (int st = 0; st < kStages; ++st) {
+    for (int st = 0; st < kStK; ++st) {
       mbar_init(&full_k[st], 1);
-      mbar_init(&full_v[st], 1);
       mbar_init(&empty_k[st], 8);  // one arrive per consumer warp
+    }
+    for (int st = 0; st < kStV; ++st) {
+      mbar_init(&full_v[st], 1);
       mbar_init(&empty_v[st], 8);
     }
     mbar_init(&q_bar, 1);
@@ -682,22 +686,25 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     }
     // Step j's two slots of K (or V); always two: the missing second tile of an odd count is a box past
     // S, which TMA fills with zeros (P V then adds 0 x 0, and no branch splits the consumers' wgmma chains).
-    auto load = [&](int step, T* ring, const CUtensorMap* map, uint64_t* full, uint64_t* empty) {
-      const int st = step % kStages;
-      if (step >= kStages) mbar_wait(&empty[st], ((step / kStages) - 1) & 1);
+    auto load = [&](int step, T* ring, int ring_panel, int stages, const CUtensorMap* map, uint64_t* full,
+                    uint64_t* empty) {
+      const int st = step % stages;
+      if (step >= stages) mbar_wait(&empty[st], ((step / stages) - 1) & 1);
       mbar_arrive_expect_tx(&full[st], 2 * kPanels * kBoxBytes);
       for (int u = 0; u < 2; ++u) {
         const int key0 = 2 * step + u < n_tiles ? plan.tile(2 * step + u) * kTile : p.seq;
         for (int pn = 0; pn < kPanels; ++pn) {
-          tma_load_box(ring + pn * kKvPanel + (2 * st + u) * kBox, map, &full[st], pn * kPanel, key0, kv_head);
+          tma_load_box(ring + pn * ring_panel + (2 * st + u) * kBox, map, &full[st], pn * kPanel, key0, kv_head);
         }
       }
     };
-    // K runs one step ahead of V: K(j + 1) is needed before V(j) (S(j + 1) is issued with PV(j)).
-    if (n_steps > 0) load(0, sK, &maps.k, full_k, empty_k);
+    // K runs kStK - kStV + 1 steps ahead of V: K(j + 1) is needed before V(j) (S(j + 1) is issued with
+    // PV(j)); a deeper K ring lets K run further ahead.
+    constexpr int kAhead = kStK - kStV + 1;
+    for (int step = 0; step < kAhead && step < n_steps; ++step) load(step, sK, kKPanel, kStK, &maps.k, full_k, empty_k);
     for (int step = 0; step < n_steps; ++step) {
-      if (step + 1 < n_steps) load(step + 1, sK, &maps.k, full_k, empty_k);
-      load(step, sV, &maps.v, full_v, empty_v);
+      if (step + kAhead < n_steps) load(step + kAhead, sK, kKPanel, kStK, &maps.k, full_k, empty_k);
+      load(step, sV, kVPanel, kStV, &maps.v, full_v, empty_v);
     }
     return;
   }
@@ -817,7 +824,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     mbar_wait(&full_k[0], 0);
     if (pingpong) named_sync(my_bar, 2 * 128);
     fence_regs(s);
-    issue_qk<T, D, kKvPanel, true>(s, q_wg, sK);
+    issue_qk<T, D, kKPanel, true>(s, q_wg, sK);
     if (pingpong) named_arrive(other_bar, 2 * 128);
     cute::warpgroup_wait<0>();
     fence_regs(s);
@@ -826,15 +833,15 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     softmax(0);
     rescale_and_pack();
     for (int step = 1; step < n_steps; ++step) {
-      const int st = step % kStages, prev_st = (step - 1) % kStages;
-      mbar_wait(&full_k[st], (step / kStages) & 1);
-      mbar_wait(&full_v[prev_st], ((step - 1) / kStages) & 1);
+      const int st = step % kStK, prev_st = (step - 1) % kStV;
+      mbar_wait(&full_k[st], (step / kStK) & 1);
+      mbar_wait(&full_v[prev_st], ((step - 1) / kStV) & 1);
       if (pingpong) named_sync(my_bar, 2 * 128);
       fence_regs(s);
-      issue_qk<T, D, kKvPanel, true>(s, q_wg, sK + 2 * st * kBox);
+      issue_qk<T, D, kKPanel, true>(s, q_wg, sK + 2 * st * kBox);
       fence_regs(acc);
       fence_pa();
-      issue_pv<T, D, kKvPanel, 8>(acc, pa, sV + 2 * prev_st * kBox);
+      issue_pv<T, D, kVPanel, 8>(acc, pa, sV + 2 * prev_st * kBox);
       if (pingpong) named_arrive(other_bar, 2 * 128);
       cute::warpgroup_wait<1>();  // S(step); PV(step - 1) may still run under the softmax
       fence_regs(s);
@@ -848,12 +855,12 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       if (lane == 0) mbar_arrive(&empty_v[prev_st]);  // this warp is done with V(step - 1)
       rescale_and_pack();
     }
-    const int last_st = (n_steps - 1) % kStages;
-    mbar_wait(&full_v[last_st], ((n_steps - 1) / kStages) & 1);
+    const int last_st = (n_steps - 1) % kStV;
+    mbar_wait(&full_v[last_st], ((n_steps - 1) / kStV) & 1);
     if (pingpong) named_sync(my_bar, 2 * 128);
     fence_regs(acc);
     fence_pa();
-    issue_pv<T, D, kKvPanel, 8>(acc, pa, sV + 2 * last_st * kBox);
+    issue_pv<T, D, kVPanel, 8>(acc, pa, sV + 2 * last_st * kBox);
     if (pingpong && cw == 0) named_arrive(other_bar, 2 * 128);
     cute::warpgroup_wait<0>();
     fence_regs(acc);
