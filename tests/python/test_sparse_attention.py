@@ -362,9 +362,9 @@ def test_cuda_forward_tile_shapes(monkeypatch, kernel, Hkv, n, bs, D, dtype):
     """Every forward kernel and tile shape within the error bound, documents and sinks included: the
     default (on sm_90 the overlapped warp-specialized wgmma kernel with ping-pong for the 128-row shapes),
     the same without ping-pong (ANVIL_SPARSE_SM90_PINGPONG=0) or with a third K stage (_KSTAGES=3), the
-    warp-specialized kernel without overlap
-    (ANVIL_SPARSE_SM90=ws), the simple wgmma kernel (=simple) and the mma.sync kernel (=0) as 8 warps x 16
-    rows or 4 warps x 32 rows (ANVIL_SPARSE_FWD_WARPS); 64 rows; 128 rows; 2 heads x 64."""
+    warp-specialized kernel without overlap (ANVIL_SPARSE_SM90=ws), the simple wgmma kernel (=simple) and
+    the mma.sync kernel (=0) as 8 warps x 16 rows or 4 warps x 32 rows (ANVIL_SPARSE_FWD_WARPS); 64 rows;
+    128 rows; 2 heads x 64."""
     monkeypatch.setenv("ANVIL_SPARSE_SM90", {"ws": "ws", "simple": "simple", "mma8": "0", "mma4": "0"}.get(kernel, "1"))
     monkeypatch.setenv("ANVIL_SPARSE_SM90_PINGPONG", "0" if kernel == "pp0" else "1")
     monkeypatch.setenv("ANVIL_SPARSE_SM90_KSTAGES", "3" if kernel == "pp3" else "0")
