@@ -131,8 +131,8 @@ def check_bwd(shape, quick):
     cu = packed_cu(S, g) if varlen else None
     to = lambda t: None if t is None else t.cuda()
     args = (to(bi), to(bc), to(cu), window, sinks, bs)
-    for name, value in zip(ENV, KERNELS["pp"]):
-        os.environ[name] = value
+    for var, value in zip(ENV, KERNELS["pp"]):  # (not `name`: that is the shape's label)
+        os.environ[var] = value
     o, lse = ops.sparse_attention(q, k, v, *args)
 
     def bwd(flag):
