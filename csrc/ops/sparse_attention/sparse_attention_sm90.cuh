@@ -1,12 +1,20 @@
 // The Hopper (sm_90a) forward of sparse_attention: the FlashAttention-2 loop of
 // sparse_attention_kernels.cuh with both GEMMs on warpgroup MMA (wgmma), after FlashAttention-3's design.
 // The tile walk (range A / range B / extra, QueryPlan) and the element rule (sparse_attends) are the
-// mma.sync kernel's own, so the two kernels visit the same key tiles and mask the same elements.
+// mma.sync kernel's own, so the kernels visit the same key tiles and mask the same elements.
+// Three kernels, chosen by the launcher (ANVIL_SPARSE_SM90, sparse_attention_fwd_sm90.cu):
+//   pp (default)  warp-specialized (TMA producer warpgroup + 2 consumer warpgroups), 128-key steps, FA3's
+//                 intra-warpgroup overlap and ping-pong (bottom of the file);
+//   ws            the same without the overlap (middle);
+//   simple        2 warpgroups that load with cp.async and compute 64-key steps (first, below): the
+//                 first version, kept for A/B checks.
+// GPU round 1 (H100, window 4096, S = 32768, 16 heads, D = 128): simple 5.73 ms, ws 4.31, pp 2.40
+// (430 TFLOP/s); the mma.sync kernel 6.55.
 //
-// Shape: a CTA of 2 warpgroups (256 threads) owns 128 query rows, 64 per warpgroup: either 128 rows of
-// one head (TileShape::kRows128) or 64 rows of two heads of a GQA group (kTwoHeads64). Each key tile is
-// 64 keys (the plan's granularity: ranges and listed blocks are counted in 64-key tiles).
-//   S = Q K^T   wgmma m64n64k16, both operands in shared memory (Q and K K-major), D / 16 of them;
+// Shape: 128 query rows per CTA, 64 per consumer warpgroup: either 128 rows of one head
+// (TileShape::kRows128) or 64 rows of two heads of a GQA group (kTwoHeads64). Key tiles are the plan's
+// 64 keys (ranges and listed blocks are counted in 64-key tiles); ws and pp take two per step.
+//   S = Q K^T   wgmma m64nNk16 (N = 64 or 128 keys), both operands in shared memory (Q and K K-major);
 //   softmax     on the fp32 accumulator in registers (base 2, scale * log2 e folded in, as before);
 //   O += P V    wgmma m64nDk16 with P as the register A operand ("RS"): the accumulator fragment of S
 //               is, pair by pair, the A fragment of the second GEMM (both are the m16n8k16 layout per
@@ -16,18 +24,16 @@
 // Shared memory holds every tile in the canonical 128-byte-swizzle layout of wgmma: a tile of R rows x D
 // columns is D / 64 panels of R rows x 64 elements (128 bytes a row), panel after panel; inside a panel
 // the 16-byte chunk c of row r sits at chunk c ^ (r & 7). Panels start on 1024-byte boundaries, so the
-// swizzle the hardware applies to address bits [4, 7) ^ [7, 10) is exactly this one. Descriptors:
+// swizzle the hardware applies to address bits [4, 7) ^ [7, 10) is exactly this one (and TMA's
+// SWIZZLE_128B writes exactly this layout). Descriptors:
 //   Q, K (K-major)  stride byte offset 1024 (8 rows x 128 B); k-steps of 16 columns add 32 bytes inside
 //                   a panel, the next panel adds R x 128 bytes;
 //   V (MN-major)    stride byte offset 1024 (8 keys), leading byte offset = the panel size (the next
 //                   64 columns of D); k-steps of 16 keys add 16 x 128 bytes.
-// Loads are cp.async by all 256 threads, K/V double-buffered: the loads of tile j + 1 are issued before
-// the MMAs of tile j and run under them. Writes through cp.async are generic-proxy writes and wgmma
-// reads shared memory through the async proxy, so each thread fences (fence.proxy.async) after its
-// cp.async group lands and before the barrier that hands the tile to the MMAs.
-// Not (yet) here: TMA loads, warp specialization and FA3's ping-pong of the two warpgroups; two CTAs
-// fit on an SM (96 KB of shared memory each at D = 128), which overlaps one CTA's softmax with the other's
-// GEMMs in the meantime.
+// simple: cp.async by all 256 threads, K/V double-buffered (the loads of tile j + 1 run under the MMAs of
+// tile j). cp.async writes are generic-proxy writes and wgmma reads shared memory through the async
+// proxy, so each thread fences (fence.proxy.async) after its cp.async group lands and before the barrier
+// that hands the tile to the MMAs.
 #pragma once
 
 #include "ops/sparse_attention/sparse_attention_kernels.cuh"
