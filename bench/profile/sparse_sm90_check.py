@@ -4,12 +4,13 @@ For a few shapes (window, sinks, NSA blocks, documents, GQA; D 64/128; bf16/fp16
 each kernel against an fp32 torch reference and against the mma.sync kernel, the same for lse, and the
 forward time of each (median of CUDA-event timings). Kernels (ANVIL_SPARSE_SM90): pp = the overlapped
 warp-specialized kernel with ping-pong (the default on sm_90), pp0 = the same without ping-pong
-(ANVIL_SPARSE_SM90_PINGPONG=0), ws = warp-specialized without overlap, simple = the first cp.async
-kernel, old = mma.sync (=0). Shapes too
+(ANVIL_SPARSE_SM90_PINGPONG=0), pp3 = with a third K stage at D = 128 (ANVIL_SPARSE_SM90_KSTAGES=3), ws =
+warp-specialized without overlap, simple = the first cp.async kernel, old = mma.sync (=0). Shapes too
 large for the reference compare against the old kernel only. Exits non-zero when an error bound fails
 (2x torch's own same-dtype error + 1e-3, as the tests).
 
-    PYTHONPATH=build-gpu/python python3 bench/profile/sparse_sm90_check.py [--quick]
+    PYTHONPATH=build-gpu/python python3 bench/profile/sparse_sm90_check.py [--quick] [--kernels ...] [--bwd]
+(--bwd: the backward's wgmma dq and dk/dv kernels against the mma.sync ones instead.)
 """
 import argparse
 import os
@@ -45,12 +46,15 @@ def err(a, b):
     return (a.float() - b.float()).abs().max().item()
 
 
-# name -> (ANVIL_SPARSE_SM90, ANVIL_SPARSE_SM90_PINGPONG)
-KERNELS = {"old": ("0", "1"), "simple": ("simple", "1"), "ws": ("ws", "1"), "pp0": ("1", "0"), "pp": ("1", "1")}
+# name -> (ANVIL_SPARSE_SM90, ANVIL_SPARSE_SM90_PINGPONG, ANVIL_SPARSE_SM90_KSTAGES)
+KERNELS = {"old": ("0", "1", "0"), "simple": ("simple", "1", "0"), "ws": ("ws", "1", "0"), "pp0": ("1", "0", "0"),
+           "pp": ("1", "1", "0"), "pp3": ("1", "1", "3")}
+ENV = ("ANVIL_SPARSE_SM90", "ANVIL_SPARSE_SM90_PINGPONG", "ANVIL_SPARSE_SM90_KSTAGES")
 
 
 def run(q, k, v, args, kernel):
-    os.environ["ANVIL_SPARSE_SM90"], os.environ["ANVIL_SPARSE_SM90_PINGPONG"] = KERNELS[kernel]
+    for name, value in zip(ENV, KERNELS[kernel]):
+        os.environ[name] = value
     return ops.sparse_attention(q, k, v, *args)
 
 
@@ -105,10 +109,72 @@ def check(shape, quick):
     return ok
 
 
+BWD_SHAPES = [
+    # name, S, Hq, Hkv, D, window, sinks, n, varlen, bs, dtype, check against the reference
+    ("bwd-win100-sinks3-gqa4-D128-bf16", 1000, 8, 2, 128, 100, 3, 0, False, 64, torch.bfloat16, True),
+    ("bwd-docs-blocks-bs128-D64-fp16", 3000, 8, 8, 64, 200, 2, 4, True, 128, torch.float16, True),
+    ("bwd-dense-causal-D128-bf16", 4096, 8, 8, 128, -1, 0, 0, False, 64, torch.bfloat16, True),
+    ("bwd-nsa-bs64-2heads-D128-bf16", 4096, 8, 2, 128, 512, 1, 8, False, 64, torch.bfloat16, True),
+    ("bwd-win4096-S32768-H16-D128-bf16", 32768, 16, 16, 128, 4096, 0, 0, False, 64, torch.bfloat16, False),
+    ("bwd-win4096-S32768-Hq16-Hkv4-D128", 32768, 16, 4, 128, 4096, 0, 0, False, 64, torch.bfloat16, False),
+]
+
+
+def check_bwd(shape, quick):
+    """The wgmma backward kernels (ANVIL_SPARSE_SM90_BWD=1, default) against the mma.sync ones (=0): dq/dk/dv
+    errors between them and against the fp32 reference, backward ms of each, and fwd + bwd ms (new fwd +
+    new bwd against old fwd + old bwd)."""
+    name, S, Hq, Hkv, D, window, sinks, n, varlen, bs, dtype, with_ref = shape
+    g = torch.Generator().manual_seed(S + D + n + 1)
+    q, k, v, go = (torch.randn(1, h, S, D, generator=g).to(dtype).cuda() for h in (Hq, Hkv, Hkv, Hq))
+    bi, bc = random_selection(1, Hkv, S, bs, n, g, True) if n else (None, None)
+    cu = packed_cu(S, g) if varlen else None
+    to = lambda t: None if t is None else t.cuda()
+    args = (to(bi), to(bc), to(cu), window, sinks, bs)
+    for var, value in zip(ENV, KERNELS["pp"]):  # (not `name`: that is the shape's label)
+        os.environ[var] = value
+    o, lse = ops.sparse_attention(q, k, v, *args)
+
+    def bwd(flag):
+        os.environ["ANVIL_SPARSE_SM90_BWD"] = flag
+        return ops.sparse_attention_backward(go, q, k, v, o, lse, *args, None, False)
+
+    old, new = bwd("0"), bwd("1")
+    torch.cuda.synchronize()
+    ok = all(bool(torch.isfinite(x).all()) for x in new)
+    line = f"{name:34s} new-old dq {err(new[0], old[0]):.3g} dk {err(new[1], old[1]):.3g} dv {err(new[2], old[2]):.3g};"
+    if with_ref and (not quick or S <= 4096):
+        kw = dict(window=window, sinks=sinks, bs=bs, block_indices=to(bi), block_counts=to(bc), cu_seqlens=to(cu))
+        _, _, rdq, rdk, rdv = reference(q, k, v, dtype=torch.float32, grad_o=go, chunk=512, **kw)
+        _, _, ldq, ldk, ldv = reference(q, k, v, dtype=dtype, grad_o=go, chunk=512, **kw)
+        for nm, x, xo, r, lo in (("dq", new[0], old[0], rdq, ldq), ("dk", new[1], old[1], rdk, ldk),
+                                 ("dv", new[2], old[2], rdv, ldv)):
+            e, eo, et = err(x, r), err(xo, r), err(lo, r)
+            ok &= e <= 2 * et + 2e-3
+            line += f" {nm} vs fp32 new {e:.3g} old {eo:.3g} torch {et:.3g};"
+    reps = 5 if quick else 10
+    t_old = time_ms(lambda: bwd("0"), warmup=2, reps=reps)
+    t_new = time_ms(lambda: bwd("1"), warmup=2, reps=reps)
+
+    def fwd_bwd(fwd_flag, bwd_flag):
+        os.environ["ANVIL_SPARSE_SM90"] = fwd_flag
+        o2, lse2 = ops.sparse_attention(q, k, v, *args)
+        os.environ["ANVIL_SPARSE_SM90_BWD"] = bwd_flag
+        return ops.sparse_attention_backward(go, q, k, v, o2, lse2, *args, None, False)
+
+    tf_old = time_ms(lambda: fwd_bwd("0", "0"), warmup=2, reps=reps)
+    tf_new = time_ms(lambda: fwd_bwd("1", "1"), warmup=2, reps=reps)
+    line += f" | bwd ms old {t_old:.3f} new {t_new:.3f} ({t_old / t_new:.2f}x) | fwd+bwd ms old {tf_old:.3f} new {tf_new:.3f}"
+    print(("OK   " if ok else "FAIL ") + line, flush=True)
+    return ok
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="reference only for S <= 4096")
-    ap.add_argument("--kernels", default="old,simple,ws,pp0,pp", help="which of old, simple, ws, pp0, pp (old always runs)")
+    ap.add_argument("--kernels", default="old,simple,ws,pp0,pp,pp3",
+                    help="which of old, simple, ws, pp0, pp, pp3 (old always runs)")
+    ap.add_argument("--bwd", action="store_true", help="only the backward check (the wgmma dq, dk/dv kernels)")
     a = ap.parse_args()
     for kn in list(KERNELS):
         if kn != "old" and kn not in a.kernels.split(","):
@@ -116,15 +182,16 @@ def main():
     cap = torch.cuda.get_device_capability()
     print(f"device {torch.cuda.get_device_name()} sm_{cap[0]}{cap[1]} (the new kernel runs on sm_90 only)")
     good = True
-    for shape in SHAPES:
+    for shape in BWD_SHAPES if a.bwd else SHAPES:
         try:
-            good &= check(shape, a.quick)
+            good &= check_bwd(shape, a.quick) if a.bwd else check(shape, a.quick)
         except Exception as e:  # report and go on to the next shape
             print(f"FAIL {shape[0]}: {type(e).__name__}: {e}", flush=True)
             good = False
         torch.cuda.empty_cache()
-    os.environ.pop("ANVIL_SPARSE_SM90", None)
-    os.environ.pop("ANVIL_SPARSE_SM90_PINGPONG", None)
+    for name in ENV:
+        os.environ.pop(name, None)
+    os.environ.pop("ANVIL_SPARSE_SM90_BWD", None)
     print("all OK" if good else "SOME FAILED")
     sys.exit(0 if good else 1)
 

@@ -354,18 +354,20 @@ def test_cuda_against_fp32_reference(case, dtype):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("kernel", ["default", "pp0", "ws", "simple", "mma8", "mma4"])
+@pytest.mark.parametrize("kernel", ["default", "pp0", "pp3", "ws", "simple", "mma8", "mma4"])
 @pytest.mark.parametrize("Hkv,n,bs", [(8, 0, 64), (2, 4, 64), (8, 4, 64), (4, 2, 128)])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_forward_tile_shapes(monkeypatch, kernel, Hkv, n, bs, D, dtype):
     """Every forward kernel and tile shape within the error bound, documents and sinks included: the
     default (on sm_90 the overlapped warp-specialized wgmma kernel with ping-pong for the 128-row shapes),
-    the same without ping-pong (ANVIL_SPARSE_SM90_PINGPONG=0), the warp-specialized kernel without overlap
-    (ANVIL_SPARSE_SM90=ws), the simple wgmma kernel (=simple) and the mma.sync kernel (=0) as 8 warps x 16
-    rows or 4 warps x 32 rows (ANVIL_SPARSE_FWD_WARPS); 64 rows; 128 rows; 2 heads x 64."""
-    monkeypatch.setenv("ANVIL_SPARSE_SM90", {"default": "1", "pp0": "1", "ws": "ws", "simple": "simple"}.get(kernel, "0"))
+    the same without ping-pong (ANVIL_SPARSE_SM90_PINGPONG=0) or with a third K stage (_KSTAGES=3), the
+    warp-specialized kernel without overlap (ANVIL_SPARSE_SM90=ws), the simple wgmma kernel (=simple) and
+    the mma.sync kernel (=0) as 8 warps x 16 rows or 4 warps x 32 rows (ANVIL_SPARSE_FWD_WARPS); 64 rows;
+    128 rows; 2 heads x 64."""
+    monkeypatch.setenv("ANVIL_SPARSE_SM90", {"ws": "ws", "simple": "simple", "mma8": "0", "mma4": "0"}.get(kernel, "1"))
     monkeypatch.setenv("ANVIL_SPARSE_SM90_PINGPONG", "0" if kernel == "pp0" else "1")
+    monkeypatch.setenv("ANVIL_SPARSE_SM90_KSTAGES", "3" if kernel == "pp3" else "0")
     monkeypatch.setenv("ANVIL_SPARSE_FWD_WARPS", "4" if kernel == "mma4" else "8")
     g = gen(len(kernel) * 100 + Hkv + n + D)
     S, Hq = 777, 8
@@ -405,6 +407,41 @@ def test_cuda_wgmma_forward_equals_mma_sync_forward(monkeypatch, S, D):
             assert torch.equal(torch.isfinite(l1), fin), (kernel, Hkv, bs)
             assert err(o1, o0) <= 2e-2, (kernel, Hkv, bs)
             assert fin.sum() == 0 or err(l1[fin], l0[fin]) <= 1e-3, (kernel, Hkv, bs)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("Hkv,n,bs,det", [(2, 0, 64, False), (2, 0, 64, True), (8, 4, 128, False), (4, 2, 128, True),
+                                          (2, 4, 64, False)])
+def test_cuda_wgmma_backward_within_bound_and_equals_mma_sync(monkeypatch, D, dtype, Hkv, n, bs, det):
+    """On sm_90 the wgmma backward kernels (dq for the 128-row and 2-head shapes, dk/dv for 128-key tiles:
+    no blocks or block_size 128) against the fp32 reference (2x torch's own error + atol) and against the
+    mma.sync kernels (ANVIL_SPARSE_SM90_BWD=0), with window, sinks, documents, listed blocks, GQA split over
+    CTAs (atomics) and deterministic (bit-identical reruns)."""
+    g = gen(D + Hkv + n + bs + det)
+    S, Hq = 777, 8
+    q, k, v, go = (torch.randn(1, h, S, D, generator=g).cuda().to(dtype) for h in (Hq, Hkv, Hkv, Hq))
+    bi, bc = random_selection(1, Hkv, S, bs, n, g, True) if n else (None, None)
+    cu = torch.tensor([0, 300, 777], dtype=torch.int32).cuda()
+    to = lambda t: None if t is None else t.cuda()
+    args = (to(bi), to(bc), cu, 100, 3, bs)
+    o, lse = ops.sparse_attention(q, k, v, *args)
+    grads = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("ANVIL_SPARSE_SM90_BWD", flag)
+        grads[flag] = ops.sparse_attention_backward(go, q, k, v, o, lse, *args, None, det)
+    kw = dict(window=100, sinks=3, bs=bs, block_indices=to(bi), block_counts=to(bc), cu_seqlens=cu)
+    _, _, rdq, rdk, rdv = reference(q, k, v, dtype=torch.float32, grad_o=go, **kw)
+    _, _, ldq, ldk, ldv = reference(q, k, v, dtype=dtype, grad_o=go, **kw)
+    for t, (name, r, low) in enumerate((("dq", rdq, ldq), ("dk", rdk, ldk), ("dv", rdv, ldv))):
+        x_new, x_old = grads["1"][t], grads["0"][t]
+        assert torch.isfinite(x_new).all(), name
+        assert err(x_new, r) <= 2 * err(low, r) + 2e-3, name
+        assert err(x_new, x_old) <= 2 * err(low, r) + 2e-3, name
+    if det:
+        again = ops.sparse_attention_backward(go, q, k, v, o, lse, *args, None, True)
+        assert all(torch.equal(a, b) for a, b in zip(again, grads["1"]))
 
 
 @pytest.mark.cuda

@@ -1,9 +1,14 @@
 // Instantiations of the sparse_attention backward kernels: the dq kernel (the forward's three tile shapes)
 // and the dk/dv kernel (64 or 128 keys), bf16 and fp16, head dims 64 and 128 (twenty kernels). Kernels: sparse_attention_kernels.cuh.
+// On sm_90 the dq kernel (128-row shapes) and the 128-key dk/dv kernel are the wgmma ones of
+// sparse_attention_bwd_sm90.cuh.
 #include "ops/sparse_attention/sparse_attention_launch.h"
 
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+
+#include <cstdlib>
+#include <string>
 
 namespace anvil::ops::sparse_cuda {
 namespace {
@@ -32,6 +37,45 @@ void launch_dkdv(const Params& p, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The Hopper dq and dk/dv kernels on sm_90 devices, unless ANVIL_SPARSE_SM90=0 or ANVIL_SPARSE_SM90_BWD=0
+// (read on every call).
+#if defined(ANVIL_WITH_SM90A)
+bool use_sm90_backward() {
+  for (const char* name : {"ANVIL_SPARSE_SM90", "ANVIL_SPARSE_SM90_BWD"}) {
+    const char* env = std::getenv(name);
+    if (env != nullptr && std::string(env) == "0") return false;
+  }
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  return prop->major == 9 && prop->minor == 0;
+}
+#endif
+
+// The Hopper dq kernel (128-row shapes) where it applies; false: the caller runs the mma.sync one.
+template <typename T, int D>
+bool try_dq_sm90(const Params& p, TileShape shape, cudaStream_t stream) {
+#if defined(ANVIL_WITH_SM90A)
+  if (shape != TileShape::kRows64 && use_sm90_backward()) {
+    launch_dq_sm90<T, D>(p, shape, stream);
+    return true;
+  }
+#endif
+  (void)p, (void)shape, (void)stream;
+  return false;
+}
+
+// The Hopper dk/dv kernel (128 keys) where it applies; false: the caller runs the mma.sync one.
+template <typename T, int D>
+bool try_dkdv_sm90(const Params& p, TileShape shape, cudaStream_t stream) {
+#if defined(ANVIL_WITH_SM90A)
+  if (shape == TileShape::kRows128 && use_sm90_backward()) {
+    launch_dkdv_sm90<T, D>(p, stream);
+    return true;
+  }
+#endif
+  (void)p, (void)shape, (void)stream;
+  return false;
+}
+
 }  // namespace
 
 template <typename T, int D>
@@ -41,15 +85,16 @@ void launch_backward(const Params& p, TileShape shape, cudaStream_t stream) {
   if (at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin < static_cast<size_t>(wide_smem)) {
     shape = TileShape::kRows64;
   }
-  switch (shape) {
-    case TileShape::kRows128: launch_dq<T, D, 8, 1>(p, stream); break;
-    case TileShape::kTwoHeads64: launch_dq<T, D, 8, 2>(p, stream); break;
-    default: launch_dq<T, D, 4, 1>(p, stream);
+  if (!try_dq_sm90<T, D>(p, shape, stream)) {
+    switch (shape) {
+      case TileShape::kRows128: launch_dq<T, D, 8, 1>(p, stream); break;
+      case TileShape::kTwoHeads64: launch_dq<T, D, 8, 2>(p, stream); break;
+      default: launch_dq<T, D, 4, 1>(p, stream);
+    }
   }
-  if (shape == TileShape::kRows128) {
-    launch_dkdv<T, D, 8>(p, stream);
-  } else {
-    launch_dkdv<T, D, 4>(p, stream);
+  if (!try_dkdv_sm90<T, D>(p, shape, stream)) {
+    if (shape == TileShape::kRows128) launch_dkdv<T, D, 8>(p, stream);
+    else launch_dkdv<T, D, 4>(p, stream);
   }
 }
 

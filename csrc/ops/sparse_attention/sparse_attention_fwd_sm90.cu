@@ -4,10 +4,10 @@
 // on sm_90 devices (ANVIL_SPARSE_SM90=0 keeps the mma.sync kernel).
 #include "ops/sparse_attention/sparse_attention_launch.h"
 #include "ops/sparse_attention/sparse_attention_sm90.cuh"
+#include "ops/sparse_attention/sparse_attention_tma.h"
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
-#include <cudaTypedefs.h>
 
 #include <cstdlib>
 #include <string>
@@ -27,35 +27,6 @@ void launch(const Params& p, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// cuTensorMapEncodeTiled through the runtime's driver entry point (no link against libcuda).
-PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
-  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult status{};
-    C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &status));
-    TORCH_CHECK(status == cudaDriverEntryPointSuccess && f != nullptr,
-                "sparse_attention: cuTensorMapEncodeTiled is not available from the driver");
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
-  }();
-  return fn;
-}
-
-// (D, S, heads) view of a (B, H, S, D) contiguous tensor, boxes of 64 columns x 64 rows, 128-byte swizzle.
-template <typename T, int D>
-CUtensorMap head_map(const void* ptr, int64_t seq, int64_t heads) {
-  CUtensorMap map;
-  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(D), static_cast<cuuint64_t>(seq), static_cast<cuuint64_t>(heads)};
-  const cuuint64_t strides[2] = {D * sizeof(T), static_cast<cuuint64_t>(seq) * D * sizeof(T)};
-  const cuuint32_t box[3] = {static_cast<cuuint32_t>(sm90::kPanel), static_cast<cuuint32_t>(kTile), 1};
-  const cuuint32_t elem_strides[3] = {1, 1, 1};
-  const auto dtype = std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-  const CUresult r = encode_fn()(&map, dtype, 3, const_cast<void*>(ptr), dims, strides, box, elem_strides,
-                                 CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  TORCH_CHECK(r == CUDA_SUCCESS, "sparse_attention: cuTensorMapEncodeTiled failed with CUresult ", static_cast<int>(r));
-  return map;
-}
-
 template <typename T, int D, int kHeads>
 void launch_ws(const Params& p, cudaStream_t stream) {
   constexpr int kRowsH = sm90::kRows / kHeads;
@@ -71,25 +42,38 @@ void launch_ws(const Params& p, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The overlapped kernel (FA3's intra-warpgroup overlap; ping-pong unless ANVIL_SPARSE_SM90_PINGPONG=0).
-template <typename T, int D, int kHeads>
+// The overlapped kernel (FA3's intra-warpgroup overlap; ping-pong unless ANVIL_SPARSE_SM90_PINGPONG=0);
+// kKStages: the K ring's depth (0: as deep as the V ring).
+template <typename T, int D, int kHeads, int kKStages>
 void launch_pp(const Params& p, cudaStream_t stream) {
   constexpr int kRowsH = sm90::kRows / kHeads;
-  const int smem = sm90::PpConfig<D>::kSmemBytes;
+  const int smem = sm90::PpConfig<D, kKStages>::kSmemBytes;
   sm90::TmaMaps maps;
   maps.q = head_map<T, D>(p.q, p.seq, static_cast<int64_t>(p.batch) * p.heads_q);
   maps.k = head_map<T, D>(p.k, p.seq, static_cast<int64_t>(p.batch) * p.heads_kv);
   maps.v = head_map<T, D>(p.v, p.seq, static_cast<int64_t>(p.batch) * p.heads_kv);
   const char* env = std::getenv("ANVIL_SPARSE_SM90_PINGPONG");
   const int pingpong = env != nullptr && std::string(env) == "0" ? 0 : 1;
-  auto kernel = sm90::sparse_attention_fwd_sm90_pp_kernel<T, D, kHeads>;
+  auto kernel = sm90::sparse_attention_fwd_sm90_pp_kernel<T, D, kHeads, kKStages>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const dim3 grid((p.seq + kRowsH - 1) / kRowsH, p.batch * p.heads_q / kHeads);
   kernel<<<grid, sm90::kWsThreads, smem, stream>>>(p, maps, pingpong);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// ANVIL_SPARSE_SM90=simple: the first, not warp-specialized kernel (cp.async, 64-key steps), for A/B checks.
+// ANVIL_SPARSE_SM90_KSTAGES=3: a third K stage at D = 128 (an experiment on load latency).
+template <typename T, int D, int kHeads>
+void launch_pp_stages(const Params& p, cudaStream_t stream) {
+  if constexpr (D == 128) {
+    const char* env = std::getenv("ANVIL_SPARSE_SM90_KSTAGES");
+    if (env != nullptr && std::string(env) == "3") {
+      launch_pp<T, D, kHeads, 3>(p, stream);
+      return;
+    }
+  }
+  launch_pp<T, D, kHeads, 0>(p, stream);
+}
+
 // ANVIL_SPARSE_SM90=ws: the warp-specialized kernel without the overlap (the previous default).
 std::string sm90_variant() {
   const char* env = std::getenv("ANVIL_SPARSE_SM90");
@@ -108,7 +92,7 @@ void launch_forward_sm90(const Params& p, TileShape shape, cudaStream_t stream) 
   } else if (variant == "ws") {
     two ? launch_ws<T, D, 2>(p, stream) : launch_ws<T, D, 1>(p, stream);
   } else {
-    two ? launch_pp<T, D, 2>(p, stream) : launch_pp<T, D, 1>(p, stream);
+    two ? launch_pp_stages<T, D, 2>(p, stream) : launch_pp_stages<T, D, 1>(p, stream);
   }
 }
 

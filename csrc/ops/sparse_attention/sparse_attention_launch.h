@@ -21,6 +21,13 @@ void launch_forward(const Params& p, TileShape shape, cudaStream_t stream);
 // kRows128 and kTwoHeads64 only, on an sm_90 device.
 template <typename T, int D>
 void launch_forward_sm90(const Params& p, TileShape shape, cudaStream_t stream);
+// The Hopper dk/dv kernel (wgmma; sparse_attention_bwd_sm90.cu, built only with ANVIL_WITH_SM90A): 128 keys
+// per CTA (the kRows128 shape), on an sm_90 device.
+template <typename T, int D>
+void launch_dkdv_sm90(const Params& p, cudaStream_t stream);
+// The Hopper dq kernel: shapes kRows128 and kTwoHeads64, on an sm_90 device.
+template <typename T, int D>
+void launch_dq_sm90(const Params& p, TileShape shape, cudaStream_t stream);
 // dq kernel, then the dk/dv kernel.
 template <typename T, int D>
 void launch_backward(const Params& p, TileShape shape, cudaStream_t stream);

@@ -1,12 +1,20 @@
 // The Hopper (sm_90a) forward of sparse_attention: the FlashAttention-2 loop of
 // sparse_attention_kernels.cuh with both GEMMs on warpgroup MMA (wgmma), after FlashAttention-3's design.
 // The tile walk (range A / range B / extra, QueryPlan) and the element rule (sparse_attends) are the
-// mma.sync kernel's own, so the two kernels visit the same key tiles and mask the same elements.
+// mma.sync kernel's own, so the kernels visit the same key tiles and mask the same elements.
+// Three kernels, chosen by the launcher (ANVIL_SPARSE_SM90, sparse_attention_fwd_sm90.cu):
+//   pp (default)  warp-specialized (TMA producer warpgroup + 2 consumer warpgroups), 128-key steps, FA3's
+//                 intra-warpgroup overlap and ping-pong (bottom of the file);
+//   ws            the same without the overlap (middle);
+//   simple        2 warpgroups that load with cp.async and compute 64-key steps (first, below): the
+//                 first version, kept for A/B checks.
+// GPU round 1 (H100, window 4096, S = 32768, 16 heads, D = 128): simple 5.73 ms, ws 4.31, pp 2.40
+// (430 TFLOP/s); the mma.sync kernel 6.55.
 //
-// Shape: a CTA of 2 warpgroups (256 threads) owns 128 query rows, 64 per warpgroup: either 128 rows of
-// one head (TileShape::kRows128) or 64 rows of two heads of a GQA group (kTwoHeads64). Each key tile is
-// 64 keys (the plan's granularity: ranges and listed blocks are counted in 64-key tiles).
-//   S = Q K^T   wgmma m64n64k16, both operands in shared memory (Q and K K-major), D / 16 of them;
+// Shape: 128 query rows per CTA, 64 per consumer warpgroup: either 128 rows of one head
+// (TileShape::kRows128) or 64 rows of two heads of a GQA group (kTwoHeads64). Key tiles are the plan's
+// 64 keys (ranges and listed blocks are counted in 64-key tiles); ws and pp take two per step.
+//   S = Q K^T   wgmma m64nNk16 (N = 64 or 128 keys), both operands in shared memory (Q and K K-major);
 //   softmax     on the fp32 accumulator in registers (base 2, scale * log2 e folded in, as before);
 //   O += P V    wgmma m64nDk16 with P as the register A operand ("RS"): the accumulator fragment of S
 //               is, pair by pair, the A fragment of the second GEMM (both are the m16n8k16 layout per
@@ -16,18 +24,16 @@
 // Shared memory holds every tile in the canonical 128-byte-swizzle layout of wgmma: a tile of R rows x D
 // columns is D / 64 panels of R rows x 64 elements (128 bytes a row), panel after panel; inside a panel
 // the 16-byte chunk c of row r sits at chunk c ^ (r & 7). Panels start on 1024-byte boundaries, so the
-// swizzle the hardware applies to address bits [4, 7) ^ [7, 10) is exactly this one. Descriptors:
+// swizzle the hardware applies to address bits [4, 7) ^ [7, 10) is exactly this one (and TMA's
+// SWIZZLE_128B writes exactly this layout). Descriptors:
 //   Q, K (K-major)  stride byte offset 1024 (8 rows x 128 B); k-steps of 16 columns add 32 bytes inside
 //                   a panel, the next panel adds R x 128 bytes;
 //   V (MN-major)    stride byte offset 1024 (8 keys), leading byte offset = the panel size (the next
 //                   64 columns of D); k-steps of 16 keys add 16 x 128 bytes.
-// Loads are cp.async by all 256 threads, K/V double-buffered: the loads of tile j + 1 are issued before
-// the MMAs of tile j and run under them. Writes through cp.async are generic-proxy writes and wgmma
-// reads shared memory through the async proxy, so each thread fences (fence.proxy.async) after its
-// cp.async group lands and before the barrier that hands the tile to the MMAs.
-// Not (yet) here: TMA loads, warp specialization and FA3's ping-pong of the two warpgroups; two CTAs
-// fit on an SM (96 KB of shared memory each at D = 128), which overlaps one CTA's softmax with the other's
-// GEMMs in the meantime.
+// simple: cp.async by all 256 threads, K/V double-buffered (the loads of tile j + 1 run under the MMAs of
+// tile j). cp.async writes are generic-proxy writes and wgmma reads shared memory through the async
+// proxy, so each thread fences (fence.proxy.async) after its cp.async group lands and before the barrier
+// that hands the tile to the MMAs.
 #pragma once
 
 #include "ops/sparse_attention/sparse_attention_kernels.cuh"
@@ -618,32 +624,34 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 // barriers and the producer loads K one step ahead of V: K(j) is released when S(j) is done, V(j) when
 // PV(j) is, so each load has about a step of slack even with two stages.
 
-template <int D>
+// kKStages: stages of the K ring (0: as many as V's). At D = 128 a third K stage still fits (192 KB).
+template <int D, int kKStages = 0>
 struct PpConfig {
-  static constexpr int kStages = D == 64 ? 4 : 2;
-  static constexpr int kSlots = 2 * kStages;
-  static constexpr int kSmemBytes = (kRows + 2 * kSlots * kTile) * D * 2 + 1024;
+  static constexpr int kStagesV = D == 64 ? 4 : 2;
+  static constexpr int kStagesK = kKStages > 0 ? kKStages : kStagesV;
+  static constexpr int kSmemBytes = (kRows + 2 * (kStagesK + kStagesV) * kTile) * D * 2 + 1024;
 };
 
-template <typename T, int D, int kHeads>
+template <typename T, int D, int kHeads, int kKStages>
 __global__ void __launch_bounds__(kWsThreads, 1)
     sparse_attention_fwd_sm90_pp_kernel(const Params p, const __grid_constant__ TmaMaps maps, const int pingpong) {
   static_assert(D == 64 || D == 128, "head dim 64 or 128");
-  using Cfg = PpConfig<D>;
-  constexpr int kStages = Cfg::kStages;
+  using Cfg = PpConfig<D, kKStages>;
+  constexpr int kStK = Cfg::kStagesK, kStV = Cfg::kStagesV;
   constexpr int kRowsH = kRows / kHeads;
   constexpr int kWgPerHead = 2 / kHeads;
   constexpr int kPanels = D / kPanel;
   constexpr int kBox = kTile * kPanel;
   constexpr uint32_t kBoxBytes = kBox * sizeof(T);
-  constexpr int kKvPanel = Cfg::kSlots * kBox;
+  constexpr int kKPanel = 2 * kStK * kBox;  // elements of one panel of the K ring
+  constexpr int kVPanel = 2 * kStV * kBox;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   __shared__ QueryPlan plan;
   // K and V have barriers of their own: K(j) is free once S(j) is done, V(j) only after PV(j).
-  __shared__ __align__(8) uint64_t full_k[kStages], full_v[kStages], empty_k[kStages], empty_v[kStages], q_bar;
+  __shared__ __align__(8) uint64_t full_k[kStK], full_v[kStV], empty_k[kStK], empty_v[kStV], q_bar;
   T* sQ = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
   T* sK = sQ + kRows * D;           // [panel][slot][64][64]
-  T* sV = sK + kPanels * kKvPanel;  // [panel][slot][64][64]
+  T* sV = sK + kPanels * kKPanel;  // [panel][slot][64][64]
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int wg = warp >> 2;
@@ -653,10 +661,12 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   const int i0 = qt * kRowsH, i1 = min(i0 + kRowsH - 1, p.seq - 1);
   if (tid == 0) {
     build_query_plan(plan, p, b, hkv, i0, i1);
-    for (int st = 0; st < kStages; ++st) {
+    for (int st = 0; st < kStK; ++st) {
       mbar_init(&full_k[st], 1);
-      mbar_init(&full_v[st], 1);
       mbar_init(&empty_k[st], 8);  // one arrive per consumer warp
+    }
+    for (int st = 0; st < kStV; ++st) {
+      mbar_init(&full_v[st], 1);
       mbar_init(&empty_v[st], 8);
     }
     mbar_init(&q_bar, 1);
@@ -682,22 +692,25 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     }
     // Step j's two slots of K (or V); always two: the missing second tile of an odd count is a box past
     // S, which TMA fills with zeros (P V then adds 0 x 0, and no branch splits the consumers' wgmma chains).
-    auto load = [&](int step, T* ring, const CUtensorMap* map, uint64_t* full, uint64_t* empty) {
-      const int st = step % kStages;
-      if (step >= kStages) mbar_wait(&empty[st], ((step / kStages) - 1) & 1);
+    auto load = [&](int step, T* ring, int ring_panel, int stages, const CUtensorMap* map, uint64_t* full,
+                    uint64_t* empty) {
+      const int st = step % stages;
+      if (step >= stages) mbar_wait(&empty[st], ((step / stages) - 1) & 1);
       mbar_arrive_expect_tx(&full[st], 2 * kPanels * kBoxBytes);
       for (int u = 0; u < 2; ++u) {
         const int key0 = 2 * step + u < n_tiles ? plan.tile(2 * step + u) * kTile : p.seq;
         for (int pn = 0; pn < kPanels; ++pn) {
-          tma_load_box(ring + pn * kKvPanel + (2 * st + u) * kBox, map, &full[st], pn * kPanel, key0, kv_head);
+          tma_load_box(ring + pn * ring_panel + (2 * st + u) * kBox, map, &full[st], pn * kPanel, key0, kv_head);
         }
       }
     };
-    // K runs one step ahead of V: K(j + 1) is needed before V(j) (S(j + 1) is issued with PV(j)).
-    if (n_steps > 0) load(0, sK, &maps.k, full_k, empty_k);
+    // K runs kStK - kStV + 1 steps ahead of V: K(j + 1) is needed before V(j) (S(j + 1) is issued with
+    // PV(j)); a deeper K ring lets K run further ahead.
+    constexpr int kAhead = kStK - kStV + 1;
+    for (int step = 0; step < kAhead && step < n_steps; ++step) load(step, sK, kKPanel, kStK, &maps.k, full_k, empty_k);
     for (int step = 0; step < n_steps; ++step) {
-      if (step + 1 < n_steps) load(step + 1, sK, &maps.k, full_k, empty_k);
-      load(step, sV, &maps.v, full_v, empty_v);
+      if (step + kAhead < n_steps) load(step + kAhead, sK, kKPanel, kStK, &maps.k, full_k, empty_k);
+      load(step, sV, kVPanel, kStV, &maps.v, full_v, empty_v);
     }
     return;
   }
@@ -817,7 +830,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     mbar_wait(&full_k[0], 0);
     if (pingpong) named_sync(my_bar, 2 * 128);
     fence_regs(s);
-    issue_qk<T, D, kKvPanel, true>(s, q_wg, sK);
+    issue_qk<T, D, kKPanel, true>(s, q_wg, sK);
     if (pingpong) named_arrive(other_bar, 2 * 128);
     cute::warpgroup_wait<0>();
     fence_regs(s);
@@ -826,15 +839,15 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     softmax(0);
     rescale_and_pack();
     for (int step = 1; step < n_steps; ++step) {
-      const int st = step % kStages, prev_st = (step - 1) % kStages;
-      mbar_wait(&full_k[st], (step / kStages) & 1);
-      mbar_wait(&full_v[prev_st], ((step - 1) / kStages) & 1);
+      const int st = step % kStK, prev_st = (step - 1) % kStV;
+      mbar_wait(&full_k[st], (step / kStK) & 1);
+      mbar_wait(&full_v[prev_st], ((step - 1) / kStV) & 1);
       if (pingpong) named_sync(my_bar, 2 * 128);
       fence_regs(s);
-      issue_qk<T, D, kKvPanel, true>(s, q_wg, sK + 2 * st * kBox);
+      issue_qk<T, D, kKPanel, true>(s, q_wg, sK + 2 * st * kBox);
       fence_regs(acc);
       fence_pa();
-      issue_pv<T, D, kKvPanel, 8>(acc, pa, sV + 2 * prev_st * kBox);
+      issue_pv<T, D, kVPanel, 8>(acc, pa, sV + 2 * prev_st * kBox);
       if (pingpong) named_arrive(other_bar, 2 * 128);
       cute::warpgroup_wait<1>();  // S(step); PV(step - 1) may still run under the softmax
       fence_regs(s);
@@ -848,12 +861,12 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       if (lane == 0) mbar_arrive(&empty_v[prev_st]);  // this warp is done with V(step - 1)
       rescale_and_pack();
     }
-    const int last_st = (n_steps - 1) % kStages;
-    mbar_wait(&full_v[last_st], ((n_steps - 1) / kStages) & 1);
+    const int last_st = (n_steps - 1) % kStV;
+    mbar_wait(&full_v[last_st], ((n_steps - 1) / kStV) & 1);
     if (pingpong) named_sync(my_bar, 2 * 128);
     fence_regs(acc);
     fence_pa();
-    issue_pv<T, D, kKvPanel, 8>(acc, pa, sV + 2 * last_st * kBox);
+    issue_pv<T, D, kVPanel, 8>(acc, pa, sV + 2 * last_st * kBox);
     if (pingpong && cw == 0) named_arrive(other_bar, 2 * 128);
     cute::warpgroup_wait<0>();
     fence_regs(acc);
