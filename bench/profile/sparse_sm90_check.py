@@ -4,8 +4,8 @@ For a few shapes (window, sinks, NSA blocks, documents, GQA; D 64/128; bf16/fp16
 each kernel against an fp32 torch reference and against the mma.sync kernel, the same for lse, and the
 forward time of each (median of CUDA-event timings). Kernels (ANVIL_SPARSE_SM90): pp = the overlapped
 warp-specialized kernel with ping-pong (the default on sm_90), pp0 = the same without ping-pong
-(ANVIL_SPARSE_SM90_PINGPONG=0), pp3 = with a third K stage at D = 128 (ANVIL_SPARSE_SM90_KSTAGES=3), ws =
-warp-specialized without overlap, simple = the first cp.async kernel, old = mma.sync (=0). Shapes too
+(ANVIL_SPARSE_SM90_PINGPONG=0), pp3 = with a third K stage at D = 128 (ANVIL_SPARSE_SM90_KSTAGES=3), old =
+mma.sync (=0). Shapes too
 large for the reference compare against the old kernel only. Exits non-zero when an error bound fails
 (2x torch's own same-dtype error + 1e-3, as the tests).
 
@@ -47,8 +47,7 @@ def err(a, b):
 
 
 # name -> (ANVIL_SPARSE_SM90, ANVIL_SPARSE_SM90_PINGPONG, ANVIL_SPARSE_SM90_KSTAGES)
-KERNELS = {"old": ("0", "1", "0"), "simple": ("simple", "1", "0"), "ws": ("ws", "1", "0"), "pp0": ("1", "0", "0"),
-           "pp": ("1", "1", "0"), "pp3": ("1", "1", "3")}
+KERNELS = {"old": ("0", "1", "0"), "pp0": ("1", "0", "0"), "pp": ("1", "1", "0"), "pp3": ("1", "1", "3")}
 ENV = ("ANVIL_SPARSE_SM90", "ANVIL_SPARSE_SM90_PINGPONG", "ANVIL_SPARSE_SM90_KSTAGES")
 
 
@@ -172,8 +171,8 @@ def check_bwd(shape, quick):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="reference only for S <= 4096")
-    ap.add_argument("--kernels", default="old,simple,ws,pp0,pp,pp3",
-                    help="which of old, simple, ws, pp0, pp, pp3 (old always runs)")
+    ap.add_argument("--kernels", default="old,pp0,pp,pp3",
+                    help="which of old, pp0, pp, pp3 (old always runs)")
     ap.add_argument("--bwd", action="store_true", help="only the backward check (the wgmma dq, dk/dv kernels)")
     a = ap.parse_args()
     for kn in list(KERNELS):

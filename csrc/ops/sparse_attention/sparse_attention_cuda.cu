@@ -72,6 +72,9 @@ bool use_sm90_forward(sparse_cuda::TileShape shape) {
 #if defined(ANVIL_WITH_SM90A)
   if (shape == sparse_cuda::TileShape::kRows64) return false;
   const char* env = std::getenv("ANVIL_SPARSE_SM90");
+  TORCH_CHECK(env == nullptr || *env == '\0' || std::string(env) == "0" || std::string(env) == "1",
+              "ANVIL_SPARSE_SM90 must be 0 (the mma.sync kernels) or 1 (the Hopper kernels, the default), got '", env,
+              "'");
   if (env != nullptr && std::string(env) == "0") return false;
   const auto* prop = at::cuda::getCurrentDeviceProperties();
   return prop->major == 9 && prop->minor == 0;

@@ -15,33 +15,6 @@
 namespace anvil::ops::sparse_cuda {
 namespace {
 
-template <typename T, int D, int kHeads>
-void launch(const Params& p, cudaStream_t stream) {
-  constexpr int kRowsH = sm90::kRows / kHeads;
-  // Q, kStages x (K, V), and 1 KB to align the dynamic base to the swizzle's 1024-byte period.
-  const int smem = (sm90::kRows + 2 * sm90::kStages * kTile) * D * static_cast<int>(sizeof(T)) + 1024;
-  auto kernel = sm90::sparse_attention_fwd_sm90_kernel<T, D, kHeads>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  const dim3 grid((p.seq + kRowsH - 1) / kRowsH, p.batch * p.heads_q / kHeads);
-  kernel<<<grid, sm90::kThreads, smem, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename T, int D, int kHeads>
-void launch_ws(const Params& p, cudaStream_t stream) {
-  constexpr int kRowsH = sm90::kRows / kHeads;
-  const int smem = (sm90::kRows + 2 * sm90::kSlots * kTile) * D * static_cast<int>(sizeof(T)) + 1024;
-  sm90::TmaMaps maps;
-  maps.q = head_map<T, D>(p.q, p.seq, static_cast<int64_t>(p.batch) * p.heads_q);
-  maps.k = head_map<T, D>(p.k, p.seq, static_cast<int64_t>(p.batch) * p.heads_kv);
-  maps.v = head_map<T, D>(p.v, p.seq, static_cast<int64_t>(p.batch) * p.heads_kv);
-  auto kernel = sm90::sparse_attention_fwd_sm90_ws_kernel<T, D, kHeads>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  const dim3 grid((p.seq + kRowsH - 1) / kRowsH, p.batch * p.heads_q / kHeads);
-  kernel<<<grid, sm90::kWsThreads, smem, stream>>>(p, maps);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 // The overlapped kernel (FA3's intra-warpgroup overlap; ping-pong unless ANVIL_SPARSE_SM90_PINGPONG=0);
 // kKStages: the K ring's depth (0: as deep as the V ring).
 template <typename T, int D, int kHeads, int kKStages>
@@ -74,26 +47,13 @@ void launch_pp_stages(const Params& p, cudaStream_t stream) {
   launch_pp<T, D, kHeads, 0>(p, stream);
 }
 
-// ANVIL_SPARSE_SM90=ws: the warp-specialized kernel without the overlap (the previous default).
-std::string sm90_variant() {
-  const char* env = std::getenv("ANVIL_SPARSE_SM90");
-  return env != nullptr ? std::string(env) : std::string();
-}
-
 }  // namespace
 
 template <typename T, int D>
 void launch_forward_sm90(const Params& p, TileShape shape, cudaStream_t stream) {
   TORCH_CHECK(shape != TileShape::kRows64, "launch_forward_sm90: no 64-row shape (use the mma.sync kernel)");
   const bool two = shape == TileShape::kTwoHeads64;
-  const std::string variant = sm90_variant();
-  if (variant == "simple") {
-    two ? launch<T, D, 2>(p, stream) : launch<T, D, 1>(p, stream);
-  } else if (variant == "ws") {
-    two ? launch_ws<T, D, 2>(p, stream) : launch_ws<T, D, 1>(p, stream);
-  } else {
-    two ? launch_pp_stages<T, D, 2>(p, stream) : launch_pp_stages<T, D, 1>(p, stream);
-  }
+  two ? launch_pp_stages<T, D, 2>(p, stream) : launch_pp_stages<T, D, 1>(p, stream);
 }
 
 template void launch_forward_sm90<__nv_bfloat16, 64>(const Params&, TileShape, cudaStream_t);

@@ -2,18 +2,15 @@
 // sparse_attention_kernels.cuh with both GEMMs on warpgroup MMA (wgmma), after FlashAttention-3's design.
 // The tile walk (range A / range B / extra, QueryPlan) and the element rule (sparse_attends) are the
 // mma.sync kernel's own, so the kernels visit the same key tiles and mask the same elements.
-// Three kernels, chosen by the launcher (ANVIL_SPARSE_SM90, sparse_attention_fwd_sm90.cu):
-//   pp (default)  warp-specialized (TMA producer warpgroup + 2 consumer warpgroups), 128-key steps, FA3's
-//                 intra-warpgroup overlap and ping-pong (bottom of the file);
-//   ws            the same without the overlap (middle);
-//   simple        2 warpgroups that load with cp.async and compute 64-key steps (first, below): the
-//                 first version, kept for A/B checks.
-// GPU round 1 (H100, window 4096, S = 32768, 16 heads, D = 128): simple 5.73 ms, ws 4.31, pp 2.40
-// (430 TFLOP/s); the mma.sync kernel 6.55.
+// One kernel: warp-specialized (a TMA producer warpgroup, 2 consumer warpgroups), 128-key steps, FA3's
+// intra-warpgroup overlap and ping-pong. Two earlier designs were measured on the way and removed
+// (GPU round 1, H100, window 4096, S = 32768, 16 heads, D = 128): 2 warpgroups loading with cp.async in
+// 64-key steps 5.73 ms; the warp-specialized kernel without the overlap 4.31 ms; this one 2.40 ms (430
+// TFLOP/s); the mma.sync kernel 6.55 ms.
 //
 // Shape: 128 query rows per CTA, 64 per consumer warpgroup: either 128 rows of one head
 // (TileShape::kRows128) or 64 rows of two heads of a GQA group (kTwoHeads64). Key tiles are the plan's
-// 64 keys (ranges and listed blocks are counted in 64-key tiles); ws and pp take two per step.
+// 64 keys (ranges and listed blocks are counted in 64-key tiles); a step takes two.
 //   S = Q K^T   wgmma m64nNk16 (N = 64 or 128 keys), both operands in shared memory (Q and K K-major);
 //   softmax     on the fp32 accumulator in registers (base 2, scale * log2 e folded in, as before);
 //   O += P V    wgmma m64nDk16 with P as the register A operand ("RS"): the accumulator fragment of S
@@ -30,10 +27,6 @@
 //                   a panel, the next panel adds R x 128 bytes;
 //   V (MN-major)    stride byte offset 1024 (8 keys), leading byte offset = the panel size (the next
 //                   64 columns of D); k-steps of 16 keys add 16 x 128 bytes.
-// simple: cp.async by all 256 threads, K/V double-buffered (the loads of tile j + 1 run under the MMAs of
-// tile j). cp.async writes are generic-proxy writes and wgmma reads shared memory through the async
-// proxy, so each thread fences (fence.proxy.async) after its cp.async group lands and before the barrier
-// that hands the tile to the MMAs.
 #pragma once
 
 #include "ops/sparse_attention/sparse_attention_kernels.cuh"
@@ -45,29 +38,8 @@
 
 namespace anvil::ops::sparse_cuda::sm90 {
 
-constexpr int kThreads = 256;     // 2 warpgroups
 constexpr int kRows = 128;        // query rows per CTA (64 per warpgroup)
-constexpr int kStages = 2;        // K/V ring
 constexpr int kPanel = 64;        // columns of a 128-byte swizzle panel (16-bit elements)
-
-// Element offset of (row, col) in a swizzled tile of kR rows.
-template <int kR>
-__device__ __forceinline__ int swz128(int row, int col) {
-  return (col >> 6) * (kR * kPanel) + row * kPanel + ((((col >> 3) & 7) ^ (row & 7)) << 3) + (col & 7);
-}
-
-// Loads rows [row0, row0 + kR) of a (S, D) head into a swizzled tile; rows at or past `rows` are zeros.
-template <typename T, int D, int kR>
-__device__ __forceinline__ void load_tile_sw128(T* tile, const T* head, int row0, int rows, int tid) {
-  constexpr int kChunks = kR * D / 8;
-  #pragma unroll
-  for (int c = tid; c < kChunks; c += kThreads) {
-    const int r = c / (D / 8), col = (c % (D / 8)) * 8;
-    const bool valid = row0 + r < rows;
-    const T* src = valid ? head + static_cast<int64_t>(row0 + r) * D + col : head;
-    cp_async16(tile + swz128<kR>(r, col), src, valid);
-  }
-}
 
 // wgmma shared-memory descriptor of the 128-byte swizzle layout (byte offsets in 16-byte units).
 __device__ __forceinline__ uint64_t sw128_desc(const void* smem, uint32_t lbo_bytes, uint32_t sbo_bytes) {
@@ -126,200 +98,12 @@ __device__ __forceinline__ void fence_regs(float (&r)[N]) {
   for (int i = 0; i < N; ++i) cute::warpgroup_fence_operand(r[i]);
 }
 
-// kHeads = 1: 128 rows of one head (every 128-row tile in one query block); kHeads = 2: 64 rows of two
-// heads of a GQA group. The grid and the plan are the mma.sync kernel's for the same TileShape.
-template <typename T, int D, int kHeads>
-__global__ void __launch_bounds__(kThreads, 1) sparse_attention_fwd_sm90_kernel(const Params p) {
-  static_assert(D == 64 || D == 128, "head dim 64 or 128");
-  constexpr int kRowsH = kRows / kHeads;  // query rows per head
-  constexpr int kWgPerHead = 2 / kHeads;
-  extern __shared__ __align__(1024) unsigned char smem_raw[];
-  __shared__ QueryPlan plan;
-  // Panels must start on 1024-byte boundaries: align the dynamic base (the launcher adds 1 KB).
-  T* sQ = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
-  T* sK = sQ + kRows * D;            // (kStages, 64, D)
-  T* sV = sK + kStages * kTile * D;  // (kStages, 64, D)
-
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int wg = warp >> 2, wq = warp & 3;  // warpgroup, warp in it
-  const int qt = gridDim.x - 1 - blockIdx.x;  // the longest walks first
-  const int heads_cta = p.heads_q / kHeads;
-  const int b = blockIdx.y / heads_cta, h0 = (blockIdx.y % heads_cta) * kHeads, hkv = h0 / (p.heads_q / p.heads_kv);
-  const int i0 = qt * kRowsH, i1 = min(i0 + kRowsH - 1, p.seq - 1);
-  const int64_t S = p.seq;
-  const int64_t bh = static_cast<int64_t>(b) * p.heads_q + h0 + wg / kWgPerHead;  // this warpgroup's head
-  const T* kh = static_cast<const T*>(p.k) + (static_cast<int64_t>(b) * p.heads_kv + hkv) * S * D;
-  const T* vh = static_cast<const T*>(p.v) + (static_cast<int64_t>(b) * p.heads_kv + hkv) * S * D;
-
-  if (tid == 0) build_query_plan(plan, p, b, hkv, i0, i1);
-  // Q: tile row r is head h0 + r / kRowsH, query i0 + r % kRowsH; warpgroup w owns rows [64 w, 64 w + 64).
-  for (int hh = 0; hh < kHeads; ++hh) {
-    const T* qh = static_cast<const T*>(p.q) + (static_cast<int64_t>(b) * p.heads_q + h0 + hh) * S * D;
-    // A (kRowsH, D) block of rows hh * kRowsH.. of the 128-row tile: chunk by chunk into the panels.
-    constexpr int kChunks = kRowsH * D / 8;
-    for (int c = tid; c < kChunks; c += kThreads) {
-      const int r = c / (D / 8), col = (c % (D / 8)) * 8;
-      const bool valid = i0 + r < p.seq;
-      const T* src = valid ? qh + static_cast<int64_t>(i0 + r) * D + col : qh;
-      cp_async16(sQ + swz128<kRows>(hh * kRowsH + r, col), src, valid);
-    }
-  }
-  cp_async_commit();
-  __syncthreads();  // the plan
-  const int n_tiles = plan.count();
-  const int tiles_per_block = p.block_size / kTile;
-  if (n_tiles > 0) {
-    const int t0 = plan.tile(0);
-    load_tile_sw128<T, D, kTile>(sK, kh, t0 * kTile, p.seq, tid);
-    load_tile_sw128<T, D, kTile>(sV, vh, t0 * kTile, p.seq, tid);
-  }
-  cp_async_commit();
-
-  // This thread's rows: r = 16 wq + lane / 4 + 8 hf of its warpgroup's 64.
-  const int g = lane >> 2, tq = lane & 3;
-  int row_i[2], row_ds[2];
-  float row_max[2], row_sum[2];
-  #pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    row_i[hf] = i0 + (wg % kWgPerHead) * 64 + wq * 16 + g + hf * 8;
-    row_ds[hf] = doc_start(p, min(row_i[hf], p.seq - 1));
-    row_max[hf] = -INFINITY;
-    row_sum[hf] = 0.f;
-  }
-  // Accumulators in the wgmma fragment layout: element 4 n + e is row g + 8 (e / 2), column 8 n + 2 tq + e % 2.
-  float s[32];     // S / P of one 64-key tile
-  float acc[D / 2];  // O
-  #pragma unroll
-  for (int i = 0; i < 32; ++i) s[i] = 0.f;
-  #pragma unroll
-  for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
-
-  const T* q_wg = sQ + wg * 64 * kPanel;  // this warpgroup's 64 rows in panel 0
-  constexpr uint32_t kSbo = 8 * 128;      // 8 rows of 128 bytes
-  constexpr uint32_t kTileBytes = kTile * kPanel * sizeof(T);  // one 64-row panel: V's leading byte offset
-
-  for (int it = 0; it < n_tiles; ++it) {
-    const int stage = it % kStages;
-    if (it + 1 < n_tiles) {
-      const int tn = plan.tile(it + 1);
-      load_tile_sw128<T, D, kTile>(sK + ((it + 1) % kStages) * kTile * D, kh, tn * kTile, p.seq, tid);
-      load_tile_sw128<T, D, kTile>(sV + ((it + 1) % kStages) * kTile * D, vh, tn * kTile, p.seq, tid);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    fence_proxy_async_smem();
-    __syncthreads();
-    const T* tK = sK + stage * kTile * D;
-    const T* tV = sV + stage * kTile * D;
-    const int kv_tile = plan.tile(it), k0 = kv_tile * kTile;
-    const bool listed = plan.listed(it, kv_tile, tiles_per_block);
-
-    // S = Q K^T over D in steps of 16.
-    fence_regs(s);
-    cute::warpgroup_arrive();
-    #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const int panel = kk / 4, within = (kk % 4) * 16;
-      const uint64_t da = sw128_desc(q_wg + panel * kRows * kPanel + within, 16, kSbo);
-      const uint64_t db = sw128_desc(tK + panel * kTile * kPanel + within, 16, kSbo);
-      gmma_ss<typename Gmma<T, 64>::SS>(da, db, s, kk > 0, std::make_index_sequence<32>{});
-    }
-    cute::warpgroup_commit_batch();
-    cute::warpgroup_wait<0>();
-    fence_regs(s);
-
-    const bool full = tile_fully_visible(p, i0, i1, plan.ds_first, plan.ds_last, k0, k0 + kTile - 1, listed);
-    #pragma unroll
-    for (int n = 0; n < 8; ++n) {
-      #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int hf = e >> 1, j = k0 + n * 8 + 2 * tq + (e & 1);
-        const bool ok = full || sparse_attends(row_i[hf], j, row_ds[hf], listed, p.window, p.sink_tokens);
-        s[4 * n + e] = ok ? s[4 * n + e] * p.scale_log2 : -INFINITY;
-      }
-    }
-    // Online softmax per row (the 4 lanes of a quad share a row).
-    #pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      float mx = -INFINITY;
-      #pragma unroll
-      for (int n = 0; n < 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * hf], s[4 * n + 2 * hf + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(row_max[hf], mx);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;
-      const float corr = exp2f(row_max[hf] - m_use);
-      float sum = 0.f;
-      #pragma unroll
-      for (int n = 0; n < 8; ++n) {
-        s[4 * n + 2 * hf] = exp2f(s[4 * n + 2 * hf] - m_use);
-        s[4 * n + 2 * hf + 1] = exp2f(s[4 * n + 2 * hf + 1] - m_use);
-        sum += s[4 * n + 2 * hf] + s[4 * n + 2 * hf + 1];
-      }
-      row_sum[hf] = row_sum[hf] * corr + sum;
-      row_max[hf] = m_new;
-      #pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        acc[4 * n + 2 * hf] *= corr;
-        acc[4 * n + 2 * hf + 1] *= corr;
-      }
-    }
-    // P as the A operand, 16 keys per wgmma: n8 blocks 2 kk and 2 kk + 1 of the accumulator.
-    uint32_t pa[4][4];
-    #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      pa[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
-      pa[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
-      pa[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
-      pa[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
-    }
-    // O += P V over the 64 keys in steps of 16.
-    fence_regs(acc);
-    cute::warpgroup_arrive();
-    #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      const uint64_t db = sw128_desc(tV + kk * 16 * kPanel, kTileBytes, kSbo);
-      gmma_rs<typename Gmma<T, D>::RS>(pa[kk], db, acc, std::make_index_sequence<D / 2>{});
-    }
-    cute::warpgroup_commit_batch();
-    cute::warpgroup_wait<0>();
-    fence_regs(acc);
-    #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      #pragma unroll
-      for (int r = 0; r < 4; ++r) cute::warpgroup_fence_operand(pa[kk][r]);  // live until the MMAs read them
-    }
-    __syncthreads();  // the next iteration's load overwrites the other stage, this one two iterations on
-  }
-  if (n_tiles == 0) cp_async_wait<0>();
-
-  T* oh = static_cast<T*>(p.o) + bh * S * D;
-  #pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    float l = row_sum[hf];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const int i = row_i[hf];
-    if (i >= p.seq) continue;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    #pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      *reinterpret_cast<uint32_t*>(oh + static_cast<int64_t>(i) * D + n * 8 + 2 * tq) =
-          pack2<T>(acc[4 * n + 2 * hf] * inv, acc[4 * n + 2 * hf + 1] * inv);
-    }
-    if (tq == 0) p.lse[bh * S + i] = l > 0.f ? (row_max[hf] + log2f(l)) * kLn2 : -INFINITY;
-  }
-}
-
-
-// ---- the warp-specialized kernel: TMA producer, mbarrier ring, 128-key steps --------------------------
+// ---- warp specialization: TMA producer, mbarrier rings, 128-key steps ------------------------------
 //
 // 3 warpgroups (384 threads): warpgroup 0 is the producer (one thread issues every TMA copy; the
 // warpgroup gives up registers with setmaxnreg), warpgroups 1 and 2 are the consumers of 64 query rows
-// each (they take the registers). Q arrives once (q_bar); K/V come in a ring of kWsStages stages of two
-// 64-key slots each: one step of the consumers is two plan tiles (128 keys), S = Q K^T as one m64n128k16
+// each (they take the registers). Q arrives once (q_bar); K and V come in rings of stages of two
+// 64-key slots each (PpConfig below): one step of the consumers is two plan tiles (128 keys), S = Q K^T as one m64n128k16
 // chain, O += P V as 8 k16 steps. The last step of an odd count loads its second slot from past S (TMA
 // fills it with zeros) and masks it: every step runs the same wgmma chains, no branch in between (a
 // branch there makes ptxas serialize the wgmmas).
@@ -332,8 +116,6 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attention_fwd_sm90_kernel(
 // rows past S arrive as zeros (out of bounds of the tensor map's S dimension).
 
 constexpr int kWsThreads = 384;
-constexpr int kWsStages = 2;
-constexpr int kSlots = 2 * kWsStages;
 
 struct TmaMaps {
   CUtensorMap q, k, v;  // 3-d: (D, S, B * H), boxes (64, 64, 1), 128-byte swizzle
@@ -420,201 +202,9 @@ __device__ __forceinline__ void issue_pv(float (&acc)[D / 2], const uint32_t (&p
   cute::warpgroup_commit_batch();
 }
 
-template <typename T, int D, int kHeads>
-__global__ void __launch_bounds__(kWsThreads, 1)
-    sparse_attention_fwd_sm90_ws_kernel(const Params p, const __grid_constant__ TmaMaps maps) {
-  static_assert(D == 64 || D == 128, "head dim 64 or 128");
-  constexpr int kRowsH = kRows / kHeads;
-  constexpr int kWgPerHead = 2 / kHeads;
-  constexpr int kPanels = D / kPanel;
-  constexpr int kBox = kTile * kPanel;                   // elements of one (64 x 64) box
-  constexpr uint32_t kBoxBytes = kBox * sizeof(T);       // 8 KB
-  constexpr int kKvPanel = kSlots * kBox;                // elements of one panel of the K (V) ring
-  extern __shared__ __align__(1024) unsigned char smem_raw[];
-  __shared__ QueryPlan plan;
-  __shared__ __align__(8) uint64_t full_bar[kWsStages], empty_bar[kWsStages], q_bar;
-  T* sQ = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
-  T* sK = sQ + kRows * D;          // [panel][slot][64][64]
-  T* sV = sK + kPanels * kKvPanel;  // [panel][slot][64][64]
-
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int wg = warp >> 2;
-  const int qt = gridDim.x - 1 - blockIdx.x;
-  const int heads_cta = p.heads_q / kHeads;
-  const int b = blockIdx.y / heads_cta, h0 = (blockIdx.y % heads_cta) * kHeads, hkv = h0 / (p.heads_q / p.heads_kv);
-  const int i0 = qt * kRowsH, i1 = min(i0 + kRowsH - 1, p.seq - 1);
-  if (tid == 0) {
-    build_query_plan(plan, p, b, hkv, i0, i1);
-    for (int st = 0; st < kWsStages; ++st) {
-      mbar_init(&full_bar[st], 1);
-      mbar_init(&empty_bar[st], 8);  // one arrive per consumer warp
-    }
-    mbar_init(&q_bar, 1);
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    fence_proxy_async_smem();
-  }
-  __syncthreads();
-  const int n_tiles = plan.count();
-  const int n_steps = (n_tiles + 1) / 2;
-
-  if (wg == 0) {
-    // ---- producer ----
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-    if (tid != 0) return;
-    const int kv_head = b * p.heads_kv + hkv;
-    // Q: box (panel, half) -> rows [64 half, 64 half + 64) of panel `panel`.
-    mbar_arrive_expect_tx(&q_bar, 2 * kPanels * kBoxBytes);
-    for (int half = 0; half < 2; ++half) {
-      const int head = b * p.heads_q + h0 + (kHeads == 2 ? half : 0);
-      const int row = i0 + (kHeads == 2 ? 0 : 64 * half);
-      for (int pn = 0; pn < kPanels; ++pn) {
-        tma_load_box(sQ + pn * kRows * kPanel + half * kBox, &maps.q, &q_bar, pn * kPanel, row, head);
-      }
-    }
-    for (int step = 0; step < n_steps; ++step) {
-      const int st = step % kWsStages;
-      if (step >= kWsStages) mbar_wait(&empty_bar[st], ((step / kWsStages) - 1) & 1);
-      // Always two slots: the missing second tile of an odd count is a box past S (zeros).
-      mbar_arrive_expect_tx(&full_bar[st], 2 * 2 * kPanels * kBoxBytes);
-      for (int u = 0; u < 2; ++u) {
-        const int key0 = 2 * step + u < n_tiles ? plan.tile(2 * step + u) * kTile : p.seq;
-        const int slot = 2 * st + u;
-        for (int pn = 0; pn < kPanels; ++pn) {
-          tma_load_box(sK + pn * kKvPanel + slot * kBox, &maps.k, &full_bar[st], pn * kPanel, key0, kv_head);
-          tma_load_box(sV + pn * kKvPanel + slot * kBox, &maps.v, &full_bar[st], pn * kPanel, key0, kv_head);
-        }
-      }
-    }
-    return;
-  }
-
-  // ---- consumers ----
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
-  const int cw = wg - 1;            // consumer warpgroup 0 / 1: tile rows [64 cw, 64 cw + 64)
-  const int wq = warp & 3;
-  const int64_t S = p.seq;
-  const int64_t bh = static_cast<int64_t>(b) * p.heads_q + h0 + cw / kWgPerHead;
-  const int tiles_per_block = p.block_size / kTile;
-  const int g = lane >> 2, tq = lane & 3;
-  int row_i[2], row_ds[2];
-  float row_max[2], row_sum[2];
-  #pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    row_i[hf] = i0 + (cw % kWgPerHead) * 64 + wq * 16 + g + hf * 8;
-    row_ds[hf] = doc_start(p, min(row_i[hf], p.seq - 1));
-    row_max[hf] = -INFINITY;
-    row_sum[hf] = 0.f;
-  }
-  float s[64];       // S / P of a 128-key step: element 4 n + e, n8 block n (blocks 8.. are the second tile)
-  float acc[D / 2];  // O
-  #pragma unroll
-  for (int i = 0; i < 64; ++i) s[i] = 0.f;
-  #pragma unroll
-  for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
-  const T* q_wg = sQ + cw * 64 * kPanel;
-
-  mbar_wait(&q_bar, 0);
-  for (int step = 0; step < n_steps; ++step) {
-    const int st = step % kWsStages;
-    const bool pair = 2 * step + 1 < n_tiles;
-    int k0[2];
-    bool listed[2], full[2];
-    #pragma unroll
-    for (int u = 0; u < 2; ++u) {
-      const int n = min(2 * step + u, n_tiles - 1);
-      const int kv_tile = plan.tile(n);
-      k0[u] = kv_tile * kTile;
-      listed[u] = plan.listed(n, kv_tile, tiles_per_block);
-      full[u] = tile_fully_visible(p, i0, i1, plan.ds_first, plan.ds_last, k0[u], k0[u] + kTile - 1, listed[u]);
-    }
-    const T* tK = sK + 2 * st * kBox;
-    const T* tV = sV + 2 * st * kBox;
-    mbar_wait(&full_bar[st], (step / kWsStages) & 1);
-
-    fence_regs(s);
-    issue_qk<T, D, kKvPanel, true>(s, q_wg, tK);
-    cute::warpgroup_wait<0>();
-    fence_regs(s);
-
-    #pragma unroll
-    for (int n = 0; n < 16; ++n) {
-      const int u = n >> 3;
-      #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int hf = e >> 1, j = k0[u] + (n & 7) * 8 + 2 * tq + (e & 1);
-        bool ok = full[u] || sparse_attends(row_i[hf], j, row_ds[hf], listed[u], p.window, p.sink_tokens);
-        if (u == 1) ok = ok && pair;
-        s[4 * n + e] = ok ? s[4 * n + e] * p.scale_log2 : -INFINITY;
-      }
-    }
-    #pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      float mx = -INFINITY;
-      #pragma unroll
-      for (int n = 0; n < 16; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * hf], s[4 * n + 2 * hf + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(row_max[hf], mx);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;
-      const float corr = exp2f(row_max[hf] - m_use);
-      float sum = 0.f;
-      #pragma unroll
-      for (int n = 0; n < 16; ++n) {
-        s[4 * n + 2 * hf] = exp2f(s[4 * n + 2 * hf] - m_use);
-        s[4 * n + 2 * hf + 1] = exp2f(s[4 * n + 2 * hf + 1] - m_use);
-        sum += s[4 * n + 2 * hf] + s[4 * n + 2 * hf + 1];
-      }
-      row_sum[hf] = row_sum[hf] * corr + sum;
-      row_max[hf] = m_new;
-      #pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        acc[4 * n + 2 * hf] *= corr;
-        acc[4 * n + 2 * hf + 1] *= corr;
-      }
-    }
-    uint32_t pa[8][4];
-    #pragma unroll
-    for (int kk = 0; kk < 8; ++kk) {
-      pa[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
-      pa[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
-      pa[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
-      pa[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
-    }
-    fence_regs(acc);
-    issue_pv<T, D, kKvPanel, 8>(acc, pa, tV);
-    cute::warpgroup_wait<0>();
-    fence_regs(acc);
-    #pragma unroll
-    for (int kk = 0; kk < 8; ++kk) {
-      #pragma unroll
-      for (int r = 0; r < 4; ++r) cute::warpgroup_fence_operand(pa[kk][r]);
-    }
-    __syncwarp();
-    if (lane == 0) mbar_arrive(&empty_bar[st]);  // this warp is done with the stage
-  }
-
-  T* oh = static_cast<T*>(p.o) + bh * S * D;
-  #pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    float l = row_sum[hf];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const int i = row_i[hf];
-    if (i >= p.seq) continue;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    #pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      *reinterpret_cast<uint32_t*>(oh + static_cast<int64_t>(i) * D + n * 8 + 2 * tq) =
-          pack2<T>(acc[4 * n + 2 * hf] * inv, acc[4 * n + 2 * hf + 1] * inv);
-    }
-    if (tq == 0) p.lse[bh * S + i] = l > 0.f ? (row_max[hf] + log2f(l)) * kLn2 : -INFINITY;
-  }
-}
-
-
 // ---- the overlapped kernel: FlashAttention-3's intra-warpgroup overlap and ping-pong ------------------
 //
-// The warp-specialized kernel above with the consumer loop of FA3: step j issues S(j) = Q K_j^T and then
+// The consumer loop of FA3 on the warp-specialized structure above: step j issues S(j) = Q K_j^T and then
 // O += P(j-1) V(j-1) back to back, waits for S(j) only, runs the softmax of step j while the PV GEMM of
 // step j-1 is still in the tensor cores, then waits for it, rescales O and packs P(j) (so S of one step,
 // P of the previous one and O are live at once: the consumers need about 200 registers, which
