@@ -303,18 +303,22 @@ bool use_varlen_for_packed(const at::Device& device, at::ScalarType dtype, int64
 
 namespace {
 
-// Packed rows on the varlen path: q (B, Hq, S, D), k (B, Hk, S, D), v (B, Hk, S, Dv) flattened to one
-// row of B * S tokens, attended document by document by sparse_attention (causal within each document,
-// the sliding window if any), then unflattened -> (B, Hq, S, Dv).
+// Packed rows as the one sequence the varlen path attends: (B, H, S, D) -> (1, H, B * S, D), and back.
+at::Tensor rows_as_one_sequence(const at::Tensor& t) {
+  return t.transpose(0, 1).reshape({1, t.size(1), t.size(0) * t.size(2), t.size(3)});
+}
+at::Tensor one_sequence_as_rows(const at::Tensor& t, int64_t b, int64_t s) {
+  return t.view({t.size(1), b, s, t.size(3)}).transpose(0, 1);
+}
+
+// Packed rows on the varlen path: q (B, Hq, S, D), k (B, Hk, S, D), v (B, Hk, S, Dv) attended document by
+// document by sparse_attention (causal within each document, the sliding window if any) -> (B, Hq, S, Dv).
 at::Tensor attend_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionMask& mask,
                          double scale) {
-  const int64_t b = q.size(0), s = q.size(2);
-  const auto flat = [&](const at::Tensor& t) {  // (B, H, S, D) -> (1, H, B * S, D)
-    return t.transpose(0, 1).reshape({1, t.size(1), b * s, t.size(3)});
-  };
-  auto [o, lse] = ops::sparse_attention(flat(q), flat(k), flat(v), c10::nullopt, c10::nullopt, mask.cu_seqlens,
-                                        mask.window > 0 ? mask.window : -1, 0, 64, scale);
-  return o.view({q.size(1), b, s, v.size(3)}).transpose(0, 1);  // (B, Hq, S, Dv)
+  auto [o, lse] = ops::sparse_attention(rows_as_one_sequence(q), rows_as_one_sequence(k), rows_as_one_sequence(v),
+                                        c10::nullopt, c10::nullopt, mask.cu_seqlens, mask.window > 0 ? mask.window : -1,
+                                        0, 64, scale);
+  return one_sequence_as_rows(o, q.size(0), q.size(2));
 }
 
 }  // namespace
@@ -383,10 +387,9 @@ at::Tensor GqaAttention::forward(const at::Tensor& x, const at::Tensor& cos, con
     // documents as one row of B * S tokens with their boundaries.
     at::Tensor out;  // (B, Hq, S, D)
     if (mask.cu_seqlens.defined()) {
-      const auto flat = [&](const at::Tensor& t) { return t.transpose(0, 1).reshape({1, t.size(1), b * s, d}); };
-      out = sparse_attend(flat(q), flat(k), flat(v), config_.sparse, config_.attention_scale, mask.cu_seqlens)
-                .view({q.size(1), b, s, d})
-                .transpose(0, 1);
+      out = one_sequence_as_rows(sparse_attend(rows_as_one_sequence(q), rows_as_one_sequence(k), rows_as_one_sequence(v),
+                                               config_.sparse, config_.attention_scale, mask.cu_seqlens),
+                                 b, s);
     } else {
       out = sparse_attend(q, k, v, config_.sparse, config_.attention_scale);
     }
