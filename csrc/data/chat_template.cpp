@@ -191,12 +191,18 @@ std::string render_llama31(const std::vector<ChatMessage>& messages, const ChatO
   return out;
 }
 
-// Qwen/Qwen2-*-Instruct (ChatML with a default system prompt)
-std::string render_chatml(const std::vector<ChatMessage>& messages, const ChatOptions& o) {
+// ChatML with a default system prompt when the conversation brings none: Qwen/Qwen2-*-Instruct ("You are a
+// helpful assistant.") and HuggingFaceTB/SmolLM2-*-Instruct (its own prompt); the templates differ in
+// nothing else.
+constexpr const char* kChatmlSystem = "You are a helpful assistant.";
+constexpr const char* kSmolLM2System = "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
+
+std::string render_chatml(const std::vector<ChatMessage>& messages, const ChatOptions& o,
+                          const std::string& default_system) {
   std::string out;
   for (size_t i = 0; i < messages.size(); ++i) {
     const ChatMessage& m = messages[i];
-    if (i == 0 && messages[0].role != "system") out += "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n";
+    if (i == 0 && messages[0].role != "system") out += "<|im_start|>system\n" + default_system + "<|im_end|>\n";
     out += "<|im_start|>" + m.role + "\n" + m.content + "<|im_end|>\n";
   }
   if (o.add_generation_prompt) out += "<|im_start|>assistant\n";
@@ -344,6 +350,7 @@ constexpr FormatName kFormatNames[] = {
     {ChatFormat::kChatml, "chatml"},         {ChatFormat::kQwen25, "qwen2.5"},
     {ChatFormat::kQwen3, "qwen3"},
     {ChatFormat::kDeepseekV2, "deepseek-v2"}, {ChatFormat::kDeepseekV3, "deepseek-v3"},
+    {ChatFormat::kSmolLM2, "smollm2"},
 };
 
 std::string known_names() {
@@ -384,7 +391,9 @@ ChatFormat detect_chat_format(const std::string& t) {
       return ChatFormat::kQwen3;
     } else if (has("<think>")) {
       why = "a ChatML template with <think> handling but no enable_thinking switch";
-    } else if (has("You are a helpful assistant.") && !has("tools")) {
+    } else if (has(kSmolLM2System) && !has("tools")) {
+      return ChatFormat::kSmolLM2;
+    } else if (has(kChatmlSystem) && !has("tools")) {
       return ChatFormat::kChatml;
     } else {
       why = "a ChatML template (<|im_start|>) with another default system prompt or tool handling";
@@ -439,7 +448,9 @@ std::string render_chat(ChatFormat format, const std::vector<ChatMessage>& messa
     case ChatFormat::kLlama31:
       return render_llama31(messages, options);
     case ChatFormat::kChatml:
-      return render_chatml(messages, options);
+      return render_chatml(messages, options, kChatmlSystem);
+    case ChatFormat::kSmolLM2:
+      return render_chatml(messages, options, kSmolLM2System);
     case ChatFormat::kQwen25:
       return render_qwen25(messages, options);
     case ChatFormat::kQwen3:

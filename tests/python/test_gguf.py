@@ -457,13 +457,14 @@ def test_smollm2_real_model(tmp_path):
 
 @pytest.mark.skipif(smollm2_path() is None, reason="SmolLM2 GGUF absent (scripts/setup.sh fetches it)")
 def test_smollm2_cli_generate():
-    """`anvil generate --model file.gguf`: model and tokenizer from the one file."""
+    """`anvil generate --model file.gguf --chat`: model, tokenizer and chat template (recognised as the built-in
+    smollm2 format) from the one file."""
     import subprocess
     binary = os.path.join(os.path.dirname(anvil.__file__), "..", "..", "bin", "anvil")
     if not os.path.isfile(binary):
         pytest.skip("the anvil binary is not built beside this package")
-    r = subprocess.run([binary, "generate", "--model", smollm2_path(), "--device", "cpu", "--chat", "--chat-format",
-                        "chatml", "-p", "What is the capital of France?", "--max-new-tokens", "8"],
+    r = subprocess.run([binary, "generate", "--model", smollm2_path(), "--device", "cpu", "--chat",
+                        "-p", "What is the capital of France?", "--max-new-tokens", "8"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout

@@ -254,7 +254,7 @@ def test_sentencepiece_special_strings_become_ids():
 CHAT_FORMATS = {"llama2": "llama2", "mistral": "mistral", "mistral_v1": "mistral-v1", "llama3": "llama3",
                 "llama3_1": "llama3.1",
                 "qwen2": "chatml", "qwen2_5": "qwen2.5", "qwen3": "qwen3", "deepseek_v2": "deepseek-v2",
-                "deepseek_v3": "deepseek-v3"}
+                "deepseek_v3": "deepseek-v3", "smollm2": "smollm2"}
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello"}],
     [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "  Hi there \n"},

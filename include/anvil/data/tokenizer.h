@@ -45,6 +45,7 @@ enum class ChatFormat {
   kQwen3,       ///< Qwen3 ChatML: no default system prompt, `<think>` blocks, enable_thinking
   kDeepseekV2,  ///< DeepSeek-V2-Chat: `User: ..\n\nAssistant: ..<｜end▁of▁sentence｜>`
   kDeepseekV3,  ///< DeepSeek-V3: `<｜User｜>..<｜Assistant｜>..<｜end▁of▁sentence｜>`
+  kSmolLM2,     ///< SmolLM2-*-Instruct ChatML: default system prompt "You are a helpful AI assistant named SmolLM..."
 };
 
 /// Options of a chat rendering, named as the Jinja templates name them.

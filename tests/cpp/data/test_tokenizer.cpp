@@ -293,7 +293,8 @@ TEST(Tokenizer, ConfigFilesSetSpecialTokens) {
 TEST(ChatFormat, NamesRoundTripAndUnknownNamesAreListed) {
   for (const auto f : {ChatFormat::kLlama2, ChatFormat::kMistral, ChatFormat::kMistralV1, ChatFormat::kLlama3,
                        ChatFormat::kLlama31, ChatFormat::kQwen25,
-                       ChatFormat::kChatml, ChatFormat::kQwen3, ChatFormat::kDeepseekV2, ChatFormat::kDeepseekV3}) {
+                       ChatFormat::kChatml, ChatFormat::kQwen3, ChatFormat::kDeepseekV2, ChatFormat::kDeepseekV3,
+                       ChatFormat::kSmolLM2}) {
     EXPECT_EQ(anvil::data::chat_format_from_name(anvil::data::chat_format_name(f)), f);
   }
   try {
@@ -313,7 +314,8 @@ TEST(ChatFormat, DetectsTheStoredTemplates) {
       {"llama3_1", ChatFormat::kLlama31},
       {"qwen2", ChatFormat::kChatml},          {"qwen2_5", ChatFormat::kQwen25},
       {"qwen3", ChatFormat::kQwen3},
-      {"deepseek_v2", ChatFormat::kDeepseekV2}, {"deepseek_v3", ChatFormat::kDeepseekV3}};
+      {"deepseek_v2", ChatFormat::kDeepseekV2}, {"deepseek_v3", ChatFormat::kDeepseekV3},
+      {"smollm2", ChatFormat::kSmolLM2}};
   for (const auto& [file, format] : cases) {
     EXPECT_EQ(anvil::data::detect_chat_format(read_file(dir / (file + ".jinja"))), format) << file;
   }
