@@ -469,3 +469,34 @@ def test_smollm2_cli_generate():
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
     assert "LlamaForCausalLM" in r.stderr and "49152 ids" in r.stderr
+
+
+def test_inspect_lists_what_gguf_py_sees(tmp_path):
+    """`anvil inspect --json file.gguf`: every tensor with its ggml type, PyTorch shape and bytes as gguf-py's
+    reader has them, the metadata, long arrays summarised; --filter narrows the list."""
+    import json
+    import subprocess
+    binary = os.path.join(os.path.dirname(anvil.__file__), "..", "..", "bin", "anvil")
+    if not os.path.isfile(binary):
+        pytest.skip("the anvil binary is not built beside this package")
+    rng = np.random.default_rng(5)
+    path = write(tmp_path / "m.gguf",
+                 [("blk.10.ffn_up.weight", rng.standard_normal((8, 64)).astype(np.float32), None),
+                  ("blk.2.ffn_up.weight", rng.standard_normal((4, 32)).astype(np.float16), None),
+                  ("token_embd.weight", gguf.quants.quantize(rng.standard_normal((3, 64)).astype(np.float32), Q.Q8_0),
+                   Q.Q8_0)],
+                 {"t.i32": ("add_int32", -7), "t.vocab": ("add_array", [f"tok{i}" for i in range(20)])})
+    out = subprocess.run([binary, "inspect", path, "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    reader = gguf.GGUFReader(path)
+    want = {t.name: (t.tensor_type.name, [int(d) for d in reversed(t.shape)], int(t.n_bytes)) for t in reader.tensors}
+    got = {t["name"]: (t["dtype"], t["shape"], t["bytes"]) for t in report["tensors"]}
+    assert got == want
+    assert [t["name"] for t in report["tensors"]] == ["blk.2.ffn_up.weight", "blk.10.ffn_up.weight",
+                                                      "token_embd.weight"]  # natural order
+    assert report["total"]["tensors"] == 3 and report["total"]["bytes"] == sum(v[2] for v in want.values())
+    assert report["metadata"]["t.i32"] == "-7" and report["metadata"]["general.architecture"] == "llama"
+    assert report["metadata"]["t.vocab"] == '["tok0", "tok1", "tok2", ... (STRING x 20)]'
+    narrowed = subprocess.run([binary, "inspect", path, "--json", "--filter", "ffn"], capture_output=True, text=True)
+    assert [t["name"] for t in json.loads(narrowed.stdout)["tensors"]] == ["blk.2.ffn_up.weight", "blk.10.ffn_up.weight"]
