@@ -24,8 +24,8 @@ import torch
 
 import anvil
 from hf_models import randomize
-from test_train import (TINY, VOCAB, check_ok, full_row_examples, lora_config, run_cli, train_losses, write_config,
-                        write_jsonl)
+from test_train import (TINY, VOCAB, check_ok, full_row_examples, lora_config, run_cli, train_like_anvil, train_losses,
+                        write_config, write_jsonl)
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -198,41 +198,6 @@ def test_attach_refusals(base):
 
 # ---- (a'), (b): training, the converted adapter ------------------------------------------------------
 
-def train_like_anvil(pm, examples, cfg):
-    """The oracle loop of test_train.oracle_losses on a given PeftModel."""
-    t = cfg["train"]
-    pm.train()
-    params = [p for n, p in pm.named_parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=t["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=t["weight_decay"])
-    sched = transformers.get_cosine_schedule_with_warmup(opt, t["warmup_steps"], t["steps"])
-    rows, epoch = [], 0
-    while len(rows) < t["steps"] * t["grad_accum"] * t["batch_size"]:
-        order = _C.shuffled_order(len(examples), t["seed"] * 1000003 + epoch + 1)
-        epoch_rows = [examples[i] for i in order]
-        rows.extend(epoch_rows[i:i + t["batch_size"]] for i in range(0, len(epoch_rows), t["batch_size"]))
-        epoch += 1
-    losses = []
-    for step in range(t["steps"]):
-        micro = rows[step * t["grad_accum"]:(step + 1) * t["grad_accum"]]
-        batches = [(torch.tensor([e["input_ids"] for e in b]), torch.tensor([e.get("labels", e["input_ids"]) for e in b]))
-                   for b in micro]
-        targets = sum(int((labels[:, 1:] != -100).sum()) for _, labels in batches)
-        total = 0.0
-        for ids, labels in batches:
-            logits = pm(input_ids=ids).logits.float()
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1),
-                                                     ignore_index=-100, reduction="sum") / targets
-            loss.backward()
-            total += loss.item()
-        torch.nn.utils.clip_grad_norm_(params, t["max_grad_norm"])
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        losses.append(total)
-    pm.eval()
-    return losses
-
-
 def anvil_trained_model(base_dir, out, kwargs, seed):
     """anvil's trained PiSSA model: the residual rebuilt by apply_lora, the checkpoint's adapter tensors."""
     model, named = anvil_pissa(base_dir, kwargs, seed)
@@ -272,6 +237,7 @@ def test_training_and_converted_adapter_match_peft(base, tmp_path):
     pm.save_pretrained(str(init_dir))
     pm.peft_config["default"].init_lora_weights = "pissa"
     ref = train_like_anvil(pm, examples, cfg)
+    pm.eval()
     assert ours == pytest.approx(ref, rel=1e-5), f"anvil {ours}\noracle {ref}"
     assert ours[-1] < ours[0]
 

@@ -124,36 +124,30 @@ def check_ok(result):
 
 # ---- (a) and (b): the PEFT oracle ------------------------------------------------------------------
 
-def oracle_losses(base_dir, adapter_dir, examples, cfg):
-    """transformers + PEFT + torch.optim.AdamW over the batches anvil builds: one example per row,
-    epoch e in the order _C.shuffled_order(n, seed * 1000003 + e + 1), batch_size rows per
-    micro-batch, the loss a sum over the step's targets divided by their count."""
+def train_like_anvil(pm, examples, cfg):
+    """transformers + PEFT + torch.optim.AdamW on the PeftModel `pm` over the batches anvil builds: one
+    example per row, epoch e in the order _C.shuffled_order(n, seed * 1000003 + e + 1), batch_size rows per
+    micro-batch, the loss a sum over the step's targets divided by their count. -> the per-step losses
+    (pm is left in training mode)."""
     t = cfg["train"]
-    model = transformers.LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    pm = peft.PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
     pm.train()
     params = [p for n, p in pm.named_parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=t["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=t["weight_decay"])
     sched = transformers.get_cosine_schedule_with_warmup(opt, t["warmup_steps"], t["steps"])
-    rows = []  # (ids, labels) in the order anvil visits them
-    epoch = 0
+    rows, epoch = [], 0  # micro-batches of examples, in the order anvil visits them
     while len(rows) < t["steps"] * t["grad_accum"] * t["batch_size"]:
         order = _C.shuffled_order(len(examples), t["seed"] * 1000003 + epoch + 1)
         epoch_rows = [examples[i] for i in order]
-        batches = [epoch_rows[i:i + t["batch_size"]] for i in range(0, len(epoch_rows), t["batch_size"])]
-        rows.extend(batches)
+        rows.extend(epoch_rows[i:i + t["batch_size"]] for i in range(0, len(epoch_rows), t["batch_size"]))
         epoch += 1
     losses = []
     for step in range(t["steps"]):
         micro = rows[step * t["grad_accum"]:(step + 1) * t["grad_accum"]]
-        tensors = []
-        for batch in micro:
-            ids = torch.tensor([e["input_ids"] for e in batch])
-            labels = torch.tensor([e.get("labels", e["input_ids"]) for e in batch])
-            tensors.append((ids, labels))
-        targets = sum(int((labels[:, 1:] != -100).sum()) for _, labels in tensors)
+        batches = [(torch.tensor([e["input_ids"] for e in b]), torch.tensor([e.get("labels", e["input_ids"]) for e in b]))
+                   for b in micro]
+        targets = sum(int((labels[:, 1:] != -100).sum()) for _, labels in batches)
         total = 0.0
-        for ids, labels in tensors:
+        for ids, labels in batches:
             logits = pm(input_ids=ids).logits.float()
             loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1),
                                                      ignore_index=-100, reduction="sum") / targets
@@ -164,7 +158,14 @@ def oracle_losses(base_dir, adapter_dir, examples, cfg):
         sched.step()
         opt.zero_grad()
         losses.append(total)
-    return losses, pm
+    return losses
+
+
+def oracle_losses(base_dir, adapter_dir, examples, cfg):
+    """train_like_anvil from the base checkpoint and the initial adapter anvil wrote -> (losses, PeftModel)."""
+    model = transformers.LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    pm = peft.PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+    return train_like_anvil(pm, examples, cfg), pm
 
 
 def test_lora_losses_equal_peft_adamw_oracle(base, tmp_path):
