@@ -13,12 +13,8 @@ namespace anvil::ops::sparse_cuda {
 
 template <typename T, int D>
 void launch_dkdv_sm90(const Params& p, cudaStream_t stream) {
-  const int64_t hq = static_cast<int64_t>(p.batch) * p.heads_q, hkv = static_cast<int64_t>(p.batch) * p.heads_kv;
-  sm90::TmaMaps maps;
-  maps.q = head_map<T, D>(p.q, p.seq, hq);
-  maps.k = head_map<T, D>(p.k, p.seq, hkv);
-  maps.v = head_map<T, D>(p.v, p.seq, hkv);
-  const CUtensorMap grad_o_map = head_map<T, D>(p.grad_o, p.seq, hq);
+  const sm90::TmaMaps maps = qkv_maps<T, D>(p);
+  const CUtensorMap grad_o_map = head_map<T, D>(p.grad_o, p.seq, static_cast<int64_t>(p.batch) * p.heads_q);
   constexpr int kKeys = sm90::DkdvConfig<D>::kKeys;
   const int smem = sm90::DkdvConfig<D>::kSmemBytes;
   auto kernel = sm90::sparse_attention_dkdv_sm90_kernel<T, D>;
@@ -32,12 +28,8 @@ void launch_dkdv_sm90(const Params& p, cudaStream_t stream) {
 template <typename T, int D, int kHeads>
 void launch_dq_sm90_heads(const Params& p, cudaStream_t stream) {
   constexpr int kRowsH = sm90::kRows / kHeads;
-  const int64_t hq = static_cast<int64_t>(p.batch) * p.heads_q, hkv = static_cast<int64_t>(p.batch) * p.heads_kv;
-  sm90::TmaMaps maps;
-  maps.q = head_map<T, D>(p.q, p.seq, hq);
-  maps.k = head_map<T, D>(p.k, p.seq, hkv);
-  maps.v = head_map<T, D>(p.v, p.seq, hkv);
-  const CUtensorMap grad_o_map = head_map<T, D>(p.grad_o, p.seq, hq);
+  const sm90::TmaMaps maps = qkv_maps<T, D>(p);
+  const CUtensorMap grad_o_map = head_map<T, D>(p.grad_o, p.seq, static_cast<int64_t>(p.batch) * p.heads_q);
   const int smem = sm90::DqConfig<D>::kSmemBytes;
   auto kernel = sm90::sparse_attention_dq_sm90_kernel<T, D, kHeads>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));

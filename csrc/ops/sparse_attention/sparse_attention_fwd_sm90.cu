@@ -21,10 +21,7 @@ template <typename T, int D, int kHeads, int kKStages>
 void launch_pp(const Params& p, cudaStream_t stream) {
   constexpr int kRowsH = sm90::kRows / kHeads;
   const int smem = sm90::PpConfig<D, kKStages>::kSmemBytes;
-  sm90::TmaMaps maps;
-  maps.q = head_map<T, D>(p.q, p.seq, static_cast<int64_t>(p.batch) * p.heads_q);
-  maps.k = head_map<T, D>(p.k, p.seq, static_cast<int64_t>(p.batch) * p.heads_kv);
-  maps.v = head_map<T, D>(p.v, p.seq, static_cast<int64_t>(p.batch) * p.heads_kv);
+  const sm90::TmaMaps maps = qkv_maps<T, D>(p);
   const char* env = std::getenv("ANVIL_SPARSE_SM90_PINGPONG");
   const int pingpong = env != nullptr && std::string(env) == "0" ? 0 : 1;
   auto kernel = sm90::sparse_attention_fwd_sm90_pp_kernel<T, D, kHeads, kKStages>;

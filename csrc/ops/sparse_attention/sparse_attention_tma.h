@@ -5,6 +5,7 @@
 #pragma once
 
 #include "ops/sparse_attention/sparse_attention_kernels.cuh"
+#include "ops/sparse_attention/sparse_attention_sm90.cuh"
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
@@ -43,6 +44,17 @@ inline CUtensorMap head_map(const void* ptr, int64_t seq, int64_t heads) {
                                  CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   TORCH_CHECK(r == CUDA_SUCCESS, "sparse_attention: cuTensorMapEncodeTiled failed with CUresult ", static_cast<int>(r));
   return map;
+}
+
+// The tensor maps of q, k and v of the kernels' parameters (forward, dq and dk/dv alike).
+template <typename T, int D>
+inline sm90::TmaMaps qkv_maps(const Params& p) {
+  const int64_t hq = static_cast<int64_t>(p.batch) * p.heads_q, hkv = static_cast<int64_t>(p.batch) * p.heads_kv;
+  sm90::TmaMaps maps;
+  maps.q = head_map<T, D>(p.q, p.seq, hq);
+  maps.k = head_map<T, D>(p.k, p.seq, hkv);
+  maps.v = head_map<T, D>(p.v, p.seq, hkv);
+  return maps;
 }
 
 }  // namespace anvil::ops::sparse_cuda
