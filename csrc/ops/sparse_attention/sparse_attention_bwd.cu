@@ -1,6 +1,6 @@
 // Instantiations of the sparse_attention backward kernels: the dq kernel (the forward's three tile shapes)
 // and the dk/dv kernel (64 or 128 keys), bf16 and fp16, head dims 64 and 128 (twenty kernels). Kernels: sparse_attention_kernels.cuh.
-// On sm_90 the dq kernel (128-row shapes) and the 128-key dk/dv kernel are the wgmma ones of
+// On sm_90 the dq kernel (128-row shapes) and the dk/dv kernel (every shape) are the wgmma ones of
 // sparse_attention_bwd_sm90.cuh.
 #include "ops/sparse_attention/sparse_attention_launch.h"
 
@@ -63,12 +63,12 @@ bool try_dq_sm90(const Params& p, TileShape shape, cudaStream_t stream) {
   return false;
 }
 
-// The Hopper dk/dv kernel (128 keys) where it applies; false: the caller runs the mma.sync one.
+// The Hopper dk/dv kernel (128 or 64 keys) on sm_90; false: the caller runs the mma.sync one.
 template <typename T, int D>
 bool try_dkdv_sm90(const Params& p, TileShape shape, cudaStream_t stream) {
 #if defined(ANVIL_WITH_SM90A)
-  if (shape == TileShape::kRows128 && use_sm90_backward()) {
-    launch_dkdv_sm90<T, D>(p, stream);
+  if (use_sm90_backward()) {
+    launch_dkdv_sm90<T, D>(p, shape, stream);
     return true;
   }
 #endif
@@ -77,6 +77,22 @@ bool try_dkdv_sm90(const Params& p, TileShape shape, cudaStream_t stream) {
 }
 
 }  // namespace
+
+template <typename T>
+void launch_delta(const T* grad_o, const T* o, float* delta, int64_t rows, int dim_v, cudaStream_t stream) {
+  const int lanes = dim_v / 8;
+  TORCH_CHECK(dim_v % 8 == 0 && lanes <= 32 && (lanes & (lanes - 1)) == 0,
+              "launch_delta: Dv / 8 must be a power of two <= 32, got Dv ", dim_v);
+  const int64_t threads = rows * lanes;
+  if (threads == 0) return;
+  const int64_t blocks = (threads + 255) / 256;
+  sparse_attention_delta_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(grad_o, o, delta, rows, lanes);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template void launch_delta<__nv_bfloat16>(const __nv_bfloat16*, const __nv_bfloat16*, float*, int64_t, int,
+                                          cudaStream_t);
+template void launch_delta<__half>(const __half*, const __half*, float*, int64_t, int, cudaStream_t);
 
 template <typename T, int D>
 void launch_backward(const Params& p, TileShape shape, cudaStream_t stream) {

@@ -1,6 +1,6 @@
 // Instantiations of the Hopper backward kernels of sparse_attention (sparse_attention_bwd_sm90.cuh): the dq
-// kernel (128 rows or 2 heads x 64) and the dk/dv kernel (128 keys), bf16 and fp16, head dims 64 and 128,
-// twelve kernels, compiled for sm_90a only (the anvil_ops_sm90a object library). launch_backward
+// kernel (128 rows or 2 heads x 64) and the dk/dv kernel (128 or 64 keys), bf16 and fp16, head dims 64 and
+// 128, sixteen kernels, compiled for sm_90a only (the anvil_ops_sm90a object library). launch_backward
 // (sparse_attention_bwd.cu) calls them on sm_90 devices (ANVIL_SPARSE_SM90=0 or ANVIL_SPARSE_SM90_BWD=0
 // keep the mma.sync kernels).
 #include "ops/sparse_attention/sparse_attention_bwd_sm90.cuh"
@@ -9,20 +9,32 @@
 
 #include <c10/cuda/CUDAException.h>
 
+#include <cstdlib>
+#include <string>
+
 namespace anvil::ops::sparse_cuda {
 
-template <typename T, int D>
-void launch_dkdv_sm90(const Params& p, cudaStream_t stream) {
+template <typename T, int D, int kKeys>
+void launch_dkdv_sm90_keys(const Params& p, cudaStream_t stream) {
   const sm90::TmaMaps maps = qkv_maps<T, D>(p);
   const CUtensorMap grad_o_map = head_map<T, D>(p.grad_o, p.seq, static_cast<int64_t>(p.batch) * p.heads_q);
-  constexpr int kKeys = sm90::DkdvConfig<D>::kKeys;
-  const int smem = sm90::DkdvConfig<D>::kSmemBytes;
-  auto kernel = sm90::sparse_attention_dkdv_sm90_kernel<T, D>;
+  const int smem = sm90::DkdvConfig<D, kKeys>::kSmemBytes;
+  auto kernel = sm90::sparse_attention_dkdv_sm90_kernel<T, D, kKeys>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const int tiles = (p.seq + kKeys - 1) / kKeys;
   const int split = p.dk_accum != nullptr ? p.heads_q / p.heads_kv : 1;
   kernel<<<dim3(tiles, p.batch * p.heads_kv, split), sm90::kWsThreads, smem, stream>>>(p, maps, grad_o_map);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// 128 keys per CTA where every 128-key tile lies in one key block (the kRows128 shape), else 64.
+// ANVIL_SPARSE_SM90_DKDV_KEYS=64 takes 64 everywhere (read on every call).
+template <typename T, int D>
+void launch_dkdv_sm90(const Params& p, TileShape shape, cudaStream_t stream) {
+  const char* env = std::getenv("ANVIL_SPARSE_SM90_DKDV_KEYS");
+  const bool force64 = env != nullptr && std::string(env) == "64";
+  if (shape == TileShape::kRows128 && !force64) launch_dkdv_sm90_keys<T, D, 128>(p, stream);
+  else launch_dkdv_sm90_keys<T, D, 64>(p, stream);
 }
 
 template <typename T, int D, int kHeads>
@@ -49,9 +61,9 @@ template void launch_dq_sm90<__nv_bfloat16, 64>(const Params&, TileShape, cudaSt
 template void launch_dq_sm90<__nv_bfloat16, 128>(const Params&, TileShape, cudaStream_t);
 template void launch_dq_sm90<__half, 64>(const Params&, TileShape, cudaStream_t);
 template void launch_dq_sm90<__half, 128>(const Params&, TileShape, cudaStream_t);
-template void launch_dkdv_sm90<__nv_bfloat16, 64>(const Params&, cudaStream_t);
-template void launch_dkdv_sm90<__nv_bfloat16, 128>(const Params&, cudaStream_t);
-template void launch_dkdv_sm90<__half, 64>(const Params&, cudaStream_t);
-template void launch_dkdv_sm90<__half, 128>(const Params&, cudaStream_t);
+template void launch_dkdv_sm90<__nv_bfloat16, 64>(const Params&, TileShape, cudaStream_t);
+template void launch_dkdv_sm90<__nv_bfloat16, 128>(const Params&, TileShape, cudaStream_t);
+template void launch_dkdv_sm90<__half, 64>(const Params&, TileShape, cudaStream_t);
+template void launch_dkdv_sm90<__half, 128>(const Params&, TileShape, cudaStream_t);
 
 }  // namespace anvil::ops::sparse_cuda

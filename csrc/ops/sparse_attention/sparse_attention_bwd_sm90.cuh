@@ -2,10 +2,16 @@
 // sparse_attention_kernels.cuh (same KeyWalk over the query tiles that reach a key tile, same element
 // rule, same fp32-atomic split of a GQA group over CTAs) with its four GEMMs on wgmma and its loads on TMA.
 //
-// A CTA owns 128 keys (every 128-key tile in one key block: the launcher's kRows128 shape) and has three
-// warpgroups: warp 0 of warpgroup 0 produces (it walks the KeyWalk, writes each item's head / query tile /
-// listed flag and its 64 lse and Delta values into a ring slot, and issues the TMA copies of the item's
-// Q and dO tiles), warpgroups 1 and 2 consume 64 keys each. Per item (64 queries of one head):
+// A CTA owns kKeys keys and has three warpgroups: warp 0 of warpgroup 0 produces (it walks the KeyWalk,
+// writes each item's head / query tile / listed flag and its 64 lse and Delta values into a ring slot, and
+// issues the TMA copies of the item's Q and dO tiles); warpgroups 1 and 2 consume. Two forms:
+//   kKeys 128 (every 128-key tile in one key block: the launcher's kRows128 shape): each consumer owns 64
+//     of the keys and both take every item;
+//   kKeys 64 (any block size; NSA's blocks of 64): both consumers own the same 64 keys and take the items
+//     in turn (even items warpgroup 1, odd ones warpgroup 2), so they drift apart and one's GEMMs run under
+//     the other's softmax; at the end warpgroup 2 hands its dK, dV (fp32) to warpgroup 1 through the idle
+//     ring, which adds and stores them.
+// Per item (64 queries of one head):
 //   S^T  = K Q^T     wgmma m64n64k16 SS (K: this warpgroup's 64 keys, K-major; Q tile K-major)
 //   dP^T = V dO^T    the same with V and dO
 //   P^T = exp2(S^T scale log2 e - lse), dS^T = P^T (dP^T - Delta), masked by the element rule
@@ -15,29 +21,31 @@
 // dK and dV stay in registers (fp32) over the whole walk; the softmax scale is applied to dK at the end.
 // Ring: kStages slots of (Q, dO, lse, Delta, item), a full barrier per slot (the producer warp's 32 lanes,
 // lane 0 with the TMA bytes) and an empty one (one arrive per consumer warp). The end of the walk is an
-// item with tile -1. K and V (128 keys) arrive once, on their own barrier.
+// item with tile -1 (one per consumer that takes items in turn). K and V arrive once, on their own barrier.
 #pragma once
 
 #include "ops/sparse_attention/sparse_attention_sm90.cuh"
 
 namespace anvil::ops::sparse_cuda::sm90 {
 
-template <int D>
+template <int D, int kKeys>
 struct DkdvConfig {
-  static constexpr int kKeys = 128;
-  static constexpr int kStages = D == 64 ? 4 : 3;
-  // K, V (128 keys each), kStages x (Q, dO) of 64 queries, and 1 KB to align the base.
+  static constexpr int kStages = kKeys == 64 ? 4 : D == 64 ? 4 : 3;
+  // K, V (kKeys each), kStages x (Q, dO) of 64 queries, and 1 KB to align the base.
   static constexpr int kSmemBytes = (2 * kKeys + 2 * kStages * kTile) * D * 2 + 1024;
+  // kKeys 64: warpgroup 2's dK, dV (64 x D fp32 each) pass through the ring at the end.
+  static_assert(kKeys == 128 || 2 * 64 * D * 4 <= 2 * kStages * kTile * D * 2, "the ring holds the hand-over");
 };
 
-template <typename T, int D>
+template <typename T, int D, int kKeys>
 __global__ void __launch_bounds__(kWsThreads, 1)
     sparse_attention_dkdv_sm90_kernel(const Params p, const __grid_constant__ TmaMaps maps,
                                       const __grid_constant__ CUtensorMap grad_o_map) {
   static_assert(D == 64 || D == 128, "head dim 64 or 128");
-  using Cfg = DkdvConfig<D>;
-  constexpr int kKeys = Cfg::kKeys;
+  static_assert(kKeys == 64 || kKeys == 128, "64 or 128 keys per CTA");
+  using Cfg = DkdvConfig<D, kKeys>;
   constexpr int kStages = Cfg::kStages;
+  constexpr bool kTakeTurns = kKeys == 64;  // the two consumers share the keys and alternate items
   constexpr int kPanels = D / kPanel;
   constexpr int kBox = kTile * kPanel;
   constexpr uint32_t kBoxBytes = kBox * sizeof(T);
@@ -48,7 +56,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   __shared__ float s_lse[kStages][kTile], s_delta[kStages][kTile];
   __shared__ int s_head[kStages], s_tile[kStages], s_listed[kStages];
   T* sK = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
-  T* sV = sK + kKeys * D;       // [panel][128 keys][64]
+  T* sV = sK + kKeys * D;       // [panel][kKeys keys][64]
   T* sQ = sV + kKeys * D;       // [stage][panel][64 queries][64]
   T* sdO = sQ + kStages * kTileElems;
 
@@ -61,7 +69,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   if (tid == 0) {
     for (int st = 0; st < kStages; ++st) {
       mbar_init(&full_bar[st], 32);  // the producer warp's lanes (lane 0 with the TMA bytes)
-      mbar_init(&empty_bar[st], 8);  // one arrive per consumer warp
+      mbar_init(&empty_bar[st], kTakeTurns ? 4 : 8);  // one arrive per warp of the slot's consumer(s)
     }
     mbar_init(&kv_bar, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -74,8 +82,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (warp != 0) return;
     if (lane == 0) {
-      mbar_arrive_expect_tx(&kv_bar, 2 * 2 * kPanels * kBoxBytes);
-      for (int half = 0; half < 2; ++half) {
+      mbar_arrive_expect_tx(&kv_bar, 2 * (kKeys / 64) * kPanels * kBoxBytes);
+      for (int half = 0; half < kKeys / 64; ++half) {
         for (int pn = 0; pn < kPanels; ++pn) {
           T* dk = sK + pn * kKeys * kPanel + half * kBox;
           T* dv = sV + pn * kKeys * kPanel + half * kBox;
@@ -108,16 +116,18 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       walk.qt = walk.r_lo;
       walk.pos = walk.sub = 0;
     }
+    int ends = 0;  // end items published: one per consumer that takes items in turn, else one for both
     for (int item = 0;; ++item) {
       const int st = item % kStages;
       if (item >= kStages) mbar_wait(&empty_bar[st], ((item / kStages) - 1) & 1);
       int head = 0, tile = 0;
       bool listed = false;
-      const bool have = walk.next(head, tile, listed);
+      const bool have = ends == 0 && walk.next(head, tile, listed);
       if (!have) {
         if (lane == 0) s_tile[st] = -1;
         mbar_arrive(&full_bar[st]);
-        break;
+        if (++ends == (kTakeTurns ? 2 : 1)) break;
+        continue;
       }
       const int64_t bh = static_cast<int64_t>(b) * p.heads_q + hkv * G + head;
       for (int r = lane; r < kTile; r += 32) {
@@ -143,23 +153,24 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     return;
   }
 
-  // ---- consumers: warpgroup cw owns keys k0 + 64 cw .. + 63 ----
+  // ---- consumers: warpgroup cw owns keys k0 + key_off .. + 63 ----
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
   const int cw = wg - 1, wq = warp & 3;
+  const int key_off = kTakeTurns ? 0 : cw * 64;
   const int g = lane >> 2, tq = lane & 3;
   int key_j[2];
   #pragma unroll
-  for (int hf = 0; hf < 2; ++hf) key_j[hf] = k0 + cw * 64 + wq * 16 + g + hf * 8;
+  for (int hf = 0; hf < 2; ++hf) key_j[hf] = k0 + key_off + wq * 16 + g + hf * 8;
   float dk[D / 2], dv[D / 2], st_acc[32], dpt[32];
   #pragma unroll
   for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
   #pragma unroll
   for (int i = 0; i < 32; ++i) st_acc[i] = dpt[i] = 0.f;
-  const T* k_wg = sK + cw * 64 * kPanel;
-  const T* v_wg = sV + cw * 64 * kPanel;
+  const T* k_wg = sK + key_off * kPanel;
+  const T* v_wg = sV + key_off * kPanel;
 
   mbar_wait(&kv_bar, 0);
-  for (int item = 0;; ++item) {
+  for (int item = kTakeTurns ? cw : 0;; item += kTakeTurns ? 2 : 1) {
     const int st = item % kStages;
     mbar_wait(&full_bar[st], (item / kStages) & 1);
     const int tile = s_tile[st];
@@ -251,6 +262,27 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     if (lane == 0) mbar_arrive(&empty_bar[st]);  // this warp is done with the slot
   }
 
+  if constexpr (kTakeTurns) {
+    // Warpgroup 2 hands its partial dK, dV to warpgroup 1 through the Q/dO ring, which both have left
+    // (barrier 1: every consumer is past its last item). Thread-major: word i * 128 + t, no bank conflicts.
+    float* hand = reinterpret_cast<float*>(sQ);
+    const int t = tid & 127;
+    named_sync(1, 256);
+    if (cw == 1) {
+      #pragma unroll
+      for (int i = 0; i < D / 2; ++i) {
+        hand[i * 128 + t] = dk[i];
+        hand[(D / 2 + i) * 128 + t] = dv[i];
+      }
+    }
+    named_sync(1, 256);
+    if (cw == 1) return;
+    #pragma unroll
+    for (int i = 0; i < D / 2; ++i) {
+      dk[i] += hand[i * 128 + t];
+      dv[i] += hand[(D / 2 + i) * 128 + t];
+    }
+  }
   T* dkh = static_cast<T*>(p.dk) + static_cast<int64_t>(bkv) * S * D;
   T* dvh = static_cast<T*>(p.dv) + static_cast<int64_t>(bkv) * S * D;
   #pragma unroll

@@ -170,7 +170,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cuda(
   const auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
   const auto goc = grad_o.to(q.scalar_type()).contiguous();
   const auto lsec = lse.to(at::kFloat).contiguous();
-  const auto delta = (goc.to(at::kFloat) * o.to(at::kFloat)).sum(-1).contiguous();  // (B, Hq, S)
+  const auto oc = o.to(q.scalar_type()).contiguous();
+  auto delta = at::empty({c.batch, c.heads_q, c.seq}, q.options().dtype(at::kFloat));  // (B, Hq, S) rowsum(dO * O)
   auto dq = at::empty_like(qc), dk = at::empty_like(kc), dv = at::empty_like(vc);
   if (q.numel() == 0) return {dq, dk.zero_(), dv.zero_()};
   Params p = make_params(c, block_indices, block_counts, cu_seqlens);
@@ -199,7 +200,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cuda(
   }
   const auto stream = at::cuda::getCurrentCUDAStream();
   dispatch(q.scalar_type(), c.dim_qk, [&](auto tag, auto dim) {
-    sparse_cuda::launch_backward<decltype(tag), decltype(dim)::value>(p, tile_shape(c, block_indices), stream);
+    using T = decltype(tag);
+    sparse_cuda::launch_delta<T>(static_cast<const T*>(p.grad_o), static_cast<const T*>(oc.const_data_ptr()),
+                                 delta.data_ptr<float>(), c.batch * c.heads_q * c.seq, c.dim_v, stream);
+    sparse_cuda::launch_backward<T, decltype(dim)::value>(p, tile_shape(c, block_indices), stream);
   });
   if (dk_accum.defined()) {
     dk.copy_(dk_accum);

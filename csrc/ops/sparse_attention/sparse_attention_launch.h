@@ -22,12 +22,15 @@ void launch_forward(const Params& p, TileShape shape, cudaStream_t stream);
 template <typename T, int D>
 void launch_forward_sm90(const Params& p, TileShape shape, cudaStream_t stream);
 // The Hopper dk/dv kernel (wgmma; sparse_attention_bwd_sm90.cu, built only with ANVIL_WITH_SM90A): 128 keys
-// per CTA (the kRows128 shape), on an sm_90 device.
+// per CTA for the kRows128 shape, 64 for the others, on an sm_90 device.
 template <typename T, int D>
-void launch_dkdv_sm90(const Params& p, cudaStream_t stream);
+void launch_dkdv_sm90(const Params& p, TileShape shape, cudaStream_t stream);
 // The Hopper dq kernel: shapes kRows128 and kTwoHeads64, on an sm_90 device.
 template <typename T, int D>
 void launch_dq_sm90(const Params& p, TileShape shape, cudaStream_t stream);
+// Delta = rowsum(dO * O) in fp32: grad_o and o (rows, dim_v) contiguous, delta (rows).
+template <typename T>
+void launch_delta(const T* grad_o, const T* o, float* delta, int64_t rows, int dim_v, cudaStream_t stream);
 // dq kernel, then the dk/dv kernel.
 template <typename T, int D>
 void launch_backward(const Params& p, TileShape shape, cudaStream_t stream);
