@@ -53,7 +53,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   constexpr uint32_t kSbo = 8 * 128;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   __shared__ __align__(8) uint64_t full_bar[kStages], empty_bar[kStages], kv_bar;
-  __shared__ float s_lse[kStages][kTile], s_delta[kStages][kTile];
+  __shared__ __align__(16) float s_lse[kStages][kTile], s_delta[kStages][kTile];  // float2 reads
   __shared__ int s_head[kStages], s_tile[kStages], s_listed[kStages];
   T* sK = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
   T* sV = sK + kKeys * D;       // [panel][kKeys keys][64]
@@ -208,19 +208,35 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     const bool full = tile_fully_visible(p, q0, q1, ds_q0, ds_q1, k0, k0 + kKeys - 1, listed);
     const float* lse = s_lse[st];
     const float* delta = s_delta[st];
-    #pragma unroll
-    for (int n = 0; n < 8; ++n) {
+    if (full && q0 + kTile <= p.seq) {
+      // Every element visible (most items of a window): one FFMA, one MUFU and two FMAs per element, the
+      // two lse and Delta values of a column pair in one 8-byte load each.
       #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int c = n * 8 + 2 * tq + (e & 1), i = q0 + c, j = key_j[e >> 1];
-        bool ok = full && i < p.seq;  // queries past S are zero rows: keep them out all the same
-        if (!full && i < p.seq) {
-          const int dsi = ds_q0 == ds_q1 ? ds_q0 : doc_start(p, i);
-          ok = sparse_attends(i, j, dsi, listed, p.window, p.sink_tokens);
+      for (int n = 0; n < 8; ++n) {
+        const float2 l2 = *reinterpret_cast<const float2*>(lse + n * 8 + 2 * tq);
+        const float2 d2 = *reinterpret_cast<const float2*>(delta + n * 8 + 2 * tq);
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float pr = fast_exp2(fmaf(st_acc[4 * n + e], p.scale_log2, -((e & 1) ? l2.y : l2.x)));
+          st_acc[4 * n + e] = pr;
+          dpt[4 * n + e] = pr * (dpt[4 * n + e] - ((e & 1) ? d2.y : d2.x));
         }
-        const float pr = ok ? exp2f(st_acc[4 * n + e] * p.scale_log2 - lse[c]) : 0.f;
-        st_acc[4 * n + e] = pr;
-        dpt[4 * n + e] = pr * (dpt[4 * n + e] - delta[c]);
+      }
+    } else {
+      #pragma unroll
+      for (int n = 0; n < 8; ++n) {
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int c = n * 8 + 2 * tq + (e & 1), i = q0 + c, j = key_j[e >> 1];
+          bool ok = full && i < p.seq;  // queries past S are zero rows: keep them out all the same
+          if (!full && i < p.seq) {
+            const int dsi = ds_q0 == ds_q1 ? ds_q0 : doc_start(p, i);
+            ok = sparse_attends(i, j, dsi, listed, p.window, p.sink_tokens);
+          }
+          const float pr = ok ? fast_exp2(fmaf(st_acc[4 * n + e], p.scale_log2, -lse[c])) : 0.f;
+          st_acc[4 * n + e] = pr;
+          dpt[4 * n + e] = pr * (dpt[4 * n + e] - delta[c]);
+        }
       }
     }
     uint32_t pa[4][4], da[4][4];
@@ -467,16 +483,30 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     cute::warpgroup_wait<0>();
     fence_regs(s);
     fence_regs(dp);
-    #pragma unroll
-    for (int n = 0; n < 16; ++n) {
-      const int u = n >> 3;
+    // dS = P (dP - Delta) (the softmax scale comes at the end); both 64-key slots fully visible (most steps
+    // of a window) skip the element rule.
+    if (full[0] && full[1]) {
       #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int hf = e >> 1, j = k0[u] + (n & 7) * 8 + 2 * tq + (e & 1);
-        bool ok = full[u] || sparse_attends(row_i[hf], j, row_ds[hf], listed[u], p.window, p.sink_tokens);
-        if (u == 1) ok = ok && pair;
-        const float pr = ok ? exp2f(s[4 * n + e] * p.scale_log2 - row_lse[hf]) : 0.f;
-        s[4 * n + e] = pr * (dp[4 * n + e] - row_delta[hf]);  // dS (the softmax scale comes at the end)
+      for (int n = 0; n < 16; ++n) {
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int hf = e >> 1;
+          const float pr = fast_exp2(fmaf(s[4 * n + e], p.scale_log2, -row_lse[hf]));
+          s[4 * n + e] = pr * (dp[4 * n + e] - row_delta[hf]);
+        }
+      }
+    } else {
+      #pragma unroll
+      for (int n = 0; n < 16; ++n) {
+        const int u = n >> 3;
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int hf = e >> 1, j = k0[u] + (n & 7) * 8 + 2 * tq + (e & 1);
+          bool ok = full[u] || sparse_attends(row_i[hf], j, row_ds[hf], listed[u], p.window, p.sink_tokens);
+          if (u == 1) ok = ok && pair;
+          const float pr = ok ? fast_exp2(fmaf(s[4 * n + e], p.scale_log2, -row_lse[hf])) : 0.f;
+          s[4 * n + e] = pr * (dp[4 * n + e] - row_delta[hf]);
+        }
       }
     }
     uint32_t da[8][4];
