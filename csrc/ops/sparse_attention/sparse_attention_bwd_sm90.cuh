@@ -166,8 +166,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
   #pragma unroll
   for (int i = 0; i < 32; ++i) st_acc[i] = dpt[i] = 0.f;
-  const T* k_wg = sK + key_off * kPanel;
-  const T* v_wg = sV + key_off * kPanel;
+  const SwDesc<T> ka(sK + key_off * kPanel, 16, kSbo), va(sV + key_off * kPanel, 16, kSbo);  // this warpgroup's keys
 
   mbar_wait(&kv_bar, 0);
   for (int item = kTakeTurns ? cw : 0;; item += kTakeTurns ? 2 : 1) {
@@ -182,19 +181,20 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     // S^T = K Q^T and dP^T = V dO^T (64 keys x 64 queries each).
     fence_regs(st_acc);
     fence_regs(dpt);
+    const SwDesc<T> qb(tQ, 16, kSbo), dob(tdO, 16, kSbo);
     cute::warpgroup_arrive();
     #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       const int pn = kk / 4, within = (kk % 4) * 16;
-      const uint64_t da = sw128_desc(k_wg + pn * kKeys * kPanel + within, 16, kSbo);
-      const uint64_t db = sw128_desc(tQ + pn * kBox + within, 16, kSbo);
+      const uint64_t da = ka.at(pn * kKeys * kPanel + within);
+      const uint64_t db = qb.at(pn * kBox + within);
       gmma_ss<typename Gmma<T, 64>::SS>(da, db, st_acc, kk > 0, std::make_index_sequence<32>{});
     }
     #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       const int pn = kk / 4, within = (kk % 4) * 16;
-      const uint64_t da = sw128_desc(v_wg + pn * kKeys * kPanel + within, 16, kSbo);
-      const uint64_t db = sw128_desc(tdO + pn * kBox + within, 16, kSbo);
+      const uint64_t da = va.at(pn * kKeys * kPanel + within);
+      const uint64_t db = dob.at(pn * kBox + within);
       gmma_ss<typename Gmma<T, 64>::SS>(da, db, dpt, kk > 0, std::make_index_sequence<32>{});
     }
     cute::warpgroup_commit_batch();
@@ -252,14 +252,15 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     fence_regs(dv);
     fence_regs(dk);
     cute::warpgroup_arrive();
+    const SwDesc<T> dob_mn(tdO, kBoxBytes, kSbo), qb_mn(tQ, kBoxBytes, kSbo);  // MN-major B operands
     #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      const uint64_t db = sw128_desc(tdO + kk * 16 * kPanel, kBoxBytes, kSbo);
+      const uint64_t db = dob_mn.at(kk * 16 * kPanel);
       gmma_rs<typename Gmma<T, D>::RS>(pa[kk], db, dv, std::make_index_sequence<D / 2>{});
     }
     #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      const uint64_t db = sw128_desc(tQ + kk * 16 * kPanel, kBoxBytes, kSbo);
+      const uint64_t db = qb_mn.at(kk * 16 * kPanel);
       gmma_rs<typename Gmma<T, D>::RS>(da[kk], db, dk, std::make_index_sequence<D / 2>{});
     }
     cute::warpgroup_commit_batch();
@@ -347,19 +348,20 @@ template <typename T, int D, int kKvPanel>
 __device__ __forceinline__ void issue_s_dp(float (&s)[64], float (&dp)[64], const T* q_wg, const T* do_wg,
                                            const T* tK, const T* tV) {
   constexpr uint32_t kSbo = 8 * 128;
+  const SwDesc<T> qa(q_wg, 16, kSbo), kb(tK, 16, kSbo), doa(do_wg, 16, kSbo), vb(tV, 16, kSbo);
   cute::warpgroup_arrive();
   #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     const int pn = kk / 4, within = (kk % 4) * 16;
-    const uint64_t da = sw128_desc(q_wg + pn * kRows * kPanel + within, 16, kSbo);
-    const uint64_t db = sw128_desc(tK + pn * kKvPanel + within, 16, kSbo);
+    const uint64_t da = qa.at(pn * kRows * kPanel + within);
+    const uint64_t db = kb.at(pn * kKvPanel + within);
     gmma_ss<typename Gmma<T, 128>::SS>(da, db, s, kk > 0, std::make_index_sequence<64>{});
   }
   #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     const int pn = kk / 4, within = (kk % 4) * 16;
-    const uint64_t da = sw128_desc(do_wg + pn * kRows * kPanel + within, 16, kSbo);
-    const uint64_t db = sw128_desc(tV + pn * kKvPanel + within, 16, kSbo);
+    const uint64_t da = doa.at(pn * kRows * kPanel + within);
+    const uint64_t db = vb.at(pn * kKvPanel + within);
     gmma_ss<typename Gmma<T, 128>::SS>(da, db, dp, kk > 0, std::make_index_sequence<64>{});
   }
   cute::warpgroup_commit_batch();
@@ -502,11 +504,14 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int hf = e >> 1, j = k0[u] + (n & 7) * 8 + 2 * tq + (e & 1);
-          bool ok = full[u] || sparse_attends(row_i[hf], j, row_ds[hf], listed[u], p.window, p.sink_tokens);
-          if (u == 1) ok = ok && pair;
+          const bool ok = full[u] || sparse_attends(row_i[hf], j, row_ds[hf], listed[u], p.window, p.sink_tokens);
           const float pr = ok ? fast_exp2(fmaf(s[4 * n + e], p.scale_log2, -row_lse[hf])) : 0.f;
           s[4 * n + e] = pr * (dp[4 * n + e] - row_delta[hf]);
         }
+      }
+      if (!pair) {  // the missing second tile of an odd count (a branch of its own, as in the forward)
+        #pragma unroll
+        for (int i = 32; i < 64; ++i) s[i] = 0.f;
       }
     }
     uint32_t da[8][4];

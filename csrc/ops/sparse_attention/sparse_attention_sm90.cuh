@@ -41,15 +41,23 @@ namespace anvil::ops::sparse_cuda::sm90 {
 constexpr int kRows = 128;        // query rows per CTA (64 per warpgroup)
 constexpr int kPanel = 64;        // columns of a 128-byte swizzle panel (16-bit elements)
 
-// wgmma shared-memory descriptor of the 128-byte swizzle layout (byte offsets in 16-byte units).
-__device__ __forceinline__ uint64_t sw128_desc(const void* smem, uint32_t lbo_bytes, uint32_t sbo_bytes) {
-  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  uint64_t desc = (addr >> 4) & 0x3FFFu;
-  desc |= static_cast<uint64_t>((lbo_bytes >> 4) & 0x3FFFu) << 16;
-  desc |= static_cast<uint64_t>((sbo_bytes >> 4) & 0x3FFFu) << 32;
-  desc |= static_cast<uint64_t>(1) << 62;  // SWIZZLE_128B
-  return desc;
-}
+// wgmma shared-memory descriptors of the 128-byte swizzle layout (byte offsets in 16-byte units), built
+// once per buffer and moved by element offsets inside it: at(n) adds n * sizeof(T) / 16 to the low word
+// (start address, leading byte offset; no carry, shared memory is below 256 KB) and keeps the high word
+// (stride byte offset, swizzle mode), a constant. Building each descriptor from its pointer (cvta, shifts,
+// masks) cost ~10 integer instructions per wgmma, a third of the forward's consumer instructions.
+template <typename T>
+struct SwDesc {
+  uint32_t lo, hi;
+  __device__ __forceinline__ SwDesc(const T* smem, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+    const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+    lo = ((addr >> 4) & 0x3FFFu) | (((lbo_bytes >> 4) & 0x3FFFu) << 16);
+    hi = ((sbo_bytes >> 4) & 0x3FFFu) | (1u << 30);  // SWIZZLE_128B: bit 62 of the descriptor
+  }
+  __device__ __forceinline__ uint64_t at(int elements) const {
+    return (static_cast<uint64_t>(hi) << 32) | (lo + static_cast<uint32_t>(elements * static_cast<int>(sizeof(T))) / 16);
+  }
+};
 
 __device__ __forceinline__ void fence_proxy_async_smem() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
@@ -174,12 +182,13 @@ __device__ __forceinline__ void named_arrive(int id, int threads) {
 template <typename T, int D, int kKvPanel, bool kPair>
 __device__ __forceinline__ void issue_qk(float (&s)[64], const T* q_wg, const T* tK) {
   constexpr uint32_t kSbo = 8 * 128;
+  const SwDesc<T> qa(q_wg, 16, kSbo), kb(tK, 16, kSbo);
   cute::warpgroup_arrive();
   #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     const int pn = kk / 4, within = (kk % 4) * 16;
-    const uint64_t da = sw128_desc(q_wg + pn * kRows * kPanel + within, 16, kSbo);
-    const uint64_t db = sw128_desc(tK + pn * kKvPanel + within, 16, kSbo);
+    const uint64_t da = qa.at(pn * kRows * kPanel + within);
+    const uint64_t db = kb.at(pn * kKvPanel + within);
     if constexpr (kPair) {
       gmma_ss<typename Gmma<T, 128>::SS>(da, db, s, kk > 0, std::make_index_sequence<64>{});
     } else {
@@ -193,10 +202,11 @@ __device__ __forceinline__ void issue_qk(float (&s)[64], const T* q_wg, const T*
 template <typename T, int D, int kKvPanel, int kSteps>
 __device__ __forceinline__ void issue_pv(float (&acc)[D / 2], const uint32_t (&pa)[8][4], const T* tV) {
   constexpr uint32_t kSbo = 8 * 128;
+  const SwDesc<T> vb(tV, kKvPanel * sizeof(T), kSbo);
   cute::warpgroup_arrive();
   #pragma unroll
   for (int kk = 0; kk < kSteps; ++kk) {
-    const uint64_t db = sw128_desc(tV + kk * 16 * kPanel, kKvPanel * sizeof(T), kSbo);
+    const uint64_t db = vb.at(kk * 16 * kPanel);
     gmma_rs<typename Gmma<T, D>::RS>(pa[kk], db, acc, std::make_index_sequence<D / 2>{});
   }
   cute::warpgroup_commit_batch();
@@ -350,7 +360,13 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       full[u] = tile_fully_visible(p, i0, i1, plan.ds_first, plan.ds_last, k0[u], k0[u] + kTile - 1, listed[u]);
     }
     full[1] = full[1] && pair;
-    if (full[0] && full[1]) {  // the common case: no per-element test
+    // mul: what the exp's FFMA multiplies s by. The common case (no per-element test, scale > 0, so the
+    // max of the raw scores is the max of the scaled ones) leaves s raw and folds the scale into the FFMA;
+    // otherwise s is scaled and masked in place and mul is 1.
+    float mul = 1.f;
+    if (full[0] && full[1] && p.scale_log2 > 0.f) {
+      mul = p.scale_log2;
+    } else if (full[0] && full[1]) {
       #pragma unroll
       for (int i = 0; i < 64; ++i) s[i] *= p.scale_log2;
     } else {
@@ -360,10 +376,16 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int hf = e >> 1, j = k0[u] + (n & 7) * 8 + 2 * tq + (e & 1);
-          bool ok = full[u] || sparse_attends(row_i[hf], j, row_ds[hf], listed[u], p.window, p.sink_tokens);
-          if (u == 1) ok = ok && pair;
+          const bool ok = full[u] || sparse_attends(row_i[hf], j, row_ds[hf], listed[u], p.window, p.sink_tokens);
           s[4 * n + e] = ok ? s[4 * n + e] * p.scale_log2 : -INFINITY;
         }
+      }
+      // The missing second tile of an odd count, in a branch of its own: folded into the element test
+      // above, the compiler kept the 32 copies of `pair` as a bit mask built on every step (~100
+      // instructions per step, the fully visible steps included).
+      if (!pair) {
+        #pragma unroll
+        for (int i = 32; i < 64; ++i) s[i] = -INFINITY;
       }
     }
     #pragma unroll
@@ -373,14 +395,18 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       for (int n = 0; n < 16; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * hf], s[4 * n + 2 * hf + 1]));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(row_max[hf], mx);
+      // Lazy rescaling (as FlashAttention-4): the running max moves only when the step's max passes it by
+      // more than 8 (log2 units), so P <= 2^8 and O / l and lse stay exact, and most steps keep corr = 1
+      // and skip the rescale of O (rescale_and_pack tests that per warp).
+      const float m_step = fmaxf(row_max[hf], mx * mul);
+      const float m_new = m_step > row_max[hf] + 8.f ? m_step : row_max[hf];
       const float m_use = m_new == -INFINITY ? 0.f : m_new;
-      corr[hf] = fast_exp2(row_max[hf] - m_use);
+      corr[hf] = m_new == row_max[hf] ? 1.f : fast_exp2(row_max[hf] - m_use);
       float sum = 0.f;
       #pragma unroll
       for (int n = 0; n < 16; ++n) {
-        s[4 * n + 2 * hf] = fast_exp2(s[4 * n + 2 * hf] - m_use);
-        s[4 * n + 2 * hf + 1] = fast_exp2(s[4 * n + 2 * hf + 1] - m_use);
+        s[4 * n + 2 * hf] = fast_exp2(fmaf(s[4 * n + 2 * hf], mul, -m_use));
+        s[4 * n + 2 * hf + 1] = fast_exp2(fmaf(s[4 * n + 2 * hf + 1], mul, -m_use));
         sum += s[4 * n + 2 * hf] + s[4 * n + 2 * hf + 1];
       }
       row_sum[hf] = row_sum[hf] * corr[hf] + sum;
@@ -388,12 +414,14 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     }
   };
   auto rescale_and_pack = [&]() {
-    #pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      acc[4 * n + 0] *= corr[0];
-      acc[4 * n + 1] *= corr[0];
-      acc[4 * n + 2] *= corr[1];
-      acc[4 * n + 3] *= corr[1];
+    if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
+      #pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        acc[4 * n + 0] *= corr[0];
+        acc[4 * n + 1] *= corr[0];
+        acc[4 * n + 2] *= corr[1];
+        acc[4 * n + 3] *= corr[1];
+      }
     }
     #pragma unroll
     for (int kk = 0; kk < 8; ++kk) {
