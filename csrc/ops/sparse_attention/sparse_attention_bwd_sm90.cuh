@@ -223,17 +223,34 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         }
       }
     } else {
+      // Queries past S are zero rows: kept out all the same. `full` is tested once, outside the element
+      // loop (inside it the compiler builds a bit mask of it on every item).
       #pragma unroll
       for (int n = 0; n < 8; ++n) {
         #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int c = n * 8 + 2 * tq + (e & 1), i = q0 + c, j = key_j[e >> 1];
-          bool ok = full && i < p.seq;  // queries past S are zero rows: keep them out all the same
-          if (!full && i < p.seq) {
+          const int c = n * 8 + 2 * tq + (e & 1);
+          st_acc[4 * n + e] = q0 + c < p.seq ? fmaf(st_acc[4 * n + e], p.scale_log2, -lse[c]) : -INFINITY;
+        }
+      }
+      if (!full) {
+        #pragma unroll
+        for (int n = 0; n < 8; ++n) {
+          #pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int c = n * 8 + 2 * tq + (e & 1), i = q0 + c, j = key_j[e >> 1];
+            if (i >= p.seq) continue;
             const int dsi = ds_q0 == ds_q1 ? ds_q0 : doc_start(p, i);
-            ok = sparse_attends(i, j, dsi, listed, p.window, p.sink_tokens);
+            if (!sparse_attends(i, j, dsi, listed, p.window, p.sink_tokens)) st_acc[4 * n + e] = -INFINITY;
           }
-          const float pr = ok ? fast_exp2(fmaf(st_acc[4 * n + e], p.scale_log2, -lse[c])) : 0.f;
+        }
+      }
+      #pragma unroll
+      for (int n = 0; n < 8; ++n) {
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int c = n * 8 + 2 * tq + (e & 1);
+          const float pr = fast_exp2(st_acc[4 * n + e]);
           st_acc[4 * n + e] = pr;
           dpt[4 * n + e] = pr * (dpt[4 * n + e] - delta[c]);
         }
@@ -498,15 +515,31 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         }
       }
     } else {
+      // One branch per 64-key tile (flags inside the element test become a bit mask built on every step,
+      // as in the forward).
       #pragma unroll
-      for (int n = 0; n < 16; ++n) {
-        const int u = n >> 3;
-        #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int hf = e >> 1, j = k0[u] + (n & 7) * 8 + 2 * tq + (e & 1);
-          const bool ok = full[u] || sparse_attends(row_i[hf], j, row_ds[hf], listed[u], p.window, p.sink_tokens);
-          const float pr = ok ? fast_exp2(fmaf(s[4 * n + e], p.scale_log2, -row_lse[hf])) : 0.f;
-          s[4 * n + e] = pr * (dp[4 * n + e] - row_delta[hf]);
+      for (int u = 0; u < 2; ++u) {
+        if (full[u]) {
+          #pragma unroll
+          for (int n = 8 * u; n < 8 * u + 8; ++n) {
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int hf = e >> 1;
+              const float pr = fast_exp2(fmaf(s[4 * n + e], p.scale_log2, -row_lse[hf]));
+              s[4 * n + e] = pr * (dp[4 * n + e] - row_delta[hf]);
+            }
+          }
+        } else {
+          #pragma unroll
+          for (int n = 8 * u; n < 8 * u + 8; ++n) {
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int hf = e >> 1, j = k0[u] + (n & 7) * 8 + 2 * tq + (e & 1);
+              const bool ok = sparse_attends(row_i[hf], j, row_ds[hf], listed[u], p.window, p.sink_tokens);
+              const float pr = ok ? fast_exp2(fmaf(s[4 * n + e], p.scale_log2, -row_lse[hf])) : 0.f;
+              s[4 * n + e] = pr * (dp[4 * n + e] - row_delta[hf]);
+            }
+          }
         }
       }
       if (!pair) {  // the missing second tile of an odd count (a branch of its own, as in the forward)

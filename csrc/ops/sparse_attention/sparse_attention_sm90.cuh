@@ -370,46 +370,62 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       #pragma unroll
       for (int i = 0; i < 64; ++i) s[i] *= p.scale_log2;
     } else {
+      // One branch per 64-key tile, and the missing second tile of an odd count in a branch of its own:
+      // with `full[u] || ...` and `&& pair` inside the element test, the compiler kept 64 copies of those
+      // flags as a bit mask, built on every step (~100 instructions, the fully visible steps included).
       #pragma unroll
-      for (int n = 0; n < 16; ++n) {
-        const int u = n >> 3;
-        #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int hf = e >> 1, j = k0[u] + (n & 7) * 8 + 2 * tq + (e & 1);
-          const bool ok = full[u] || sparse_attends(row_i[hf], j, row_ds[hf], listed[u], p.window, p.sink_tokens);
-          s[4 * n + e] = ok ? s[4 * n + e] * p.scale_log2 : -INFINITY;
+      for (int u = 0; u < 2; ++u) {
+        if (full[u]) {
+          #pragma unroll
+          for (int i = 32 * u; i < 32 * u + 32; ++i) s[i] *= p.scale_log2;
+        } else {
+          #pragma unroll
+          for (int n = 8 * u; n < 8 * u + 8; ++n) {
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int hf = e >> 1, j = k0[u] + (n & 7) * 8 + 2 * tq + (e & 1);
+              const bool ok = sparse_attends(row_i[hf], j, row_ds[hf], listed[u], p.window, p.sink_tokens);
+              s[4 * n + e] = ok ? s[4 * n + e] * p.scale_log2 : -INFINITY;
+            }
+          }
         }
       }
-      // The missing second tile of an odd count, in a branch of its own: folded into the element test
-      // above, the compiler kept the 32 copies of `pair` as a bit mask built on every step (~100
-      // instructions per step, the fully visible steps included).
       if (!pair) {
         #pragma unroll
         for (int i = 32; i < 64; ++i) s[i] = -INFINITY;
       }
     }
+    // Row max and row sum over four independent partials each (a chain of 32 dependent FMNMX / FADD
+    // per row was the forward's longest latency: two consumer warps per scheduler cannot hide it).
+    float mx[2];
     #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
-      float mx = -INFINITY;
+      float m4[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
       #pragma unroll
-      for (int n = 0; n < 16; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * hf], s[4 * n + 2 * hf + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      for (int n = 0; n < 16; ++n) m4[n & 3] = fmaxf(m4[n & 3], fmaxf(s[4 * n + 2 * hf], s[4 * n + 2 * hf + 1]));
+      mx[hf] = fmaxf(fmaxf(m4[0], m4[1]), fmaxf(m4[2], m4[3]));
+    }
+    #pragma unroll
+    for (int hf = 0; hf < 2; ++hf) mx[hf] = fmaxf(mx[hf], __shfl_xor_sync(0xffffffffu, mx[hf], 1));
+    #pragma unroll
+    for (int hf = 0; hf < 2; ++hf) mx[hf] = fmaxf(mx[hf], __shfl_xor_sync(0xffffffffu, mx[hf], 2));
+    #pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
       // Lazy rescaling (as FlashAttention-4): the running max moves only when the step's max passes it by
       // more than 8 (log2 units), so P <= 2^8 and O / l and lse stay exact, and most steps keep corr = 1
       // and skip the rescale of O (rescale_and_pack tests that per warp).
-      const float m_step = fmaxf(row_max[hf], mx * mul);
+      const float m_step = fmaxf(row_max[hf], mx[hf] * mul);
       const float m_new = m_step > row_max[hf] + 8.f ? m_step : row_max[hf];
       const float m_use = m_new == -INFINITY ? 0.f : m_new;
       corr[hf] = m_new == row_max[hf] ? 1.f : fast_exp2(row_max[hf] - m_use);
-      float sum = 0.f;
+      float s4[4] = {0.f, 0.f, 0.f, 0.f};
       #pragma unroll
       for (int n = 0; n < 16; ++n) {
         s[4 * n + 2 * hf] = fast_exp2(fmaf(s[4 * n + 2 * hf], mul, -m_use));
         s[4 * n + 2 * hf + 1] = fast_exp2(fmaf(s[4 * n + 2 * hf + 1], mul, -m_use));
-        sum += s[4 * n + 2 * hf] + s[4 * n + 2 * hf + 1];
+        s4[n & 3] += s[4 * n + 2 * hf] + s[4 * n + 2 * hf + 1];
       }
-      row_sum[hf] = row_sum[hf] * corr[hf] + sum;
+      row_sum[hf] = row_sum[hf] * corr[hf] + ((s4[0] + s4[1]) + (s4[2] + s4[3]));
       row_max[hf] = m_new;
     }
   };
