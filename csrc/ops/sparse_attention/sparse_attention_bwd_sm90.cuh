@@ -155,7 +155,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 
   // ---- consumers: warpgroup cw owns keys k0 + key_off .. + 63 ----
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
-  const int cw = wg - 1, wq = warp & 3;
+  const int cw = __shfl_sync(0xffffffffu, wg - 1, 0), wq = warp & 3;  // cw warp-uniform for the compiler
   const int key_off = kTakeTurns ? 0 : cw * 64;
   const int g = lane >> 2, tq = lane & 3;
   int key_j[2];
@@ -422,7 +422,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     fence_proxy_async_smem();
   }
   __syncthreads();
-  const int n_tiles = plan.count();
+  const int n_tiles = __shfl_sync(0xffffffffu, plan.count(), 0);  // warp-uniform for the compiler, as in the forward
   const int n_steps = (n_tiles + 1) / 2;
 
   if (wg == 0) {
@@ -457,7 +457,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 
   // ---- consumers ----
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
-  const int cw = wg - 1, wq = warp & 3;
+  const int cw = __shfl_sync(0xffffffffu, wg - 1, 0), wq = warp & 3;  // cw warp-uniform for the compiler
   const int64_t S = p.seq;
   const int64_t bh = static_cast<int64_t>(b) * p.heads_q + h0 + cw / kWgPerHead;
   const int tiles_per_block = p.block_size / kTile;

@@ -274,7 +274,9 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     fence_proxy_async_smem();
   }
   __syncthreads();
-  const int n_tiles = plan.count();
+  // Broadcast from lane 0 (as CUTLASS's canonical_warp_group_idx): the compiler then knows these are
+  // warp-uniform and keeps the wgmma descriptors and loop state in uniform registers.
+  const int n_tiles = __shfl_sync(0xffffffffu, plan.count(), 0);
   const int n_steps = (n_tiles + 1) / 2;
 
   if (wg == 0) {
@@ -317,7 +319,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 
   // ---- consumers ----
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
-  const int cw = wg - 1;
+  const int cw = __shfl_sync(0xffffffffu, wg - 1, 0);  // warp-uniform for the compiler (see n_tiles)
   const int wq = warp & 3;
   const int64_t S = p.seq;
   const int64_t bh = static_cast<int64_t>(b) * p.heads_q + h0 + cw / kWgPerHead;
