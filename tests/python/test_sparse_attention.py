@@ -413,11 +413,15 @@ def test_cuda_wgmma_forward_equals_mma_sync_forward(monkeypatch, S, D):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("Hkv,n,bs,det", [(2, 0, 64, False), (2, 0, 64, True), (8, 4, 128, False), (4, 2, 128, True),
                                           (2, 4, 64, False)])
-def test_cuda_wgmma_backward_within_bound_and_equals_mma_sync(monkeypatch, D, dtype, Hkv, n, bs, det):
-    """On sm_90 the wgmma backward kernels (dq for the 128-row and 2-head shapes, dk/dv for 128-key tiles:
-    no blocks or block_size 128) against the fp32 reference (2x torch's own error + atol) and against the
+@pytest.mark.parametrize("keys", ["default", "64"])
+def test_cuda_wgmma_backward_within_bound_and_equals_mma_sync(monkeypatch, D, dtype, Hkv, n, bs, det, keys):
+    """On sm_90 the wgmma backward kernels (dq for the 128-row and 2-head shapes; dk/dv with 128 keys per CTA
+    where no blocks are listed or block_size is 128, else 64 keys, or 64 everywhere with
+    ANVIL_SPARSE_SM90_DKDV_KEYS=64) against the fp32 reference (2x torch's own error + atol) and against the
     mma.sync kernels (ANVIL_SPARSE_SM90_BWD=0), with window, sinks, documents, listed blocks, GQA split over
     CTAs (atomics) and deterministic (bit-identical reruns)."""
+    if keys == "64":
+        monkeypatch.setenv("ANVIL_SPARSE_SM90_DKDV_KEYS", "64")
     g = gen(D + Hkv + n + bs + det)
     S, Hq = 777, 8
     q, k, v, go = (torch.randn(1, h, S, D, generator=g).cuda().to(dtype) for h in (Hq, Hkv, Hkv, Hq))

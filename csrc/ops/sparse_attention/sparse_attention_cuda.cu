@@ -1,6 +1,6 @@
 // Launchers of sparse_attention (forward, backward) and select_blocks on CUDA: the shared argument
 // checks, the CUDA-only limits (bf16/fp16, head dim 64 or 128 for q, k and v), the current stream, the
-// backward's precomputations (Delta = rowsum(dO * O); the inverse block index: for each key block the
+// backward's precomputations (Delta = rowsum(dO * O), one kernel; the inverse block index: for each key block the
 // ascending query blocks that list it, by one sort and a searchsorted, no host sync) and the dispatch
 // over dtype and head dim. Kernels: sparse_attention_kernels.cuh, instantiated in
 // sparse_attention_fwd.cu and sparse_attention_bwd.cu; on sm_90 the forward is the wgmma kernel of

@@ -16,7 +16,7 @@
 // K/V double-buffered in shared memory (cp.async), lse = (m + log2 l) * ln 2.
 // Backward (recomputation from lse):
 //   dq kernel   query-tile-major, the forward's tile walk: P = exp(S - lse), dP = dO V^T,
-//               dS = P (dP - Delta), dQ += dS K, Delta = rowsum(dO * O) computed beforehand;
+//               dS = P (dP - Delta), dQ += dS K, Delta = rowsum(dO * O) from the delta kernel;
 //   dkdv kernel key-tile-major for a kv head, over the G query heads of its group and the query tiles
 //               that reach the key tile: the band/sink row range [k0, hi] plus the query blocks that
 //               list its block (an inverse index built by the launcher with sort + searchsorted);
