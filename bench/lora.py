@@ -16,6 +16,10 @@ command line with the equivalent config. tokens/s counts the steps after `--warm
 torch.cuda.max_memory_allocated over the whole run (weights included).
 
     python3 bench/lora.py [--json out.json] [--cases 853m,853m-ckpt,7b] [--steps 20] [--warmup 5] [--small]
+                          [--baseline OTHER_ANVIL_BINARY]
+
+--baseline runs a second anvil binary (a build of an earlier commit) on the same cases, right after ours,
+and prints ours / baseline: a refactor's "no slower than before" in the same run as the anchor.
 """
 import argparse
 import json
@@ -160,6 +164,7 @@ def main():
     ap.add_argument("--small", action="store_true", help="a tiny model (a smoke test; ratios mean nothing)")
     ap.add_argument("--dir", default="/tmp/anvil-bench-lora")
     ap.add_argument("--anvil", default=None, help="the anvil binary (default: build-gpu/bin/anvil, else build/bin/anvil)")
+    ap.add_argument("--baseline", default=None, help="another anvil binary to time beside ours (e.g. an earlier commit)")
     ap.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -186,15 +191,23 @@ def main():
         with open(out) as f:
             theirs = json.load(f)
         ours = run_anvil(anvil_bin, model_path, data_path, batch, seq, ckpt, args.steps, args.warmup, args.dir)
+        base = None
+        if args.baseline:
+            base = run_anvil(args.baseline, model_path, data_path, batch, seq, ckpt, args.steps, args.warmup, args.dir)
         speed = ours["tokens_per_s"] / theirs["tokens_per_s"]
         mem = ours["peak_gib"] / theirs["peak_gib"] if theirs["peak_gib"] else float("nan")
         label = f"{case}: batch {batch} x {seq}, checkpointing {'on' if ckpt else 'off'}"
         print(f"\n{label}")
         print(f"  {'':24}{'tokens/s':>12}{'peak GiB':>10}{'loss first -> last':>24}")
-        for name, r in (("anvil lora", ours), ("transformers + PEFT", theirs)):
+        rows = [("anvil lora", ours)] + ([("anvil lora (baseline)", base)] if base else [])
+        for name, r in rows + [("transformers + PEFT", theirs)]:
             print(f"  {name:24}{r['tokens_per_s']:12,.0f}{r['peak_gib']:10.2f}"
                   f"{r['first_loss']:12.4f} -> {r['last_loss']:.4f}")
         print(f"  ratio: {speed:.2f}x tokens/s, {mem:.2f}x peak memory")
+        if base:
+            print(f"  ours / baseline: {ours['tokens_per_s'] / base['tokens_per_s']:.3f}x tokens/s, "
+                  f"{ours['peak_gib'] / base['peak_gib']:.3f}x peak memory "
+                  f"(baseline {base['tokens_per_s'] / theirs['tokens_per_s']:.2f}x PEFT)")
         if ours.get("dry_run_estimate_gib") and ours["peak_gib"]:
             print(f"  anvil lora --dry-run estimated {ours['dry_run_estimate_gib']:.2f} GiB "
                   f"({ours['dry_run_estimate_gib'] / ours['peak_gib']:.2f}x the measured peak)")
@@ -203,11 +216,13 @@ def main():
         if mem_goal:
             goals.append((f"{case} memory", mem <= mem_goal, f"{mem:.2f}x (<= {mem_goal}x)"))
         results.append({"case": case, "batch": batch, "seq": seq, "grad_checkpointing": ckpt, "anvil": ours,
-                        "peft": theirs, "speedup": speed, "memory_ratio": mem})
+                        "peft": theirs, "speedup": speed, "memory_ratio": mem,
+                        **({"baseline": base, "vs_baseline": ours["tokens_per_s"] / base["tokens_per_s"]} if base else {})})
     print()
     for name, ok, text in goals:
         print(f"goal {name}: {text}: {'met' if ok else 'NOT met'}")
-    write_json(args.json, {"bench": "lora", **info, "steps": args.steps, "warmup": args.warmup, "results": results,
+    write_json(args.json, {"bench": "lora", **info, "steps": args.steps, "warmup": args.warmup,
+                           **({"baseline_binary": args.baseline} if args.baseline else {}), "results": results,
                            "goals": [{"name": n, "met": ok, "text": t} for n, ok, t in goals]})
 
 

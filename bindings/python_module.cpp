@@ -10,7 +10,7 @@
 #include "anvil/model/transformer.h"
 #include "anvil/ops.h"
 #include "anvil/selfcheck.h"
-#include "lora/lora.h"
+#include "anvil/lora/lora.h"
 
 #include <map>
 #include <torch/extension.h>

@@ -10,65 +10,24 @@
 // it is the base or the adapter folder itself).
 #include "lora/merge_cli.h"
 
+#include "anvil/io/fs.h"
 #include "anvil/io/safetensors.h"
+#include "anvil/lora/lora.h"
 #include "anvil/model/transformer.h"
-#include "io/io_internal.h"
-#include "lora/lora.h"
 
 #include <ATen/Context.h>
 #include <cxxopts.hpp>
 
 #include <chrono>
-#include <climits>
 #include <cstdio>
-#include <cstdlib>
-#include <fstream>
-#include <ftw.h>
 #include <iostream>
 #include <stdexcept>
 #include <string>
-#include <sys/stat.h>
 #include <unistd.h>
 
 namespace anvil::lora {
 
 namespace {
-
-namespace detail = anvil::io::detail;  // POSIX paths: std::filesystem is unsafe beside libtorch
-
-// The files of a model folder that are not weights or config.json and that a merged model needs to be
-// used as the base was (tokenizers of both kinds, chat template, generation defaults).
-constexpr const char* kTokenizerFiles[] = {
-    "tokenizer.json",      "tokenizer.model",    "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json",   "chat_template.jinja", "vocab.json",           "merges.txt",
-    "generation_config.json",
-};
-
-bool path_exists(const std::string& path) {
-  struct stat st {};
-  return ::lstat(path.c_str(), &st) == 0;
-}
-
-std::string real_path(const std::string& path) {
-  char buf[PATH_MAX];
-  return ::realpath(path.c_str(), buf) ? std::string(buf) : path;
-}
-
-// rm -r through nftw (depth first, links not followed).
-void remove_tree(const std::string& path) {
-  auto remove_one = [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); };
-  if (path_exists(path) && ::nftw(path.c_str(), remove_one, 16, FTW_DEPTH | FTW_PHYS) != 0)
-    throw std::runtime_error("cannot remove " + path);
-}
-
-void copy_file(const std::string& from, const std::string& to) {
-  std::ifstream in(from, std::ios::binary);
-  if (!in) throw std::runtime_error("cannot read " + from);
-  std::ofstream out(to, std::ios::binary | std::ios::trunc);
-  out << in.rdbuf();
-  out.flush();
-  if (!out) throw std::runtime_error("cannot write " + to);
-}
 
 // "1.23 s": elapsed wall time for the progress lines.
 std::string seconds_since(std::chrono::steady_clock::time_point start) {
@@ -79,10 +38,10 @@ std::string seconds_since(std::chrono::steady_clock::time_point start) {
 
 // The adapter folder must hold PEFT's two files; say which one is missing and where.
 void check_adapter_dir(const std::string& dir) {
-  if (!detail::is_directory(dir)) throw std::invalid_argument("--adapter " + dir + ": not a directory");
+  if (!io::is_directory(dir)) throw std::invalid_argument("--adapter " + dir + ": not a directory");
   for (const char* name : {"adapter_config.json", "adapter_model.safetensors"}) {
-    const std::string file = detail::join_path(dir, name);
-    if (!detail::is_regular_file(file))
+    const std::string file = io::join_path(dir, name);
+    if (!io::is_regular_file(file))
       throw std::invalid_argument("--adapter " + dir + ": missing " + file + " (a PEFT adapter folder has " +
                                   "adapter_config.json and adapter_model.safetensors)");
   }
@@ -91,15 +50,15 @@ void check_adapter_dir(const std::string& dir) {
 // OUT must be new (or --force), and never the base or the adapter, which the merge reads.
 void check_out_path(const std::string& out, const std::string& base, const std::string& adapter, bool force) {
   if (out.empty()) throw std::invalid_argument("--out: required (the folder to write the merged model to)");
-  const std::string resolved = real_path(out);
+  const std::string resolved = io::real_path(out);
   for (const std::string& input : {base, adapter}) {
-    if (resolved == real_path(input))
+    if (resolved == io::real_path(input))
       throw std::invalid_argument("--out " + out + ": is the input folder " + input + "; write the merge elsewhere");
   }
-  if (path_exists(out) && !force)
+  if (io::path_exists(out) && !force)
     throw std::invalid_argument("--out " + out + ": already exists (pass --force to replace it)");
   const std::string tmp = out + ".tmp";
-  if (path_exists(tmp) && !force)
+  if (io::path_exists(tmp) && !force)
     throw std::invalid_argument("--out " + out + ": " + tmp + " exists, left by an interrupted merge? (remove it " +
                                 "or pass --force)");
 }
@@ -107,12 +66,12 @@ void check_out_path(const std::string& out, const std::string& base, const std::
 // Moves the finished OUT.tmp into place, replacing an old OUT (only reached with --force).
 void publish(const std::string& tmp, const std::string& out) {
   std::string old;
-  if (path_exists(out)) {
+  if (io::path_exists(out)) {
     old = out + ".old." + std::to_string(::getpid());
-    if (::rename(out.c_str(), old.c_str()) != 0) throw std::runtime_error("cannot move the old " + out + " aside");
+    io::rename_path(out, old);
   }
-  if (::rename(tmp.c_str(), out.c_str()) != 0) throw std::runtime_error("cannot rename " + tmp + " to " + out);
-  if (!old.empty()) remove_tree(old);
+  io::rename_path(tmp, out);
+  if (!old.empty()) io::remove_tree(old);
 }
 
 }  // namespace
@@ -142,25 +101,15 @@ int cmd_merge(int argc, char** argv) {
   const std::string out = args["out"].as<std::string>();
   const bool force = args.count("force") > 0;
 
-  c10::optional<at::ScalarType> dtype;
-  const std::string dt = args["dtype"].as<std::string>();
-  if (dt != "auto") {
-    if (dt != "float32" && dt != "bfloat16" && dt != "float16")
-      throw std::invalid_argument("--dtype must be auto, float32, bfloat16 or float16, got '" + dt + "'");
-    dtype = model::dtype_from_name(dt);
-  }
-  const std::string device = args["device"].as<std::string>();
-  if (device != "cpu" && device.rfind("cuda", 0) != 0)
-    throw std::invalid_argument("--device must be cpu, cuda or cuda:N, got '" + device + "'");
-  if (device != "cpu" && !at::hasCUDA())
-    throw std::invalid_argument("--device " + device + ": no CUDA device is available (use --device cpu)");
+  const auto dtype = model::parse_dtype(args["dtype"].as<std::string>(), "--dtype", /*allow_auto=*/true);
+  const at::Device device = model::parse_device(args["device"].as<std::string>(), "--device");
 
   check_adapter_dir(adapter);
   const std::string base = io::resolve_model_path(args["base"].as<std::string>());
   check_out_path(out, base, adapter, force);
 
   const auto start = std::chrono::steady_clock::now();
-  auto model = model::load_causal_lm(base, dtype, at::Device(device));
+  auto model = model::load_causal_lm(base, dtype, device);
   std::cerr << "merge: loaded " << model->config().architecture << " from " << base << " ("
             << model::dtype_name(model->dtype()) << ", " << model->device().str() << ") in " << seconds_since(start) << "\n";
 
@@ -171,21 +120,15 @@ int cmd_merge(int argc, char** argv) {
   merge_adapter(*model);
 
   const std::string tmp = out + ".tmp";
-  if (path_exists(tmp)) remove_tree(tmp);  // reached only with --force (check_out_path)
+  if (io::path_exists(tmp)) io::remove_tree(tmp);  // reached only with --force (check_out_path)
   try {
     model::save_causal_lm(*model, tmp);
-    int copied = 0;
-    for (const char* name : kTokenizerFiles) {
-      const std::string from = detail::join_path(base, name);
-      if (!detail::is_regular_file(from)) continue;
-      copy_file(from, detail::join_path(tmp, name));
-      ++copied;
-    }
-    if (copied == 0) std::cerr << "merge: warning: " << base << " has no tokenizer files; " << out << " has none\n";
+    if (io::copy_model_side_files(base, tmp) == 0)
+      std::cerr << "merge: warning: " << base << " has no tokenizer files; " << out << " has none\n";
     publish(tmp, out);
   } catch (...) {
     try {
-      remove_tree(tmp);
+      io::remove_tree(tmp);
     } catch (const std::exception&) {  // the original error matters more
     }
     throw;

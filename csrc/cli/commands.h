@@ -7,7 +7,5 @@ namespace anvil::cli {
 int cmd_inspect(int argc, char** argv);   // csrc/cli/inspect.cpp
 int cmd_generate(int argc, char** argv);  // csrc/cli/generate.cpp
 int cmd_eval(int argc, char** argv);      // csrc/cli/eval.cpp
-int cmd_lora(int argc, char** argv);      // csrc/cli/train.cpp
-int cmd_train(int argc, char** argv);     // csrc/cli/train.cpp
 
 }  // namespace anvil::cli

@@ -4,7 +4,10 @@
 #include "anvil/data/tokenizer.h"
 #include "anvil/selfcheck.h"
 #include "cli/commands.h"
+#include "cli/recipe_command.h"
+#include "finetune/recipe.h"
 #include "lora/merge_cli.h"
+#include "lora/recipe.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <cxxopts.hpp>
@@ -22,6 +25,8 @@
 #include <vector>
 
 namespace {
+
+using anvil::cli::recipe_subcommand;
 
 constexpr const char* kVersion = "0.1.0";
 
@@ -132,8 +137,13 @@ const std::vector<Subcommand>& subcommands() {
       {"generate", "continue a prompt (or answer it as a chat) with a model and its tokenizer", anvil::cli::cmd_generate},
       {"eval", "perplexity of a model on a .txt or .jsonl file", anvil::cli::cmd_eval},
       {"merge", "fold a LoRA adapter into its base model and save the merged checkpoint", anvil::lora::cmd_merge},
-      {"lora", "train LoRA adapters from a JSON config (no --config: the embedded demo)", anvil::cli::cmd_lora},
-      {"train", "train every parameter of a model (or a random one) from a JSON config", anvil::cli::cmd_train},
+      // The recipes: one line each (cli/recipe_command.h).
+      {"lora", "train LoRA adapters from a JSON config (no --config: the embedded demo)",
+       recipe_subcommand("Train LoRA adapters (PEFT format) from a JSON config; without --config, the embedded demo",
+                         "examples/tiny/lora.json", anvil::lora::resolve_config, anvil::lora::run_recipe)},
+      {"train", "train every parameter of a model (or a random one) from a JSON config",
+       recipe_subcommand("Train every parameter of a model (or one initialised at random) from a JSON config", "",
+                         anvil::finetune::resolve_config, anvil::finetune::run_recipe)},
   };
   return table;
 }

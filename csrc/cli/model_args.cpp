@@ -16,8 +16,8 @@ void add_model_options(cxxopts::Options& opts) {
       ("m,model", "model folder (config.json + safetensors), a llama.cpp .gguf file, or a hub id in the local Hugging Face cache",
        cxxopts::value<std::string>())
       ("tokenizer", "tokenizer folder (default: the model's; a .gguf model's own metadata)", cxxopts::value<std::string>()->default_value(""))
-      ("device", "cpu, cuda or cuda:N (default: cuda when a GPU is present)",
-       cxxopts::value<std::string>()->default_value(""))
+      ("device", "auto (cuda when a GPU is present), cpu, cuda or cuda:N",
+       cxxopts::value<std::string>()->default_value("auto"))
       ("dtype", "auto (the checkpoint's), float32, bfloat16 or float16",
        cxxopts::value<std::string>()->default_value("auto"));
 }
@@ -25,21 +25,10 @@ void add_model_options(cxxopts::Options& opts) {
 LoadedModel load_model_and_tokenizer(const cxxopts::ParseResult& args) {
   if (!args.count("model")) throw std::invalid_argument("--model: required (a model folder or a cached hub id)");
   const std::string path = io::resolve_model_path(args["model"].as<std::string>());
-  std::string device = args["device"].as<std::string>();
-  if (device.empty()) device = at::hasCUDA() ? "cuda" : "cpu";
-  if (device.rfind("cuda", 0) == 0 && !at::hasCUDA())
-    throw std::invalid_argument("--device " + device + ": no CUDA device is available (use --device cpu)");
-  if (device != "cpu" && device.rfind("cuda", 0) != 0)
-    throw std::invalid_argument("--device must be cpu, cuda or cuda:N, got '" + device + "'");
-  c10::optional<at::ScalarType> dtype;
-  const std::string dt = args["dtype"].as<std::string>();
-  if (dt != "auto") {
-    if (dt != "float32" && dt != "bfloat16" && dt != "float16")
-      throw std::invalid_argument("--dtype must be auto, float32, bfloat16 or float16, got '" + dt + "'");
-    dtype = model::dtype_from_name(dt);
-  }
+  const at::Device device = model::parse_device(args["device"].as<std::string>(), "--device");
+  const auto dtype = model::parse_dtype(args["dtype"].as<std::string>(), "--dtype", /*allow_auto=*/true);
   LoadedModel m;
-  m.model = model::load_causal_lm(path, dtype, at::Device(device));
+  m.model = model::load_causal_lm(path, dtype, device);
   m.model->eval();
   std::string tok_dir = args["tokenizer"].as<std::string>();
   m.tokenizer = data::load_tokenizer(tok_dir.empty() ? path : io::resolve_model_path(tok_dir));

@@ -96,19 +96,6 @@ Example tokenize_example(const std::string& json_line, const Tokenizer& tok, con
   return ex;
 }
 
-std::vector<Example> read_jsonl(const std::string& path, const Tokenizer& tok, const ReadOptions& o) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw std::runtime_error("cannot open '" + path + "'");
-  std::vector<Example> out;
-  std::string line;
-  for (int64_t n = 1; std::getline(in, line); ++n) {
-    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-    out.push_back(tokenize_example(line, tok, o, path + " line " + std::to_string(n)));
-  }
-  if (out.empty()) throw std::runtime_error("'" + path + "' holds no examples");
-  return out;
-}
-
 PackedRows pack_examples(const std::vector<Example>& examples, int64_t row_length, int32_t pad_id) {
   if (row_length < 2) throw std::invalid_argument("pack_examples: row_length must be >= 2, got " + std::to_string(row_length));
   PackedRows p;
@@ -117,7 +104,7 @@ PackedRows pack_examples(const std::vector<Example>& examples, int64_t row_lengt
   int32_t doc = 0;
   auto open_row = [&] {
     p.ids.insert(p.ids.end(), row_length, pad_id);
-    p.labels.insert(p.labels.end(), row_length, -100);
+    p.labels.insert(p.labels.end(), row_length, kNoTarget);
     p.positions.insert(p.positions.end(), row_length, 0);
     p.doc_ids.insert(p.doc_ids.end(), row_length, -1);
     ++p.rows;

@@ -21,6 +21,7 @@
 // has finished, so the tensors are ready on any stream (both paths). Only ATen/c10's device-generic
 // stream and event API is used here, so this file needs no CUDA headers and builds in the CPU-only
 // configuration too.
+#include "anvil/io/json.h"
 #include "anvil/io/safetensors.h"
 #include "io/io_internal.h"
 
@@ -63,20 +64,20 @@ std::string metadata_value(const nlohmann::json& v) { return v.is_string() ? v.g
 }  // namespace
 
 Checkpoint::Checkpoint(const std::string& path) : path_(path) {
-  const bool is_file = detail::is_regular_file(path);
-  TORCH_CHECK(is_file || detail::is_directory(path), "checkpoint '", path, "': no such file or directory");
-  const std::string single = is_file ? path : detail::join_path(path, kSingleFile);
-  const std::string index_path = detail::join_path(path, kIndexFile);
-  if (is_file || detail::is_regular_file(single)) {
+  const bool is_file = is_regular_file(path);
+  TORCH_CHECK(is_file || is_directory(path), "checkpoint '", path, "': no such file or directory");
+  const std::string single = is_file ? path : join_path(path, kSingleFile);
+  const std::string index_path = join_path(path, kIndexFile);
+  if (is_file || is_regular_file(single)) {
     files_.push_back(std::make_unique<SafetensorsFile>(single));
     for (const auto& e : files_[0]->entries()) where_.emplace(e.name, 0);
     metadata_ = files_[0]->metadata();
     return;
   }
-  TORCH_CHECK(detail::is_regular_file(index_path), "checkpoint '", path, "': the directory holds neither ",
+  TORCH_CHECK(is_regular_file(index_path), "checkpoint '", path, "': the directory holds neither ",
               kSingleFile, " nor ", kIndexFile);
 
-  const auto index = detail::parse_json_strict(detail::read_text_file(index_path, kMaxIndexBytes),
+  const auto index = parse_json_strict(read_text_file(index_path, kMaxIndexBytes),
                                                "checkpoint index '" + index_path + "'");
   TORCH_CHECK(index.is_object(), "checkpoint index '", index_path, "' must be a JSON object");
   TORCH_CHECK(index.contains("weight_map") && index.at("weight_map").is_object(), "checkpoint index '",
@@ -95,8 +96,8 @@ Checkpoint::Checkpoint(const std::string& path) : path_(path) {
   }
   std::map<std::string, size_t> shard_pos;
   for (const auto& name : shard_names) {
-    const std::string shard_path = detail::join_path(path, name);
-    TORCH_CHECK(detail::is_regular_file(shard_path), "checkpoint index '", index_path, "' names the shard '", name,
+    const std::string shard_path = join_path(path, name);
+    TORCH_CHECK(is_regular_file(shard_path), "checkpoint index '", index_path, "' names the shard '", name,
                 "', which does not exist");
     shard_pos[name] = files_.size();
     files_.push_back(std::make_unique<SafetensorsFile>(shard_path));

@@ -1,6 +1,8 @@
-// Helpers shared by the io sources and not part of the public API: the writer's dtype order, JSON
-// files read with the same strictness as safetensors headers, atomic file writes, path utilities.
+// Helpers shared by the io sources and not part of the public API: the writer's dtype order, the
+// staging-ring plan, page-locked file mappings, strict JSON. Paths and atomic writes: anvil/io/fs.h.
 #pragma once
+
+#include "anvil/io/fs.h"
 
 #include <nlohmann/json.hpp>
 
@@ -54,31 +56,5 @@ class RegisteredFile {
   size_t size_ = 0;
   bool registered_ = false;
 };
-
-/// Writes a file atomically: `write(fd)` fills a temporary file in the target's directory, which is
-/// then fsync'ed and renamed over `path`. On any error (from `write` or the system) the temporary file
-/// is removed, the target is untouched, and the error is rethrown naming `path`.
-void write_file_atomically(const std::string& path, const std::function<void(int fd)>& write);
-
-/// Writes all of `n` bytes to `fd`, retrying short writes; throws naming `path` on failure.
-void write_all(int fd, const void* data, uint64_t n, const std::string& path);
-
-/// Reads a small text file whole (index.json, refs/main); throws naming the file when it cannot, or
-/// when it is larger than `max_bytes`.
-std::string read_text_file(const std::string& path, uint64_t max_bytes);
-
-/// Parses JSON text, rejecting duplicate keys; errors name `what`.
-nlohmann::json parse_json_strict(const std::string& text, const std::string& what);
-
-// Paths through POSIX, never std::filesystem (libtorch.so exports broken copies of its functions).
-bool is_directory(const std::string& path);
-bool is_regular_file(const std::string& path);
-std::string join_path(const std::string& dir, const std::string& name);
-std::string parent_dir(const std::string& path);
-std::string file_name(const std::string& path);
-/// mkdir -p; throws naming the directory.
-void make_directories(const std::string& dir);
-/// The entry names of `dir` (without "." and ".."); empty when it cannot be read.
-std::vector<std::string> list_directory(const std::string& dir);
 
 }  // namespace anvil::io::detail

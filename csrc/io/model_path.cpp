@@ -26,9 +26,9 @@ std::string env(const char* name) {
 std::string hub_cache_dir() {
   if (!env("HF_HUB_CACHE").empty()) return env("HF_HUB_CACHE");
   if (!env("HUGGINGFACE_HUB_CACHE").empty()) return env("HUGGINGFACE_HUB_CACHE");  // the older name
-  if (!env("HF_HOME").empty()) return detail::join_path(env("HF_HOME"), "hub");
-  if (!env("XDG_CACHE_HOME").empty()) return detail::join_path(env("XDG_CACHE_HOME"), "huggingface/hub");
-  return detail::join_path(env("HOME").empty() ? "/root" : env("HOME"), ".cache/huggingface/hub");
+  if (!env("HF_HOME").empty()) return join_path(env("HF_HOME"), "hub");
+  if (!env("XDG_CACHE_HOME").empty()) return join_path(env("XDG_CACHE_HOME"), "huggingface/hub");
+  return join_path(env("HOME").empty() ? "/root" : env("HOME"), ".cache/huggingface/hub");
 }
 
 bool plain_name(const std::string& s) {
@@ -64,21 +64,21 @@ std::string trim(std::string s) {
 
 std::string resolve_model_path(const std::string& arg) {
   TORCH_CHECK(!arg.empty(), "model: empty model argument");
-  if (detail::is_directory(arg) || detail::is_regular_file(arg)) return arg;
+  if (is_directory(arg) || is_regular_file(arg)) return arg;
 
   std::string org, name, revision;
   TORCH_CHECK(parse_hub_id(arg, org, name, revision), "model '", arg,
               "': no such file or directory, and not a hub id of the form org/name[@revision]");
   const std::string cache = hub_cache_dir();
-  const std::string repo = detail::join_path(cache, "models--" + org + "--" + name);
+  const std::string repo = join_path(cache, "models--" + org + "--" + name);
   std::vector<std::string> looked = {"'" + arg + "' (as a path)"};
 
-  const std::string ref = detail::join_path(repo, "refs/" + revision);
-  if (detail::is_regular_file(ref)) {
-    const std::string commit = trim(detail::read_text_file(ref, 4096));
+  const std::string ref = join_path(repo, "refs/" + revision);
+  if (is_regular_file(ref)) {
+    const std::string commit = trim(read_text_file(ref, 4096));
     if (plain_name(commit)) {
-      const std::string snapshot = detail::join_path(repo, "snapshots/" + commit);
-      if (detail::is_directory(snapshot)) return snapshot;
+      const std::string snapshot = join_path(repo, "snapshots/" + commit);
+      if (is_directory(snapshot)) return snapshot;
       looked.push_back("'" + snapshot + "' (the snapshot " + ref + " names)");
     } else {
       looked.push_back("'" + ref + "' (holds no commit hash)");
@@ -86,8 +86,8 @@ std::string resolve_model_path(const std::string& arg) {
   } else {
     looked.push_back("'" + ref + "'");
   }
-  const std::string by_hash = detail::join_path(repo, "snapshots/" + revision);
-  if (detail::is_directory(by_hash)) return by_hash;
+  const std::string by_hash = join_path(repo, "snapshots/" + revision);
+  if (is_directory(by_hash)) return by_hash;
   looked.push_back("'" + by_hash + "'");
 
   std::string where;

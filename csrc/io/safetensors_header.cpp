@@ -7,6 +7,7 @@
 // file broke. The JSON parser is nlohmann's; a parse callback adds what it does not check itself:
 // duplicate keys (it would keep the last one silently) and nesting deeper than the format's three
 // levels (so a hostile header cannot make anything recurse deeply).
+#include "anvil/io/json.h"
 #include "anvil/io/safetensors.h"
 #include "io/io_internal.h"
 
@@ -215,16 +216,16 @@ int safetensors_dtype_rank(const std::string& dtype_name) {
   return d ? d->rank : -1;
 }
 
-nlohmann::json parse_json_strict(const std::string& text, const std::string& what) {
+}  // namespace detail
+
+nlohmann::json parse_json_strict(const std::string& text, const std::string& what, bool allow_comments) {
   try {
     HeaderShapeGuard guard(what, 64);
-    return Json::parse(text, std::ref(guard));
+    return Json::parse(text, std::ref(guard), /*allow_exceptions=*/true, allow_comments);
   } catch (const Json::exception& e) {
     TORCH_CHECK(false, what, ": not valid JSON: ", e.what());
   }
 }
-
-}  // namespace detail
 
 SafetensorsHeader parse_safetensors_header(const uint8_t* data, uint64_t size, const std::string& what) {
   TORCH_CHECK(size >= 8, "safetensors: ", what, ": file is ", size,

@@ -125,19 +125,8 @@ RmsNorm::RmsNorm(int64_t dim, double eps_, const at::TensorOptions& options) : e
 // The model runs anvil's fused ops (csrc/ops/fused) wherever their dtype rules hold; their CPU kernels
 // compute transformers' formulas with the same roundings, so the CPU path still matches transformers.
 
-bool use_fused_ops(const at::Tensor& x) {
-  static const bool enabled = [] {
-    const char* v = std::getenv("ANVIL_FUSED_OPS");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
-  if (!enabled) return false;
-  const auto dt = x.scalar_type();
-  if (x.is_cuda()) return dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf;
-  return x.is_cpu() && (dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble);
-}
-
 at::Tensor RmsNorm::forward(const at::Tensor& x) {
-  if (use_fused_ops(x) && weight.scalar_type() == x.scalar_type() && x.size(-1) > 0)
+  if (ops::use_fused_ops(x) && weight.scalar_type() == x.scalar_type() && x.size(-1) > 0)
     return std::get<0>(anvil::ops::rms_norm(x.contiguous(), weight, eps));  // (..., D)
   auto xf = x.to(at::kFloat);                                // (..., D) fp32
   auto variance = xf.pow(2).mean(-1, /*keepdim=*/true);      // (..., 1)
@@ -214,7 +203,7 @@ std::pair<at::Tensor, at::Tensor> RotaryEmbedding::cos_sin(const at::Tensor& pos
 
 at::Tensor apply_rotary(const at::Tensor& x, const at::Tensor& cos_in, const at::Tensor& sin_in, bool interleave) {
   // The fused op takes the (B, S, H, d) view of x (the projection's own layout) and returns it contiguous.
-  if (use_fused_ops(x) && cos_in.scalar_type() == x.scalar_type() && sin_in.scalar_type() == x.scalar_type() &&
+  if (ops::use_fused_ops(x) && cos_in.scalar_type() == x.scalar_type() && sin_in.scalar_type() == x.scalar_type() &&
       x.stride(-1) == 1 && cos_in.is_contiguous() && sin_in.is_contiguous())
     return anvil::ops::rope(x.transpose(1, 2), cos_in, sin_in, interleave).transpose(1, 2);  // (B, H, S, d)
   auto cos = cos_in.unsqueeze(1);  // (B, 1, S, d)

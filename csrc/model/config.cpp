@@ -7,7 +7,7 @@
 
 #include "anvil/io/gguf.h"
 #include "anvil/model/gguf_model.h"
-#include "io/io_internal.h"
+#include "anvil/io/fs.h"
 
 #include <nlohmann/json.hpp>
 
@@ -432,10 +432,10 @@ ModelConfig load_model_config(const std::string& path) {
   // POSIX paths through io's helpers: std::filesystem is unsafe in a process that loads libtorch
   // (docs/ARCHITECTURE.md, io).
   if (anvil::io::is_gguf_file(path)) return gguf_model_config(anvil::io::GgufFile(path));  // a llama.cpp model file
-  const std::string file = anvil::io::detail::is_directory(path) ? anvil::io::detail::join_path(path, "config.json") : path;
-  if (!anvil::io::detail::is_regular_file(file))
+  const std::string file = anvil::io::is_directory(path) ? anvil::io::join_path(path, "config.json") : path;
+  if (!anvil::io::is_regular_file(file))
     throw std::runtime_error(file + ": cannot open the model config (config.json): no such file");
-  return parse_model_config(anvil::io::detail::read_text_file(file, 64ull << 20), file);
+  return parse_model_config(anvil::io::read_text_file(file, 64ull << 20), file);
 }
 
 }  // namespace anvil::model

@@ -22,7 +22,7 @@ SwiGluMlp::SwiGluMlp(int64_t hidden, int64_t intermediate, bool bias, const std:
 at::Tensor SwiGluMlp::forward(const at::Tensor& x) {
   auto gate = gate_->forward(x), up = up_->forward(x);  // (..., I)
   // anvil::ops::swiglu saves gate and up for its backward, not silu(gate) as the composite does.
-  if (use_fused_ops(gate) && up.scalar_type() == gate.scalar_type() && up.sizes() == gate.sizes())
+  if (ops::use_fused_ops(gate) && up.scalar_type() == gate.scalar_type() && up.sizes() == gate.sizes())
     return down_->forward(anvil::ops::swiglu(gate.contiguous(), up.contiguous()));
   return down_->forward(at::silu(gate) * up);
 }

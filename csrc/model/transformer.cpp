@@ -13,8 +13,8 @@
 #include "anvil/io/safetensors.h"
 #include "anvil/model/gguf_model.h"
 #include "anvil/ops.h"
-#include "anvil/train/checkpointing.h"
-#include "io/io_internal.h"
+#include "anvil/model/checkpointing.h"
+#include "anvil/io/fs.h"
 
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
@@ -106,7 +106,7 @@ at::Tensor TransformerModel::forward(const at::Tensor& input_ids, const at::Tens
     const bool window = config_.sliding_window > 0 && config_.layer_sliding[i];
     if (gradient_checkpointing_ && !cache && at::GradMode::is_enabled()) {
       // The lambda keeps its own handles: backward runs it again after this function has returned.
-      h = anvil::train::checkpoint(
+      h = checkpoint(
           [layer = layer_list_[i], cos, sin, mask = window ? sliding : full](const at::Tensor& x) {
             return layer->forward(x, cos, sin, mask, nullptr);
           },
@@ -323,6 +323,25 @@ at::ScalarType dtype_from_name(const std::string& name) {
   throw std::runtime_error("dtype '" + name + "' is not supported (float32, bfloat16, float16)");
 }
 
+c10::optional<at::ScalarType> parse_dtype(const std::string& name, const std::string& what, bool allow_auto) {
+  if (allow_auto && name == "auto") return c10::nullopt;
+  if (name != "float32" && name != "bfloat16" && name != "float16")
+    throw std::invalid_argument(what + " must be " + (allow_auto ? "auto, " : "") + "float32, bfloat16 or float16, got '" +
+                                name + "'");
+  return dtype_from_name(name);
+}
+
+at::Device parse_device(const std::string& name, const std::string& what) {
+  if (name.empty() || name == "auto") return at::hasCUDA() ? at::Device("cuda") : at::Device(at::kCPU);
+  const bool cuda_n = name.rfind("cuda:", 0) == 0 && name.size() > 5 &&
+                      name.find_first_not_of("0123456789", 5) == std::string::npos;
+  if (name != "cpu" && name != "cuda" && !cuda_n)
+    throw std::invalid_argument(what + " must be auto, cpu, cuda or cuda:N, got '" + name + "'");
+  if (name != "cpu" && !at::hasCUDA())
+    throw std::invalid_argument(what + " " + name + ": no CUDA device is available (use cpu)");
+  return at::Device(name);
+}
+
 std::string dtype_name(at::ScalarType dtype) {
   switch (dtype) {
     case at::kFloat: return "float32";
@@ -407,20 +426,18 @@ std::shared_ptr<CausalLM> load_causal_lm(const std::string& path, c10::optional<
 }
 
 void save_causal_lm(const CausalLM& model, const std::string& dir, int64_t max_shard_bytes) {
-  namespace detail = anvil::io::detail;  // POSIX paths: std::filesystem is unsafe beside libtorch
   for (const auto& [name, t] : model.state_tensors())
     if (t.scalar_type() == at::kFloat8_e4m3fn || t.scalar_type() == at::kChar)
       throw std::runtime_error("save_causal_lm: '" + name + "' is a quantized base weight (" +
                                std::string(c10::toString(t.scalar_type())) +
                                "); save a model loaded with base_weights=dense (or merge LoRA adapters into one)");
-  detail::make_directories(dir);
+  io::make_directories(dir);
   auto json = nlohmann::json::parse(model.config().json);
   json["dtype"] = dtype_name(model.dtype());
   if (json.contains("torch_dtype")) json["torch_dtype"] = dtype_name(model.dtype());
   json.erase("quantization_config");  // the weights are written dequantized
   const std::string text = json.dump(2) + "\n";
-  detail::write_file_atomically(detail::join_path(dir, "config.json"),
-                                [&](int fd) { detail::write_all(fd, text.data(), text.size(), dir + "/config.json"); });
+  io::write_text_atomically(io::join_path(dir, "config.json"), text);
 
   std::vector<std::pair<std::string, at::Tensor>> tensors;
   for (auto& [name, t] : model.state_tensors()) tensors.emplace_back(name, t.detach().to(at::kCPU).contiguous());

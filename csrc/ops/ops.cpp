@@ -4,6 +4,9 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <cstdlib>
+#include <cstring>
+
 namespace anvil::ops {
 
 namespace {
@@ -234,6 +237,17 @@ void cross_entropy_chunk_backward(at::Tensor& logits, const at::Tensor& labels, 
   static const auto op = op_handle<void(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>(
       "anvil::cross_entropy_chunk_backward");
   op.call(logits, labels, lse, grad_loss, ignore_index);
+}
+
+bool use_fused_ops(const at::Tensor& x) {
+  static const bool enabled = [] {
+    const char* v = std::getenv("ANVIL_FUSED_OPS");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  if (!enabled) return false;
+  const auto dt = x.scalar_type();
+  if (x.is_cuda()) return dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf;
+  return x.is_cpu() && (dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble);
 }
 
 }  // namespace anvil::ops

@@ -10,7 +10,6 @@
 // dlogits in place (the same fp32 formula, rounded once to the model dtype).
 #include "anvil/train/loss.h"
 
-#include "anvil/model/attention.h"  // use_fused_ops: the ANVIL_FUSED_OPS switch
 #include "anvil/ops.h"
 
 #include <ATen/autocast_mode.h>
@@ -128,7 +127,7 @@ class ChunkedLmLoss : public torch::autograd::Function<ChunkedLmLoss> {
 bool fused_kernel(LossKernel kernel, const at::Tensor& h) {
   if (kernel == LossKernel::kFused) return true;
   if (kernel == LossKernel::kAten) return false;
-  return h.is_cuda() && anvil::model::use_fused_ops(h);
+  return h.is_cuda() && anvil::ops::use_fused_ops(h);
 }
 
 }  // namespace

@@ -211,4 +211,10 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_chunk(const at::Tensor& logits,
 void cross_entropy_chunk_backward(at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
                                   const at::Tensor& grad_loss, int64_t ignore_index = -100);
 
+/// Whether callers run the fused ops (rms_norm, rope, swiglu, cross_entropy_chunk) on a tensor like x: on
+/// CUDA for fp32/bf16/fp16, on the CPU also for fp64 (the CPU kernels reproduce transformers' arithmetic).
+/// The environment variable ANVIL_FUSED_OPS=0 turns them off (the ATen composites run instead). The model
+/// layer and the training loss both ask here, so one switch covers every fused path.
+bool use_fused_ops(const at::Tensor& x);
+
 }  // namespace anvil::ops

@@ -284,6 +284,69 @@ def test_sigint_saves_and_resumes(base, uninterrupted):
     assert train_losses(out) == (full_losses, full_val)
 
 
+# A kill at every stage of a checkpoint's rotation (tmp written, .old removed, checkpoint/ moved to .old,
+# tmp renamed, .old removed; and halfway through tmp) leaves a checkpoint that --resume finds, and the
+# resumed run ends bit-exact the uninterrupted one. The crash comes from the test hook
+# ANVIL_TEST_CHECKPOINT_CRASH="<save>:<stage>" (csrc/train/checkpoint.cpp), exit status 86. At 878962f a
+# kill between removing .old and renaming tmp after a resume from .old left no checkpoint at all.
+ROTATION_STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def rotation(base, tmp_path_factory):
+    d = tmp_path_factory.mktemp("rotation")
+    train = write_jsonl(d / "train.jsonl", full_row_examples(10, 16, seed=6))
+    cfg = lambda out: lora_config(base, train, out, train={"steps": ROTATION_STEPS, "batch_size": 2, "grad_accum": 1},
+                                  output={"save_every": 2, "plot": False})
+    out = d / "full"
+    check_ok(run_cli("lora", "--config", write_config(d / "full.json", cfg(out))))
+    return d, cfg, train_losses(out)[0]
+
+
+def run_with_crash(cfg_path, spec, *extra):
+    return subprocess.run([anvil_binary(), "lora", "--config", cfg_path, *extra], capture_output=True, text=True,
+                          timeout=300, env=dict(ENV, ANVIL_TEST_CHECKPOINT_CRASH=spec))
+
+
+@pytest.mark.parametrize("stage", range(6))
+def test_kill_at_every_stage_of_the_checkpoint_rotation_resumes(rotation, stage):
+    d, cfg, full = rotation
+    out = d / f"crash{stage}"
+    path = write_config(d / f"crash{stage}.json", cfg(out))
+    r = run_with_crash(path, f"3:{stage}")  # the third save: a checkpoint/ and its rotation exist
+    assert r.returncode == 86, r.stderr
+    # Resume and crash again in the same stage of the resumed run's second save: the rotation must also
+    # hold when the run came back from checkpoint.old/ or checkpoint.tmp/.
+    r = run_with_crash(path, f"2:{stage}", "--resume")
+    assert r.returncode == 86, r.stderr
+    assert "resuming from" in r.stderr, r.stderr
+    check_ok(run_cli("lora", "--config", path, "--resume"))
+    assert train_losses(out)[0] == full
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint"]
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda s: s.replace('"tokens"', '"tokenz"'), ["state.json", "lacks the key \"tokens\""]),
+    (lambda s: s[: len(s) // 2], ["state.json", "is not valid JSON"]),
+    (lambda s: s.replace('"config"', '"konfig"'), ["state.json", "lacks the key \"config\""]),
+    (lambda s: s.replace('"train": {', '"trains": {'), ["train.batch_size", "checkpoint was made with null"]),
+], ids=["missing-key", "torn", "no-config", "no-train-section"])
+def test_damaged_state_json_names_the_file(rotation, edit, words, request):
+    """At 878962f a missing key was undefined behaviour (operator[] on a const json) and bad JSON gave a
+    message without the file's name."""
+    d, cfg, _ = rotation
+    out = d / ("damaged-" + request.node.callspec.id)
+    path = write_config(d / f"{out.name}.json", cfg(out))
+    check_ok(run_cli("lora", "--config", path, "--train.steps=2"))
+    state = out / "checkpoint" / "state.json"
+    state.write_text(edit(state.read_text()))
+    r = run_cli("lora", "--config", path, "--resume")
+    assert r.returncode == 1, r.stderr
+    for w in words:
+        assert w in r.stderr, r.stderr
+    assert "Segmentation" not in r.stderr and "terminate" not in r.stderr, r.stderr
+
+
 # ---- (e), (f), (g): failures and the informational modes ---------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -301,7 +364,53 @@ def test_nonfinite_loss_stops_with_a_message(base, small):
     r = run_cli("lora", "--config", write_config(d / "nan.json", cfg))
     assert r.returncode == 1, r.stderr
     assert "the loss is" in r.stderr and "at step" in r.stderr, r.stderr
-    assert "last good checkpoint" in r.stderr, r.stderr
+    # The first update already gives weights ~1e30, so no checkpoint holds weights that gave a finite loss
+    # (at 878962f the step-1 checkpoint was named "last good" and resumed to NaN).
+    assert "No checkpoint was saved yet" in r.stderr, r.stderr
+
+
+def test_the_named_last_good_checkpoint_resumes_finite(base, small):
+    """lr 1e30 after one step of warm-up (lr 0 at step 0): the step-1 weights are the initial ones, the
+    step-2 update explodes. The failure must name the step-1 checkpoint, and resuming it with a sane lr
+    must train to finite losses."""
+    d, train = small
+    out = d / "explode"
+    cfg = lora_config(base, train, out, train={"lr": 1e30, "max_grad_norm": 0.0, "steps": 8, "warmup_steps": 1,
+                                                "schedule": "constant"},
+                      output={"save_every": 1, "plot": False})
+    path = write_config(d / "explode.json", cfg)
+    r = run_cli("lora", "--config", path)
+    assert r.returncode == 1, r.stderr
+    assert "last good checkpoint" in r.stderr and "(step 1," in r.stderr, r.stderr
+    assert checkpoint_step(out) == 1
+    r = run_cli("lora", "--config", path, "--resume", "--train.lr=1e-3")
+    check_ok(r)
+    losses = [l for _, l in train_losses(out)[0]]
+    assert len(losses) == 8 and all(math.isfinite(l) for l in losses), losses
+
+
+def test_skip_nonfinite_steps(base, small):
+    """ANVIL_TEST_NONFINITE_STEPS (a test hook of csrc/train/trainer.cpp) makes the loss of steps 3 and 4
+    NaN: without train.skip_nonfinite_steps the run stops there naming the last good checkpoint; with it
+    the two steps make no update and the run finishes, its logged losses finite; nine in a row stop it."""
+    d, train = small
+    env = dict(ENV, ANVIL_TEST_NONFINITE_STEPS="3,4")
+    def run(name, *extra, env=env):
+        cfg = lora_config(base, train, d / name, train={"steps": 6}, output={"save_every": 1, "plot": False})
+        return subprocess.run([anvil_binary(), "lora", "--config", write_config(d / f"{name}.json", cfg), *extra],
+                              capture_output=True, text=True, timeout=300, env=env)
+    r = run("poison-stop")
+    assert r.returncode == 1 and "last good checkpoint" in r.stderr and "(step 1," in r.stderr, r.stderr
+    r = run("poison-skip", "--train.skip_nonfinite_steps=true")
+    check_ok(r)
+    assert "step 3: loss nan" in r.stderr and "skipped" in r.stderr and "2 in a row" in r.stderr, r.stderr
+    lines = [json.loads(line) for line in open(d / "poison-skip" / "metrics.jsonl")]
+    steps = [m for m in lines if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2, 5, 6]  # the skipped steps log no loss of their own
+    assert all(math.isfinite(m["loss"]) for m in steps) and steps[-1]["skipped_steps"] == 2
+    r = run("poison-many", "--train.skip_nonfinite_steps=true", "--train.steps=12",
+            env=dict(ENV, ANVIL_TEST_NONFINITE_STEPS=",".join(str(i) for i in range(2, 12))))
+    assert r.returncode == 1 and "8 steps in a row" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("override, words", [

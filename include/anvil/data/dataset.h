@@ -23,6 +23,9 @@ namespace anvil::data {
 
 enum class LossOn { kAll, kCompletion };
 
+/// The label of a position without a target (transformers' ignore_index; anvil::train::kIgnoreIndex).
+constexpr int32_t kNoTarget = -100;
+
 /// One tokenized example: ids and, per id, whether it is a training target.
 struct Example {
   std::vector<int32_t> ids;
@@ -37,9 +40,6 @@ struct ReadOptions {
 /// Tokenizes one JSON object (a JSONL line) as described above. `where` names the line in errors.
 Example tokenize_example(const std::string& json_line, const Tokenizer& tok, const ReadOptions& options,
                          const std::string& where);
-
-/// Reads a .jsonl file: one example per non-blank line; errors name the file, the line and the rule.
-std::vector<Example> read_jsonl(const std::string& path, const Tokenizer& tok, const ReadOptions& options);
 
 /// Rows of packed examples, row-major (rows x row_length).
 struct PackedRows {

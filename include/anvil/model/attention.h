@@ -83,11 +83,6 @@ class Embedding : public torch::nn::Module {
   at::Tensor weight;
 };
 
-/// Whether the model layer runs anvil's fused ops (rms_norm, rope, swiglu) on a tensor like x: on CUDA
-/// for fp32/bf16/fp16, on the CPU also for fp64 (the CPU kernels reproduce transformers' arithmetic).
-/// The environment variable ANVIL_FUSED_OPS=0 turns them off (the ATen composites run instead).
-bool use_fused_ops(const at::Tensor& x);
-
 /// RMSNorm as transformers computes it: x * rsqrt(mean(x^2) + eps) in fp32, cast back to x's
 /// dtype, then times "weight".
 class RmsNorm : public torch::nn::Module {

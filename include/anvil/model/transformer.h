@@ -134,4 +134,12 @@ void save_causal_lm(const CausalLM& model, const std::string& dir, int64_t max_s
 at::ScalarType dtype_from_name(const std::string& name);
 std::string dtype_name(at::ScalarType dtype);
 
+/// The dtype a user names: "float32", "bfloat16", "float16", or "auto" (nullopt: the checkpoint's) when
+/// allow_auto. `what` names the option or key in errors ("--dtype", "config key model.dtype").
+c10::optional<at::ScalarType> parse_dtype(const std::string& name, const std::string& what, bool allow_auto);
+
+/// The device a user names: "cpu", "cuda", "cuda:N", or "auto" / "" (cuda when a GPU is present, else cpu).
+/// Throws std::invalid_argument naming `what` for another name or for cuda without a CUDA device.
+at::Device parse_device(const std::string& name, const std::string& what);
+
 }  // namespace anvil::model

@@ -1,8 +1,8 @@
-// adapter_config.json parsing and PEFT's targeting rules (lora/lora.h): suffix lists, regexes
+// adapter_config.json parsing and PEFT's targeting rules (anvil/lora/lora.h): suffix lists, regexes
 // (full match), all-linear, rank/alpha patterns (first key matching "(.*\.)?(key)$"), rsLoRA
 // scaling, the JSON written back, and every unsupported option failing with the key named. The
 // numerical oracle tests against PEFT itself are in tests/python/test_lora.py.
-#include "lora/lora.h"
+#include "anvil/lora/lora.h"
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>

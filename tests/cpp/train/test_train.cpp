@@ -4,11 +4,11 @@
 // dropout, so the RNG replay is tested), and the loss plot. The torch.optim.AdamW oracle runs in
 // tests/python/test_train.py over the whole recipe.
 #include "anvil/model/transformer.h"
-#include "anvil/train/checkpointing.h"
+#include "anvil/model/checkpointing.h"
 #include "anvil/train/loss.h"
 #include "anvil/train/optim.h"
 #include "anvil/train/plot.h"
-#include "lora/lora.h"
+#include "anvil/lora/lora.h"
 
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
@@ -242,7 +242,7 @@ TEST(Checkpointing, GradientsEqualThePlainBackwardWithDropout) {
   auto plain = fn(x).pow(2).sum();
   auto plain_grads = torch::autograd::grad({plain}, {x, w});
   at::manual_seed(11);
-  auto ckpt = checkpoint(fn, x).pow(2).sum();
+  auto ckpt = anvil::model::checkpoint(fn, x).pow(2).sum();
   ckpt.backward();
   EXPECT_TRUE(at::equal(plain, ckpt));
   EXPECT_TRUE(at::allclose(x.grad(), plain_grads[0], 1e-6, 1e-6));

@@ -1,4 +1,4 @@
-// Gradient checkpointing (include/anvil/train/checkpointing.h): a reentrant autograd Function.
+// Gradient checkpointing (include/anvil/model/checkpointing.h): a reentrant autograd Function.
 //
 // Forward saves the input (detached), the CPU generator's state, the CUDA generator's state for CUDA
 // inputs, and the autocast state, then runs the block under no-grad. Backward restores those states
@@ -7,7 +7,7 @@
 // A dummy input that requires grad makes the output require grad even when x does not (the first
 // layer's input in LoRA training comes from a frozen embedding), so backward still runs and the
 // block's parameters get their gradients.
-#include "anvil/train/checkpointing.h"
+#include "anvil/model/checkpointing.h"
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/autocast_mode.h>
@@ -15,7 +15,7 @@
 
 #include <mutex>
 
-namespace anvil::train {
+namespace anvil::model {
 
 namespace {
 
@@ -113,4 +113,4 @@ at::Tensor checkpoint(std::function<at::Tensor(const at::Tensor&)> fn, const at:
   return CheckpointFunction::apply(x, dummy, std::move(fn));
 }
 
-}  // namespace anvil::train
+}  // namespace anvil::model

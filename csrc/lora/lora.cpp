@@ -1,9 +1,9 @@
-// LoRA targeting, the adapter's forward pass, attaching and merging (lora/lora.h). Each rule names
+// LoRA targeting, the adapter's forward pass, attaching and merging (anvil/lora/lora.h). Each rule names
 // the PEFT 0.21 function it mirrors (peft/tuners/tuners_utils.py, peft/utils/other.py,
 // peft/tuners/lora/{layer,dora,variants}.py) so the two can be compared line by line. PiSSA (pissa_init)
 // replaces the base weight by its residual at attach time; the randomized SVD it may use is a port of
 // torch.svd_lowrank, op for op, so the same Gaussian draws give PEFT's factors.
-#include "lora/lora.h"
+#include "anvil/lora/lora.h"
 
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
@@ -407,6 +407,14 @@ void merge_adapter(anvil::model::CausalLM& model) {
     linear->adapter.reset();
   }
   for (auto& p : model.parameters()) p.requires_grad_(true);
+}
+
+double activation_elems_per_token(const anvil::model::ModelConfig& cfg, const LoraConfig& config) {
+  const double h = double(cfg.hidden_size), inter = double(cfg.intermediate_size);
+  const double q = double(cfg.num_attention_heads * cfg.head_dim);
+  double per_token = 7.0 * double(config.r);                          // x A of each of the 7 linears
+  if (config.lora_dropout > 0) per_token += h + q + h + inter;         // dropout(x) per distinct input
+  return per_token;
 }
 
 }  // namespace anvil::lora

@@ -13,11 +13,11 @@
 
 #include <functional>
 
-namespace anvil::train {
+namespace anvil::model {
 
 /// fn(x) computed without storing its activations; differentiable in x and in every tensor fn uses
 /// that requires grad. fn is called twice (forward and backward), so it must not change state other
 /// than through the RNG. Without grad mode it is simply fn(x).
 at::Tensor checkpoint(std::function<at::Tensor(const at::Tensor&)> fn, const at::Tensor& x);
 
-}  // namespace anvil::train
+}  // namespace anvil::model

@@ -1,4 +1,4 @@
-// PEFT-format adapter files (lora/lora.h; docs/FORMATS.md "LoRA adapters (PEFT format)"):
+// PEFT-format adapter files (anvil/lora/lora.h; docs/FORMATS.md "LoRA adapters (PEFT format)"):
 // adapter_config.json, written with the key set and defaults of peft 0.21's LoraConfig (json.dumps
 // with indent 2 and sorted keys), and adapter_model.safetensors with keys
 // "base_model.model.<module>.lora_A.weight" / ".lora_B.weight" / ".lora_magnitude_vector" (DoRA).
@@ -7,9 +7,9 @@
 // (peft_version, inference_mode, revision, ...) is ignored; every other key must hold its "off" value
 // (null, false, {} or []), else the load fails naming the key. Adapter tensors must cover exactly
 // the modules the config targets, with the shapes its ranks imply.
+#include "anvil/io/fs.h"
 #include "anvil/io/safetensors.h"
-#include "io/io_internal.h"  // the core's POSIX file helpers: std::filesystem is unsafe beside libtorch
-#include "lora/lora.h"
+#include "anvil/lora/lora.h"
 
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
@@ -83,13 +83,9 @@ Json number(double v) {
   return Json(v);
 }
 
-void write_text_atomically(const std::string& path, const std::string& text) {
-  anvil::io::detail::write_file_atomically(path, [&](int fd) { anvil::io::detail::write_all(fd, text.data(), text.size(), path); });
-}
-
 std::string read_text(const std::string& path) {
-  if (!anvil::io::detail::is_regular_file(path)) throw std::runtime_error(path + ": missing (not a PEFT adapter directory?)");
-  return anvil::io::detail::read_text_file(path, 64 << 20);
+  if (!anvil::io::is_regular_file(path)) throw std::runtime_error(path + ": missing (not a PEFT adapter directory?)");
+  return anvil::io::read_text_file(path, 64 << 20);
 }
 
 std::string shape_str(at::IntArrayRef s) {
@@ -240,7 +236,7 @@ void write_adapter(anvil::model::CausalLM& model, const LoraConfig& config,
                    const std::vector<std::pair<std::string, at::Tensor>>& state, const std::string& dir) {
   std::vector<std::string> names;
   for (auto& [name, a] : adapters_of(model)) names.push_back(name);
-  anvil::io::detail::make_directories(dir);
+  anvil::io::make_directories(dir);
   std::vector<std::pair<std::string, at::Tensor>> tensors;
   for (auto& [name, t] : state) tensors.emplace_back(name, t.detach().to(at::kCPU).contiguous());
   // PEFT's get_peft_model_state_dict: with an embedding layer (lm_head) among the targets it also
@@ -251,8 +247,8 @@ void write_adapter(anvil::model::CausalLM& model, const LoraConfig& config,
     if (linear->bias.defined())
       tensors.emplace_back(kFilePrefix + name + ".base_layer.bias", linear->bias.detach().to(at::kCPU).contiguous());
   }
-  anvil::io::save_safetensors(anvil::io::detail::join_path(dir, kWeightsFile), tensors, {{"format", "pt"}});
-  write_text_atomically(anvil::io::detail::join_path(dir, kConfigFile), adapter_config_json(config, names));
+  anvil::io::save_safetensors(anvil::io::join_path(dir, kWeightsFile), tensors, {{"format", "pt"}});
+  anvil::io::write_text_atomically(anvil::io::join_path(dir, kConfigFile), adapter_config_json(config, names));
 }
 
 // The PiSSA adapters of `model` with their initial factors rounded as PEFT's initial adapter holds them
@@ -319,14 +315,14 @@ void save_pissa_as_lora(anvil::model::CausalLM& model, const LoraConfig& config,
 }
 
 LoraConfig load_adapter(anvil::model::CausalLM& model, const std::string& dir) {
-  const auto config_path = anvil::io::detail::join_path(dir, kConfigFile);
+  const auto config_path = anvil::io::join_path(dir, kConfigFile);
   LoraConfig config = parse_adapter_config(read_text(config_path), config_path);
   if (is_pissa(config))
     throw std::runtime_error(config_path + ": \"init_lora_weights\" is \"" + config.init + "\": a raw PiSSA adapter "
                              "belongs on the residual base W - scaling B0 A0, not on this model; load the converted "
                              "adapter (anvil lora writes it to adapter/; PEFT's path_initial_model_for_weight_conversion)");
-  const auto weights_path = anvil::io::detail::join_path(dir, kWeightsFile);
-  if (!anvil::io::detail::is_regular_file(weights_path))
+  const auto weights_path = anvil::io::join_path(dir, kWeightsFile);
+  if (!anvil::io::is_regular_file(weights_path))
     throw std::runtime_error(weights_path + ": missing (anvil reads the safetensors adapter format only)");
   anvil::io::SafetensorsFile file(weights_path);
 

@@ -87,6 +87,11 @@ class LoraAdapter : public anvil::model::LinearAdapter {
   at::Tensor delta_weight() const;
 };
 
+/// The activations the adapters of a Llama-style layer keep per token, in elements (for memory plans):
+/// x A of each of the 7 linears (rank r), and the dropped-out inputs when lora_dropout > 0 (the branch
+/// otherwise saves the layer's own input, already counted) per distinct input of the layer.
+double activation_elems_per_token(const anvil::model::ModelConfig& model, const LoraConfig& config);
+
 /// Whether config.init is PiSSA ("pissa" or "pissa_niter_N").
 bool is_pissa(const LoraConfig& config);
 

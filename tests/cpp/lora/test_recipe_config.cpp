@@ -1,6 +1,9 @@
-// The recipe config (lora/recipe_config.h): defaults, overrides parsed as JSON or strings, and the
-// error messages for unknown keys and bad values, which must name the key and what is allowed.
-#include "lora/recipe_config.h"
+// The config of `anvil lora` (lora/recipe.h, on anvil/train/config.h): defaults, overrides parsed as JSON
+// or strings, and the error messages for unknown keys and bad values, which must name the key and what is
+// allowed.
+#include "lora/recipe.h"
+
+#include "train/recipe_config_test_util.h"
 
 #include <gtest/gtest.h>
 
@@ -10,21 +13,16 @@ namespace anvil::lora {
 namespace {
 
 using nlohmann::json;
+using train::apply_override;
 
-json minimal() { return json{{"model", {{"path", "some/model"}}}, {"data", {{"train", "train.jsonl"}}}}; }
+json default_config() { return config_schema().defaults; }
 
-// The message of the std::invalid_argument that resolving `user` throws ("" when it does not).
-std::string error_of(const json& user, RecipeMode mode = RecipeMode::kLora) {
-  try {
-    resolve_config(user, mode);
-  } catch (const std::invalid_argument& e) {
-    return e.what();
-  }
-  return "";
-}
+json minimal() { return test::minimal_recipe_config(); }
+
+std::string error_of(const json& user) { return test::resolve_error(resolve_config, user); }
 
 TEST(RecipeConfig, DefaultsFillEveryKey) {
-  const auto c = resolve_config(minimal(), RecipeMode::kLora);
+  const auto c = resolve_config(minimal());
   EXPECT_EQ(c.train.batch_size, 8);
   EXPECT_EQ(c.train.schedule, "cosine");
   EXPECT_DOUBLE_EQ(c.train.lr, 2e-4);
@@ -78,18 +76,15 @@ TEST(RecipeConfig, BadValuesNameTheKeyAndTheAllowedValues) {
   EXPECT_NE(error_of(u).find("data.train: is required"), std::string::npos) << error_of(u);
 }
 
+// What only anvil train allows; the other side of each rule: tests/cpp/finetune/test_recipe_config.cpp.
 TEST(RecipeConfig, ModeRules) {
   auto u = minimal();
   u["model"]["init"] = "random";
   u["model"]["config"] = "config.json";
-  EXPECT_NE(error_of(u, RecipeMode::kLora).find("model.init"), std::string::npos);
-  EXPECT_EQ(error_of(u, RecipeMode::kFull), "");
-  u["lora"]["r"] = 8;
-  EXPECT_NE(error_of(u, RecipeMode::kFull).find("lora.r"), std::string::npos);
+  EXPECT_NE(error_of(u).find("model.init"), std::string::npos);
   u = minimal();
   u["train"]["mixed_precision"] = "bf16";
-  EXPECT_NE(error_of(u, RecipeMode::kLora).find("train.mixed_precision"), std::string::npos);
-  EXPECT_EQ(error_of(u, RecipeMode::kFull), "");
+  EXPECT_NE(error_of(u).find("train.mixed_precision"), std::string::npos);
   u = minimal();
   u["model"]["path"] = "";
   EXPECT_NE(error_of(u).find("model.path: is required"), std::string::npos);
@@ -108,7 +103,7 @@ TEST(RecipeConfig, OverridesParseAsJsonElseString) {
   EXPECT_EQ(c["lora"]["targets"], (json{"q_proj", "v_proj"}));
   EXPECT_EQ(c["train"]["grad_checkpointing"], true);
   EXPECT_EQ(c["output"]["dir"], "runs/x=1");
-  const auto r = resolve_config(c, RecipeMode::kLora);
+  const auto r = resolve_config(c);
   EXPECT_EQ(r.lora.target_modules.kind, TargetModules::Kind::kList);
   EXPECT_EQ(r.lora.target_modules.names, (std::vector<std::string>{"q_proj", "v_proj"}));
   EXPECT_EQ(r.eval.prompts, (std::vector<std::string>{"a"}));
@@ -116,7 +111,7 @@ TEST(RecipeConfig, OverridesParseAsJsonElseString) {
   EXPECT_THROW(apply_override(c, "lr=1"), std::invalid_argument);
   EXPECT_THROW(apply_override(c, "a.b.c=1"), std::invalid_argument);
   apply_override(c, "train.nope=1");
-  EXPECT_THROW(resolve_config(c, RecipeMode::kLora), std::invalid_argument);
+  EXPECT_THROW(resolve_config(c), std::invalid_argument);
 }
 
 }  // namespace

@@ -1,0 +1,99 @@
+// The command line of every recipe (cli/recipe_command.h): --config, --print-config, --dry-run, --resume
+// and any number of --section.key=value overrides (cxxopts cannot declare those: they are picked out of
+// argv first).
+#include "cli/recipe_command.h"
+
+#include "anvil/io/fs.h"
+#include "anvil/train/config.h"
+
+#include <cxxopts.hpp>
+
+#include <string>
+#include <vector>
+
+#ifndef ANVIL_SOURCE_DIR
+#define ANVIL_SOURCE_DIR "."
+#endif
+
+namespace anvil::cli {
+
+namespace {
+
+// An override is "--section.key=value" or "--section.key value": a long option whose name has a dot.
+bool is_override(const std::string& arg) {
+  if (arg.rfind("--", 0) != 0) return false;
+  const auto name = arg.substr(2, arg.find('=') == std::string::npos ? std::string::npos : arg.find('=') - 2);
+  return name.find('.') != std::string::npos;
+}
+
+// Input paths of the embedded demo config are relative to the source tree.
+void anchor_demo_paths(nlohmann::json& config) {
+  const std::string root = ANVIL_SOURCE_DIR;
+  auto anchor = [&](const char* section, const char* key) {
+    if (!config.contains(section) || !config[section].contains(key) || !config[section][key].is_string()) return;
+    const std::string p = config[section][key].get<std::string>();
+    if (!p.empty() && p[0] != '/' && io::path_exists(io::join_path(root, p))) config[section][key] = io::join_path(root, p);
+  };
+  for (const char* key : {"path", "config", "tokenizer"}) anchor("model", key);
+  for (const char* key : {"train", "validation"}) anchor("data", key);
+}
+
+}  // namespace
+
+int run_recipe_command(int argc, char** argv, const std::string& description, const std::string& demo_config,
+                       const RecipeEntry& entry) {
+  const std::string name = argv[0];
+  std::vector<std::string> overrides;
+  std::vector<char*> rest = {argv[0]};
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i];
+    if (!is_override(arg)) {
+      rest.push_back(argv[i]);
+      continue;
+    }
+    if (arg.find('=') == std::string::npos) {
+      if (i + 1 >= argc) throw cxxopts::exceptions::exception("anvil " + name + ": " + arg + " needs a value");
+      arg += "=" + std::string(argv[++i]);
+    }
+    overrides.push_back(arg.substr(2));
+  }
+  cxxopts::Options options("anvil " + name, description);
+  options.add_options()
+      ("config", "the JSON config (docs/CLI.md lists every key)", cxxopts::value<std::string>())
+      ("print-config", "print the resolved config (defaults filled in, overrides applied) and exit")
+      ("dry-run", "print the memory estimate and exit")
+      ("resume", "continue the run in output.dir from its checkpoint")
+      ("h,help", "show this help; any config key can be overridden with --section.key=value");
+  int rest_argc = int(rest.size());
+  const auto args = options.parse(rest_argc, rest.data());
+  if (args.count("help")) {
+    std::cout << options.help() << "\n  --section.key=value   override one config key (e.g. --train.lr=1e-4)\n";
+    return 0;
+  }
+  if (!args.unmatched().empty())
+    throw cxxopts::exceptions::exception("anvil " + name + ": unexpected argument '" + args.unmatched()[0] + "'");
+
+  std::string config_path;
+  const bool demo = !args.count("config");
+  if (!demo) {
+    config_path = args["config"].as<std::string>();
+  } else if (!demo_config.empty()) {
+    config_path = io::join_path(ANVIL_SOURCE_DIR, demo_config);
+    if (!io::path_exists(config_path))
+      throw std::runtime_error("anvil " + name + ": no --config given and the embedded demo config " + config_path +
+                               " is missing (the demo's files are made with its data; pass --config FILE to train on "
+                               "your own)");
+  } else {
+    throw cxxopts::exceptions::exception("anvil " + name + ": --config is required");
+  }
+  // Read the file, apply the overrides, anchor the demo's paths; the recipe resolves.
+  nlohmann::json user = train::read_config_file(config_path);
+  for (const auto& o : overrides) train::apply_override(user, o);
+  if (demo) anchor_demo_paths(user);
+  train::RunOptions run;
+  run.resume = args.count("resume") > 0;
+  run.dry_run = args.count("dry-run") > 0;
+  return entry(user, args.count("print-config") > 0, run);
+}
+
+}  // namespace anvil::cli

@@ -1,0 +1,121 @@
+// Reading, splitting and batching training data (include/anvil/data/batches.h).
+#include "anvil/data/batches.h"
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <fstream>
+#include <stdexcept>
+
+namespace anvil::data {
+
+using nlohmann::json;
+
+Example read_example_line(const std::string& line, const Tokenizer* tok, const ReadOptions& options,
+                          const std::string& where) {
+  const auto j = json::parse(line, nullptr, false);
+  if (j.is_object() && j.contains("input_ids")) {
+    Example e;
+    const auto& ids = j["input_ids"];
+    if (!ids.is_array() || ids.empty()) throw std::runtime_error(where + ": \"input_ids\" must be a non-empty list of ids");
+    for (const auto& id : ids) {
+      if (!id.is_number_integer() || id.get<int64_t>() < 0)
+        throw std::runtime_error(where + ": \"input_ids\" must hold non-negative integers, got " + id.dump());
+      e.ids.push_back(id.get<int32_t>());
+    }
+    e.target.assign(e.ids.size(), 1);
+    if (j.contains("labels")) {
+      const auto& labels = j["labels"];
+      if (!labels.is_array() || labels.size() != ids.size())
+        throw std::runtime_error(where + ": \"labels\" must be a list as long as \"input_ids\"");
+      for (size_t i = 0; i < labels.size(); ++i) {
+        if (!labels[i].is_number_integer())
+          throw std::runtime_error(where + ": \"labels\" must hold integers (-100 = no target)");
+        e.target[i] = labels[i].get<int64_t>() != kNoTarget;
+      }
+    }
+    return e;
+  }
+  if (!tok)
+    throw std::runtime_error(where + ": a text example needs a tokenizer, and none was found (set model.tokenizer to a "
+                             "folder with tokenizer.json or tokenizer.model, or give pre-tokenized {\"input_ids\": [...]} lines)");
+  return tokenize_example(line, *tok, options, where);
+}
+
+std::vector<Example> read_examples(const std::string& path, const Tokenizer* tok, const ReadOptions& options,
+                                   const std::string& what) {
+  std::ifstream in(path);
+  if (!in) throw std::runtime_error(what + ": cannot open \"" + path + "\"");
+  std::vector<Example> out;
+  std::string line;
+  for (int64_t n = 1; std::getline(in, line); ++n) {
+    if (line.find_first_not_of(" \t\r\n") == std::string::npos) continue;
+    out.push_back(read_example_line(line, tok, options, path + ":" + std::to_string(n)));
+  }
+  if (out.empty()) throw std::runtime_error(what + ": \"" + path + "\" holds no examples");
+  return out;
+}
+
+void split_validation(std::vector<Example>& train, std::vector<Example>& validation, double fraction, uint64_t seed) {
+  const int64_t n = int64_t(train.size());
+  int64_t k = std::llround(fraction * double(n));
+  k = std::max<int64_t>(1, std::min<int64_t>(k, n - 1));
+  if (n < 2) throw std::runtime_error("config key data.validation_fraction: needs at least 2 training examples");
+  const auto order = shuffled_order(n, seed ^ 0x5eed5a1177ULL);
+  std::vector<uint8_t> is_val(n, 0);
+  for (int64_t i = 0; i < k; ++i) is_val[order[i]] = 1;
+  std::vector<Example> rest;
+  for (int64_t i = 0; i < n; ++i) (is_val[i] ? validation : rest).push_back(std::move(train[i]));
+  train = std::move(rest);
+}
+
+Batch slice_rows(const PackedRows& r, int64_t begin, int64_t end) {
+  Batch b;
+  b.rows = end - begin, b.length = r.row_length;
+  const auto from = begin * r.row_length, to = end * r.row_length;
+  b.ids.assign(r.ids.begin() + from, r.ids.begin() + to);
+  b.labels.assign(r.labels.begin() + from, r.labels.begin() + to);
+  b.positions.assign(r.positions.begin() + from, r.positions.begin() + to);
+  b.doc_ids.assign(r.doc_ids.begin() + from, r.doc_ids.begin() + to);
+  for (size_t i = 0; i < b.labels.size(); ++i) {
+    b.targets += b.labels[i] != kNoTarget;
+    b.tokens += b.doc_ids[i] >= 0;
+    b.packed = b.packed || b.doc_ids[i] > 0;
+  }
+  return b;
+}
+
+BatchStream::BatchStream(const std::vector<Example>& examples, int64_t seq_len, int32_t pad_id, int64_t batch_size,
+                         uint64_t seed)
+    : examples_(examples), seq_len_(seq_len), pad_id_(pad_id), batch_size_(batch_size), seed_(seed) {}
+
+PackedRows BatchStream::pack_epoch(int64_t epoch) const {
+  const auto order = shuffled_order(int64_t(examples_.size()), epoch_seed(seed_, epoch));
+  std::vector<Example> ordered;
+  ordered.reserve(order.size());
+  for (const auto i : order) ordered.push_back(examples_[i]);
+  return pack_examples(ordered, seq_len_, pad_id_);
+}
+
+int64_t BatchStream::batches_in_epoch(int64_t epoch) const {
+  return (pack_epoch(epoch).rows + batch_size_ - 1) / batch_size_;
+}
+
+void BatchStream::seek(int64_t epoch, int64_t index) {
+  epoch_ = epoch, index_ = index;
+  rows_ = pack_epoch(epoch_);
+}
+
+Batch BatchStream::next() {
+  if (rows_.rows == 0) rows_ = pack_epoch(epoch_);
+  if (index_ * batch_size_ >= rows_.rows) {
+    ++epoch_, index_ = 0;
+    rows_ = pack_epoch(epoch_);
+  }
+  Batch b = slice_rows(rows_, index_ * batch_size_, std::min(rows_.rows, (index_ + 1) * batch_size_));
+  ++index_;
+  return b;
+}
+
+}  // namespace anvil::data

@@ -1,0 +1,365 @@
+// The training loop (include/anvil/train/trainer.h).
+#include "anvil/train/trainer.h"
+
+#include "anvil/io/fs.h"
+#include "anvil/train/progress.h"
+
+#include <ATen/autocast_mode.h>
+#include <c10/util/Exception.h>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <iostream>
+#include <optional>
+#include <set>
+
+namespace anvil::train {
+
+namespace {
+
+using nlohmann::json;
+
+// ---- Ctrl-C ------------------------------------------------------------------------------------------
+
+std::atomic<bool> g_interrupted{false};
+
+// The first Ctrl-C asks the loop to stop after the current step; a second one kills as usual.
+extern "C" void on_interrupt(int) {
+  g_interrupted = true;
+  std::signal(SIGINT, SIG_DFL);
+}
+
+// Installs on_interrupt for its lifetime.
+struct InterruptScope {
+  void (*previous)(int);
+  InterruptScope() {
+    g_interrupted = false;
+    previous = std::signal(SIGINT, on_interrupt);
+  }
+  ~InterruptScope() { std::signal(SIGINT, previous); }
+};
+
+std::string fixed(double v, int digits) {
+  char buf[48];
+  std::snprintf(buf, sizeof buf, "%.*f", digits, v);
+  return buf;
+}
+
+std::string sci(double v) {
+  char buf[48];
+  std::snprintf(buf, sizeof buf, "%.3g", v);
+  return buf;
+}
+
+// train.skip_nonfinite_steps gives up after this many skipped steps in a row: the run is diverging, not
+// meeting a bad batch.
+constexpr int64_t kMaxSkippedInARow = 8;
+
+// A test hook (tests/python/test_train.py): ANVIL_TEST_NONFINITE_STEPS="3,4" makes those steps' loss NaN,
+// so that the non-finite stop and train.skip_nonfinite_steps can be shown on a run that is otherwise sane.
+std::set<int64_t> poisoned_steps() {
+  std::set<int64_t> out;
+  const char* spec = std::getenv("ANVIL_TEST_NONFINITE_STEPS");
+  for (const char* p = spec; p && *p;) {
+    char* end = nullptr;
+    const long long v = std::strtoll(p, &end, 10);
+    if (end == p) break;
+    out.insert(v);
+    p = *end == ',' ? end + 1 : end;
+  }
+  return out;
+}
+
+double seconds_since(std::chrono::steady_clock::time_point t) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+}
+
+}  // namespace
+
+// ---- pieces ------------------------------------------------------------------------------------------
+
+StepCallback progress_line(const std::string& label, int64_t total_steps, int64_t start_step) {
+  auto progress = std::make_shared<Progress>(label, total_steps, "steps");
+  progress->resume_from(start_step);
+  return [progress](const StepReport& r) {
+    std::vector<std::pair<std::string, std::string>> fields = {{"loss", fixed(r.loss, 4)}};
+    for (const auto& [name, v] : r.terms) fields.emplace_back(name, fixed(v, 4));
+    fields.emplace_back("lr", sci(r.lr));
+    const auto mem = cuda_memory_text();
+    if (r.peak_mem_gib >= 0 && !mem.empty()) fields.emplace_back("mem", mem);
+    progress->update(r.step, fields, r.tokens_this_run);
+    if (r.step >= r.total_steps) progress->finish();
+  };
+}
+
+LoopSettings loop_settings(const std::string& recipe, const TrainSection& train, const EvalSection& eval,
+                           const OutputSection& output, int64_t total_steps, const json& config,
+                           std::vector<std::string> same_run_sections) {
+  LoopSettings s;
+  s.recipe = recipe, s.out_dir = output.dir, s.train = train, s.total_steps = total_steps;
+  s.eval_every = eval.every, s.save_every = output.save_every, s.log_every = output.log_every;
+  s.plot = output.plot, s.config = config, s.same_run_sections = std::move(same_run_sections);
+  return s;
+}
+
+AutocastGuard::AutocastGuard(bool on, at::DeviceType type) : on_(on), type_(type) {
+  if (!on_) return;
+  was_ = at::autocast::is_autocast_enabled(type_);
+  was_dtype_ = at::autocast::get_autocast_dtype(type_);
+  at::autocast::set_autocast_enabled(type_, true);
+  at::autocast::set_autocast_dtype(type_, at::kBFloat16);
+}
+
+AutocastGuard::~AutocastGuard() {
+  if (!on_) return;
+  at::autocast::set_autocast_enabled(type_, was_);
+  at::autocast::set_autocast_dtype(type_, was_dtype_);
+  at::autocast::clear_cache();
+}
+
+// ---- Trainer -----------------------------------------------------------------------------------------
+
+Trainer::Trainer(LoopSettings settings, NamedTensors trainable, at::Device device)
+    : s_(std::move(settings)), trainable_(std::move(trainable)), device_(device) {
+  AdamWOptions adamw;
+  adamw.beta1 = s_.train.beta1, adamw.beta2 = s_.train.beta2, adamw.eps = s_.train.eps;
+  adamw.weight_decay = s_.train.weight_decay;
+  for (const auto& [name, t] : trainable_) params_.push_back(t);
+  optimizer_ = std::make_unique<AdamW>(params_, adamw);
+}
+
+void Trainer::add_checkpoint_file(CheckpointFile file) { extra_files_.push_back(std::move(file)); }
+
+std::string Trainer::path(const std::string& name) const { return io::join_path(s_.out_dir, name); }
+
+void Trainer::open(bool resume, data::BatchStream& stream) {
+  io::make_directories(s_.out_dir);
+  if (resume) {
+    const auto dir = find_checkpoint(s_.out_dir);
+    check_same_run(s_.config, checkpoint_config(dir), s_.same_run_sections);
+    state_ = load_training_checkpoint(dir, trainable_, *optimizer_, device_);
+    stream.seek(state_.epoch, state_.index);
+    truncate_metrics(path("metrics.jsonl"), state_.step);
+    std::cerr << "resuming from " << dir << " at step " << state_.step << "\n";
+  } else {
+    if (io::path_exists(path("checkpoint")))
+      throw std::runtime_error("output.dir " + s_.out_dir + " already holds a run (checkpoint/); pass --resume to "
+                               "continue it, or choose another output.dir");
+    io::write_text_atomically(path("metrics.jsonl"), "");
+  }
+  resumed_ = resume;
+  elapsed_before_ = state_.elapsed;
+  io::write_text_atomically(path("config.json"), s_.config.dump(2) + "\n");
+}
+
+void Trainer::save() {
+  save_training_checkpoint(s_.out_dir, trainable_, *optimizer_, state_, s_.config, generator_states(device_),
+                           extra_files_);
+}
+
+double Trainer::run_eval(const EvalFn& evaluate, MetricsLog& metrics) {
+  if (!evaluate) return 0;
+  const auto r = evaluate();
+  metrics.write({{"step", state_.step}, {"val_loss", r.loss}, {"val_ppl", r.ppl}});
+  std::cerr << "\nstep " << state_.step << ": validation loss " << fixed(r.loss, 4) << ", perplexity "
+            << fixed(r.ppl, 3) << " (" << r.targets << " tokens)\n";
+  return r.loss;
+}
+
+int Trainer::fit(data::BatchStream& stream, const LossFn& loss_fn, const EvalFn& evaluate, const StepCallback& on_step,
+                 const std::function<std::string()>& oom_advice) {
+  const std::string who = "anvil " + s_.recipe;
+  const bool mixed = s_.train.mixed_precision == "bf16";
+  ScheduleOptions schedule;
+  schedule.kind = s_.train.schedule, schedule.lr = s_.train.lr, schedule.warmup_steps = s_.train.warmup_steps;
+  schedule.total_steps = s_.total_steps, schedule.min_lr_ratio = s_.train.min_lr_ratio;
+  MetricsLog metrics(path("metrics.jsonl"));
+  const StepCallback report = on_step ? on_step : progress_line(s_.recipe, s_.total_steps, state_.step);
+  const auto start = std::chrono::steady_clock::now();
+  const int64_t tokens_before = state_.tokens;
+  int64_t last_good_step = state_.step;  // the step of the newest checkpoint on disk
+  bool has_checkpoint = resumed_;
+  InterruptScope interrupt_scope;
+  const auto zero = [&] { return at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(device_)); };
+
+  // Non-finite guard. Every step adds its loss and gradient norm to `unchecked` on the device (a sum of
+  // non-negative norms and losses is non-finite iff one of them is); the host reads it on logged steps
+  // and before every save. A checkpoint is only written once the weights it holds have given a finite
+  // loss: a save due after step k is held back (state, generator states) and written during step k+1,
+  // after that step's loss and gradient norm are known finite and before its update, when weights and
+  // optimizer state are still step k's. So the checkpoint a failure names resumes to a finite loss.
+  auto unchecked = zero();
+  const auto all_finite = [&] {
+    const bool ok = std::isfinite(unchecked.item<double>());
+    unchecked.zero_();
+    return ok;
+  };
+  struct Pending {
+    TrainState state;
+    NamedTensors generators;
+  };
+  std::optional<Pending> pending;
+  const auto write_checkpoint = [&](const TrainState& st, const NamedTensors& generators) {
+    save_training_checkpoint(s_.out_dir, trainable_, *optimizer_, st, s_.config, generators, extra_files_);
+    last_good_step = st.step;
+    has_checkpoint = true;
+  };
+  const auto snapshot = [&] {
+    TrainState st = state_;
+    st.elapsed = elapsed_before_ + seconds_since(start);
+    return Pending{st, generator_states(device_)};
+  };
+  const auto stop_nonfinite = [&](const std::string& what) {
+    std::cerr << "\n" << who << ": " << what << "; stopping. ";
+    if (has_checkpoint)
+      std::cerr << "The last good checkpoint is " << path("checkpoint") << " (step " << last_good_step
+                << ", its weights gave a finite loss): lower train.lr (now " << s_.train.lr
+                << ") and resume with --resume, or set train.skip_nonfinite_steps.\n";
+    else
+      std::cerr << "No checkpoint was saved yet: lower train.lr (now " << s_.train.lr
+                << ") or set train.max_grad_norm, and start again.\n";
+    return kExitFailed;
+  };
+
+  const std::set<int64_t> poisoned = poisoned_steps();
+
+  // Where validation starts, so that the first periodic evaluation has something to fall from.
+  if (state_.step == 0 && s_.eval_every > 0) run_eval(evaluate, metrics);
+  auto loss_acc = zero();
+  std::vector<at::Tensor> term_acc;
+  std::vector<std::string> term_names;
+  int64_t steps_since_log = 0, skipped_in_a_row = 0, skipped = 0;
+  try {
+    while (state_.step < s_.total_steps) {
+      // One optimizer step: its micro-batches first, so that the loss is the mean over all their targets.
+      const double lr = lr_at(schedule, state_.step);
+      std::vector<data::Batch> micro;
+      int64_t targets = 0;
+      for (int64_t i = 0; i < s_.train.grad_accum; ++i) {
+        micro.push_back(stream.next());
+        targets += micro.back().targets;
+      }
+      auto step_loss = zero();
+      std::vector<at::Tensor> step_terms;
+      for (const auto& b : micro) {
+        Loss loss;
+        {
+          AutocastGuard autocast(mixed, device_.type());
+          loss = loss_fn(b, double(targets));
+        }
+        loss.value.backward();
+        step_loss.add_(loss.value.detach());
+        for (size_t i = 0; i < loss.terms.size(); ++i) {
+          if (i == step_terms.size()) step_terms.push_back(zero());
+          if (i == term_names.size()) term_names.push_back(loss.terms[i].first);
+          step_terms[i].add_(loss.terms[i].second.detach().to(at::kFloat));
+        }
+        state_.tokens += b.tokens;
+      }
+      if (poisoned.count(state_.step + 1)) step_loss.fill_(std::nan(""));
+      const auto grad_norm = clip_grad_norm(params_, s_.train.max_grad_norm);
+      unchecked.add_(step_loss + grad_norm.to(at::kFloat));
+
+      // train.skip_nonfinite_steps: a host sync every step, to decide before the update.
+      const bool skip = s_.train.skip_nonfinite_steps && !all_finite();
+      // The held-back save of an earlier step, once its weights have given a finite loss (a skipped step
+      // vouches for nothing: the save waits for the next finite one).
+      if (pending && !skip) {
+        if (!s_.train.skip_nonfinite_steps && !all_finite())
+          return stop_nonfinite("the loss or gradient norm is not finite at step " + std::to_string(state_.step + 1));
+        write_checkpoint(pending->state, pending->generators);
+        pending.reset();
+      }
+      if (skip) {
+        ++skipped, ++skipped_in_a_row;
+        std::cerr << "\n" << who << ": step " << state_.step + 1 << ": loss " << step_loss.item<double>()
+                  << ", gradient norm " << grad_norm.item<double>() << ": not finite, skipped (train.skip_nonfinite_steps; "
+                  << skipped_in_a_row << " in a row)\n";
+        if (skipped_in_a_row >= kMaxSkippedInARow)
+          return stop_nonfinite(std::to_string(skipped_in_a_row) + " steps in a row were not finite (at step " +
+                                std::to_string(state_.step + 1) + ")");
+        optimizer_->zero_grad();
+      } else {
+        skipped_in_a_row = 0;
+        optimizer_->step(lr);
+        optimizer_->zero_grad();
+        loss_acc.add_(step_loss);
+        for (size_t i = 0; i < step_terms.size(); ++i) {
+          if (i == term_acc.size()) term_acc.push_back(zero());
+          term_acc[i].add_(step_terms[i]);
+        }
+        ++steps_since_log;
+      }
+      ++state_.step;
+      state_.epoch = stream.epoch(), state_.index = stream.index();
+
+      const bool last = state_.step == s_.total_steps;
+      const bool interrupted = g_interrupted;  // read once: the flag may change under us
+      const bool save_due = s_.save_every > 0 && state_.step % s_.save_every == 0 && !last;
+      // Saves fall on logged steps, so that a resumed run logs the same means as an uninterrupted one.
+      if ((state_.step % s_.log_every == 0 || last || save_due || interrupted) && steps_since_log > 0) {
+        const double loss = loss_acc.item<double>() / double(steps_since_log);  // the one host sync
+        loss_acc.zero_();
+        StepReport r;
+        for (size_t i = 0; i < term_acc.size(); ++i) {
+          r.terms.emplace_back(term_names[i], term_acc[i].item<double>() / double(steps_since_log));
+          term_acc[i].zero_();
+        }
+        steps_since_log = 0;
+        if (!std::isfinite(loss) || !all_finite())
+          return stop_nonfinite("the loss is " + std::to_string(loss) + " at step " + std::to_string(state_.step) +
+                                " (or a gradient norm since the last logged step is not finite)");
+        const double run_seconds = seconds_since(start);
+        r.step = state_.step, r.total_steps = s_.total_steps;
+        r.loss = loss, r.lr = lr, r.grad_norm = skip ? 0.0 : grad_norm.item<double>();
+        r.tokens = state_.tokens, r.tokens_this_run = state_.tokens - tokens_before;
+        r.tokens_per_s = double(r.tokens_this_run) / std::max(run_seconds, 1e-9);
+        r.elapsed_s = elapsed_before_ + run_seconds;
+        r.peak_mem_gib = peak_memory_gib(device_);
+        json line = {{"step", r.step},         {"loss", r.loss},     {"lr", r.lr},
+                     {"grad_norm", r.grad_norm}, {"tokens", r.tokens}, {"tokens_per_s", r.tokens_per_s},
+                     {"elapsed_s", r.elapsed_s}};
+        for (const auto& [name, v] : r.terms) line[name] = v;
+        if (r.peak_mem_gib >= 0) line["peak_mem_gib"] = r.peak_mem_gib;
+        if (skipped > 0) line["skipped_steps"] = skipped;
+        metrics.write(line);
+        report(r);
+      }
+      if (s_.eval_every > 0 && state_.step % s_.eval_every == 0 && !last) run_eval(evaluate, metrics);
+      if (interrupted && !last) {
+        // Ctrl-C saves at once (the user is waiting), after the same check.
+        if (!all_finite()) return stop_nonfinite("the loss or gradient norm is not finite before step " +
+                                                 std::to_string(state_.step));
+        const auto now = snapshot();
+        write_checkpoint(now.state, now.generators);
+        std::cerr << "\ninterrupted: saved a checkpoint at step " << state_.step << " in " << path("checkpoint")
+                  << "\nresume with: " << who << " --config " << s_.out_dir << "/config.json --resume\n";
+        return kExitInterrupted;
+      }
+      if (save_due) pending = snapshot();
+    }
+    const double final_val = run_eval(evaluate, metrics);
+    if (!std::isfinite(final_val)) return stop_nonfinite("the final validation loss is " + std::to_string(final_val));
+  } catch (const c10::OutOfMemoryError& e) {
+    std::cerr << "\nCUDA out of memory at step " << state_.step + 1 << ": " << e.what_without_backtrace() << "\n"
+              << (oom_advice ? oom_advice() : std::string()) << "\n";
+    return kExitFailed;
+  }
+  // The final weights have no next step to vouch for them: they must be finite (a huge but finite
+  // update shows as a non-finite validation loss above, when there is validation data).
+  if (!all_finite()) return stop_nonfinite("the loss or gradient norm of the last steps is not finite");
+  for (const auto& [name, t] : trainable_)
+    if (!at::isfinite(t).all().item<bool>())
+      return stop_nonfinite("the trained tensor " + name + " holds non-finite values after the last step");
+  const auto now = snapshot();
+  write_checkpoint(now.state, now.generators);
+  state_.elapsed = now.state.elapsed;
+  if (s_.plot) plot_metrics(path("metrics.jsonl"), path("loss.svg"), "anvil " + s_.recipe + ": " + io::file_name(s_.out_dir));
+  return kExitOk;
+}
+
+}  // namespace anvil::train
