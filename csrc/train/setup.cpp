@@ -70,10 +70,16 @@ ModelPaths resolve_model_paths(const ModelSection& m) {
 
 std::shared_ptr<CausalLM> build_model(const ModelSection& m, const ModelPaths& paths, at::ScalarType dtype,
                                       at::Device device, uint64_t seed, const std::string& base_weights) {
-  if (m.init == "pretrained") return model::load_causal_lm(paths.model, dtype, device, base_weights);
-  auto config = model::load_model_config(m.config);
-  auto lm = std::make_shared<CausalLM>(config, at::TensorOptions().dtype(dtype).device(device));
-  random_init(*lm, initializer_range_of(lm->config().json), seed);
+  std::shared_ptr<CausalLM> lm;
+  if (m.init == "pretrained") {
+    lm = model::load_causal_lm(paths.model, dtype, device, base_weights);
+  } else {
+    lm = std::make_shared<CausalLM>(model::load_model_config(m.config), at::TensorOptions().dtype(dtype).device(device));
+    random_init(*lm, initializer_range_of(lm->config().json), seed);
+  }
+  // Training mode (loading leaves a model in eval mode): dropout is on from the first step, whether or not
+  // a validation pass (which restores the mode it found) comes first.
+  lm->train();
   return lm;
 }
 
@@ -137,6 +143,7 @@ at::Tensor causal_lm_batch_loss(CausalLM& model, const data::Batch& b, double no
 
 EvalResult evaluate_causal_lm(CausalLM& model, const data::PackedRows& rows, int64_t batch_size, int64_t max_batches,
                               int64_t chunk, at::Device device) {
+  const bool was_training = model.is_training();
   model.eval();
   at::NoGradGuard no_grad;
   auto sum = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(device));
@@ -147,7 +154,7 @@ EvalResult evaluate_causal_lm(CausalLM& model, const data::PackedRows& rows, int
     sum += causal_lm_batch_loss(model, b, 1.0, chunk, device).to(at::kDouble);
     targets += b.targets;
   }
-  model.train();
+  if (was_training) model.train();
   EvalResult r;
   r.targets = targets;
   r.loss = targets ? sum.item<double>() / double(targets) : 0.0;

@@ -270,7 +270,8 @@ int Trainer::fit(data::BatchStream& stream, const LossFn& loss_fn, const EvalFn&
       // vouches for nothing: the save waits for the next finite one).
       if (pending && !skip) {
         if (!s_.train.skip_nonfinite_steps && !all_finite())
-          return stop_nonfinite("the loss or gradient norm is not finite at step " + std::to_string(state_.step + 1));
+          return stop_nonfinite("the loss is " + std::to_string(step_loss.item<double>()) + " (gradient norm " +
+                                std::to_string(grad_norm.item<double>()) + ") at step " + std::to_string(state_.step + 1));
         write_checkpoint(pending->state, pending->generators);
         pending.reset();
       }
@@ -332,8 +333,9 @@ int Trainer::fit(data::BatchStream& stream, const LossFn& loss_fn, const EvalFn&
       if (s_.eval_every > 0 && state_.step % s_.eval_every == 0 && !last) run_eval(evaluate, metrics);
       if (interrupted && !last) {
         // Ctrl-C saves at once (the user is waiting), after the same check.
-        if (!all_finite()) return stop_nonfinite("the loss or gradient norm is not finite before step " +
-                                                 std::to_string(state_.step));
+        if (!all_finite())
+          return stop_nonfinite("the loss or gradient norm is not finite in the steps before step " +
+                                std::to_string(state_.step));
         const auto now = snapshot();
         write_checkpoint(now.state, now.generators);
         std::cerr << "\ninterrupted: saved a checkpoint at step " << state_.step << " in " << path("checkpoint")

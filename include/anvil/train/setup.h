@@ -31,7 +31,7 @@ ModelPaths resolve_model_paths(const ModelSection& m);
 /// The model section's model: loaded from paths.model (init "pretrained"; `base_weights` as load_causal_lm
 /// takes it), or built from model.config with transformers' _init_weights (init "random": Linear and
 /// Embedding weights normal(0, initializer_range), biases zero, norms one) drawn on the CPU from a
-/// generator seeded with `seed`, so a seed gives the same model on any device.
+/// generator seeded with `seed`, so a seed gives the same model on any device. In training mode.
 std::shared_ptr<model::CausalLM> build_model(const ModelSection& m, const ModelPaths& paths, at::ScalarType dtype,
                                              at::Device device, uint64_t seed, const std::string& base_weights);
 
