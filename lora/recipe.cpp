@@ -55,7 +55,7 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
   auto tok = train::load_tokenizer_if_present(paths.tokenizer, c.eval);
 
   // ---- data ----
-  const auto data = train::read_training_data(c.data, tok.get(), c.train.seed);
+  const auto data = train::read_training_data(c.data, tok.get(), c.train.seed, model->config().vocab_size);
   data::BatchStream stream(data.train, c.data.seq_len, data.pad_id, c.train.batch_size, c.train.seed);
   const int64_t total_steps = train::count_steps(c.train, stream);
 

@@ -33,6 +33,12 @@ LoadedModel load_model_and_tokenizer(const cxxopts::ParseResult& args) {
   std::string tok_dir = args["tokenizer"].as<std::string>();
   m.tokenizer = data::load_tokenizer(tok_dir.empty() ? path : io::resolve_model_path(tok_dir));
   const auto& cfg = m.model->config();
+  // A tokenizer may have fewer ids than the model's (padded) embedding, never more: its extra ids would
+  // index past the embedding at the first prompt that holds one.
+  if (m.tokenizer->vocab_size() > cfg.vocab_size)
+    throw std::invalid_argument((tok_dir.empty() ? "--model" : "--tokenizer") + std::string(": the tokenizer has ") +
+                                std::to_string(m.tokenizer->vocab_size()) + " ids but the model's vocabulary only " +
+                                std::to_string(cfg.vocab_size) + " (the tokenizer of another model?)");
   std::cerr << "model: " << cfg.architecture << " from " << path << " (" << model::dtype_name(m.model->dtype())
             << ", " << m.model->device().str() << "), tokenizer " << m.tokenizer->kind() << " with "
             << m.tokenizer->vocab_size() << " ids\n";

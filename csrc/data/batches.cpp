@@ -4,6 +4,7 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <fstream>
 #include <stdexcept>
@@ -19,10 +20,20 @@ Example read_example_line(const std::string& line, const Tokenizer* tok, const R
     Example e;
     const auto& ids = j["input_ids"];
     if (!ids.is_array() || ids.empty()) throw std::runtime_error(where + ": \"input_ids\" must be a non-empty list of ids");
-    for (const auto& id : ids) {
-      if (!id.is_number_integer() || id.get<int64_t>() < 0)
-        throw std::runtime_error(where + ": \"input_ids\" must hold non-negative integers, got " + id.dump());
-      e.ids.push_back(id.get<int32_t>());
+    for (size_t i = 0; i < ids.size(); ++i) {
+      const auto& id = ids[i];
+      // Checked as JSON before any narrowing: 4294967297 must not train as token 1.
+      const bool ok = id.is_number_unsigned() ? id.get<uint64_t>() <= uint64_t(INT32_MAX)
+                                              : id.is_number_integer() && id.get<int64_t>() >= 0 &&
+                                                    id.get<int64_t>() <= INT32_MAX;
+      if (!ok)
+        throw std::runtime_error(where + ": \"input_ids\"[" + std::to_string(i) +
+                                 "] must be a non-negative integer below 2^31, got " + id.dump());
+      const auto v = id.get<int64_t>();
+      if (options.vocab_size > 0 && v >= options.vocab_size)
+        throw std::runtime_error(where + ": \"input_ids\"[" + std::to_string(i) + "] = " + std::to_string(v) +
+                                 " is outside the model's vocabulary of " + std::to_string(options.vocab_size) + " ids");
+      e.ids.push_back(static_cast<int32_t>(v));
     }
     e.target.assign(e.ids.size(), 1);
     if (j.contains("labels")) {
@@ -40,7 +51,14 @@ Example read_example_line(const std::string& line, const Tokenizer* tok, const R
   if (!tok)
     throw std::runtime_error(where + ": a text example needs a tokenizer, and none was found (set model.tokenizer to a "
                              "folder with tokenizer.json or tokenizer.model, or give pre-tokenized {\"input_ids\": [...]} lines)");
-  return tokenize_example(line, *tok, options, where);
+  Example e = tokenize_example(line, *tok, options, where);
+  if (options.vocab_size > 0)
+    for (const auto id : e.ids)
+      if (id >= options.vocab_size)
+        throw std::runtime_error(where + ": the tokenizer gave id " + std::to_string(id) +
+                                 ", outside the model's vocabulary of " + std::to_string(options.vocab_size) +
+                                 " ids (the tokenizer of another model? set model.tokenizer)");
+  return e;
 }
 
 std::vector<Example> read_examples(const std::string& path, const Tokenizer* tok, const ReadOptions& options,

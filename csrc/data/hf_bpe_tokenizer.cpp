@@ -41,6 +41,19 @@ constexpr const char* kGpt2Pattern =
   throw std::runtime_error(path + ": " + what);
 }
 
+// The largest token id a tokenizer.json may hold. Real vocabularies stay below 2^20 (Gemma 3: 262,144);
+// the bound keeps a tiny hostile file from asking for gigabytes (the id table is as long as the largest id).
+constexpr int64_t kMaxTokenId = (int64_t(1) << 22) - 1;
+
+// A token id from the file: a JSON integer in [0, kMaxTokenId], never narrowed silently (4294967297 is not 1).
+int32_t read_token_id(const json& v, const std::string& path, const std::string& what) {
+  if (!v.is_number_integer()) fail(path, what + " is " + v.dump() + ", not an integer id");
+  const bool in_range = v.is_number_unsigned() ? v.get<uint64_t>() <= uint64_t(kMaxTokenId)
+                                               : v.get<int64_t>() >= 0 && v.get<int64_t>() <= kMaxTokenId;
+  if (!in_range) fail(path, what + " = " + v.dump() + " is outside [0, " + std::to_string(kMaxTokenId) + "]");
+  return static_cast<int32_t>(v.get<int64_t>());
+}
+
 std::string type_of(const json& j, const std::string& path, const std::string& section) {
   if (!j.is_object() || !j.contains("type") || !j["type"].is_string()) {
     fail(path, section + " has no string \"type\"");
@@ -280,8 +293,7 @@ class HfBpeTokenizer final : public TokenizerImpl {
     if (!m.contains("vocab") || !m["vocab"].is_object()) fail(path, "model.vocab is not an object");
     int32_t max_id = -1;
     for (const auto& [token, id] : m["vocab"].items()) {
-      const int32_t i = id.get<int32_t>();
-      if (i < 0) fail(path, "model.vocab[\"" + token + "\"] has negative id " + std::to_string(i));
+      const int32_t i = read_token_id(id, path, "model.vocab[\"" + token + "\"]");
       vocab_[token] = i;
       max_id = std::max(max_id, i);
     }
@@ -343,8 +355,10 @@ class HfBpeTokenizer final : public TokenizerImpl {
     for (size_t i = 0; i < list.size(); ++i) {
       const json& e = list[i];
       AddedToken t;
-      t.id = e.at("id").get<int32_t>();
-      t.content = e.at("content").get<std::string>();
+      if (!e.is_object() || !e.contains("id") || !e.contains("content") || !e["content"].is_string())
+        fail(path, "added_tokens[" + std::to_string(i) + "] is not an object with an integer \"id\" and a string \"content\"");
+      t.id = read_token_id(e["id"], path, "added_tokens[" + std::to_string(i) + "].id");
+      t.content = e["content"].get<std::string>();
       t.special = e.value("special", false);
       t.lstrip = e.value("lstrip", false);
       t.rstrip = e.value("rstrip", false);
@@ -429,13 +443,15 @@ class HfBpeTokenizer final : public TokenizerImpl {
           if (!specials.contains(name)) {
             fail(path, "post_processor template names unknown special token \"" + name + "\"");
           }
-          for (const auto& id : specials[name].at("ids")) post_template_.push_back(id.get<int32_t>());
+          for (const auto& id : specials[name].at("ids"))
+            post_template_.push_back(read_token_id(id, path, "post_processor special_tokens[\"" + name + "\"].ids"));
         } else {
           fail(path, "post_processor TemplateProcessing: an item is neither Sequence nor SpecialToken");
         }
       }
     } else if (type == "RobertaProcessing" || type == "BertProcessing") {
-      post_template_ = {p.at("cls").at(1).get<int32_t>(), kSequenceMarker, p.at("sep").at(1).get<int32_t>()};
+      post_template_ = {read_token_id(p.at("cls").at(1), path, "post_processor cls"), kSequenceMarker,
+                        read_token_id(p.at("sep").at(1), path, "post_processor sep")};
     } else {
       unsupported(path, "post_processor", type,
                   "TemplateProcessing, ByteLevel, RobertaProcessing, BertProcessing, Sequence");

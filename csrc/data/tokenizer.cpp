@@ -195,10 +195,17 @@ std::unique_ptr<Tokenizer> load_model_folder(const std::string& dir_name) {
   const std::string gen_file = dir + "generation_config.json";
   if (exists(gen_file)) {
     const json gen = read_json(gen_file);
+    // An id of the vocabulary, checked before narrowing (a stop id past it could never be generated).
+    const auto eos_of = [&](const json& id) {
+      if (!id.is_number_integer() || id.get<int64_t>() < 0 || id.get<int64_t>() >= tok->vocab_size())
+        throw std::runtime_error(gen_file + ": eos_token_id " + id.dump() + " is not an id of the vocabulary [0, " +
+                                 std::to_string(tok->vocab_size()) + ")");
+      return static_cast<int32_t>(id.get<int64_t>());
+    };
     if (gen.contains("eos_token_id") && gen["eos_token_id"].is_number_integer()) {
-      eos_ids.push_back(gen["eos_token_id"].get<int32_t>());
+      eos_ids.push_back(eos_of(gen["eos_token_id"]));
     } else if (gen.contains("eos_token_id") && gen["eos_token_id"].is_array()) {
-      for (const auto& id : gen["eos_token_id"]) eos_ids.push_back(id.get<int32_t>());
+      for (const auto& id : gen["eos_token_id"]) eos_ids.push_back(eos_of(id));
     }
   }
   if (eos_ids.empty() && eos_id >= 0) eos_ids.push_back(eos_id);

@@ -92,8 +92,9 @@ std::unique_ptr<data::Tokenizer> load_tokenizer_if_present(const std::string& di
   return data::load_tokenizer(dir);
 }
 
-TrainingData read_training_data(const DataSection& d, const data::Tokenizer* tok, uint64_t seed) {
+TrainingData read_training_data(const DataSection& d, const data::Tokenizer* tok, uint64_t seed, int64_t vocab_size) {
   data::ReadOptions options;
+  options.vocab_size = vocab_size;
   options.loss_on = d.loss_on == "all" ? data::LossOn::kAll : data::LossOn::kCompletion;
   options.add_eos = d.add_eos;
   TrainingData out;

@@ -430,6 +430,21 @@ def test_bad_config_names_the_key(base, small, override, words):
         assert w in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("row, words", [
+    ({"input_ids": [5, 4294967297, 6]}, ["train.jsonl:2", "\"input_ids\"[1]", "below 2^31", "4294967297"]),
+    ({"input_ids": [5, VOCAB, 6]}, ["train.jsonl:2", "\"input_ids\"[1] = 101", "vocabulary of 101 ids"]),
+    ({"input_ids": [5, -1]}, ["train.jsonl:2", "\"input_ids\"[1]"]),
+], ids=["over-wide", "past-the-vocabulary", "negative"])
+def test_bad_token_ids_name_the_line_and_the_vocabulary(base, tmp_path, row, words):
+    """At 878962f 4294967297 trained as token 1 and an id past the vocabulary failed later as a bare
+    "index out of range in self" ([hardening] item 5)."""
+    train = write_jsonl(tmp_path / "train.jsonl", [{"input_ids": [3, 4, 5]}, row])
+    r = run_cli("lora", "--config", write_config(tmp_path / "c.json", lora_config(base, train, tmp_path / "out")))
+    assert r.returncode == 1, r.stderr
+    for w in words:
+        assert w in r.stderr, r.stderr
+
+
 def test_print_config_and_dry_run(base, small):
     d, train = small
     cfg = write_config(d / "print.json", lora_config(base, train, d / "print"))

@@ -35,6 +35,7 @@ struct Example {
 struct ReadOptions {
   LossOn loss_on = LossOn::kAll;
   bool add_eos = true;  ///< end text and prompt/completion examples with the tokenizer's eos (a target)
+  int64_t vocab_size = 0;  ///< > 0: every id must be below it (the model's vocabulary), else an error naming file:line
 };
 
 /// Tokenizes one JSON object (a JSONL line) as described above. `where` names the line in errors.

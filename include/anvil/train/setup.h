@@ -40,13 +40,14 @@ std::shared_ptr<model::CausalLM> build_model(const ModelSection& m, const ModelP
 std::unique_ptr<data::Tokenizer> load_tokenizer_if_present(const std::string& dir, const EvalSection& e);
 
 /// The examples of the data section: data.train, and data.validation or a data.validation_fraction split
-/// of data.train (seeded by `seed`), packed with the tokenizer's pad id (else eos, else 0).
+/// of data.train (seeded by `seed`), packed with the tokenizer's pad id (else eos, else 0). Every id must be
+/// below `vocab_size` (the model's vocabulary): an error names the file and line of the first that is not.
 struct TrainingData {
   std::vector<data::Example> train, validation;
   data::PackedRows validation_rows;
   int32_t pad_id = 0;
 };
-TrainingData read_training_data(const DataSection& d, const data::Tokenizer* tok, uint64_t seed);
+TrainingData read_training_data(const DataSection& d, const data::Tokenizer* tok, uint64_t seed, int64_t vocab_size);
 
 /// train.steps, or every epoch's micro-batches / grad_accum (at least 1).
 int64_t count_steps(const TrainSection& t, const data::BatchStream& stream);

@@ -231,6 +231,20 @@ TEST(Tokenizer, UnsupportedTypesAreNamed) {
   expect_load_error([](json& j) { j["added_tokens"][0]["single_word"] = true; }, {"added_tokens[0]", "single_word"});
 }
 
+// Hostile ids ([hardening] item 1): at 878962f an added-token id of -1 wrapped size_t(-1) + 1 to 0 and wrote at
+// id_to_token_[SIZE_MAX] (heap corruption, SIGABRT), vocab ids were narrowed to int32 unchecked, and a tiny
+// file with id 2^31 - 1 asked for ~64 GB. Each is now an error naming the field and the bound.
+TEST(Tokenizer, HostileIdsAreErrorsNotCorruption) {
+  expect_load_error([](json& j) { j["added_tokens"][0]["id"] = -1; }, {"added_tokens[0].id = -1", "outside [0, 4194303]"});
+  expect_load_error([](json& j) { j["added_tokens"][0]["id"] = "7"; }, {"added_tokens[0].id", "not an integer id"});
+  expect_load_error([](json& j) { j["added_tokens"][0]["id"] = 2147483647; }, {"added_tokens[0].id = 2147483647"});
+  expect_load_error([](json& j) { j["added_tokens"][0] = json::array({1}); }, {"added_tokens[0]", "integer \"id\""});
+  expect_load_error([](json& j) { j["model"]["vocab"]["!"] = 4294967297LL; }, {"model.vocab[\"!\"] = 4294967297"});
+  expect_load_error([](json& j) { j["model"]["vocab"]["!"] = 1000000000; }, {"model.vocab[\"!\"]", "outside"});
+  expect_load_error([](json& j) { j["model"]["vocab"]["!"] = -3; }, {"model.vocab[\"!\"] = -3"});
+  expect_load_error([](json& j) { j["model"]["vocab"]["!"] = 1.5; }, {"model.vocab[\"!\"]", "not an integer id"});
+}
+
 TEST(Tokenizer, FolderErrorsNameTheFile) {
   try {
     load_tokenizer("/nonexistent/anvil/model");
