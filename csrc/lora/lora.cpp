@@ -11,8 +11,11 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <map>
 #include <regex>
 #include <stdexcept>
@@ -325,6 +328,22 @@ std::vector<std::pair<std::string, at::Tensor>> apply_lora(
                                     c10::str(given[key_a].sizes()) + " and " + c10::str(given[key_b].sizes()) +
                                     ", the config implies (" + std::to_string(r) + ", " + std::to_string(in_f) +
                                     ") and (" + std::to_string(out_f) + ", " + std::to_string(r) + ")");
+    }
+  }
+  // The adapters are initialised in fp32 on the host: a rank that cannot fit there is a config error named
+  // as such, not an allocator abort (at 878962f lora.r = 1e9 ended in a c10 FATAL, exit 134).
+  {
+    double bytes = 0;
+    for (auto& [name, linear] : linears)
+      if (is_target(config, name, name == "lm_head"))
+        bytes += 4.0 * double(rank_of(config, name)) * double(linear->weight.size(0) + linear->weight.size(1));
+    const double host = double(::sysconf(_SC_PHYS_PAGES)) * double(::sysconf(_SC_PAGE_SIZE));
+    if (host > 0 && bytes > host) {
+      char msg[256];
+      std::snprintf(msg, sizeof msg, "the adapters of r = %lld (lora.r) need %.1f GB of host memory to initialise, "
+                    "more than this machine's %.1f GB: lower lora.r", static_cast<long long>(config.r), bytes / 1e9,
+                    host / 1e9);
+      throw std::invalid_argument(std::string("apply_lora: ") + msg);
     }
   }
   auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);

@@ -350,6 +350,15 @@ int Trainer::fit(data::BatchStream& stream, const LossFn& loss_fn, const EvalFn&
     std::cerr << "\nCUDA out of memory at step " << state_.step + 1 << ": " << e.what_without_backtrace() << "\n"
               << (oom_advice ? oom_advice() : std::string()) << "\n";
     return kExitFailed;
+  } catch (const c10::Error& e) {
+    // The host allocator's failure is a plain c10::Error; give it the same advice as the device's.
+    const std::string what = e.what_without_backtrace();
+    if (what.find("DefaultCPUAllocator: can't allocate memory") == std::string::npos &&
+        what.find("DefaultCPUAllocator: not enough memory") == std::string::npos)
+      throw;
+    std::cerr << "\nhost out of memory at step " << state_.step + 1 << ": " << what << "\n"
+              << (oom_advice ? oom_advice() : std::string()) << "\n";
+    return kExitFailed;
   }
   // The final weights have no next step to vouch for them: they must be finite (a huge but finite
   // update shows as a non-finite validation loss above, when there is validation data).

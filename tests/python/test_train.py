@@ -445,6 +445,15 @@ def test_bad_token_ids_name_the_line_and_the_vocabulary(base, tmp_path, row, wor
         assert w in r.stderr, r.stderr
 
 
+def test_a_rank_that_cannot_fit_the_host_is_a_config_error(base, small):
+    """At 878962f lora.r = 1e9 ended in a c10 FATAL from the CPU allocator, exit 134 ([hardening] item 3)."""
+    d, train = small
+    r = run_cli("lora", "--config", write_config(d / "huge.json", lora_config(base, train, d / "huge")),
+                "--lora.r=1000000000")
+    assert r.returncode == 1, r.stderr
+    assert "lora.r" in r.stderr and "host memory" in r.stderr and "lower lora.r" in r.stderr, r.stderr
+
+
 def test_print_config_and_dry_run(base, small):
     d, train = small
     cfg = write_config(d / "print.json", lora_config(base, train, d / "print"))
