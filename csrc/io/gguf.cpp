@@ -486,7 +486,10 @@ at::Tensor dequantize_ggml_tensor(const GgufTensorInfo& info, const uint8_t* dat
   const BlockFn fn = block_function(info.type);
   TORCH_CHECK(fn, "gguf: '", what, "': tensor '", info.name, "' has ggml type ", ggml_type_name(info.type),
               ", which anvil does not dequantize (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K)");
-  const auto [block_elems, block_bytes] = ggml_block_layout(info.type);
+  // Plain variables, not a structured binding: the lambda below captures them (C++17 forbids capturing
+  // bindings, which clang enforces).
+  const auto layout = ggml_block_layout(info.type);
+  const int64_t block_elems = layout.first, block_bytes = layout.second;
   const int64_t numel = info.numel();
   TORCH_CHECK(numel % block_elems == 0 && static_cast<uint64_t>(numel / block_elems * block_bytes) == info.nbytes,
               "gguf: '", what, "': tensor '", info.name, "' has ", info.nbytes, " bytes, not ", numel, " elements of ",

@@ -14,8 +14,11 @@ namespace anvil::train {
 
 using nlohmann::json;
 
+// A value as the user wrote it, for messages; never throws (invalid UTF-8 shows as U+FFFD).
+std::string shown(const json& v) { return v.dump(-1, ' ', false, json::error_handler_t::replace); }
+
 void config_error(const std::string& key, const std::string& rule, const json& got) {
-  throw std::invalid_argument("config key " + key + ": " + rule + ", got " + got.dump());
+  throw std::invalid_argument("config key " + key + ": " + rule + ", got " + shown(got));
 }
 
 namespace {
@@ -30,7 +33,7 @@ std::string key_list(const json& object) {
 
 json merge_over_defaults(const ConfigSchema& schema, const json& user) {
   json merged = schema.defaults;
-  if (!user.is_object()) throw std::invalid_argument("config: the top level must be a JSON object, got " + user.dump());
+  if (!user.is_object()) throw std::invalid_argument("config: the top level must be a JSON object, got " + shown(user));
   for (auto section = user.begin(); section != user.end(); ++section) {
     if (!merged.contains(section.key())) {
       bool foreign_and_empty = false;
@@ -47,7 +50,7 @@ json merge_over_defaults(const ConfigSchema& schema, const json& user) {
     }
     if (!section.value().is_object())
       throw std::invalid_argument("config section " + section.key() + ": must be a JSON object, got " +
-                                  section.value().dump());
+                                  shown(section.value()));
     json& target = merged[section.key()];
     for (auto key = section.value().begin(); key != section.value().end(); ++key) {
       if (!target.contains(key.key()))
@@ -60,6 +63,14 @@ json merge_over_defaults(const ConfigSchema& schema, const json& user) {
 }
 
 void apply_override(json& config, const std::string& assignment) {
+  // Command-line bytes are the one way text that is not UTF-8 could enter a config (a config file goes
+  // through the JSON parser, which refuses it); config.json and every message must stay writable.
+  try {
+    (void)json(assignment).dump();
+  } catch (const json::type_error&) {
+    const std::string quoted = shown(json(assignment));  // "..." with U+FFFD for the bad bytes
+    throw std::invalid_argument("override '--" + quoted.substr(1, quoted.size() - 2) + "': not valid UTF-8");
+  }
   const auto eq = assignment.find('=');
   const std::string key = assignment.substr(0, eq);
   const auto dot = key.find('.');

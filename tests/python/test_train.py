@@ -454,6 +454,17 @@ def test_a_rank_that_cannot_fit_the_host_is_a_config_error(base, small):
     assert "lora.r" in r.stderr and "host memory" in r.stderr and "lower lora.r" in r.stderr, r.stderr
 
 
+def test_an_override_that_is_not_utf8_is_named(base, small):
+    """Found by tests/fuzz/fuzz_config.cpp: command-line bytes that are not UTF-8 reached the config, and the
+    first message or config.json that showed them threw a JSON type error instead of naming the key."""
+    d, train = small
+    cfg = write_config(d / "utf8.json", lora_config(base, train, d / "utf8"))
+    r = subprocess.run([anvil_binary().encode(), b"lora", b"--config", cfg.encode(), b"--train.lr=1e\xff-3"],
+                       capture_output=True, timeout=300, env=ENV)
+    err = r.stderr.decode("utf-8", "replace")
+    assert r.returncode != 0 and "train.lr" in err and "not valid UTF-8" in err, err
+
+
 def test_print_config_and_dry_run(base, small):
     d, train = small
     cfg = write_config(d / "print.json", lora_config(base, train, d / "print"))

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The libFuzzer harnesses of tests/fuzz (ASan + UBSan, clang++): build them in build-fuzz/ and run each for
+# a bounded time on a scratch copy of its seed corpus; fails on any finding (a crash, a sanitizer report, a
+# leak, an allocation over -malloc_limit_mb). CI runs it after the tests (.ci/run); a finding leaves
+# crash-<sha1> in build-fuzz/findings/<target>/ (reproduce: build-fuzz/bin/<target> that-file).
+#
+#   scripts/fuzz.sh                 every harness, 60 s each
+#   ANVIL_FUZZ_SECONDS=600 scripts/fuzz.sh fuzz_gguf      one harness, longer (the docs' long runs)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+[ -d .venv/bin ] && export PATH="$PWD/.venv/bin:$PATH"
+seconds=${ANVIL_FUZZ_SECONDS:-60}
+targets=("$@")
+[ ${#targets[@]} -gt 0 ] || targets=(fuzz_safetensors fuzz_gguf fuzz_tokenizer_json fuzz_config)
+
+t0=$SECONDS
+[ -f build-fuzz/CMakeCache.txt ] || cmake --preset fuzz > /dev/null || exit 1
+cmake --build build-fuzz --target "${targets[@]}" || exit 1
+echo "fuzz: built ${#targets[@]} harnesses in $(( SECONDS - t0 )) s"
+
+status=0
+for t in "${targets[@]}"; do
+  name=${t#fuzz_}
+  work=build-fuzz/findings/$t
+  rm -rf "$work" && mkdir -p "$work/corpus"
+  args=(-max_total_time="$seconds" -max_len=16384 -malloc_limit_mb=2048 -timeout=20 -print_final_stats=1
+        -artifact_prefix="$work/")
+  [ -f "tests/fuzz/$name.dict" ] && args+=(-dict="tests/fuzz/$name.dict")
+  log=$work/log.txt
+  build-fuzz/bin/"$t" "${args[@]}" "$work/corpus" "tests/fuzz/corpus_$name" > "$log" 2>&1
+  rc=$?
+  runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$')
+  rate=$(grep -o 'stat::average_exec_per_sec: *[0-9]*' "$log" | grep -o '[0-9]*$')
+  if [ $rc -eq 0 ]; then
+    echo "fuzz: $t: ${runs:-?} inputs in ${seconds} s (${rate:-?}/s), no finding"
+  else
+    echo "fuzz: $t: FINDING (exit $rc) after ${runs:-?} inputs; see $log and $work/" >&2
+    grep -E "ERROR|SUMMARY|runtime error|what\(\)" "$log" | head -10 >&2
+    status=1
+  fi
+done
+exit $status
