@@ -259,15 +259,15 @@ def token_examples(n, seed):
     return out
 
 
-def distill_config(teacher, train, val, out, **sections):
+def distill_config(teacher_path, train_path, val_path, out_dir, **sections):
     cfg = {
-        "teacher": {"path": teacher, "dtype": "float32", "device": "cpu"},
+        "teacher": {"path": teacher_path, "dtype": "float32", "device": "cpu"},
         "student": {"init": "derived", "layers": [0, 2], "dtype": "float32", "device": "cpu"},
         "distill": {"loss": "forward_kl", "kd_ratio": 0.5, "chunk": 16},
-        "data": {"train": train, "validation": val, "seq_len": 32},
+        "data": {"train": train_path, "validation": val_path, "seq_len": 32},
         "train": {"batch_size": 2, "grad_accum": 2, "steps": 12, "lr": 3e-3, "warmup_steps": 2, "seed": 5},
         "eval": {"every": 4},
-        "output": {"dir": str(out), "log_every": 1, "plot": False},
+        "output": {"dir": str(out_dir), "log_every": 1, "plot": False},
     }
     for section, values in sections.items():
         cfg.setdefault(section, {}).update(values)
@@ -355,7 +355,8 @@ def test_kd_student_ends_closer_to_the_teacher_than_a_ce_student(tmp_path):
         check_ok(run_cli("distill", "--config", write_config(tmp_path / f"{name}.json", cfg), timeout=600))
         finals[name] = [m for m in metrics(out) if "val_kl" in m][-1]
     kd, ce = finals["kd"]["val_kl"], finals["ce"]["val_kl"]
-    assert kd < 0.8 * ce, finals  # the margin: at least 20% lower KL to the teacher
+    print("KD vs CE student, final validation:", finals)
+    assert kd < 0.6 * ce, finals  # the margin: at least 40% lower KL to the teacher (measured: 0.224 vs 0.535)
     assert finals["kd"]["val_top1"] > finals["ce"]["val_top1"], finals
 
 
