@@ -310,7 +310,7 @@ std::string format_estimate(const MemoryEstimate& m, const MemoryInputs& in) {
   row("AdamW state (exp_avg, exp_avg_sq)", m.optimizer);
   row("activations", m.activations);
   row("activations with grad_checkpointing", m.activations_ckpt);
-  row(in.extra_loss_chunk > 0 ? "loss chunk (the larger of CE's and KD's)" : "loss chunk (train.loss_chunk rows)",
+  row(in.extra_loss_chunk > 0 ? "loss chunk (larger of CE and KD)" : "loss chunk (train.loss_chunk rows)",
       m.loss_chunk);
   if (!in.frozen_what.empty()) {
     row((in.frozen_what + " weights (frozen)").c_str(), m.frozen_weights);

@@ -388,3 +388,28 @@ def test_dry_run_plans_teacher_and_student(teacher_dir, data, tmp_path):
     check_ok(r)
     assert "teacher weights (frozen)" in r.stdout and "teacher forward (no grad)" in r.stdout, r.stdout
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_lora_student_writes_a_merged_model_and_a_peft_adapter_on_its_base(teacher_dir, data, tmp_path):
+    peft = pytest.importorskip("peft")
+    _, train, val = data
+    out = tmp_path / "lora"
+    cfg = distill_config(teacher_dir, train, val, out, lora={"r": 4, "alpha": 8}, train={"steps": 4, "lr": 1e-2},
+                         eval={"every": 0})
+    check_ok(run_cli("distill", "--config", write_config(tmp_path / "lora.json", cfg)))
+    steps = [m for m in metrics(out) if "loss" in m]
+    assert len(steps) == 4 and all({"kd", "ce"} <= m.keys() for m in steps)
+    ids = torch.tensor([token_examples(1, 3)[0]["input_ids"]])
+    merged = assert_logits_match(str(out / "model"), ids)
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(out / "student_base"), dtype=torch.float32)
+    assert base.config.num_hidden_layers == 2
+    with open(out / "adapter" / "adapter_config.json") as f:
+        assert json.load(f)["base_model_name_or_path"].endswith("student_base")
+    pm = peft.PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+    with torch.no_grad():
+        ref, got = pm(ids).logits, merged(ids).logits
+    assert (got - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+    # The adapters trained: the merged student is not its base.
+    assert not torch.equal(merged.state_dict()["model.layers.0.self_attn.q_proj.weight"],
+                           transformers.AutoModelForCausalLM.from_pretrained(str(out / "student_base"))
+                           .state_dict()["model.layers.0.self_attn.q_proj.weight"])
