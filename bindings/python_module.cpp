@@ -5,12 +5,14 @@
 #include "anvil/data/tokenizer.h"
 #include "anvil/io/gguf.h"
 #include "anvil/io/safetensors.h"
+#include "anvil/model/derive.h"
 #include "anvil/model/generate.h"
 #include "anvil/model/gguf_model.h"
 #include "anvil/model/transformer.h"
 #include "anvil/ops.h"
 #include "anvil/selfcheck.h"
 #include "anvil/lora/lora.h"
+#include "anvil/train/kd_loss.h"
 
 #include <map>
 #include <torch/extension.h>
@@ -403,9 +405,57 @@ void bind_gguf(py::module_& m) {
       "A GGUF model's tensors under Hugging Face names, fp32, q/k un-permuted.");
 }
 
+// ---- distillation: the KD losses (tests/python/test_distill.py compares them with torchtune's and TRL's) ----
+void bind_distill(py::module_& m) {
+  namespace tr = anvil::train;
+  const auto options = [](const std::string& loss, double temperature, double skew_lambda, double jsd_beta,
+                          int64_t chunk) {
+    tr::KdOptions o;
+    o.loss = tr::parse_kd_loss(loss, "loss");
+    o.temperature = temperature, o.skew_lambda = skew_lambda, o.jsd_beta = jsd_beta, o.chunk = chunk;
+    return o;
+  };
+  m.def(
+      "kd_loss",
+      [options](const at::Tensor& student_hidden, const at::Tensor& student_weight, const at::Tensor& teacher_hidden,
+                const at::Tensor& teacher_weight, double normalizer, const std::string& loss, double temperature,
+                double skew_lambda, double jsd_beta, int64_t chunk) {
+        return tr::kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, normalizer,
+                            options(loss, temperature, skew_lambda, jsd_beta, chunk));
+      },
+      py::arg("student_hidden"), py::arg("student_weight"), py::arg("teacher_hidden"), py::arg("teacher_weight"),
+      py::arg("normalizer"), py::arg("loss") = "forward_kl", py::arg("temperature") = 1.0, py::arg("skew_lambda") = 0.1,
+      py::arg("jsd_beta") = 0.5, py::arg("chunk") = 1024,
+      "The chunked KD loss (anvil/train/kd_loss.h): sum over rows of the divergence between the student's and the "
+      "teacher's softmax(h W^T / temperature), / normalizer; autograd to the student's hidden rows and head.");
+  m.def(
+      "kd_divergence_from_logits",
+      [options](const at::Tensor& student_logits, const at::Tensor& teacher_logits, const std::string& loss,
+                double temperature, double skew_lambda, double jsd_beta) {
+        return tr::kd_divergence_from_logits(student_logits, teacher_logits,
+                                              options(loss, temperature, skew_lambda, jsd_beta, 1));
+      },
+      py::arg("student_logits"), py::arg("teacher_logits"), py::arg("loss") = "forward_kl", py::arg("temperature") = 1.0,
+      py::arg("skew_lambda") = 0.1, py::arg("jsd_beta") = 0.5,
+      "Each row's divergence (N) from logits (N, V): the plain-ATen reference the chunked loss shares its formula with.");
+  m.def("kd_loss_names", &tr::kd_loss_names, "The names distill.loss accepts.");
+  m.def(
+      "derive_by_layers",
+      [](PyCausalLM& source, const std::vector<int64_t>& keep, const std::string& dtype) {
+        const auto dt = dtype.empty() ? source.model->dtype() : anvil::model::dtype_from_name(dtype);
+        auto lm = anvil::model::derive_by_layers(*source.model, keep,
+                                                 at::TensorOptions().dtype(dt).device(source.model->device()), "keep");
+        lm->eval();
+        return PyCausalLM{lm};
+      },
+      py::arg("source"), py::arg("keep"), py::arg("dtype") = "", py::call_guard<py::gil_scoped_release>(),
+      "A model of the source's layers `keep`, renumbered (anvil/model/derive.h), in eval mode.");
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "anvil C++ core";
   bind_model(m);
+  bind_distill(m);
   bind_tokenizer(m);
   bind_dataset(m);
   bind_lora(m);

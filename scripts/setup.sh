@@ -45,11 +45,16 @@ if [ ! -x .venv/bin/python ]; then
   say "creating .venv with $($python --version)"
   $python -m venv .venv
 fi
+# Oracles installed without their dependencies: torchtune's KD losses are one file that imports only torch
+# (tests/python/test_distill.py loads it alone), while the package's own dependencies (torchao, torchdata, a
+# dataset stack) are for its recipes, which no test runs.
+no_deps=(torchtune==0.6.1)
 stamp=.venv/.anvil-requirements
-want=$(sha256sum requirements.txt | cut -d' ' -f1)
+want=$( (cat requirements.txt; printf '%s\n' "${no_deps[@]}") | sha256sum | cut -d' ' -f1)
 if [ "$(cat $stamp 2>/dev/null)" != "$want" ]; then
-  say "installing pinned Python packages (requirements.txt)"
+  say "installing pinned Python packages (requirements.txt, then ${no_deps[*]} without dependencies)"
   .venv/bin/python -m pip install -q -r requirements.txt
+  .venv/bin/python -m pip install -q --no-deps "${no_deps[@]}"
   echo "$want" > $stamp
 else
   say "Python packages up to date"

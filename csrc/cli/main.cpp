@@ -5,6 +5,7 @@
 #include "anvil/selfcheck.h"
 #include "cli/commands.h"
 #include "cli/recipe_command.h"
+#include "distill/recipe.h"
 #include "finetune/recipe.h"
 #include "lora/merge_cli.h"
 #include "lora/recipe.h"
@@ -144,6 +145,10 @@ const std::vector<Subcommand>& subcommands() {
       {"train", "train every parameter of a model (or a random one) from a JSON config",
        recipe_subcommand("Train every parameter of a model (or one initialised at random) from a JSON config", "",
                          anvil::finetune::resolve_config, anvil::finetune::run_recipe)},
+      {"distill", "distill a teacher into a smaller student from a JSON config (no --config: the embedded demo)",
+       recipe_subcommand("Distill a frozen teacher into a smaller student (KD losses over both LM heads) from a JSON "
+                         "config; without --config, the embedded demo", "examples/tiny/distill.json",
+                         anvil::distill::resolve_config, anvil::distill::run_recipe)},
   };
   return table;
 }

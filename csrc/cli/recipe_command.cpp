@@ -35,6 +35,8 @@ void anchor_demo_paths(nlohmann::json& config) {
     if (!p.empty() && p[0] != '/' && io::path_exists(io::join_path(root, p))) config[section][key] = io::join_path(root, p);
   };
   for (const char* key : {"path", "config", "tokenizer"}) anchor("model", key);
+  anchor("teacher", "path");  // anvil distill's two models
+  for (const char* key : {"path", "config"}) anchor("student", key);
   for (const char* key : {"train", "validation"}) anchor("data", key);
 }
 

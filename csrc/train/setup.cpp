@@ -216,10 +216,21 @@ void print_generations_after(CausalLM& model, const data::Tokenizer* tok, const 
 
 void print_generations(const std::vector<std::string>& prompts, const std::vector<std::string>& before,
                        const std::vector<std::string>& after, int64_t max_new_tokens) {
+  print_generations(prompts, {{"before", before}, {"after", after}}, max_new_tokens);
+}
+
+void print_generations(const std::vector<std::string>& prompts,
+                       const std::vector<std::pair<std::string, std::vector<std::string>>>& columns,
+                       int64_t max_new_tokens) {
+  size_t width = 0;
+  for (const auto& [label, texts] : columns) width = std::max(width, label.size());
   std::cout << "\ngenerations (greedy, " << max_new_tokens << " new tokens at most):\n";
-  for (size_t i = 0; i < prompts.size(); ++i)
-    std::cout << "prompt: " << one_line(prompts[i]) << "\n  before: " << one_line(before[i])
-              << "\n  after:  " << one_line(after[i]) << "\n";
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    std::cout << "prompt: " << one_line(prompts[i]) << "\n";
+    for (const auto& [label, texts] : columns)
+      std::cout << "  " << label << ":" << std::string(width - label.size() + 1, ' ')
+                << (i < texts.size() ? one_line(texts[i]) : "") << "\n";
+  }
 }
 
 // ---- the memory plan -----------------------------------------------------------------------------------
@@ -254,10 +265,33 @@ MemoryEstimate estimate_memory(const CausalLM& model, const MemoryInputs& in, at
   const bool fused_loss =
       device.is_cuda() && ops::use_fused_ops(at::empty({0}, at::TensorOptions().dtype(model.dtype()).device(device)));
   m.loss_chunk = rows * double(cfg.vocab_size) * (fused_loss ? e : 4.0 * 2 + e) + tokens * 4.0;
-  m.total = m.weights + m.trainable + m.gradients + m.optimizer + m.loss_chunk;
+  // A second loss's chunk (KD) runs after the first one's buffers are freed: the larger of the two counts.
+  m.loss_chunk = std::max(m.loss_chunk, in.extra_loss_chunk);
+  m.frozen_weights = in.frozen_weights, m.frozen_activations = in.frozen_activations;
+  m.total = m.weights + m.trainable + m.gradients + m.optimizer + m.loss_chunk + m.frozen_weights + m.frozen_activations;
   m.total_ckpt = m.total + m.activations_ckpt;
   m.total += m.activations;
   return m;
+}
+
+void add_frozen_model(MemoryInputs& in, const CausalLM& frozen, const CausalLM& trained, const std::string& what,
+                      int64_t chunk_rows) {
+  in.frozen_what = what;
+  int64_t weights = 0;
+  for (const auto& [name, t] : frozen.state_tensors()) weights += t.numel() * int64_t(t.element_size());
+  in.frozen_weights = double(weights);
+  const auto& f = frozen.config();
+  const double e = double(c10::elementSize(frozen.dtype()));
+  const double tokens = double(in.batch_size) * double(in.seq_len);
+  const double h = double(f.hidden_size), inter = double(f.intermediate_size);
+  const double q = double(f.num_attention_heads * f.head_dim), kv = double(f.num_key_value_heads * f.head_dim);
+  // The output hidden states, the layer input and one layer's temporaries; the target rows' copy.
+  in.frozen_activations = tokens * e * (3 * h + q + 2 * kv + 3 * inter) + tokens * e * h;
+  const double rows = std::min<double>(double(chunk_rows), tokens);
+  const double v = double(trained.config().vocab_size);
+  // Per row: both models' logits in their dtypes, then ~6 fp32 (rows, V) buffers (log-probs, probabilities,
+  // the mixture's log, the gradient).
+  in.extra_loss_chunk = rows * v * (e + double(c10::elementSize(trained.dtype())) + 6 * 4.0) + tokens * 8.0;
 }
 
 std::string format_estimate(const MemoryEstimate& m, const MemoryInputs& in) {
@@ -277,7 +311,12 @@ std::string format_estimate(const MemoryEstimate& m, const MemoryInputs& in) {
   row("AdamW state (exp_avg, exp_avg_sq)", m.optimizer);
   row("activations", m.activations);
   row("activations with grad_checkpointing", m.activations_ckpt);
-  row("loss chunk (train.loss_chunk rows)", m.loss_chunk);
+  row(in.extra_loss_chunk > 0 ? "loss chunk (larger of CE and KD)" : "loss chunk (train.loss_chunk rows)",
+      m.loss_chunk);
+  if (!in.frozen_what.empty()) {
+    row((in.frozen_what + " weights (frozen)").c_str(), m.frozen_weights);
+    row((in.frozen_what + " forward (no grad)").c_str(), m.frozen_activations);
+  }
   row(in.grad_checkpointing ? "total (grad_checkpointing off)" : "total", m.total);
   row(in.grad_checkpointing ? "total" : "total with grad_checkpointing", m.total_ckpt);
   return o.str();

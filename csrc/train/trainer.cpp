@@ -164,9 +164,15 @@ void Trainer::save() {
 double Trainer::run_eval(const EvalFn& evaluate, MetricsLog& metrics) {
   if (!evaluate) return 0;
   const auto r = evaluate();
-  metrics.write({{"step", state_.step}, {"val_loss", r.loss}, {"val_ppl", r.ppl}});
+  json line = {{"step", state_.step}, {"val_loss", r.loss}, {"val_ppl", r.ppl}};
+  std::string more;
+  for (const auto& [name, v] : r.terms) {
+    line["val_" + name] = v;
+    more += ", " + name + " " + fixed(v, 4);
+  }
+  metrics.write(line);
   std::cerr << "\nstep " << state_.step << ": validation loss " << fixed(r.loss, 4) << ", perplexity "
-            << fixed(r.ppl, 3) << " (" << r.targets << " tokens)\n";
+            << fixed(r.ppl, 3) << more << " (" << r.targets << " tokens)\n";
   return r.loss;
 }
 

@@ -91,6 +91,12 @@ void print_generations_after(model::CausalLM& model, const data::Tokenizer* tok,
 void print_generations(const std::vector<std::string>& prompts, const std::vector<std::string>& before,
                        const std::vector<std::string>& after, int64_t max_new_tokens);
 
+/// The same with any labelled columns, e.g. {"before", ...}, {"after", ...}, {"teacher", ...}: each prompt, then
+/// one line per column.
+void print_generations(const std::vector<std::string>& prompts,
+                       const std::vector<std::pair<std::string, std::vector<std::string>>>& columns,
+                       int64_t max_new_tokens);
+
 // ---- the memory plan -----------------------------------------------------------------------------------
 
 /// What training holds besides the model's weights.
@@ -102,11 +108,16 @@ struct MemoryInputs {
   int64_t trainable_numel = 0, trainable_elsize = 4;
   bool trainable_are_weights = true;  ///< false: adapters, tensors beside the weights
   double extra_activations_per_token = 0;  ///< elements per token per layer the trainable side path keeps
+  /// A frozen model run beside the trained one (a distillation teacher; add_frozen_model fills these in).
+  std::string frozen_what;        ///< "teacher"; "" for none
+  double frozen_weights = 0;      ///< its weights, bytes
+  double frozen_activations = 0;  ///< what its no-grad forward holds at its peak, bytes
+  double extra_loss_chunk = 0;    ///< a second loss's per-chunk buffers (KD's two models' logits), bytes
 };
 
 struct MemoryEstimate {
   double weights = 0, trainable = 0, gradients = 0, optimizer = 0, activations = 0, activations_ckpt = 0,
-         loss_chunk = 0, total = 0, total_ckpt = 0;  ///< bytes
+         loss_chunk = 0, frozen_weights = 0, frozen_activations = 0, total = 0, total_ckpt = 0;  ///< bytes
 };
 
 /// A model of what training holds, in bytes: activations per token per layer counted from the tensors
@@ -117,6 +128,13 @@ MemoryEstimate estimate_memory(const model::CausalLM& model, const MemoryInputs&
 /// MemoryInputs with the train and data sections' sizes and the trainable tensors' count filled in.
 MemoryInputs memory_inputs(const std::string& what, const TrainSection& t, const DataSection& d,
                            const NamedTensors& trainable);
+
+/// Adds a frozen model's share to `in`: its weights; its no-grad forward (the final hidden states of the batch
+/// and one layer's temporaries, nothing kept for backward); `chunk_rows` rows of both models' logits for a
+/// distillation loss over `trained`'s and its heads (model dtype, and the fp32 log-probabilities, mixture and
+/// gradient buffers of train/kd_loss.h).
+void add_frozen_model(MemoryInputs& in, const model::CausalLM& frozen, const model::CausalLM& trained,
+                      const std::string& what, int64_t chunk_rows);
 
 /// The plan as a table (GiB, or MiB below one GiB).
 std::string format_estimate(const MemoryEstimate& m, const MemoryInputs& in);

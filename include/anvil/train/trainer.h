@@ -46,10 +46,12 @@ struct Loss {
 /// The loss of one micro-batch; `normalizer` is the number of targets of the whole optimizer step.
 using LossFn = std::function<Loss(const data::Batch& batch, double normalizer)>;
 
-/// Mean loss and perplexity over a validation set.
+/// Mean loss and perplexity over a validation set, and any further measures of it (a distiller's "kl" to
+/// its teacher), written to metrics.jsonl as "val_<name>" and printed beside the loss.
 struct EvalResult {
   double loss = 0, ppl = 0;
   int64_t targets = 0;
+  std::vector<std::pair<std::string, double>> terms;
 };
 using EvalFn = std::function<EvalResult()>;
 

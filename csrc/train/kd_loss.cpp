@@ -1,0 +1,367 @@
+// The knowledge-distillation losses (include/anvil/train/kd_loss.h).
+//
+// Forward, per chunk of target rows: z_s = h_s W_s^T, z_t = h_t W_t^T (each in its model dtype), then in fp32
+// ls = log_softmax(z_s / T), lt = log_softmax(z_t / T) and the rows' divergence (kd_divergence, the one
+// formula the reference and the chunked loss share). Backward recomputes ls and lt and writes the analytic
+// gradient wrt the tempered student logits. Every divergence here is a function of the student's
+// probabilities q = exp(ls), so with g = dL/dq its gradient wrt the logits is
+//   dL/dz_j = q_j (g_j - sum_i q_i g_i),
+// computed from "qg" = q * g, which stays bounded where g alone would not (g = -p/q for forward KL):
+//   forward_kl        qg = -p                          (so dz = q - p, used directly)
+//   reverse_kl        qg = q (log q - log p)            (the +q of d(q log q) cancels against sum q = 1)
+//   skew_forward_kl   qg = -(1 - lambda) p q / m,       m = lambda p + (1 - lambda) q
+//   skew_reverse_kl   qg = q (log q - log m) - lambda q^2 / m,   m = (1 - lambda) p + lambda q
+//   jsd               qg = (1 - beta) q (log q - log m),         m = beta p + (1 - beta) q
+//   tv                qg = q sign(q - p) / 2            (sign(0) = 0, as the derivative torch gives |x|)
+// The mixtures' logs are computed in log space (logaddexp), so a probability that underflows is no 0 * inf.
+// Then dz_raw = dz / T. Peak extra memory per chunk: a few (rows, V) fp32 buffers.
+#include "anvil/train/kd_loss.h"
+
+#include "anvil/train/loss.h"
+
+#include <ATen/autocast_mode.h>
+#include <torch/autograd.h>
+
+#include <cmath>
+#include <stdexcept>
+
+namespace anvil::train {
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+at::ScalarType accumulate_type(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+// log(a p + b q) for weights a, b in [0, 1] from log p, log q: log-space, a weight of 0 drops its term.
+at::Tensor log_mixture(const at::Tensor& lp, double a, const at::Tensor& lq, double b) {
+  if (a <= 0) return lq + std::log(b);
+  if (b <= 0) return lp + std::log(a);
+  return at::logaddexp(lp + std::log(a), lq + std::log(b));
+}
+
+// jsd with beta 0 or 1 is a plain KL, as TRL's generalized_jsd_loss special-cases them.
+KdLoss effective(const KdOptions& o) {
+  if (o.loss == KdLoss::kJsd && o.jsd_beta <= 0) return KdLoss::kForwardKl;
+  if (o.loss == KdLoss::kJsd && o.jsd_beta >= 1) return KdLoss::kReverseKl;
+  return o.loss;
+}
+
+// The analytic dL/dz (rows, V) wrt the tempered student logits, from the chunk's log-probabilities.
+at::Tensor divergence_grad(const at::Tensor& ls, const at::Tensor& lt, const KdOptions& o) {
+  const auto q = ls.exp(), p = lt.exp();  // (rows, V)
+  if (effective(o) == KdLoss::kForwardKl) return q - p;
+  at::Tensor qg;  // (rows, V) q * dL/dq
+  switch (effective(o)) {
+    case KdLoss::kReverseKl: qg = q * (ls - lt); break;
+    case KdLoss::kSkewForwardKl: {
+      const double lam = o.skew_lambda;
+      if (lam >= 1) return at::zeros_like(q);  // KL(p || p)
+      qg = (ls + lt - log_mixture(lt, lam, ls, 1 - lam)).exp_().mul_(-(1 - lam));
+      break;
+    }
+    case KdLoss::kSkewReverseKl: {
+      const double lam = o.skew_lambda;
+      const auto lm = log_mixture(lt, 1 - lam, ls, lam);
+      qg = q * (ls - lm);
+      if (lam > 0) qg -= lam * (2 * ls - lm).exp();  // lambda q^2 / m, with m >= lambda q
+      break;
+    }
+    case KdLoss::kJsd: {
+      const double beta = o.jsd_beta;
+      qg = (1 - beta) * q * (ls - log_mixture(lt, beta, ls, 1 - beta));
+      break;
+    }
+    case KdLoss::kTv: qg = 0.5 * q * (q - p).sign(); break;
+    default: break;
+  }
+  return qg - q * qg.sum(1, /*keepdim=*/true);
+}
+
+// One chunk's tempered log-probabilities, fp32 (fp64 for fp64 students).
+std::pair<at::Tensor, at::Tensor> chunk_logprobs(const at::Tensor& hs, const at::Tensor& ws, const at::Tensor& ht,
+                                                 const at::Tensor& wt, double temperature) {
+  const auto acc = accumulate_type(hs);
+  auto ls = at::log_softmax(at::linear(hs, ws).to(acc).div_(temperature), 1);  // (rows, V)
+  auto lt = at::log_softmax(at::linear(ht, wt).to(acc).div_(temperature), 1);  // (rows, V)
+  return {ls, lt};
+}
+
+class ChunkedKdLoss : public torch::autograd::Function<ChunkedKdLoss> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& hs, const at::Tensor& ws, const at::Tensor& ht,
+                            const at::Tensor& wt, double scale, int64_t loss, double temperature, double skew_lambda,
+                            double jsd_beta, int64_t chunk) {
+    KdOptions o;
+    o.loss = KdLoss(loss), o.temperature = temperature, o.skew_lambda = skew_lambda, o.jsd_beta = jsd_beta;
+    const int64_t n = hs.size(0);
+    auto total = at::zeros({}, hs.options().dtype(accumulate_type(hs)));
+    for (int64_t start = 0; start < n; start += chunk) {
+      const int64_t end = std::min(n, start + chunk);
+      const auto [ls, lt] = chunk_logprobs(hs.slice(0, start, end), ws, ht.slice(0, start, end), wt, temperature);
+      total.add_(kd_divergence(ls, lt, o).sum());
+    }
+    ctx->save_for_backward({hs, ws, ht, wt});
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["loss"] = loss;
+    ctx->saved_data["temperature"] = temperature;
+    ctx->saved_data["skew_lambda"] = skew_lambda;
+    ctx->saved_data["jsd_beta"] = jsd_beta;
+    ctx->saved_data["chunk"] = chunk;
+    return total * scale;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &hs = saved[0], &ws = saved[1], &ht = saved[2], &wt = saved[3];
+    KdOptions o;
+    o.loss = KdLoss(ctx->saved_data["loss"].toInt());
+    o.temperature = ctx->saved_data["temperature"].toDouble();
+    o.skew_lambda = ctx->saved_data["skew_lambda"].toDouble();
+    o.jsd_beta = ctx->saved_data["jsd_beta"].toDouble();
+    const int64_t chunk = ctx->saved_data["chunk"].toInt();
+    const bool need_dh = ctx->needs_input_grad(0), need_dw = ctx->needs_input_grad(1);
+    // () the factor of every row's dL/dz: upstream gradient, 1 / normalizer, and 1 / T from z / T.
+    const auto g = grad_outputs[0].to(accumulate_type(hs)) * (ctx->saved_data["scale"].toDouble() / o.temperature);
+    const int64_t n = hs.size(0);
+    at::Tensor dh = need_dh ? at::empty_like(hs) : at::Tensor();
+    at::Tensor dw = need_dw ? at::zeros(ws.sizes(), ws.options().dtype(accumulate_type(hs))) : at::Tensor();
+    for (int64_t start = 0; start < n; start += chunk) {
+      const int64_t end = std::min(n, start + chunk);
+      const auto h = hs.slice(0, start, end);
+      const auto [ls, lt] = chunk_logprobs(h, ws, ht.slice(0, start, end), wt, o.temperature);
+      const auto d = (divergence_grad(ls, lt, o) * g).to(hs.scalar_type());  // (rows, V) model dtype
+      if (need_dh) dh.slice(0, start, end).copy_(at::matmul(d, ws));
+      if (need_dw) dw.add_(at::matmul(d.t(), h).to(dw.scalar_type()));
+    }
+    return {dh,          need_dw ? dw.to(ws.scalar_type()) : at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+void check_options(const KdOptions& o) {
+  if (!(o.temperature > 0) || !std::isfinite(o.temperature))
+    throw std::invalid_argument("kd loss: temperature must be > 0, got " + std::to_string(o.temperature));
+  if (!(o.skew_lambda >= 0 && o.skew_lambda <= 1))
+    throw std::invalid_argument("kd loss: skew_lambda must be in [0, 1], got " + std::to_string(o.skew_lambda));
+  if (!(o.jsd_beta >= 0 && o.jsd_beta <= 1))
+    throw std::invalid_argument("kd loss: jsd_beta must be in [0, 1], got " + std::to_string(o.jsd_beta));
+  if (o.chunk < 1) throw std::invalid_argument("kd loss: chunk must be >= 1, got " + std::to_string(o.chunk));
+}
+
+}  // namespace
+
+const std::vector<std::string>& kd_loss_names() {
+  static const std::vector<std::string> names = {"forward_kl",      "reverse_kl", "skew_forward_kl",
+                                                 "skew_reverse_kl", "jsd",        "tv"};
+  return names;
+}
+
+KdLoss parse_kd_loss(const std::string& name, const std::string& what) {
+  const auto& names = kd_loss_names();
+  for (size_t i = 0; i < names.size(); ++i)
+    if (names[i] == name) return KdLoss(i);
+  std::string list;
+  for (const auto& n : names) list += (list.empty() ? "\"" : ", \"") + n + "\"";
+  throw std::invalid_argument(what + ": must be one of " + list + ", got \"" + name + "\"");
+}
+
+at::Tensor kd_divergence(const at::Tensor& ls, const at::Tensor& lt, const KdOptions& o) {
+  check_options(o);
+  TORCH_CHECK(ls.dim() == 2 && ls.sizes() == lt.sizes(), "kd_divergence: student (", ls.sizes(), ") and teacher (",
+              lt.sizes(), ") log-probabilities must both be (N, V)");
+  const auto q = ls.exp(), p = lt.exp();  // (N, V)
+  switch (effective(o)) {
+    case KdLoss::kForwardKl: return (p * (lt - ls)).sum(1);
+    case KdLoss::kReverseKl: return (q * (ls - lt)).sum(1);
+    case KdLoss::kSkewForwardKl:
+      return (p * (lt - log_mixture(lt, o.skew_lambda, ls, 1 - o.skew_lambda))).sum(1);
+    case KdLoss::kSkewReverseKl:
+      return (q * (ls - log_mixture(lt, 1 - o.skew_lambda, ls, o.skew_lambda))).sum(1);
+    case KdLoss::kJsd: {
+      const double beta = o.jsd_beta;
+      const auto lm = log_mixture(lt, beta, ls, 1 - beta);  // (N, V) log(beta p + (1 - beta) q)
+      return beta * (p * (lt - lm)).sum(1) + (1 - beta) * (q * (ls - lm)).sum(1);
+    }
+    case KdLoss::kTv: return 0.5 * (p - q).abs().sum(1);
+  }
+  return {};
+}
+
+at::Tensor kd_divergence_from_logits(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                                     const KdOptions& o) {
+  check_options(o);
+  const auto acc = accumulate_type(student_logits);
+  return kd_divergence(at::log_softmax(student_logits.to(acc) / o.temperature, -1),
+                       at::log_softmax(teacher_logits.to(acc) / o.temperature, -1), o);
+}
+
+at::Tensor kd_loss(const at::Tensor& student_hidden, const at::Tensor& student_weight, const at::Tensor& teacher_hidden,
+                   const at::Tensor& teacher_weight, double normalizer, const KdOptions& o) {
+  check_options(o);
+  TORCH_CHECK(student_hidden.dim() == 2 && student_weight.dim() == 2 && student_hidden.size(1) == student_weight.size(1),
+              "kd_loss: student hidden (N, H) ", student_hidden.sizes(), " must match its head (V, H) ",
+              student_weight.sizes());
+  TORCH_CHECK(teacher_hidden.dim() == 2 && teacher_weight.dim() == 2 && teacher_hidden.size(1) == teacher_weight.size(1),
+              "kd_loss: teacher hidden (N, H) ", teacher_hidden.sizes(), " must match its head (V, H) ",
+              teacher_weight.sizes());
+  TORCH_CHECK(teacher_hidden.size(0) == student_hidden.size(0), "kd_loss: the teacher has ", teacher_hidden.size(0),
+              " rows and the student ", student_hidden.size(0), "; they must be the same target positions");
+  TORCH_CHECK(teacher_weight.size(0) == student_weight.size(0), "kd_loss: the teacher's vocabulary (",
+              teacher_weight.size(0), " rows of its LM head) differs from the student's (", student_weight.size(0),
+              ")");
+  auto hs = student_hidden, ws = student_weight;
+  const auto device_type = hs.device().type();
+  if (at::autocast::is_autocast_enabled(device_type)) {
+    // As train/loss.h: autocast does not reach into a Function's backward, so cast where autograd records it.
+    const auto dtype = at::autocast::get_autocast_dtype(device_type);
+    hs = hs.to(dtype), ws = ws.to(dtype);
+  } else if (hs.scalar_type() != ws.scalar_type()) {
+    hs = hs.to(ws.scalar_type());
+  }
+  auto ht = teacher_hidden.detach(), wt = teacher_weight.detach();
+  if (ht.scalar_type() != wt.scalar_type()) ht = ht.to(wt.scalar_type());
+  const double scale = normalizer > 0 ? 1.0 / normalizer : 0.0;
+  return ChunkedKdLoss::apply(hs, ws, ht, wt, scale, int64_t(o.loss), o.temperature, o.skew_lambda, o.jsd_beta,
+                              o.chunk);
+}
+
+at::Tensor target_rows(const at::Tensor& labels) {
+  return (labels.reshape({-1}) != kIgnoreIndex).nonzero().squeeze(1);  // (T) int64
+}
+
+// ---- a student and a frozen teacher on packed batches --------------------------------------------------
+
+namespace {
+
+// The LM head weight (V, H) of a model: lm_head's, or the tied embedding's.
+at::Tensor head_weight(const model::CausalLM& m) {
+  return m.lm_head ? m.lm_head->weight : m.model->embed_tokens->weight;
+}
+
+// Hidden states (B, S, H) of a packed batch; doc ids only where a row packs several documents (setup.cpp's rule).
+at::Tensor batch_hidden(model::CausalLM& m, const at::Tensor& all, bool packed) {
+  return m.hidden_states(all[0], nullptr, all[1], packed ? c10::optional<at::Tensor>(all[2]) : c10::nullopt);
+}
+
+// The teacher's hidden states at the target rows (T, Ht), on `device`, without autograd.
+at::Tensor teacher_rows(const Teacher& teacher, const data::Batch& b, const at::Tensor& rows, at::Device device) {
+  at::NoGradGuard no_grad;
+  const auto all = batch_to_device(b, teacher.model->device());
+  auto h = batch_hidden(*teacher.model, all, b.packed);  // (B, S, Ht)
+  return h.reshape({-1, h.size(-1)}).index_select(0, rows.to(h.device())).to(device);
+}
+
+}  // namespace
+
+Teacher freeze_teacher(std::shared_ptr<model::CausalLM> model, at::Device student_device) {
+  model->eval();
+  for (auto& p : model->parameters(/*recurse=*/true)) p.set_requires_grad(false);
+  Teacher t;
+  t.head = head_weight(*model).detach();
+  if (t.head.device() != student_device) t.head = t.head.to(student_device);
+  t.model = std::move(model);
+  return t;
+}
+
+KdBatchLoss kd_batch_loss(model::CausalLM& student, const Teacher& teacher, const data::Batch& b, double normalizer,
+                          const KdOptions& o, double kd_ratio, int64_t ce_chunk, at::Device device) {
+  const auto all = batch_to_device(b, device);  // (4, B, S) ids, positions, doc ids, labels
+  const auto labels = all[3].reshape({-1});     // (B*S)
+  auto h = batch_hidden(student, all, b.packed);   // (B, S, Hs)
+  h = h.reshape({-1, h.size(-1)});                 // (B*S, Hs)
+  const auto ws = head_weight(student);
+  KdBatchLoss out;
+  // The student's head with an adapter (a LoRA on lm_head) is no plain (V, H) matrix: its logits are taken whole.
+  const bool adapted_head = student.lm_head && student.lm_head->adapter;
+  const double inv = normalizer > 0 ? 1.0 / normalizer : 0.0;
+  at::Tensor ce, kd = at::zeros({}, h.options().dtype(at::kFloat));
+  {
+    // CE is logged at kd_ratio 1 too, without a graph (it would get no gradient).
+    c10::optional<at::NoGradGuard> no_grad;
+    if (kd_ratio >= 1) no_grad.emplace();
+    ce = adapted_head ? at::cross_entropy_loss(student.lm_head->forward(h).to(at::kFloat), labels, {},
+                                               at::Reduction::Sum, kIgnoreIndex) * inv
+                      : causal_lm_loss(h, ws, labels, normalizer, ce_chunk);
+  }
+  if (kd_ratio > 0) {
+    const auto rows = target_rows(labels);                   // (T)
+    const auto hs = h.index_select(0, rows);                 // (T, Hs)
+    const auto ht = teacher_rows(teacher, b, rows, device);  // (T, Ht)
+    if (adapted_head) {
+      const auto zt = at::linear(ht, teacher.head);  // (T, V)
+      kd = kd_divergence_from_logits(student.lm_head->forward(hs), zt, o).sum().to(at::kFloat) * inv;
+    } else {
+      kd = kd_loss(hs, ws, ht, teacher.head, normalizer, o).to(at::kFloat);
+    }
+  }
+  out.total = kd_ratio >= 1 ? kd : kd_ratio <= 0 ? ce : (1 - kd_ratio) * ce + kd_ratio * kd;
+  out.kd = kd.detach(), out.ce = ce.detach();
+  return out;
+}
+
+LossFn kd_loss_fn(model::CausalLM& student, const Teacher& teacher, const KdOptions& o, double kd_ratio,
+                  int64_t ce_chunk, at::Device device) {
+  return [&student, &teacher, o, kd_ratio, ce_chunk, device](const data::Batch& b, double normalizer) {
+    auto l = kd_batch_loss(student, teacher, b, normalizer, o, kd_ratio, ce_chunk, device);
+    if (kd_ratio <= 0) return Loss{l.total, {{"ce", l.ce}}};  // the teacher is not run: no kd to log
+    return Loss{l.total, {{"kd", l.kd}, {"ce", l.ce}}};
+  };
+}
+
+EvalResult evaluate_against_teacher(model::CausalLM& student, const Teacher& teacher, const data::PackedRows& rows,
+                                    int64_t batch_size, int64_t max_batches, int64_t chunk, at::Device device) {
+  const bool was_training = student.is_training();
+  student.eval();
+  at::NoGradGuard no_grad;
+  KdOptions kl;  // forward KL at temperature 1: the student's KL to the teacher
+  kl.chunk = chunk;
+  const auto dopt = at::TensorOptions().dtype(at::kDouble).device(device);
+  auto ce_sum = at::zeros({}, dopt), kl_sum = at::zeros({}, dopt), agree = at::zeros({}, dopt);
+  int64_t targets = 0;
+  const auto ws = head_weight(student);
+  for (int64_t i = 0, begin = 0; begin < rows.rows; ++i, begin += batch_size) {
+    if (max_batches > 0 && i >= max_batches) break;
+    const auto b = data::slice_rows(rows, begin, std::min(rows.rows, begin + batch_size));
+    if (b.targets == 0) continue;
+    const auto all = batch_to_device(b, device);
+    const auto labels = all[3].reshape({-1});
+    auto h = batch_hidden(student, all, b.packed);
+    h = h.reshape({-1, h.size(-1)});  // (B*S, Hs)
+    const auto sel = target_rows(labels);
+    const auto hs = h.index_select(0, sel);             // (T, Hs)
+    const auto ht = teacher_rows(teacher, b, sel, device);  // (T, Ht)
+    const auto tl = labels.index_select(0, sel);        // (T)
+    for (int64_t s = 0; s < hs.size(0); s += chunk) {
+      const int64_t e = std::min(hs.size(0), s + chunk);
+      const auto zs = (student.lm_head ? student.lm_head->forward(hs.slice(0, s, e)) : at::linear(hs.slice(0, s, e), ws))
+                          .to(at::kFloat);                                  // (rows, V)
+      const auto zt = at::linear(ht.slice(0, s, e), teacher.head).to(at::kFloat);  // (rows, V)
+      const auto ls = at::log_softmax(zs, 1), lt = at::log_softmax(zt, 1);
+      ce_sum -= ls.gather(1, tl.slice(0, s, e).unsqueeze(1)).sum().to(at::kDouble);
+      kl_sum += kd_divergence(ls, lt, kl).sum().to(at::kDouble);
+      agree += (zs.argmax(1) == zt.argmax(1)).sum().to(at::kDouble);
+    }
+    targets += b.targets;
+  }
+  if (was_training) student.train();
+  EvalResult r;
+  r.targets = targets;
+  const double n = targets ? double(targets) : 1.0;
+  r.loss = ce_sum.item<double>() / n;
+  r.ppl = std::exp(r.loss);
+  r.terms = {{"kl", kl_sum.item<double>() / n}, {"top1", agree.item<double>() / n}};
+  return r;
+}
+
+EvalFn kd_eval_fn(model::CausalLM& student, const Teacher& teacher, const TrainingData& data, const TrainSection& t,
+                  const EvalSection& e, int64_t chunk, at::Device device) {
+  if (data.validation_rows.rows == 0) return nullptr;
+  return [&student, &teacher, &data, batch = t.batch_size, max = e.max_batches, chunk, device] {
+    return evaluate_against_teacher(student, teacher, data.validation_rows, batch, max, chunk, device);
+  };
+}
+
+}  // namespace anvil::train

@@ -1,0 +1,64 @@
+// `anvil distill`: knowledge distillation from a frozen teacher into a smaller student in one process
+// (online). The student is loaded from a Hugging Face folder, built at random from a config.json, or derived
+// from the teacher (a subset of its layers); trained fully or as LoRA adapters; written as a Hugging Face
+// model folder that transformers loads. The loss is (1 - kd_ratio) CE + kd_ratio KD, KD one of the
+// divergences of anvil/train/kd_loss.h over both models' LM heads in chunks. The config is the shared
+// training sections (data, train, eval, output) plus "teacher", "student", "distill" and an optional "lora";
+// the loop is the core trainer's. Every key: docs/CLI.md, "anvil distill".
+#pragma once
+
+#include "anvil/lora/lora.h"
+#include "anvil/train/config.h"
+#include "anvil/train/kd_loss.h"
+#include "anvil/train/trainer.h"
+
+#include <nlohmann/json.hpp>
+
+#include <string>
+#include <vector>
+
+namespace anvil::distill {
+
+struct TeacherSection {
+  std::string path;          ///< HF folder or cached hub id; its tokenizer is the run's
+  std::string dtype;         ///< "bfloat16" | "float32" | "float16"
+  std::string device;        ///< "auto" | "cpu" | "cuda" | "cuda:N"
+  std::string base_weights;  ///< "auto" | "dense" | "fp8" | "int8" (load_causal_lm's)
+};
+
+struct StudentSection {
+  std::string init;             ///< "derived" | "pretrained" | "random"
+  std::string path;             ///< init "pretrained": HF folder or cached hub id
+  std::string config;           ///< init "random": a config.json
+  std::vector<int64_t> layers;  ///< init "derived": the teacher layers to keep, strictly increasing
+  int64_t every_nth = 0;        ///< init "derived": keep teacher layers 0, n, 2n, ... (when layers is empty)
+  std::string dtype, device;    ///< as model.dtype / model.device
+};
+
+/// The typed, validated config of `anvil distill`.
+struct RecipeConfig {
+  TeacherSection teacher;
+  StudentSection student;
+  train::KdOptions kd;     ///< distill.loss, temperature, skew_lambda, jsd_beta, chunk
+  double kd_ratio = 0.5;   ///< distill.kd_ratio: loss = (1 - kd_ratio) CE + kd_ratio KD
+  bool use_lora = false;   ///< a "lora" section was given: the student trains adapters
+  lora::LoraConfig lora;
+  train::DataSection data;
+  train::TrainSection train;
+  train::EvalSection eval;
+  train::OutputSection output;
+  nlohmann::json resolved;  ///< every key, defaults filled in
+};
+
+/// The keys `anvil distill` reads, with their defaults ("lora" included; resolve_config keeps it only when the
+/// user's config has one).
+train::ConfigSchema config_schema();
+
+/// Merges `user` over the defaults, checks every key and value, returns the typed config. Throws
+/// std::invalid_argument naming the key and the rule.
+RecipeConfig resolve_config(const nlohmann::json& user);
+
+/// Runs the recipe; exit statuses as the other recipes' (train::kExitOk, kExitFailed, kExitInterrupted).
+int run_recipe(const RecipeConfig& config, const train::RunOptions& options);
+
+}  // namespace anvil::distill

@@ -1,0 +1,125 @@
+// The config of `anvil distill` (distill/recipe.h): the shared training sections, "teacher", "student",
+// "distill" and an optional "lora", and the rules between them.
+#include "distill/recipe.h"
+
+#include "anvil/train/lora_section.h"
+
+#include <stdexcept>
+
+namespace anvil::distill {
+
+using nlohmann::json;
+using train::config_error;
+
+train::ConfigSchema config_schema() {
+  train::ConfigSchema schema;
+  schema.defaults = train::training_defaults("runs/distill");
+  schema.defaults.erase("model");
+  schema.defaults["teacher"] = {{"path", ""}, {"dtype", "bfloat16"}, {"device", "auto"}, {"base_weights", "auto"}};
+  schema.defaults["student"] = {{"init", "derived"}, {"path", ""},          {"config", ""},  {"layers", json::array()},
+                                {"every_nth", 0},    {"dtype", "bfloat16"}, {"device", "auto"}};
+  schema.defaults["distill"] = {{"loss", "forward_kl"}, {"temperature", 1.0}, {"kd_ratio", 0.5},
+                                {"skew_lambda", 0.1},   {"jsd_beta", 0.5},    {"chunk", 1024}};
+  schema.defaults["lora"] = train::lora_section_defaults();
+  schema.foreign_sections = {{"model", "is not read by anvil distill: its two models are the \"teacher\" and "
+                                       "\"student\" sections"}};
+  return schema;
+}
+
+namespace {
+
+void check_device(const std::string& key, const std::string& d) {
+  const bool cuda_n = d.rfind("cuda:", 0) == 0 && d.size() > 5 && d.find_first_not_of("0123456789", 5) == std::string::npos;
+  if (d != "auto" && d != "cpu" && d != "cuda" && !cuda_n)
+    config_error(key, "must be \"auto\", \"cpu\", \"cuda\" or \"cuda:N\"", d);
+}
+
+TeacherSection read_teacher(const train::ConfigReader& r) {
+  TeacherSection t;
+  t.path = r.string("teacher.path");
+  if (t.path.empty())
+    config_error("teacher.path", "is required: the teacher's Hugging Face model folder (or cached hub id)", t.path);
+  t.dtype = r.string_in("teacher.dtype", {"bfloat16", "float32", "float16"});
+  t.device = r.string("teacher.device");
+  check_device("teacher.device", t.device);
+  t.base_weights = r.string_in("teacher.base_weights", {"auto", "dense", "fp8", "int8"});
+  return t;
+}
+
+StudentSection read_student(const train::ConfigReader& r) {
+  StudentSection s;
+  s.init = r.string_in("student.init", {"derived", "pretrained", "random"});
+  s.path = r.string("student.path");
+  s.config = r.string("student.config");
+  s.dtype = r.string_in("student.dtype", {"bfloat16", "float32", "float16"});
+  s.device = r.string("student.device");
+  check_device("student.device", s.device);
+  const json& layers = r.at("student.layers");
+  const std::string layers_rule = "must be a list of teacher layer indices >= 0, strictly increasing, like [0, 2]";
+  if (!layers.is_array()) config_error("student.layers", layers_rule, layers);
+  for (const auto& l : layers) {
+    if (!l.is_number_integer() || l.get<int64_t>() < 0) config_error("student.layers", layers_rule, layers);
+    if (!s.layers.empty() && l.get<int64_t>() <= s.layers.back()) config_error("student.layers", layers_rule, layers);
+    s.layers.push_back(l.get<int64_t>());
+  }
+  s.every_nth = r.int_at_least("student.every_nth", 0);
+  if (s.init == "pretrained" && s.path.empty())
+    config_error("student.path", "is required when student.init is \"pretrained\" (an HF model folder)", s.path);
+  if (s.init != "pretrained" && !s.path.empty())
+    config_error("student.path", "is for student.init \"pretrained\" (student.init is \"" + s.init + "\")", s.path);
+  if (s.init == "random" && s.config.empty())
+    config_error("student.config", "must name a config.json when student.init is \"random\"", s.config);
+  if (s.init != "random" && !s.config.empty())
+    config_error("student.config", "is for student.init \"random\" (student.init is \"" + s.init + "\")", s.config);
+  if (s.init == "derived") {
+    if (s.layers.empty() && s.every_nth == 0)
+      config_error("student.layers", "a derived student names the teacher layers it keeps: set student.layers "
+                   "(e.g. [0, 2]) or student.every_nth (e.g. 2)", layers);
+    if (!s.layers.empty() && s.every_nth != 0)
+      config_error("student.every_nth", "cannot be combined with student.layers (give one of them)", s.every_nth);
+  } else if (!s.layers.empty() || s.every_nth != 0) {
+    config_error(s.layers.empty() ? "student.every_nth" : "student.layers",
+                 "is for student.init \"derived\" (student.init is \"" + s.init + "\")",
+                 s.layers.empty() ? json(s.every_nth) : layers);
+  }
+  return s;
+}
+
+}  // namespace
+
+RecipeConfig resolve_config(const json& user) {
+  RecipeConfig c;
+  auto schema = config_schema();
+  c.use_lora = user.is_object() && user.contains("lora");
+  if (!c.use_lora) schema.defaults.erase("lora");  // no section: the student trains every parameter
+  c.resolved = train::merge_over_defaults(schema, user);
+  const train::ConfigReader r(c.resolved);
+  c.teacher = read_teacher(r);
+  c.student = read_student(r);
+  c.kd.loss = train::parse_kd_loss(r.string("distill.loss"), "config key distill.loss");
+  c.kd.temperature = r.number_in("distill.temperature", 0.0, train::kInf, false, "(0, inf)");
+  if (!(c.kd.temperature > 0)) config_error("distill.temperature", "must be a number in (0, inf)", c.kd.temperature);
+  c.kd_ratio = r.number_in("distill.kd_ratio", 0.0, 1.0, false, "[0, 1]");
+  c.kd.skew_lambda = r.number_in("distill.skew_lambda", 0.0, 1.0, false, "[0, 1]");
+  c.kd.jsd_beta = r.number_in("distill.jsd_beta", 0.0, 1.0, false, "[0, 1]");
+  c.kd.chunk = r.int_at_least("distill.chunk", 1);
+  if (c.use_lora) {
+    c.lora = train::read_lora_section(r);
+    if (lora::is_pissa(c.lora))
+      config_error("lora.init", "PiSSA is for anvil lora (not yet for a distillation student): use \"kaiming\" or "
+                   "\"gaussian\"", c.lora.init);
+    if (c.student.init == "random")
+      config_error("lora", "a LoRA student needs a base worth keeping: student.init \"random\" trains every "
+                   "parameter (leave the lora section out), or use \"derived\" / \"pretrained\"", c.resolved["lora"]);
+  }
+  c.data = train::read_data_section(r);
+  c.train = train::read_train_section(r);
+  if (c.use_lora && c.train.mixed_precision != "none")
+    config_error("train.mixed_precision", "is for a fully trained student; LoRA adapters are fp32 over a base in "
+                 "student.dtype already", r.at("train.mixed_precision"));
+  c.eval = train::read_eval_section(r);
+  c.output = train::read_output_section(r);
+  return c;
+}
+
+}  // namespace anvil::distill

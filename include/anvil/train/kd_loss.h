@@ -1,0 +1,111 @@
+// Knowledge-distillation losses: a divergence between the student's and a frozen teacher's next-token
+// distributions, over the LM heads, in chunks of token rows so that neither model's logits for the whole
+// batch exist in fp32 at once.
+//
+// The divergences (p = teacher, q = student, both softmax(logits / temperature) over the vocabulary; one
+// value per target token, summed over the vocabulary):
+//   forward_kl       KL(p || q)                                        torchtune ForwardKLLoss, DistiLLM forward_kl
+//   reverse_kl       KL(q || p)                                        torchtune ReverseKLLoss, DistiLLM reverse_kl
+//   skew_forward_kl  KL(p || lambda p + (1 - lambda) q)                DistiLLM skewed_forward_kl (lambda = skew_lambda)
+//   skew_reverse_kl  KL(q || (1 - lambda) p + lambda q)                DistiLLM skewed_reverse_kl
+//   jsd              beta KL(p || m) + (1 - beta) KL(q || m),          TRL GKDTrainer.generalized_jsd_loss
+//                    m = beta p + (1 - beta) q; beta 0 is KL(p || q) and beta 1 is KL(q || p), as TRL special-cases them
+//   tv               1/2 sum |p - q|                                   DistiLLM tv_distance
+// Each is a true divergence: 0 when the student equals the teacher. torchtune's and DistiLLM's forward and
+// skew-forward losses omit the teacher's entropy sum p log p (a constant for the student: the same gradient),
+// so their values are ours plus the teacher's entropy; the tests compare with that accounted for.
+// Temperature: both models' logits are divided by it before the softmax, as TRL's generalized_jsd_loss does,
+// with no temperature^2 factor (torchtune's losses have no temperature; temperature 1 gives them exactly).
+//
+// The chunked loss is a C++ autograd Function, the pattern of train/loss.h: per chunk of rows, the student's
+// logits h_s W_s^T and the teacher's h_t W_t^T in their model dtypes, log-softmax in fp32, the divergence
+// summed, all dropped; saved for backward are only the hidden rows and the two heads. Backward recomputes a
+// chunk's log-probabilities and writes the analytic gradient wrt the student's logits (below, kd_loss.cpp),
+// then dh = dz W_s and dW_s += dz^T h_s. The teacher gets no gradient.
+#pragma once
+
+#include "anvil/data/batches.h"
+#include "anvil/model/transformer.h"
+#include "anvil/train/config.h"
+#include "anvil/train/setup.h"
+#include "anvil/train/trainer.h"
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <vector>
+
+namespace anvil::train {
+
+enum class KdLoss { kForwardKl, kReverseKl, kSkewForwardKl, kSkewReverseKl, kJsd, kTv };
+
+/// "forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "tv" (distill.loss's values).
+const std::vector<std::string>& kd_loss_names();
+/// The loss named `name`; throws std::invalid_argument naming `what` and the allowed names.
+KdLoss parse_kd_loss(const std::string& name, const std::string& what = "kd loss");
+
+struct KdOptions {
+  KdLoss loss = KdLoss::kForwardKl;
+  double temperature = 1.0;  ///< > 0; both models' logits are divided by it
+  double skew_lambda = 0.1;  ///< [0, 1]: the teacher's (skew_forward_kl) or student's (skew_reverse_kl) share of the mixture
+  double jsd_beta = 0.5;     ///< [0, 1]: the teacher's share of the JSD mixture (TRL's beta)
+  int64_t chunk = 1024;      ///< token rows per chunk
+};
+
+/// The divergence of each row from log-probabilities (tempered log-softmax of each model's logits): student
+/// (N, V) and teacher (N, V), fp32 or fp64 -> (N). Plain ATen ops, differentiable (the reference the chunked
+/// loss's analytic backward is tested against).
+at::Tensor kd_divergence(const at::Tensor& student_logprobs, const at::Tensor& teacher_logprobs, const KdOptions& o);
+
+/// The same from logits (N, V) in any float dtype: log_softmax(logits / temperature) in fp32 (fp64 for fp64), then
+/// kd_divergence. Differentiable; it holds every row's fp32 logits, so it is for tests and small batches.
+at::Tensor kd_divergence_from_logits(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                                     const KdOptions& o);
+
+/// sum over rows of the divergence between softmax(h_s W_s^T / T) and softmax(h_t W_t^T / T), / normalizer:
+/// an fp32 scalar (fp64 for fp64 inputs) with autograd to student_hidden and (when it requires grad)
+/// student_weight. student_hidden (N, Hs), student_weight (V, Hs); teacher_hidden (N, Ht), teacher_weight (V, Ht)
+/// on the same device (no gradient flows to them). The rows are the target rows only (select them first:
+/// target_rows). normalizer <= 0 gives 0.
+at::Tensor kd_loss(const at::Tensor& student_hidden, const at::Tensor& student_weight, const at::Tensor& teacher_hidden,
+                   const at::Tensor& teacher_weight, double normalizer, const KdOptions& o);
+
+/// The (T) int64 indices of the target positions (labels != kIgnoreIndex) of labels (...) flattened.
+at::Tensor target_rows(const at::Tensor& labels);
+
+// ---- a student and a frozen teacher on packed batches --------------------------------------------------
+
+/// The teacher's side of a distillation: the model (eval mode, no parameter requiring grad) and its LM head's
+/// weight (V, Ht) on the student's device.
+struct Teacher {
+  std::shared_ptr<model::CausalLM> model;
+  at::Tensor head;
+};
+/// `model` frozen: eval mode, requires_grad off, its head weight copied to `student_device` when it lives elsewhere.
+Teacher freeze_teacher(std::shared_ptr<model::CausalLM> model, at::Device student_device);
+
+/// One micro-batch of distillation: total = (1 - kd_ratio) ce + kd_ratio kd, each a sum over the batch's targets
+/// / normalizer (the step's target count). ce: the student's chunked cross-entropy (ce_chunk rows); kd: kd_loss
+/// over the target rows, the teacher's hidden states computed under no grad. kd_ratio 0 skips the teacher.
+struct KdBatchLoss {
+  at::Tensor total, kd, ce;  ///< () fp32; total with autograd, kd and ce detached
+};
+KdBatchLoss kd_batch_loss(model::CausalLM& student, const Teacher& teacher, const data::Batch& b, double normalizer,
+                          const KdOptions& o, double kd_ratio, int64_t ce_chunk, at::Device device);
+
+/// kd_batch_loss as the trainer's loss callback, with terms "kd" and "ce".
+LossFn kd_loss_fn(model::CausalLM& student, const Teacher& teacher, const KdOptions& o, double kd_ratio,
+                  int64_t ce_chunk, at::Device device);
+
+/// The student on packed validation rows beside the teacher: loss (mean CE) and perplexity, and the terms "kl"
+/// (mean KL(teacher || student) per target token at temperature 1: the student's KL to the teacher) and
+/// "top1" (the fraction of targets where both models' most likely next token agree). Eval mode and no grad
+/// inside, the student's mode restored after; batch_size rows at a time, at most max_batches (> 0).
+EvalResult evaluate_against_teacher(model::CausalLM& student, const Teacher& teacher, const data::PackedRows& rows,
+                                    int64_t batch_size, int64_t max_batches, int64_t chunk, at::Device device);
+
+/// evaluate_against_teacher over the data's validation rows as the trainer's eval callback; null without them.
+EvalFn kd_eval_fn(model::CausalLM& student, const Teacher& teacher, const TrainingData& data, const TrainSection& t,
+                  const EvalSection& e, int64_t chunk, at::Device device);
+
+}  // namespace anvil::train

@@ -1,0 +1,123 @@
+// The config of `anvil distill` (distill/recipe.h): defaults, the student's init rules, the distill section's
+// ranges and loss names, the optional lora section, and keys of other recipes named as such.
+#include "distill/recipe.h"
+
+#include "train/recipe_config_test_util.h"
+
+#include <gtest/gtest.h>
+
+#include <string>
+
+namespace anvil::distill {
+namespace {
+
+using nlohmann::json;
+
+json minimal() {
+  return json{{"teacher", {{"path", "some/teacher"}}},
+              {"student", {{"layers", {0, 2}}}},
+              {"data", {{"train", "train.jsonl"}}}};
+}
+
+std::string error_of(const json& user) { return test::resolve_error(resolve_config, user); }
+
+void expect_error(const json& user, const std::string& words) {
+  const auto e = error_of(user);
+  EXPECT_NE(e.find(words), std::string::npos) << "wanted '" << words << "', got: " << e;
+}
+
+TEST(DistillConfig, Defaults) {
+  const auto c = resolve_config(minimal());
+  EXPECT_EQ(c.output.dir, "runs/distill");
+  EXPECT_EQ(c.student.init, "derived");
+  EXPECT_EQ(c.student.layers, (std::vector<int64_t>{0, 2}));
+  EXPECT_EQ(c.kd.loss, train::KdLoss::kForwardKl);
+  EXPECT_EQ(c.kd_ratio, 0.5);
+  EXPECT_EQ(c.kd.temperature, 1.0);
+  EXPECT_FALSE(c.use_lora);
+  EXPECT_FALSE(c.resolved.contains("lora"));
+  EXPECT_FALSE(c.resolved.contains("model"));
+}
+
+TEST(DistillConfig, TeacherAndStudentRules) {
+  auto u = minimal();
+  u["teacher"].erase("path");
+  expect_error(u, "config key teacher.path: is required");
+  u = minimal();
+  u["student"]["layers"] = json::array();
+  expect_error(u, "config key student.layers: a derived student names the teacher layers");
+  u["student"]["every_nth"] = 2;
+  EXPECT_EQ(error_of(u), "");
+  u["student"]["layers"] = {0};
+  expect_error(u, "config key student.every_nth: cannot be combined with student.layers");
+  u = minimal();
+  u["student"]["layers"] = {2, 1};
+  expect_error(u, "config key student.layers: must be a list of teacher layer indices >= 0, strictly increasing");
+  u = minimal();
+  u["student"] = {{"init", "pretrained"}};
+  expect_error(u, "config key student.path: is required when student.init is \"pretrained\"");
+  u["student"]["path"] = "some/student";
+  EXPECT_EQ(error_of(u), "");
+  u["student"]["layers"] = {0};
+  expect_error(u, "config key student.layers: is for student.init \"derived\"");
+  u = minimal();
+  u["student"] = {{"init", "random"}};
+  expect_error(u, "config key student.config: must name a config.json");
+  u = minimal();
+  u["student"]["device"] = "tpu";
+  expect_error(u, "config key student.device");
+  u = minimal();
+  u["teacher"]["dtype"] = "int4";
+  expect_error(u, "config key teacher.dtype");
+}
+
+TEST(DistillConfig, DistillSection) {
+  auto u = minimal();
+  u["distill"]["loss"] = "kl";
+  expect_error(u, "config key distill.loss: must be one of \"forward_kl\", \"reverse_kl\", \"skew_forward_kl\", "
+                  "\"skew_reverse_kl\", \"jsd\", \"tv\", got \"kl\"");
+  for (const char* name : {"forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "tv"}) {
+    u["distill"]["loss"] = name;
+    EXPECT_EQ(error_of(u), "") << name;
+  }
+  u = minimal();
+  u["distill"]["kd_ratio"] = 1.5;
+  expect_error(u, "config key distill.kd_ratio");
+  u = minimal();
+  u["distill"]["temperature"] = 0;
+  expect_error(u, "config key distill.temperature");
+  u = minimal();
+  u["distill"]["jsd_beta"] = -0.1;
+  expect_error(u, "config key distill.jsd_beta");
+  u = minimal();
+  u["distill"]["chunk"] = 0;
+  expect_error(u, "config key distill.chunk");
+  u = minimal();
+  u["distill"]["alpha"] = 0.5;
+  expect_error(u, "distill.alpha");
+}
+
+TEST(DistillConfig, LoraStudentAndForeignKeys) {
+  auto u = minimal();
+  u["lora"] = {{"r", 4}};
+  const auto c = resolve_config(u);
+  EXPECT_TRUE(c.use_lora);
+  EXPECT_EQ(c.lora.r, 4);
+  EXPECT_TRUE(c.resolved.contains("lora"));
+  u["lora"]["init"] = "pissa";
+  expect_error(u, "config key lora.init: PiSSA is for anvil lora");
+  u = minimal();
+  u["lora"] = {{"r", 4}};
+  u["train"]["mixed_precision"] = "bf16";
+  expect_error(u, "config key train.mixed_precision");
+  u = minimal();
+  u["model"] = {{"path", "x"}};
+  expect_error(u, "model");
+  EXPECT_NE(error_of(u).find("teacher"), std::string::npos) << error_of(u);
+  u = minimal();
+  u["student"]["lr"] = 1;
+  expect_error(u, "student.lr");
+}
+
+}  // namespace
+}  // namespace anvil::distill
