@@ -90,6 +90,7 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
       model::load_causal_lm(teacher_path, model::dtype_from_name(c.teacher.dtype), teacher_device, c.teacher.base_weights),
       device);
   auto student = build_student(c, teacher, teacher_path, dtype, device);
+  student->train();  // dropout on for every kind of student (build_model does this; a derived one is new)
   check_vocabularies(c, *teacher.model, *student);
   lora::LoraConfig lora = c.lora;
   train::NamedTensors trainable;
@@ -106,7 +107,7 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
   auto tok = train::load_tokenizer_if_present(teacher_path, c.eval);
 
   // ---- data ----
-  const auto data = train::read_training_data(c.data, tok.get(), c.train.seed);
+  const auto data = train::read_training_data(c.data, tok.get(), c.train.seed, student->config().vocab_size);
   data::BatchStream stream(data.train, c.data.seq_len, data.pad_id, c.train.batch_size, c.train.seed);
   const int64_t total_steps = train::count_steps(c.train, stream);
 
