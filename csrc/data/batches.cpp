@@ -1,10 +1,11 @@
 // Reading, splitting and batching training data (include/anvil/data/batches.h).
 #include "anvil/data/batches.h"
 
+#include "data/tokenizer_impl.h"
+
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
-#include <climits>
 #include <cmath>
 #include <fstream>
 #include <stdexcept>
@@ -23,17 +24,14 @@ Example read_example_line(const std::string& line, const Tokenizer* tok, const R
     for (size_t i = 0; i < ids.size(); ++i) {
       const auto& id = ids[i];
       // Checked as JSON before any narrowing: 4294967297 must not train as token 1.
-      const bool ok = id.is_number_unsigned() ? id.get<uint64_t>() <= uint64_t(INT32_MAX)
-                                              : id.is_number_integer() && id.get<int64_t>() >= 0 &&
-                                                    id.get<int64_t>() <= INT32_MAX;
-      if (!ok)
+      const auto v = detail::json_token_id(id, int64_t(1) << 31);
+      if (!v)
         throw std::runtime_error(where + ": \"input_ids\"[" + std::to_string(i) +
                                  "] must be a non-negative integer below 2^31, got " + id.dump());
-      const auto v = id.get<int64_t>();
-      if (options.vocab_size > 0 && v >= options.vocab_size)
-        throw std::runtime_error(where + ": \"input_ids\"[" + std::to_string(i) + "] = " + std::to_string(v) +
+      if (options.vocab_size > 0 && *v >= options.vocab_size)
+        throw std::runtime_error(where + ": \"input_ids\"[" + std::to_string(i) + "] = " + std::to_string(*v) +
                                  " is outside the model's vocabulary of " + std::to_string(options.vocab_size) + " ids");
-      e.ids.push_back(static_cast<int32_t>(v));
+      e.ids.push_back(*v);
     }
     e.target.assign(e.ids.size(), 1);
     if (j.contains("labels")) {

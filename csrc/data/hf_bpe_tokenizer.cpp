@@ -45,13 +45,12 @@ constexpr const char* kGpt2Pattern =
 // the bound keeps a tiny hostile file from asking for gigabytes (the id table is as long as the largest id).
 constexpr int64_t kMaxTokenId = (int64_t(1) << 22) - 1;
 
-// A token id from the file: a JSON integer in [0, kMaxTokenId], never narrowed silently (4294967297 is not 1).
+// A token id from the file (json_token_id), or an error naming the field and the bound.
 int32_t read_token_id(const json& v, const std::string& path, const std::string& what) {
   if (!v.is_number_integer()) fail(path, what + " is " + v.dump() + ", not an integer id");
-  const bool in_range = v.is_number_unsigned() ? v.get<uint64_t>() <= uint64_t(kMaxTokenId)
-                                               : v.get<int64_t>() >= 0 && v.get<int64_t>() <= kMaxTokenId;
-  if (!in_range) fail(path, what + " = " + v.dump() + " is outside [0, " + std::to_string(kMaxTokenId) + "]");
-  return static_cast<int32_t>(v.get<int64_t>());
+  const auto id = detail::json_token_id(v, kMaxTokenId + 1);
+  if (!id) fail(path, what + " = " + v.dump() + " is outside [0, " + std::to_string(kMaxTokenId) + "]");
+  return *id;
 }
 
 std::string type_of(const json& j, const std::string& path, const std::string& section) {

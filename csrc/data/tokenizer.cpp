@@ -197,10 +197,11 @@ std::unique_ptr<Tokenizer> load_model_folder(const std::string& dir_name) {
     const json gen = read_json(gen_file);
     // An id of the vocabulary, checked before narrowing (a stop id past it could never be generated).
     const auto eos_of = [&](const json& id) {
-      if (!id.is_number_integer() || id.get<int64_t>() < 0 || id.get<int64_t>() >= tok->vocab_size())
+      const auto v = detail::json_token_id(id, tok->vocab_size());
+      if (!v)
         throw std::runtime_error(gen_file + ": eos_token_id " + id.dump() + " is not an id of the vocabulary [0, " +
                                  std::to_string(tok->vocab_size()) + ")");
-      return static_cast<int32_t>(id.get<int64_t>());
+      return *v;
     };
     if (gen.contains("eos_token_id") && gen["eos_token_id"].is_number_integer()) {
       eos_ids.push_back(eos_of(gen["eos_token_id"]));

@@ -6,7 +6,9 @@
 
 #include <nlohmann/json.hpp>
 
+#include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 
 namespace anvil::data::detail {
@@ -34,6 +36,15 @@ class TokenizerImpl : public Tokenizer {
   void set_chat_template(const std::string& t) { chat_template_ = t; }
   void mark_special(int32_t id) { special_ids_.insert(id); }
 };
+
+/// A JSON value as a token id: an integer in [0, limit) (limit <= 2^31), checked before any narrowing, so
+/// that 4294967297 is refused rather than read as 1. Null when it is not one; callers name the field.
+inline std::optional<int32_t> json_token_id(const nlohmann::json& v, int64_t limit) {
+  if (!v.is_number_integer()) return std::nullopt;
+  const bool ok = v.is_number_unsigned() ? v.get<uint64_t>() < uint64_t(limit)
+                                         : v.get<int64_t>() >= 0 && v.get<int64_t>() < limit;
+  return ok ? std::optional<int32_t>(static_cast<int32_t>(v.get<int64_t>())) : std::nullopt;
+}
 
 /// tokenizer.json (parsed) to a byte-level BPE tokenizer. `path` names the file in errors.
 std::unique_ptr<TokenizerImpl> make_hf_bpe(const nlohmann::json& j, const std::string& path);
