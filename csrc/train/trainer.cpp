@@ -156,11 +156,6 @@ void Trainer::open(bool resume, data::BatchStream& stream) {
   io::write_text_atomically(path("config.json"), s_.config.dump(2) + "\n");
 }
 
-void Trainer::save() {
-  save_training_checkpoint(s_.out_dir, trainable_, *optimizer_, state_, s_.config, generator_states(device_),
-                           extra_files_);
-}
-
 double Trainer::run_eval(const EvalFn& evaluate, MetricsLog& metrics) {
   if (!evaluate) return 0;
   const auto r = evaluate();

@@ -128,9 +128,6 @@ class Trainer {
   int fit(data::BatchStream& stream, const LossFn& loss, const EvalFn& evaluate, const StepCallback& on_step,
           const std::function<std::string()>& oom_advice = nullptr);
 
-  /// Writes the current state as the checkpoint.
-  void save();
-
   const TrainState& state() const { return state_; }
   const NamedTensors& trainable() const { return trainable_; }
   std::string path(const std::string& name) const;  ///< a file in output.dir
