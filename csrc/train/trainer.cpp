@@ -231,6 +231,8 @@ int Trainer::fit(data::BatchStream& stream, const LossFn& loss_fn, const EvalFn&
   // Where validation starts, so that the first periodic evaluation has something to fall from.
   if (state_.step == 0 && s_.eval_every > 0) run_eval(evaluate, metrics);
   auto loss_acc = zero();
+  auto step_loss = zero();              // this step's loss, over its micro-batches (reused: no allocation per step)
+  std::vector<at::Tensor> step_terms;   // likewise for the loss callback's terms
   std::vector<at::Tensor> term_acc;
   std::vector<std::string> term_names;
   int64_t steps_since_log = 0, skipped_in_a_row = 0, skipped = 0;
@@ -244,8 +246,8 @@ int Trainer::fit(data::BatchStream& stream, const LossFn& loss_fn, const EvalFn&
         micro.push_back(stream.next());
         targets += micro.back().targets;
       }
-      auto step_loss = zero();
-      std::vector<at::Tensor> step_terms;
+      step_loss.zero_();
+      for (auto& t : step_terms) t.zero_();
       for (const auto& b : micro) {
         Loss loss;
         {
