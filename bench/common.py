@@ -2,6 +2,8 @@
 description, the copy-bandwidth ceiling measured in the same run, and the JSON record."""
 import datetime
 import json
+import os
+import shutil
 import statistics
 
 import torch
@@ -74,3 +76,41 @@ def write_json(path, record):
         with open(path, "w") as f:
             json.dump(record, f, indent=2)
         print(f"wrote {path}")
+
+
+def make_llama(path, shape, tie_word_embeddings=False, max_position_embeddings=4096):
+    """A Llama checkpoint of random weights saved by transformers in bf16 at `path` (written once, reused after);
+    shape: LlamaConfig's size keys (vocab_size, hidden_size, intermediate_size, num_hidden_layers, heads)."""
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(max_position_embeddings=max_position_embeddings, rms_norm_eps=1e-5,
+                      tie_word_embeddings=tie_word_embeddings, **shape)
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    shutil.rmtree(path, ignore_errors=True)
+    model.save_pretrained(path)
+    del model
+    return path
+
+
+def make_data(root, vocab, seq, rows):
+    """Pre-tokenized JSONL of `rows` rows of `seq` random token ids (packing is then the identity, so every side
+    computes its loss over the same seq - 1 targets per row); written once."""
+    path = os.path.join(root, f"data-{vocab}-{seq}-{rows}.jsonl")
+    if not os.path.exists(path):
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, vocab, (rows, seq), generator=g)
+        with open(path + ".tmp", "w") as f:
+            for row in ids.tolist():
+                f.write(json.dumps({"input_ids": row}) + "\n")
+        os.replace(path + ".tmp", path)
+    return path
+
+
+def read_metrics(run_dir):
+    """metrics.jsonl of an anvil run: {step: record} of the training steps."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    return {m["step"]: m for m in lines if "loss" in m}

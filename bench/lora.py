@@ -33,7 +33,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import device_info, write_json  # noqa: E402
+from common import device_info, make_data, make_llama, read_metrics, write_json  # noqa: E402
 
 MODELS = {
     "853m": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
@@ -56,29 +56,7 @@ LR = 1e-4
 
 def make_model(name, root):
     """The checkpoint both sides load: random weights saved by transformers in bf16 (written once)."""
-    path = os.path.join(root, f"model-{name}")
-    if os.path.exists(os.path.join(path, "config.json")):
-        return path
-    from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False, **MODELS[name])
-    torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    shutil.rmtree(path, ignore_errors=True)
-    model.save_pretrained(path)
-    return path
-
-
-def make_data(root, vocab, seq, rows):
-    path = os.path.join(root, f"data-{vocab}-{seq}-{rows}.jsonl")
-    if not os.path.exists(path):
-        g = torch.Generator().manual_seed(1)
-        ids = torch.randint(0, vocab, (rows, seq), generator=g)
-        with open(path + ".tmp", "w") as f:
-            for row in ids.tolist():
-                f.write(json.dumps({"input_ids": row}) + "\n")
-        os.replace(path + ".tmp", path)
-    return path
+    return make_llama(os.path.join(root, f"model-{name}"), MODELS[name])
 
 
 # ---- transformers + PEFT, in a child process ---------------------------------------------------------------
@@ -146,9 +124,7 @@ def run_anvil(anvil_bin, model_path, data_path, batch, seq, ckpt, steps, warmup,
     proc = subprocess.run([anvil_bin, "lora", "--config", cfg_path], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"anvil lora failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        lines = [json.loads(line) for line in f if line.strip()]
-    train = {m["step"]: m for m in lines if "loss" in m}
+    train = read_metrics(run_dir)
     seconds = train[steps]["elapsed_s"] - train[warmup]["elapsed_s"]
     return {"tokens_per_s": (steps - warmup) * batch * seq / seconds,
             "peak_gib": max(m.get("peak_mem_gib", 0.0) for m in train.values()),
