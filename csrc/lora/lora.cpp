@@ -5,6 +5,8 @@
 // torch.svd_lowrank, op for op, so the same Gaussian draws give PEFT's factors.
 #include "anvil/lora/lora.h"
 
+#include "lora/lora_internal.h"
+
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 #include <torch/nn/init.h>
@@ -17,7 +19,6 @@
 #include <cmath>
 #include <cstdio>
 #include <map>
-#include <regex>
 #include <stdexcept>
 #include <tuple>
 
@@ -27,103 +28,12 @@ namespace {
 
 const char kFilePrefix[] = "base_model.model.";
 
-// re.fullmatch(pattern, name); std::regex's ECMAScript grammar covers the patterns PEFT configs use
-// (alternation, classes, escapes, quantifiers).
-bool full_match(const std::string& pattern, const std::string& name) {
-  return std::regex_match(name, std::regex(pattern));
-}
-
-// PEFT get_pattern_key: the first key with re.match(rf"(.*\.)?({key})$", name).
-template <typename T>
-const std::pair<std::string, T>* pattern_entry(const std::vector<std::pair<std::string, T>>& patterns,
-                                               const std::string& name) {
-  for (const auto& entry : patterns)
-    if (full_match("(.*\\.)?(" + entry.first + ")", name)) return &entry;
-  return nullptr;
-}
 
 bool is_floating(at::ScalarType t) { return at::isFloatingType(t); }
 
-// "pissa_niter_N" -> N (digits only, as int() of PEFT's split("_niter_")[-1] accepts them); -1 for "pissa";
-// throws for anything else starting with "pissa".
-int64_t pissa_niter(const std::string& init) {
-  if (init == "pissa") return -1;
-  const std::string prefix = "pissa_niter_";
-  const std::string digits = init.rfind(prefix, 0) == 0 ? init.substr(prefix.size()) : std::string();
-  if (digits.empty() || digits.size() > 6 || digits.find_first_not_of("0123456789") != std::string::npos)
-    throw std::invalid_argument("LoraConfig: init must be \"kaiming\", \"gaussian\", \"pissa\" or \"pissa_niter_N\" "
-                                "(N >= 0 subspace iterations), got \"" + init + "\"");
-  return std::stoll(digits);
-}
 
 
 }  // namespace
-
-void validate(const LoraConfig& c) {
-  auto fail = [](const std::string& what) { throw std::invalid_argument("LoraConfig: " + what); };
-  auto check_regex = [&](const std::string& pattern, const std::string& what) {
-    try {
-      std::regex check(pattern);
-    } catch (const std::regex_error& e) {
-      fail(what + " \"" + pattern + "\" is not a valid regex: " + e.what());
-    }
-  };
-  if (c.r <= 0) fail("r must be > 0, got " + std::to_string(c.r));
-  if (!(c.lora_dropout >= 0.0 && c.lora_dropout < 1.0))
-    fail("lora_dropout must be in [0, 1), got " + std::to_string(c.lora_dropout));
-  if (c.init != "kaiming" && c.init != "gaussian") pissa_niter(c.init);  // throws unless pissa / pissa_niter_N
-  if (is_pissa(c) && c.use_dora)
-    fail("init \"" + c.init + "\" with use_dora: a PiSSA adapter is only usable on the original base once converted "
-         "to a plain LoRA delta (PEFT's path_initial_model_for_weight_conversion), which cannot express DoRA's magnitude");
-  if (is_pissa(c) && c.use_rslora && (!c.rank_pattern.empty() || !c.alpha_pattern.empty()))
-    fail("init \"" + c.init + "\" with use_rslora and rank_pattern/alpha_pattern: PEFT cannot convert such a PiSSA "
-         "adapter back to a LoRA of the original base (LoraModel._convert_state_dict_for_initial_model refuses it)");
-  const auto& t = c.target_modules;
-  if (t.kind == TargetModules::Kind::kList && t.names.empty()) fail("target_modules is an empty list");
-  if (t.kind == TargetModules::Kind::kRegex) check_regex(t.regex, "target_modules regex");
-  for (const auto& [key, rank] : c.rank_pattern) {
-    if (rank <= 0) fail("rank_pattern[\"" + key + "\"] must be > 0, got " + std::to_string(rank));
-    check_regex(key, "rank_pattern key");
-  }
-  for (const auto& entry : c.alpha_pattern) check_regex(entry.first, "alpha_pattern key");
-}
-
-bool is_pissa(const LoraConfig& c) { return c.init.rfind("pissa", 0) == 0; }
-
-bool is_target(const LoraConfig& c, const std::string& name, bool is_output_layer) {
-  const auto& t = c.target_modules;
-  switch (t.kind) {
-    case TargetModules::Kind::kAllLinear:
-      // _maybe_include_all_linear_layers drops get_output_embeddings() (lm_head).
-      return !is_output_layer;
-    case TargetModules::Kind::kRegex:
-      return full_match(t.regex, name);  // match_target_against_key
-    case TargetModules::Kind::kList:
-      for (const auto& entry : t.names) {  // check_target_module_exists
-        if (name == entry) return true;
-        if (name.size() > entry.size() && name.compare(name.size() - entry.size(), entry.size(), entry) == 0 &&
-            name[name.size() - entry.size() - 1] == '.')
-          return true;
-      }
-      return false;
-  }
-  return false;
-}
-
-int64_t rank_of(const LoraConfig& c, const std::string& name) {
-  auto* e = pattern_entry(c.rank_pattern, name);
-  return e ? e->second : c.r;
-}
-
-double alpha_of(const LoraConfig& c, const std::string& name) {
-  auto* e = pattern_entry(c.alpha_pattern, name);
-  return e ? e->second : c.lora_alpha;
-}
-
-double scaling_of(const LoraConfig& c, const std::string& name) {  // LoraLayer.update_layer
-  const double r = double(rank_of(c, name));
-  return alpha_of(c, name) / (c.use_rslora ? std::sqrt(r) : r);
-}
 
 // ---- the adapter ---------------------------------------------------------------------------------
 

@@ -1,12 +1,8 @@
-// PEFT-format adapter files (anvil/lora/lora.h; docs/FORMATS.md "LoRA adapters (PEFT format)"):
-// adapter_config.json, written with the key set and defaults of peft 0.21's LoraConfig (json.dumps
-// with indent 2 and sorted keys), and adapter_model.safetensors with keys
+// PEFT-format adapter folders (anvil/lora/lora.h; docs/FORMATS.md "LoRA adapters (PEFT format)"):
+// adapter_config.json (its text is lora_config.cpp's: written with the key set and defaults of peft 0.21's
+// LoraConfig, read strictly) and adapter_model.safetensors with keys
 // "base_model.model.<module>.lora_A.weight" / ".lora_B.weight" / ".lora_magnitude_vector" (DoRA).
-//
-// Reading is strict: a key anvil implements is interpreted; a key that only records provenance
-// (peft_version, inference_mode, revision, ...) is ignored; every other key must hold its "off" value
-// (null, false, {} or []), else the load fails naming the key. Adapter tensors must cover exactly
-// the modules the config targets, with the shapes its ranks imply.
+// Adapter tensors must cover exactly the modules the config targets, with the shapes its ranks imply.
 #include "anvil/io/fs.h"
 #include "anvil/io/safetensors.h"
 #include "anvil/lora/lora.h"
@@ -24,64 +20,9 @@ namespace anvil::lora {
 
 namespace {
 
-using Json = nlohmann::ordered_json;
-
 const char kFilePrefix[] = "base_model.model.";
 const char kConfigFile[] = "adapter_config.json";
 const char kWeightsFile[] = "adapter_model.safetensors";
-
-// Keys that only describe where the adapter came from or how PEFT runs it: no effect on the weights.
-const std::set<std::string> kProvenanceKeys = {
-    "peft_version", "inference_mode", "revision", "auto_mapping", "base_model_name_or_path",
-    "megatron_core", "qalora_group_size", "ensure_weight_tying", "loftq_config"};
-
-// The rest of peft 0.21's LoraConfig as save_pretrained writes it with every option off; reading
-// requires these values (or null/false/{}/[]) and writing emits them.
-Json peft_defaults() {
-  Json j;
-  j["alora_invocation_tokens"] = nullptr;
-  j["arrow_config"] = nullptr;
-  j["auto_mapping"] = nullptr;
-  j["bias"] = "none";
-  j["corda_config"] = nullptr;
-  j["ensure_weight_tying"] = false;
-  j["eva_config"] = nullptr;
-  j["exclude_modules"] = nullptr;
-  j["fan_in_fan_out"] = false;
-  j["inference_mode"] = true;
-  j["kasa_config"] = nullptr;
-  j["layer_replication"] = nullptr;
-  j["layers_pattern"] = nullptr;
-  j["layers_to_transform"] = nullptr;
-  j["loftq_config"] = Json::object();
-  j["lora_bias"] = false;
-  j["lora_ga_config"] = nullptr;
-  j["megatron_config"] = nullptr;
-  j["megatron_core"] = "megatron.core";
-  j["modules_to_save"] = nullptr;
-  j["monteclora_config"] = nullptr;
-  j["peft_type"] = "LORA";
-  j["peft_version"] = "0.21.0";
-  j["qalora_group_size"] = 16;
-  j["revision"] = nullptr;
-  j["target_parameters"] = nullptr;
-  j["task_type"] = "CAUSAL_LM";
-  j["trainable_token_indices"] = nullptr;
-  j["use_bdlora"] = nullptr;
-  j["use_qalora"] = false;
-  j["velora_config"] = nullptr;
-  return j;
-}
-
-bool is_off(const Json& v) {
-  return v.is_null() || (v.is_boolean() && !v.get<bool>()) || ((v.is_object() || v.is_array()) && v.empty());
-}
-
-// An integral alpha is written as a JSON integer, as Python writes the int PEFT's field is typed as.
-Json number(double v) {
-  if (std::floor(v) == v && std::fabs(v) < 9e15) return Json(int64_t(v));
-  return Json(v);
-}
 
 std::string read_text(const std::string& path) {
   if (!anvil::io::is_regular_file(path)) throw std::runtime_error(path + ": missing (not a PEFT adapter directory?)");
@@ -95,138 +36,6 @@ std::string shape_str(at::IntArrayRef s) {
 }
 
 }  // namespace
-
-std::string adapter_config_json(const LoraConfig& c, const std::vector<std::string>& all_linear_names) {
-  Json j = peft_defaults();
-  j["alpha_pattern"] = Json::object();
-  for (const auto& [k, v] : c.alpha_pattern) j["alpha_pattern"][k] = number(v);
-  j["base_model_name_or_path"] = c.base_model_name_or_path.empty() ? Json(nullptr) : Json(c.base_model_name_or_path);
-  j["init_lora_weights"] = c.init == "kaiming" ? Json(true) : Json(c.init);  // "gaussian", "pissa", "pissa_niter_N"
-  j["lora_alpha"] = number(c.lora_alpha);
-  j["lora_dropout"] = c.lora_dropout;
-  j["r"] = c.r;
-  j["rank_pattern"] = Json::object();
-  for (const auto& [k, v] : c.rank_pattern) j["rank_pattern"][k] = v;
-  // PEFT keeps a list as a set (written in hash order); anvil writes it sorted.
-  switch (c.target_modules.kind) {
-    case TargetModules::Kind::kRegex:
-      j["target_modules"] = c.target_modules.regex;
-      break;
-    case TargetModules::Kind::kList: {
-      std::set<std::string> names(c.target_modules.names.begin(), c.target_modules.names.end());
-      j["target_modules"] = Json(std::vector<std::string>(names.begin(), names.end()));
-      break;
-    }
-    case TargetModules::Kind::kAllLinear: {  // _maybe_include_all_linear_layers expands to the names
-      std::set<std::string> names(all_linear_names.begin(), all_linear_names.end());
-      j["target_modules"] = Json(std::vector<std::string>(names.begin(), names.end()));
-      break;
-    }
-  }
-  j["use_dora"] = c.use_dora;
-  j["use_rslora"] = c.use_rslora;
-  // json.dumps(sort_keys=True, indent=2): nlohmann::json (std::map) sorts keys bytewise, as Python
-  // does for ASCII keys.
-  return nlohmann::json::parse(j.dump()).dump(2);
-}
-
-LoraConfig parse_adapter_config(const std::string& text, const std::string& source) {
-  Json j;
-  try {
-    j = Json::parse(text);
-  } catch (const std::exception& e) {
-    throw std::runtime_error(source + ": not valid JSON: " + e.what());
-  }
-  if (!j.is_object()) throw std::runtime_error(source + ": the top level must be a JSON object");
-  auto fail = [&](const std::string& key, const std::string& rule) {
-    throw std::runtime_error(source + ": \"" + key + "\" " + rule);
-  };
-  auto get = [&](const std::string& key, auto fallback) {
-    using T = decltype(fallback);
-    if (!j.contains(key) || j[key].is_null()) return fallback;
-    try {
-      return j[key].get<T>();
-    } catch (const std::exception&) {
-      fail(key, "has the wrong type: " + j[key].dump());
-    }
-    return fallback;
-  };
-
-  const std::string peft_type = get("peft_type", std::string());
-  if (peft_type != "LORA") fail("peft_type", "is \"" + peft_type + "\"; anvil reads only LORA adapters");
-  if (j.contains("task_type") && !j["task_type"].is_null() && j["task_type"] != "CAUSAL_LM")
-    fail("task_type", "is " + j["task_type"].dump() + "; anvil adapts causal LMs (CAUSAL_LM)");
-
-  LoraConfig c;
-  if (j.contains("r") && j["r"].is_number_float()) fail("r", "must be an integer, got " + j["r"].dump());
-  c.r = get("r", int64_t(8));
-  c.lora_alpha = get("lora_alpha", 8.0);
-  c.lora_dropout = get("lora_dropout", 0.0);
-  c.use_rslora = get("use_rslora", false);
-  c.use_dora = get("use_dora", false);
-  c.base_model_name_or_path = get("base_model_name_or_path", std::string());
-  if (j.contains("init_lora_weights")) {
-    const auto& v = j["init_lora_weights"];
-    if (v.is_boolean()) c.init = "kaiming";
-    else if (v == "gaussian") c.init = "gaussian";
-    else if (v.is_string() && v.get<std::string>().rfind("pissa", 0) == 0) c.init = v.get<std::string>();  // validate() checks it
-    else fail("init_lora_weights", "is " + v.dump() + "; anvil supports true, false, \"gaussian\", \"pissa\" and "
-              "\"pissa_niter_N\" (OLoRA, LoftQ, EVA, CorDA, ... are not implemented)");
-  }
-  if (!j.contains("target_modules") || j["target_modules"].is_null())
-    fail("target_modules", "is missing; anvil needs the targeted module names");
-  const auto& t = j["target_modules"];
-  if (t.is_string()) {
-    const auto s = t.get<std::string>();
-    std::string lower = s;
-    std::transform(lower.begin(), lower.end(), lower.begin(), ::tolower);
-    if (lower == "all-linear") c.target_modules.kind = TargetModules::Kind::kAllLinear;
-    else c.target_modules = {TargetModules::Kind::kRegex, {}, s};
-  } else if (t.is_array()) {
-    c.target_modules.kind = TargetModules::Kind::kList;
-    for (const auto& e : t) {
-      if (!e.is_string()) fail("target_modules", "must hold strings, got " + e.dump());
-      c.target_modules.names.push_back(e.get<std::string>());
-    }
-  } else {
-    fail("target_modules", "must be a list of names or a regex string, got " + t.dump());
-  }
-  for (const char* key : {"rank_pattern", "alpha_pattern"}) {
-    if (!j.contains(key) || j[key].is_null()) continue;
-    if (!j[key].is_object()) fail(key, "must be an object {regex: value}");
-    for (const auto& [k, v] : j[key].items()) {
-      if (!v.is_number()) fail(std::string(key) + "." + k, "must be a number, got " + v.dump());
-      if (std::string(key) == "rank_pattern") {
-        if (!v.is_number_integer()) fail(std::string(key) + "." + k, "must be an integer, got " + v.dump());
-        c.rank_pattern.emplace_back(k, v.get<int64_t>());
-      } else {
-        c.alpha_pattern.emplace_back(k, v.get<double>());
-      }
-    }
-  }
-  if (j.contains("bias") && j["bias"] != "none")
-    fail("bias", "is " + j["bias"].dump() + "; anvil supports only \"none\" (no trained biases)");
-  if (j.contains("megatron_core") && !j["megatron_core"].is_null() && !j["megatron_core"].is_string())
-    fail("megatron_core", "must be a string");
-
-  // Everything else: provenance keys pass; any other key must be off.
-  static const std::set<std::string> kInterpreted = {
-      "peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "target_modules",
-      "rank_pattern", "alpha_pattern", "init_lora_weights", "bias"};
-  for (const auto& [key, value] : j.items()) {
-    if (kInterpreted.count(key) || kProvenanceKeys.count(key)) continue;
-    if (!is_off(value))
-      fail(key, "is " + value.dump() + "; anvil does not support this option (it must be null, false or empty)");
-  }
-  if (j.contains("loftq_config") && !is_off(j["loftq_config"]))
-    fail("loftq_config", "is set; LoftQ adapters need their quantized base, which anvil does not reproduce");
-  try {
-    validate(c);
-  } catch (const std::invalid_argument& e) {
-    throw std::runtime_error(source + ": " + e.what());
-  }
-  return c;
-}
 
 namespace {
 
