@@ -163,7 +163,7 @@ def looks_special(t):
             or (t.startswith("<｜") and t.endswith("｜>")) or (t.startswith("<unused") and t.endswith(">")))
 
 
-def expected_tokenizer(model_dir, vocab_size):
+def expected_tokenizer(model_dir, vocab_size, pre="gpt-2"):
     """The tokenizer keys convert_hf_to_gguf.py's LlamaModel.set_vocab writes, computed with its own pieces:
     the vocabulary (SentencePiece when tokenizer.model exists, else tokenizer.json's BPE) and gguf-py's
     SpecialVocab for the rest. Values as GGUFReader returns them; type codes as gguf-py's add_* use."""
@@ -209,6 +209,7 @@ def expected_tokenizer(model_dir, vocab_size):
             else:
                 tokens.append(by_id[i]), types.append(1)
         out["tokenizer.ggml.model"] = (V.STRING, None, "gpt2")
+        out["tokenizer.ggml.pre"] = (V.STRING, None, pre)
         out["tokenizer.ggml.tokens"] = (V.ARRAY, V.STRING, tokens)
         out["tokenizer.ggml.token_type"] = (V.ARRAY, V.INT32, types)
         special = gguf.SpecialVocab(model_dir, load_merges=True)
@@ -275,12 +276,12 @@ def expected_bytes(model_dir):
     return out
 
 
-def check_file(model_dir, path, qtype):
+def check_file(model_dir, path, qtype, pre="gpt-2"):
     """Every key, type and value; every tensor's name, type, shape and bytes, against the oracles."""
     c = json.load(open(os.path.join(model_dir, "config.json")))
     tied = bool(c.get("tie_word_embeddings"))
     reader, got = fields(path)
-    want = {**expected_model_keys(model_dir, qtype), **expected_tokenizer(model_dir, c["vocab_size"])}
+    want = {**expected_model_keys(model_dir, qtype), **expected_tokenizer(model_dir, c["vocab_size"], pre)}
     assert set(got) == set(want), (set(got) ^ set(want))
     for k, (t, et, v) in want.items():
         assert got[k][0] == t and got[k][1] == et, (k, got[k][:2], (t, et))
@@ -456,9 +457,7 @@ def test_bpe_tokenizer_round_trip(name, tmp_path):
     make_model(d, tok, vocab=vocab, hidden=32, ffn=64, layers=1, heads=2, kv=1)
     out = str(tmp_path / f"{name}.gguf")
     anvil._C.export_gguf(d, out, "q8_0")
-    check_file(d, out, "q8_0")
-    pre = fields(out)[1]["tokenizer.ggml.pre"][2]
-    assert pre == {"gpt2": "gpt-2", "llama3": "llama-bpe", "qwen2": "qwen2"}[name]
+    check_file(d, out, "q8_0", pre={"gpt2": "gpt-2", "llama3": "llama-bpe", "qwen2": "qwen2"}[name])
     src = anvil._C.Tokenizer.load(d)
     back = anvil._C.Tokenizer.load(out)
     hf_src = transformers.AutoTokenizer.from_pretrained(d)
