@@ -534,6 +534,22 @@ def test_demo_model(tmp_path):
             assert r["bytes"] < r["source_bytes"] / 4
 
 
+def test_mistral_folder(tmp_path):
+    """MistralForCausalLM is converted by the same LlamaModel (architecture "llama"); sliding_window is not
+    written, as the converter does not write it."""
+    d = str(tmp_path / "mis")
+    src = make_model(d, os.path.join(TOKENIZERS, "gpt2"), vocab=tokenizer_vocab_size(os.path.join(TOKENIZERS, "gpt2")))
+    c = json.load(open(os.path.join(d, "config.json")))
+    c.update({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": None})
+    json.dump(c, open(os.path.join(d, "config.json"), "w"))
+    out = str(tmp_path / "mis.gguf")
+    anvil._C.export_gguf(d, out, "f32")
+    check_file(d, out, "f32")
+    ids = torch.randint(3, 2000, (1, 9), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        assert_logits_close(anvil._C.CausalLM(out).logits(ids), src(ids).logits)
+
+
 # ---- bad input -------------------------------------------------------------------------------------------
 
 def test_bad_input(tmp_path):
@@ -580,6 +596,7 @@ def test_killed_export_leaves_no_file(tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and not any(n.startswith(".big.gguf.tmp") for n in os.listdir(tmp_path)):
         time.sleep(0.001)
+    assert p.poll() is None, "the export finished before it could be killed"
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert not os.path.exists(out)  # the temporary file may remain (hidden); never a partial big.gguf
