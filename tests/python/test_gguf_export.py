@@ -603,3 +603,24 @@ def test_killed_export_leaves_no_file(tmp_path):
     # The same export, uninterrupted, completes and reads.
     anvil._C.export_gguf(d, out, "q4_0")
     assert len(gguf.GGUFReader(out).tensors) == 2 + 8 * 9 + 1
+
+
+def test_cli_export_gguf(tmp_path):
+    """`anvil export-gguf`: the same file as the binding's, the report as JSON, errors with exit status 1."""
+    binary = os.path.join(os.path.dirname(anvil.__file__), "..", "..", "bin", "anvil")
+    if not os.path.exists(binary):
+        pytest.skip(f"no anvil binary beside the package ({binary})")
+    out = str(tmp_path / "demo.gguf")
+    r = subprocess.run([binary, "export-gguf", "--model", DEMO, "--out", out, "--type", "q4_0", "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["tensors_per_type"] == {"F32": 9, "Q8_0": 1, "Q4_0": 28} and report["bytes"] == os.path.getsize(out)
+    ref = str(tmp_path / "ref.gguf")
+    anvil._C.export_gguf(DEMO, ref, "q4_0")
+    assert open(out, "rb").read() == open(ref, "rb").read()  # byte for byte the binding's file
+    r = subprocess.run([binary, "export-gguf", "--model", DEMO, "--out", out], capture_output=True, text=True)
+    assert r.returncode == 1 and "exists" in r.stderr and os.path.getsize(out) == report["bytes"]
+    r = subprocess.run([binary, "export-gguf", "--model", DEMO, "--out", out, "--type", "q3_k", "--overwrite"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "type 'q3_k' is not one of" in r.stderr
