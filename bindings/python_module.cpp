@@ -2,11 +2,13 @@
 // It exposes the C++ core (the self-check, the tokenizers; model loading and pipelines as they land). Ops never
 // go through here: Python reaches them as torch.ops.anvil.*, so autograd, torch.compile and vmap compose.
 #include "anvil/data/dataset.h"
+#include "anvil/data/gguf_vocab.h"
 #include "anvil/data/tokenizer.h"
 #include "anvil/io/gguf.h"
 #include "anvil/io/safetensors.h"
 #include "anvil/model/derive.h"
 #include "anvil/model/generate.h"
+#include "anvil/model/gguf_export.h"
 #include "anvil/model/gguf_model.h"
 #include "anvil/model/transformer.h"
 #include "anvil/ops.h"
@@ -403,6 +405,70 @@ void bind_gguf(py::module_& m) {
       },
       py::arg("path"), py::call_guard<py::gil_scoped_release>(),
       "A GGUF model's tensors under Hugging Face names, fp32, q/k un-permuted.");
+  // ---- export (anvil/model/gguf_export.h) ----
+  m.def(
+      "gguf_quantize",
+      [](const at::Tensor& x, const std::string& type) {
+        uint32_t t = 0;
+        if (type == "F32") t = anvil::io::ggml_type::kF32;
+        else if (type == "F16") t = anvil::io::ggml_type::kF16;
+        else if (type == "BF16") t = anvil::io::ggml_type::kBF16;
+        else if (type == "Q8_0") t = anvil::io::ggml_type::kQ8_0;
+        else if (type == "Q4_0") t = anvil::io::ggml_type::kQ4_0;
+        else TORCH_CHECK(false, "gguf_quantize: type '", type, "' is not one of F32, F16, BF16, Q8_0, Q4_0");
+        std::vector<uint8_t> bytes;
+        {
+          py::gil_scoped_release release;
+          bytes = anvil::io::quantize_ggml(x, t);
+        }
+        return py::bytes(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+      },
+      py::arg("x"), py::arg("type"), "ggml's bytes of a CPU float tensor quantized to F32/F16/BF16/Q8_0/Q4_0.");
+  m.def(
+      "gguf_tokenizer_metadata",
+      [](const std::string& dir, int64_t vocab_size) {
+        py::dict out;
+        for (const auto& [key, v] : anvil::data::gguf_tokenizer_metadata(dir, vocab_size))
+          out[py::str(key)] = py::make_tuple(anvil::io::gguf_type_name(v.type),
+                                             anvil::io::gguf_type_name(v.element_type), gguf_value_to_python(v));
+        return out;
+      },
+      py::arg("model_dir"), py::arg("vocab_size"),
+      "The tokenizer.* GGUF metadata of a model folder: {key: (type, element type, value)}.");
+  m.def(
+      "export_gguf",
+      [](const std::string& model_dir, const std::string& out_path, const std::string& type, bool overwrite,
+         const std::string& name) {
+        anvil::model::GgufExportReport r;
+        {
+          py::gil_scoped_release release;
+          anvil::model::GgufExportOptions o;
+          o.type = type;
+          o.overwrite = overwrite;
+          o.name = name;
+          // The tokenizer comes from data/ (model does not depend on it).
+          o.tokenizer_metadata = [&](int64_t vocab) { return anvil::data::gguf_tokenizer_metadata(model_dir, vocab); };
+          r = anvil::model::export_gguf(model_dir, out_path, o);
+        }
+        py::dict out, per_type;
+        out["path"] = r.path;
+        out["type"] = r.type;
+        out["file_type"] = r.file_type;
+        for (const auto& [k, v] : r.tensors_per_type) per_type[py::str(k)] = v;
+        out["tensors_per_type"] = per_type;
+        out["tensors"] = r.tensors;
+        out["parameters"] = r.parameters;
+        out["bytes"] = r.bytes;
+        out["source_bytes"] = r.source_bytes;
+        out["seconds"] = r.seconds;
+        out["tensor_types"] = r.tensor_types;
+        return out;
+      },
+      py::arg("model_dir"), py::arg("out_path"), py::arg("type") = "q8_0", py::arg("overwrite") = false,
+      py::arg("name") = "",
+      "Exports a Hugging Face Llama/Mistral folder as one GGUF file (f32, f16, bf16, q8_0, q4_0) with its "
+      "tokenizer; returns the report {path, type, file_type, tensors_per_type, tensors, parameters, bytes, "
+      "source_bytes, seconds, tensor_types}.");
 }
 
 // ---- distillation: the KD losses (tests/python/test_distill.py compares them with torchtune's and TRL's) ----

@@ -7,5 +7,6 @@ namespace anvil::cli {
 int cmd_inspect(int argc, char** argv);   // csrc/cli/inspect.cpp
 int cmd_generate(int argc, char** argv);  // csrc/cli/generate.cpp
 int cmd_eval(int argc, char** argv);      // csrc/cli/eval.cpp
+int cmd_export_gguf(int argc, char** argv);  // csrc/cli/export_gguf.cpp
 
 }  // namespace anvil::cli

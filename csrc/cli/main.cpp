@@ -137,6 +137,8 @@ const std::vector<Subcommand>& subcommands() {
       {"tokenize", "encode text to ids (or decode ids) with a model's tokenizer", cmd_tokenize},
       {"generate", "continue a prompt (or answer it as a chat) with a model and its tokenizer", anvil::cli::cmd_generate},
       {"eval", "perplexity of a model on a .txt or .jsonl file", anvil::cli::cmd_eval},
+      {"export-gguf", "write a Llama/Mistral folder as one GGUF file (f32, f16, bf16, q8_0, q4_0)",
+       anvil::cli::cmd_export_gguf},
       {"merge", "fold a LoRA adapter into its base model and save the merged checkpoint", anvil::lora::cmd_merge},
       // The recipes: one line each (cli/recipe_command.h).
       {"lora", "train LoRA adapters from a JSON config (no --config: the embedded demo)",

@@ -17,6 +17,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <unordered_map>
@@ -149,5 +150,49 @@ class GgufFile {
 
 /// Whether `path` names a GGUF file: a regular file whose first four bytes are "GGUF".
 bool is_gguf_file(const std::string& path);
+
+// ---- writing (csrc/io/gguf_writer.cpp) ------------------------------------------------------------------
+// The other direction: metadata values, tensor infos and tensor bytes written as a GGUF v3 file, and
+// ggml's reference quantizers (bit-exact with gguf-py 0.19.0's gguf/quants.py and ggml-quants.c's
+// quantize_row_*_ref) to make those bytes. docs/FORMATS.md "GGUF export".
+
+/// Metadata values to write. Integers are range-checked against their type when written.
+GgufValue gguf_int_value(GgufType type, int64_t v);      ///< any integer type, or kBool (0 / 1)
+GgufValue gguf_float_value(GgufType type, double v);     ///< kFloat32 or kFloat64
+GgufValue gguf_string_value(const std::string& v);
+GgufValue gguf_int_array(GgufType element_type, std::vector<int64_t> v);
+GgufValue gguf_float_array(GgufType element_type, std::vector<double> v);
+GgufValue gguf_string_array(std::vector<std::string> v);
+
+/// One tensor to write: its name (at most 63 bytes, ggml's GGML_MAX_NAME), PyTorch shape (rank 1..4;
+/// written reversed, as ggml orders dims) and ggml type.
+struct GgufTensorSpec {
+  std::string name;
+  std::vector<int64_t> shape;
+  uint32_t type = ggml_type::kF32;
+};
+
+/// Bytes of a tensor of `type` and PyTorch `shape`; throws naming `what` when the type is unknown or the
+/// row (last dim) is not a whole number of the type's blocks.
+uint64_t ggml_tensor_nbytes(uint32_t type, const std::vector<int64_t>& shape, const std::string& what = "tensor");
+
+/// Whether quantize_ggml makes this type: F32, F16, BF16, Q8_0, Q4_0.
+bool ggml_type_quantizable(uint32_t type);
+
+/// `x` (a CPU tensor of any floating dtype; converted to fp32 first, as gguf-py does) in ggml's bytes of
+/// `type`, blocks running along the contiguous last dimension (its length must be a multiple of the
+/// block size): F32 as is, F16 round-to-nearest-even, BF16 ggml_compute_fp32_to_bf16 (quiet NaN, RNE),
+/// Q8_0 and Q4_0 as quantize_row_q8_0_ref / quantize_row_q4_0_ref. Throws naming `what`.
+std::vector<uint8_t> quantize_ggml(const at::Tensor& x, uint32_t type, const std::string& what = "tensor");
+
+/// Writes a GGUF v3 file at `path`: `metadata` in order (keys unique and non-empty; `general.alignment`,
+/// when present, a UINT32 power of two that sets the alignment, else 32), the tensor infos, then each
+/// tensor's bytes as `source(i)` returns them (exactly ggml_tensor_nbytes long; asked for one at a
+/// time, in order, so only one tensor's bytes are held), each padded to the alignment. The file is
+/// written to a temporary name, fsync'ed and renamed (io/fs.h write_file_atomically): an error, or a
+/// kill, leaves `path` as it was. Returns the file's size in bytes.
+uint64_t write_gguf(const std::string& path, const std::vector<std::pair<std::string, GgufValue>>& metadata,
+                    const std::vector<GgufTensorSpec>& tensors,
+                    const std::function<std::vector<uint8_t>(size_t index)>& source);
 
 }  // namespace anvil::io
