@@ -24,9 +24,9 @@ Linear::Linear(int64_t in_features, int64_t out_features, bool has_bias, const a
 
 namespace {
 
-// ---- quantized base weights (formats: include/anvil/model/attention.h, docs/FORMATS.md "Linear weight
-// formats"). One table of what each format holds, so the checks, the dequantization and the product read
-// the same facts.
+// ---- quantized base weights (the formats: include/anvil/model/attention.h, docs/FORMATS.md "Linear weight
+// formats"). Each format's dequantization and product are one function each below, used by the forward, the
+// backward and dense_weight alike, so the three cannot disagree.
 
 bool is_grouped_weight_only(const std::string& f) { return f == "int8" || f == "int4"; }
 bool known_format(const std::string& f) {
@@ -52,7 +52,7 @@ at::Tensor dequantize_weight(const std::string& f, const at::Tensor& q, const at
   return (v * scale.unsqueeze(-1)).view({out, in}).to(dtype);
 }
 
-// x (M, K) -> (q, per-token scale (M, 1)) for the formats whose activations are quantized on the fly.
+// x (..., K) as the contiguous (M, K) rows the activation quantizers take.
 at::Tensor as_rows(const at::Tensor& x) { return x.reshape({-1, x.size(-1)}).contiguous(); }
 
 // x W^T without the bias, in x's dtype: the product each format runs (the GEMM of its own kind).
@@ -75,11 +75,13 @@ at::Tensor quantized_product(const std::string& f, const at::Tensor& x, const at
 // x W^T over a frozen quantized W (every format but "fp8", which has anvil::ops::fp8_linear): the forward
 // runs the format's product; dX = dY W with W dequantized to dY's dtype for the backward alone, so only the
 // quantized weight stays resident (autograd of at::linear would keep a dense copy alive until the backward).
+// autograd's apply needs every tensor argument defined: an absent zero point travels as an empty tensor.
 class QuantizedWeightMatmul : public torch::autograd::Function<QuantizedWeightMatmul> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& q,
-                            const at::Tensor& scale, const at::Tensor& zero_point, const std::string& format) {
-    ctx->save_for_backward({q, scale, zero_point});
+                            const at::Tensor& scale, const at::Tensor& zero_point_or_empty, const std::string& format) {
+    const at::Tensor zero_point = zero_point_or_empty.numel() > 0 ? zero_point_or_empty : at::Tensor();
+    ctx->save_for_backward({q, scale, zero_point_or_empty});
     ctx->saved_data["format"] = format;
     return quantized_product(format, x, q, scale, zero_point);  // (..., out)
   }
@@ -89,8 +91,8 @@ class QuantizedWeightMatmul : public torch::autograd::Function<QuantizedWeightMa
     const auto& g = grads[0];  // (..., out)
     at::Tensor dx;
     if (ctx->needs_input_grad(0))
-      dx = at::matmul(g, dequantize_weight(ctx->saved_data["format"].toStringRef(), saved[0], saved[1], saved[2],
-                                           g.scalar_type()));  // (..., in)
+      dx = at::matmul(g, dequantize_weight(ctx->saved_data["format"].toStringRef(), saved[0], saved[1],
+                                           saved[2].numel() > 0 ? saved[2] : at::Tensor(), g.scalar_type()));  // (..., in)
     return {dx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
@@ -120,7 +122,8 @@ at::Tensor Linear::forward(const at::Tensor& x) {
   } else if (weight_format_ == "fp8") {
     out = anvil::ops::fp8_linear(x, weight, weight_scale, bias.defined() ? c10::optional<at::Tensor>(bias) : c10::nullopt);
   } else {
-    out = QuantizedWeightMatmul::apply(x, weight, weight_scale, weight_zero_point, weight_format_);
+    const auto zero_point = weight_zero_point.defined() ? weight_zero_point : at::empty({0}, weight.options());
+    out = QuantizedWeightMatmul::apply(x, weight, weight_scale, zero_point, weight_format_);
     if (bias.defined()) out = out + bias;
   }
   return adapter ? adapter->forward(*this, x, out) : out;
