@@ -157,8 +157,12 @@ void Linear::quantize_weight(const std::string& format, int64_t group_size) {
   }
 }
 
-void Linear::set_quantized_weight(const std::string& format, const at::Tensor& q, const at::Tensor& scale,
+void Linear::set_quantized_weight(const std::string& format, const at::Tensor& q, const at::Tensor& scale_in,
                                   const at::Tensor& zero_point, int64_t group_size) {
+  // A per-tensor scale may come as () or, as compressed-tensors stores it, (1) or (1, 1).
+  const bool one_scale = (format == "fp8-tensor" || format == "w8a8") && scale_in.numel() == 1 && scale_in.dim() <= 2 &&
+                         !(format == "w8a8" && scale_in.dim() == 2 && q.dim() == 2 && q.size(0) == 1);
+  const at::Tensor scale = one_scale ? scale_in.reshape({}) : scale_in;
   TORCH_CHECK(weight_format_.empty(), "Linear: the weight is already quantized (", weight_format_, ")");
   TORCH_CHECK(known_format(format), "Linear: weight format '", format, "' is not one of ", kFormats);
   TORCH_CHECK(q.dim() == 2 && q.sizes() == weight.sizes(), "Linear: quantized weight shape ", q.sizes(),

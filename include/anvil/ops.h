@@ -141,7 +141,8 @@ at::Tensor int8_gemm(const at::Tensor& a, const at::Tensor& a_scale, const at::T
 
 /// Which CUDA path int8_gemm takes for this problem on the current device: "sm90" (the fused CUTLASS kernel),
 /// "int_mm" (cuBLASLt int32 + epilogue) or "simt" (the plain kernel); "cpu" without CUDA. ANVIL_INT8_GEMM_PATH
-/// =sm90|int_mm|simt forces one where it can run (tests and benchmarks).
+/// =sm90|int_mm|simt forces one (tests and benchmarks): "" here when the forced path cannot take the problem,
+/// an error from int8_gemm itself.
 std::string int8_gemm_path(int64_t m, int64_t n, int64_t k, at::ScalarType out_dtype = at::kBFloat16);
 
 // ---- Sparse attention (docs/FORMATS.md, "Sparse attention") -----------------------------------

@@ -381,7 +381,7 @@ def test_bad_quantized_weights_are_named(dense_dir):
     with pytest.raises(RuntimeError, match="a fp8-channel weight must be float8_e4m3fn"):
         m.set_quantized_weight(name, "fp8-channel", q8, torch.ones(128, 1))
     with pytest.raises(RuntimeError, match=r"fp8-tensor weight_scale must be a scalar \(\)"):
-        m.set_quantized_weight(name, "fp8-tensor", q8.view(torch.float8_e4m3fn), torch.ones(1))
+        m.set_quantized_weight(name, "fp8-tensor", q8.view(torch.float8_e4m3fn), torch.ones(128, 1))
     with pytest.raises(RuntimeError, match="weight_scale must be float32"):
         m.set_quantized_weight(name, "int8", q8, torch.ones(128, 1, dtype=torch.float16))
     with pytest.raises(RuntimeError, match="quantized weight shape"):
@@ -392,6 +392,11 @@ def test_bad_quantized_weights_are_named(dense_dir):
     assert m.quantize_weights("int4", 64) == 14 and m.dense_weight(name).shape == (128, 256)
     with pytest.raises(RuntimeError, match="already quantized"):
         m.set_quantized_weight(name, "int8", q8, torch.ones(128, 1))
+    # compressed-tensors' per-tensor scales, shape (1), are taken as ()
+    m2 = _C.CausalLM(dense_dir, dtype="float32", base_weights="dense")
+    q, s = anvil.quantize_fp8(torch.randn(128, 256), "tensor")
+    m2.set_quantized_weight(name, "fp8-tensor", q, s.reshape(1))
+    assert m2.weight_formats()[name] == "fp8-tensor" and torch.equal(m2.dense_weight(name), q.float() * s)
 
 
 # Per-tensor cosine of the adapter gradients over an activation-quantized base to those over the dequantized dense

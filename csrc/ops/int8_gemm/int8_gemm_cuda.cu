@@ -53,18 +53,19 @@ bool path_forced() {
   return env != nullptr && *env != '\0';
 }
 
-// The path for a problem: the forced one (when it can run: an error otherwise, so a benchmark never measures
-// another path than it names) or the fastest that can.
-std::string choose_path(int device, int64_t m, int64_t n, int64_t k, at::ScalarType out_dtype) {
+// The path for a problem: the forced one (when it can run; else an error, so that a test or benchmark never
+// measures another path than it names, or "" when !strict: int8_gemm_path's answer) or the fastest that can.
+std::string choose_path(int device, int64_t m, int64_t n, int64_t k, at::ScalarType out_dtype, bool strict = true) {
   if (path_forced()) {
     const std::string forced(std::getenv("ANVIL_INT8_GEMM_PATH"));
     TORCH_CHECK(forced == "sm90" || forced == "int_mm" || forced == "simt",
                 "ANVIL_INT8_GEMM_PATH must be sm90, int_mm or simt, got '", forced, "'");
-    TORCH_CHECK(forced != "sm90" || sm90_fits(device, n, k, out_dtype), kOp, ": ANVIL_INT8_GEMM_PATH=sm90 cannot run ",
-                "(M ", m, ", N ", n, ", K ", k, ", ", out_dtype, "): it needs an sm_90a build, an sm_90 device, bf16 "
-                "output, K % 16 == 0 and N % 8 == 0");
-    TORCH_CHECK(forced != "int_mm" || int_mm_fits(m, n, k), kOp, ": ANVIL_INT8_GEMM_PATH=int_mm cannot run (M ", m,
-                ", N ", n, ", K ", k, "): cuBLASLt needs M > 16, K % 8 == 0 and N % 8 == 0");
+    const bool runs = forced == "simt" || (forced == "sm90" ? sm90_fits(device, n, k, out_dtype) : int_mm_fits(m, n, k));
+    if (!runs && !strict) return "";
+    TORCH_CHECK(forced != "sm90" || runs, kOp, ": ANVIL_INT8_GEMM_PATH=sm90 cannot run (M ", m, ", N ", n, ", K ", k,
+                ", ", out_dtype, "): it needs an sm_90a build, an sm_90 device, bf16 output, K % 16 == 0 and N % 8 == 0");
+    TORCH_CHECK(forced != "int_mm" || runs, kOp, ": ANVIL_INT8_GEMM_PATH=int_mm cannot run (M ", m, ", N ", n, ", K ",
+                k, "): cuBLASLt needs M > 16, K % 8 == 0 and N % 8 == 0");
     return forced;
   }
   if (sm90_fits(device, n, k, out_dtype) && m > 16) return "sm90";
@@ -186,7 +187,7 @@ at::Tensor int8_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scale, const 
 
 std::string int8_gemm_path(int64_t m, int64_t n, int64_t k, at::ScalarType out_dtype) {
   if (!at::cuda::is_available()) return "cpu";
-  return choose_path(c10::cuda::current_device(), m, n, k, out_dtype);
+  return choose_path(c10::cuda::current_device(), m, n, k, out_dtype, /*strict=*/false);
 }
 
 TORCH_LIBRARY_IMPL(anvil, CUDA, m) { m.impl("int8_gemm", &int8_gemm_cuda); }

@@ -48,7 +48,8 @@ class LinearAdapter {
 ///                  product runs in anvil::ops::fp8_linear (the sm_90a FP8 GEMM).
 ///   "fp8-channel": weight (out, in) e4m3 + "weight_scale" (out, 1) fp32 (compressed-tensors FP8 channel,
 ///                  llm-compressor FP8_DYNAMIC); x quantized per token (quantize_fp8 "row") -> anvil::ops::fp8_gemm.
-///   "fp8-tensor":  weight (out, in) e4m3 + "weight_scale" () fp32; x per token as above -> fp8_gemm.
+///   "fp8-tensor":  weight (out, in) e4m3 + "weight_scale" () fp32 ((1) and (1, 1) are taken as ()); x per token
+///                  as above -> fp8_gemm.
 ///   "w8a8":        weight (out, in) int8 + "weight_scale" (out, 1) (or ()) fp32, symmetric; x quantized per token
 ///                  to int8 (quantize_int8 "row") -> anvil::ops::int8_gemm (the INT8 tensor cores).
 ///   "int8":        weight-only: weight (out, in) int8 + "weight_scale" (out, in / group) fp32, optional

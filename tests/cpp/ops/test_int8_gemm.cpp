@@ -8,6 +8,9 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <array>
+#include <cstdlib>
+
 namespace {
 
 using anvil::test::bit_equal;
