@@ -377,13 +377,30 @@ void keep_checkpoint_fp8(CausalLM& model, const anvil::io::Checkpoint& checkpoin
 
 }  // namespace
 
-int64_t quantize_base_weights(CausalLM& model, const std::string& format) {
-  TORCH_CHECK(format == "fp8" || format == "int8", "quantize_base_weights: format '", format, "' is not one of fp8, int8");
+namespace {
+
+bool is_quantized_format(const std::string& f) {
+  return f == "fp8" || f == "fp8-channel" || f == "fp8-tensor" || f == "w8a8" || f == "int8" || f == "int4";
+}
+constexpr const char* kBaseWeights = "auto, dense, fp8, fp8-channel, fp8-tensor, w8a8, int8, int4";
+
+}  // namespace
+
+int64_t quantize_base_weights(CausalLM& model, const std::string& format, int64_t group_size) {
+  TORCH_CHECK(is_quantized_format(format), "quantize_base_weights: format '", format,
+              "' is not one of fp8, fp8-channel, fp8-tensor, w8a8, int8, int4");
+  TORCH_CHECK(group_size >= 0 && (group_size == 0 || format == "int8" || format == "int4"),
+              "quantize_base_weights: group_size applies to int8 and int4 only (a positive divisor of in_features), got ",
+              group_size, " for ", format);
   int64_t n = 0;
   for (auto& [name, linear] : named_linears(model)) {
     if (name == "lm_head" || !linear->weight_format().empty()) continue;
-    if (format == "fp8" && linear->weight.size(1) % 128 != 0) continue;  // the GEMM's 1x128 activation blocks
-    linear->quantize_weight(format);
+    const int64_t in = linear->weight.size(1);
+    if (format == "fp8" && in % 128 != 0) continue;  // the GEMM's 1x128 activation blocks
+    // Grouped weight-only formats: a layer the group does not tile stays dense, as fp8's rule above.
+    const int64_t group = group_size > 0 ? group_size : format == "int4" ? 128 : 0;
+    if (group > 0 && in % group != 0) continue;
+    linear->quantize_weight(format, group_size);
     ++n;
   }
   return n;
@@ -398,15 +415,15 @@ std::shared_ptr<CausalLM> load_gguf_causal_lm(const std::string& path, c10::opti
   const auto tensors = gguf_model_tensors(file, config);
   auto model = std::make_shared<CausalLM>(std::move(config), at::TensorOptions().dtype(dtype.value_or(at::kFloat)).device(device));
   model->load_state(tensors);
-  if (base_weights == "int8" || base_weights == "fp8") quantize_base_weights(*model, base_weights);
+  if (is_quantized_format(base_weights)) quantize_base_weights(*model, base_weights);
   model->eval();
   return model;
 }
 
 std::shared_ptr<CausalLM> load_causal_lm(const std::string& path, c10::optional<at::ScalarType> dtype, at::Device device,
                                          const std::string& base_weights) {
-  if (base_weights != "auto" && base_weights != "dense" && base_weights != "fp8" && base_weights != "int8")
-    throw std::runtime_error("base_weights '" + base_weights + "' is not one of auto, dense, fp8, int8");
+  if (base_weights != "auto" && base_weights != "dense" && !is_quantized_format(base_weights))
+    throw std::runtime_error("base_weights '" + base_weights + "' is not one of " + kBaseWeights);
   const std::string dir = anvil::io::resolve_model_path(path);
   if (anvil::io::is_gguf_file(dir)) return load_gguf_causal_lm(dir, dtype, device, base_weights);
   ModelConfig config = load_model_config(dir);
@@ -420,7 +437,8 @@ std::shared_ptr<CausalLM> load_causal_lm(const std::string& path, c10::optional<
   const bool keep_fp8 = fp8_checkpoint && (base_weights == "fp8" || (base_weights == "auto" && fp8_gemm_runs_on(device)));
   if (keep_fp8) keep_checkpoint_fp8(*model, checkpoint);
   model->load_state(checkpoint.load_all(at::kCPU));
-  if (base_weights == "int8" || (base_weights == "fp8" && !fp8_checkpoint)) quantize_base_weights(*model, base_weights);
+  if (is_quantized_format(base_weights) && !(base_weights == "fp8" && fp8_checkpoint))
+    quantize_base_weights(*model, base_weights);
   model->eval();  // as transformers' from_pretrained: dropout (LoRA's) off until a trainer calls train()
   return model;
 }
