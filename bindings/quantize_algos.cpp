@@ -75,6 +75,24 @@ void bind_quantize_algos(py::module_& m) {
       py::arg("symmetric") = true, py::arg("scale_dtype") = py::none(),
       "GPTQ of weight (N, K) with Hessian (K, K): dict q, scale, zero_point, g_idx, dequantized, loss, rtn_fallback.");
   m.def(
+      "gptq_quantize_shared",
+      [](const std::vector<at::Tensor>& weights, const at::Tensor& hessian, int bits, int64_t group_size,
+         bool act_order, double dampening, int64_t block_size, bool symmetric, std::optional<std::string> scale_dtype) {
+        std::vector<aq::GptqResult> rs;
+        {
+          py::gil_scoped_release release;
+          rs = aq::gptq_quantize_shared(
+              weights, hessian, options(bits, group_size, act_order, dampening, block_size, symmetric, scale_dtype));
+        }
+        py::list out;
+        for (const aq::GptqResult& r : rs) out.append(result_dict(r));
+        return out;
+      },
+      py::arg("weights"), py::arg("hessian"), py::arg("bits") = 4, py::arg("group_size") = 128,
+      py::arg("act_order") = false, py::arg("dampening") = 0.01, py::arg("block_size") = 128,
+      py::arg("symmetric") = true, py::arg("scale_dtype") = py::none(),
+      "GPTQ of layers sharing one input (rows concatenated, one sweep): a list of gptq_quantize's dicts.");
+  m.def(
       "rtn_quantize",
       [](const at::Tensor& weight, int bits, int64_t group_size, bool symmetric, std::optional<std::string> scale_dtype) {
         return result_dict(aq::rtn_quantize(weight, options(bits, group_size, false, 0.01, 128, symmetric, scale_dtype)));

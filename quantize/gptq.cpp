@@ -140,7 +140,11 @@ GptqResult rtn_quantize(const at::Tensor& weight, const GptqOptions& options) {
   return finish(ob, q, dq);
 }
 
-GptqResult gptq_quantize(const at::Tensor& weight, const at::Tensor& hessian, const GptqOptions& options) {
+namespace {
+
+// The sweep; row_loss (N) receives each row's sum of err^2 / 2, llm-compressor's per-row loss.
+GptqResult gptq_sweep(const at::Tensor& weight, const at::Tensor& hessian, const GptqOptions& options,
+                      at::Tensor* row_loss) {
   check_options(weight, options);
   const int64_t N = weight.size(0), K = weight.size(1);
   TORCH_CHECK(hessian.defined() && hessian.dim() == 2 && hessian.size(0) == K && hessian.size(1) == K,
@@ -183,7 +187,7 @@ GptqResult gptq_quantize(const at::Tensor& weight, const at::Tensor& hessian, co
   }
 
   at::Tensor qint = at::empty({N, K}, W.options());  // integer values, fp32, in the processing order
-  at::Tensor loss = at::zeros({}, W.options());
+  at::Tensor loss = at::zeros({N}, W.options());  // (N) per row, as llm-compressor's losses
   for (int64_t i1 = 0; i1 < K; i1 += options.block_size) {
     const int64_t i2 = std::min(i1 + options.block_size, K), bw = i2 - i1;
     at::Tensor W1 = W.slice(1, i1, i2).clone();  // (N, bw)
@@ -204,7 +208,7 @@ GptqResult gptq_quantize(const at::Tensor& weight, const at::Tensor& hessian, co
       W1.slice(1, i).sub_(err.unsqueeze(1) * Hinv1.select(0, i).slice(0, i).unsqueeze(0));
     }
     W.slice(1, i1, i2).copy_(Q1);
-    loss += Err1.square().sum() / 2;
+    loss += Err1.square().sum(1) / 2;
     if (i2 < K) W.slice(1, i2).sub_(at::matmul(Err1, Hinv.slice(0, i1, i2).slice(1, i2)));
   }
   if (perm.defined()) {
@@ -213,9 +217,49 @@ GptqResult gptq_quantize(const at::Tensor& weight, const at::Tensor& hessian, co
     qint = qint.index_select(1, inv);
   }
   GptqResult r = finish(ob, qint, W);
-  r.loss = loss.item<double>();
+  r.loss = loss.sum().item<double>();
   r.rtn_fallback = rtn_fallback;
+  *row_loss = loss;
   return r;
+}
+
+}  // namespace
+
+GptqResult gptq_quantize(const at::Tensor& weight, const at::Tensor& hessian, const GptqOptions& options) {
+  at::Tensor row_loss;
+  return gptq_sweep(weight, hessian, options, &row_loss);
+}
+
+std::vector<GptqResult> gptq_quantize_shared(const std::vector<at::Tensor>& weights, const at::Tensor& hessian,
+                                             const GptqOptions& options) {
+  TORCH_CHECK(!weights.empty(), "gptq_quantize_shared: weights must hold at least one weight");
+  std::vector<int64_t> rows;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const at::Tensor& w = weights[i];
+    TORCH_CHECK(w.defined() && w.dim() == 2 && w.size(1) == weights[0].size(1) &&
+                    w.scalar_type() == weights[0].scalar_type() && w.device() == weights[0].device(),
+                "gptq_quantize_shared: weights[", i, "] must be (N, ", weights[0].size(1), ") ",
+                weights[0].scalar_type(), " on ", weights[0].device(), " like weights[0], got ",
+                w.defined() ? w.sizes() : at::IntArrayRef{});
+    rows.push_back(w.size(0));
+  }
+  at::Tensor row_loss;
+  GptqResult all = gptq_sweep(at::cat(weights, 0), hessian, options, &row_loss);
+  std::vector<GptqResult> out;
+  int64_t r0 = 0;
+  for (int64_t n : rows) {
+    GptqResult r;
+    r.q = all.q.slice(0, r0, r0 + n).clone();
+    r.scale = all.scale.slice(0, r0, r0 + n).clone();
+    if (all.zero_point.defined()) r.zero_point = all.zero_point.slice(0, r0, r0 + n).clone();
+    r.g_idx = all.g_idx;
+    r.dequantized = all.dequantized.slice(0, r0, r0 + n).clone();
+    r.loss = row_loss.slice(0, r0, r0 + n).sum().item<double>();
+    r.rtn_fallback = all.rtn_fallback;
+    out.push_back(std::move(r));
+    r0 += n;
+  }
+  return out;
 }
 
 double gptq_output_error(const at::Tensor& weight, const at::Tensor& dequantized, const at::Tensor& hessian) {

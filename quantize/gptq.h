@@ -26,6 +26,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 namespace anvil::quantize {
 
@@ -74,6 +75,13 @@ struct GptqResult {
 /// GPTQ-quantizes weight (N, K) (any floating dtype) with the Hessian (K, K) of its inputs. Errors name the
 /// argument and rule: shapes, K not a multiple of group_size, bits outside 2..8, non-finite input.
 GptqResult gptq_quantize(const at::Tensor& weight, const at::Tensor& hessian, const GptqOptions& options);
+
+/// GPTQ of several layers that read the same input (q/k/v, gate/up: one Hessian): their rows are
+/// concatenated and quantized in one sweep (rows are independent given H, so each result is the one
+/// gptq_quantize gives it alone, up to fp32 sums in the block matmul), then split back. Same K and dtype.
+/// GptqResult::loss of each part is the whole sweep's loss split by rows.
+std::vector<GptqResult> gptq_quantize_shared(const std::vector<at::Tensor>& weights, const at::Tensor& hessian,
+                                             const GptqOptions& options);
 
 /// Round-to-nearest with the same observer and grid (the baseline GPTQ must beat): GptqResult with loss 0.
 GptqResult rtn_quantize(const at::Tensor& weight, const GptqOptions& options);

@@ -56,8 +56,10 @@ TEST(Gptq, HessianAccumulatorIsTwoXtXOverRows) {
 TEST(Gptq, SymmetricScaleRuleAndGrid) {
   at::manual_seed(2);
   at::Tensor w = at::randn({16, 256});
-  w[3][5] = -9.0;  // the largest magnitude of its group is negative: it lands on -8
-  w[4][130] = 9.0;  // positive: 9 / (9 / 7.5) = 7.5 clamps to 7
+  // The largest magnitude of a group at exactly 7.5 (scale 1, no fp32 rounding in w / scale): negative, it
+  // rounds half to even onto -8; positive, 7.5 clamps to 7 first.
+  w[3][5] = -7.5;
+  w[4][130] = 7.5;
   GptqOptions o;  // int4, group 128, symmetric
   GptqResult r = rtn_quantize(w, o);
   ASSERT_EQ(r.scale.sizes(), (at::IntArrayRef{16, 2}));
@@ -67,6 +69,7 @@ TEST(Gptq, SymmetricScaleRuleAndGrid) {
   EXPECT_GE(r.q.min().item<int>(), -8);
   EXPECT_LE(r.q.max().item<int>(), 7);
   EXPECT_EQ(r.q[3][5].item<int>(), -8);
+  EXPECT_EQ(r.scale[3][0].item<float>(), 1.0f);
   EXPECT_EQ(r.q[4][130].item<int>(), 7);
   // Dequantization is q * scale of the column's group; every other value is within half a step.
   at::Tensor s = r.scale.repeat_interleave(128, 1);
@@ -76,8 +79,12 @@ TEST(Gptq, SymmetricScaleRuleAndGrid) {
   EXPECT_TRUE(at::equal(r.g_idx, at::arange(256, at::kInt).div(128, "floor")));
   // int8: scale = max|w| / 127.5, grid [-128, 127].
   o.bits = 8;
+  w[3][5] = -127.5;
+  w[4][130] = 127.5;
+  amax = std::get<0>(w.abs().reshape({16, 2, 128}).max(-1));
   GptqResult r8 = rtn_quantize(w, o);
   EXPECT_TRUE(at::equal(r8.scale, amax / 127.5));
+  EXPECT_EQ(r8.scale[3][0].item<float>(), 1.0f);
   EXPECT_EQ(r8.q[3][5].item<int>(), -128);
   EXPECT_EQ(r8.q[4][130].item<int>(), 127);
 }
@@ -161,6 +168,31 @@ TEST(Gptq, LazyBlockUpdateDoesNotDependOnBlockSize) {
     EXPECT_LT(fraction_different(g.q, ref.q), 0.01) << "block_size " << bs;
     EXPECT_NEAR(gptq_output_error(w, g.dequantized, h), ref_err, 0.02 * ref_err) << "block_size " << bs;
   }
+}
+
+TEST(Gptq, SharedInputLayersInOneSweep) {
+  at::manual_seed(12);
+  const int64_t K = 256;
+  at::Tensor h = hessian_of(correlated_inputs(1024, K));
+  std::vector<at::Tensor> ws = {at::randn({40, K}), at::randn({16, K}) * 3, at::randn({24, K}) * 0.1};
+  GptqOptions o;
+  o.act_order = true;
+  o.symmetric = false;
+  std::vector<GptqResult> shared = gptq_quantize_shared(ws, h, o);
+  ASSERT_EQ(shared.size(), ws.size());
+  double loss_sum = 0;
+  for (size_t i = 0; i < ws.size(); ++i) {
+    GptqResult alone = gptq_quantize(ws[i], h, o);
+    ASSERT_EQ(shared[i].q.sizes(), alone.q.sizes());
+    EXPECT_TRUE(at::equal(shared[i].scale, alone.scale));
+    EXPECT_TRUE(at::equal(shared[i].zero_point, alone.zero_point));
+    EXPECT_LT(fraction_different(shared[i].q, alone.q), 0.01) << "weights[" << i << "]";
+    EXPECT_NEAR(shared[i].loss, alone.loss, 0.02 * alone.loss);
+    loss_sum += shared[i].loss;
+  }
+  EXPECT_GT(loss_sum, 0.0);
+  test::expect_error([&] { gptq_quantize_shared({ws[0], at::randn({4, K + 1})}, h, o); }, {"weights[1]"});
+  test::expect_error([&] { gptq_quantize_shared({}, h, o); }, {"at least one"});
 }
 
 TEST(Gptq, DeadColumnsQuantizeToZero) {
