@@ -170,6 +170,9 @@ GptqResult gptq_sweep(const at::Tensor& weight, const at::Tensor& hessian, const
   // Dead columns: no input ever reached them, so their weights do not matter: H_jj = 1, w = 0.
   at::Tensor diag = H.diagonal();
   at::Tensor dead = diag == 0;
+  // No calibration input at all: llm-compressor would zero every weight; an uncalibrated layer is an error.
+  TORCH_CHECK(!dead.all().item<bool>(), "gptq: the hessian's diagonal is all zero: no calibration input reached "
+              "this layer (every column is dead)");
   diag.masked_fill_(dead, 1.0);
   W.masked_fill_(dead.unsqueeze(0), 0.0);
   diag.add_(options.dampening * diag.mean());

@@ -281,6 +281,7 @@ TEST(Gptq, BadInputIsAnErrorNamingTheRule) {
   at::Tensor hn = h.clone();
   hn[1][2] = NAN;
   test::expect_error([&] { gptq_quantize(w, hn, o); }, {"hessian", "non-finite"});
+  test::expect_error([&] { gptq_quantize(w, at::zeros({200, 200}), o); }, {"hessian", "no calibration input"});
   at::Tensor wn = w.clone();
   wn[0][0] = INFINITY;
   test::expect_error([&] { gptq_quantize(wn, h, o); }, {"weight", "non-finite"});
