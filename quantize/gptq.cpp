@@ -193,26 +193,39 @@ GptqResult gptq_sweep(const at::Tensor& weight, const at::Tensor& hessian, const
   at::Tensor loss = at::zeros({N}, W.options());  // (N) per row, as llm-compressor's losses
   for (int64_t i1 = 0; i1 < K; i1 += options.block_size) {
     const int64_t i2 = std::min(i1 + options.block_size, K), bw = i2 - i1;
-    at::Tensor W1 = W.slice(1, i1, i2).clone();  // (N, bw)
-    at::Tensor Q1 = at::empty_like(W1), Err1 = at::empty_like(W1);
+    // The block transposed, (bw, N): each weight column is a contiguous row here, so the per-column ops read
+    // and write contiguous vectors (coalesced on a GPU). Element for element the arithmetic is
+    // llm-compressor's (the same fp32 ops in the same order), so the layout changes no bit.
+    at::Tensor W1 = W.slice(1, i1, i2).t().contiguous();  // (bw, N)
+    at::Tensor Q1 = at::empty_like(W1), Err1 = at::empty_like(W1), q1 = at::empty_like(W1);
     at::Tensor Hinv1 = Hinv.slice(0, i1, i2).slice(1, i1, i2);  // (bw, bw)
     at::Tensor gi = g_idx.slice(0, i1, i2).to(at::kLong);
-    at::Tensor s1 = scale.index_select(1, gi);                              // (N, bw)
-    at::Tensor z1 = zp.defined() ? zp.index_select(1, gi) : at::Tensor();  // (N, bw)
-    at::Tensor q1 = qint.slice(1, i1, i2);
+    at::Tensor s1 = scale.index_select(1, gi).t().contiguous();                          // (bw, N)
+    at::Tensor z1 = zp.defined() ? zp.index_select(1, gi).t().contiguous() : at::Tensor();  // (bw, N)
     for (int64_t i = 0; i < bw; ++i) {
-      at::Tensor w = W1.select(1, i);  // (N)
-      auto [q, dq] = qdq(w, s1.select(1, i), z1.defined() ? z1.select(1, i) : at::Tensor(), grid, sdt);
-      at::Tensor err = (w - dq) / Hinv1.select(0, i).select(0, i);
-      Q1.select(1, i).copy_(dq);
-      Err1.select(1, i).copy_(err);
-      q1.select(1, i).copy_(q);
+      at::Tensor w = W1[i], s_i = s1[i], q_i = q1[i], dq_i = Q1[i], e_i = Err1[i];  // (N) each
+      // q = round(clamp(w / s + zp)), dq = (q - zp) * s in the scale's dtype: compressed-tensors' rule.
+      at::Tensor x = at::div(w, s_i);
+      if (z1.defined()) x.add_(z1[i]);
+      x.clamp_(grid.qmin, grid.qmax);
+      at::round_out(q_i, x);
+      if (z1.defined()) {
+        at::sub_out(dq_i, q_i, z1[i]);
+        dq_i.mul_(s_i);
+      } else {
+        at::mul_out(dq_i, q_i, s_i);
+      }
+      if (sdt != at::kFloat) dq_i.copy_(dq_i.to(sdt));  // the fp32 product is exact: one rounding, as in sdt
+      at::sub_out(e_i, w, dq_i);
+      e_i.div_(Hinv1[i][i]);
       // Spread the error over the block's later columns (column i itself is done).
-      W1.slice(1, i).sub_(err.unsqueeze(1) * Hinv1.select(0, i).slice(0, i).unsqueeze(0));
+      W1.slice(0, i).sub_(Hinv1[i].slice(0, i).unsqueeze(1) * e_i.unsqueeze(0));
     }
-    W.slice(1, i1, i2).copy_(Q1);
-    loss += Err1.square().sum(1) / 2;
-    if (i2 < K) W.slice(1, i2).sub_(at::matmul(Err1, Hinv.slice(0, i1, i2).slice(1, i2)));
+    at::Tensor err = Err1.t().contiguous();  // (N, bw), as llm-compressor's Err1 for the same matmul
+    W.slice(1, i1, i2).copy_(Q1.t());
+    qint.slice(1, i1, i2).copy_(q1.t());
+    loss += err.square().sum(1) / 2;
+    if (i2 < K) W.slice(1, i2).sub_(at::matmul(err, Hinv.slice(0, i1, i2).slice(1, i2)));
   }
   if (perm.defined()) {
     at::Tensor inv = at::argsort(perm);
