@@ -16,10 +16,11 @@
 // - H is dampened by dampening * mean(diag H); dead columns (H_jj == 0) get H_jj = 1 and weight 0; a
 //   Hessian that still fails Cholesky falls back to round-to-nearest (identity factor) and says so in
 //   GptqResult::rtn_fallback, as llm-compressor does (it logs the modules).
-// Everything is ATen ops on the weight's device: one Cholesky, a per-column update of width block_size and
-// one matmul per block (the lazy batch update of the paper's section 3.4), so a 4096 x 4096 layer takes well
-// under a second on a GPU. Rows are independent given H: layers that share an input (q/k/v, gate/up) can be
-// quantized as one weight with their rows concatenated.
+// Everything is ATen ops on the weight's device: one Cholesky, per column about eight elementwise kernels on
+// (N) vectors and one (bw - i, N) update inside a block of block_size columns, and one matmul per block (the
+// lazy batch update of the paper's section 3.4); no per-element loop in C++. The per-column launches bound
+// the GPU time (GptqCuda.MatchesCpuAndIsFast times a 4096 x 4096 layer), so layers that share an input
+// (q/k/v, gate/up) are best quantized in one sweep: gptq_quantize_shared (rows are independent given H).
 #pragma once
 
 #include <torch/torch.h>
