@@ -114,9 +114,11 @@ void bind_quantize_algos(py::module_& m) {
   m.def("w8a8_output_mse", &aq::w8a8_output_mse, py::arg("x"), py::arg("weights"), py::arg("s"));
   m.def(
       "search_smoothquant_alpha",
-      [](const at::Tensor& x, const std::vector<at::Tensor>& weights, const std::vector<double>& grid) {
-        aq::AlphaSearch r = aq::search_smoothquant_alpha(x, weights, grid);
+      [](const at::Tensor& x, const std::vector<at::Tensor>& weights, const std::vector<double>& grid,
+         std::optional<at::Tensor> act_absmax) {
+        aq::AlphaSearch r = aq::search_smoothquant_alpha(x, weights, grid, act_absmax.value_or(at::Tensor()));
         return py::make_tuple(r.alpha, r.mse, r.tried);
       },
-      py::arg("x"), py::arg("weights"), py::arg("grid"), "(alpha, mse, [(alpha, mse) ...]).");
+      py::arg("x"), py::arg("weights"), py::arg("grid"), py::arg("act_absmax") = py::none(),
+      "(alpha, mse, [(alpha, mse) ...]).");
 }

@@ -109,7 +109,7 @@ double w8a8_output_mse(const at::Tensor& x, const std::vector<at::Tensor>& weigh
 }
 
 AlphaSearch search_smoothquant_alpha(const at::Tensor& x, const std::vector<at::Tensor>& weights,
-                                     const std::vector<double>& grid) {
+                                     const std::vector<double>& grid, const at::Tensor& act_absmax) {
   TORCH_CHECK(x.defined() && x.dim() == 2 && x.size(0) > 0, "search_smoothquant_alpha: x must be (T, K) with T > 0, got ",
               x.defined() ? x.sizes() : at::IntArrayRef{});
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "search_smoothquant_alpha: x must be floating point");
@@ -119,7 +119,10 @@ AlphaSearch search_smoothquant_alpha(const at::Tensor& x, const std::vector<at::
     TORCH_CHECK(a >= 0 && a <= 1, "search_smoothquant_alpha: every alpha of grid must be in [0, 1], got ", a);
   at::Tensor xf = x.to(at::kFloat);
   TORCH_CHECK(at::isfinite(xf).all().item<bool>(), "search_smoothquant_alpha: x has non-finite values");
-  const at::Tensor act = std::get<0>(xf.abs().max(0));                     // (K)
+  TORCH_CHECK(!act_absmax.defined() || (act_absmax.dim() == 1 && act_absmax.size(0) == x.size(1)),
+              "search_smoothquant_alpha: act_absmax must be (", x.size(1), ")");
+  const at::Tensor act = act_absmax.defined() ? act_absmax.to(x.device(), at::kFloat)
+                                              : std::get<0>(xf.abs().max(0));  // (K)
   const at::Tensor wmax = consumer_weight_absmax(weights).to(x.device());  // (K)
   std::vector<at::Tensor> ref;
   for (const at::Tensor& w : weights) ref.push_back(at::matmul(xf, w.to(x.device(), at::kFloat).t()));

@@ -56,8 +56,9 @@ struct AlphaSearch {
 };
 /// Tries each alpha of grid (each in [0, 1]) on calibration inputs x (T, K) to the consumers (each (N_i, K))
 /// and returns the one of least W8A8 output MSE (the first on ties). Pass a sample of tokens: each alpha
-/// costs two (T, K) x (K, sum N_i) matmuls.
+/// costs two (T, K) x (K, sum N_i) matmuls. act_absmax (K): max|X_j| over the whole calibration set, for the
+/// scales (undefined: taken from x).
 AlphaSearch search_smoothquant_alpha(const at::Tensor& x, const std::vector<at::Tensor>& weights,
-                                     const std::vector<double>& grid);
+                                     const std::vector<double>& grid, const at::Tensor& act_absmax = {});
 
 }  // namespace anvil::quantize

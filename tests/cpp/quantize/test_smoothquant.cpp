@@ -106,6 +106,13 @@ TEST(SmoothQuant, AlphaSearchPicksTheGridMinimum) {
   EXPECT_LT(r.mse, 0.5 * plain) << r.mse << " vs unsmoothed " << plain;
   EXPECT_GT(r.alpha, 0.0);
   EXPECT_LT(r.alpha, 1.0);
+  // Scales from statistics of a larger calibration set: the MSEs are those of its scales on x.
+  at::Tensor wide = std::get<0>(outlier_inputs(2048, K).abs().max(0));
+  AlphaSearch rw = search_smoothquant_alpha(x, ws, {0.5}, wide);
+  EXPECT_NEAR(rw.mse, w8a8_output_mse(x, ws, smoothquant_scales(wide, consumer_weight_absmax(ws), 0.5)),
+              1e-6 * rw.mse);
+  EXPECT_NE(rw.mse, r.tried[3].second);
+  test::expect_error([&] { search_smoothquant_alpha(x, ws, {0.5}, wide.slice(0, 1)); }, {"act_absmax"});
   test::expect_error([&] { search_smoothquant_alpha(x, ws, {}); }, {"grid"});
   test::expect_error([&] { search_smoothquant_alpha(x, ws, {0.5, -0.1}); }, {"alpha", "[0, 1]"});
   test::expect_error([&] { search_smoothquant_alpha(x, {at::randn({4, K - 1})}, {0.5}); }, {"weights[0]"});
