@@ -154,7 +154,7 @@ QuantArgs parse_args(const json& j, const std::string& path) {
       a.actorder = o.get<bool>() ? "group" : "";  // legacy: actorder=true meant group
     } else if (o.is_string()) {
       const std::string s = lower(o.get<std::string>());
-      if (s == "weight" || s == "static") a.actorder = "weight";
+      if (s == "weight" || s == "static") a.actorder = s;  // "static" is an alias, kept as written
       else if (s == "group" || s == "dynamic") a.actorder = "group";  // removed in 0.19; its checkpoints hold g_idx
       else fail(path + ".actorder", "must be null, \"weight\", \"static\" or the legacy \"group\", got " + shown(o));
     } else {
@@ -762,11 +762,13 @@ at::Tensor dequantize_module(const ModuleTensors& tensors, const Scheme& scheme,
                 key_name(module, "weight_g_idx"), "' is missing (actorder group)");
   }
   // compressed-tensors' _dequantize: x_q.to(scale.dtype) - zero_point.to(scale.dtype), times scale, in
-  // the scale's dtype; then the requested dtype.
-  const at::ScalarType sd = scale.scalar_type();
+  // the scale's dtype; then the requested dtype. A wider requested dtype (bf16 scales into an fp32 model)
+  // computes in that dtype, as transformers does when it loads the checkpoint in fp32 (the scale
+  // parameters are created in the model dtype), so q * scale is not rounded to the scale's dtype first.
+  const at::ScalarType sd = dtype ? at::promote_types(scale.scalar_type(), *dtype) : scale.scalar_type();
   at::Tensor x = q.to(scale.device(), sd);
   if (zp.defined()) x = x - expand_param(zp.to(scale.device()), w, out, in, g_idx).to(sd);
-  x = x * expand_param(scale, w, out, in, g_idx);
+  x = x * expand_param(scale.to(sd), w, out, in, g_idx);
   return dtype ? x.to(*dtype) : x;
 }
 

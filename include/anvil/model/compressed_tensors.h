@@ -61,7 +61,8 @@ struct QuantArgs {
   /// `dynamic`: true = scales computed at run time (activations); `dynamic_local`: the string "local".
   bool dynamic = false;
   bool dynamic_local = false;
-  /// `actorder`: "" (null), "weight" (GPTQ reordering during calibration only; nothing stored) or the
+  /// `actorder`: "" (null), "weight" or its alias "static" (GPTQ reordering during calibration only;
+  /// nothing stored; kept as written so that a config round-trips) or the
   /// legacy "group" (a `weight_g_idx` is stored; compressed-tensors 0.19 refuses it, anvil reads it).
   std::string actorder;
   /// `observer`, `scale_dtype`, `zp_dtype` ("" = null; dtypes as "torch.int8"), `observer_kwargs`.
@@ -168,6 +169,9 @@ std::vector<int64_t> weight_scale_shape(const QuantArgs& args, int64_t out_featu
 using ModuleTensors = std::map<std::string, at::Tensor>;
 
 /// The dense (out, in) weight of one module in `dtype` (nullopt: the scale's dtype, as the package).
+/// The arithmetic runs in the wider of the scale's dtype and `dtype`: bit-equal to compressed-tensors'
+/// decompress (then cast) when `dtype` is no wider than the scale's, and to transformers loading the
+/// checkpoint in a wider dtype (bf16 scales, fp32 model: q * scale exact in fp32) otherwise.
 /// Checks every shape and dtype against the scheme; errors name `module` + the local key.
 at::Tensor dequantize_module(const ModuleTensors& tensors, const Scheme& scheme, const std::string& format,
                              std::optional<at::ScalarType> dtype, const std::string& module = "");
