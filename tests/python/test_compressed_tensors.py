@@ -405,6 +405,7 @@ def test_lora_trains_over_a_compressed_tensors_base(tmp_path):
 
 # ---- the fixtures reproduce --------------------------------------------------------------------------------
 
+@pytest.mark.slow  # eight llm-compressor runs: about 2 minutes on the 2-core development machine
 def test_make_fixtures_check_reproduces_the_committed_fixtures():
     pytest.importorskip("llmcompressor")
     proc = subprocess.run([sys.executable, os.path.join(FIXTURES_DIR, "make_fixtures.py"), "--check"],
