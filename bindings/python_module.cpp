@@ -40,7 +40,8 @@ void bind_model(py::module_& m) {
            }),
            py::arg("path"), py::arg("dtype") = "", py::arg("device") = "cpu", py::arg("base_weights") = "auto",
            "Loads config.json + safetensors from a directory (or a hub id in the local HF cache). base_weights: "
-           "auto | dense | fp8 | int8 (how the Linear weights are held; anvil::model::load_causal_lm).")
+           "auto | dense | fp8 | fp8-channel | fp8-tensor | w8a8 | int8 | int4 (how the Linear weights are held; "
+           "anvil::model::load_causal_lm).")
       .def("weight_formats",
            [](PyCausalLM& s) {
              std::map<std::string, std::string> out;
@@ -48,7 +49,32 @@ void bind_model(py::module_& m) {
                out[name] = linear->weight_format().empty() ? "dense" : linear->weight_format();
              return out;
            },
-           "{module name: 'dense' | 'fp8' | 'int8'} for every Linear.")
+           "{module name: 'dense' | 'fp8' | 'fp8-channel' | 'fp8-tensor' | 'w8a8' | 'int8' | 'int4'} for every Linear.")
+      .def(
+          "quantize_weights",
+          [](PyCausalLM& s, const std::string& format, int64_t group_size) {
+            return am::quantize_base_weights(*s.model, format, group_size);
+          },
+          py::arg("format"), py::arg("group_size") = 0,
+          "Quantizes every dense Linear but lm_head in place (anvil::model::quantize_base_weights); -> layers quantized.")
+      .def(
+          "set_quantized_weight",
+          [](PyCausalLM& s, const std::string& name, const std::string& format, const at::Tensor& q,
+             const at::Tensor& scale, const c10::optional<at::Tensor>& zero_point, int64_t group_size) {
+            for (auto& [n, linear] : am::named_linears(*s.model))
+              if (n == name) return linear->set_quantized_weight(format, q, scale, zero_point.value_or(at::Tensor()), group_size);
+            throw std::invalid_argument("set_quantized_weight: no Linear named '" + name + "'");
+          },
+          py::arg("name"), py::arg("format"), py::arg("q"), py::arg("scale"), py::arg("zero_point") = py::none(),
+          py::arg("group_size") = 0, "Gives the Linear `name` a quantized weight (anvil::model::Linear::set_quantized_weight).")
+      .def(
+          "dense_weight",
+          [](PyCausalLM& s, const std::string& name, const std::string& dtype) {
+            for (auto& [n, linear] : am::named_linears(*s.model))
+              if (n == name) return linear->dense_weight(am::dtype_from_name(dtype));
+            throw std::invalid_argument("dense_weight: no Linear named '" + name + "'");
+          },
+          py::arg("name"), py::arg("dtype") = "float32", "The Linear's weight, dequantized, (out, in).")
       .def_property_readonly("architecture", [](const PyCausalLM& s) { return s.model->config().architecture; })
       .def_property_readonly("dtype", [](const PyCausalLM& s) { return am::dtype_name(s.model->dtype()); })
       .def(
@@ -602,4 +628,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       py::arg("m"), py::arg("n"), py::arg("k"), py::arg("out_dtype") = "bfloat16",
       "The configuration fp8_gemm runs for (m, n, k) on the current device ('' when the fallback runs).");
+  m.def(
+      "int8_gemm_path",
+      [](int64_t m_, int64_t n, int64_t k, const std::string& out_dtype) {
+        const at::ScalarType dt = out_dtype == "float16" ? at::kHalf : out_dtype == "float32" ? at::kFloat : at::kBFloat16;
+        return anvil::ops::int8_gemm_path(m_, n, k, dt);
+      },
+      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("out_dtype") = "bfloat16",
+      "The path int8_gemm takes for (m, n, k) on the current device: sm90 | int_mm | simt ('cpu' without CUDA).");
 }

@@ -30,6 +30,7 @@ fp8_gemm = ops.fp8_gemm
 fp8_grouped_gemm = ops.fp8_grouped_gemm
 fp8_grouped_gemm_masked = ops.fp8_grouped_gemm_masked
 fp8_linear = ops.fp8_linear
+int8_gemm = ops.int8_gemm  # docs/FORMATS.md, "INT8 GEMM"
 
 sparse_attention = ops.sparse_attention  # docs/FORMATS.md, "Sparse attention"
 select_blocks = ops.select_blocks
@@ -65,7 +66,7 @@ def selfcheck(cuda: bool = True) -> str:
 
 __all__ = ["ops", "quantize_fp8", "dequantize_fp8", "quantize_int8", "dequantize_int8", "GRANULARITIES", "selfcheck",
            "fp8_gemm", "fp8_grouped_gemm", "fp8_grouped_gemm_masked", "fp8_linear", "Fp8Linear", "fp8_gemm_configs",
-           "fp8_gemm_config"]
+           "fp8_gemm_config", "int8_gemm", "int8_gemm_path"]
 
 
 def fp8_gemm_configs():
@@ -81,3 +82,11 @@ def fp8_gemm_config(m, n, k, out_dtype=_torch.bfloat16):
     if _C is None:
         raise ImportError(f"anvil._C was not built: {_C_error}")
     return _C.fp8_gemm_config(m, n, k, str(out_dtype).replace("torch.", ""))
+
+
+def int8_gemm_path(m, n, k, out_dtype=_torch.bfloat16):
+    """The path int8_gemm takes for (m, n, k) on the current device: "sm90" (the fused CUTLASS kernel), "int_mm"
+    (cuBLASLt int32 + epilogue), "simt", or "cpu" without CUDA. ANVIL_INT8_GEMM_PATH=<path> forces one."""
+    if _C is None:
+        raise ImportError(f"anvil._C was not built: {_C_error}")
+    return _C.int8_gemm_path(m, n, k, str(out_dtype).replace("torch.", ""))

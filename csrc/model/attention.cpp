@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 
 namespace anvil::model {
@@ -23,25 +24,94 @@ Linear::Linear(int64_t in_features, int64_t out_features, bool has_bias, const a
 
 namespace {
 
-// x W^T with W int8 (out, in) and per-row scales (out, 1): W is dequantized to x's dtype for the
-// product and again for dX, so only the int8 weight stays resident (autograd of at::linear would keep the
-// dequantized copy alive until the backward).
-class Int8WeightOnlyMatmul : public torch::autograd::Function<Int8WeightOnlyMatmul> {
+// ---- quantized base weights (the formats: include/anvil/model/attention.h, docs/FORMATS.md "Linear weight
+// formats"). Each format's dequantization and product are one function each below, used by the forward, the
+// backward and dense_weight alike, so the three cannot disagree.
+
+bool is_grouped_weight_only(const std::string& f) { return f == "int8" || f == "int4"; }
+bool known_format(const std::string& f) {
+  return f == "fp8" || f == "fp8-channel" || f == "fp8-tensor" || f == "w8a8" || is_grouped_weight_only(f);
+}
+constexpr const char* kFormats = "fp8, fp8-channel, fp8-tensor, w8a8, int8, int4";
+
+// The checkpoint key of the scale buffer: DeepSeek-V3's for "fp8", compressed-tensors' for the others.
+const char* scale_key(const std::string& f) { return f == "fp8" ? "weight_scale_inv" : "weight_scale"; }
+
+// The dense (out, in) weight of `dtype` from a quantized one. Weight-only groups: W = (q - zp) * scale per
+// group of `in / scale.size(1)` consecutive inputs, in fp32, rounded once to dtype.
+at::Tensor dequantize_weight(const std::string& f, const at::Tensor& q, const at::Tensor& scale,
+                             const at::Tensor& zero_point, at::ScalarType dtype) {
+  if (f == "fp8") return anvil::ops::dequantize_fp8(q, scale, "block128x128", dtype);
+  const char* g = scale.dim() == 0 ? "tensor" : "row";
+  if (f == "fp8-channel" || f == "fp8-tensor") return anvil::ops::dequantize_fp8(q, scale, g, dtype);
+  if (f == "w8a8") return anvil::ops::dequantize_int8(q, scale, g, dtype);
+  const int64_t out = q.size(0), in = q.size(1), groups = scale.size(1);
+  if (groups == 1 && !zero_point.defined()) return anvil::ops::dequantize_int8(q, scale, "row", dtype);
+  auto v = q.to(at::kFloat).view({out, groups, in / groups});                 // (out, G, group) fp32
+  if (zero_point.defined()) v = v - zero_point.to(at::kFloat).unsqueeze(-1);  // exact: small integers
+  return (v * scale.unsqueeze(-1)).view({out, in}).to(dtype);
+}
+
+// x (..., K) as the contiguous (M, K) rows the activation quantizers take.
+at::Tensor as_rows(const at::Tensor& x) { return x.reshape({-1, x.size(-1)}).contiguous(); }
+
+// x W^T without the bias, in x's dtype: the product each format runs (the GEMM of its own kind).
+at::Tensor quantized_product(const std::string& f, const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
+                             const at::Tensor& zero_point) {
+  auto shape = x.sizes().vec();
+  shape.back() = q.size(0);
+  if (f == "fp8-channel" || f == "fp8-tensor") {
+    auto [xq, xs] = anvil::ops::quantize_fp8(as_rows(x), "row");                  // (M, K) e4m3, (M, 1)
+    return anvil::ops::fp8_gemm(xq, xs, q, scale, x.scalar_type()).view(shape);    // (..., out)
+  }
+  if (f == "w8a8") {
+    auto [xq, xs] = anvil::ops::quantize_int8(as_rows(x), "row");                  // (M, K) int8, (M, 1)
+    return anvil::ops::int8_gemm(xq, xs, q, scale, x.scalar_type()).view(shape);   // (..., out)
+  }
+  // Weight-only: the dense copy lives only for this product.
+  return at::linear(x, dequantize_weight(f, q, scale, zero_point, x.scalar_type()));
+}
+
+// x W^T over a frozen quantized W (every format but "fp8", which has anvil::ops::fp8_linear): the forward
+// runs the format's product; dX = dY W with W dequantized to dY's dtype for the backward alone, so only the
+// quantized weight stays resident (autograd of at::linear would keep a dense copy alive until the backward).
+// autograd's apply needs every tensor argument defined: an absent zero point travels as an empty tensor.
+class QuantizedWeightMatmul : public torch::autograd::Function<QuantizedWeightMatmul> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& q,
-                            const at::Tensor& scale) {
-    ctx->save_for_backward({q, scale});
-    return at::linear(x, anvil::ops::dequantize_int8(q, scale, "row", x.scalar_type()));  // (..., out)
+                            const at::Tensor& scale, const at::Tensor& zero_point_or_empty, const std::string& format) {
+    const at::Tensor zero_point = zero_point_or_empty.numel() > 0 ? zero_point_or_empty : at::Tensor();
+    ctx->save_for_backward({q, scale, zero_point_or_empty});
+    ctx->saved_data["format"] = format;
+    return quantized_product(format, x, q, scale, zero_point);  // (..., out)
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const auto& g = grads[0];  // (..., out)
     at::Tensor dx;
-    if (ctx->needs_input_grad(0)) dx = at::matmul(g, anvil::ops::dequantize_int8(saved[0], saved[1], "row", g.scalar_type()));
-    return {dx, at::Tensor(), at::Tensor()};
+    if (ctx->needs_input_grad(0))
+      dx = at::matmul(g, dequantize_weight(ctx->saved_data["format"].toStringRef(), saved[0], saved[1],
+                                           saved[2].numel() > 0 ? saved[2] : at::Tensor(), g.scalar_type()));  // (..., in)
+    return {dx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
+
+// Round-to-nearest symmetric quantization of w (out, in) in groups of `group` inputs, with the arithmetic of
+// anvil's quantize ops (docs/FORMATS.md "Quantization arithmetic"): scale = max(amax, 1e-10) / qmax (fp32),
+// q = round_half_even(clamp(w / scale, -qmax, qmax)); a group holding NaN or inf gets scale NaN and q 0.
+// -> (q (out, in) int8, scale (out, in / group) fp32)
+std::pair<at::Tensor, at::Tensor> quantize_groups(const at::Tensor& w, int64_t group, double qmax) {
+  const int64_t out = w.size(0), in = w.size(1);
+  const auto x = w.to(at::kFloat).view({out, in / group, group});       // (out, G, group)
+  const auto amax = x.abs().amax(-1, /*keepdim=*/true);                 // (out, G, 1), NaN propagates
+  const auto finite = at::isfinite(amax);
+  const auto scale = at::where(finite, amax.clamp_min(1e-10) / qmax,
+                               at::full({}, std::numeric_limits<float>::quiet_NaN(), amax.options()));
+  auto q = at::round(at::clamp(x / scale, -qmax, qmax));
+  q = at::where(finite, q, at::zeros({}, q.options()));
+  return {q.to(at::kChar).view({out, in}), scale.view({out, in / group})};
+}
 
 }  // namespace
 
@@ -52,55 +122,102 @@ at::Tensor Linear::forward(const at::Tensor& x) {
   } else if (weight_format_ == "fp8") {
     out = anvil::ops::fp8_linear(x, weight, weight_scale, bias.defined() ? c10::optional<at::Tensor>(bias) : c10::nullopt);
   } else {
-    out = Int8WeightOnlyMatmul::apply(x, weight, weight_scale);
+    const auto zero_point = weight_zero_point.defined() ? weight_zero_point : at::empty({0}, weight.options());
+    out = QuantizedWeightMatmul::apply(x, weight, weight_scale, zero_point, weight_format_);
     if (bias.defined()) out = out + bias;
   }
   return adapter ? adapter->forward(*this, x, out) : out;
 }
 
-void Linear::quantize_weight(const std::string& format) {
+void Linear::quantize_weight(const std::string& format, int64_t group_size) {
   TORCH_CHECK(weight_format_.empty(), "Linear: the weight is already quantized (", weight_format_, ")");
+  TORCH_CHECK(known_format(format), "Linear: weight format '", format, "' is not one of ", kFormats);
+  TORCH_CHECK(group_size == 0 || is_grouped_weight_only(format), "Linear: group_size applies to int8 and int4 only, got ",
+              group_size, " for ", format);
   at::NoGradGuard no_grad;
+  const auto w = weight.contiguous();  // (out, in)
+  const int64_t in = w.size(1);
   if (format == "fp8") {
-    TORCH_CHECK(weight.size(1) % 128 == 0, "Linear: an fp8 weight needs in_features % 128 == 0 (the 1x128 activation blocks "
-                "of anvil::ops::fp8_linear), got ", weight.size(1));
-    auto [q, scale] = anvil::ops::quantize_fp8(weight.contiguous(), "block128x128");
+    TORCH_CHECK(in % 128 == 0, "Linear: an fp8 weight needs in_features % 128 == 0 (the 1x128 activation blocks "
+                "of anvil::ops::fp8_linear), got ", in);
+    auto [q, scale] = anvil::ops::quantize_fp8(w, "block128x128");
     set_quantized_weight(format, q, scale);
-  } else if (format == "int8") {
-    auto [q, scale] = anvil::ops::quantize_int8(weight.contiguous(), "row");
+  } else if (format == "fp8-channel" || format == "fp8-tensor") {
+    auto [q, scale] = anvil::ops::quantize_fp8(w, format == "fp8-channel" ? "row" : "tensor");
+    set_quantized_weight(format, q, scale);
+  } else if (format == "w8a8" || (format == "int8" && (group_size == 0 || group_size == in))) {
+    auto [q, scale] = anvil::ops::quantize_int8(w, "row");
     set_quantized_weight(format, q, scale);
   } else {
-    TORCH_CHECK(false, "Linear: weight format '", format, "' is not one of fp8, int8");
+    const int64_t group = group_size > 0 ? group_size : (format == "int4" ? std::min<int64_t>(128, in) : in);
+    TORCH_CHECK(group > 0 && in % group == 0, "Linear: ", format, " group size ", group,
+                " must divide in_features (", in, ")");
+    auto [q, scale] = quantize_groups(w, group, format == "int4" ? 7.0 : 127.0);
+    set_quantized_weight(format, q, scale, {}, group);
   }
 }
 
-void Linear::set_quantized_weight(const std::string& format, const at::Tensor& q, const at::Tensor& scale) {
+void Linear::set_quantized_weight(const std::string& format, const at::Tensor& q, const at::Tensor& scale_in,
+                                  const at::Tensor& zero_point, int64_t group_size) {
+  // A per-tensor scale may come as () or, as compressed-tensors stores it, (1) or (1, 1).
+  const bool one_scale = (format == "fp8-tensor" || format == "w8a8") && scale_in.numel() == 1 && scale_in.dim() <= 2 &&
+                         !(format == "w8a8" && scale_in.dim() == 2 && q.dim() == 2 && q.size(0) == 1);
+  const at::Tensor scale = one_scale ? scale_in.reshape({}) : scale_in;
   TORCH_CHECK(weight_format_.empty(), "Linear: the weight is already quantized (", weight_format_, ")");
+  TORCH_CHECK(known_format(format), "Linear: weight format '", format, "' is not one of ", kFormats);
   TORCH_CHECK(q.dim() == 2 && q.sizes() == weight.sizes(), "Linear: quantized weight shape ", q.sizes(),
               " differs from the layer's ", weight.sizes());
+  TORCH_CHECK(scale.scalar_type() == at::kFloat, "Linear: ", format, " ", scale_key(format), " must be float32, got ",
+              scale.scalar_type());
+  const int64_t out = q.size(0), in = q.size(1);
+  const bool fp8_kind = format == "fp8" || format == "fp8-channel" || format == "fp8-tensor";
+  TORCH_CHECK(q.scalar_type() == (fp8_kind ? at::kFloat8_e4m3fn : at::kChar), "Linear: a ", format, " weight must be ",
+              fp8_kind ? "float8_e4m3fn" : "int8", ", got ", q.scalar_type());
+  TORCH_CHECK(!zero_point.defined() || is_grouped_weight_only(format), "Linear: a zero point applies to int8 and int4 "
+              "(weight-only) only, not ", format);
+  TORCH_CHECK(group_size == 0 || is_grouped_weight_only(format), "Linear: group_size applies to int8 and int4 only, got ",
+              group_size, " for ", format);
   if (format == "fp8") {
-    TORCH_CHECK(q.scalar_type() == at::kFloat8_e4m3fn, "Linear: an fp8 weight must be float8_e4m3fn, got ", q.scalar_type());
-    TORCH_CHECK(scale.dim() == 2 && scale.size(0) == (q.size(0) + 127) / 128 && scale.size(1) == (q.size(1) + 127) / 128,
+    TORCH_CHECK(scale.dim() == 2 && scale.size(0) == (out + 127) / 128 && scale.size(1) == (in + 127) / 128,
                 "Linear: fp8 weight_scale_inv must be (ceil(out/128), ceil(in/128)), got ", scale.sizes());
-  } else if (format == "int8") {
-    TORCH_CHECK(q.scalar_type() == at::kChar, "Linear: an int8 weight must be int8, got ", q.scalar_type());
-    TORCH_CHECK(scale.dim() == 2 && scale.size(0) == q.size(0) && scale.size(1) == 1,
-                "Linear: int8 weight_scale must be (out, 1), got ", scale.sizes());
-  } else {
-    TORCH_CHECK(false, "Linear: weight format '", format, "' is not one of fp8, int8");
+  } else if (format == "fp8-channel") {
+    TORCH_CHECK(scale.dim() == 2 && scale.size(0) == out && scale.size(1) == 1,
+                "Linear: fp8-channel weight_scale must be (out, 1) = (", out, ", 1), got ", scale.sizes());
+  } else if (format == "fp8-tensor") {
+    TORCH_CHECK(scale.dim() == 0, "Linear: fp8-tensor weight_scale must be a scalar (), got ", scale.sizes());
+  } else if (format == "w8a8") {
+    TORCH_CHECK(scale.dim() == 0 || (scale.dim() == 2 && scale.size(0) == out && scale.size(1) == 1),
+                "Linear: w8a8 weight_scale must be (out, 1) = (", out, ", 1) or a per-tensor (), got ", scale.sizes());
+  } else {  // int8 / int4 weight-only, in groups along in_features
+    TORCH_CHECK(scale.dim() == 2 && scale.size(0) == out && scale.size(1) >= 1 && in % scale.size(1) == 0,
+                "Linear: ", format, " weight_scale must be (out, in / group_size) with group_size dividing in_features (",
+                in, "), got ", scale.sizes());
+    const int64_t group = in / scale.size(1);
+    TORCH_CHECK(group_size == 0 || group_size == group, "Linear: ", format, " group_size ", group_size,
+                " does not match weight_scale ", scale.sizes(), " (in_features ", in, " / ", scale.size(1), " = ", group, ")");
+    if (zero_point.defined()) {
+      TORCH_CHECK(zero_point.scalar_type() == at::kChar, "Linear: ", format, " weight_zero_point must be int8, got ",
+                  zero_point.scalar_type());
+      TORCH_CHECK(zero_point.sizes() == scale.sizes(), "Linear: ", format, " weight_zero_point must have weight_scale's "
+                  "shape ", scale.sizes(), ", got ", zero_point.sizes());
+    }
   }
   // The registered parameter is replaced (same name, so checkpoints keep their keys); the dense tensor
-  // is released with it.
-  weight = q.to(weight.device());
+  // is released with it. The weight takes no gradient.
+  weight = q.to(weight.device()).set_requires_grad(false);
   parameters_["weight"] = weight;
-  weight_scale = register_buffer(format == "fp8" ? "weight_scale_inv" : "weight_scale", scale.to(weight.device(), at::kFloat));
+  weight_scale = register_buffer(scale_key(format), scale.to(weight.device(), at::kFloat).contiguous());
+  if (zero_point.defined()) weight_zero_point = register_buffer("weight_zero_point", zero_point.to(weight.device()).contiguous());
   weight_format_ = format;
+}
+
+int64_t Linear::group_size() const {
+  return is_grouped_weight_only(weight_format_) ? weight.size(1) / weight_scale.size(1) : 0;
 }
 
 at::Tensor Linear::dense_weight(at::ScalarType dtype) const {
   if (weight_format_.empty()) return weight.to(dtype);
-  if (weight_format_ == "fp8") return anvil::ops::dequantize_fp8(weight, weight_scale, "block128x128", dtype);
-  return anvil::ops::dequantize_int8(weight, weight_scale, "row", dtype);
+  return dequantize_weight(weight_format_, weight, weight_scale, weight_zero_point, dtype);
 }
 
 std::vector<std::pair<std::string, std::shared_ptr<Linear>>> named_linears(torch::nn::Module& root) {

@@ -283,9 +283,85 @@ std::string join_first(const std::vector<std::string>& names, size_t n = 8) {
 // by a dense `<module>.weight` in `dtype`; load_state then canonicalises names as for any checkpoint.
 // Every missing tensor is collected and named in one error; quantized tensors no group covers are an
 // error; tensors a scheme does not use are left for load_state to report as unexpected.
+//
+// Modules whose scheme is one of the Linear weight formats (anvil/model/attention.h) may instead keep their
+// quantized weights as stored (`kept_format`): the module's Linear is switched to that format and its
+// tensors are handed to load_state under the format's own names (weight, weight_scale(_inv),
+// weight_zero_point), so no dense copy is made.
+struct KeepRules {
+  std::string base_weights;  // load_causal_lm's: "auto", "dense", or a format name
+  bool fp8_gemm = false;     // the FP8 GEMM runs on the model's device
+  bool cuda = false;         // the model's device is a GPU (int8_gemm's INT8 tensor cores)
+};
+
+// The Linear format that holds a module's compressed-tensors tensors as stored, or "" (load it dense).
+// fp8: channel -> fp8-channel, tensor -> fp8-tensor, 128x128 blocks -> fp8 (DeepSeek-V3's layout; in % 128
+// for the GEMM's activation blocks); int8 symmetric per channel with int8 activations -> w8a8; weight-only
+// int8 / int4, per channel or group, zero points or not -> int8 / int4. Legacy act-order (g_idx) stays dense.
+// "auto" keeps the weight-only formats on every device, fp8 where the FP8 GEMM runs, w8a8 on a GPU; a format
+// name as base_weights keeps the modules of that format (elsewhere, load_causal_lm quantizes the dense ones).
+std::string kept_format(const anvil::model::ct::Scheme& s, const std::string& format,
+                        const anvil::model::ct::ModuleTensors& t, int64_t in_features, const KeepRules& rules) {
+  namespace ct = anvil::model::ct;
+  if (rules.base_weights == "dense" || !s.weights || format == "dense" || t.count("weight_g_idx")) return "";
+  const ct::QuantArgs& w = *s.weights;
+  const auto& a = s.input_activations;
+  std::string f;
+  if (w.type == ct::QuantType::kFloat && w.num_bits == 8) {
+    if (a && a->type != ct::QuantType::kFloat) return "";
+    if (w.strategy == ct::Strategy::kChannel) f = "fp8-channel";
+    else if (w.strategy == ct::Strategy::kTensor) f = "fp8-tensor";
+    else if (w.strategy == ct::Strategy::kBlock && w.block_structure == std::vector<int64_t>{128, 128} && in_features % 128 == 0)
+      f = "fp8";
+  } else if (w.type == ct::QuantType::kInt && w.num_bits == 8 && a) {
+    if (w.symmetric && w.strategy == ct::Strategy::kChannel && a->type == ct::QuantType::kInt && a->num_bits == 8 &&
+        a->symmetric)
+      f = "w8a8";
+  } else if (w.type == ct::QuantType::kInt && !a && (w.num_bits == 8 || w.num_bits == 4) &&
+             (w.strategy == ct::Strategy::kChannel || w.strategy == ct::Strategy::kGroup)) {
+    f = w.num_bits == 8 ? "int8" : "int4";
+  }
+  if (f.empty()) return "";
+  if (rules.base_weights == f) return f;
+  if (rules.base_weights != "auto") return "";
+  if (f == "int8" || f == "int4") return f;
+  if (f == "w8a8") return rules.cuda ? f : "";
+  return rules.fp8_gemm ? f : "";
+}
+
+// One module's tensors in a Linear format's layout: (q, scale fp32, zero point or undefined).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> to_linear_format(const anvil::model::ct::Scheme& s, const std::string& format,
+                                                                const anvil::model::ct::ModuleTensors& t,
+                                                                const std::string& module) {
+  namespace ct = anvil::model::ct;
+  const ct::QuantArgs& w = *s.weights;
+  at::Tensor q, zp;
+  int64_t out = 0, in = 0;
+  if (format == "pack-quantized") {
+    const at::Tensor shape = t.at("weight_shape").to(at::kCPU, at::kLong).reshape({-1});
+    TORCH_CHECK(shape.numel() == 2, "compressed-tensors tensor '", module, ".weight_shape' must hold two integers");
+    out = shape[0].item<int64_t>();
+    in = shape[1].item<int64_t>();
+    q = ct::unpack_int32(t.at("weight_packed"), w.num_bits, {out, in}, 1);
+  } else {
+    q = t.at("weight");
+    out = q.size(0);
+    in = q.size(1);
+  }
+  const auto pshape = ct::weight_scale_shape(w, out, in);
+  at::Tensor scale = t.at("weight_scale").to(at::kFloat);
+  if (w.strategy == ct::Strategy::kChannel || w.strategy == ct::Strategy::kGroup) scale = scale.reshape(pshape);
+  if (!w.symmetric) {
+    const at::Tensor& z = t.at("weight_zero_point");
+    zp = format == "pack-quantized" ? ct::unpack_int32(z, w.num_bits, pshape, 0) : z.reshape(pshape);
+  }
+  return {q, scale, zp};
+}
+
 std::unordered_map<std::string, at::Tensor> dequantize_compressed_tensors(CausalLM& model,
                                                                           const std::unordered_map<std::string, at::Tensor>& in,
-                                                                          at::ScalarType dtype, const std::string& dir) {
+                                                                          at::ScalarType dtype, const std::string& dir,
+                                                                          const KeepRules& rules) {
   namespace ct = anvil::model::ct;
   const ModelConfig& c = model.config();
   const ct::Config config = ct::parse_quantization_config(nlohmann::json::parse(c.json).at("quantization_config"));
@@ -299,8 +375,8 @@ std::unordered_map<std::string, at::Tensor> dequantize_compressed_tensors(Causal
     if (dot != std::string::npos && kLocal.count(key.substr(dot + 1))) modules[key.substr(0, dot)][key.substr(dot + 1)] = t;
     else out[key] = t;
   }
-  std::set<std::string> linears;
-  for (const auto& [name, linear] : named_linears(model)) linears.insert(name);
+  std::map<std::string, std::shared_ptr<Linear>> linears;
+  for (const auto& [name, linear] : named_linears(model)) linears[name] = linear;
   std::vector<std::string> missing;
   for (auto& [name, tensors] : modules) {
     const auto canonical = canonical_tensors(c, {{name + ".weight", at::Tensor()}});
@@ -340,7 +416,21 @@ std::unordered_map<std::string, at::Tensor> dequantize_compressed_tensors(Causal
       if (std::find(required.begin(), required.end(), local) != required.end() || local == "weight_g_idx") used[local] = t;
       else out[name + "." + local] = t;  // not part of the scheme: load_state reports it as unexpected
     }
-    out[name + ".weight"] = ct::dequantize_module(used, scheme, format, dtype, name);
+    auto linear = linears.find(canon);
+    const std::string keep = linear == linears.end() || !linear->second->weight_format().empty()
+                                 ? ""
+                                 : kept_format(scheme, format, used, linear->second->weight.size(1), rules);
+    if (keep.empty()) {
+      out[name + ".weight"] = ct::dequantize_module(used, scheme, format, dtype, name);
+      continue;
+    }
+    // Checked as the dense path checks (shapes, dtypes, value ranges, names in the errors), then kept.
+    (void)ct::dequantize_module(used, scheme, format, at::kFloat, name);
+    auto [q, scale, zp] = to_linear_format(scheme, format, used, name);
+    linear->second->set_quantized_weight(keep, q, scale, zp);
+    out[name + ".weight"] = q;
+    out[name + (keep == "fp8" ? ".weight_scale_inv" : ".weight_scale")] = linear->second->weight_scale.cpu();
+    if (zp.defined()) out[name + ".weight_zero_point"] = zp;
   }
   if (!missing.empty()) {
     std::sort(missing.begin(), missing.end());
@@ -451,13 +541,30 @@ void keep_checkpoint_fp8(CausalLM& model, const anvil::io::Checkpoint& checkpoin
 
 }  // namespace
 
-int64_t quantize_base_weights(CausalLM& model, const std::string& format) {
-  TORCH_CHECK(format == "fp8" || format == "int8", "quantize_base_weights: format '", format, "' is not one of fp8, int8");
+namespace {
+
+bool is_quantized_format(const std::string& f) {
+  return f == "fp8" || f == "fp8-channel" || f == "fp8-tensor" || f == "w8a8" || f == "int8" || f == "int4";
+}
+constexpr const char* kBaseWeights = "auto, dense, fp8, fp8-channel, fp8-tensor, w8a8, int8, int4";
+
+}  // namespace
+
+int64_t quantize_base_weights(CausalLM& model, const std::string& format, int64_t group_size) {
+  TORCH_CHECK(is_quantized_format(format), "quantize_base_weights: format '", format,
+              "' is not one of fp8, fp8-channel, fp8-tensor, w8a8, int8, int4");
+  TORCH_CHECK(group_size >= 0 && (group_size == 0 || format == "int8" || format == "int4"),
+              "quantize_base_weights: group_size applies to int8 and int4 only (a positive divisor of in_features), got ",
+              group_size, " for ", format);
   int64_t n = 0;
   for (auto& [name, linear] : named_linears(model)) {
     if (name == "lm_head" || !linear->weight_format().empty()) continue;
-    if (format == "fp8" && linear->weight.size(1) % 128 != 0) continue;  // the GEMM's 1x128 activation blocks
-    linear->quantize_weight(format);
+    const int64_t in = linear->weight.size(1);
+    if (format == "fp8" && in % 128 != 0) continue;  // the GEMM's 1x128 activation blocks
+    // Grouped weight-only formats: a layer the group does not tile stays dense, as fp8's rule above.
+    const int64_t group = group_size > 0 ? group_size : format == "int4" ? 128 : 0;
+    if (group > 0 && in % group != 0) continue;
+    linear->quantize_weight(format, group_size);
     ++n;
   }
   return n;
@@ -472,15 +579,15 @@ std::shared_ptr<CausalLM> load_gguf_causal_lm(const std::string& path, c10::opti
   const auto tensors = gguf_model_tensors(file, config);
   auto model = std::make_shared<CausalLM>(std::move(config), at::TensorOptions().dtype(dtype.value_or(at::kFloat)).device(device));
   model->load_state(tensors);
-  if (base_weights == "int8" || base_weights == "fp8") quantize_base_weights(*model, base_weights);
+  if (is_quantized_format(base_weights)) quantize_base_weights(*model, base_weights);
   model->eval();
   return model;
 }
 
 std::shared_ptr<CausalLM> load_causal_lm(const std::string& path, c10::optional<at::ScalarType> dtype, at::Device device,
                                          const std::string& base_weights) {
-  if (base_weights != "auto" && base_weights != "dense" && base_weights != "fp8" && base_weights != "int8")
-    throw std::runtime_error("base_weights '" + base_weights + "' is not one of auto, dense, fp8, int8");
+  if (base_weights != "auto" && base_weights != "dense" && !is_quantized_format(base_weights))
+    throw std::runtime_error("base_weights '" + base_weights + "' is not one of " + kBaseWeights);
   const std::string dir = anvil::io::resolve_model_path(path);
   if (anvil::io::is_gguf_file(dir)) return load_gguf_causal_lm(dir, dtype, device, base_weights);
   ModelConfig config = load_model_config(dir);
@@ -494,10 +601,12 @@ std::shared_ptr<CausalLM> load_causal_lm(const std::string& path, c10::optional<
   const bool keep_fp8 = fp8_checkpoint && (base_weights == "fp8" || (base_weights == "auto" && fp8_gemm_runs_on(device)));
   if (keep_fp8) keep_checkpoint_fp8(*model, checkpoint);
   if (model->config().compressed_tensors_checkpoint)
-    model->load_state(dequantize_compressed_tensors(*model, checkpoint.load_all(at::kCPU), chosen, dir));
+    model->load_state(dequantize_compressed_tensors(*model, checkpoint.load_all(at::kCPU), chosen, dir,
+                                                    KeepRules{base_weights, fp8_gemm_runs_on(device), device.is_cuda()}));
   else
     model->load_state(checkpoint.load_all(at::kCPU));
-  if (base_weights == "int8" || (base_weights == "fp8" && !fp8_checkpoint)) quantize_base_weights(*model, base_weights);
+  if (is_quantized_format(base_weights) && !(base_weights == "fp8" && fp8_checkpoint))
+    quantize_base_weights(*model, base_weights);
   model->eval();  // as transformers' from_pretrained: dropout (LoRA's) off until a trainer calls train()
   return model;
 }

@@ -158,6 +158,16 @@ at::Tensor fp8_linear_backward(const at::Tensor& grad_out, const at::Tensor& wei
   return op.call(grad_out, weight, weight_scale_inv);
 }
 
+// ---- INT8 GEMM ----
+
+at::Tensor int8_gemm(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b, const at::Tensor& b_scale,
+                     at::ScalarType out_dtype, const Opt& bias) {
+  static const auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                              const at::Tensor&, c10::optional<at::ScalarType>, const Opt&)>(
+      "anvil::int8_gemm");
+  return op.call(a, a_scale, b, b_scale, out_dtype, bias);
+}
+
 // ---- Sparse attention ----
 
 using OptD = c10::optional<double>;

@@ -59,6 +59,11 @@ TORCH_LIBRARY(anvil, m) {
   m.def("fp8_linear(Tensor x, Tensor weight, Tensor weight_scale_inv, Tensor? bias=None) -> Tensor");
   // Gradient of fp8_linear with respect to x: grad_out (..., N) W (N, K), W dequantized slice by slice.
   m.def("fp8_linear_backward(Tensor grad_out, Tensor weight, Tensor weight_scale_inv) -> Tensor");
+  // ---- INT8 GEMM (csrc/ops/int8_gemm; docs/FORMATS.md "INT8 GEMM") ----
+  // out (M, N) = (a (M, K) int8 b (N, K)^T int8, exact int32) * a_scale * b_scale^T + bias, fp32 epilogue rounded
+  // once to out_dtype; a_scale () | (M, 1) per token, b_scale () | (N, 1) per channel. out_dtype None: bf16.
+  m.def("int8_gemm(Tensor a, Tensor a_scale, Tensor b, Tensor b_scale, ScalarType? out_dtype=None, "
+        "Tensor? bias=None) -> Tensor");
   // ---- Sparse attention (csrc/ops/sparse_attention; docs/FORMATS.md "Sparse attention") ----
   // Causal attention over q (B, Hq, S, Dqk), k (B, Hkv, S, Dqk), v (B, Hkv, S, Dv) where query i sees key j
   // when i - window < j <= i (window -1: unlimited), j is one of its document's first sink_tokens, or j's

@@ -311,6 +311,30 @@ at::Tensor sparse_formula(const at::Tensor& q, const at::Tensor& k, const at::Te
   return at::matmul(at::softmax(sc, -1), vv);
 }
 
+// int8_gemm: the CPU against its definition (int64 sums, then (float(acc) * a_scale) * b_scale + bias in fp32),
+// bit-exact; CUDA (whichever path the shape takes) against the CPU in fp32 output, within an fp32 ulp or two.
+void check_int8_gemm(std::vector<SelfCheckRow>& rows, bool cuda) {
+  const int64_t M = 37, N = 264, K = 512;
+  const auto a = at::randint(-128, 128, {M, K}, at::TensorOptions().dtype(at::kChar));
+  const auto b = at::randint(-128, 128, {N, K}, at::TensorOptions().dtype(at::kChar));
+  const auto sa = (at::rand({M, 1}) + 0.1) / 127, sb = (at::rand({N, 1}) + 0.1) / 127;
+  const auto bias = at::randn({N});
+  const auto acc = at::mm(a.to(at::kLong), b.to(at::kLong).t()).to(at::kInt);  // exact
+  const auto want = acc.to(at::kFloat) * sa * sb.view({1, -1}) + bias;
+  const auto got = ops::int8_gemm(a, sa, b, sb, at::kFloat, bias);
+  const bool exact = at::equal(got, want);
+  rows.push_back({"int8_gemm", "cpu", exact ? "ok" : "FAIL", exact ? "bit-exact vs formula" : "differs from formula",
+                  time_ms([&] { ops::int8_gemm(a, sa, b, sb, at::kBFloat16, bias); }, false)});
+  if (cuda) {
+    const auto ac = a.cuda(), sac = sa.cuda(), bc = b.cuda(), sbc = sb.cuda(), biasc = bias.cuda();
+    const auto gc = ops::int8_gemm(ac, sac, bc, sbc, at::kFloat, biasc).cpu();
+    const double rel = ((gc - want).abs() / (want.abs() + 1e-3)).max().item<double>();
+    rows.push_back({"int8_gemm", "cuda", rel < 1e-6 ? "ok" : "FAIL",
+                    "max rel diff vs cpu " + fmt(rel) + " (path '" + ops::int8_gemm_path(M, N, K, at::kFloat) + "')",
+                    time_ms([&] { ops::int8_gemm(ac, sac, bc, sbc, at::kBFloat16, biasc); }, true)});
+  }
+}
+
 void check_sparse_attention(std::vector<SelfCheckRow>& rows, bool cuda) {
   const int64_t S = 130, W = 40, sinks = 2, bs = 64;
   auto q = at::randn({1, 8, S, 64}, at::kDouble), k = at::randn({1, 2, S, 64}, at::kDouble),
@@ -473,6 +497,8 @@ std::vector<SelfCheckRow> run_selfcheck(bool cuda) {
   guarded("fp8_gemm", rows, [&] { check_fp8_gemm(rows, use_cuda); });
   for (const char* op : {"fp8_gemm", "fp8_grouped_gemm", "fp8_grouped_gemm_masked", "fp8_linear", "fp8_linear_backward"})
     checked.insert(op);
+  guarded("int8_gemm", rows, [&] { check_int8_gemm(rows, use_cuda); });
+  checked.insert("int8_gemm");
   guarded("sparse_attention", rows, [&] { check_sparse_attention(rows, use_cuda); });
   for (const char* op : {"sparse_attention", "sparse_attention_backward", "select_blocks"}) checked.insert(op);
   guarded("fused", rows, [&] { check_fused(rows, use_cuda); });

@@ -192,7 +192,7 @@ ModelSection read_model_section(const ConfigReader& r) {
   m.tokenizer = r.string("model.tokenizer");
   m.dtype = r.string_in("model.dtype", {"bfloat16", "float32", "float16"});
   m.device = r.string("model.device");
-  m.base_weights = r.string_in("model.base_weights", {"auto", "dense", "fp8", "int8"});
+  m.base_weights = r.string_in("model.base_weights", {"auto", "dense", "fp8", "fp8-channel", "fp8-tensor", "w8a8", "int8", "int4"});
   const bool cuda_n = m.device.rfind("cuda:", 0) == 0 && m.device.size() > 5 &&
                       m.device.find_first_not_of("0123456789", 5) == std::string::npos;
   if (m.device != "auto" && m.device != "cpu" && m.device != "cuda" && !cuda_n)

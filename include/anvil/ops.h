@@ -128,6 +128,23 @@ std::string fp8_gemm_config(int64_t m, int64_t n, int64_t k, at::ScalarType out_
 /// Every sm_90a configuration compiled into this build, as "name:dtype" (empty without sm_90a kernels).
 std::vector<std::string> fp8_gemm_configs();
 
+// ---- INT8 GEMM (docs/FORMATS.md, "INT8 GEMM") -------------------------------------------------
+
+/// out (M, N) = (a b^T, exact int32) * a_scale * b_scale^T + bias: the int32 accumulator converted to fp32,
+/// times a_scale[m], times b_scale[n], plus bias[n], rounded once to out_dtype (bf16, fp16 or fp32).
+/// a (M, K) and b (N, K) int8, contiguous; a_scale () or (M, 1) (per token, quantize_int8 "row"), b_scale ()
+/// or (N, 1) (per channel), fp32; bias (N) fp32/bf16/fp16; K <= 131071 (no int32 overflow). CUDA: the INT8
+/// tensor cores (CUTLASS sm_90a kernel with the scales fused on Hopper, else cuBLASLt int32 + an epilogue
+/// kernel; small or unaligned shapes a plain int32 kernel); CPU: the reference. No gradient (integer inputs).
+at::Tensor int8_gemm(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b, const at::Tensor& b_scale,
+                     at::ScalarType out_dtype = at::kBFloat16, const c10::optional<at::Tensor>& bias = c10::nullopt);
+
+/// Which CUDA path int8_gemm takes for this problem on the current device: "sm90" (the fused CUTLASS kernel),
+/// "int_mm" (cuBLASLt int32 + epilogue) or "simt" (the plain kernel); "cpu" without CUDA. ANVIL_INT8_GEMM_PATH
+/// =sm90|int_mm|simt forces one (tests and benchmarks): "" here when the forced path cannot take the problem,
+/// an error from int8_gemm itself.
+std::string int8_gemm_path(int64_t m, int64_t n, int64_t k, at::ScalarType out_dtype = at::kBFloat16);
+
 // ---- Sparse attention (docs/FORMATS.md, "Sparse attention") -----------------------------------
 
 /// Causal block-sparse attention. q (B, Hq, S, Dqk), k (B, Hkv, S, Dqk), v (B, Hkv, S, Dv), Hq % Hkv == 0

@@ -266,6 +266,87 @@ def test_bf16_load_holds_the_packages_bf16_weights():
             assert theirs.dtype == torch.bfloat16 and torch.equal(state[key], theirs), (name, module)
 
 
+# ---- kept quantized: the Linear weight formats ------------------------------------------------------------
+
+PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
+
+
+def enable_activation_quant(model):
+    for m in model.modules():
+        if hasattr(m, "quantization_scheme"):
+            m.quantization_enabled = True
+    return model
+
+
+def sqnr_db(x, ref):
+    return (10 * torch.log10(ref.pow(2).sum() / (x - ref).pow(2).sum())).item()
+
+
+@pytest.mark.parametrize("name,fmt", [("llama-w4a16", "int4"), ("llama-w4a16-asym", "int4"),
+                                      ("llama-w8a16-asym", "int8"), ("mixtral-w4a16", "int4")])
+def test_auto_keeps_weight_only_checkpoints_quantized_with_the_dense_logits(name, fmt):
+    """base_weights auto (the default) keeps W4A16 / W8A16 weights as stored (unpacked int4 / int8 with their
+    group scales and zero points): every projection in that format, the logits those of the dense load
+    (the same products: (q - zp) * scale in fp32, rounded once to the model dtype)."""
+    folder = os.path.join(FIXTURES_DIR, name)
+    for dtype in ["float32", "bfloat16"]:
+        kept = _C.CausalLM(folder, dtype, "cpu", "auto")
+        formats = kept.weight_formats()
+        assert {f for n, f in formats.items() if n.endswith(PROJ)} == {fmt}, formats
+        assert formats["lm_head"] == "dense" if "lm_head" in formats else True
+        ids = ids_for(7)
+        dense = _C.CausalLM(folder, dtype, "cpu", "dense").logits(ids).float()
+        ours = kept.logits(ids).float()
+        assert (ours - dense).abs().max() <= 1e-5 * dense.abs().max(), (name, dtype)
+
+
+@pytest.mark.parametrize("name,fmt", [("llama-fp8-dynamic", "fp8-channel"), ("llama-fp8-block", "fp8")])
+def test_fp8_checkpoints_kept_as_stored_equal_transformers_quantizing_activations(name, fmt):
+    """Kept fp8 (base_weights = the format; "auto" does this where the FP8 GEMM runs): activations are
+    quantized per token (FP8_DYNAMIC) or per 1x128 block (FP8_BLOCK) as compressed-tensors' dynamic
+    activation quantization does, so transformers with its fake quantization on is the oracle."""
+    folder = os.path.join(FIXTURES_DIR, name)
+    model = _C.CausalLM(folder, "float32", "cpu", fmt)
+    formats = model.weight_formats()
+    assert {f for n, f in formats.items() if n.endswith(PROJ)} == {fmt}, formats
+    ids = ids_for(11)
+    with torch.no_grad():
+        theirs = enable_activation_quant(transformers_model(folder))(ids).logits
+        dense = transformers_model(folder)(ids).logits
+    ours = model.logits(ids)
+    # activation quantization changes the logits (so the oracle sees it) ...
+    assert (dense - theirs).abs().max() > 1e-3 * theirs.abs().max()
+    # ... and anvil's quantized product computes what transformers' fake quantization does
+    assert sqnr_db(ours, theirs) > 10 + sqnr_db(dense, theirs), (sqnr_db(ours, theirs), sqnr_db(dense, theirs))
+
+
+@pytest.mark.parametrize("name,fmt", [("llama-w8a8-int8", "w8a8"), ("llama-fp8-static", "fp8-tensor")])
+def test_w8a8_and_static_fp8_kept_as_stored_are_as_close_as_transformers_quantized_forward(name, fmt):
+    """w8a8 quantizes activations per token with anvil's amax / 127 (vLLM's kernels' rule; compressed-tensors'
+    own fake quantization divides by 127.5), fp8-tensor per token where the checkpoint's input_scale is
+    static per tensor: not transformers' arithmetic, so the bound is relative: anvil's quantized logits are
+    at least as close to the dense model's as transformers' quantized forward is (SQNR, 1 dB slack), and
+    differ from the dense logits (the quantized product ran)."""
+    folder = os.path.join(FIXTURES_DIR, name)
+    model = _C.CausalLM(folder, "float32", "cpu", fmt)
+    assert {f for n, f in model.weight_formats().items() if n.endswith(PROJ)} == {fmt}
+    ids = ids_for(13)
+    with torch.no_grad():
+        quantized = enable_activation_quant(transformers_model(folder))(ids).logits
+        dense = transformers_model(folder)(ids).logits
+    ours = model.logits(ids)
+    assert sqnr_db(ours, dense) >= sqnr_db(quantized, dense) - 1, (sqnr_db(ours, dense), sqnr_db(quantized, dense))
+    assert sqnr_db(ours, dense) < 60
+
+
+def test_dense_and_gpu_only_formats_stay_dense_on_the_cpu_under_auto():
+    for name in ["llama-fp8-dynamic", "llama-w8a8-int8", "llama-fp8-block"]:
+        formats = _C.CausalLM(os.path.join(FIXTURES_DIR, name), "float32", "cpu", "auto").weight_formats()
+        assert set(formats.values()) == {"dense"}, (name, formats)
+    formats = _C.CausalLM(os.path.join(FIXTURES_DIR, "llama-w4a16"), "float32", "cpu", "dense").weight_formats()
+    assert set(formats.values()) == {"dense"}
+
+
 # ---- damaged checkpoints -----------------------------------------------------------------------------------
 
 def damaged(tmp_path, name, edit_tensors=None, edit_config=None):

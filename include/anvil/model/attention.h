@@ -41,28 +41,49 @@ class LinearAdapter {
 /// y = x W^T + b; parameters "weight" (out, in) and, when `bias`, "bias" (out). With an adapter
 /// attached, y = adapter->forward(*this, x, x W^T + b).
 ///
-/// A frozen base weight may be held quantized (LoRA over a quantized base, FP8 checkpoints kept in FP8):
-///   "fp8":  weight (out, in) float8_e4m3fn + buffer "weight_scale_inv" (ceil(out/128), in/128) fp32,
-///           DeepSeek-V3's FineGrainedFP8 layout; x is quantized to 1x128 blocks on the fly and the
-///           product runs in anvil::ops::fp8_linear (the sm_90a FP8 GEMM; dX through a bf16 dequantized W).
-///   "int8": weight (out, in) int8 + buffer "weight_scale" (out, 1) fp32, weight-only: W is dequantized
-///           to x's dtype for each product (forward and dX) and never kept dense.
-/// The weight then takes no gradient (the bias still may).
+/// A frozen base weight may be held quantized (LoRA over a quantized base, quantized checkpoints kept as
+/// stored). Formats (docs/FORMATS.md, "Linear weight formats"; the buffer names are the checkpoints' keys):
+///   "fp8":         weight (out, in) float8_e4m3fn + buffer "weight_scale_inv" (ceil(out/128), ceil(in/128)) fp32,
+///                  DeepSeek-V3's FineGrainedFP8 layout; x is quantized to 1x128 blocks on the fly and the
+///                  product runs in anvil::ops::fp8_linear (the sm_90a FP8 GEMM).
+///   "fp8-channel": weight (out, in) e4m3 + "weight_scale" (out, 1) fp32 (compressed-tensors FP8 channel,
+///                  llm-compressor FP8_DYNAMIC); x quantized per token (quantize_fp8 "row") -> anvil::ops::fp8_gemm.
+///   "fp8-tensor":  weight (out, in) e4m3 + "weight_scale" () fp32 ((1) and (1, 1) are taken as ()); x per token
+///                  as above -> fp8_gemm.
+///   "w8a8":        weight (out, in) int8 + "weight_scale" (out, 1) (or ()) fp32, symmetric; x quantized per token
+///                  to int8 (quantize_int8 "row") -> anvil::ops::int8_gemm (the INT8 tensor cores).
+///   "int8":        weight-only: weight (out, in) int8 + "weight_scale" (out, in / group) fp32, optional
+///                  "weight_zero_point" (out, in / group) int8: W = (q - zero_point) * scale per group of
+///                  `group` consecutive inputs (group = in: per channel, the default) (compressed-tensors W8A16).
+///   "int4":        as "int8" with q in [-8, 7] held unpacked in int8 (compressed-tensors W4A16, GPTQ); group 128
+///                  by default.
+/// Weight-only formats dequantize W to x's dtype for each product and never keep it dense. The weight then
+/// takes no gradient (the bias still may); dX flows through W dequantized to dY's dtype, so LoRA trains over
+/// every format.
 class Linear : public torch::nn::Module {
  public:
   Linear(int64_t in_features, int64_t out_features, bool bias, const at::TensorOptions& options);
   at::Tensor forward(const at::Tensor& x);
-  /// Quantizes the current (dense) weight in place: format "fp8" or "int8" (above). Frees the dense one.
-  void quantize_weight(const std::string& format);
-  /// Takes an already quantized weight (e.g. straight from an FP8 checkpoint, or empty tensors of the
-  /// right shapes that loading then fills). Frees the dense weight.
-  void set_quantized_weight(const std::string& format, const at::Tensor& q, const at::Tensor& scale);
-  /// "" (dense), "fp8" or "int8".
+  /// Quantizes the current (dense) weight in place, round to nearest with the quantize ops' arithmetic
+  /// (symmetric; scale = max(amax, 1e-10) / qmax, qmax 448 for e4m3, 127 for int8, 7 for int4). group_size
+  /// (int8, int4 only): 0 = the format's default (int8: in_features, int4: 128), else a divisor of in_features.
+  /// Frees the dense weight.
+  void quantize_weight(const std::string& format, int64_t group_size = 0);
+  /// Takes an already quantized weight (straight from a checkpoint, or empty tensors of the right shapes that
+  /// loading then fills); shapes and dtypes as listed above, each mismatch an error naming the tensor.
+  /// zero_point: int8 / int4 only (asymmetric); group_size: 0 = implied by scale's shape, else checked against
+  /// it. Frees the dense weight.
+  void set_quantized_weight(const std::string& format, const at::Tensor& q, const at::Tensor& scale,
+                            const at::Tensor& zero_point = {}, int64_t group_size = 0);
+  /// "" (dense) or one of the formats above.
   const std::string& weight_format() const { return weight_format_; }
-  /// The weight as a dense (out, in) tensor of `dtype` (dequantized when quantized).
+  /// Inputs per scale group of an int8 / int4 weight (0 for the other formats).
+  int64_t group_size() const;
+  /// The weight as a dense (out, in) tensor of `dtype` (dequantized when quantized, every format).
   at::Tensor dense_weight(at::ScalarType dtype) const;
   at::Tensor weight;        ///< (out, in): the model dtype, or e4m3 / int8 when quantized
   at::Tensor weight_scale;  ///< quantized only: the dequantization multipliers (see above)
+  at::Tensor weight_zero_point;  ///< int8 / int4 with zero points only, else undefined
   at::Tensor bias;  ///< undefined when absent
   std::shared_ptr<LinearAdapter> adapter;  ///< null = plain linear
 

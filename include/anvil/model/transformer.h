@@ -116,14 +116,24 @@ class CausalLM : public torch::nn::Module {
 ///   "fp8":   FP8 weights as stored; a dense checkpoint is quantized at load (128x128 blocks; layers whose
 ///            in_features is not a multiple of 128 stay dense)
 ///   "int8":  int8 weight-only, per-output-channel scales, quantized at load
+///   "fp8-channel": e4m3 weights with per-output-channel scales, activations quantized per token (fp8_gemm)
+///   "fp8-tensor":  e4m3 weights with one per-tensor scale, activations per token (fp8_gemm)
+///   "w8a8":  int8 weights per output channel, activations quantized to int8 per token (int8_gemm, the INT8
+///            tensor cores)
+///   "int4":  int4 weight-only (unpacked in int8), symmetric, groups of 128 inputs (layers whose in_features
+///            is not a multiple of 128 stay dense)
+/// The quantized formats other than an FP8 checkpoint kept as "fp8" are quantized at load by round to nearest
+/// (Linear::quantize_weight; docs/FORMATS.md "Linear weight formats").
 /// A quantized model is for inference and LoRA over a frozen base; save_causal_lm refuses it.
 std::shared_ptr<CausalLM> load_causal_lm(const std::string& path,
                                          c10::optional<at::ScalarType> dtype = c10::nullopt,
                                          at::Device device = at::kCPU, const std::string& base_weights = "auto");
 
-/// Quantizes every dense Linear weight but lm_head's in place ("fp8" or "int8", as load_causal_lm's
-/// base_weights); returns how many layers were quantized.
-int64_t quantize_base_weights(CausalLM& model, const std::string& format);
+/// Quantizes every dense Linear weight but lm_head's in place: "fp8", "fp8-channel", "fp8-tensor", "w8a8",
+/// "int8" or "int4" (as load_causal_lm's base_weights; Linear::quantize_weight). group_size (int8 / int4 only):
+/// 0 = the format's default (int8 per channel, int4 128), else the inputs per scale group; a layer whose
+/// in_features the group (or fp8's 128) does not divide stays dense. Returns how many layers were quantized.
+int64_t quantize_base_weights(CausalLM& model, const std::string& format, int64_t group_size = 0);
 
 /// Writes config.json (the loaded one, `dtype` updated, `quantization_config` dropped since weights
 /// are saved dequantized) and the weights as safetensors in Hugging Face layout (sharded above
