@@ -209,13 +209,17 @@ TEST(CompressedTensors, DequantizesByTheFormula) {
                          {"weight_shape", at::tensor(std::vector<int64_t>{out, in})},
                          {"weight_scale", scale},
                          {"weight_zero_point", ct::pack_int32(zp, 4, 0)}};
+  // In the scale's dtype (bf16: the product rounded to bf16, as the package) and in fp32 (exact).
+  const at::Tensor wb = ct::dequantize_module(t, s, "pack-quantized", std::nullopt, "m");
   const at::Tensor w = ct::dequantize_module(t, s, "pack-quantized", at::kFloat, "m");
+  EXPECT_EQ(wb.scalar_type(), at::kBFloat16);
   EXPECT_EQ(w.scalar_type(), at::kFloat);
   for (int64_t r = 0; r < out; ++r)
     for (int64_t c : {0, 1, 127, 128, 255}) {
-      const float expect = static_cast<float>(
-          c10::BFloat16(static_cast<float>(q[r][c].item<int>() - zp[r][c / 128].item<int>()) * scale[r][c / 128].item<float>()));
-      ASSERT_EQ(w[r][c].item<float>(), expect) << r << " " << c;
+      const float exact =
+          static_cast<float>(q[r][c].item<int>() - zp[r][c / 128].item<int>()) * scale[r][c / 128].item<float>();
+      ASSERT_EQ(w[r][c].item<float>(), exact) << r << " " << c;
+      ASSERT_EQ(wb[r][c].item<float>(), static_cast<float>(c10::BFloat16(exact))) << r << " " << c;
     }
   // fp8 blocks: each 128x128 block (partial at the edges) times its scale.
   auto fb = ct::preset_scheme("FP8_BLOCK", {"Linear"});
