@@ -482,6 +482,22 @@ def test_lora_trains_over_a_compressed_tensors_base(tmp_path):
     losses = [x["loss"] for x in lines if "loss" in x]
     assert len(losses) == 6 and losses[-1] < losses[0], losses
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
+    # and the adapter merges into the dequantized base: a dense folder transformers loads
+    merged = tmp_path / "merged"
+    out = run_cli("merge", "--base", folder, "--adapter", str(tmp_path / "run" / "adapter"), "--out", str(merged),
+                  "--dtype", "float32")
+    assert out.returncode == 0, out.stderr[-3000:]
+    cfg = json.load(open(merged / "config.json"))
+    assert "quantization_config" not in cfg
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).eval()
+    ids = ids_for(3)
+    with torch.no_grad():
+        theirs = hf(ids).logits
+    ours = _C.CausalLM(str(merged), "float32", "cpu", "dense").logits(ids)
+    assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
+    base = _C.CausalLM(folder, "float32", "cpu", "dense").logits(ids)
+    assert (ours - base).abs().max() > 1e-3  # the adapter is in the merged weights
 
 
 # ---- the fixtures reproduce --------------------------------------------------------------------------------
