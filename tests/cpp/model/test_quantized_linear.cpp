@@ -99,7 +99,7 @@ TEST(QuantizedLinear, EachFormatComputesItsFormulaAndPassesDx) {
     EXPECT_LE((x.grad() - dx).abs().max().item<double>(), 1e-5 * dx.abs().max().item<double>()) << f;
     EXPECT_FALSE(lin.weight.grad().defined()) << f;
     EXPECT_TRUE(lin.bias.grad().defined()) << f;
-    EXPECT_TRUE(at::allclose(lin.bias.grad(), g.sum({0, 1}))) << f;
+    EXPECT_TRUE(at::allclose(lin.bias.grad(), g.sum(std::vector<int64_t>{0, 1}))) << f;
   }
 }
 
