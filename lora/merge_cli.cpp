@@ -109,7 +109,8 @@ int cmd_merge(int argc, char** argv) {
   check_out_path(out, base, adapter, force);
 
   const auto start = std::chrono::steady_clock::now();
-  auto model = model::load_causal_lm(base, dtype, device);
+  // Dense: merging adds B A to the weights, so a quantized checkpoint (FP8, compressed-tensors) is dequantized.
+  auto model = model::load_causal_lm(base, dtype, device, "dense");
   std::cerr << "merge: loaded " << model->config().architecture << " from " << base << " ("
             << model::dtype_name(model->dtype()) << ", " << model->device().str() << ") in " << seconds_since(start) << "\n";
 

@@ -5,6 +5,8 @@ import torch
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one; scripts/gpu-test.sh runs them)")
     config.addinivalue_line("markers", "build: checks of how the libraries were built (run everywhere, GPU machine too)")
+    config.addinivalue_line("markers", "slow: over a minute on the 2-core CI machine (still run by scripts/test.sh; "
+                                       "-m 'not slow' skips them)")
 
 
 def pytest_collection_modifyitems(config, items):
