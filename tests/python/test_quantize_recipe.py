@@ -174,10 +174,24 @@ def test_transformers_loads_the_compressed_tensors_export(fit_model, tmp_path, s
     with torch.no_grad():
         for m in linear_names(src):
             dense.get_submodule(m).weight.copy_(anvil_dequantized(src[m + ".weight"], scheme)[2])
+            # ... and the scheme's dynamic activation quantization in front of each of them, as anvil's report
+            # model computes (the ops' arithmetic); transformers runs compressed-tensors' own.
+            if scheme in ACTIVATIONS:
+                dense.get_submodule(m).register_forward_pre_hook(
+                    lambda mod, args, g=ACTIVATIONS[scheme]: (fake_quantize_fp8(args[0], g),))
     ids = torch.randint(0, FIT["vocab_size"], (2, 13), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         got, ref = hf(ids).logits, dense(ids).logits
     assert (got - ref).abs().max() <= LOGIT_RTOL * ref.abs().max()
+
+
+ACTIVATIONS = {"fp8-channel": "row", "fp8-tensor": "tensor"}
+
+
+def fake_quantize_fp8(x, granularity):
+    x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
+    q, s = torch.ops.anvil.quantize_fp8(x2, granularity)
+    return torch.ops.anvil.dequantize_fp8(q, s, granularity, torch.float32).reshape(x.shape).to(x.dtype)
 
 
 # ---- the demo and its quality figures ------------------------------------------------------------------------------
