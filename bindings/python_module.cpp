@@ -5,6 +5,7 @@
 #include "anvil/data/tokenizer.h"
 #include "anvil/io/gguf.h"
 #include "anvil/io/safetensors.h"
+#include "anvil/model/compressed_tensors.h"
 #include "anvil/model/derive.h"
 #include "anvil/model/generate.h"
 #include "anvil/model/gguf_model.h"
@@ -452,6 +453,71 @@ void bind_distill(py::module_& m) {
       "A model of the source's layers `keep`, renumbered (anvil/model/derive.h), in eval mode.");
 }
 
+// compressed-tensors format (anvil/model/compressed_tensors.h), for tests against the package itself:
+// configs and schemes cross as JSON text.
+void bind_compressed_tensors(py::module_& m) {
+  namespace ct = anvil::model::ct;
+  using json = nlohmann::json;
+  auto dtype_or_none = [](const std::string& name) -> std::optional<at::ScalarType> {
+    if (name.empty()) return std::nullopt;
+    return anvil::model::dtype_from_name(name);
+  };
+  m.def(
+      "ct_pack_int32", [](const at::Tensor& v, int64_t bits, int64_t dim) { return ct::pack_int32(v, bits, dim); },
+      py::arg("values"), py::arg("num_bits"), py::arg("packed_dim") = 1, "compressed-tensors' pack_to_int32.");
+  m.def(
+      "ct_unpack_int32",
+      [](const at::Tensor& p, int64_t bits, const std::vector<int64_t>& shape, int64_t dim) {
+        return ct::unpack_int32(p, bits, shape, dim);
+      },
+      py::arg("packed"), py::arg("num_bits"), py::arg("shape"), py::arg("packed_dim") = 1,
+      "compressed-tensors' unpack_from_int32.");
+  m.def(
+      "ct_parse_config", [](const std::string& text) { return ct::to_json(ct::parse_quantization_config(json::parse(text))).dump(); },
+      py::arg("quantization_config"), "quantization_config JSON -> parsed and written back (to_json) as JSON text.");
+  m.def(
+      "ct_dequantize_module",
+      [dtype_or_none](const std::map<std::string, at::Tensor>& tensors, const std::string& scheme,
+                      const std::string& format, const std::string& dtype, const std::string& module) {
+        return ct::dequantize_module(tensors, ct::parse_scheme(json::parse(scheme)), format, dtype_or_none(dtype), module);
+      },
+      py::arg("tensors"), py::arg("scheme"), py::arg("format"), py::arg("dtype") = "", py::arg("module") = "",
+      "One module's checkpoint tensors (local names) -> its dense weight.");
+  m.def(
+      "ct_compress_module",
+      [](const at::Tensor& weight, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
+         const std::string& scheme, const std::string& format) {
+        return ct::compress_module(weight, scale, zero_point.value_or(at::Tensor()), ct::parse_scheme(json::parse(scheme)),
+                                   format);
+      },
+      py::arg("weight"), py::arg("scale"), py::arg("zero_point") = py::none(), py::arg("scheme"), py::arg("format"),
+      "A dense weight and its scale (zero point) -> the module's checkpoint tensors.");
+  m.def(
+      "ct_required_keys",
+      [](const std::string& module, const std::string& scheme, const std::string& format) {
+        return ct::required_keys(module, ct::parse_scheme(json::parse(scheme)), format);
+      },
+      py::arg("module"), py::arg("scheme"), py::arg("format"));
+  m.def(
+      "ct_check_complete",
+      [](const std::set<std::string>& keys, const std::string& config,
+         const std::vector<std::pair<std::string, std::vector<std::string>>>& modules) {
+        std::vector<ct::ModuleRef> refs;
+        for (const auto& [name, classes] : modules) refs.push_back({name, classes});
+        return ct::check_complete(keys, ct::parse_quantization_config(json::parse(config)), refs);
+      },
+      py::arg("keys"), py::arg("config"), py::arg("modules"));
+  m.def(
+      "ct_scheme_for",
+      [](const std::string& config, const std::string& module, const std::vector<std::string>& classes) -> py::object {
+        const auto c = ct::parse_quantization_config(json::parse(config));
+        auto hit = ct::scheme_for(c, module, classes);
+        if (!hit) return py::none();
+        return py::str(hit->first);
+      },
+      py::arg("config"), py::arg("module"), py::arg("classes"), "The name of the config group covering a module, or None.");
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "anvil C++ core";
   bind_model(m);
@@ -460,6 +526,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   bind_dataset(m);
   bind_lora(m);
   bind_gguf(m);
+  bind_compressed_tensors(m);
   m.def(
       "selfcheck",
       [](bool cuda) {

@@ -8,7 +8,9 @@
 #include "anvil/io/gguf.h"
 #include "anvil/model/gguf_model.h"
 #include "anvil/io/fs.h"
+#include "anvil/model/compressed_tensors.h"
 
+#include <c10/util/Exception.h>
 #include <nlohmann/json.hpp>
 
 #include <cmath>
@@ -18,6 +20,7 @@ namespace anvil::model {
 namespace {
 
 using json = nlohmann::json;
+namespace ct = anvil::model::ct;
 
 struct Reader {
   const json& j;
@@ -282,13 +285,44 @@ void read_tokens(const Reader& r, ModelConfig& c) {
   }
 }
 
+// compressed-tensors: parsed (every key checked, errors naming it) and each config group checked for a
+// scheme anvil can read, so that an unsupported checkpoint fails here, naming the group and the reason.
+void read_compressed_tensors(const Reader& r, const json& q) {
+  ct::Config config;
+  try {
+    config = ct::parse_quantization_config(q);
+  } catch (const c10::Error& e) {
+    r.fail(e.what_without_backtrace());
+  }
+  if (config.kv_cache_scheme)
+    r.fail("quantization_config.kv_cache_scheme: a quantized KV cache (k_scale / v_scale) is not supported");
+  for (const auto& [name, scheme] : config.config_groups) {
+    std::string why;
+    if (!ct::is_supported(scheme, ct::effective_format(config, scheme), &why))
+      r.fail("quantization_config.config_groups." + name + ": unsupported compressed-tensors scheme: " + why);
+    if (scheme.output_activations)
+      r.fail("quantization_config.config_groups." + name + ".output_activations: output quantization is not supported");
+  }
+  // Any other status (frozen, calibration, ...) is a model whose forward fake-quantizes its weights on the
+  // fly in compressed-tensors; anvil would run the stored weights as they are, so it refuses instead.
+  if (config.quantization_status != "compressed")
+    r.fail("quantization_config.quantization_status '" + config.quantization_status +
+           "' is not supported (anvil reads saved checkpoints, status compressed)");
+}
+
 void read_quantization(const Reader& r, ModelConfig& c) {
   const json* q = r.find("quantization_config");
   if (!q) return;
   Reader qr{*q, r.source};
   const std::string method = qr.opt_string("quant_method", "");
+  if (method == ct::kQuantMethod) {
+    read_compressed_tensors(r, *q);
+    c.compressed_tensors_checkpoint = true;
+    return;
+  }
   if (method != "fp8")
-    r.fail("quantization_config.quant_method '" + method + "' is not supported (only fp8, FineGrainedFP8)");
+    r.fail("quantization_config.quant_method '" + method +
+           "' is not supported (fp8 (FineGrainedFP8) and compressed-tensors are)");
   if (const json* b = qr.find("weight_block_size")) {
     if (*b != json::array({128, 128}))
       r.fail("quantization_config.weight_block_size " + b->dump() + " is not supported (only [128, 128])");

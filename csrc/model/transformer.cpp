@@ -11,6 +11,7 @@
 #include "anvil/model/transformer.h"
 
 #include "anvil/io/safetensors.h"
+#include "anvil/model/compressed_tensors.h"
 #include "anvil/model/gguf_model.h"
 #include "anvil/ops.h"
 #include "anvil/model/checkpointing.h"
@@ -276,6 +277,79 @@ std::string join_first(const std::vector<std::string>& names, size_t n = 8) {
   return s;
 }
 
+// compressed-tensors (anvil/model/compressed_tensors.h, llm-compressor's checkpoints): the tensors of each
+// module are grouped by module name as stored, the config group that covers the module is found with the
+// checkpoint's own names (targets and ignore are written in them), and the module's tensors are replaced
+// by a dense `<module>.weight` in `dtype`; load_state then canonicalises names as for any checkpoint.
+// Every missing tensor is collected and named in one error; quantized tensors no group covers are an
+// error; tensors a scheme does not use are left for load_state to report as unexpected.
+std::unordered_map<std::string, at::Tensor> dequantize_compressed_tensors(CausalLM& model,
+                                                                          const std::unordered_map<std::string, at::Tensor>& in,
+                                                                          at::ScalarType dtype, const std::string& dir) {
+  namespace ct = anvil::model::ct;
+  const ModelConfig& c = model.config();
+  const ct::Config config = ct::parse_quantization_config(nlohmann::json::parse(c.json).at("quantization_config"));
+  static const std::set<std::string> kLocal = {"weight",       "weight_packed",    "weight_scale", "weight_shape",
+                                               "weight_zero_point", "weight_g_idx", "input_scale",  "input_zero_point",
+                                               "output_scale", "output_zero_point"};
+  std::map<std::string, ct::ModuleTensors> modules;
+  std::unordered_map<std::string, at::Tensor> out;
+  for (const auto& [key, t] : in) {
+    const auto dot = key.rfind('.');
+    if (dot != std::string::npos && kLocal.count(key.substr(dot + 1))) modules[key.substr(0, dot)][key.substr(dot + 1)] = t;
+    else out[key] = t;
+  }
+  std::set<std::string> linears;
+  for (const auto& [name, linear] : named_linears(model)) linears.insert(name);
+  std::vector<std::string> missing;
+  for (auto& [name, tensors] : modules) {
+    const auto canonical = canonical_tensors(c, {{name + ".weight", at::Tensor()}});
+    if (canonical.empty()) continue;  // a layer the model does not have (DeepSeek-V3's MTP layer)
+    std::string canon = canonical.begin()->first;
+    canon = canon.substr(0, canon.size() - std::string(".weight").size());
+    auto w = tensors.find("weight");
+    const bool quantized = tensors.size() > 1 || w == tensors.end() || !at::isFloatingType(w->second.scalar_type()) ||
+                           w->second.scalar_type() == at::kFloat8_e4m3fn;
+    // Class names as llm-compressor saw them: the projections (and anything it quantized) are Linear.
+    std::vector<std::string> classes;
+    if (quantized || linears.count(canon)) classes = {"Linear"};
+    else if (canon == "model.embed_tokens") classes = {"Embedding"};
+    auto hit = ct::scheme_for(config, name, classes);
+    if (!hit) {
+      if (quantized) {
+        std::string held;
+        for (const auto& [local, t] : tensors) held += (held.empty() ? "" : ", ") + name + "." + local;
+        throw std::runtime_error(dir + ": compressed-tensors module '" + name + "' holds quantized tensors (" + held +
+                                 ") but no quantization_config.config_groups entry covers it (ignored or not targeted)");
+      }
+      for (const auto& [local, t] : tensors) out[name + "." + local] = t;
+      continue;
+    }
+    const ct::Scheme& scheme = *hit->second;
+    const std::string format = ct::effective_format(config, scheme);
+    const auto required = ct::required_keys("", scheme, format);
+    bool complete = true;
+    for (const auto& k : required)
+      if (!tensors.count(k)) {
+        missing.push_back(name + "." + k);
+        complete = false;
+      }
+    if (!complete) continue;
+    ct::ModuleTensors used;
+    for (const auto& [local, t] : tensors) {
+      if (std::find(required.begin(), required.end(), local) != required.end() || local == "weight_g_idx") used[local] = t;
+      else out[name + "." + local] = t;  // not part of the scheme: load_state reports it as unexpected
+    }
+    out[name + ".weight"] = ct::dequantize_module(used, scheme, format, dtype, name);
+  }
+  if (!missing.empty()) {
+    std::sort(missing.begin(), missing.end());
+    throw std::runtime_error(dir + ": compressed-tensors checkpoint is missing tensors its quantization_config needs: " +
+                             join_first(missing, 16));
+  }
+  return out;
+}
+
 }  // namespace
 
 void CausalLM::load_state(const std::unordered_map<std::string, at::Tensor>& tensors) {
@@ -470,7 +544,10 @@ std::shared_ptr<CausalLM> load_causal_lm(const std::string& path, c10::optional<
   anvil::io::Checkpoint checkpoint(dir);
   const bool keep_fp8 = fp8_checkpoint && (base_weights == "fp8" || (base_weights == "auto" && fp8_gemm_runs_on(device)));
   if (keep_fp8) keep_checkpoint_fp8(*model, checkpoint);
-  model->load_state(checkpoint.load_all(at::kCPU));
+  if (model->config().compressed_tensors_checkpoint)
+    model->load_state(dequantize_compressed_tensors(*model, checkpoint.load_all(at::kCPU), chosen, dir));
+  else
+    model->load_state(checkpoint.load_all(at::kCPU));
   if (base_weights == "int8" || (base_weights == "fp8" && !fp8_checkpoint)) quantize_base_weights(*model, base_weights);
   model->eval();  // as transformers' from_pretrained: dropout (LoRA's) off until a trainer calls train()
   return model;

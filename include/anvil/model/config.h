@@ -131,6 +131,9 @@ struct ModelConfig {
   std::string dtype;
   /// Whether the checkpoint is FineGrainedFP8 (`quantization_config.quant_method` "fp8").
   bool fp8_checkpoint = false;
+  /// Whether the checkpoint is compressed-tensors (`quant_method` "compressed-tensors"; the config is
+  /// re-read from `json` by the loader, anvil/model/compressed_tensors.h). Its schemes were checked here.
+  bool compressed_tensors_checkpoint = false;
   /// The config.json text as read, written back (with dtype updated) when the model is saved.
   std::string json;
 
