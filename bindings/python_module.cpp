@@ -20,6 +20,8 @@
 
 namespace py = pybind11;
 
+void bind_quantize_algos(py::module_& m);  // bindings/quantize_algos.cpp
+
 namespace {
 
 // anvil._C.CausalLM: a loaded model (a holder, so pybind11 never sees torch::nn::Module). The
@@ -602,4 +604,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       py::arg("m"), py::arg("n"), py::arg("k"), py::arg("out_dtype") = "bfloat16",
       "The configuration fp8_gemm runs for (m, n, k) on the current device ('' when the fallback runs).");
+  bind_quantize_algos(m);
 }
