@@ -5,12 +5,15 @@
 #include "anvil/io/fs.h"
 #include "anvil/model/moe.h"
 #include "anvil/model/transformer.h"
+#include "quantize/gptq.h"
+#include "quantize/smoothquant.h"
 
 #include <nlohmann/json.hpp>
 
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <map>
 #include <regex>
 #include <stdexcept>
 
@@ -75,8 +78,8 @@ std::unordered_map<std::string, at::Tensor> SourceModel::with_prefix(const std::
 
 bool is_ignored(const std::string& module, const std::vector<std::string>& patterns) {
   for (const auto& p : patterns) {
-    if (p.rfind("re:", 0) == 0) {
-      if (std::regex_match(module, std::regex(p.substr(3)))) return true;
+    if (p.rfind("re:", 0) == 0) {  // Python's re.match, as compressed-tensors reads the export's ignore list
+      if (std::regex_search(module, std::regex(p.substr(3)), std::regex_constants::match_continuous)) return true;
     } else if (module == p || (module.size() > p.size() && module.compare(module.size() - p.size(), p.size(), p) == 0 &&
                                module[module.size() - p.size() - 1] == '.')) {
       return true;
@@ -89,26 +92,35 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// Watches one Linear's inputs while the dense layer runs: token count, per-channel max |x| (SmoothQuant) and,
-// for GPTQ, the Hessian sum 2 X^T X (K, K) fp32.
+// Watches one Linear's inputs while the dense layer runs: token count, per-channel max |x| and a sample of rows
+// (SmoothQuant's statistics and its alpha search) and, for GPTQ, the Hessian 2 X^T X / n (quantize/gptq.h).
 class Observer : public model::LinearAdapter {
  public:
-  Observer(int64_t k, bool hessian) : absmax(at::zeros({k}, at::kFloat)) {
-    if (hessian) this->hessian = at::zeros({k, k}, at::kFloat);
+  static constexpr int64_t kSampleRows = 1024;
+  Observer(int64_t k, bool hessian, bool sample, at::Device device) : absmax(at::zeros({k}, at::kFloat)), sample_(sample) {
+    if (hessian) this->hessian = std::make_unique<HessianAccumulator>(k, device);
   }
   at::Tensor forward(const model::Linear&, const at::Tensor& x, const at::Tensor& base_out) override {
     const auto x2 = x.reshape({-1, x.size(-1)}).to(at::kFloat);  // (T, K)
     tokens += x2.size(0);
     if (absmax.device() != x2.device()) absmax = absmax.to(x2.device());
     absmax = at::maximum(absmax, x2.abs().amax(0));
-    if (hessian.defined()) {
-      if (hessian.device() != x2.device()) hessian = hessian.to(x2.device());
-      hessian.addmm_(x2.t(), x2, 1.0, 2.0);
+    if (hessian) hessian->add(x2);
+    if (sample_ && sampled_ < kSampleRows) {
+      const int64_t take = std::min(kSampleRows - sampled_, x2.size(0));
+      samples.push_back(x2.slice(0, 0, take).clone());
+      sampled_ += take;
     }
     return base_out;
   }
   int64_t tokens = 0;
-  at::Tensor absmax, hessian;
+  at::Tensor absmax;
+  std::unique_ptr<HessianAccumulator> hessian;
+  std::vector<at::Tensor> samples;  // (<= kSampleRows in all, K)
+
+ private:
+  bool sample_;
+  int64_t sampled_ = 0;
 };
 
 // The quantized layer's product as the engine computes it: activations quantized by the scheme, weights as exported
@@ -133,18 +145,66 @@ class QuantizedProduct : public model::LinearAdapter {
 };
 
 // The one place a weight's quantization is chosen by the scheme's algorithm (the lead adds gguf-* schemes here).
+// SmoothQuant has already moved the activation ranges into the weights (smooth_layer), so w8a8 is RTN here.
 QuantizedWeight quantize_weight(const StreamOptions& o, const std::string& module, const at::Tensor& w,
-                                const Observer* observed) {
+                                const Observer* observed, bool* rtn_fallback) {
   const Scheme& s = *o.scheme;
-  if (s.algorithm == "gptq" || s.algorithm == "smoothquant")
-    throw std::runtime_error("quantize.scheme " + s.name + ": the " + s.algorithm +
-                             " algorithm is not yet wired into anvil quantize (RTN schemes work: fp8-block, fp8-channel, "
-                             "fp8-tensor, int8-weight, int4-weight)");
-  (void)observed;
-  auto q = quantize_rtn(s, w, o.group_size);
-  if (!(q.scale > 0).all().item<bool>())
+  QuantizedWeight q;
+  if (s.granularity == "group") {  // llm-compressor's observer and grid (quantize/gptq.h): scales in the model dtype
+    GptqOptions g;
+    g.bits = weight_bits(s), g.group_size = o.group_size, g.act_order = o.act_order, g.dampening = o.dampening;
+    g.scale_dtype = o.dtype;
+    GptqResult r;
+    if (s.algorithm == "gptq") {
+      TORCH_CHECK(observed && observed->hessian, module, ": GPTQ needs calibration (data.calib)");
+      r = gptq_quantize(w, observed->hessian->hessian(), g);
+      if (rtn_fallback) *rtn_fallback = r.rtn_fallback;
+    } else {
+      r = rtn_quantize(w, g);
+    }
+    q.q = r.q, q.scale = r.scale.contiguous(), q.group_size = o.group_size;
+  } else {
+    q = quantize_rtn(s, w);
+  }
+  if (!at::isfinite(q.scale).all().item<bool>() || !(q.scale > 0).all().item<bool>())
     throw std::runtime_error(module + ": a quantization scale is zero or NaN; refusing to export it");
   return q;
+}
+
+// SmoothQuant (w8a8-int8): for each norm and the Linears it feeds (q/k/v after input_layernorm, gate/up after
+// post_attention_layernorm in dense MLPs), s from the calibration statistics and alpha (given, or searched on the
+// sampled rows), folded into the norm's weight and the consumers' columns. Returns the alpha of each group.
+std::vector<std::pair<std::string, double>> smooth_layer(model::DecoderLayer& layer, const std::string& prefix,
+                                                         const std::map<std::string, Observer*>& observed,
+                                                         const std::map<std::string, std::shared_ptr<model::Linear>>& linears,
+                                                         double alpha) {
+  static const std::vector<std::pair<std::string, std::vector<std::string>>> kGroups = {
+      {"input_layernorm", {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}},
+      {"post_attention_layernorm", {"mlp.gate_proj", "mlp.up_proj"}}};
+  std::vector<std::pair<std::string, double>> alphas;
+  for (const auto& [norm_name, consumers] : kGroups) {
+    std::vector<at::Tensor> weights;
+    for (const auto& c : consumers)
+      if (observed.count(prefix + c)) weights.push_back(linears.at(prefix + c)->weight);
+    if (weights.size() != consumers.size()) continue;  // a consumer kept dense, or not this architecture
+    std::shared_ptr<model::RmsNorm> norm;
+    for (const auto& ch : layer.named_children())
+      if (ch.key() == norm_name) norm = std::dynamic_pointer_cast<model::RmsNorm>(ch.value());
+    if (!norm) continue;
+    const Observer* first = observed.at(prefix + consumers[0]);
+    double a = alpha;
+    if (a < 0) {
+      std::vector<double> grid;
+      for (int i = 0; i <= 10; ++i) grid.push_back(0.1 * i);
+      a = search_smoothquant_alpha(at::cat(first->samples).to(weights[0].device()), weights, grid, first->absmax).alpha;
+    }
+    const auto scales = smoothquant_scales(first->absmax.to(weights[0].device()), consumer_weight_absmax(weights), a);
+    const auto smoothed = apply_smoothing(norm->weight, weights, scales);
+    norm->weight.copy_(smoothed.norm_weight);
+    for (size_t i = 0; i < consumers.size(); ++i) linears.at(prefix + consumers[i])->weight.copy_(smoothed.weights[i]);
+    alphas.emplace_back(prefix + norm_name, a);
+  }
+  return alphas;
 }
 
 template <class T>
@@ -249,7 +309,8 @@ StreamResult quantize_streaming(const model::ModelConfig& config, SourceModel& s
     // ---- observe the dense layer on the calibration inputs ----
     if (calibrate) {
       for (auto& t : targets) {
-        t.observer = std::make_shared<Observer>(t.linear->weight.size(1), scheme.algorithm == "gptq");
+        t.observer = std::make_shared<Observer>(t.linear->weight.size(1), scheme.algorithm == "gptq",
+                                                 scheme.algorithm == "smoothquant", o.device);
         t.linear->adapter = t.observer;
       }
       for (auto& h : hidden) {
@@ -264,7 +325,7 @@ StreamResult quantize_streaming(const model::ModelConfig& config, SourceModel& s
         if (t.observer->tokens == 0)
           throw std::runtime_error(t.name + " saw no calibration token: it would be exported uncalibrated");
         if (!at::isfinite(t.observer->absmax).all().item<bool>() ||
-            (t.observer->hessian.defined() && !at::isfinite(t.observer->hessian).all().item<bool>()))
+            (t.observer->hessian && !at::isfinite(t.observer->hessian->hessian()).all().item<bool>()))
           throw std::runtime_error(t.name + ": its calibration inputs hold NaN or inf");
         result.linears[t.report].tokens = t.observer->tokens;
       }
@@ -272,12 +333,23 @@ StreamResult quantize_streaming(const model::ModelConfig& config, SourceModel& s
         if (e.calibrated == 0) throw std::runtime_error(prefix + " expert " + std::to_string(e.expert) + " was not calibrated");
     }
 
+    // ---- SmoothQuant (w8a8-int8): activation ranges moved into the weights and the norms ----
+    if (scheme.algorithm == "smoothquant") {
+      std::map<std::string, Observer*> observed;
+      std::map<std::string, std::shared_ptr<model::Linear>> linears;
+      for (auto& t : targets) observed[t.name] = t.observer.get(), linears[t.name] = t.linear;
+      for (const auto& [norm, alpha] : smooth_layer(*layer, prefix, observed, linears, o.smoothquant_alpha))
+        result.smoothing.emplace_back(norm, alpha);
+    }
+
     // ---- quantize; the Linears hold the weights as exported from here on ----
     std::unordered_map<std::string, QuantizedWeight> quantized;
     double worst = INFINITY;
     for (auto& t : targets) {
       const auto dense = t.linear->weight.detach().clone();
-      auto q = quantize_weight(o, t.name, dense, t.observer.get());
+      bool fallback = false;
+      auto q = quantize_weight(o, t.name, dense, t.observer.get(), &fallback);
+      if (fallback) result.rtn_fallbacks.push_back(t.name);
       const auto deq = q.dequantize(o.dtype);
       result.linears[t.report].weight_sqnr_db = sqnr_db(dense, deq);
       worst = std::min(worst, result.linears[t.report].weight_sqnr_db);
@@ -312,7 +384,7 @@ StreamResult quantize_streaming(const model::ModelConfig& config, SourceModel& s
         continue;
       }
       const auto tensors = module_tensors(o.format, scheme, module, it->second);
-      check_module_keys(o.format, scheme, module, tensors);
+      check_module_keys(o.format, scheme, module, o.group_size, tensors);
       for (const auto& [n, x] : tensors) writer.add(n, x);
     }
     result.experts.insert(result.experts.end(), experts.begin(), experts.end());

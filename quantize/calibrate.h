@@ -51,7 +51,8 @@ class SourceModel {
 };
 
 /// Whether the Linear `module` is kept in high precision by `patterns` (quantize.ignore): a pattern matches the
-/// full name, a dotted suffix of it ("lm_head", "mlp.down_proj"), or, as "re:REGEX", the full name by regex.
+/// full name, a dotted suffix of it ("lm_head", "mlp.down_proj"), or, as "re:REGEX", the name from its start
+/// (Python's re.match, as compressed-tensors reads the export's ignore list).
 bool is_ignored(const std::string& module, const std::vector<std::string>& patterns);
 
 struct StreamOptions {
@@ -87,6 +88,8 @@ struct StreamResult {
   std::vector<LinearReport> linears;
   std::vector<ExpertTokens> experts;
   std::vector<std::string> kept;  ///< Linear modules (transformers' names) in high precision: the export's ignore
+  std::vector<std::pair<std::string, double>> smoothing;  ///< w8a8-int8: (norm, alpha) of each smoothed group
+  std::vector<std::string> rtn_fallbacks;  ///< gptq-*: Linears whose Hessian failed Cholesky (rounded to nearest)
   int64_t bytes_before = 0, bytes_after = 0;
   double seconds = 0;
 };

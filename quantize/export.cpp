@@ -6,6 +6,7 @@
 
 #include "anvil/io/fs.h"
 #include "anvil/io/safetensors.h"
+#include "anvil/model/compressed_tensors.h"
 
 #include <unistd.h>
 
@@ -63,47 +64,6 @@ void ShardedWriter::finish() {
   }
 }
 
-// ---- packing ---------------------------------------------------------------------------------------------------
-
-at::Tensor pack_int32(const at::Tensor& q, int bits) {
-  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar, "pack_int32: q must be a 2-D int8 tensor");
-  const auto src = q.to(at::kCPU).contiguous();
-  const int64_t n = src.size(0), k = src.size(1), words = (k * bits + 31) / 32;
-  auto out = at::zeros({n, words}, at::kInt);
-  const int8_t* s = src.data_ptr<int8_t>();
-  auto* o = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
-  const int offset = 1 << (bits - 1);
-  const uint32_t mask = (uint32_t(1) << bits) - 1;
-  for (int64_t r = 0; r < n; ++r) {
-    for (int64_t i = 0; i < k; ++i) {
-      const uint32_t v = uint32_t(int32_t(s[r * k + i]) + offset) & mask;
-      const int64_t bit = i * bits, word = bit / 32, off = bit % 32;
-      o[r * words + word] |= v << off;
-      if (off + bits > 32) o[r * words + word + 1] |= v >> (32 - off);
-    }
-  }
-  return out;
-}
-
-at::Tensor unpack_int32(const at::Tensor& packed, int bits, int64_t k) {
-  const auto src = packed.to(at::kCPU).contiguous();
-  const int64_t n = src.size(0), words = src.size(1);
-  TORCH_CHECK(words == (k * bits + 31) / 32, "unpack_int32: ", words, " words cannot hold ", k, " values of ", bits, " bits");
-  auto out = at::empty({n, k}, at::kChar);
-  const auto* s = reinterpret_cast<const uint32_t*>(src.data_ptr<int32_t>());
-  int8_t* o = out.data_ptr<int8_t>();
-  const uint32_t mask = (uint32_t(1) << bits) - 1;
-  for (int64_t r = 0; r < n; ++r) {
-    for (int64_t i = 0; i < k; ++i) {
-      const int64_t bit = i * bits, word = bit / 32, off = bit % 32;
-      uint64_t v = s[r * words + word] >> off;
-      if (off + bits > 32) v |= uint64_t(s[r * words + word + 1]) << (32 - off);
-      o[r * k + i] = int8_t(int32_t(v & mask) - (1 << (bits - 1)));
-    }
-  }
-  return out;
-}
-
 // ---- the formats ------------------------------------------------------------------------------------------------
 
 std::vector<std::pair<std::string, at::Tensor>> module_tensors(const std::string& format, const Scheme& scheme,
@@ -111,7 +71,7 @@ std::vector<std::pair<std::string, at::Tensor>> module_tensors(const std::string
   if (format == "fp8") return {{module + ".weight", w.q}, {module + ".weight_scale_inv", w.scale}};
   if (scheme.format == "pack-quantized") {
     const auto shape = at::tensor({w.q.size(0), w.q.size(1)}, at::kLong);
-    return {{module + ".weight_packed", pack_int32(w.q, weight_bits(scheme))},
+    return {{module + ".weight_packed", model::ct::pack_int32(w.q, weight_bits(scheme), 1)},
             {module + ".weight_scale", w.scale},
             {module + ".weight_shape", shape}};
   }
@@ -119,40 +79,65 @@ std::vector<std::pair<std::string, at::Tensor>> module_tensors(const std::string
   return {{module + ".weight", w.q}, {module + ".weight_scale", w.scale.dim() == 0 ? w.scale.reshape({1}) : w.scale}};
 }
 
-std::vector<std::string> required_keys(const std::string& format, const Scheme& scheme, const std::string& module) {
+std::vector<std::string> required_keys(const std::string& format, const Scheme& scheme, const std::string& module,
+                                       int64_t group_size) {
   if (format == "fp8") return {module + ".weight", module + ".weight_scale_inv"};  // transformers' FP8Linear
-  if (scheme.format == "pack-quantized")  // PackedQuantizationCompressor.compression_param_names (symmetric)
-    return {module + ".weight_packed", module + ".weight_scale", module + ".weight_shape"};
-  return {module + ".weight", module + ".weight_scale"};  // NaiveQuantizationCompressor (symmetric, dynamic acts)
+  // compressed-tensors: the names its compressors and vLLM's schemes look up (anvil::model::ct's one list).
+  return model::ct::required_keys(module, ct_scheme(scheme, group_size, false), ct_format(scheme));
 }
 
-void check_module_keys(const std::string& format, const Scheme& scheme, const std::string& module,
+void check_module_keys(const std::string& format, const Scheme& scheme, const std::string& module, int64_t group_size,
                        const std::vector<std::pair<std::string, at::Tensor>>& written) {
   std::string missing;
-  for (const auto& key : required_keys(format, scheme, module)) {
+  for (const auto& key : required_keys(format, scheme, module, group_size)) {
     bool found = false;
     for (const auto& [name, t] : written) found = found || (name == key && t.defined() && t.numel() > 0);
     if (!found) missing += (missing.empty() ? "" : ", ") + key;
   }
   if (!missing.empty())
     throw std::runtime_error("refusing to write " + module + ": the " +
-                             (format == "fp8" ? std::string("FineGrainedFP8") : "compressed-tensors " + scheme.format) +
+                             (format == "fp8" ? std::string("FineGrainedFP8") : "compressed-tensors " + ct_format(scheme)) +
                              " loader looks up tensors this export lacks: " + missing);
 }
 
-namespace {
+std::string ct_format(const Scheme& scheme) { return scheme.format == "fp8" ? "float-quantized" : scheme.format; }
 
-json quantization_args(int bits, const std::string& type, const std::string& strategy, bool dynamic,
-                       const json& group_size, const json& block_structure, const json& actorder) {
-  return {{"num_bits", bits},           {"type", type},
-          {"symmetric", true},          {"group_size", group_size},
-          {"strategy", strategy},       {"block_structure", block_structure},
-          {"dynamic", dynamic},         {"actorder", actorder},
-          {"scale_dtype", nullptr},     {"zp_dtype", nullptr},
-          {"observer", dynamic ? json(nullptr) : json("minmax")}, {"observer_kwargs", json::object()}};
+model::ct::Scheme ct_scheme(const Scheme& scheme, int64_t group_size, bool act_order) {
+  namespace ct = model::ct;
+  ct::Scheme out;
+  out.targets = {"Linear"};
+  out.format = ct_format(scheme);
+  ct::QuantArgs w;
+  w.num_bits = weight_bits(scheme);
+  w.type = scheme.weight == "fp8" ? ct::QuantType::kFloat : ct::QuantType::kInt;
+  w.symmetric = true;
+  w.observer = "minmax";
+  if (scheme.granularity == "row") {
+    w.strategy = ct::Strategy::kChannel;
+  } else if (scheme.granularity == "tensor") {
+    w.strategy = ct::Strategy::kTensor;
+  } else if (scheme.granularity == "block128x128") {
+    w.strategy = ct::Strategy::kBlock;
+    w.block_structure = {128, 128};
+  } else {
+    w.strategy = ct::Strategy::kGroup;
+    w.group_size = group_size;
+    if (act_order) w.actorder = "weight";  // the order GPTQ used; nothing extra is stored
+  }
+  out.weights = w;
+  if (!scheme.activations.empty()) {
+    ct::QuantArgs a;
+    a.num_bits = 8;
+    a.type = w.type;
+    a.symmetric = true;
+    a.dynamic = true;
+    if (scheme.activations == "token") a.strategy = ct::Strategy::kToken;
+    else if (scheme.activations == "tensor") a.strategy = ct::Strategy::kTensor;
+    else a.strategy = ct::Strategy::kGroup, a.group_size = 128;  // block1x128
+    out.input_activations = a;
+  }
+  return out;
 }
-
-}  // namespace
 
 json quantization_config(const std::string& format, const Scheme& scheme, const std::vector<std::string>& ignore,
                          int64_t group_size, bool act_order) {
@@ -162,29 +147,12 @@ json quantization_config(const std::string& format, const Scheme& scheme, const 
             {"activation_scheme", "dynamic"},
             {"weight_block_size", {128, 128}},
             {"modules_to_not_convert", ignore}};
-  const std::string type = scheme.weight == "fp8" ? "float" : "int";
-  const int bits = weight_bits(scheme);
-  const std::string strategy = scheme.granularity == "row" ? "channel" : scheme.granularity == "block128x128" ? "block" : scheme.granularity;
-  json weights = quantization_args(bits, type, strategy, false, strategy == "group" ? json(group_size) : json(nullptr),
-                                   strategy == "block" ? json({128, 128}) : json(nullptr),
-                                   strategy == "group" && act_order ? json("weight") : json(nullptr));
-  json input = nullptr;
-  if (!scheme.activations.empty()) {
-    const std::string a = scheme.activations == "block1x128" ? "group" : scheme.activations;
-    input = quantization_args(8, type, a, true, a == "group" ? json(128) : json(nullptr), nullptr, nullptr);
-  }
-  json group = {{"targets", {"Linear"}},
-                {"weights", weights},
-                {"input_activations", input},
-                {"output_activations", nullptr},
-                {"format", scheme.format}};
-  return {{"config_groups", {{"group_0", group}}},
-          {"quant_method", "compressed-tensors"},
-          {"kv_cache_scheme", nullptr},
-          {"format", scheme.format},
-          {"quantization_status", "compressed"},
-          {"global_compression_ratio", nullptr},
-          {"ignore", ignore}};
+  model::ct::Config c;
+  c.format = ct_format(scheme);
+  c.config_groups = {{"group_0", ct_scheme(scheme, group_size, act_order)}};
+  c.ignore = ignore;
+  c.quantization_status = "compressed";
+  return model::ct::to_json(c);
 }
 
 // ---- the output folder -------------------------------------------------------------------------------------------

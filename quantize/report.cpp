@@ -5,6 +5,7 @@
 #include "anvil/data/dataset.h"
 #include "anvil/io/fs.h"
 #include "anvil/io/safetensors.h"
+#include "anvil/model/compressed_tensors.h"
 #include "anvil/ops.h"
 #include "quantize/export.h"
 
@@ -13,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 
@@ -63,32 +65,23 @@ class ActivationQuantization : public model::LinearAdapter {
   const Scheme& scheme_;
 };
 
-// One quantized module of the export, dequantized as its loader does; undefined when the export keeps it dense.
-at::Tensor dequantize_module(const io::Checkpoint& ck, const std::string& format, const Scheme& scheme,
-                             const std::string& module, at::ScalarType dtype) {
+// One quantized module of the export, dequantized as its loader does (compressed-tensors: model::ct's
+// decompression, bit-equal to the package's); undefined when the export keeps it dense.
+at::Tensor dequantize_module(const io::Checkpoint& ck, const model::ct::Config* ct_config, const std::string& module,
+                             at::ScalarType dtype) {
   const std::string w = module + ".weight";
-  if (format == "fp8") {
+  if (!ct_config) {  // FineGrainedFP8
     if (!ck.contains(w + "_scale_inv")) return {};
     return anvil::ops::dequantize_fp8(ck.tensor(w), ck.tensor(w + "_scale_inv").to(at::kFloat), "block128x128", dtype);
   }
-  if (ck.contains(module + ".weight_packed")) {
-    const auto shape = ck.tensor(module + ".weight_shape");
-    const int64_t n = shape[0].item<int64_t>(), k = shape[1].item<int64_t>();
-    QuantizedWeight q;
-    q.q = unpack_int32(ck.tensor(module + ".weight_packed"), weight_bits(scheme), k);
-    q.scale = ck.tensor(module + ".weight_scale").to(at::kFloat);
-    q.group_size = k / q.scale.size(1);
-    TORCH_CHECK(q.q.size(0) == n, module, ": weight_shape says ", n, " rows, weight_packed has ", q.q.size(0));
-    return q.dequantize(dtype);
-  }
-  if (!ck.contains(module + ".weight_scale")) return {};
-  QuantizedWeight q;
-  q.q = ck.tensor(w);
-  q.scale = ck.tensor(module + ".weight_scale").to(at::kFloat);
-  if (q.scale.numel() == 1 && q.q.size(0) != 1) q.scale = q.scale.reshape({});
-  if (scheme.granularity == "block128x128" && q.scale.dim() == 2 && q.scale.size(1) != 1)
-    return anvil::ops::dequantize_fp8(q.q, q.scale, "block128x128", dtype);
-  return q.dequantize(dtype);
+  const auto found = model::ct::scheme_for(*ct_config, module, {"Linear"});
+  if (!found) return {};
+  model::ct::ModuleTensors local;
+  for (const char* key : {"weight", "weight_scale", "weight_zero_point", "weight_packed", "weight_shape", "weight_g_idx",
+                          "input_scale", "input_zero_point"})
+    if (ck.contains(module + "." + key)) local[key] = ck.tensor(module + "." + key);
+  return model::ct::dequantize_module(local, *found->second, model::ct::effective_format(*ct_config, *found->second),
+                                      dtype, module);
 }
 
 }  // namespace
@@ -99,9 +92,13 @@ std::shared_ptr<model::CausalLM> load_export_for_eval(const std::string& source_
   at::NoGradGuard no_grad;
   auto m = model::load_causal_lm(source_dir, dtype, device, "dense");
   const io::Checkpoint ck(export_dir);
+  // The config as written: the export is read back by what it says, not by what the recipe meant to write.
+  const auto config = nlohmann::json::parse(io::read_text_file(io::join_path(export_dir, "config.json")));
+  std::optional<model::ct::Config> ct_config;
+  if (format == "compressed-tensors") ct_config = model::ct::parse_quantization_config(config.at("quantization_config"));
   int64_t n = 0;
   for (auto& [name, linear] : model::named_linears(*m)) {
-    const auto w = dequantize_module(ck, format, scheme, name, dtype);
+    const auto w = dequantize_module(ck, ct_config ? &*ct_config : nullptr, name, dtype);
     if (!w.defined()) continue;
     linear->weight.copy_(w);
     if (!scheme.activations.empty()) linear->adapter = std::make_shared<ActivationQuantization>(scheme);
@@ -165,7 +162,10 @@ json report_json(const std::string& scheme, const std::string& format, const Str
             {"size_ratio", r.bytes_before > 0 ? double(r.bytes_after) / double(r.bytes_before) : 0.0},
             {"layers", layers},
             {"kept_high_precision", kept},
-            {"experts", experts}};
+            {"experts", experts},
+            {"smoothquant", json::array()},
+            {"gptq_rtn_fallbacks", r.rtn_fallbacks}};
+  for (const auto& [norm, alpha] : r.smoothing) j["smoothquant"].push_back({{"norm", norm}, {"alpha", alpha}});
   if (eval)
     j["eval"] = {{"tokens", eval->tokens},         {"ppl_before", eval->ppl_before()}, {"ppl_after", eval->ppl_after()},
                  {"ppl_increase_pct", eval->ppl_increase_pct()}, {"kl_mean", eval->kl}};

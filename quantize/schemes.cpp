@@ -1,6 +1,6 @@
 // The scheme table and the round-to-nearest arithmetic (quantize/schemes.h). FP8 and int8 RTN go through the
 // core ops, so the bytes are those of docs/FORMATS.md on any device; int4 groups are a few ATen lines with the
-// same rules (amax floor 1e-10, IEEE fp32 division, ties to even).
+// int4/int8 groups are quantize/gptq.h's (llm-compressor's observer and grid).
 #include "quantize/schemes.h"
 
 #include "anvil/ops.h"
@@ -75,27 +75,13 @@ void check_finite(const QuantizedWeight& r, const std::string& what) {
 
 }  // namespace
 
-QuantizedWeight quantize_group_rtn(const at::Tensor& w, int bits, int64_t group_size) {
-  const int64_t n = w.size(0), k = w.size(1);
-  const float qmax = float((1 << (bits - 1)) - 1);
-  auto g = w.to(at::kFloat).reshape({n, k / group_size, group_size});                  // (N, G, g)
-  auto scale = at::clamp_min(g.abs().amax(-1, /*keepdim=*/true), 1e-10) / qmax;          // (N, G, 1)
-  auto q = at::round(at::clamp(g / scale, -qmax, qmax)).to(at::kChar).reshape({n, k});  // ties to even
-  QuantizedWeight r;
-  r.q = q;
-  r.scale = scale.squeeze(-1).contiguous();  // (N, G)
-  r.group_size = group_size;
-  return r;
-}
-
-QuantizedWeight quantize_rtn(const Scheme& s, const at::Tensor& w, int64_t group_size) {
+QuantizedWeight quantize_rtn(const Scheme& s, const at::Tensor& w) {
   QuantizedWeight r;
   const auto x = w.to(at::kFloat).contiguous();
   if (s.weight == "fp8") {
     std::tie(r.q, r.scale) = anvil::ops::quantize_fp8(x, s.granularity);
-  } else if (s.granularity == "group") {
-    r = quantize_group_rtn(x, weight_bits(s), group_size);
   } else {
+    TORCH_CHECK(s.granularity != "group", "quantize_rtn: group schemes use quantize/gptq.h's rtn_quantize");
     std::tie(r.q, r.scale) = anvil::ops::quantize_int8(x, s.granularity);
   }
   check_finite(r, "quantizing an (" + std::to_string(w.size(0)) + ", " + std::to_string(w.size(1)) + ") weight");

@@ -51,13 +51,10 @@ struct QuantizedWeight {
 /// need K % group_size == 0, int4 packing needs K % 8 == 0.
 std::string shape_misfit(const Scheme& s, int64_t n, int64_t k, int64_t group_size);
 
-/// Round-to-nearest quantization of `w` (N, K) (any float dtype; computed in fp32). Throws when the weight is
-/// not finite (a NaN or zero-range scale would be a silent wrong export).
-QuantizedWeight quantize_rtn(const Scheme& s, const at::Tensor& w, int64_t group_size);
-
-/// Symmetric group RTN to `bits` (4 or 8): per (row, group of K) scale = amax / (2^(bits-1) - 1), q = round(w /
-/// scale) clamped to +-(2^(bits-1) - 1), fp32 arithmetic as docs/FORMATS.md (amax floor 1e-10).
-QuantizedWeight quantize_group_rtn(const at::Tensor& w, int bits, int64_t group_size);
+/// Round-to-nearest quantization of `w` (N, K) (any float dtype; computed in fp32) for the fp8 and per-channel int8
+/// schemes, through the core ops. Group schemes take quantize/gptq.h's rtn_quantize (llm-compressor's grid).
+/// Throws when the weight is not finite (a NaN scale would be a silent wrong export).
+QuantizedWeight quantize_rtn(const Scheme& s, const at::Tensor& w);
 
 /// x (..., K) quantized and dequantized as the scheme quantizes activations at inference (dynamic per token,
 /// per 1x128 block or per tensor; fp8 or int8 as the weights); x itself for weight-only schemes.

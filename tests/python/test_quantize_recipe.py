@@ -90,11 +90,11 @@ def anvil_dequantized(w, scheme, group=128):
     if scheme == "int8-weight":
         q, s = ops.quantize_int8(w, "row")
         return q, s, ops.dequantize_int8(q, s, "row", torch.float32)
-    if scheme == "int4-weight":  # symmetric groups, amax / 7, ties to even (docs/FORMATS.md "Quantized exports")
+    if scheme == "int4-weight":  # llm-compressor's observer and grid: symmetric groups, amax / 7.5, [-8, 7]
         n, k = w.shape
         g = w.reshape(n, k // group, group)
-        s = g.abs().amax(-1, keepdim=True).clamp_min(1e-10) / 7.0
-        q = torch.round(torch.clamp(g / s, -7, 7))
+        s = g.abs().amax(-1, keepdim=True) / 7.5
+        q = torch.round(torch.clamp(g / s, -8, 7))
         return q.reshape(n, k).to(torch.int8), s.squeeze(-1), (q * s).reshape(n, k)
     raise ValueError(scheme)
 
@@ -205,7 +205,8 @@ def run_demo_scheme(tmp_path, scheme, *extra):
     return json.load(open(os.path.join(out, "report.json")))
 
 
-@pytest.mark.parametrize("scheme,limit", [("fp8-channel", 0.5), ("fp8-tensor", 1.0), ("int8-weight", 0.3)])
+@pytest.mark.parametrize("scheme,limit", [("fp8-channel", 0.5), ("fp8-tensor", 1.0), ("int8-weight", 0.3),
+                                          ("w8a8-int8", 1.5)])
 def test_quality_on_the_demo_model(tmp_path, scheme, limit):
     r = run_demo_scheme(tmp_path, scheme)
     e = r["eval"]
@@ -215,6 +216,24 @@ def test_quality_on_the_demo_model(tmp_path, scheme, limit):
     assert r["bytes_after"] < 0.6 * r["bytes_before"]
     sqnr = [l["output_sqnr_db"] for l in r["layers"]]
     assert sqnr == sorted(sqnr) and sqnr[0] > 15 and all(l["calibration_tokens"] == 32 * 256 for l in r["layers"])
+
+
+def test_fp8_block_on_the_demo_keeps_the_layers_that_do_not_fit(tmp_path):
+    """The demo's hidden size (192) is not a multiple of 128: with quantize.misfit "keep" only the down_proj layers
+    (in_features 512) take 128x128 blocks, and the export lists the rest as not converted."""
+    r = run_demo_scheme(tmp_path, "fp8-block", "--quantize.misfit=keep")
+    assert {l["name"].split(".")[-1] for l in r["layers"]} == {"down_proj"}
+    assert len(r["kept_high_precision"]) == 4 * 6
+    assert abs(r["eval"]["ppl_increase_pct"]) <= 0.5
+    qc = json.load(open(tmp_path / "fp8-block" / "config.json"))["quantization_config"]
+    assert "model.layers.0.self_attn.q_proj" in qc["modules_to_not_convert"]
+
+
+def test_gptq_int4_beats_round_to_nearest_at_the_same_group_size(tmp_path):
+    rtn = run_demo_scheme(tmp_path, "int4-weight", "--quantize.group_size=64")["eval"]
+    gptq = run_demo_scheme(tmp_path, "gptq-int4", "--quantize.group_size=64")["eval"]
+    assert gptq["ppl_increase_pct"] < 0.8 * rtn["ppl_increase_pct"], (gptq, rtn)
+    assert gptq["kl_mean"] < rtn["kl_mean"]
 
 
 def test_the_embedded_demo_runs(tmp_path):

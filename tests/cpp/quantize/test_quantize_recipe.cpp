@@ -1,5 +1,5 @@
-// anvil quantize's machinery: the config's errors, the scheme table, compressed-tensors' int32 packing (the
-// layout written out from compressed_tensors' pack_to_int32), group RTN, ignore patterns, and the core's
+// anvil quantize's machinery: the config's errors, the scheme table, the compressed-tensors
+// configs parsed back by model::ct and their key checks, RTN's refusal of NaN, ignore patterns, and the core's
 // one-layer API (model::load_decoder_layer + decoder_layer_inputs) against the whole model's forward, dense and
 // MoE. The exports against transformers and compressed-tensors: tests/python/test_quantize_recipe.py.
 #include "anvil/model/transformer.h"
@@ -7,6 +7,7 @@
 #include "quantize/export.h"
 #include "quantize/recipe.h"
 #include "quantize/schemes.h"
+#include "anvil/model/compressed_tensors.h"
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
@@ -62,35 +63,43 @@ TEST(QuantizeSchemes, MisfitsAreNamed) {
   EXPECT_EQ(shape_misfit(find_scheme("fp8-channel"), 7, 13, 128), "");
 }
 
-TEST(QuantizeExport, PackingIsCompressedTensorsLayout) {
-  // pack_to_int32: value + 2^(bits-1), 32 / bits values per word, the first in the lowest bits.
-  auto q = at::tensor({-8, -7, 0, 7, 1, 2, 3, 4, 5, -1, -2, -3, -4, -5, -6, 6}, at::kChar).reshape({1, 16});
-  auto p = pack_int32(q, 4);
-  ASSERT_EQ(p.sizes(), (at::IntArrayRef{1, 2}));
-  uint32_t w0 = 0, w1 = 0;
-  for (int i = 0; i < 8; ++i) w0 |= uint32_t(q[0][i].item<int>() + 8) << (4 * i);
-  for (int i = 0; i < 8; ++i) w1 |= uint32_t(q[0][8 + i].item<int>() + 8) << (4 * i);
-  EXPECT_EQ(uint32_t(p[0][0].item<int32_t>()), w0);
-  EXPECT_EQ(uint32_t(p[0][1].item<int32_t>()), w1);
-  for (int bits : {4, 8, 3}) {
-    const int lo = -(1 << (bits - 1)), hi = (1 << (bits - 1)) - 1;
-    auto r = at::randint(lo, hi + 1, {5, 40}, at::kChar);
-    EXPECT_TRUE(at::equal(unpack_int32(pack_int32(r, bits), bits, 40), r)) << bits;
+TEST(QuantizeExport, ConfigsParseAsCompressedTensorsAndNameTheirKeys) {
+  // Every compressed-tensors scheme's quantization_config parses with model::ct (compressed-tensors' rules) back to
+  // the scheme it was made of; FineGrainedFP8 has its keys.
+  for (const auto& s : schemes()) {
+    const std::string format = export_format("compressed-tensors", s);
+    const auto j = quantization_config(format, s, {"lm_head", "re:.*gate$"}, 64, s.algorithm == "gptq");
+    const auto c = model::ct::parse_quantization_config(j);
+    ASSERT_EQ(c.config_groups.size(), 1u) << s.name;
+    const auto& g = c.config_groups[0].second;
+    EXPECT_EQ(model::ct::effective_format(c, g), ct_format(s)) << s.name;
+    EXPECT_EQ(g.weights->num_bits, weight_bits(s)) << s.name;
+    EXPECT_EQ(g.input_activations.has_value(), !s.activations.empty()) << s.name;
+    EXPECT_EQ(c.ignore, (std::vector<std::string>{"lm_head", "re:.*gate$"}));
+    const auto keys = required_keys(format, s, "model.layers.0.mlp.up_proj", 64);
+    EXPECT_EQ(keys.front().rfind("model.layers.0.mlp.up_proj.weight", 0), 0u) << s.name;
+    try {
+      check_module_keys(format, s, "m", 64, {{"m.weight", at::ones({2, 2})}});
+      ADD_FAILURE() << s.name << ": an incomplete module passed";
+    } catch (const std::runtime_error& e) {
+      EXPECT_NE(std::string(e.what()).find("m.weight_scale"), std::string::npos) << e.what();
+    }
   }
+  const auto fp8 = quantization_config("fp8", find_scheme("fp8-block"), {"lm_head"}, 128, false);
+  EXPECT_EQ(fp8.at("quant_method"), "fp8");
+  EXPECT_EQ(fp8.at("weight_block_size"), json({128, 128}));
+  EXPECT_EQ(required_keys("fp8", find_scheme("fp8-block"), "x", 128),
+            (std::vector<std::string>{"x.weight", "x.weight_scale_inv"}));
 }
 
-TEST(QuantizeSchemes, GroupRtnFollowsTheRule) {
+TEST(QuantizeSchemes, RtnNaNIsRefused) {
   auto w = at::randn({6, 64});
-  auto q = quantize_group_rtn(w, 4, 32);
-  ASSERT_EQ(q.scale.sizes(), (at::IntArrayRef{6, 2}));
-  EXPECT_LE(q.q.abs().max().item<int>(), 7);
-  const auto amax = w.reshape({6, 2, 32}).abs().amax(-1);
-  EXPECT_TRUE(at::equal(q.scale, amax / 7.0f));
-  const auto err = (q.dequantize(at::kFloat) - w).abs().reshape({6, 2, 32}).amax(-1);
-  EXPECT_TRUE((err <= q.scale / 2 * (1 + 1e-6)).all().item<bool>());
+  auto q = quantize_rtn(find_scheme("fp8-channel"), w);
+  EXPECT_EQ(q.scale.sizes(), (at::IntArrayRef{6, 1}));
+  EXPECT_LE((q.dequantize(at::kFloat) - w).abs().max().item<double>(), w.abs().max().item<double>() / 16);
   auto bad = w.clone();
   bad[2][5] = NAN;
-  EXPECT_THROW(quantize_rtn(find_scheme("int4-weight"), bad, 32), std::runtime_error);
+  EXPECT_THROW(quantize_rtn(find_scheme("int8-weight"), bad), std::runtime_error);
 }
 
 TEST(QuantizeCalibrate, IgnorePatterns) {
