@@ -92,8 +92,13 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
   io::remove_tree(tmp);  // a run killed before its rename
   io::make_directories(tmp);
   SourceModel src(source);
-  const StreamResult result =
-      quantize_streaming(config, src, so, tmp, [](const std::string& line) { std::cerr << line << "\n"; });
+  StreamResult result;
+  try {
+    result = quantize_streaming(config, src, so, tmp, [](const std::string& line) { std::cerr << line << "\n"; });
+  } catch (...) {
+    io::remove_tree(tmp);  // a refused layer leaves nothing behind (a kill's leftover is removed by the next run)
+    throw;
+  }
   const double peak_gib = train::peak_memory_gib(device);  // quantization's peak, before the evaluation's
 
   // ---- config.json, tokenizer and generation files ----

@@ -96,6 +96,11 @@ std::shared_ptr<model::CausalLM> load_export_for_eval(const std::string& source_
   const auto config = nlohmann::json::parse(io::read_text_file(io::join_path(export_dir, "config.json")));
   std::optional<model::ct::Config> ct_config;
   if (format == "compressed-tensors") ct_config = model::ct::parse_quantization_config(config.at("quantization_config"));
+  // Every tensor the export holds as it is (norms SmoothQuant rescaled, embeddings, biases) comes from the export.
+  for (auto& [name, t] : m->state_tensors())
+    if (ck.contains(name) && at::isFloatingType(ck.tensor(name).scalar_type()) &&
+        ck.tensor(name).scalar_type() != at::kFloat8_e4m3fn && ck.tensor(name).sizes() == t.sizes())
+      t.copy_(ck.tensor(name));
   int64_t n = 0;
   for (auto& [name, linear] : model::named_linears(*m)) {
     const auto w = dequantize_module(ck, ct_config ? &*ct_config : nullptr, name, dtype);
