@@ -9,6 +9,7 @@
 #include "finetune/recipe.h"
 #include "lora/merge_cli.h"
 #include "lora/recipe.h"
+#include "quantize/recipe.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <cxxopts.hpp>
@@ -151,6 +152,17 @@ const std::vector<Subcommand>& subcommands() {
        recipe_subcommand("Distill a frozen teacher into a smaller student (KD losses over both LM heads) from a JSON "
                          "config; without --config, the embedded demo", "examples/tiny/distill.json",
                          anvil::distill::resolve_config, anvil::distill::run_recipe)},
+      {"quantize", "quantize a model to FP8 / INT8 / INT4 and export it (no arguments: the embedded demo)",
+       recipe_subcommand("Quantize a model layer by layer and export it as FineGrainedFP8 or compressed-tensors, with a "
+                         "report; without --config or --model, the embedded demo", "examples/tiny/quantize.json",
+                         anvil::quantize::resolve_config, anvil::quantize::run_recipe,
+                         {{"model", "model.path", "the model to quantize (HF folder or cached hub id)"},
+                          {"scheme", "quantize.scheme", "fp8-block, fp8-channel, fp8-tensor, int8-weight, w8a8-int8, "
+                                                        "int4-weight, gptq-int4, gptq-int8"},
+                          {"out", "output.dir", "the quantized model's folder"},
+                          {"calib", "data.calib", "calibration JSONL"},
+                          {"eval", "data.eval", "held-out JSONL for the report's perplexity and KL"},
+                          {"overwrite", "output.overwrite", "replace an existing --out", true}})},
   };
   return table;
 }

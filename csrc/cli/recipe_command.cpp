@@ -37,18 +37,36 @@ void anchor_demo_paths(nlohmann::json& config) {
   for (const char* key : {"path", "config", "tokenizer"}) anchor("model", key);
   anchor("teacher", "path");  // anvil distill's two models
   for (const char* key : {"path", "config"}) anchor("student", key);
-  for (const char* key : {"train", "validation"}) anchor("data", key);
+  for (const char* key : {"train", "validation", "calib", "eval"}) anchor("data", key);  // calib, eval: anvil quantize
 }
 
 }  // namespace
 
 int run_recipe_command(int argc, char** argv, const std::string& description, const std::string& demo_config,
-                       const RecipeEntry& entry) {
+                       const RecipeEntry& entry, const std::vector<RecipeFlag>& flags) {
   const std::string name = argv[0];
   std::vector<std::string> overrides;
   std::vector<char*> rest = {argv[0]};
+  bool used_flag = false;
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
+    const RecipeFlag* flag = nullptr;  // the recipe's shorthands: --model DIR, --overwrite
+    for (const auto& f : flags)
+      if (arg == "--" + f.name || arg.rfind("--" + f.name + "=", 0) == 0) flag = &f;
+    if (flag) {
+      used_flag = true;
+      const auto eq = arg.find('=');
+      if (flag->boolean) {
+        if (eq != std::string::npos) throw cxxopts::exceptions::exception("anvil " + name + ": --" + flag->name + " takes no value");
+        overrides.push_back(flag->key + "=true");
+      } else if (eq != std::string::npos) {
+        overrides.push_back(flag->key + "=" + arg.substr(eq + 1));
+      } else {
+        if (i + 1 >= argc) throw cxxopts::exceptions::exception("anvil " + name + ": --" + flag->name + " needs a value");
+        overrides.push_back(flag->key + "=" + std::string(argv[++i]));
+      }
+      continue;
+    }
     if (!is_override(arg)) {
       rest.push_back(argv[i]);
       continue;
@@ -69,15 +87,22 @@ int run_recipe_command(int argc, char** argv, const std::string& description, co
   int rest_argc = int(rest.size());
   const auto args = options.parse(rest_argc, rest.data());
   if (args.count("help")) {
-    std::cout << options.help() << "\n  --section.key=value   override one config key (e.g. --train.lr=1e-4)\n";
+    std::cout << options.help() << "\n";
+    for (const auto& f : flags)
+      std::cout << "  --" << f.name << (f.boolean ? "" : " VALUE") << "   " << f.help << " (config key " << f.key << ")\n";
+    std::cout << "  --section.key=value   override one config key (e.g. --train.lr=1e-4)\n";
     return 0;
   }
   if (!args.unmatched().empty())
     throw cxxopts::exceptions::exception("anvil " + name + ": unexpected argument '" + args.unmatched()[0] + "'");
 
   std::string config_path;
-  const bool demo = !args.count("config");
-  if (!demo) {
+  // The recipe's shorthand flags without --config start from the recipe's defaults, not from the demo's config
+  // (`anvil quantize --model X --out Y` must not pick up the demo's data files).
+  const bool from_defaults = !args.count("config") && used_flag;
+  const bool demo = !args.count("config") && !from_defaults;
+  if (from_defaults) {
+  } else if (!demo) {
     config_path = args["config"].as<std::string>();
   } else if (!demo_config.empty()) {
     config_path = io::join_path(ANVIL_SOURCE_DIR, demo_config);
@@ -89,7 +114,7 @@ int run_recipe_command(int argc, char** argv, const std::string& description, co
     throw cxxopts::exceptions::exception("anvil " + name + ": --config is required");
   }
   // Read the file, apply the overrides, anchor the demo's paths; the recipe resolves.
-  nlohmann::json user = train::read_config_file(config_path);
+  nlohmann::json user = from_defaults ? nlohmann::json::object() : train::read_config_file(config_path);
   for (const auto& o : overrides) train::apply_override(user, o);
   if (demo) anchor_demo_paths(user);
   train::RunOptions run;

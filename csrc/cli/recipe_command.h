@@ -13,8 +13,16 @@
 #include <functional>
 #include <iostream>
 #include <string>
+#include <vector>
 
 namespace anvil::cli {
+
+/// A recipe's own flag, a shorthand for one config key: `--model DIR` means `--model.path=DIR`; a boolean flag
+/// (`--overwrite`) sets its key to true.
+struct RecipeFlag {
+  std::string name, key, help;
+  bool boolean = false;
+};
 
 /// What the generic part hands a recipe: the user's config (file + overrides, the demo's paths anchored),
 /// whether to only print the resolved config, and the run options.
@@ -25,13 +33,14 @@ using RecipeEntry = std::function<int(const nlohmann::json& user, bool print_con
 /// taken from the source tree, so it runs from any directory, while output.dir stays relative to the
 /// current one.
 int run_recipe_command(int argc, char** argv, const std::string& description, const std::string& demo_config,
-                       const RecipeEntry& entry);
+                       const RecipeEntry& entry, const std::vector<RecipeFlag>& flags = {});
 
 /// The table's entry for a recipe.
 template <class Config>
 std::function<int(int, char**)> recipe_subcommand(std::string description, std::string demo_config,
                                                   Config (*resolve)(const nlohmann::json&),
-                                                  int (*run)(const Config&, const train::RunOptions&)) {
+                                                  int (*run)(const Config&, const train::RunOptions&),
+                                                  std::vector<RecipeFlag> flags = {}) {
   const RecipeEntry entry = [resolve, run](const nlohmann::json& user, bool print_config,
                                            const train::RunOptions& options) {
     const Config config = resolve(user);
@@ -41,7 +50,7 @@ std::function<int(int, char**)> recipe_subcommand(std::string description, std::
     }
     return run(config, options);
   };
-  return [=](int argc, char** argv) { return run_recipe_command(argc, argv, description, demo_config, entry); };
+  return [=](int argc, char** argv) { return run_recipe_command(argc, argv, description, demo_config, entry, flags); };
 }
 
 }  // namespace anvil::cli

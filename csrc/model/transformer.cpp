@@ -478,6 +478,57 @@ void CausalLM::load_state(const std::unordered_map<std::string, at::Tensor>& ten
     throw std::runtime_error("loading " + config_.architecture + " weights:" + problems);
 }
 
+// ---- one decoder layer alone (streaming work: anvil quantize) ---------------------------------------
+
+std::shared_ptr<DecoderLayer> load_decoder_layer(const ModelConfig& config, int64_t index,
+                                                 const std::unordered_map<std::string, at::Tensor>& tensors,
+                                                 const at::TensorOptions& options) {
+  at::NoGradGuard no_grad;
+  const std::string prefix = "model.layers." + std::to_string(index) + ".";
+  std::unordered_map<std::string, at::Tensor> mine;
+  for (const auto& [name, t] : tensors)
+    if (name.compare(0, prefix.size(), prefix) == 0) mine.emplace(name, t);
+  const auto canonical = canonical_tensors(config, mine);
+  auto layer = std::make_shared<DecoderLayer>(config, index, options);
+  std::vector<std::string> missing, mismatched;
+  std::set<std::string> used;
+  std::vector<std::pair<std::string, at::Tensor>> targets;
+  for (const auto& p : layer->named_parameters(/*recurse=*/true)) targets.emplace_back(prefix + p.key(), p.value());
+  for (const auto& b : layer->named_buffers(/*recurse=*/true)) targets.emplace_back(prefix + b.key(), b.value());
+  for (auto& [name, target] : targets) {
+    auto it = canonical.find(name);
+    if (it == canonical.end()) {
+      missing.push_back(name);
+      continue;
+    }
+    if (it->second.sizes() != target.sizes()) {
+      std::ostringstream msg;
+      msg << name << " " << it->second.sizes() << " (layer expects " << target.sizes() << ")";
+      mismatched.push_back(msg.str());
+      continue;
+    }
+    target.copy_(dequantize_if_fp8(name, it->second, canonical, target.scalar_type(), target.device(), used));
+    used.insert(name);
+  }
+  std::string problems;
+  if (!missing.empty()) problems += " missing tensors: " + join_first(missing) + ";";
+  if (!mismatched.empty()) problems += " wrong shapes: " + join_first(mismatched) + ";";
+  if (!problems.empty())
+    throw std::runtime_error("loading decoder layer " + std::to_string(index) + " of " + config.architecture + ":" + problems);
+  layer->eval();
+  return layer;
+}
+
+DecoderLayerInputs decoder_layer_inputs(const ModelConfig& config, int64_t index, const at::Tensor& positions,
+                                        at::ScalarType dtype) {
+  DecoderLayerInputs in;
+  RotaryEmbedding rotary(config.rope);
+  std::tie(in.cos, in.sin) = rotary.cos_sin(positions, dtype);
+  const bool window = config.sliding_window > 0 && config.layer_sliding[index];
+  in.mask = AttentionMask::make(positions.size(1), 0, window ? config.sliding_window : 0, positions.device());
+  return in;
+}
+
 // ---- load and save ---------------------------------------------------------------------------------
 
 at::ScalarType dtype_from_name(const std::string& name) {

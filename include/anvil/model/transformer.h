@@ -107,6 +107,25 @@ class CausalLM : public torch::nn::Module {
   ModelConfig config_;
 };
 
+/// One decoder layer built alone, for work that streams a model a layer at a time (quantization
+/// calibration in `anvil quantize`: about one layer resident). `tensors` holds checkpoint tensors by
+/// checkpoint name; those of layer `index` ("model.layers.{index}.*") are canonicalised and FP8-dequantized
+/// as load_state does and copied in, the rest ignored. Throws naming missing or wrongly shaped tensors.
+/// The layer keeps references into `config`, which must outlive it.
+std::shared_ptr<DecoderLayer> load_decoder_layer(const ModelConfig& config, int64_t index,
+                                                 const std::unordered_map<std::string, at::Tensor>& tensors,
+                                                 const at::TensorOptions& options);
+
+/// What DecoderLayer::forward takes besides its input, for rows of tokens at `positions` (B, S) int64 without
+/// a cache: the rotary tables (B, S, rope_dim) in `dtype` and the causal mask of layer `index` (its sliding
+/// window where it has one), as TransformerModel::forward builds them.
+struct DecoderLayerInputs {
+  at::Tensor cos, sin;
+  AttentionMask mask;
+};
+DecoderLayerInputs decoder_layer_inputs(const ModelConfig& config, int64_t index, const at::Tensor& positions,
+                                        at::ScalarType dtype);
+
 /// Loads a Hugging Face checkpoint directory (or a hub id in the local HF cache): config.json +
 /// safetensors. dtype defaults to the config's (`dtype`/`torch_dtype`; bf16 for FP8 checkpoints;
 /// fp32 when absent). The model comes back in eval mode, as from transformers' from_pretrained.

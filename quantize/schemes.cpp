@@ -1,0 +1,114 @@
+// The scheme table and the round-to-nearest arithmetic (quantize/schemes.h). FP8 and int8 RTN go through the
+// core ops, so the bytes are those of docs/FORMATS.md on any device; int4 groups are a few ATen lines with the
+// int4/int8 groups are quantize/gptq.h's (llm-compressor's observer and grid).
+#include "quantize/schemes.h"
+
+#include "anvil/ops.h"
+
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+
+namespace anvil::quantize {
+
+const std::vector<Scheme>& schemes() {
+  static const std::vector<Scheme> kSchemes = {
+      {"fp8-block", "fp8", "block128x128", "block1x128", "rtn", "fp8",
+       "FP8 e4m3 weights in 128x128 blocks, activations dynamic 1x128 (DeepSeek-V3, FineGrainedFP8)"},
+      {"fp8-channel", "fp8", "row", "token", "rtn", "float-quantized",
+       "FP8 e4m3 weights per output channel, activations dynamic per token (llm-compressor FP8_DYNAMIC)"},
+      {"fp8-tensor", "fp8", "tensor", "tensor", "rtn", "float-quantized",
+       "FP8 e4m3 weights per tensor, activations dynamic per tensor"},
+      {"int8-weight", "int8", "row", "", "rtn", "int-quantized", "int8 weights per output channel, weight-only (W8A16)"},
+      {"w8a8-int8", "int8", "row", "token", "smoothquant", "int-quantized",
+       "int8 weights per channel, int8 activations dynamic per token, SmoothQuant with a calibrated alpha"},
+      {"int4-weight", "int4", "group", "", "rtn", "pack-quantized",
+       "int4 weights in groups along K, round to nearest, weight-only (W4A16; GPTQ's baseline)"},
+      {"gptq-int4", "int4", "group", "", "gptq", "pack-quantized", "GPTQ int4 weights in groups along K (W4A16)"},
+      {"gptq-int8", "int8", "group", "", "gptq", "pack-quantized", "GPTQ int8 weights in groups along K (W8A16)"},
+  };
+  return kSchemes;
+}
+
+const Scheme& find_scheme(const std::string& name, const std::string& key) {
+  std::string names;
+  for (const auto& s : schemes()) {
+    if (s.name == name) return s;
+    names += (names.empty() ? "\"" : ", \"") + s.name + "\"";
+  }
+  throw std::invalid_argument("config key " + key + ": must be one of " + names + ", got \"" + name + "\"");
+}
+
+int weight_bits(const Scheme& s) { return s.weight == "int4" ? 4 : 8; }
+
+at::Tensor QuantizedWeight::dequantize(at::ScalarType dtype) const {
+  if (q.scalar_type() == at::kFloat8_e4m3fn) {
+    const std::string g = scale.dim() == 0 ? "tensor" : (scale.size(1) == 1 && scale.size(0) == q.size(0) ? "row" : "block128x128");
+    return anvil::ops::dequantize_fp8(q, scale, g, dtype);
+  }
+  if (group_size > 0) {  // (N, K / g, g) * (N, K / g, 1)
+    const int64_t n = q.size(0), k = q.size(1);
+    auto w = q.to(at::kFloat).view({n, k / group_size, group_size}) * scale.unsqueeze(-1);
+    return w.view({n, k}).to(dtype);
+  }
+  return anvil::ops::dequantize_int8(q, scale, scale.dim() == 0 ? "tensor" : "row", dtype);
+}
+
+std::string shape_misfit(const Scheme& s, int64_t n, int64_t k, int64_t group_size) {
+  (void)n;
+  if (s.granularity == "block128x128" && k % 128 != 0)
+    return "in_features " + std::to_string(k) + " is not a multiple of 128 (fp8-block quantizes activations in 1x128 "
+           "blocks along K, as vLLM and DeepGEMM require)";
+  if (s.granularity == "group" && k % group_size != 0)
+    return "in_features " + std::to_string(k) + " is not a multiple of quantize.group_size " + std::to_string(group_size);
+  if (s.weight == "int4" && k % 8 != 0)
+    return "in_features " + std::to_string(k) + " is not a multiple of 8 (eight int4 values per int32)";
+  return "";
+}
+
+namespace {
+
+void check_finite(const QuantizedWeight& r, const std::string& what) {
+  if (!at::isfinite(r.scale).all().item<bool>())
+    throw std::runtime_error(what + ": the weight holds NaN or inf, so its scales are NaN; refusing to export it");
+}
+
+}  // namespace
+
+QuantizedWeight quantize_rtn(const Scheme& s, const at::Tensor& w) {
+  QuantizedWeight r;
+  const auto x = w.to(at::kFloat).contiguous();
+  if (s.weight == "fp8") {
+    std::tie(r.q, r.scale) = anvil::ops::quantize_fp8(x, s.granularity);
+  } else {
+    TORCH_CHECK(s.granularity != "group", "quantize_rtn: group schemes use quantize/gptq.h's rtn_quantize");
+    std::tie(r.q, r.scale) = anvil::ops::quantize_int8(x, s.granularity);
+  }
+  check_finite(r, "quantizing an (" + std::to_string(w.size(0)) + ", " + std::to_string(w.size(1)) + ") weight");
+  return r;
+}
+
+at::Tensor fake_quantize_activations(const Scheme& s, const at::Tensor& x) {
+  if (s.activations.empty()) return x;
+  const auto shape = x.sizes().vec();
+  const auto x2 = x.reshape({-1, shape.back()}).to(at::kFloat).contiguous();  // (T, K)
+  const std::string g = s.activations == "token" ? "row" : s.activations;
+  at::Tensor out;
+  if (s.weight == "fp8") {
+    auto [q, scale] = anvil::ops::quantize_fp8(x2, g);
+    out = anvil::ops::dequantize_fp8(q, scale, g, at::kFloat);
+  } else {
+    auto [q, scale] = anvil::ops::quantize_int8(x2, g);
+    out = anvil::ops::dequantize_int8(q, scale, g, at::kFloat);
+  }
+  return out.to(x.scalar_type()).reshape(shape);
+}
+
+double sqnr_db(const at::Tensor& ref, const at::Tensor& q) {
+  const auto r = ref.to(at::kDouble), d = r - q.to(at::kDouble);
+  const double signal = r.square().sum().item<double>(), noise = d.square().sum().item<double>();
+  if (noise == 0) return std::numeric_limits<double>::infinity();
+  return 10.0 * std::log10(signal / noise);
+}
+
+}  // namespace anvil::quantize
