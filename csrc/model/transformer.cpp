@@ -440,14 +440,15 @@ std::unordered_map<std::string, at::Tensor> dequantize_compressed_tensors(Causal
   return out;
 }
 
-}  // namespace
-
-void CausalLM::load_state(const std::unordered_map<std::string, at::Tensor>& tensors) {
-  at::NoGradGuard no_grad;
-  const auto canonical = canonical_tensors(config_, tensors);
+// Copies each target (checkpoint name, model tensor) from the canonical checkpoint tensors: FP8 targets take the
+// stored bytes, the rest dequantize where the checkpoint is FP8. Marks what it used; returns the missing and
+// wrongly shaped names as an error text ("" when every target was filled). One loop for a whole model and for
+// one decoder layer, so both refuse a checkpoint alike.
+std::string copy_checkpoint_tensors(const std::vector<std::pair<std::string, at::Tensor>>& targets,
+                                    const std::unordered_map<std::string, at::Tensor>& canonical,
+                                    std::set<std::string>& used) {
   std::vector<std::string> missing, mismatched;
-  std::set<std::string> used;
-  for (auto& [name, target] : state_tensors()) {
+  for (const auto& [name, target] : targets) {
     auto it = canonical.find(name);
     if (it == canonical.end()) {
       missing.push_back(name);
@@ -459,20 +460,31 @@ void CausalLM::load_state(const std::unordered_map<std::string, at::Tensor>& ten
       mismatched.push_back(msg.str());
       continue;
     }
-    if (target.scalar_type() == at::kFloat8_e4m3fn) {
-      target.copy_(it->second);  // a Linear that keeps the checkpoint's FP8 weight: as stored
+    at::Tensor t = target;
+    if (t.scalar_type() == at::kFloat8_e4m3fn) {
+      t.copy_(it->second);  // a Linear that keeps the checkpoint's FP8 weight: as stored
     } else {
-      target.copy_(dequantize_if_fp8(name, it->second, canonical, target.scalar_type(), target.device(), used));
+      t.copy_(dequantize_if_fp8(name, it->second, canonical, t.scalar_type(), t.device(), used));
     }
     used.insert(name);
   }
+  std::string problems;
+  if (!missing.empty()) problems += " missing tensors: " + join_first(missing) + ";";
+  if (!mismatched.empty()) problems += " wrong shapes: " + join_first(mismatched) + ";";
+  return problems;
+}
+
+}  // namespace
+
+void CausalLM::load_state(const std::unordered_map<std::string, at::Tensor>& tensors) {
+  at::NoGradGuard no_grad;
+  const auto canonical = canonical_tensors(config_, tensors);
+  std::set<std::string> used;
+  std::string problems = copy_checkpoint_tensors(state_tensors(), canonical, used);
   std::vector<std::string> unexpected;
   for (const auto& [name, t] : canonical)
     if (!used.count(name)) unexpected.push_back(name);
   std::sort(unexpected.begin(), unexpected.end());
-  std::string problems;
-  if (!missing.empty()) problems += " missing tensors: " + join_first(missing) + ";";
-  if (!mismatched.empty()) problems += " wrong shapes: " + join_first(mismatched) + ";";
   if (!unexpected.empty()) problems += " unexpected tensors: " + join_first(unexpected) + ";";
   if (!problems.empty())
     throw std::runtime_error("loading " + config_.architecture + " weights:" + problems);
@@ -490,29 +502,11 @@ std::shared_ptr<DecoderLayer> load_decoder_layer(const ModelConfig& config, int6
     if (name.compare(0, prefix.size(), prefix) == 0) mine.emplace(name, t);
   const auto canonical = canonical_tensors(config, mine);
   auto layer = std::make_shared<DecoderLayer>(config, index, options);
-  std::vector<std::string> missing, mismatched;
   std::set<std::string> used;
   std::vector<std::pair<std::string, at::Tensor>> targets;
   for (const auto& p : layer->named_parameters(/*recurse=*/true)) targets.emplace_back(prefix + p.key(), p.value());
   for (const auto& b : layer->named_buffers(/*recurse=*/true)) targets.emplace_back(prefix + b.key(), b.value());
-  for (auto& [name, target] : targets) {
-    auto it = canonical.find(name);
-    if (it == canonical.end()) {
-      missing.push_back(name);
-      continue;
-    }
-    if (it->second.sizes() != target.sizes()) {
-      std::ostringstream msg;
-      msg << name << " " << it->second.sizes() << " (layer expects " << target.sizes() << ")";
-      mismatched.push_back(msg.str());
-      continue;
-    }
-    target.copy_(dequantize_if_fp8(name, it->second, canonical, target.scalar_type(), target.device(), used));
-    used.insert(name);
-  }
-  std::string problems;
-  if (!missing.empty()) problems += " missing tensors: " + join_first(missing) + ";";
-  if (!mismatched.empty()) problems += " wrong shapes: " + join_first(mismatched) + ";";
+  const std::string problems = copy_checkpoint_tensors(targets, canonical, used);
   if (!problems.empty())
     throw std::runtime_error("loading decoder layer " + std::to_string(index) + " of " + config.architecture + ":" + problems);
   layer->eval();
