@@ -2,8 +2,8 @@
 //
 // Forward, per chunk of target rows: z_s = h_s W_s^T, z_t = h_t W_t^T (each in its model dtype), then in fp32
 // ls = log_softmax(z_s / T), lt = log_softmax(z_t / T) and the rows' divergence (kd_divergence, the one
-// formula the reference and the chunked loss share). Backward recomputes ls and lt and writes the analytic
-// gradient wrt the tempered student logits. Every divergence here is a function of the student's
+// formula the reference and the chunked loss share), and at once the analytic gradient wrt the tempered student
+// logits, turned into dh and dW in the forward (ChunkedKdCeLoss below). Every divergence here is a function of the student's
 // probabilities q = exp(ls), so with g = dL/dq its gradient wrt the logits is
 //   dL/dz_j = q_j (g_j - sum_i q_i g_i),
 // computed from "qg" = q * g, which stays bounded where g alone would not (g = -p/q for forward KL):
@@ -79,65 +79,71 @@ at::Tensor divergence_grad(const at::Tensor& ls, const at::Tensor& lt, const KdO
   return qg - q * qg.sum(1, /*keepdim=*/true);
 }
 
-// One chunk's tempered log-probabilities, fp32 (fp64 for fp64 students).
-std::pair<at::Tensor, at::Tensor> chunk_logprobs(const at::Tensor& hs, const at::Tensor& ws, const at::Tensor& ht,
-                                                 const at::Tensor& wt, double temperature) {
-  const auto acc = accumulate_type(hs);
-  auto ls = at::log_softmax(at::linear(hs, ws).to(acc).div_(temperature), 1);  // (rows, V)
-  auto lt = at::log_softmax(at::linear(ht, wt).to(acc).div_(temperature), 1);  // (rows, V)
-  return {ls, lt};
-}
-
-class ChunkedKdLoss : public torch::autograd::Function<ChunkedKdLoss> {
+// The chunked KD loss, optionally blended with the student's cross-entropy on the same rows, with its gradient
+// computed in the forward (as Liger's fused linear cross-entropy does): each chunk's logits exist once, the
+// analytic dL/dz is formed from them at once, dh = dz W_s and dW_s += dz^T h_s are taken there, and the logits
+// are dropped. The backward only scales dh and dW by the upstream gradient: no LM-head GEMM is recomputed (the
+// recompute design ran two more student and one more teacher head GEMM per chunk). The price: dh (N, Hs) and
+// dW (V, Hs) fp32 live from the forward to the backward, where the recompute design allocated the same dW in
+// its backward. Outputs: the weighted total (differentiable), and the unweighted sums of the divergence and of
+// the cross-entropy over the rows (detached; 0 without labels).
+class ChunkedKdCeLoss : public torch::autograd::Function<ChunkedKdCeLoss> {
  public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& hs, const at::Tensor& ws, const at::Tensor& ht,
-                            const at::Tensor& wt, double scale, int64_t loss, double temperature, double skew_lambda,
-                            double jsd_beta, int64_t chunk) {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& hs, const at::Tensor& ws, const at::Tensor& ht,
+                               const at::Tensor& wt, const at::Tensor& labels_or_empty, double kd_weight,
+                               double ce_weight, int64_t loss, double temperature, double skew_lambda, double jsd_beta,
+                               int64_t chunk, bool grad_enabled) {
     KdOptions o;
     o.loss = KdLoss(loss), o.temperature = temperature, o.skew_lambda = skew_lambda, o.jsd_beta = jsd_beta;
+    const auto acc = accumulate_type(hs);
+    const bool with_ce = labels_or_empty.numel() > 0;
+    const bool need_dh = grad_enabled && hs.requires_grad(), need_dw = grad_enabled && ws.requires_grad();
     const int64_t n = hs.size(0);
-    auto total = at::zeros({}, hs.options().dtype(accumulate_type(hs)));
+    auto kd_sum = at::zeros({}, hs.options().dtype(acc)), ce_sum = at::zeros({}, hs.options().dtype(acc));
+    at::Tensor dh = need_dh ? at::empty_like(hs) : at::Tensor();                                   // (N, Hs)
+    at::Tensor dw = need_dw ? at::zeros(ws.sizes(), ws.options().dtype(acc)) : at::Tensor();        // (V, Hs) fp32
     for (int64_t start = 0; start < n; start += chunk) {
       const int64_t end = std::min(n, start + chunk);
-      const auto [ls, lt] = chunk_logprobs(hs.slice(0, start, end), ws, ht.slice(0, start, end), wt, temperature);
-      total.add_(kd_divergence(ls, lt, o).sum());
+      const auto h = hs.slice(0, start, end);                                      // (rows, Hs)
+      const auto zs = at::linear(h, ws).to(acc);                                   // (rows, V) from the model dtype
+      const auto lt = at::log_softmax(at::linear(ht.slice(0, start, end), wt).to(acc).div_(temperature), 1);
+      const auto ls = at::log_softmax(zs / temperature, 1);                        // (rows, V) tempered
+      kd_sum.add_(kd_divergence(ls, lt, o).sum());
+      at::Tensor dz;  // (rows, V) dL/dz of the raw student logits, the two terms weighted
+      if (need_dh || need_dw) dz = divergence_grad(ls, lt, o).mul_(kd_weight / temperature);
+      if (with_ce) {
+        const auto labels = labels_or_empty.slice(0, start, end).unsqueeze(1);    // (rows, 1)
+        const auto l1 = temperature == 1.0 ? ls : at::log_softmax(zs, 1);         // (rows, V) at T = 1
+        ce_sum.sub_(l1.gather(1, labels).sum());
+        if (dz.defined() && ce_weight != 0) {
+          auto dce = l1.exp().mul_(ce_weight);                                    // softmax - onehot, weighted
+          dce.scatter_add_(1, labels, at::full({end - start, 1}, -ce_weight, dce.options()));
+          dz.add_(dce);
+        }
+      }
+      if (!dz.defined()) continue;
+      const auto d = dz.to(hs.scalar_type());  // (rows, V) rounded once to the model dtype
+      if (need_dh) dh.slice(0, start, end).copy_(at::matmul(d, ws));
+      if (need_dw) dw.add_(at::matmul(d.t(), h).to(acc));
     }
-    ctx->save_for_backward({hs, ws, ht, wt});
-    ctx->saved_data["scale"] = scale;
-    ctx->saved_data["loss"] = loss;
-    ctx->saved_data["temperature"] = temperature;
-    ctx->saved_data["skew_lambda"] = skew_lambda;
-    ctx->saved_data["jsd_beta"] = jsd_beta;
-    ctx->saved_data["chunk"] = chunk;
-    return total * scale;
+    ctx->save_for_backward({dh.defined() ? dh : at::Tensor(), dw.defined() ? dw : at::Tensor()});
+    ctx->saved_data["ws_dtype"] = int64_t(ws.scalar_type());
+    auto total = kd_sum * kd_weight + ce_sum * ce_weight;
+    ctx->mark_non_differentiable({kd_sum, ce_sum});
+    return {total, kd_sum, ce_sum};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
-    const auto &hs = saved[0], &ws = saved[1], &ht = saved[2], &wt = saved[3];
-    KdOptions o;
-    o.loss = KdLoss(ctx->saved_data["loss"].toInt());
-    o.temperature = ctx->saved_data["temperature"].toDouble();
-    o.skew_lambda = ctx->saved_data["skew_lambda"].toDouble();
-    o.jsd_beta = ctx->saved_data["jsd_beta"].toDouble();
-    const int64_t chunk = ctx->saved_data["chunk"].toInt();
-    const bool need_dh = ctx->needs_input_grad(0), need_dw = ctx->needs_input_grad(1);
-    // () the factor of every row's dL/dz: upstream gradient, 1 / normalizer, and 1 / T from z / T.
-    const auto g = grad_outputs[0].to(accumulate_type(hs)) * (ctx->saved_data["scale"].toDouble() / o.temperature);
-    const int64_t n = hs.size(0);
-    at::Tensor dh = need_dh ? at::empty_like(hs) : at::Tensor();
-    at::Tensor dw = need_dw ? at::zeros(ws.sizes(), ws.options().dtype(accumulate_type(hs))) : at::Tensor();
-    for (int64_t start = 0; start < n; start += chunk) {
-      const int64_t end = std::min(n, start + chunk);
-      const auto h = hs.slice(0, start, end);
-      const auto [ls, lt] = chunk_logprobs(h, ws, ht.slice(0, start, end), wt, o.temperature);
-      const auto d = (divergence_grad(ls, lt, o) * g).to(hs.scalar_type());  // (rows, V) model dtype
-      if (need_dh) dh.slice(0, start, end).copy_(at::matmul(d, ws));
-      if (need_dw) dw.add_(at::matmul(d.t(), h).to(dw.scalar_type()));
-    }
-    return {dh,          need_dw ? dw.to(ws.scalar_type()) : at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor()};
+    const auto &dh = saved[0], &dw = saved[1];
+    TORCH_CHECK(!(ctx->needs_input_grad(0) && !dh.defined()) && !(ctx->needs_input_grad(1) && !dw.defined()),
+                "kd_loss: backward through a loss computed with grad mode off");
+    const auto& g = grad_outputs[0];  // () the upstream gradient of the total
+    const auto ws_dtype = at::ScalarType(ctx->saved_data["ws_dtype"].toInt());
+    at::Tensor gh = dh.defined() ? dh * g : at::Tensor();  // bf16 * 0-dim fp32 stays bf16, computed in fp32
+    at::Tensor gw = dw.defined() ? (dw * g).to(ws_dtype) : at::Tensor();
+    return {gh, gw, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -200,6 +206,13 @@ at::Tensor kd_divergence_from_logits(const at::Tensor& student_logits, const at:
 
 at::Tensor kd_loss(const at::Tensor& student_hidden, const at::Tensor& student_weight, const at::Tensor& teacher_hidden,
                    const at::Tensor& teacher_weight, double normalizer, const KdOptions& o) {
+  const double scale = normalizer > 0 ? 1.0 / normalizer : 0.0;
+  return kd_ce_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, at::Tensor(), scale, 0.0, o).total;
+}
+
+KdCeLoss kd_ce_loss(const at::Tensor& student_hidden, const at::Tensor& student_weight, const at::Tensor& teacher_hidden,
+                    const at::Tensor& teacher_weight, const at::Tensor& labels, double kd_weight, double ce_weight,
+                    const KdOptions& o) {
   check_options(o);
   TORCH_CHECK(student_hidden.dim() == 2 && student_weight.dim() == 2 && student_hidden.size(1) == student_weight.size(1),
               "kd_loss: student hidden (N, H) ", student_hidden.sizes(), " must match its head (V, H) ",
@@ -212,10 +225,14 @@ at::Tensor kd_loss(const at::Tensor& student_hidden, const at::Tensor& student_w
   TORCH_CHECK(teacher_weight.size(0) == student_weight.size(0), "kd_loss: the teacher's vocabulary (",
               teacher_weight.size(0), " rows of its LM head) differs from the student's (", student_weight.size(0),
               ")");
+  TORCH_CHECK(!labels.defined() || (labels.dim() == 1 && labels.size(0) == student_hidden.size(0) &&
+                                    labels.scalar_type() == at::kLong),
+              "kd_ce_loss: labels must be (N) int64 for the ", student_hidden.size(0), " rows, got ",
+              labels.defined() ? labels.sizes() : at::IntArrayRef{});
   auto hs = student_hidden, ws = student_weight;
   const auto device_type = hs.device().type();
   if (at::autocast::is_autocast_enabled(device_type)) {
-    // As train/loss.h: autocast does not reach into a Function's backward, so cast where autograd records it.
+    // As train/loss.h: autocast does not reach into a Function, so cast where autograd records it.
     const auto dtype = at::autocast::get_autocast_dtype(device_type);
     hs = hs.to(dtype), ws = ws.to(dtype);
   } else if (hs.scalar_type() != ws.scalar_type()) {
@@ -223,9 +240,10 @@ at::Tensor kd_loss(const at::Tensor& student_hidden, const at::Tensor& student_w
   }
   auto ht = teacher_hidden.detach(), wt = teacher_weight.detach();
   if (ht.scalar_type() != wt.scalar_type()) ht = ht.to(wt.scalar_type());
-  const double scale = normalizer > 0 ? 1.0 / normalizer : 0.0;
-  return ChunkedKdLoss::apply(hs, ws, ht, wt, scale, int64_t(o.loss), o.temperature, o.skew_lambda, o.jsd_beta,
-                              o.chunk);
+  const auto lab = labels.defined() ? labels.to(hs.device()) : at::empty({0}, hs.options().dtype(at::kLong));
+  const auto out = ChunkedKdCeLoss::apply(hs, ws, ht, wt, lab, kd_weight, ce_weight, int64_t(o.loss), o.temperature,
+                                          o.skew_lambda, o.jsd_beta, o.chunk, at::GradMode::is_enabled());
+  return KdCeLoss{out[0], out[1], out[2]};
 }
 
 at::Tensor target_rows(const at::Tensor& labels) {
@@ -277,6 +295,17 @@ KdBatchLoss kd_batch_loss(model::CausalLM& student, const Teacher& teacher, cons
   // The student's head with an adapter (a LoRA on lm_head) is no plain (V, H) matrix: its logits are taken whole.
   const bool adapted_head = student.lm_head && student.lm_head->adapter;
   const double inv = normalizer > 0 ? 1.0 / normalizer : 0.0;
+  if (kd_ratio > 0 && !adapted_head) {
+    // One pass over the target rows gives both terms: the student's logits are made once for CE and KD.
+    const auto rows = target_rows(labels);                   // (T)
+    const auto ht = teacher_rows(teacher, b, rows, device);  // (T, Ht)
+    const double ce_weight = kd_ratio >= 1 ? 0.0 : (1 - kd_ratio) * inv;
+    const auto l = kd_ce_loss(h.index_select(0, rows), ws, ht, teacher.head, labels.index_select(0, rows),
+                              kd_ratio * inv, ce_weight, o);
+    out.total = l.total.to(at::kFloat);
+    out.kd = (l.kd * inv).to(at::kFloat), out.ce = (l.ce * inv).to(at::kFloat);
+    return out;
+  }
   at::Tensor ce, kd = at::zeros({}, h.options().dtype(at::kFloat));
   {
     // CE is logged at kd_ratio 1 too, without a graph (it would get no gradient).
@@ -286,16 +315,11 @@ KdBatchLoss kd_batch_loss(model::CausalLM& student, const Teacher& teacher, cons
                                                at::Reduction::Sum, kIgnoreIndex) * inv
                       : causal_lm_loss(h, ws, labels, normalizer, ce_chunk);
   }
-  if (kd_ratio > 0) {
+  if (kd_ratio > 0) {  // the adapted head: its logits taken whole
     const auto rows = target_rows(labels);                   // (T)
-    const auto hs = h.index_select(0, rows);                 // (T, Hs)
     const auto ht = teacher_rows(teacher, b, rows, device);  // (T, Ht)
-    if (adapted_head) {
-      const auto zt = at::linear(ht, teacher.head);  // (T, V)
-      kd = kd_divergence_from_logits(student.lm_head->forward(hs), zt, o).sum().to(at::kFloat) * inv;
-    } else {
-      kd = kd_loss(hs, ws, ht, teacher.head, normalizer, o).to(at::kFloat);
-    }
+    const auto zt = at::linear(ht, teacher.head);            // (T, V)
+    kd = kd_divergence_from_logits(student.lm_head->forward(h.index_select(0, rows)), zt, o).sum().to(at::kFloat) * inv;
   }
   out.total = kd_ratio >= 1 ? kd : kd_ratio <= 0 ? ce : (1 - kd_ratio) * ce + kd_ratio * kd;
   out.kd = kd.detach(), out.ce = ce.detach();

@@ -17,11 +17,13 @@
 // Temperature: both models' logits are divided by it before the softmax, as TRL's generalized_jsd_loss does,
 // with no temperature^2 factor (torchtune's losses have no temperature; temperature 1 gives them exactly).
 //
-// The chunked loss is a C++ autograd Function, the pattern of train/loss.h: per chunk of rows, the student's
-// logits h_s W_s^T and the teacher's h_t W_t^T in their model dtypes, log-softmax in fp32, the divergence
-// summed, all dropped; saved for backward are only the hidden rows and the two heads. Backward recomputes a
-// chunk's log-probabilities and writes the analytic gradient wrt the student's logits (below, kd_loss.cpp),
-// then dh = dz W_s and dW_s += dz^T h_s. The teacher gets no gradient.
+// The chunked loss is a C++ autograd Function, the pattern of train/loss.h, with its gradient taken in the
+// forward (as Liger's fused linear cross-entropy does): per chunk of rows, the student's logits h_s W_s^T and the
+// teacher's h_t W_t^T in their model dtypes, log-softmax in fp32, the divergence summed and its analytic gradient
+// wrt the student's logits (kd_loss.cpp) turned at once into dh = dz W_s and dW_s += dz^T h_s; the logits are
+// dropped. The backward scales dh and dW by the upstream gradient: no LM-head GEMM runs twice. kd_ce_loss adds
+// the student's cross-entropy on the same rows into the same pass (one set of student logits for both terms).
+// The teacher gets no gradient.
 #pragma once
 
 #include "anvil/data/batches.h"
@@ -69,6 +71,18 @@ at::Tensor kd_divergence_from_logits(const at::Tensor& student_logits, const at:
 /// target_rows). normalizer <= 0 gives 0.
 at::Tensor kd_loss(const at::Tensor& student_hidden, const at::Tensor& student_weight, const at::Tensor& teacher_hidden,
                    const at::Tensor& teacher_weight, double normalizer, const KdOptions& o);
+
+/// The KD loss blended with the student's cross-entropy on the same rows, in one chunked pass:
+/// total = kd_weight * sum_rows divergence + ce_weight * sum_rows CE(student logits, labels), with autograd to
+/// student_hidden / student_weight as kd_loss; kd and ce are the two unweighted sums, detached (ce 0 without
+/// labels). labels (N) int64 targets, all valid (select target rows first), or undefined for KD alone.
+/// kd_loss(.., normalizer, o) is kd_ce_loss(.., {}, 1 / normalizer, 0, o).total.
+struct KdCeLoss {
+  at::Tensor total, kd, ce;  ///< () fp32 (fp64 for fp64 inputs)
+};
+KdCeLoss kd_ce_loss(const at::Tensor& student_hidden, const at::Tensor& student_weight, const at::Tensor& teacher_hidden,
+                    const at::Tensor& teacher_weight, const at::Tensor& labels, double kd_weight, double ce_weight,
+                    const KdOptions& o);
 
 /// The (T) int64 indices of the target positions (labels != kIgnoreIndex) of labels (...) flattened.
 at::Tensor target_rows(const at::Tensor& labels);

@@ -124,6 +124,48 @@ TEST(KdLoss, ChunkedValueAndGradientsEqualAutogradThroughTheFormula) {
   }
 }
 
+// kd_ce_loss: the blend the recipe trains with, in one pass (both terms from one set of student logits, the
+// gradient taken in the forward): value, both logged sums and both gradients equal autograd through
+// kd_weight * sum divergence + ce_weight * sum cross_entropy, at a temperature that is not 1 (so the CE's
+// untempered log-softmax and the KD's tempered one differ), chunked, and with the head frozen (no dW).
+TEST(KdLoss, BlendWithCrossEntropyEqualsAutogradThroughBothFormulas) {
+  at::manual_seed(5);
+  const int64_t n = 11, h = 6, ht = 5, v = 9;
+  for (auto o : all_options()) {
+    o.temperature = 1.7, o.chunk = 4;
+    const auto hs = at::randn({n, h}, at::kDouble).requires_grad_(true);
+    const auto ws = at::randn({v, h}, at::kDouble).requires_grad_(true);
+    const auto hT = at::randn({n, ht}, at::kDouble), wT = at::randn({v, ht}, at::kDouble);
+    const auto labels = at::randint(v, {n}, at::kLong);
+    const double kw = 0.3 / 7, cw = 0.7 / 7;
+    const auto got = kd_ce_loss(hs, ws, hT, wT, labels, kw, cw, o);
+    const auto zs = at::linear(hs, ws);
+    const auto kd = kd_divergence_from_logits(zs, at::linear(hT, wT), o).sum();
+    const auto ce = at::cross_entropy_loss(zs, labels, {}, at::Reduction::Sum);
+    const auto ref = kw * kd + cw * ce;
+    EXPECT_NEAR(got.total.item<double>(), ref.item<double>(), 1e-12) << name_of(o);
+    EXPECT_NEAR(got.kd.item<double>(), kd.item<double>(), 1e-12) << name_of(o);
+    EXPECT_NEAR(got.ce.item<double>(), ce.item<double>(), 1e-12) << name_of(o);
+    EXPECT_FALSE(got.kd.requires_grad() || got.ce.requires_grad());
+    // An upstream gradient that is not 1 (the trainer's loss scaling) scales both gradients.
+    const auto g = torch::autograd::grad({got.total * 2.5}, {hs, ws});
+    const auto r = torch::autograd::grad({ref * 2.5}, {hs, ws});
+    EXPECT_TRUE(at::allclose(g[0], r[0], 1e-9, 1e-12)) << name_of(o) << " dh max diff " << (g[0] - r[0]).abs().max();
+    EXPECT_TRUE(at::allclose(g[1], r[1], 1e-9, 1e-12)) << name_of(o) << " dW max diff " << (g[1] - r[1]).abs().max();
+    // A frozen head: dh alone, the same values.
+    const auto frozen = kd_ce_loss(hs, ws.detach(), hT, wT, labels, kw, cw, o);
+    const auto gf = torch::autograd::grad({frozen.total * 2.5}, {hs})[0];
+    EXPECT_TRUE(at::allclose(gf, r[0], 1e-9, 1e-12)) << name_of(o);
+  }
+  // Computed under no grad, there is no graph to run back through.
+  at::NoGradGuard no_grad;
+  const auto hs = at::randn({3, 4}, at::kDouble).requires_grad_(true), ws = at::randn({5, 4}, at::kDouble);
+  const auto l = kd_ce_loss(hs, ws, hs.detach(), ws, at::tensor({0, 1, 2}, at::kLong), 1.0, 1.0, KdOptions{});
+  EXPECT_FALSE(l.total.requires_grad());
+  test::expect_error([&] { kd_ce_loss(hs, ws, hs.detach(), ws, at::tensor({0, 1}, at::kLong), 1.0, 1.0, KdOptions{}); },
+                     {"labels", "3 rows"});
+}
+
 TEST(KdLoss, GradientEqualsCentralDifferencesInFloat64) {
   at::manual_seed(2);
   const int64_t n = 4, h = 3, v = 5;
