@@ -345,16 +345,24 @@ StreamResult quantize_streaming(const model::ModelConfig& config, SourceModel& s
     // ---- quantize; the Linears hold the weights as exported from here on ----
     std::unordered_map<std::string, QuantizedWeight> quantized;
     double worst = INFINITY;
+    // The quantized tensors go to the host at once (the writer copies them there anyway). Calibrating, the Linear
+    // then computes with its dequantized weight to make the next layer's inputs; without calibration nothing runs
+    // the layer again, so each dense weight is released as soon as it is quantized and the device holds at most
+    // the layer plus one weight's quantization (bench/quantize_model's peak).
     for (auto& t : targets) {
-      const auto dense = t.linear->weight.detach().clone();
+      const auto dense = calibrate ? t.linear->weight.detach().clone() : t.linear->weight.detach();
       bool fallback = false;
       auto q = quantize_weight(o, t.name, dense, t.observer.get(), &fallback);
       if (fallback) result.rtn_fallbacks.push_back(t.name);
-      const auto deq = q.dequantize(o.dtype);
-      result.linears[t.report].weight_sqnr_db = sqnr_db(dense, deq);
+      {
+        const auto deq = q.dequantize(o.dtype);
+        result.linears[t.report].weight_sqnr_db = sqnr_db(dense, deq);
+        if (calibrate) t.linear->weight.copy_(deq);
+      }
       worst = std::min(worst, result.linears[t.report].weight_sqnr_db);
-      t.linear->weight.copy_(deq);
       if (calibrate) t.linear->adapter = std::make_shared<QuantizedProduct>(scheme, dense);
+      else t.linear->weight.set_data(at::empty({0}, t.linear->weight.options()));
+      q.to_host();
       quantized.emplace(t.name, std::move(q));
     }
 

@@ -77,7 +77,10 @@ void check_finite(const QuantizedWeight& r, const std::string& what) {
 
 QuantizedWeight quantize_rtn(const Scheme& s, const at::Tensor& w) {
   QuantizedWeight r;
-  const auto x = w.to(at::kFloat).contiguous();
+  // The ops read fp32, bf16 and fp16 themselves (each element widened to fp32, as a copy would): no fp32 copy
+  // of the weight, which was the largest buffer of a layer's quantization on the device.
+  const auto dt = w.scalar_type();
+  const auto x = dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf ? w.contiguous() : w.to(at::kFloat).contiguous();
   if (s.weight == "fp8") {
     std::tie(r.q, r.scale) = anvil::ops::quantize_fp8(x, s.granularity);
   } else {
@@ -105,10 +108,19 @@ at::Tensor fake_quantize_activations(const Scheme& s, const at::Tensor& x) {
 }
 
 double sqnr_db(const at::Tensor& ref, const at::Tensor& q) {
-  const auto r = ref.to(at::kDouble), d = r - q.to(at::kDouble);
-  const double signal = r.square().sum().item<double>(), noise = d.square().sum().item<double>();
-  if (noise == 0) return std::numeric_limits<double>::infinity();
-  return 10.0 * std::log10(signal / noise);
+  // fp64 sums over blocks of rows: the whole (N, K) weight in fp64 would be 4x its bf16 bytes on the device.
+  TORCH_CHECK(ref.sizes() == q.sizes(), "sqnr_db: shapes ", ref.sizes(), " and ", q.sizes(), " differ");
+  const auto r2 = ref.reshape({ref.numel() > 0 ? ref.size(0) : 0, -1}), q2 = q.reshape(r2.sizes());
+  const int64_t rows = r2.size(0), step = std::max<int64_t>(1, (int64_t(1) << 22) / std::max<int64_t>(1, r2.size(1)));
+  auto signal = at::zeros({}, ref.options().dtype(at::kDouble)), noise = at::zeros({}, ref.options().dtype(at::kDouble));
+  for (int64_t i = 0; i < rows; i += step) {
+    const auto r = r2.slice(0, i, std::min(rows, i + step)).to(at::kDouble);
+    signal.add_(r.square().sum());
+    noise.add_((r - q2.slice(0, i, std::min(rows, i + step)).to(at::kDouble)).square().sum());
+  }
+  const double s = signal.item<double>(), n = noise.item<double>();
+  if (n == 0) return std::numeric_limits<double>::infinity();
+  return 10.0 * std::log10(s / n);
 }
 
 }  // namespace anvil::quantize

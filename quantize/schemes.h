@@ -44,6 +44,10 @@ struct QuantizedWeight {
   int64_t group_size = 0;  ///< "group" only
   /// float(q) * scale, rounded once to `dtype`: exactly what a loader of the export computes.
   at::Tensor dequantize(at::ScalarType dtype) const;
+  /// q and scale moved to the host (a no-op there).
+  void to_host() {
+    q = q.cpu(), scale = scale.cpu();
+  }
 };
 
 /// Why an (N, K) weight cannot take the scheme, or "" when it can: fp8-block needs K % 128 == 0 (activations
