@@ -249,6 +249,13 @@ void cross_entropy_chunk_backward(at::Tensor& logits, const at::Tensor& labels, 
   op.call(logits, labels, lse, grad_loss, ignore_index);
 }
 
+T2 kd_rows(at::Tensor& student, const at::Tensor& teacher, const c10::optional<at::Tensor>& labels, int64_t loss,
+           double temperature, double skew_lambda, double jsd_beta, double kd_weight, double ce_weight, bool write_grad) {
+  static const auto op = op_handle<T2(at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, int64_t, double,
+                                      double, double, double, double, bool)>("anvil::kd_rows");
+  return op.call(student, teacher, labels, loss, temperature, skew_lambda, jsd_beta, kd_weight, ce_weight, write_grad);
+}
+
 bool use_fused_ops(const at::Tensor& x) {
   static const bool enabled = [] {
     const char* v = std::getenv("ANVIL_FUSED_OPS");

@@ -103,4 +103,10 @@ TORCH_LIBRARY(anvil, m) {
   // In place: logits <- (softmax(logits) - onehot(labels)) * grad_loss (grad_loss (T) or () fp32); ignored rows 0.
   m.def("cross_entropy_chunk_backward(Tensor(a!) logits, Tensor labels, Tensor lse, Tensor grad_loss, "
         "int ignore_index=-100) -> ()");
+  // One chunk of a distillation loss (CUDA only; train/kd_loss.cpp is the CPU path): student and teacher logits
+  // (R, V) of one dtype, labels (R) int64 or None, loss code (train::KdLoss order) -> (kd (R) fp32 divergence of
+  // softmax(teacher / T) and softmax(student / T), ce (R) fp32 cross-entropy of the untempered student, 0 without
+  // labels); write_grad overwrites the student's logits with kd_weight / T * dkd/dz + ce_weight * dce/dz.
+  m.def("kd_rows(Tensor(a!) student, Tensor teacher, Tensor? labels, int loss, float temperature, float skew_lambda, "
+        "float jsd_beta, float kd_weight, float ce_weight, bool write_grad) -> (Tensor kd, Tensor ce)");
 }

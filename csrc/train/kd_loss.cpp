@@ -17,6 +17,7 @@
 // Then dz_raw = dz / T. Peak extra memory per chunk: a few (rows, V) fp32 buffers.
 #include "anvil/train/kd_loss.h"
 
+#include "anvil/ops.h"
 #include "anvil/train/loss.h"
 
 #include <ATen/autocast_mode.h>
@@ -102,9 +103,27 @@ class ChunkedKdCeLoss : public torch::autograd::Function<ChunkedKdCeLoss> {
     auto kd_sum = at::zeros({}, hs.options().dtype(acc)), ce_sum = at::zeros({}, hs.options().dtype(acc));
     at::Tensor dh = need_dh ? at::empty_like(hs) : at::Tensor();                                   // (N, Hs)
     at::Tensor dw = need_dw ? at::zeros(ws.sizes(), ws.options().dtype(acc)) : at::Tensor();        // (V, Hs) fp32
+    // CUDA: one fused kernel per chunk (ops::kd_rows) over the model-dtype logits, the gradient written over the
+    // student's; ANVIL_FUSED_OPS=0 runs the composite below instead (the reference, and the CPU path).
+    const bool fused = hs.is_cuda() && ops::use_fused_ops(hs) && hs.scalar_type() != at::kDouble;
     for (int64_t start = 0; start < n; start += chunk) {
       const int64_t end = std::min(n, start + chunk);
-      const auto h = hs.slice(0, start, end);                                      // (rows, Hs)
+      const auto h = hs.slice(0, start, end);  // (rows, Hs)
+      if (fused) {
+        auto zs = at::linear(h, ws).contiguous();                 // (rows, V) model dtype
+        auto zt = at::linear(ht.slice(0, start, end), wt);         // (rows, V) teacher dtype
+        if (zt.scalar_type() != zs.scalar_type()) zt = zt.to(zs.scalar_type());
+        c10::optional<at::Tensor> labels;
+        if (with_ce) labels = labels_or_empty.slice(0, start, end).contiguous();
+        const auto [kd_r, ce_r] =
+            ops::kd_rows(zs, zt.contiguous(), labels, int64_t(effective(o)), temperature, skew_lambda, jsd_beta,
+                         kd_weight, ce_weight, need_dh || need_dw);
+        kd_sum.add_(kd_r.sum());
+        if (with_ce) ce_sum.add_(ce_r.sum());
+        if (need_dh) dh.slice(0, start, end).copy_(at::matmul(zs, ws));  // zs now holds dz
+        if (need_dw) dw.add_(at::matmul(zs.t(), h).to(acc));
+        continue;
+      }
       const auto zs = at::linear(h, ws).to(acc);                                   // (rows, V) from the model dtype
       const auto lt = at::log_softmax(at::linear(ht.slice(0, start, end), wt).to(acc).div_(temperature), 1);
       const auto ls = at::log_softmax(zs / temperature, 1);                        // (rows, V) tempered

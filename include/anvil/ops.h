@@ -228,6 +228,19 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_chunk(const at::Tensor& logits,
 void cross_entropy_chunk_backward(at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
                                   const at::Tensor& grad_loss, int64_t ignore_index = -100);
 
+/// One chunk of the distillation loss of train/kd_loss.h and its gradient, fused (CUDA only: on the CPU the
+/// composite in train/kd_loss.cpp is the implementation). student and teacher logits (R, V) contiguous, one dtype
+/// (fp32/bf16/fp16); labels (R) int64 or nullopt; loss: train::KdLoss's code (0 forward_kl, 1 reverse_kl,
+/// 2 skew_forward_kl, 3 skew_reverse_kl, 4 jsd, 5 tv; jsd with beta 0 or 1 passed as 0 or 1). kd[r] = the
+/// divergence of softmax(teacher[r] / T) and softmax(student[r] / T); ce[r] = logsumexp(student[r]) -
+/// student[r, labels[r]] (untempered; 0 without labels, NaN for a label outside [0, V)). With write_grad the
+/// student's logits are overwritten by kd_weight / T * d kd[r] / dz + ce_weight * d ce[r] / dz, rounded once.
+/// @returns (kd (R) fp32, ce (R) fp32)
+std::tuple<at::Tensor, at::Tensor> kd_rows(at::Tensor& student, const at::Tensor& teacher,
+                                           const c10::optional<at::Tensor>& labels, int64_t loss, double temperature,
+                                           double skew_lambda, double jsd_beta, double kd_weight, double ce_weight,
+                                           bool write_grad);
+
 /// Whether callers run the fused ops (rms_norm, rope, swiglu, cross_entropy_chunk) on a tensor like x: on
 /// CUDA for fp32/bf16/fp16, on the CPU also for fp64 (the CPU kernels reproduce transformers' arithmetic).
 /// The environment variable ANVIL_FUSED_OPS=0 turns them off (the ATen composites run instead). The model

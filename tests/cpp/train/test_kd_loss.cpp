@@ -236,5 +236,45 @@ TEST(KdLoss, BadOptionsAndShapesAreErrors) {
   test::expect_error([&] { kd_loss(h, w, at::randn({2, 4}), w, 1, KdOptions{}); }, {"teacher has 2 rows"});
 }
 
+// The fused CUDA chunk (ops::kd_rows, the default on CUDA) against the composite on the CPU in float64: every
+// divergence blended with CE at T != 1, values and both gradients; the vector path (V a multiple of 4 fp32 / 8 bf16)
+// and the scalar one (V odd); a chunk boundary inside the rows. fp32 within 1e-4 relative; bf16 logits within what
+// their rounding allows (the gradient's cosine to the reference).
+TEST(KdLossCuda, FusedChunksEqualTheCompositeOnTheCpu) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  at::manual_seed(11);
+  for (const int64_t v : {1000, 999}) {
+    for (auto o : all_options()) {
+      o.temperature = 1.7, o.chunk = 48;
+      const int64_t n = 100, h = 32, ht = 24;
+      const auto hs = at::randn({n, h}, at::kDouble), ws = at::randn({v, h}, at::kDouble) * 0.3;
+      const auto hT = at::randn({n, ht}, at::kDouble), wT = at::randn({v, ht}, at::kDouble) * 0.3;
+      const auto labels = at::randint(v, {n}, at::kLong);
+      const double kw = 0.5 / n, cw = 0.5 / n;
+      auto a = hs.clone().requires_grad_(true), wa = ws.clone().requires_grad_(true);
+      const auto ref = kd_ce_loss(a, wa, hT, wT, labels, kw, cw, o);
+      const auto rg = torch::autograd::grad({ref.total}, {a, wa});
+      for (const auto dtype : {at::kFloat, at::kBFloat16}) {
+        auto b = hs.to(at::kCUDA, dtype).requires_grad_(true), wb = ws.to(at::kCUDA, dtype).requires_grad_(true);
+        const auto got = kd_ce_loss(b, wb, hT.to(at::kCUDA, dtype), wT.to(at::kCUDA, dtype), labels.cuda(), kw, cw, o);
+        const auto g = torch::autograd::grad({got.total}, {b, wb});
+        const double tol = dtype == at::kFloat ? 1e-4 : 2e-2;
+        const std::string what = name_of(o) + (dtype == at::kFloat ? " fp32" : " bf16") + " V " + std::to_string(v);
+        EXPECT_NEAR(got.kd.item<double>(), ref.kd.item<double>(), tol * std::max(1.0, ref.kd.item<double>())) << what;
+        EXPECT_NEAR(got.ce.item<double>(), ref.ce.item<double>(), tol * ref.ce.item<double>()) << what;
+        for (int i = 0; i < 2; ++i) {
+          const auto x = g[i].to(at::kCPU, at::kDouble).flatten(), y = rg[i].flatten();
+          if (dtype == at::kFloat) {
+            EXPECT_LE((x - y).abs().max().item<double>(), tol * y.abs().max().item<double>()) << what << " grad " << i;
+          } else {
+            const double cos = (x * y).sum().item<double>() / (x.norm().item<double>() * y.norm().item<double>());
+            EXPECT_GE(cos, 0.995) << what << " grad " << i;
+          }
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace anvil::train
