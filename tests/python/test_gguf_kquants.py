@@ -161,19 +161,20 @@ def llama_quantize_type(mix, name, shape, n_layer, has_output):
     return t
 
 
-def source_tensor(model_dir, gguf_name, config):
-    """The fp32 tensor the export quantizes for `gguf_name` (q/k permuted as the converter does)."""
+def source_tensors(model_dir):
+    """{llama.cpp name: the checkpoint's tensor}."""
     from safetensors.numpy import load_file
+    from test_gguf_export import gguf_name as to_gguf
     st = {}
     for f in os.listdir(model_dir):
         if f.endswith(".safetensors"):
             st.update(load_file(os.path.join(model_dir, f)))
-    inv = {}
-    from test_gguf_export import gguf_name as to_gguf
-    for k in st:
-        if "rotary" not in k:
-            inv[to_gguf(k)] = k
-    a = st[inv[gguf_name]].astype(np.float32)
+    return {to_gguf(k): v for k, v in st.items() if "rotary" not in k}
+
+
+def source_tensor(src, gguf_name, config):
+    """The fp32 tensor the export quantizes for `gguf_name` (q/k permuted as the converter does)."""
+    a = src[gguf_name].astype(np.float32)
     if gguf_name.endswith("attn_q.weight"):
         a = permute(a, config["num_attention_heads"])
     elif gguf_name.endswith("attn_k.weight"):
@@ -196,6 +197,7 @@ def test_mix_types_bytes_and_dequantization(mix, hidden, ffn, tied, tmp_path):
     assert int(r.fields["general.file_type"].parts[-1][0]) == MIXES[mix][1]
     cfg = json.load(open(os.path.join(d, "config.json")))
     names = {t.name for t in r.tensors}
+    src = source_tensors(d)
     promoted = 0
     for t in r.tensors:
         shape = list(reversed([int(x) for x in t.shape]))
@@ -203,7 +205,7 @@ def test_mix_types_bytes_and_dequantization(mix, hidden, ffn, tied, tmp_path):
         assert t.tensor_type == want, (t.name, shape, t.tensor_type.name, want.name)
         promoted += t.tensor_type == Q.Q6_K and MIXES[mix][0] != Q.Q6_K
         raw = np.asarray(t.data)
-        a = source_tensor(d, t.name, cfg)
+        a = source_tensor(src, t.name, cfg)
         if ggml_ref.find_source() and ggml_ref.load() and t.tensor_type.name in ggml_ref.FUNCS:
             assert raw.tobytes() == ggml_ref.quantize(a, t.tensor_type.name).tobytes(), t.name
         else:
@@ -211,13 +213,11 @@ def test_mix_types_bytes_and_dequantization(mix, hidden, ffn, tied, tmp_path):
     if mix in ("q4_k_m", "q5_k_m") and hidden == 256:
         assert promoted == 4 * 2 + 1  # attn_v and ffn_down on 4 layers, and output
     # anvil's loader dequantizes as gguf-py does: the reloaded model's weights are gguf-py's.
-    ours = anvil._C.gguf_model_tensors(out) if hasattr(anvil._C, "gguf_model_tensors") else None
-    conf = transformers.AutoConfig.from_pretrained(d)
-    ref = dequantized_state(out, conf)
-    if ours is not None:
-        for k, v in ref.items():
-            if k in ours:
-                assert torch.equal(ours[k], v), k
+    ours = anvil._C.gguf_model_tensors(out)
+    ref = dequantized_state(out, transformers.AutoConfig.from_pretrained(d))
+    assert set(ours) <= set(ref)
+    for k, v in ours.items():
+        assert torch.equal(v, ref[k]), k
 
 
 def test_unknown_mix_and_non_llama(tmp_path):
@@ -255,3 +255,75 @@ def test_demo_logit_error_ordered_by_bits(tmp_path):
     order = ["q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"]
     assert [err[m] for m in order] == sorted(err.values()), err
     assert err["q8_0"] < 0.01 and err["q4_0"] < 0.2, err
+
+
+# ---- anvil quantize --scheme gguf-* ---------------------------------------------------------------------------
+
+DATA = os.path.join(os.path.dirname(DEMO), "data")
+
+
+def quantize(*args):
+    binary = os.path.join(os.path.dirname(anvil.__file__), "..", "..", "bin", "anvil")
+    if not os.path.exists(binary):
+        pytest.skip(f"no anvil binary beside the package ({binary})")
+    return subprocess.run([binary, "quantize", *args], capture_output=True, text=True, timeout=600)
+
+
+EVAL = ["--eval", os.path.join(DATA, "general_val.jsonl"), "--data.eval_seq_len=256", "--data.eval_max_tokens=8192"]
+
+
+def test_quantize_recipe_writes_a_gguf_file_and_its_report(tmp_path):
+    out = str(tmp_path / "demo-q4_k_m.gguf")
+    r = quantize("--model", DEMO, "--scheme", "gguf-q4_k_m", "--out", out, *EVAL)
+    assert r.returncode == 0, r.stderr
+    assert "perplexity on" in r.stdout and "per-layer SQNR" in r.stdout
+    report = json.load(open(str(tmp_path / "demo-q4_k_m.report.json")))
+    assert report["scheme"] == "gguf-q4_k_m" and report["format"] == "gguf"
+    assert report["gguf"]["file_type"] == 15 and report["bytes_after"] == os.path.getsize(out)
+    reader = gguf.GGUFReader(out)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert report["gguf"]["tensors_per_type"] == {k: list(types.values()).count(k) for k in set(types.values())}
+    # The same bytes as the core export.
+    ref = str(tmp_path / "ref.gguf")
+    anvil._C.export_gguf(DEMO, ref, "q4_k_m")
+    assert open(out, "rb").read() == open(ref, "rb").read()
+    # Per-tensor SQNR is the file's: recompute one from gguf-py's dequantization.
+    layer = next(l for l in report["layers"] if l["name"] == "model.layers.1.mlp.down_proj")
+    assert layer["ggml_type"] == types["blk.1.ffn_down.weight"]
+    from safetensors.numpy import load_file
+    src = load_file(os.path.join(DEMO, "model.safetensors"))["model.layers.1.mlp.down_proj.weight"].astype(np.float32)
+    t = next(t for t in reader.tensors if t.name == "blk.1.ffn_down.weight")
+    deq = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(src.shape)
+    assert abs(layer["weight_sqnr_db"] - sqnr(src, deq)) < 1e-3
+    sq = [l["weight_sqnr_db"] for l in report["layers"]]
+    assert sq == sorted(sq) and sq[0] > 15
+    e = report["eval"]
+    assert e["tokens"] > 4000 and 0 < e["ppl_increase_pct"] < 10 and e["kl_mean"] > 0
+
+
+def test_quantize_recipe_folder_output_and_quality_order(tmp_path):
+    """--out DIR: DIR/model.gguf and DIR/report.json; the perplexity increase on held-out text follows the bits."""
+    inc = {}
+    for scheme in ["gguf-q8_0", "gguf-q6_k", "gguf-q4_0"]:
+        out = str(tmp_path / scheme)
+        r = quantize("--model", DEMO, "--scheme", scheme, "--out", out, *EVAL)
+        assert r.returncode == 0, r.stderr
+        assert sorted(os.listdir(out)) == ["model.gguf", "report.json"]
+        rep = json.load(open(os.path.join(out, "report.json")))
+        assert gguf.GGUFReader(os.path.join(out, "model.gguf")).tensors
+        inc[scheme] = rep["eval"]["kl_mean"]
+    assert inc["gguf-q8_0"] < inc["gguf-q6_k"] < inc["gguf-q4_0"], inc
+    r = quantize("--model", DEMO, "--scheme", "gguf-q8_0", "--out", str(tmp_path / "gguf-q8_0"))
+    assert r.returncode == 1 and "exists" in r.stderr
+
+
+def test_quantize_recipe_bad_input(tmp_path):
+    r = quantize("--model", DEMO, "--scheme", "gguf-q3_k", "--out", str(tmp_path / "a.gguf"))
+    assert r.returncode == 1 and "gguf-q4_k_m" in r.stderr and "gguf-q3_k" in r.stderr
+    r = quantize("--model", DEMO, "--scheme", "gguf-q4_k_m", "--out", str(tmp_path / "b.gguf"),
+                 "--calib", os.path.join(DATA, "general_train.jsonl"))
+    assert r.returncode == 1 and "data.calib" in r.stderr and "not calibrated" in r.stderr
+    r = quantize("--model", DEMO, "--scheme", "gguf-q4_k_m", "--out", str(tmp_path / "c"),
+                 "--output.format=compressed-tensors")
+    assert r.returncode == 1 and "output.format" in r.stderr
+    assert os.listdir(tmp_path) == []
