@@ -36,7 +36,7 @@ needs_ggml = pytest.mark.skipif(ggml_ref.load() is None if ggml_ref.find_source(
                                 reason="no ggml sources (set ANVIL_GGML_SRC to a ggml / llama.cpp checkout)")
 
 
-def test_data(seed, n_blocks=64):
+def edge_data(seed, n_blocks=64):
     """Rows of 256 covering what the scale searches branch on: gaussian at several scales, heavy tails
     (student-t 1.5), one outlier, all-positive, all-negative, an all-zero and a constant super-block, tiny
     values, a block of exact ties, integers."""
@@ -62,7 +62,7 @@ def anvil_bytes(x, t):
 @pytest.mark.parametrize("t", KTYPES + ["Q4_0", "Q8_0"])
 def test_bytes_equal_ggml_reference(t):
     for seed in range(3):
-        x = test_data(seed)
+        x = edge_data(seed)
         assert anvil_bytes(x, t).tobytes() == ggml_ref.quantize(x, t).tobytes(), (t, seed)
     # A whole random weight matrix, as the export quantizes it (one row of blocks after another).
     w = (torch.randn(96, 512, generator=torch.Generator().manual_seed(7)) * 0.05).numpy()
@@ -71,13 +71,13 @@ def test_bytes_equal_ggml_reference(t):
 
 @pytest.mark.parametrize("t", ["Q5_0", "Q5_1"])
 def test_q5_bytes_equal_gguf_py(t):
-    x = test_data(11)[:, :224]  # 7 blocks of 32 per row
+    x = edge_data(11)[:, :224]  # 7 blocks of 32 per row
     assert anvil_bytes(x, t).tobytes() == gguf.quants.quantize(x, Q[t]).tobytes()
 
 
 @pytest.mark.parametrize("t", KTYPES)
 def test_anvil_dequantizes_as_gguf_py(t, tmp_path):
-    x = test_data(5)
+    x = edge_data(5)
     raw = anvil_bytes(x, t).reshape(x.shape[0], -1)
     ref = gguf.quants.dequantize(raw, Q[t]).reshape(x.shape)
     w = gguf.GGUFWriter(str(tmp_path / "k.gguf"), "llama")
@@ -210,7 +210,7 @@ def test_mix_types_bytes_and_dequantization(mix, hidden, ffn, tied, tmp_path):
             assert raw.tobytes() == ggml_ref.quantize(a, t.tensor_type.name).tobytes(), t.name
         else:
             assert raw.tobytes() == anvil_bytes(a, t.tensor_type.name if t.tensor_type != Q.F32 else "F32").tobytes()
-    if mix in ("q4_k_m", "q5_k_m") and hidden == 256:
+    if mix in ("q4_k_m", "q5_k_m") and (hidden, ffn) == (256, 512):
         assert promoted == 4 * 2 + 1  # attn_v and ffn_down on 4 layers, and output
     # anvil's loader dequantizes as gguf-py does: the reloaded model's weights are gguf-py's.
     ours = anvil._C.gguf_model_tensors(out)
@@ -298,7 +298,7 @@ def test_quantize_recipe_writes_a_gguf_file_and_its_report(tmp_path):
     sq = [l["weight_sqnr_db"] for l in report["layers"]]
     assert sq == sorted(sq) and sq[0] > 15
     e = report["eval"]
-    assert e["tokens"] > 4000 and 0 < e["ppl_increase_pct"] < 10 and e["kl_mean"] > 0
+    assert e["tokens"] > 4000 and abs(e["ppl_increase_pct"]) < 5 and e["kl_mean"] > 0  # a 4-bit mix may lower ppl a little
 
 
 def test_quantize_recipe_folder_output_and_quality_order(tmp_path):
