@@ -144,7 +144,7 @@ TEST(GgufWriter, Q4_0KeepsTheSignedMaximumExactly) {
 TEST(GgufWriter, BadInputIsAnError) {
   const std::string dir = temp_dir(), path = anvil::io::join_path(dir, "bad.gguf");
   expect_error([&] { anvil::io::quantize_ggml(at::ones({4, 48}), gt::kQ8_0, "w"); }, {"'w'", "row length 48", "block of 32"});
-  expect_error([&] { anvil::io::quantize_ggml(at::ones({32}), gt::kQ4_K); }, {"does not quantize to Q4_K"});
+  expect_error([&] { anvil::io::quantize_ggml(at::ones({256}), gt::kQ2_K); }, {"does not quantize to Q2_K"});
   expect_error([&] { anvil::io::write_gguf(path, {{"k", anvil::io::gguf_string_value("a")}, {"k", anvil::io::gguf_string_value("b")}}, {}, {}); },
                {"'k'", "twice"});
   expect_error([&] { anvil::io::write_gguf(path, {}, {{std::string(64, 'n'), {1}, gt::kF32}}, [](size_t) { return std::vector<uint8_t>(4); }); },
@@ -230,7 +230,10 @@ TEST(GgufExport, LlamaQuantizeTensorTypes) {
     EXPECT_EQ(gguf_tensor_type("q4_k_m", b + "attn_q.weight", {256, 512}, 8, true), gt::kQ4_K);
     EXPECT_EQ(gguf_tensor_type("q6_k", b + "attn_v.weight", {256, 512}, 8, true), gt::kQ6_K);
   }
-  EXPECT_EQ(gguf_tensor_type("q4_k_m", "blk.1.attn_v.weight", {256, 512}, 80, true, true), gt::kQ5_K);  // 70B
+  // 70B: the attn_v that are not promoted to Q6_K take Q5_K (layer 20 of 80: not in use_more_bits).
+  EXPECT_EQ(gguf_tensor_type("q4_k_m", "blk.20.attn_v.weight", {256, 512}, 80, true, true), gt::kQ5_K);
+  EXPECT_EQ(gguf_tensor_type("q4_k_m", "blk.20.attn_v.weight", {256, 512}, 80, true, false), gt::kQ4_K);
+  EXPECT_EQ(gguf_tensor_type("q4_k_m", "blk.1.attn_v.weight", {256, 512}, 80, true, true), gt::kQ6_K);
   EXPECT_EQ(gguf_tensor_type("q4_k_m", "output.weight", {1000, 512}, 8, true), gt::kQ6_K);
   EXPECT_EQ(gguf_tensor_type("q4_k_m", "token_embd.weight", {1000, 512}, 8, true), gt::kQ4_K);
   EXPECT_EQ(gguf_tensor_type("q4_k_m", "token_embd.weight", {1000, 512}, 8, false), gt::kQ6_K);  // tied: the output
