@@ -444,7 +444,13 @@ void bind_gguf(py::module_& m) {
         else if (type == "BF16") t = anvil::io::ggml_type::kBF16;
         else if (type == "Q8_0") t = anvil::io::ggml_type::kQ8_0;
         else if (type == "Q4_0") t = anvil::io::ggml_type::kQ4_0;
-        else TORCH_CHECK(false, "gguf_quantize: type '", type, "' is not one of F32, F16, BF16, Q8_0, Q4_0");
+        else if (type == "Q5_0") t = anvil::io::ggml_type::kQ5_0;
+        else if (type == "Q5_1") t = anvil::io::ggml_type::kQ5_1;
+        else if (type == "Q4_K") t = anvil::io::ggml_type::kQ4_K;
+        else if (type == "Q5_K") t = anvil::io::ggml_type::kQ5_K;
+        else if (type == "Q6_K") t = anvil::io::ggml_type::kQ6_K;
+        else TORCH_CHECK(false, "gguf_quantize: type '", type, "' is not one of F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q5_1, "
+                         "Q4_K, Q5_K, Q6_K");
         std::vector<uint8_t> bytes;
         {
           py::gil_scoped_release release;
@@ -452,7 +458,7 @@ void bind_gguf(py::module_& m) {
         }
         return py::bytes(reinterpret_cast<const char*>(bytes.data()), bytes.size());
       },
-      py::arg("x"), py::arg("type"), "ggml's bytes of a CPU float tensor quantized to F32/F16/BF16/Q8_0/Q4_0.");
+      py::arg("x"), py::arg("type"), "ggml's bytes of a CPU float tensor quantized to F32/F16/BF16/Q8_0/Q4_0/Q5_0/Q5_1/Q4_K/Q5_K/Q6_K.");
   m.def(
       "gguf_tokenizer_metadata",
       [](const std::string& dir, int64_t vocab_size) {
@@ -495,7 +501,7 @@ void bind_gguf(py::module_& m) {
       },
       py::arg("model_dir"), py::arg("out_path"), py::arg("type") = "q8_0", py::arg("overwrite") = false,
       py::arg("name") = "",
-      "Exports a Hugging Face Llama/Mistral folder as one GGUF file (f32, f16, bf16, q8_0, q4_0) with its "
+      "Exports a Hugging Face Llama/Mistral folder as one GGUF file (f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k) with its "
       "tokenizer; returns the report {path, type, file_type, tensors_per_type, tensors, parameters, bytes, "
       "source_bytes, seconds, tensor_types}.");
 }

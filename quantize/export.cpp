@@ -18,7 +18,7 @@ namespace anvil::quantize {
 using nlohmann::json;
 
 std::string export_format(const std::string& format_key, const Scheme& scheme) {
-  if (format_key == "auto") return scheme.format == "fp8" ? "fp8" : "compressed-tensors";
+  if (format_key == "auto") return scheme.format == "fp8" || scheme.format == "gguf" ? scheme.format : "compressed-tensors";
   return format_key;
 }
 

@@ -11,6 +11,7 @@
 #include "anvil/train/metrics.h"
 #include "quantize/calibrate.h"
 #include "quantize/export.h"
+#include "quantize/gguf.h"
 #include "quantize/report.h"
 #include "quantize/schemes.h"
 
@@ -57,6 +58,11 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
   }
   const model::ModelConfig config = model::load_model_config(source);
   const Scheme& scheme = find_scheme(c.scheme);
+  if (is_gguf_scheme(scheme)) {  // one .gguf file, no calibration stream (quantize/gguf.h)
+    if (io::path_exists(c.out) && !c.overwrite)
+      throw std::invalid_argument("config key output.dir: " + c.out + " exists; pass --overwrite (output.overwrite) to replace it");
+    return run_gguf_recipe(c, options, source, config, scheme);
+  }
   const std::string format = export_format(c.format, scheme);
   const at::ScalarType dtype = choose_dtype(c, config);
   const at::Device device = model::parse_device(c.device, "config key model.device");

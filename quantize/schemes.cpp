@@ -26,6 +26,15 @@ const std::vector<Scheme>& schemes() {
        "int4 weights in groups along K, round to nearest, weight-only (W4A16; GPTQ's baseline)"},
       {"gptq-int4", "int4", "group", "", "gptq", "pack-quantized", "GPTQ int4 weights in groups along K (W4A16)"},
       {"gptq-int8", "int8", "group", "", "gptq", "pack-quantized", "GPTQ int8 weights in groups along K (W8A16)"},
+      // GGUF for llama.cpp / Ollama (quantize/gguf.h): one .gguf through anvil::model::export_gguf, llama-quantize's
+      // tensor types and ggml's reference quantizers; weight = the export type.
+      {"gguf-q8_0", "q8_0", "block32", "", "rtn", "gguf", "GGUF Q8_0 (llama.cpp's q8_0: 8-bit blocks of 32)"},
+      {"gguf-q4_0", "q4_0", "block32", "", "rtn", "gguf", "GGUF Q4_0 (llama-quantize Q4_0; the output matrix Q6_K/Q8_0)"},
+      {"gguf-q4_k_m", "q4_k_m", "superblock256", "", "rtn", "gguf",
+       "GGUF Q4_K_M (llama-quantize's mix: Q4_K, attn_v/ffn_down Q6_K on some layers, the output Q6_K)"},
+      {"gguf-q5_k_m", "q5_k_m", "superblock256", "", "rtn", "gguf",
+       "GGUF Q5_K_M (llama-quantize's mix: Q5_K, attn_v/ffn_down Q6_K on some layers, the output Q6_K)"},
+      {"gguf-q6_k", "q6_k", "superblock256", "", "rtn", "gguf", "GGUF Q6_K (llama-quantize Q6_K)"},
   };
   return kSchemes;
 }

@@ -21,7 +21,7 @@ int cmd_export_gguf(int argc, char** argv) {
   opts.add_options()
       ("model", "the model folder (config.json, safetensors, tokenizer files)", cxxopts::value<std::string>())
       ("out", "the .gguf file to write", cxxopts::value<std::string>())
-      ("type", "f32, f16, bf16, q8_0 or q4_0", cxxopts::value<std::string>()->default_value("q8_0"))
+      ("type", "f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m or q6_k", cxxopts::value<std::string>()->default_value("q8_0"))
       ("name", "general.name (default: the folder's name)", cxxopts::value<std::string>()->default_value(""))
       ("overwrite", "replace an existing --out file")
       ("json", "print the report as one JSON object on stdout")

@@ -138,7 +138,7 @@ const std::vector<Subcommand>& subcommands() {
       {"tokenize", "encode text to ids (or decode ids) with a model's tokenizer", cmd_tokenize},
       {"generate", "continue a prompt (or answer it as a chat) with a model and its tokenizer", anvil::cli::cmd_generate},
       {"eval", "perplexity of a model on a .txt or .jsonl file", anvil::cli::cmd_eval},
-      {"export-gguf", "write a Llama/Mistral folder as one GGUF file (f32, f16, bf16, q8_0, q4_0)",
+      {"export-gguf", "write a Llama/Mistral folder as one GGUF file (f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k)",
        anvil::cli::cmd_export_gguf},
       {"merge", "fold a LoRA adapter into its base model and save the merged checkpoint", anvil::lora::cmd_merge},
       // The recipes: one line each (cli/recipe_command.h).
@@ -158,8 +158,10 @@ const std::vector<Subcommand>& subcommands() {
                          anvil::quantize::resolve_config, anvil::quantize::run_recipe,
                          {{"model", "model.path", "the model to quantize (HF folder or cached hub id)"},
                           {"scheme", "quantize.scheme", "fp8-block, fp8-channel, fp8-tensor, int8-weight, w8a8-int8, "
-                                                        "int4-weight, gptq-int4, gptq-int8"},
-                          {"out", "output.dir", "the quantized model's folder"},
+                                                        "int4-weight, gptq-int4, gptq-int8, gguf-q8_0, gguf-q4_0, gguf-q4_k_m, "
+                                                        "gguf-q5_k_m, gguf-q6_k"},
+                          {"out", "output.dir", "the quantized model's folder (gguf-*: a FILE.gguf, or a folder "
+                                                "that gets model.gguf)"},
                           {"calib", "data.calib", "calibration JSONL"},
                           {"eval", "data.eval", "held-out JSONL for the report's perplexity and KL"},
                           {"overwrite", "output.overwrite", "replace an existing --out", true}})},

@@ -86,14 +86,14 @@ const TypeInfo kTypes[] = {
     {ggml_type::kF16, "F16", 1, 2, true},
     {ggml_type::kQ4_0, "Q4_0", kQK, 2 + kQK / 2, true},
     {ggml_type::kQ4_1, "Q4_1", kQK, 2 + 2 + kQK / 2, true},
-    {ggml_type::kQ5_0, "Q5_0", kQK, 2 + 4 + kQK / 2, false},
-    {ggml_type::kQ5_1, "Q5_1", kQK, 2 + 2 + 4 + kQK / 2, false},
+    {ggml_type::kQ5_0, "Q5_0", kQK, 2 + 4 + kQK / 2, true},
+    {ggml_type::kQ5_1, "Q5_1", kQK, 2 + 2 + 4 + kQK / 2, true},
     {ggml_type::kQ8_0, "Q8_0", kQK, 2 + kQK, true},
     {ggml_type::kQ8_1, "Q8_1", kQK, 4 + kQK, false},
     {ggml_type::kQ2_K, "Q2_K", kQKK, 2 + 2 + kQKK / 16 + kQKK / 4, false},
     {ggml_type::kQ3_K, "Q3_K", kQKK, 2 + kQKK / 4 + kQKK / 8 + 12, false},
     {ggml_type::kQ4_K, "Q4_K", kQKK, 2 + 2 + 12 + kQKK / 2, true},
-    {ggml_type::kQ5_K, "Q5_K", kQKK, 2 + 2 + 12 + kQKK / 8 + kQKK / 2, false},
+    {ggml_type::kQ5_K, "Q5_K", kQKK, 2 + 2 + 12 + kQKK / 8 + kQKK / 2, true},
     {ggml_type::kQ6_K, "Q6_K", kQKK, 2 + kQKK / 2 + kQKK / 4 + kQKK / 16, true},
     {ggml_type::kQ8_K, "Q8_K", kQKK, 4 + kQKK + kQKK / 16 * 2, false},
     {ggml_type::kI8, "I8", 1, 1, false},
@@ -395,6 +395,35 @@ void dequant_q4_1(const uint8_t* b, float* y) {
   }
 }
 
+// block_q5_0 { ggml_half d; uint8_t qh[4]; uint8_t qs[16]; }: nibbles as Q4_0, the fifth bit of element j in
+// bit j of the little-endian u32 qh; y = (q - 16) * d.
+void dequant_q5_0(const uint8_t* b, float* y) {
+  const float d = fp16(b);
+  uint32_t qh;
+  std::memcpy(&qh, b + 2, 4);
+  const uint8_t* qs = b + 6;
+  for (int j = 0; j < 16; ++j) {
+    const int x0 = ((qs[j] & 0x0F) | (((qh >> j) << 4) & 0x10)) - 16;
+    const int x1 = ((qs[j] >> 4) | ((qh >> (j + 12)) & 0x10)) - 16;
+    y[j] = static_cast<float>(x0) * d;
+    y[j + 16] = static_cast<float>(x1) * d;
+  }
+}
+
+// block_q5_1 { ggml_half d, m; uint8_t qh[4]; uint8_t qs[16]; }: bits as Q5_0; y = q * d + m.
+void dequant_q5_1(const uint8_t* b, float* y) {
+  const float d = fp16(b), m = fp16(b + 2);
+  uint32_t qh;
+  std::memcpy(&qh, b + 4, 4);
+  const uint8_t* qs = b + 8;
+  for (int j = 0; j < 16; ++j) {
+    const int x0 = (qs[j] & 0x0F) | (((qh >> j) << 4) & 0x10);
+    const int x1 = (qs[j] >> 4) | ((qh >> (j + 12)) & 0x10);
+    y[j] = static_cast<float>(x0) * d + m;
+    y[j + 16] = static_cast<float>(x1) * d + m;
+  }
+}
+
 // Q4_K's 6-bit scale and min of sub-block j (0..7) from the 12 packed bytes (ggml's get_scale_min_k4):
 // bytes 0-3 hold scales 0-3 (low 6 bits), 4-7 mins 0-3; sub-blocks 4-7 take their low 4 bits from bytes
 // 8-11 and their high 2 bits from the top bits of bytes 0-7.
@@ -424,6 +453,30 @@ void dequant_q4_k(const uint8_t* b, float* y) {
     for (int l = 0; l < 32; ++l) y[32 + l] = d2 * static_cast<float>(q[l] >> 4) - m2;
     q += 32;
     y += 64;
+  }
+}
+
+// block_q5_K { ggml_half d, dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; }: Q4_K's scales and
+// nibbles, plus a fifth bit per value: for the c-th pair of sub-blocks, bit 2c (first) and 2c + 1 (second) of
+// qh[l]; y = d * sc * q - dmin * m.
+void dequant_q5_k(const uint8_t* b, float* y) {
+  const float d = fp16(b), dmin = fp16(b + 2);
+  const uint8_t* scales = b + 4;
+  const uint8_t* qh = b + 16;
+  const uint8_t* ql = b + 48;
+  uint8_t u1 = 1, u2 = 2;
+  for (int j = 0; j < 8; j += 2) {
+    uint8_t sc, m;
+    scale_min_k4(j, scales, sc, m);
+    const float d1 = d * sc, m1 = dmin * m;
+    scale_min_k4(j + 1, scales, sc, m);
+    const float d2 = d * sc, m2 = dmin * m;
+    for (int l = 0; l < 32; ++l) y[l] = d1 * static_cast<float>((ql[l] & 0x0F) + (qh[l] & u1 ? 16 : 0)) - m1;
+    for (int l = 0; l < 32; ++l) y[32 + l] = d2 * static_cast<float>((ql[l] >> 4) + (qh[l] & u2 ? 16 : 0)) - m2;
+    ql += 32;
+    y += 64;
+    u1 <<= 2;
+    u2 <<= 2;
   }
 }
 
@@ -474,7 +527,10 @@ BlockFn block_function(uint32_t type) {
     case ggml_type::kQ8_0: return dequant_q8_0;
     case ggml_type::kQ4_0: return dequant_q4_0;
     case ggml_type::kQ4_1: return dequant_q4_1;
+    case ggml_type::kQ5_0: return dequant_q5_0;
+    case ggml_type::kQ5_1: return dequant_q5_1;
     case ggml_type::kQ4_K: return dequant_q4_k;
+    case ggml_type::kQ5_K: return dequant_q5_k;
     case ggml_type::kQ6_K: return dequant_q6_k;
     default: return nullptr;
   }
@@ -485,7 +541,7 @@ BlockFn block_function(uint32_t type) {
 at::Tensor dequantize_ggml_tensor(const GgufTensorInfo& info, const uint8_t* data, const std::string& what) {
   const BlockFn fn = block_function(info.type);
   TORCH_CHECK(fn, "gguf: '", what, "': tensor '", info.name, "' has ggml type ", ggml_type_name(info.type),
-              ", which anvil does not dequantize (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K)");
+              ", which anvil does not dequantize (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)");
   // Plain variables, not a structured binding: the lambda below captures them (C++17 forbids capturing
   // bindings, which clang enforces).
   const auto layout = ggml_block_layout(info.type);

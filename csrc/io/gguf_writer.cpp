@@ -20,6 +20,10 @@
 //     F16:  IEEE round to nearest even (c10::Half, as numpy's astype(float16)).
 //   This file is compiled with -ffp-contract=off (CMakeLists.txt): a fused multiply-add in x * id + 8.5
 //   would round once instead of twice and change a nibble now and then.
+//   Q4_K, Q5_K, Q6_K and the Q5_0 / Q5_1 fallbacks are ggml-quants.c's _ref quantizers (gguf-py does not
+//   quantize them): csrc/io/gguf_kquants.cpp.
+#include "io_internal.h"
+
 #include "anvil/io/fs.h"
 #include "anvil/io/gguf.h"
 
@@ -303,12 +307,12 @@ uint16_t bf16_bits(float v) {
 
 bool ggml_type_quantizable(uint32_t type) {
   return type == ggml_type::kF32 || type == ggml_type::kF16 || type == ggml_type::kBF16 ||
-         type == ggml_type::kQ8_0 || type == ggml_type::kQ4_0;
+         type == ggml_type::kQ8_0 || type == ggml_type::kQ4_0 || detail::ggml_block_quantizer(type) != nullptr;
 }
 
 std::vector<uint8_t> quantize_ggml(const at::Tensor& x_in, uint32_t type, const std::string& what) {
   TORCH_CHECK(ggml_type_quantizable(type), "gguf: '", what, "': anvil does not quantize to ",
-              ggml_type_name(type), " (F32, F16, BF16, Q8_0, Q4_0)");
+              ggml_type_name(type), " (F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)");
   TORCH_CHECK(x_in.device().is_cpu() && at::isFloatingType(x_in.scalar_type()), "gguf: '", what,
               "': quantize_ggml takes a CPU floating tensor, got ", x_in.toString());
   const std::vector<int64_t> shape = x_in.dim() == 0 ? std::vector<int64_t>{1} : x_in.sizes().vec();
@@ -327,6 +331,12 @@ std::vector<uint8_t> quantize_ggml(const at::Tensor& x_in, uint32_t type, const 
         const uint16_t v = half ? fp16_bits(src[i]) : bf16_bits(src[i]);
         std::memcpy(dst + 2 * i, &v, 2);
       }
+    });
+  } else if (const auto quantize_block = detail::ggml_block_quantizer(type)) {
+    const auto layout = ggml_block_layout(type);  // (elements, bytes) per block
+    const int64_t block_elems = layout.first, block_bytes = layout.second;
+    at::parallel_for(0, n / block_elems, 64, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) quantize_block(src + i * block_elems, dst + i * block_bytes);
     });
   } else {
     const bool q8 = type == ggml_type::kQ8_0;

@@ -57,4 +57,10 @@ class RegisteredFile {
   bool registered_ = false;
 };
 
+/// One ggml block quantizer: a block of the type's element count (fp32) -> its bytes (csrc/io/gguf_kquants.cpp).
+using GgmlBlockQuantizer = void (*)(const float* x, uint8_t* out);
+/// ggml's reference quantizer for Q4_K, Q5_K, Q6_K, Q5_0 or Q5_1 (quantize_row_*_ref, bit-exact); nullptr for
+/// another type (Q8_0 and Q4_0 are in gguf_writer.cpp).
+GgmlBlockQuantizer ggml_block_quantizer(uint32_t type);
+
 }  // namespace anvil::io::detail

@@ -3,8 +3,11 @@
 // Written from llama.cpp's convert_hf_to_gguf.py (Model.set_gguf_parameters, prepare_tensors; LlamaModel
 // set_gguf_parameters, permute, modify_tensors, generate_extra_tensors) and gguf-py's GGUFWriter key
 // types, so that a file written here and one written by the converter hold the same keys, types,
-// names and bytes (the converter's outtypes f32/f16/bf16/q8_0; q4_0 is llama-quantize's type, done here
-// with ggml's reference quantizer and llama-quantize's rule for the output matrix).
+// names and bytes (the converter's outtypes f32/f16/bf16/q8_0). q4_0, q4_k_m, q5_k_m and q6_k are
+// llama-quantize's ftypes: the per-tensor types are llama-quant.cpp's llama_tensor_get_type rules for the
+// Llama architecture (gguf_tensor_type) and the bytes ggml's reference quantizers (io::quantize_ggml), so the
+// file equals `llama-quantize model-f32.gguf out.gguf Q4_K_M` but for the tensor order (the converter's
+// here; llama-quantize writes its loader's order, by layer then name, which no reader depends on).
 //
 // Everything is validated before the first byte is written (config keys, tensor names and shapes, the
 // type), so an error names what is wrong and leaves no file; the tensors are then produced one at a
@@ -39,14 +42,34 @@ bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
-// The ggml type of the 2-D weights for an export type.
+// The ggml type of the 2-D weights for an export type (llama_ftype_get_default_type for the mixes).
 uint32_t base_type(const std::string& type) {
   if (type == "f32") return gt::kF32;
   if (type == "f16") return gt::kF16;
   if (type == "bf16") return gt::kBF16;
   if (type == "q8_0") return gt::kQ8_0;
   if (type == "q4_0") return gt::kQ4_0;
-  TORCH_CHECK(false, "gguf export: type '", type, "' is not one of f32, f16, bf16, q8_0, q4_0");
+  if (type == "q4_k_m") return gt::kQ4_K;
+  if (type == "q5_k_m") return gt::kQ5_K;
+  if (type == "q6_k") return gt::kQ6_K;
+  TORCH_CHECK(false, "gguf export: type '", type, "' is not one of f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k");
+}
+
+int64_t block_of(uint32_t t) { return anvil::io::ggml_block_layout(t).first; }
+
+// llama-quantize's use_more_bits: the first and last eighth of the layers and every third one between.
+bool use_more_bits(int64_t i, int64_t n) { return i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2; }
+
+// tensor_type_fallback: a row that is not a whole number of the type's blocks takes the next type of 32-blocks
+// (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0), and F16 when not even 32 divides it (llama-quantize refuses a
+// Q8_0 / Q4_0 row of that kind; the converter writes F16, and so does anvil).
+uint32_t fallback(uint32_t t, int64_t ncols) {
+  if (ncols % block_of(t) == 0) return t;
+  uint32_t r = gt::kF16;
+  if (t == gt::kQ4_K) r = gt::kQ5_0;
+  else if (t == gt::kQ5_K) r = gt::kQ5_1;
+  else if (t == gt::kQ6_K) r = gt::kQ8_0;
+  return ncols % block_of(r) == 0 ? r : gt::kF16;
 }
 
 int64_t get_int(const json& c, const std::string& key, const std::string& path) {
@@ -99,6 +122,9 @@ int64_t gguf_export_file_type(const std::string& type) {
   if (type == "q4_0") return 2;  // MOSTLY_Q4_0
   if (type == "q8_0") return 7;  // MOSTLY_Q8_0
   if (type == "bf16") return 32; // MOSTLY_BF16
+  if (type == "q4_k_m") return 15;  // MOSTLY_Q4_K_M
+  if (type == "q5_k_m") return 17;  // MOSTLY_Q5_K_M
+  if (type == "q6_k") return 18;    // MOSTLY_Q6_K
   base_type(type);  // throws with the list
   return -1;
 }
@@ -129,6 +155,34 @@ std::string hf_to_gguf_name(const std::string& hf) {
   for (const auto& [h, g] : kParts)
     if (part == h) return "blk." + layer + "." + g;
   return "";
+}
+
+uint32_t gguf_tensor_type(const std::string& type, const std::string& name, const std::vector<int64_t>& shape,
+                          int64_t n_layer, bool has_output, bool is_70b) {
+  const uint32_t base = base_type(type);
+  if (shape.size() < 2 || ends_with(name, "_norm.weight") || !ends_with(name, "weight")) return gt::kF32;
+  const int64_t ncols = shape.back();
+  if (base == gt::kF32 || base == gt::kF16 || base == gt::kBF16)  // the converter: F16 for a row of odd length
+    return ncols % block_of(base) == 0 ? base : gt::kF16;
+  // llama_tensor_get_type_impl for LLM_ARCH_LLAMA, no importance matrix, no overrides.
+  uint32_t t = base;
+  if (name == "output.weight" || (!has_output && name == "token_embd.weight")) {
+    // The output matrix (or the tied embedding that serves as it): Q8_0 when its row is not a whole number of the
+    // base type's blocks, else Q6_K unless the base is Q8_0.
+    if (ncols % block_of(base) != 0) t = gt::kQ8_0;
+    else if (base != gt::kQ8_0) t = gt::kQ6_K;
+  } else if (name.rfind("blk.", 0) == 0) {
+    // i_attention_wv / i_ffn_down count tensors in the loader's order (layer, then name): the layer index here.
+    const int64_t layer = std::stoll(name.substr(4, name.find('.', 4) - 4));
+    const bool k_mix = type == "q4_k_m" || type == "q5_k_m";
+    if (ends_with(name, ".attn_v.weight")) {
+      if (k_mix && use_more_bits(layer, n_layer)) t = gt::kQ6_K;
+      if (is_70b && t == gt::kQ4_K) t = gt::kQ5_K;  // 8 heads share attn_v in a 70B
+    } else if (ends_with(name, ".ffn_down.weight")) {
+      if (k_mix && use_more_bits(layer, n_layer)) t = gt::kQ6_K;
+    }
+  }
+  return fallback(t, ncols);
 }
 
 at::Tensor gguf_permute_qk(const at::Tensor& w, int64_t n_head) {
@@ -262,21 +316,13 @@ GgufExportReport export_gguf(const std::string& model_dir, const std::string& ou
     fail(model_dir, "no model.embed_tokens.weight");
   std::sort(plan.begin(), plan.end(), [](const Planned& a, const Planned& b) { return a.order < b.order; });
 
-  // Types: prepare_tensors' rules. 1-D and *_norm.weight F32; 2-D the base type, F16 when the row is not
-  // a whole number of blocks (the QuantError fallback). q4_0 (llama-quantize): the output matrix, or the
-  // token embedding when there is none, Q8_0 (llama-quantize picks Q6_K when the row is a multiple of
-  // 256 and Q8_0 otherwise; anvil writes no Q6_K, and Q8_0 is the higher-precision of the two).
-  for (auto& p : plan) {
-    if (p.shape.size() <= 1 || ends_with(p.name, "_norm.weight")) {
-      p.type = gt::kF32;
-      continue;
-    }
-    uint32_t t = type;
-    if (type == gt::kQ4_0 && (p.name == "output.weight" || (!has_output && p.name == "token_embd.weight"))) t = gt::kQ8_0;
-    const int64_t block = anvil::io::ggml_block_layout(t).first;
-    if (p.shape.back() % block != 0) t = gt::kF16;
-    p.type = t;
-  }
+  // Types (gguf_tensor_type): f32/f16/bf16 the converter's prepare_tensors rules (1-D and norms F32, F16 for a
+  // row that is not a whole number of blocks); the quantized types llama-quantize's llama_tensor_get_type for
+  // its ftype (the output matrix Q6_K, attn_v / ffn_down Q6_K on use_more_bits layers for the _M mixes, the
+  // 256-block types falling back to 32-block ones on rows not a multiple of 256). LLM_TYPE_70B: 80 layers with
+  // grouped KV heads.
+  const bool is_70b = layers == 80 && kv_heads != heads;
+  for (auto& p : plan) p.type = gguf_tensor_type(options.type, p.name, p.shape, layers, has_output, is_70b);
 
   // ---- metadata: Model.set_gguf_parameters + LlamaModel's, in the converter's order -----------------
   std::vector<std::pair<std::string, GgufValue>> meta;

@@ -5,7 +5,8 @@
   convert_hf_to_gguf.py would write them: gguf-py's SpecialVocab gives the special ids, merges, add_* flags
   and chat template; the vocabulary comes from tokenizer.json / a protobuf read of tokenizer.model);
 - tensor names, types, shapes, and bytes equal to gguf.quants.quantize of the q/k-permuted weights (F32, F16,
-  BF16, Q8_0, Q4_0), with the F16 fallback for rows that are not whole blocks and Q8_0 for q4_0's output;
+  BF16, Q8_0, Q4_0), with the F16 fallback for rows that are not whole blocks and Q8_0 for q4_0's output
+  (rows of 64, not of 256; the K-quants and mixes: test_gguf_kquants.py);
 - logits: anvil's GGUF load equals the source model (F32: fp32 rule), and the model of the dequantized
   weights (the other types); transformers 5.17 loading the GGUF gives anvil's logits;
 - the tokenizer read back (anvil's GGUF tokenizer, transformers' GGUF tokenizer) encodes as the source;
@@ -87,12 +88,13 @@ def gguf_name(hf):
 
 
 def expected_type(name, shape, base, tied):
-    """prepare_tensors' rules, plus llama-quantize's output rule for Q4_0 (Q8_0 here; see FORMATS.md)."""
+    """prepare_tensors' rules, plus llama-quantize's output rule for Q4_0 (Q6_K for a row of a multiple of 256,
+    else Q8_0; see FORMATS.md; the K mixes: test_gguf_kquants.py)."""
     if len(shape) == 1 or name.endswith("_norm.weight"):
         return Q.F32
     t = base
     if base == Q.Q4_0 and (name == "output.weight" or (tied and name == "token_embd.weight")):
-        t = Q.Q8_0
+        t = Q.Q6_K if shape[-1] % 256 == 0 else Q.Q8_0
     block = gguf.GGML_QUANT_SIZES[t][0]
     return t if shape[-1] % block == 0 else Q.F16
 

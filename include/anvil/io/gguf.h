@@ -65,7 +65,7 @@ constexpr uint32_t kF32 = 0, kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 
 std::string ggml_type_name(uint32_t type);
 /// Elements per block and bytes per block of a ggml type anvil can size; {0, 0} for an unknown type.
 std::pair<int64_t, int64_t> ggml_block_layout(uint32_t type);
-/// Whether anvil dequantizes this type (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K).
+/// Whether anvil dequantizes this type (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K).
 bool ggml_type_dequantizable(uint32_t type);
 
 /// One tensor of a GGUF file.
@@ -176,13 +176,14 @@ struct GgufTensorSpec {
 /// row (last dim) is not a whole number of the type's blocks.
 uint64_t ggml_tensor_nbytes(uint32_t type, const std::vector<int64_t>& shape, const std::string& what = "tensor");
 
-/// Whether quantize_ggml makes this type: F32, F16, BF16, Q8_0, Q4_0.
+/// Whether quantize_ggml makes this type: F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K.
 bool ggml_type_quantizable(uint32_t type);
 
 /// `x` (a CPU tensor of any floating dtype; converted to fp32 first, as gguf-py does) in ggml's bytes of
 /// `type`, blocks running along the contiguous last dimension (its length must be a multiple of the
 /// block size): F32 as is, F16 round-to-nearest-even, BF16 ggml_compute_fp32_to_bf16 (quiet NaN, RNE),
-/// Q8_0 and Q4_0 as quantize_row_q8_0_ref / quantize_row_q4_0_ref. Throws naming `what`.
+/// Q8_0, Q4_0, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K as ggml-quants.c's quantize_row_*_ref (what llama-quantize runs
+/// without an importance matrix). Throws naming `what`.
 std::vector<uint8_t> quantize_ggml(const at::Tensor& x, uint32_t type, const std::string& what = "tensor");
 
 /// Writes a GGUF v3 file at `path`: `metadata` in order (keys unique and non-empty; `general.alignment`,

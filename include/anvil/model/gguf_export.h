@@ -10,9 +10,11 @@
 // ffn_down}, output_norm, output (absent when the embeddings are tied), rope_freqs (Llama 3 rope
 // scaling). q and k rows are permuted per head from transformers' (2, head_dim/2) order to ggml's
 // (head_dim/2, 2) (LlamaModel.permute; the inverse of gguf_unpermute_qk). Types: see docs/FORMATS.md
-// "GGUF export": 1-D tensors and norms F32; 2-D weights the chosen type; a row length that is not a
-// multiple of the block size falls back to F16 (the converter's QuantError fallback); for q4_0 the
-// output matrix (or the tied embedding) is Q8_0.
+// "GGUF export": 1-D tensors and norms F32; 2-D weights the chosen type; for f32/f16/bf16/q8_0 a row length
+// that is not a multiple of the block size falls back to F16 (the converter's QuantError fallback); the
+// quantized types are llama-quantize's mixes (gguf_tensor_type: llama_tensor_get_type's rules, the output
+// matrix Q6_K, attn_v / ffn_down promoted on some layers for q4_k_m / q5_k_m, fallbacks for rows not a
+// multiple of 256).
 //
 // The tokenizer metadata comes from anvil::data::gguf_tokenizer_metadata (data/, which model does not
 // depend on) through the options.tokenizer_metadata callback; bindings and the CLI set it.
@@ -30,7 +32,8 @@
 namespace anvil::model {
 
 struct GgufExportOptions {
-  /// "f32", "f16", "bf16", "q8_0" or "q4_0".
+  /// "f32", "f16", "bf16", "q8_0" (the converter's outtypes), "q4_0", "q4_k_m", "q5_k_m" or "q6_k" (llama-quantize's
+  /// Q4_0, Q4_K_M, Q5_K_M, Q6_K mixes).
   std::string type = "q8_0";
   /// general.name; the model folder's name when empty.
   std::string name;
@@ -58,6 +61,14 @@ struct GgufExportReport {
 
 /// The LLAMA_FTYPE value (general.file_type) of an export type; throws naming the type when unknown.
 int64_t gguf_export_file_type(const std::string& type);
+
+/// The ggml type of tensor `name` (llama.cpp name, PyTorch `shape`) in an export of `type`: the converter's
+/// rules for f32/f16/bf16, llama-quantize's llama_tensor_get_type (Llama architecture, no importance matrix)
+/// for the quantized types, with its fallbacks for rows that are not a whole number of blocks (docs/FORMATS.md
+/// "GGUF export"). `has_output`: the file holds output.weight (else token_embd serves as it); `is_70b`: llama.cpp's
+/// LLM_TYPE_70B (80 layers, grouped KV heads).
+uint32_t gguf_tensor_type(const std::string& type, const std::string& name, const std::vector<int64_t>& shape,
+                          int64_t n_layer, bool has_output, bool is_70b = false);
 
 /// The llama.cpp tensor name of a Hugging Face Llama checkpoint key ("model.layers.3.mlp.up_proj.weight"
 /// -> "blk.3.ffn_up.weight"), or "" when it has none. The inverse of gguf_to_hf_name.

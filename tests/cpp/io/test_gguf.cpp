@@ -214,9 +214,10 @@ TEST(Gguf, DequantizesQ6_K) {
 }
 
 TEST(Gguf, RefusesWhatItCannotDequantize) {
-  const std::string file = gguf_file("", 0, {{"blk.0.x", {32}, gt::kQ5_0, std::string(22, '\0')}});
-  EXPECT_EQ(parse(file).tensors[0].nbytes, 22u);
-  expect_error([&] { dequant(file); }, {"blk.0.x", "Q5_0", "does not dequantize"});
+  // block_q2_K: 256 values in 84 bytes (2 + 2 + 16 + 64); anvil sizes it but does not dequantize it.
+  const std::string file = gguf_file("", 0, {{"blk.0.x", {256}, gt::kQ2_K, std::string(84, '\0')}});
+  EXPECT_EQ(parse(file).tensors[0].nbytes, 84u);
+  expect_error([&] { dequant(file); }, {"blk.0.x", "Q2_K", "does not dequantize"});
 }
 
 // ---- the model mapping -----------------------------------------------------------------------------

@@ -144,7 +144,7 @@ TEST(GgufWriter, Q4_0KeepsTheSignedMaximumExactly) {
 TEST(GgufWriter, BadInputIsAnError) {
   const std::string dir = temp_dir(), path = anvil::io::join_path(dir, "bad.gguf");
   expect_error([&] { anvil::io::quantize_ggml(at::ones({4, 48}), gt::kQ8_0, "w"); }, {"'w'", "row length 48", "block of 32"});
-  expect_error([&] { anvil::io::quantize_ggml(at::ones({32}), gt::kQ4_K); }, {"does not quantize to Q4_K"});
+  expect_error([&] { anvil::io::quantize_ggml(at::ones({256}), gt::kQ2_K); }, {"does not quantize to Q2_K"});
   expect_error([&] { anvil::io::write_gguf(path, {{"k", anvil::io::gguf_string_value("a")}, {"k", anvil::io::gguf_string_value("b")}}, {}, {}); },
                {"'k'", "twice"});
   expect_error([&] { anvil::io::write_gguf(path, {}, {{std::string(64, 'n'), {1}, gt::kF32}}, [](size_t) { return std::vector<uint8_t>(4); }); },
@@ -189,6 +189,69 @@ TEST(GgufExport, NamesAndPermutationInvertTheReader) {
   expect_error([&] { anvil::model::gguf_export_file_type("q5_k"); }, {"'q5_k'", "f32, f16, bf16, q8_0, q4_0"});
   EXPECT_EQ(anvil::model::gguf_export_file_type("q4_0"), 2);
   EXPECT_EQ(anvil::model::gguf_export_file_type("bf16"), 32);
+}
+
+TEST(GgufWriter, KQuantsDequantizeWithinTheirBounds) {
+  // Q4_K / Q5_K / Q6_K (and the Q5_0 / Q5_1 fallbacks) written and read back by anvil: the sizes of ggml's blocks,
+  // zero blocks exactly zero, and a per-value error below one step of the super-block's widest sub-block grid
+  // (the scale searches may clip an outlier by up to a step). Bytes against ggml: tests/python/test_gguf_kquants.py.
+  const std::string dir = temp_dir(), path = anvil::io::join_path(dir, "k.gguf");
+  at::Tensor x = at::randn({4, 512}, at::TensorOptions().dtype(at::kFloat)) * 0.1;  // (4, 512): 2 super-blocks a row
+  x[0].slice(0, 0, 256).zero_();
+  const std::vector<uint32_t> types = {gt::kQ4_K, gt::kQ5_K, gt::kQ6_K, gt::kQ5_0, gt::kQ5_1};
+  const std::vector<uint64_t> block_bytes = {144, 176, 210, 22, 24};
+  const std::vector<int> levels = {15, 31, 63, 31, 31};
+  std::vector<anvil::io::GgufTensorSpec> specs;
+  for (uint32_t t : types) specs.push_back({anvil::io::ggml_type_name(t), {4, 512}, t});
+  for (size_t i = 0; i < types.size(); ++i)
+    EXPECT_EQ(anvil::io::quantize_ggml(x, types[i]).size(), 4 * 512 / anvil::io::ggml_block_layout(types[i]).first * block_bytes[i]);
+  anvil::io::write_gguf(path, {}, specs, [&](size_t i) { return anvil::io::quantize_ggml(x, types[i]); });
+  const anvil::io::GgufFile f(path);
+  const at::Tensor sb = x.reshape({-1, 256});
+  const at::Tensor range = sb.amax(1, true) - sb.amin(1, true);  // (8, 1)
+  for (size_t i = 0; i < types.size(); ++i) {
+    const at::Tensor y = f.tensor(anvil::io::ggml_type_name(types[i])).reshape({-1, 256});
+    EXPECT_TRUE(at::equal(y[0], at::zeros({256}))) << i;
+    EXPECT_TRUE(((y - sb).abs() <= range / levels[i] * 1.05 + 1e-6).all().item<bool>()) << anvil::io::ggml_type_name(types[i]);
+    EXPECT_GT((y - sb).abs().max().item<float>(), 0.0f);
+  }
+  expect_error([&] { anvil::io::quantize_ggml(at::zeros({2, 128}), gt::kQ4_K); }, {"Q4_K"});
+  anvil::io::remove_tree(dir);
+}
+
+TEST(GgufExport, LlamaQuantizeTensorTypes) {
+  using anvil::model::gguf_tensor_type;
+  // use_more_bits for 8 layers: 0, 3, 6, 7 get Q6_K attn_v / ffn_down in the _m mixes.
+  for (int64_t layer = 0; layer < 8; ++layer) {
+    const bool more = layer == 0 || layer == 3 || layer == 6 || layer == 7;
+    const std::string b = "blk." + std::to_string(layer) + ".";
+    EXPECT_EQ(gguf_tensor_type("q4_k_m", b + "attn_v.weight", {256, 512}, 8, true), more ? gt::kQ6_K : gt::kQ4_K) << layer;
+    EXPECT_EQ(gguf_tensor_type("q5_k_m", b + "ffn_down.weight", {256, 512}, 8, true), more ? gt::kQ6_K : gt::kQ5_K) << layer;
+    EXPECT_EQ(gguf_tensor_type("q4_k_m", b + "attn_q.weight", {256, 512}, 8, true), gt::kQ4_K);
+    EXPECT_EQ(gguf_tensor_type("q6_k", b + "attn_v.weight", {256, 512}, 8, true), gt::kQ6_K);
+  }
+  // 70B: the attn_v that are not promoted to Q6_K take Q5_K (layer 20 of 80: not in use_more_bits).
+  EXPECT_EQ(gguf_tensor_type("q4_k_m", "blk.20.attn_v.weight", {256, 512}, 80, true, true), gt::kQ5_K);
+  EXPECT_EQ(gguf_tensor_type("q4_k_m", "blk.20.attn_v.weight", {256, 512}, 80, true, false), gt::kQ4_K);
+  EXPECT_EQ(gguf_tensor_type("q4_k_m", "blk.1.attn_v.weight", {256, 512}, 80, true, true), gt::kQ6_K);
+  EXPECT_EQ(gguf_tensor_type("q4_k_m", "output.weight", {1000, 512}, 8, true), gt::kQ6_K);
+  EXPECT_EQ(gguf_tensor_type("q4_k_m", "token_embd.weight", {1000, 512}, 8, true), gt::kQ4_K);
+  EXPECT_EQ(gguf_tensor_type("q4_k_m", "token_embd.weight", {1000, 512}, 8, false), gt::kQ6_K);  // tied: the output
+  EXPECT_EQ(gguf_tensor_type("q4_0", "output.weight", {1000, 512}, 8, true), gt::kQ6_K);
+  EXPECT_EQ(gguf_tensor_type("q4_0", "output.weight", {1000, 192}, 8, true), gt::kQ8_0);
+  EXPECT_EQ(gguf_tensor_type("q8_0", "output.weight", {1000, 512}, 8, true), gt::kQ8_0);
+  // Rows not a multiple of 256: Q5_0 / Q5_1 / Q8_0, F16 when not of 32 either; norms and 1-D F32.
+  EXPECT_EQ(gguf_tensor_type("q4_k_m", "blk.1.attn_q.weight", {192, 192}, 8, true), gt::kQ5_0);
+  EXPECT_EQ(gguf_tensor_type("q5_k_m", "blk.1.attn_q.weight", {192, 192}, 8, true), gt::kQ5_1);
+  EXPECT_EQ(gguf_tensor_type("q6_k", "blk.1.attn_q.weight", {192, 192}, 8, true), gt::kQ8_0);
+  EXPECT_EQ(gguf_tensor_type("q4_k_m", "blk.0.ffn_down.weight", {192, 80}, 8, true), gt::kF16);
+  EXPECT_EQ(gguf_tensor_type("q4_k_m", "output.weight", {1000, 80}, 8, true), gt::kF16);
+  EXPECT_EQ(gguf_tensor_type("q4_k_m", "blk.0.attn_norm.weight", {256}, 8, true), gt::kF32);
+  EXPECT_EQ(gguf_tensor_type("f16", "blk.0.ffn_down.weight", {192, 80}, 8, true), gt::kF16);
+  EXPECT_EQ(anvil::model::gguf_export_file_type("q4_k_m"), 15);
+  EXPECT_EQ(anvil::model::gguf_export_file_type("q5_k_m"), 17);
+  EXPECT_EQ(anvil::model::gguf_export_file_type("q6_k"), 18);
+  expect_error([&] { gguf_tensor_type("q3_k_m", "output.weight", {4, 256}, 8, true); }, {"'q3_k_m'", "q4_k_m"});
 }
 
 }  // namespace
