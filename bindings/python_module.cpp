@@ -623,7 +623,9 @@ void bind_distill(py::module_& m) {
              tr::check_layer_map(map, student_layers, teacher_layers, "layers");
              return std::make_shared<tr::HiddenLoss>(tr::parse_hidden_loss(type, "type"), weight, map, student_width,
                                                      teacher_width,
-                                                     at::TensorOptions().dtype(am::dtype_from_name(dtype)), seed);
+                                                     at::TensorOptions().dtype(dtype == "float64" ? at::kDouble
+                                                                                                  : am::dtype_from_name(dtype)),
+                                                     seed);
            }),
            py::arg("type"), py::arg("weight"), py::arg("layers"), py::arg("student_layers"), py::arg("teacher_layers"),
            py::arg("student_width"), py::arg("teacher_width"), py::arg("dtype") = "float32", py::arg("seed") = 0)

@@ -71,9 +71,9 @@ train::ConfigSchema config_schema() {
   schema.defaults["teacher"] = {{"path", ""}, {"dtype", "bfloat16"}, {"device", "auto"}, {"base_weights", "auto"}};
   schema.defaults["student"] = {{"init", "derived"}, {"path", ""},          {"config", ""},  {"layers", json::array()},
                                 {"every_nth", 0},    {"dtype", "bfloat16"}, {"device", "auto"}};
-  add_pruning_defaults(schema.defaults);
   schema.defaults["distill"] = {{"loss", "forward_kl"}, {"temperature", 1.0}, {"kd_ratio", 0.5},
                                 {"skew_lambda", 0.1},   {"jsd_beta", 0.5},    {"chunk", 1024}};
+  add_pruning_defaults(schema.defaults);  // student.intermediate_size, ..., distill.hidden_*
   schema.defaults["lora"] = train::lora_section_defaults();
   schema.foreign_sections = {{"model", "is not read by anvil distill: its two models are the \"teacher\" and "
                                        "\"student\" sections"}};

@@ -128,6 +128,13 @@ WidthOptions resolve_widths(const ModelConfig& c, const WidthOptions& w, const s
                                     std::to_string(r.num_attention_heads / r.num_key_value_heads) +
                                     " per group, more than the source's " + std::to_string(per_group) +
                                     " (heads are kept within their groups: prune num_key_value_heads less, or heads more)");
+  // transformers 5.17's LlamaConfig.validate_architecture refuses a config whose hidden_size is not a multiple
+  // of num_attention_heads, head_dim explicit or not (Qwen2/3's and Mistral's configs do not check it).
+  if (c.model_type == "llama" && r.hidden_size % r.num_attention_heads != 0)
+    fail(r.num_attention_heads != heads ? "num_attention_heads" : "hidden_size",
+         "a Llama student's hidden_size (" + std::to_string(r.hidden_size) + ") must be a multiple of its "
+         "num_attention_heads (" + std::to_string(r.num_attention_heads) + "): transformers' LlamaConfig refuses "
+         "it otherwise");
   return r;
 }
 

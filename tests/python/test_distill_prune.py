@@ -120,15 +120,15 @@ def test_the_student_keeps_exactly_the_top_scored(teacher_dir):
         g = heads[i].view(2, 4)
         want = [4 * grp + h for grp in range(2) for h in top(g[grp], 2)]
         assert sel["heads"][i].tolist() == want and sel["kv"][i].tolist() == [0, 1]
-    # One group of 3 heads: the group whose best three score highest.
-    _, sel = _C.derive_pruned(_C.CausalLM(teacher_dir), [], num_attention_heads=3, num_key_value_heads=1,
+    # One group of 2 heads: the group whose best two score highest.
+    _, sel = _C.derive_pruned(_C.CausalLM(teacher_dir), [], num_attention_heads=2, num_key_value_heads=1,
                               batches=batches)
     for i in range(3):
         g = heads[i].view(2, 4)
-        best = int(torch.argmax(torch.topk(g, 3, dim=1).values.sum(1)))
+        best = int(torch.argmax(torch.topk(g, 2, dim=1).values.sum(1)))
         assert sel["kv"][i].tolist() == [best]
-        assert sel["heads"][i].tolist() == [4 * best + h for h in top(g[best], 3)]
-    assert re.search(r"num_attention_heads\s+3/8 kept", sel["summary"]), sel["summary"]
+        assert sel["heads"][i].tolist() == [4 * best + h for h in top(g[best], 2)]
+    assert re.search(r"num_attention_heads\s+2/8 kept", sel["summary"]), sel["summary"]
     assert re.search(r"intermediate_size\s+48 \(kept\)", sel["summary"]), sel["summary"]
 
 
@@ -136,7 +136,7 @@ def test_the_student_keeps_exactly_the_top_scored(teacher_dir):
 
 def test_pruned_student_is_the_masked_teacher_and_loads_in_transformers(teacher_dir, tmp_path):
     batches = calibration(3)
-    student, sel = _C.derive_pruned(_C.CausalLM(teacher_dir), [], intermediate_size=30, num_attention_heads=3,
+    student, sel = _C.derive_pruned(_C.CausalLM(teacher_dir), [], intermediate_size=30, num_attention_heads=2,
                                     num_key_value_heads=1, batches=batches)
     masked = hf_model(teacher_dir)
     with torch.no_grad():
@@ -159,7 +159,7 @@ def test_pruned_student_is_the_masked_teacher_and_loads_in_transformers(teacher_
     hf = hf_model(out)
     with open(os.path.join(out, "config.json")) as f:
         cfg = json.load(f)
-    assert (cfg["intermediate_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (30, 3, 1, 4)
+    assert (cfg["intermediate_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (30, 2, 1, 4)
     with torch.no_grad():
         assert close(hf(ids).logits, got, 1e-5)
 
@@ -358,6 +358,8 @@ def test_bad_widths_and_layer_maps_name_the_key(teacher_dir, data, tmp_path):
          "config key student.num_attention_heads: 3 must be a multiple of num_key_value_heads (2)"),
         (["--student.num_attention_heads=8", "--student.num_key_value_heads=1"],
          "config key student.num_attention_heads: 8 heads over 1 KV groups"),
+        (["--student.num_attention_heads=3", "--student.num_key_value_heads=1"],
+         "config key student.num_attention_heads: a Llama student's hidden_size (24) must be a multiple"),
         (["--distill.hidden_layers=[[1, 2], [3, 3]]"], "config key distill.hidden_layers: pair [3, 3]: student index 3 "
                                                        "is out of range 0..2"),
         (["--distill.hidden_layers=[[1, 9]]"], "teacher index 9 is out of range 0..3"),

@@ -123,6 +123,10 @@ TEST(DerivePruned, WidthRulesNameTheKey) {
   EXPECT_NE(err({0, 8, 1, 0}).find("student.num_attention_heads: 8 heads over 1 KV groups is 8 per group, more than "
                                    "the source's 4"), std::string::npos) << err({0, 8, 1, 0});
   EXPECT_NE(err({-1, 0, 0, 0}).find("student.intermediate_size: must be >= 1"), std::string::npos);
+  // transformers' LlamaConfig wants hidden_size a multiple of the heads (Qwen's configs do not).
+  EXPECT_NE(err({0, 3, 1, 0}).find("student.num_attention_heads: a Llama student's hidden_size (32) must be a "
+                                   "multiple of its num_attention_heads (3)"), std::string::npos) << err({0, 3, 1, 0});
+  EXPECT_NE(err({0, 0, 0, 30}).find("student.hidden_size: a Llama student's hidden_size (30)"), std::string::npos);
   // Defaults: a pruned group keeps its heads; heads alone keep the groups.
   const auto a = resolve_widths(c, {0, 0, 1, 0}, p);
   EXPECT_EQ(a.num_attention_heads, 4);
@@ -176,7 +180,7 @@ TEST(DerivePruned, ForwardEqualsTheSourceWithPrunedChannelsAndHeadsMasked) {
   const auto source = random_model(gqa_source());
   source->eval();
   const std::vector<at::Tensor> batches = {at::randint(0, 64, {2, 9}, at::kLong), at::randint(0, 64, {3, 7}, at::kLong)};
-  const auto w = resolve_widths(source->config(), {30, 3, 1, 0}, "k.");  // 3 heads of 1 group, 30 of 48 channels
+  const auto w = resolve_widths(source->config(), {30, 2, 1, 0}, "k.");  // 2 heads of 1 group, 30 of 48 channels
   const auto imp = activation_importance(*source, batches);
   EXPECT_EQ(imp.rows, 5);
   EXPECT_EQ(imp.tokens, 2 * 9 + 3 * 7);
@@ -185,7 +189,7 @@ TEST(DerivePruned, ForwardEqualsTheSourceWithPrunedChannelsAndHeadsMasked) {
   pruned->eval();
   const auto cfg = nlohmann::json::parse(pruned->config().json);
   EXPECT_EQ(cfg["intermediate_size"], 30);
-  EXPECT_EQ(cfg["num_attention_heads"], 3);
+  EXPECT_EQ(cfg["num_attention_heads"], 2);
   EXPECT_EQ(cfg["num_key_value_heads"], 1);
   EXPECT_EQ(cfg["head_dim"], 4);
   // The masked source.
