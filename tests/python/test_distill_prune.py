@@ -358,8 +358,9 @@ def test_bad_widths_and_layer_maps_name_the_key(teacher_dir, data, tmp_path):
          "config key student.num_attention_heads: 3 must be a multiple of num_key_value_heads (2)"),
         (["--student.num_attention_heads=8", "--student.num_key_value_heads=1"],
          "config key student.num_attention_heads: 8 heads over 1 KV groups"),
-        (["--student.num_attention_heads=3", "--student.num_key_value_heads=1"],
-         "config key student.num_attention_heads: a Llama student's hidden_size (24) must be a multiple"),
+        (["--student.hidden_size=30"],
+         "config key student.num_attention_heads: a Llama student's hidden_size (30) must be a multiple of its "
+         "num_attention_heads (4)"),
         (["--distill.hidden_layers=[[1, 2], [3, 3]]"], "config key distill.hidden_layers: pair [3, 3]: student index 3 "
                                                        "is out of range 0..2"),
         (["--distill.hidden_layers=[[1, 9]]"], "teacher index 9 is out of range 0..3"),
