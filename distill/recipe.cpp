@@ -9,6 +9,7 @@
 #include "anvil/io/fs.h"
 #include "anvil/io/safetensors.h"
 #include "anvil/model/derive.h"
+#include "anvil/train/hidden_loss.h"
 #include "anvil/train/setup.h"
 
 #include <ATen/ATen.h>
@@ -183,7 +184,8 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
   const auto before = train::generate_for_prompts(*student, tok.get(), c.eval);
 
   // ---- the loop ----
-  const auto loss = train::kd_loss_fn(*student, teacher, c.kd, c.kd_ratio, c.train.loss_chunk, device, hidden.get());
+  const auto loss = hidden ? train::kd_hidden_loss_fn(*student, teacher, c.kd, c.kd_ratio, c.train.loss_chunk, device, *hidden)
+                           : train::kd_loss_fn(*student, teacher, c.kd, c.kd_ratio, c.train.loss_chunk, device);
   const auto evaluate = train::kd_eval_fn(*student, teacher, data, c.train, c.eval, c.kd.chunk, device);
   const int status = trainer.fit(stream, loss, evaluate, options.on_step, [&] {
     return train::memory_advice(estimate, plan, ", distill.chunk (now " + std::to_string(c.kd.chunk) + ")");

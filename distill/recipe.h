@@ -10,6 +10,7 @@
 #include "anvil/lora/lora.h"
 #include "anvil/model/derive.h"
 #include "anvil/train/config.h"
+#include "anvil/train/hidden_loss.h"
 #include "anvil/train/kd_loss.h"
 #include "anvil/train/trainer.h"
 

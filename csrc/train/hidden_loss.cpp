@@ -2,6 +2,8 @@
 // (the states are (T, H) rows, small next to the logits kd_loss.cpp chunks).
 #include "anvil/train/hidden_loss.h"
 
+#include "anvil/model/layer_outputs.h"
+
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <cmath>
@@ -90,6 +92,41 @@ at::Tensor HiddenLoss::operator()(const std::vector<at::Tensor>& student_layers,
   }
   const double scale = normalizer > 0 ? weight_ / (normalizer * double(map_.size())) : 0.0;
   return total * scale;
+}
+
+KdHiddenBatchLoss kd_hidden_batch_loss(model::CausalLM& student, const Teacher& teacher, const data::Batch& b,
+                                       double normalizer, const KdOptions& o, double kd_ratio, int64_t ce_chunk,
+                                       at::Device device, const HiddenLoss& hidden) {
+  std::vector<at::Tensor> student_layers, teacher_layers;  // (B, S, H) each, as the forwards compute them
+  KdHiddenBatchLoss out;
+  {
+    const model::LayerOutputsScope record_student(*student.model, &student_layers);
+    const model::LayerOutputsScope record_teacher(*teacher.model->model, &teacher_layers);
+    out.logits = kd_batch_loss(student, teacher, b, normalizer, o, kd_ratio, ce_chunk, device);
+    if (teacher_layers.empty()) {  // kd_ratio 0 does not run the teacher: run it for its states
+      at::NoGradGuard no_grad;
+      const auto all = batch_to_device(b, teacher.model->device());  // (4, B, S)
+      teacher.model->hidden_states(all[0], nullptr, all[1], b.packed ? c10::optional<at::Tensor>(all[2]) : c10::nullopt);
+    }
+  }
+  const auto labels = at::from_blob(const_cast<int32_t*>(b.labels.data()), {int64_t(b.labels.size())}, at::kInt);
+  const auto rows = target_rows(labels.to(device, at::kLong));  // (T)
+  const auto h = hidden(student_layers, teacher_layers, rows, normalizer).to(at::kFloat);
+  out.logits.total = out.logits.total + h;
+  out.hidden = h.detach();
+  return out;
+}
+
+LossFn kd_hidden_loss_fn(model::CausalLM& student, const Teacher& teacher, const KdOptions& o, double kd_ratio,
+                         int64_t ce_chunk, at::Device device, const HiddenLoss& hidden) {
+  return [&student, &teacher, o, kd_ratio, ce_chunk, device, &hidden](const data::Batch& b, double normalizer) {
+    const auto l = kd_hidden_batch_loss(student, teacher, b, normalizer, o, kd_ratio, ce_chunk, device, hidden);
+    Loss loss{l.logits.total, {}};
+    if (kd_ratio > 0) loss.terms.emplace_back("kd", l.logits.kd);  // kd_ratio 0: no kd to log
+    loss.terms.emplace_back("ce", l.logits.ce);
+    loss.terms.emplace_back("hidden", l.hidden);
+    return loss;
+  };
 }
 
 }  // namespace anvil::train

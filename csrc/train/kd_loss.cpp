@@ -17,8 +17,6 @@
 // Then dz_raw = dz / T. Peak extra memory per chunk: a few (rows, V) fp32 buffers.
 #include "anvil/train/kd_loss.h"
 
-#include "anvil/model/layer_outputs.h"
-
 #include "anvil/train/loss.h"
 
 #include <ATen/autocast_mode.h>
@@ -249,16 +247,10 @@ at::Tensor batch_hidden(model::CausalLM& m, const at::Tensor& all, bool packed) 
 }
 
 // The teacher's hidden states at the target rows (T, Ht), on `device`, without autograd.
-// With `layers`, the teacher's per-layer states (set_layer_outputs) are appended to it too.
-at::Tensor teacher_rows(const Teacher& teacher, const data::Batch& b, const at::Tensor& rows, at::Device device,
-                        std::vector<at::Tensor>* layers = nullptr) {
+at::Tensor teacher_rows(const Teacher& teacher, const data::Batch& b, const at::Tensor& rows, at::Device device) {
   at::NoGradGuard no_grad;
   const auto all = batch_to_device(b, teacher.model->device());
-  at::Tensor h;  // (B, S, Ht)
-  {
-    const model::LayerOutputsScope record(*teacher.model->model, layers);
-    h = batch_hidden(*teacher.model, all, b.packed);
-  }
+  auto h = batch_hidden(*teacher.model, all, b.packed);  // (B, S, Ht)
   return h.reshape({-1, h.size(-1)}).index_select(0, rows.to(h.device())).to(device);
 }
 
@@ -275,16 +267,10 @@ Teacher freeze_teacher(std::shared_ptr<model::CausalLM> model, at::Device studen
 }
 
 KdBatchLoss kd_batch_loss(model::CausalLM& student, const Teacher& teacher, const data::Batch& b, double normalizer,
-                          const KdOptions& o, double kd_ratio, int64_t ce_chunk, at::Device device,
-                          const HiddenLoss* hidden) {
+                          const KdOptions& o, double kd_ratio, int64_t ce_chunk, at::Device device) {
   const auto all = batch_to_device(b, device);  // (4, B, S) ids, positions, doc ids, labels
   const auto labels = all[3].reshape({-1});     // (B*S)
-  std::vector<at::Tensor> student_layers, teacher_layers;  // the hidden-state loss's states
-  at::Tensor h;  // (B, S, Hs)
-  {
-    const model::LayerOutputsScope record(*student.model, hidden ? &student_layers : nullptr);
-    h = batch_hidden(student, all, b.packed);
-  }
+  auto h = batch_hidden(student, all, b.packed);   // (B, S, Hs)
   h = h.reshape({-1, h.size(-1)});                 // (B*S, Hs)
   const auto ws = head_weight(student);
   KdBatchLoss out;
@@ -300,12 +286,10 @@ KdBatchLoss kd_batch_loss(model::CausalLM& student, const Teacher& teacher, cons
                                                at::Reduction::Sum, kIgnoreIndex) * inv
                       : causal_lm_loss(h, ws, labels, normalizer, ce_chunk);
   }
-  const auto rows = kd_ratio > 0 || hidden ? target_rows(labels) : at::Tensor();  // (T)
-  at::Tensor ht;                                                                  // (T, Ht)
-  if (kd_ratio > 0 || hidden) ht = teacher_rows(teacher, b, rows, device, hidden ? &teacher_layers : nullptr);
-  if (hidden) out.hidden = (*hidden)(student_layers, teacher_layers, rows, normalizer).to(at::kFloat);
   if (kd_ratio > 0) {
+    const auto rows = target_rows(labels);                   // (T)
     const auto hs = h.index_select(0, rows);                 // (T, Hs)
+    const auto ht = teacher_rows(teacher, b, rows, device);  // (T, Ht)
     if (adapted_head) {
       const auto zt = at::linear(ht, teacher.head);  // (T, V)
       kd = kd_divergence_from_logits(student.lm_head->forward(hs), zt, o).sum().to(at::kFloat) * inv;
@@ -314,23 +298,16 @@ KdBatchLoss kd_batch_loss(model::CausalLM& student, const Teacher& teacher, cons
     }
   }
   out.total = kd_ratio >= 1 ? kd : kd_ratio <= 0 ? ce : (1 - kd_ratio) * ce + kd_ratio * kd;
-  if (hidden) {
-    out.total = out.total + out.hidden;
-    out.hidden = out.hidden.detach();
-  }
   out.kd = kd.detach(), out.ce = ce.detach();
   return out;
 }
 
 LossFn kd_loss_fn(model::CausalLM& student, const Teacher& teacher, const KdOptions& o, double kd_ratio,
-                  int64_t ce_chunk, at::Device device, const HiddenLoss* hidden) {
-  return [&student, &teacher, o, kd_ratio, ce_chunk, device, hidden](const data::Batch& b, double normalizer) {
-    auto l = kd_batch_loss(student, teacher, b, normalizer, o, kd_ratio, ce_chunk, device, hidden);
-    Loss loss{l.total, {}};
-    if (kd_ratio > 0) loss.terms.emplace_back("kd", l.kd);  // kd_ratio 0: no kd to log
-    loss.terms.emplace_back("ce", l.ce);
-    if (hidden) loss.terms.emplace_back("hidden", l.hidden);
-    return loss;
+                  int64_t ce_chunk, at::Device device) {
+  return [&student, &teacher, o, kd_ratio, ce_chunk, device](const data::Batch& b, double normalizer) {
+    auto l = kd_batch_loss(student, teacher, b, normalizer, o, kd_ratio, ce_chunk, device);
+    if (kd_ratio <= 0) return Loss{l.total, {{"ce", l.ce}}};  // the teacher is not run: no kd to log
+    return Loss{l.total, {{"kd", l.kd}, {"ce", l.ce}}};
   };
 }
 

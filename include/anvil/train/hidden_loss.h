@@ -15,6 +15,7 @@
 #pragma once
 
 #include "anvil/train/checkpoint.h"
+#include "anvil/train/kd_loss.h"
 
 #include <ATen/ATen.h>
 
@@ -73,5 +74,23 @@ class HiddenLoss {
   LayerMap map_;
   NamedTensors parameters_;
 };
+
+// ---- with the logit losses: a student and a frozen teacher on packed batches --------------------------------
+
+/// kd_batch_loss (kd_loss.h) with the hidden-state loss added: total = (1 - kd_ratio) ce + kd_ratio kd + hidden,
+/// hidden = `hidden` over both models' per-layer states of the same forwards (recorded by LayerOutputsScope; the
+/// teacher is run for them at kd_ratio 0 too). Returns the KdBatchLoss and the detached hidden term.
+struct KdHiddenBatchLoss {
+  KdBatchLoss logits;  ///< total includes the hidden term
+  at::Tensor hidden;   ///< () fp32, detached
+};
+KdHiddenBatchLoss kd_hidden_batch_loss(model::CausalLM& student, const Teacher& teacher, const data::Batch& b,
+                                       double normalizer, const KdOptions& o, double kd_ratio, int64_t ce_chunk,
+                                       at::Device device, const HiddenLoss& hidden);
+
+/// kd_hidden_batch_loss as the trainer's loss callback: terms "kd" (kd_ratio > 0), "ce" and "hidden". `hidden`
+/// must outlive it.
+LossFn kd_hidden_loss_fn(model::CausalLM& student, const Teacher& teacher, const KdOptions& o, double kd_ratio,
+                         int64_t ce_chunk, at::Device device, const HiddenLoss& hidden);
 
 }  // namespace anvil::train

@@ -27,7 +27,6 @@
 #include "anvil/data/batches.h"
 #include "anvil/model/transformer.h"
 #include "anvil/train/config.h"
-#include "anvil/train/hidden_loss.h"
 #include "anvil/train/setup.h"
 #include "anvil/train/trainer.h"
 
@@ -88,19 +87,15 @@ Teacher freeze_teacher(std::shared_ptr<model::CausalLM> model, at::Device studen
 /// One micro-batch of distillation: total = (1 - kd_ratio) ce + kd_ratio kd, each a sum over the batch's targets
 /// / normalizer (the step's target count). ce: the student's chunked cross-entropy (ce_chunk rows); kd: kd_loss
 /// over the target rows, the teacher's hidden states computed under no grad. kd_ratio 0 skips the teacher.
-/// With `hidden` (hidden_loss.h), total += its loss over both models' per-layer states (the teacher is run then
-/// even at kd_ratio 0).
 struct KdBatchLoss {
-  at::Tensor total, kd, ce, hidden;  ///< () fp32; total with autograd, the terms detached (hidden: with `hidden` only)
+  at::Tensor total, kd, ce;  ///< () fp32; total with autograd, kd and ce detached
 };
 KdBatchLoss kd_batch_loss(model::CausalLM& student, const Teacher& teacher, const data::Batch& b, double normalizer,
-                          const KdOptions& o, double kd_ratio, int64_t ce_chunk, at::Device device,
-                          const HiddenLoss* hidden = nullptr);
+                          const KdOptions& o, double kd_ratio, int64_t ce_chunk, at::Device device);
 
-/// kd_batch_loss as the trainer's loss callback, with terms "kd" (kd_ratio > 0), "ce" and "hidden" (with `hidden`,
-/// which must outlive the callback).
+/// kd_batch_loss as the trainer's loss callback, with terms "kd" and "ce".
 LossFn kd_loss_fn(model::CausalLM& student, const Teacher& teacher, const KdOptions& o, double kd_ratio,
-                  int64_t ce_chunk, at::Device device, const HiddenLoss* hidden = nullptr);
+                  int64_t ce_chunk, at::Device device);
 
 /// The student on packed validation rows beside the teacher: loss (mean CE) and perplexity, and the terms "kl"
 /// (mean KL(teacher || student) per target token at temperature 1: the student's KL to the teacher) and
