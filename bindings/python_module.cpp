@@ -16,6 +16,7 @@
 #include "anvil/ops.h"
 #include "anvil/selfcheck.h"
 #include "anvil/lora/lora.h"
+#include "anvil/train/hidden_loss.h"
 #include "anvil/train/kd_loss.h"
 
 #include <map>
