@@ -8,6 +8,7 @@
 #include "anvil/io/safetensors.h"
 #include "anvil/model/compressed_tensors.h"
 #include "anvil/model/derive.h"
+#include "anvil/model/layer_outputs.h"
 #include "anvil/model/generate.h"
 #include "anvil/model/gguf_export.h"
 #include "anvil/model/gguf_model.h"
@@ -15,6 +16,7 @@
 #include "anvil/ops.h"
 #include "anvil/selfcheck.h"
 #include "anvil/lora/lora.h"
+#include "anvil/train/hidden_loss.h"
 #include "anvil/train/kd_loss.h"
 
 #include <map>
@@ -551,6 +553,93 @@ void bind_distill(py::module_& m) {
       },
       py::arg("source"), py::arg("keep"), py::arg("dtype") = "", py::call_guard<py::gil_scoped_release>(),
       "A model of the source's layers `keep`, renumbered (anvil/model/derive.h), in eval mode.");
+
+  // ---- width pruning (Minitron) and hidden-state losses: tests/python/test_distill_prune.py ----
+  namespace am = anvil::model;
+  const auto importance_dict = [](const am::Importance& imp) {
+    py::dict d;
+    d["mlp"] = imp.mlp, d["heads"] = imp.heads, d["hidden"] = imp.hidden, d["rows"] = imp.rows, d["tokens"] = imp.tokens;
+    return d;
+  };
+  m.def(
+      "activation_importance",
+      [importance_dict](PyCausalLM& source, const std::vector<at::Tensor>& batches) {
+        am::Importance imp;
+        {
+          py::gil_scoped_release release;
+          imp = am::activation_importance(*source.model, batches);
+        }
+        return importance_dict(imp);
+      },
+      py::arg("source"), py::arg("batches"),
+      "Minitron's activation importance of every MLP channel, head and hidden channel: {mlp: [(I)], heads: [(nh)], "
+      "hidden: (H), rows, tokens}.");
+  m.def(
+      "derive_pruned",
+      [importance_dict](PyCausalLM& source, const std::vector<int64_t>& keep, int64_t intermediate_size,
+                        int64_t num_attention_heads, int64_t num_key_value_heads, int64_t hidden_size,
+                        const std::vector<at::Tensor>& batches, const std::string& dtype) {
+        std::shared_ptr<am::CausalLM> lm;
+        am::Importance imp;
+        am::PruneSelection sel;
+        std::string summary;
+        {
+          py::gil_scoped_release release;
+          const auto& c = source.model->config();
+          const auto w = am::resolve_widths(c, {intermediate_size, num_attention_heads, num_key_value_heads, hidden_size},
+                                            "config key student.");
+          imp = am::activation_importance(*source.model, batches);
+          sel = am::select_top(c, imp, w);
+          const auto dt = dtype.empty() ? source.model->dtype() : am::dtype_from_name(dtype);
+          std::vector<int64_t> layers = keep;
+          if (layers.empty()) layers = am::every_nth_layer(c.num_hidden_layers, 1);
+          lm = am::derive_pruned(*source.model, layers, w, sel, at::TensorOptions().dtype(dt).device(source.model->device()),
+                                 "keep");
+          lm->eval();
+          summary = am::pruning_summary(c, w, imp);
+        }
+        py::dict d;
+        d["mlp"] = sel.mlp, d["heads"] = sel.heads, d["kv"] = sel.kv, d["hidden"] = sel.hidden, d["summary"] = summary;
+        d["importance"] = importance_dict(imp);
+        return py::make_tuple(PyCausalLM{lm}, d);
+      },
+      py::arg("source"), py::arg("keep"), py::arg("intermediate_size") = 0, py::arg("num_attention_heads") = 0,
+      py::arg("num_key_value_heads") = 0, py::arg("hidden_size") = 0, py::arg("batches") = std::vector<at::Tensor>{},
+      py::arg("dtype") = "",
+      "A width-pruned derived model (anvil/model/derive.h) and its selection {mlp, heads, kv, hidden, summary, "
+      "importance}; keep [] keeps every layer.");
+  m.def(
+      "layer_outputs",
+      [](PyCausalLM& s, const at::Tensor& ids) {
+        std::vector<at::Tensor> out;
+        const am::LayerOutputsScope record(*s.model->model, &out);
+        s.model->hidden_states(ids);
+        return out;
+      },
+      py::arg("model"), py::arg("ids"), "TransformerModel::set_layer_outputs' states for ids (B, S).");
+  m.def(
+      "hidden_divergence",
+      [](const at::Tensor& s, const at::Tensor& t, const std::string& type) {
+        return tr::hidden_divergence(s, t, tr::parse_hidden_loss(type, "type"));
+      },
+      py::arg("student"), py::arg("teacher"), py::arg("type"), "Per-row hidden-state loss (N): mse or cosine.");
+  py::class_<tr::HiddenLoss, std::shared_ptr<tr::HiddenLoss>>(m, "HiddenLoss")
+      .def(py::init([](const std::string& type, double weight, const tr::LayerMap& map, int64_t student_layers,
+                       int64_t teacher_layers, int64_t student_width, int64_t teacher_width, const std::string& dtype,
+                       uint64_t seed) {
+             tr::check_layer_map(map, student_layers, teacher_layers, "layers");
+             return std::make_shared<tr::HiddenLoss>(tr::parse_hidden_loss(type, "type"), weight, map, student_width,
+                                                     teacher_width,
+                                                     at::TensorOptions().dtype(dtype == "float64" ? at::kDouble
+                                                                                                  : am::dtype_from_name(dtype)),
+                                                     seed);
+           }),
+           py::arg("type"), py::arg("weight"), py::arg("layers"), py::arg("student_layers"), py::arg("teacher_layers"),
+           py::arg("student_width"), py::arg("teacher_width"), py::arg("dtype") = "float32", py::arg("seed") = 0)
+      .def("parameters", [](const tr::HiddenLoss& l) { return l.parameters(); })
+      .def("__call__", [](const tr::HiddenLoss& l, const std::vector<at::Tensor>& s, const std::vector<at::Tensor>& t,
+                          const at::Tensor& rows, double normalizer) { return l(s, t, rows, normalizer); });
+  m.def("uniform_layer_map", &tr::uniform_layer_map, py::arg("student_layers"), py::arg("teacher_layers"));
 }
 
 // compressed-tensors format (anvil/model/compressed_tensors.h), for tests against the package itself:

@@ -9,12 +9,15 @@
 #include "anvil/io/fs.h"
 #include "anvil/io/safetensors.h"
 #include "anvil/model/derive.h"
+#include "anvil/train/hidden_loss.h"
 #include "anvil/train/setup.h"
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <iostream>
+#include <memory>
 #include <stdexcept>
 
 namespace anvil::distill {
@@ -35,20 +38,59 @@ std::string resolve_path(const std::string& key, const std::string& path) {
   }
 }
 
-// The student: the teacher's kept layers, a checkpoint, or transformers' random init from a config.json.
+// ---- width pruning (student.intermediate_size, ...): Minitron's activation importance on the first
+// student.prune_calibration rows of the training data's first epoch, the top channels and heads kept ----
+std::shared_ptr<model::CausalLM> prune_student(const RecipeConfig& c, model::CausalLM& source,
+                                               const std::vector<int64_t>& keep, const at::TensorOptions& options,
+                                               const data::BatchStream& stream, const std::string& what) {
+  const auto w = model::resolve_widths(source.config(), c.student.width, "config key student.");
+  const auto rows = stream.pack_epoch(0);
+  const int64_t n = std::min(rows.rows, c.student.prune_calibration);
+  std::vector<at::Tensor> batches;  // (B, S) int64 each, every row one sequence from position 0
+  for (int64_t begin = 0; begin < n; begin += c.train.batch_size) {
+    const auto b = data::slice_rows(rows, begin, std::min(n, begin + c.train.batch_size));
+    batches.push_back(at::from_blob(const_cast<int32_t*>(b.ids.data()), {b.rows, b.length}, at::kInt)
+                          .to(source.device(), at::kLong));
+  }
+  const auto importance = model::activation_importance(source, batches);
+  std::cerr << model::pruning_summary(source.config(), w, importance);
+  return model::derive_pruned(source, keep, w, model::select_top(source.config(), importance, w), options, what);
+}
+
+// The hidden-state loss of distill.hidden_* with its projections, or null (hidden_loss "none").
+std::unique_ptr<train::HiddenLoss> make_hidden_loss(const RecipeConfig& c, const model::CausalLM& teacher,
+                                                    const model::CausalLM& student, at::ScalarType dtype,
+                                                    at::Device device) {
+  const auto& h = c.hidden;
+  if (h.type == "none") return nullptr;
+  const int64_t ls = student.config().num_hidden_layers, lt = teacher.config().num_hidden_layers;
+  const auto map = h.uniform ? train::uniform_layer_map(ls, lt) : h.layers;
+  train::check_layer_map(map, ls, lt, "config key distill.hidden_layers");
+  return std::make_unique<train::HiddenLoss>(train::parse_hidden_loss(h.type, "config key distill.hidden_loss"),
+                                             h.weight, map, student.config().hidden_size, teacher.config().hidden_size,
+                                             at::TensorOptions().dtype(dtype).device(device), c.train.seed + 7919);
+}
+
+// The student: the teacher's kept layers (narrowed with a width), a checkpoint, or transformers' random init
+// from a config.json.
 std::shared_ptr<model::CausalLM> build_student(const RecipeConfig& c, const train::Teacher& teacher,
-                                               const std::string& teacher_path, at::ScalarType dtype, at::Device device) {
+                                               const std::string& teacher_path, at::ScalarType dtype, at::Device device,
+                                               const data::BatchStream& stream) {
   const auto& s = c.student;
   if (s.init == "derived") {
-    const auto keep = s.layers.empty() ? model::every_nth_layer(teacher.model->config().num_hidden_layers, s.every_nth)
-                                       : s.layers;
-    const std::string what = s.layers.empty() ? "config key student.every_nth" : "config key student.layers";
+    const int64_t layers = teacher.model->config().num_hidden_layers;
+    const auto keep = !s.layers.empty() ? s.layers : model::every_nth_layer(layers, s.every_nth > 0 ? s.every_nth : 1);
+    const std::string what = !s.layers.empty() ? "config key student.layers" : "config key student.every_nth";
     const auto options = at::TensorOptions().dtype(dtype).device(device);
+    std::shared_ptr<model::CausalLM> source = teacher.model;
     // A quantized teacher (teacher.base_weights): the student comes from a dense copy of its checkpoint.
     for (auto& [name, linear] : model::named_linears(*teacher.model))
-      if (!linear->weight_format().empty())
-        return model::derive_by_layers(*model::load_causal_lm(teacher_path, dtype, at::kCPU, "dense"), keep, options, what);
-    return model::derive_by_layers(*teacher.model, keep, options, what);
+      if (!linear->weight_format().empty()) {
+        source = model::load_causal_lm(teacher_path, dtype, at::kCPU, "dense");
+        break;
+      }
+    if (s.width.any()) return prune_student(c, *source, keep, options, stream, what);
+    return model::derive_by_layers(*source, keep, options, what);
   }
   train::ModelSection m;
   m.init = s.init, m.path = s.init == "pretrained" ? resolve_path("student.path", s.path) : "", m.config = s.config, m.dtype = s.dtype, m.device = s.device, m.base_weights = "dense";
@@ -89,7 +131,11 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
   const auto teacher = train::freeze_teacher(
       model::load_causal_lm(teacher_path, model::dtype_from_name(c.teacher.dtype), teacher_device, c.teacher.base_weights),
       device);
-  auto student = build_student(c, teacher, teacher_path, dtype, device);
+  // The tokenizer and data come before the student: a pruned student is scored on training rows.
+  auto tok = train::load_tokenizer_if_present(teacher_path, c.eval);
+  const auto data = train::read_training_data(c.data, tok.get(), c.train.seed, teacher.model->config().vocab_size);
+  data::BatchStream stream(data.train, c.data.seq_len, data.pad_id, c.train.batch_size, c.train.seed);
+  auto student = build_student(c, teacher, teacher_path, dtype, device, stream);
   student->train();  // dropout on for every kind of student (build_model does this; a derived one is new)
   check_vocabularies(c, *teacher.model, *student);
   lora::LoraConfig lora = c.lora;
@@ -104,11 +150,12 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
     }
   }
   student->model->set_gradient_checkpointing(c.train.grad_checkpointing);
-  auto tok = train::load_tokenizer_if_present(teacher_path, c.eval);
+  // The hidden-state loss's projections train with the student (and resume with it); they are not exported.
+  const auto hidden = make_hidden_loss(c, *teacher.model, *student, dtype, device);
+  if (hidden)
+    for (const auto& p : hidden->parameters()) trainable.push_back(p);
 
   // ---- data ----
-  const auto data = train::read_training_data(c.data, tok.get(), c.train.seed, student->config().vocab_size);
-  data::BatchStream stream(data.train, c.data.seq_len, data.pad_id, c.train.batch_size, c.train.seed);
   const int64_t total_steps = train::count_steps(c.train, stream);
 
   // ---- memory plan (student trained, teacher frozen beside it), dry run ----
@@ -137,7 +184,8 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
   const auto before = train::generate_for_prompts(*student, tok.get(), c.eval);
 
   // ---- the loop ----
-  const auto loss = train::kd_loss_fn(*student, teacher, c.kd, c.kd_ratio, c.train.loss_chunk, device);
+  const auto loss = hidden ? train::kd_hidden_loss_fn(*student, teacher, c.kd, c.kd_ratio, c.train.loss_chunk, device, *hidden)
+                           : train::kd_loss_fn(*student, teacher, c.kd, c.kd_ratio, c.train.loss_chunk, device);
   const auto evaluate = train::kd_eval_fn(*student, teacher, data, c.train, c.eval, c.kd.chunk, device);
   const int status = trainer.fit(stream, loss, evaluate, options.on_step, [&] {
     return train::memory_advice(estimate, plan, ", distill.chunk (now " + std::to_string(c.kd.chunk) + ")");

@@ -8,7 +8,9 @@
 #pragma once
 
 #include "anvil/lora/lora.h"
+#include "anvil/model/derive.h"
 #include "anvil/train/config.h"
+#include "anvil/train/hidden_loss.h"
 #include "anvil/train/kd_loss.h"
 #include "anvil/train/trainer.h"
 
@@ -32,7 +34,17 @@ struct StudentSection {
   std::string config;           ///< init "random": a config.json
   std::vector<int64_t> layers;  ///< init "derived": the teacher layers to keep, strictly increasing
   int64_t every_nth = 0;        ///< init "derived": keep teacher layers 0, n, 2n, ... (when layers is empty)
+  model::WidthOptions width;    ///< init "derived": intermediate_size, num_attention_heads, ... (0 = the teacher's)
+  int64_t prune_calibration = 0;  ///< init "derived" with a width: training rows the teacher scores channels on
   std::string dtype, device;    ///< as model.dtype / model.device
+};
+
+/// The hidden-state loss (anvil/train/hidden_loss.h) of distill.hidden_*; type "none" = off.
+struct HiddenSection {
+  std::string type = "none";  ///< "none" | "mse" | "cosine"
+  double weight = 1.0;        ///< the loss's weight in the total
+  bool uniform = true;        ///< hidden_layers "uniform" (train::uniform_layer_map), else `layers`
+  train::LayerMap layers;     ///< (student index, teacher index) pairs, checked against the models at run time
 };
 
 /// The typed, validated config of `anvil distill`.
@@ -41,6 +53,7 @@ struct RecipeConfig {
   StudentSection student;
   train::KdOptions kd;     ///< distill.loss, temperature, skew_lambda, jsd_beta, chunk
   double kd_ratio = 0.5;   ///< distill.kd_ratio: loss = (1 - kd_ratio) CE + kd_ratio KD
+  HiddenSection hidden;    ///< distill.hidden_loss, hidden_weight, hidden_layers (+ hidden_weight * hidden loss)
   bool use_lora = false;   ///< a "lora" section was given: the student trains adapters
   lora::LoraConfig lora;
   train::DataSection data;

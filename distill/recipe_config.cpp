@@ -11,6 +11,59 @@ namespace anvil::distill {
 using nlohmann::json;
 using train::config_error;
 
+namespace {
+
+// ---- width pruning (student.*) and the hidden-state loss (distill.hidden_*): their keys and rules ----
+
+void add_pruning_defaults(json& d) {
+  for (const char* key : {"intermediate_size", "num_attention_heads", "num_key_value_heads", "hidden_size"})
+    d["student"][key] = 0;
+  d["student"]["prune_calibration"] = 64;
+  d["distill"]["hidden_loss"] = "none";
+  d["distill"]["hidden_weight"] = 1.0;
+  d["distill"]["hidden_layers"] = "uniform";
+}
+
+void read_student_width(const train::ConfigReader& r, StudentSection& s) {
+  s.width.intermediate_size = r.int_at_least("student.intermediate_size", 0);
+  s.width.num_attention_heads = r.int_at_least("student.num_attention_heads", 0);
+  s.width.num_key_value_heads = r.int_at_least("student.num_key_value_heads", 0);
+  s.width.hidden_size = r.int_at_least("student.hidden_size", 0);
+  s.prune_calibration = r.int_at_least("student.prune_calibration", 1);
+  if (s.init != "derived" && s.width.any()) {
+    const char* key = s.width.intermediate_size ? "student.intermediate_size"
+                      : s.width.num_attention_heads ? "student.num_attention_heads"
+                      : s.width.num_key_value_heads ? "student.num_key_value_heads"
+                                                    : "student.hidden_size";
+    config_error(key, "is for student.init \"derived\" (width pruning of the teacher; student.init is \"" + s.init +
+                      "\")", r.at(key));
+  }
+}
+
+HiddenSection read_hidden_section(const train::ConfigReader& r) {
+  HiddenSection h;
+  h.type = r.string_in("distill.hidden_loss", {"none", "mse", "cosine"});
+  h.weight = r.number_in("distill.hidden_weight", 0.0, train::kInf, false, "[0, inf)");
+  const json& layers = r.at("distill.hidden_layers");
+  const std::string rule = "must be \"uniform\" or a list of [student index, teacher index] pairs (0 the embeddings, "
+                           "i the output of layer i - 1), like [[1, 2], [2, 4]]";
+  if (layers.is_string()) {
+    if (layers.get<std::string>() != "uniform") config_error("distill.hidden_layers", rule, layers);
+    return h;
+  }
+  if (!layers.is_array() || layers.empty()) config_error("distill.hidden_layers", rule, layers);
+  h.uniform = false;
+  for (const auto& pair : layers) {
+    if (!pair.is_array() || pair.size() != 2 || !pair[0].is_number_integer() || !pair[1].is_number_integer() ||
+        pair[0].get<int64_t>() < 0 || pair[1].get<int64_t>() < 0)
+      config_error("distill.hidden_layers", rule, layers);
+    h.layers.emplace_back(pair[0].get<int64_t>(), pair[1].get<int64_t>());
+  }
+  return h;
+}
+
+}  // namespace
+
 train::ConfigSchema config_schema() {
   train::ConfigSchema schema;
   schema.defaults = train::training_defaults("runs/distill");
@@ -20,6 +73,7 @@ train::ConfigSchema config_schema() {
                                 {"every_nth", 0},    {"dtype", "bfloat16"}, {"device", "auto"}};
   schema.defaults["distill"] = {{"loss", "forward_kl"}, {"temperature", 1.0}, {"kd_ratio", 0.5},
                                 {"skew_lambda", 0.1},   {"jsd_beta", 0.5},    {"chunk", 1024}};
+  add_pruning_defaults(schema.defaults);  // student.intermediate_size, ..., distill.hidden_*
   schema.defaults["lora"] = train::lora_section_defaults();
   schema.foreign_sections = {{"model", "is not read by anvil distill: its two models are the \"teacher\" and "
                                        "\"student\" sections"}};
@@ -63,6 +117,7 @@ StudentSection read_student(const train::ConfigReader& r) {
     s.layers.push_back(l.get<int64_t>());
   }
   s.every_nth = r.int_at_least("student.every_nth", 0);
+  read_student_width(r, s);
   if (s.init == "pretrained" && s.path.empty())
     config_error("student.path", "is required when student.init is \"pretrained\" (an HF model folder)", s.path);
   if (s.init != "pretrained" && !s.path.empty())
@@ -72,9 +127,10 @@ StudentSection read_student(const train::ConfigReader& r) {
   if (s.init != "random" && !s.config.empty())
     config_error("student.config", "is for student.init \"random\" (student.init is \"" + s.init + "\")", s.config);
   if (s.init == "derived") {
-    if (s.layers.empty() && s.every_nth == 0)
+    if (s.layers.empty() && s.every_nth == 0 && !s.width.any())
       config_error("student.layers", "a derived student names the teacher layers it keeps: set student.layers "
-                   "(e.g. [0, 2]) or student.every_nth (e.g. 2)", layers);
+                   "(e.g. [0, 2]) or student.every_nth (e.g. 2), or narrows the teacher (student.intermediate_size, "
+                   "num_attention_heads, num_key_value_heads, hidden_size)", layers);
     if (!s.layers.empty() && s.every_nth != 0)
       config_error("student.every_nth", "cannot be combined with student.layers (give one of them)", s.every_nth);
   } else if (!s.layers.empty() || s.every_nth != 0) {
@@ -103,6 +159,7 @@ RecipeConfig resolve_config(const json& user) {
   c.kd.skew_lambda = r.number_in("distill.skew_lambda", 0.0, 1.0, false, "[0, 1]");
   c.kd.jsd_beta = r.number_in("distill.jsd_beta", 0.0, 1.0, false, "[0, 1]");
   c.kd.chunk = r.int_at_least("distill.chunk", 1);
+  c.hidden = read_hidden_section(r);
   if (c.use_lora) {
     c.lora = train::read_lora_section(r);
     if (lora::is_pissa(c.lora))

@@ -9,6 +9,7 @@
 // `mlp.experts.{e}.gate_proj`. Everything is mapped to the module names here, which are what
 // save_pretrained writes, so anvil's output loads in transformers and in anvil alike.
 #include "anvil/model/transformer.h"
+#include "anvil/model/layer_outputs.h"
 
 #include "anvil/io/safetensors.h"
 #include "anvil/model/compressed_tensors.h"
@@ -83,6 +84,32 @@ AttentionMask document_mask(const AttentionMask& base, int64_t s, const at::Tens
 
 }  // namespace
 
+// ---- the per-layer states registry (anvil/model/layer_outputs.h) ----------------------------------------
+
+namespace {
+thread_local std::vector<std::pair<const TransformerModel*, std::vector<at::Tensor>*>> tls_layer_sinks;
+}  // namespace
+
+LayerOutputsScope::LayerOutputsScope(const TransformerModel& model, std::vector<at::Tensor>* sink)
+    : model_(&model), active_(sink != nullptr) {
+  if (active_) tls_layer_sinks.emplace_back(model_, sink);
+}
+
+LayerOutputsScope::~LayerOutputsScope() {
+  if (!active_) return;
+  for (auto it = tls_layer_sinks.rbegin(); it != tls_layer_sinks.rend(); ++it)
+    if (it->first == model_) {
+      tls_layer_sinks.erase(std::next(it).base());
+      return;
+    }
+}
+
+std::vector<at::Tensor>* layer_outputs_sink(const TransformerModel& model) {
+  for (auto it = tls_layer_sinks.rbegin(); it != tls_layer_sinks.rend(); ++it)
+    if (it->first == &model) return it->second;
+  return nullptr;
+}
+
 at::Tensor TransformerModel::forward(const at::Tensor& input_ids, const at::Tensor& positions, KvCache* cache,
                                      const at::Tensor& doc_ids) {
   const int64_t s = input_ids.size(1);
@@ -103,6 +130,8 @@ at::Tensor TransformerModel::forward(const at::Tensor& input_ids, const at::Tens
       if (config_.sliding_window > 0) sliding = document_mask(sliding, s, doc_ids);
     }
   }
+  std::vector<at::Tensor>* const layer_outputs = layer_outputs_sink(*this);  // hidden-state losses; usually null
+  if (layer_outputs) layer_outputs->push_back(h);
   for (size_t i = 0; i < layer_list_.size(); ++i) {
     const bool window = config_.sliding_window > 0 && config_.layer_sliding[i];
     if (gradient_checkpointing_ && !cache && at::GradMode::is_enabled()) {
@@ -112,9 +141,11 @@ at::Tensor TransformerModel::forward(const at::Tensor& input_ids, const at::Tens
             return layer->forward(x, cos, sin, mask, nullptr);
           },
           h);
+      if (layer_outputs) layer_outputs->push_back(h);
       continue;
     }
     h = layer_list_[i]->forward(h, cos, sin, window ? sliding : full, cache ? &cache->layers[i] : nullptr);
+    if (layer_outputs) layer_outputs->push_back(h);
   }
   return norm_->forward(h);
 }

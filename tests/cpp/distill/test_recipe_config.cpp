@@ -119,5 +119,45 @@ TEST(DistillConfig, LoraStudentAndForeignKeys) {
   expect_error(u, "student.lr");
 }
 
+TEST(DistillConfig, WidthPruningAndHiddenLossKeys) {
+  auto c = resolve_config(minimal());
+  EXPECT_FALSE(c.student.width.any());
+  EXPECT_EQ(c.student.prune_calibration, 64);
+  EXPECT_EQ(c.hidden.type, "none");
+  EXPECT_TRUE(c.hidden.uniform);
+  // A width alone derives a student of every teacher layer.
+  auto u = minimal();
+  u["student"] = {{"intermediate_size", 32}, {"num_attention_heads", 4}, {"prune_calibration", 8}};
+  c = resolve_config(u);
+  EXPECT_EQ(c.student.width.intermediate_size, 32);
+  EXPECT_EQ(c.student.width.num_attention_heads, 4);
+  EXPECT_EQ(c.student.prune_calibration, 8);
+  u["student"]["hidden_size"] = -1;
+  expect_error(u, "config key student.hidden_size");
+  u = minimal();
+  u["student"]["prune_calibration"] = 0;
+  expect_error(u, "config key student.prune_calibration");
+  u = minimal();
+  u["student"] = {{"init", "pretrained"}, {"path", "some/student"}, {"num_key_value_heads", 1}};
+  expect_error(u, "config key student.num_key_value_heads: is for student.init \"derived\"");
+  u = minimal();
+  u["distill"] = {{"hidden_loss", "mse"}, {"hidden_weight", 2.0}, {"hidden_layers", {{1, 2}, {2, 4}}}};
+  c = resolve_config(u);
+  EXPECT_EQ(c.hidden.type, "mse");
+  EXPECT_EQ(c.hidden.weight, 2.0);
+  EXPECT_FALSE(c.hidden.uniform);
+  EXPECT_EQ(c.hidden.layers, (train::LayerMap{{1, 2}, {2, 4}}));
+  u["distill"]["hidden_layers"] = {{1, -2}};
+  expect_error(u, "config key distill.hidden_layers: must be \"uniform\" or a list of [student index, teacher index]");
+  u["distill"]["hidden_layers"] = "last";
+  expect_error(u, "config key distill.hidden_layers");
+  u["distill"]["hidden_layers"] = "uniform";
+  u["distill"]["hidden_loss"] = "l2";
+  expect_error(u, "config key distill.hidden_loss");
+  u["distill"]["hidden_loss"] = "cosine";
+  u["distill"]["hidden_weight"] = -1;
+  expect_error(u, "config key distill.hidden_weight");
+}
+
 }  // namespace
 }  // namespace anvil::distill
