@@ -30,6 +30,7 @@ namespace {
 
 constexpr const char* kFormat = "anvil-teacher-cache";
 constexpr int kVersion = 1;
+constexpr uint64_t kSampleBytes = 1 << 20, kWholeFileBytes = 64 << 20, kWeightSamples = 16;
 constexpr uint64_t kFnvOffset = 14695981039346656037ULL, kFnvPrime = 1099511628211ULL;
 
 uint64_t fnv(uint64_t h, const void* data, size_t n) {
@@ -78,22 +79,19 @@ std::string shard_name(int64_t i) {
   return buf;
 }
 
-// The first field where `have` (the cache's) and `want` (now) differ, as "key: a in the cache, b now".
-std::string first_difference(const json& have, const json& want, const std::string& prefix = "") {
+// Every field where `have` (the cache's) and `want` (now) differ, as "key: a in the cache, b now".
+void differences(const json& have, const json& want, const std::string& prefix, std::vector<std::string>& out) {
   if (have.is_object() && want.is_object()) {
     for (auto it = want.begin(); it != want.end(); ++it) {
-      const std::string key = prefix.empty() ? it.key() : prefix + "." + it.key();
-      if (!have.contains(it.key())) return key + ": absent in the cache, " + it.value().dump() + " now";
-      const auto d = first_difference(have[it.key()], it.value(), key);
-      if (!d.empty()) return d;
+      const std::string key = prefix + "." + it.key();
+      if (!have.contains(it.key())) out.push_back(key + ": absent in the cache, " + it.value().dump() + " now");
+      else differences(have[it.key()], it.value(), key, out);
     }
     for (auto it = have.begin(); it != have.end(); ++it)
-      if (!want.contains(it.key()))
-        return (prefix.empty() ? it.key() : prefix + "." + it.key()) + ": " + it.value().dump() + " in the cache, absent now";
-    return "";
+      if (!want.contains(it.key())) out.push_back(prefix + "." + it.key() + ": " + it.value().dump() + " in the cache, absent now");
+    return;
   }
-  if (have == want) return "";
-  return (prefix.empty() ? std::string("value") : prefix) + ": " + have.dump() + " in the cache, " + want.dump() + " now";
+  if (have != want) out.push_back(prefix + ": " + have.dump() + " in the cache, " + want.dump() + " now");
 }
 
 // The full fingerprint: the caller's parts plus what the cache options add.
@@ -122,7 +120,10 @@ std::string blame(const std::string& part) {
 void check_fingerprint(const std::string& dir, const json& have, const json& want) {
   for (auto it = want.begin(); it != want.end(); ++it) {
     const std::string part = it.key();
-    const auto d = first_difference(have.contains(part) ? have[part] : json(), it.value(), part);
+    std::vector<std::string> diff;
+    differences(have.contains(part) ? have[part] : json(), it.value(), part, diff);
+    std::string d;
+    for (const auto& x : diff) d += (d.empty() ? "" : "; ") + x;
     if (!d.empty())
       throw std::invalid_argument("config key teacher.cache: the cache in " + dir + " was written for another " +
                                   blame(part) + ": " + d + "; delete the directory to rewrite it, or point "
@@ -210,6 +211,17 @@ json teacher_fingerprint(const std::string& dir, const std::string& dtype, const
       std::string header(n, '\0');
       read_at(fd.fd, header.data(), n, 8);
       h = fnv(h, header.data(), header.size());
+    }
+    // The weights themselves: all of a small file; kWeightSamples evenly spaced MiB of a large one (a teacher
+    // fine-tuned in place keeps its header, not its bytes).
+    const uint64_t data_begin = 8 + n, data_bytes = size > data_begin ? size - data_begin : 0;
+    std::vector<char> buf(kSampleBytes);
+    const bool whole = data_bytes <= kWholeFileBytes;
+    const uint64_t pieces = whole ? (data_bytes + kSampleBytes - 1) / kSampleBytes : kWeightSamples;
+    for (uint64_t i = 0; i < pieces; ++i) {
+      const uint64_t at = whole ? data_begin + i * kSampleBytes
+                                : data_begin + (data_bytes - kSampleBytes) / (kWeightSamples - 1) * i;
+      h = fnv(h, buf.data(), read_at(fd.fd, buf.data(), kSampleBytes, at));
     }
     ++files;
   }

@@ -52,8 +52,9 @@ struct CacheOptions {
 
 /// 64-bit FNV-1a of a file's bytes as 16 hex digits; the error names the file.
 std::string hash_file(const std::string& path);
-/// The teacher's identity: config.json's hash, a hash over every *.safetensors file's name, size and header
-/// (not its data: a 14B teacher is not re-read), the index's hash, the load dtype and base_weights.
+/// The teacher's identity: config.json's hash, a hash over every *.safetensors file's name, size, header and
+/// weights (all bytes of a file up to 64 MiB; 16 evenly spaced MiB of a larger one, so that a 14B teacher is
+/// not re-read), the index's hash, the load dtype and base_weights.
 nlohmann::json teacher_fingerprint(const std::string& teacher_dir, const std::string& dtype,
                                    const std::string& base_weights);
 /// The hash of each tokenizer file present in `dir` (tokenizer.json, tokenizer.model, ...).
