@@ -10,6 +10,10 @@ Cases:
   >= 1.5x the baseline's at <= its peak memory; and anvil's KD step <= 1.1 x (anvil's student step + anvil's teacher
   forward), the three measured in this run: the student step is `anvil distill` with kd_ratio 0 (the recipe then
   never runs the teacher in training), the teacher forward is anvil's CausalLM.logits on the same batch.
+- "cache": offline distillation, ours alone: the 1b case's 3B teacher writes its top-64 float16 cache over the
+  same data (`teacher.cache_only`); prints the write throughput (tokens/s) and bytes per token, then the 1B
+  student's tokens/s training from the cache (teacher out of the process). `--small --cases cache` is the CPU
+  smoke test.
 - "7b-plan": the 7B plan, ours alone (no baseline holds it on one GPU): a ~14B-shaped teacher (hidden 5120, 48
   layers, ffn 13824, 40 heads, 8 kv heads, vocab 32000: 13.6B parameters) stored as FineGrainedFP8 and run through
   the FP8 GEMM, and a 7B student derived from its every second layer (24 layers, 7.0B parameters, bf16) training
@@ -22,7 +26,7 @@ models compute them (the final hidden state split along the sequence, the LM hea
 (1 - kd_ratio) CE + kd_ratio KD, clipping at 1.0, torch.optim.AdamW(fused=True). Both sides read the same rows of
 random token ids (pre-tokenized JSONL; packing is the identity) and count tokens/s over the steps after --warmup.
 
-    python3 bench/distill.py [--json out.json] [--cases 1b,7b-plan] [--steps 12] [--warmup 4] [--small]
+    python3 bench/distill.py [--json out.json] [--cases 1b,7b-plan,cache] [--steps 12] [--warmup 4] [--small]
 
 torchtune is not on the GPU machine: carry its wheel (`pip download --no-deps torchtune==0.6.1`) and install it
 with --no-deps, as scripts/setup.sh does here.
@@ -149,11 +153,11 @@ def teacher_forward_child(teacher_path, data_path, batch, reps, base_weights, ou
 # ---- anvil distill, through its command line -------------------------------------------------------------------
 
 def run_anvil(anvil_bin, root, name, teacher, student, data, batch, seq, steps, warmup, kd_ratio=KD_RATIO,
-              lora=None, ckpt=False):
+              lora=None, ckpt=False, teacher_extra=None):
     run_dir = os.path.join(root, f"anvil-{name}")
     shutil.rmtree(run_dir, ignore_errors=True)
     cfg = {
-        "teacher": {"path": teacher, "dtype": "bfloat16", "device": "auto"},
+        "teacher": {"path": teacher, "dtype": "bfloat16", "device": "auto", **(teacher_extra or {})},
         "student": {**student, "dtype": "bfloat16", "device": "auto"},
         "distill": {"loss": "forward_kl", "temperature": 1.0, "kd_ratio": kd_ratio, "chunk": 1024},
         "data": {"train": data, "seq_len": seq, "loss_on": "all"},
@@ -172,12 +176,27 @@ def run_anvil(anvil_bin, root, name, teacher, student, data, batch, seq, steps, 
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         raise RuntimeError(f"anvil distill failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    if (teacher_extra or {}).get("cache_only"):
+        return {"stderr": proc.stderr, "wall_s": wall}
     train = read_metrics(run_dir)
     seconds = train[steps]["elapsed_s"] - train[warmup]["elapsed_s"]
     return {"tokens_per_s": (steps - warmup) * batch * seq / seconds,
             "peak_gib": max(m.get("peak_mem_gib", 0.0) for m in train.values()),
             "first_loss": train[1]["loss"], "last_loss": train[steps]["loss"], "wall_s": wall,
-            "kd_first": train[1].get("kd"), "kd_last": train[steps].get("kd")}
+            "kd_first": train[1].get("kd"), "kd_last": train[steps].get("kd"), **({"stderr": proc.stderr} if teacher_extra else {})}
+
+
+def cache_write_figures(stderr):
+    """The writer's line: "teacher cache DIR: wrote W of N shards (S complete already), P positions, B bytes/token,
+    R tokens/s" (distill/recipe.cpp)."""
+    for line in stderr.splitlines():
+        if line.startswith("teacher cache") and ": wrote" in line:
+            parts = line.split(", ")
+            positions = int(next(p for p in parts if p.endswith(" positions")).split()[0])
+            bpt = float(next(p for p in parts if p.endswith(" bytes/token")).split()[0])
+            tps = float(next(p for p in parts if p.endswith(" tokens/s")).split()[0])
+            return {"positions": positions, "bytes_per_token": bpt, "write_tokens_per_s": tps}
+    raise RuntimeError("no cache-writing line in anvil's output:\n" + stderr[-3000:])
 
 
 def fp8_block_quantize(w):
@@ -327,6 +346,29 @@ def main():
             results.append({"case": case, "batch": batch, "seq": seq, "anvil": ours, "anvil_kd_ratio_0": ce_only,
                             "anvil_teacher_forward_s": teacher_s, "baseline": theirs, "speedup": speed,
                             "memory_ratio": mem, "kd_step_over_student_plus_teacher": overhead})
+        elif case == "cache":
+            # Offline: the 1b case's teacher writes its top-64 (float16) cache, then the student trains from it.
+            tname, sname, batch, seq = ("small-teacher", "small-student", 2, 128) if args.small else ("3b", "1b", 8, 1024)
+            teacher = make_llama(os.path.join(args.dir, f"model-{tname}"), SHAPES[tname], tie_word_embeddings=True)
+            student = make_llama(os.path.join(args.dir, f"model-{sname}"), SHAPES[sname], tie_word_embeddings=True)
+            data = make_data(args.dir, SHAPES[tname]["vocab_size"], seq, batch * args.steps)
+            cache_dir = os.path.join(args.dir, f"cache-{tname}")
+            shutil.rmtree(cache_dir, ignore_errors=True)
+            extra = {"cache": cache_dir, "cache_k": 64, "cache_dtype": "float16"}
+            pretrained = {"init": "pretrained", "path": student}
+            written = run_anvil(anvil_bin, args.dir, "cache-write", teacher, pretrained, data, batch, seq, args.steps,
+                                args.warmup, teacher_extra={**extra, "cache_only": True})
+            figures = cache_write_figures(written["stderr"])
+            ours = run_anvil(anvil_bin, args.dir, "cache-train", teacher, pretrained, data, batch, seq, args.steps,
+                             args.warmup, teacher_extra=extra)
+            print(f"\ncache: teacher {params_b(SHAPES[tname]):.2f}B writes its top-64 float16 log-probs, "
+                  f"{figures['positions']:,} positions (batch {batch} x {seq} x {args.steps} steps)")
+            print(f"  write: {figures['write_tokens_per_s']:,.0f} tokens/s, {figures['bytes_per_token']:.1f} bytes/token "
+                  f"(wall {written['wall_s']:.0f} s, loading included)")
+            print(f"  student {params_b(SHAPES[sname]):.2f}B from the cache: {ours['tokens_per_s']:,.0f} tokens/s, peak "
+                  f"{ours['peak_gib']:.2f} GiB, loss {ours['first_loss']:.4f} -> {ours['last_loss']:.4f}")
+            results.append({"case": case, "batch": batch, "seq": seq, "k": 64, "logprob_dtype": "float16",
+                            "cache_write": figures, "anvil_from_cache": {k: v for k, v in ours.items() if k != "stderr"}})
         elif case == "7b-plan":
             shape = SHAPES["small-fp8" if args.small else "14b"]
             batch, seq = (2, 128) if args.small else (4, 1024)

@@ -541,6 +541,29 @@ void bind_distill(py::module_& m) {
       py::arg("student_logits"), py::arg("teacher_logits"), py::arg("loss") = "forward_kl", py::arg("temperature") = 1.0,
       py::arg("skew_lambda") = 0.1, py::arg("jsd_beta") = 0.5,
       "Each row's divergence (N) from logits (N, V): the plain-ATen reference the chunked loss shares its formula with.");
+  // The sparse teacher (top-k ids + log-probs, the offline cache; tests/python/test_distill_cache.py).
+  m.def(
+      "kd_loss_sparse",
+      [options](const at::Tensor& student_hidden, const at::Tensor& student_weight, const at::Tensor& teacher_ids,
+                const at::Tensor& teacher_logprobs, double normalizer, const std::string& loss, double temperature,
+                double skew_lambda, double jsd_beta, int64_t chunk) {
+        return tr::kd_loss_sparse(student_hidden, student_weight, teacher_ids, teacher_logprobs, normalizer,
+                                  options(loss, temperature, skew_lambda, jsd_beta, chunk));
+      },
+      py::arg("student_hidden"), py::arg("student_weight"), py::arg("teacher_ids"), py::arg("teacher_logprobs"),
+      py::arg("normalizer"), py::arg("loss") = "forward_kl", py::arg("temperature") = 1.0, py::arg("skew_lambda") = 0.1,
+      py::arg("jsd_beta") = 0.5, py::arg("chunk") = 1024,
+      "kd_loss with the teacher as top-k ids (N, k) and tempered log-probs (N, k), the tail an 'other' bucket.");
+  m.def(
+      "kd_divergence_sparse",
+      [options](const at::Tensor& student_logprobs, const at::Tensor& teacher_ids, const at::Tensor& teacher_logprobs,
+                const std::string& loss, double skew_lambda, double jsd_beta) {
+        return tr::kd_divergence_sparse(student_logprobs, teacher_ids, teacher_logprobs,
+                                        options(loss, 1.0, skew_lambda, jsd_beta, 1));
+      },
+      py::arg("student_logprobs"), py::arg("teacher_ids"), py::arg("teacher_logprobs"), py::arg("loss") = "forward_kl",
+      py::arg("skew_lambda") = 0.1, py::arg("jsd_beta") = 0.5,
+      "Each row's divergence (N) between the student's log-probs (N, V) and the sparse teacher (coarse k + 1 outcomes).");
   m.def("kd_loss_names", &tr::kd_loss_names, "The names distill.loss accepts.");
   m.def(
       "derive_by_layers",

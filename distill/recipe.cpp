@@ -11,6 +11,7 @@
 #include "anvil/model/derive.h"
 #include "anvil/train/hidden_loss.h"
 #include "anvil/train/setup.h"
+#include "anvil/train/teacher_cache.h"
 
 #include <ATen/ATen.h>
 
@@ -99,8 +100,8 @@ std::shared_ptr<model::CausalLM> build_student(const RecipeConfig& c, const trai
 }
 
 // One vocabulary for both: the KD losses compare distributions over the same token ids.
-void check_vocabularies(const RecipeConfig& c, const model::CausalLM& teacher, const model::CausalLM& student) {
-  const int64_t vt = teacher.config().vocab_size, vs = student.config().vocab_size;
+void check_vocabularies(const RecipeConfig& c, int64_t vt, const model::CausalLM& student) {
+  const int64_t vs = student.config().vocab_size;
   if (vt == vs) return;
   const std::string key = c.student.init == "random" ? "student.config" : "student.path";
   config_error(key, "the student's vocabulary (vocab_size " + std::to_string(vs) + ") must be the teacher's (" +
@@ -112,6 +113,60 @@ void print_comparison(const train::EvalResult& teacher, const train::EvalResult&
   std::printf("\non the validation set (%lld target tokens):\n", static_cast<long long>(student.targets));
   std::printf("           %10s %12s %14s %10s\n", "loss", "perplexity", "kl to teacher", "top-1");
   std::printf("  teacher  %10.4f %12.3f %14s %10s\n", teacher.loss, teacher.ppl, "0", "1");
+  std::printf("  student  %10.4f %12.3f %14.4f %10.4f\n", student.loss, student.ppl, student.terms.at(0).second,
+              student.terms.at(1).second);
+}
+
+// ---- offline: the teacher cache (anvil/train/teacher_cache.h) ----
+
+train::CacheOptions cache_options(const RecipeConfig& c) {
+  train::CacheOptions o;
+  o.dir = c.teacher.cache, o.k = c.teacher.cache_k, o.temperature = c.kd.temperature;
+  o.dtype = model::dtype_from_name(c.teacher.cache_dtype);
+  o.shard_tokens = c.teacher.cache_shard_tokens, o.batch_size = c.train.batch_size, o.chunk = c.kd.chunk;
+  return o;
+}
+
+// The teacher cache of the run's data, written first where shards are missing (the teacher loaded only then),
+// its fingerprint checked; the teacher is not in the process afterwards.
+std::unique_ptr<train::TeacherCache> open_teacher_cache(const RecipeConfig& c, const std::string& teacher_path,
+                                                        at::Device teacher_device, at::Device device) {
+  const int64_t vocab = model::load_model_config(teacher_path).vocab_size;
+  auto tok = train::load_tokenizer_if_present(teacher_path, c.eval);
+  const auto data = train::read_training_data(c.data, tok.get(), c.train.seed, vocab);
+  auto docs = data.train;
+  docs.insert(docs.end(), data.validation.begin(), data.validation.end());
+  const nlohmann::json fingerprint = {
+      {"teacher", train::teacher_fingerprint(teacher_path, c.teacher.dtype, c.teacher.base_weights)},
+      {"tokenizer", train::tokenizer_fingerprint(teacher_path)},
+      {"data", train::data_fingerprint(c.data, docs)}};
+  const auto o = cache_options(c);
+  train::TeacherCacheWriter writer(o, fingerprint, docs, c.data.seq_len, data.pad_id, vocab);
+  const auto& m = writer.manifest();
+  if (writer.missing_shards() > 0) {
+    const auto teacher = train::freeze_teacher(
+        model::load_causal_lm(teacher_path, model::dtype_from_name(c.teacher.dtype), teacher_device,
+                              c.teacher.base_weights), device);
+    const auto st = writer.write(teacher, device);
+    std::fprintf(stderr, "teacher cache %s: wrote %lld of %lld shards (%lld complete already), %lld positions, "
+                 "%.1f bytes/token, %.0f tokens/s\n", o.dir.c_str(), (long long)st.written, (long long)st.shards,
+                 (long long)st.skipped, (long long)st.targets, st.targets ? double(st.bytes) / double(st.targets) : 0.0,
+                 st.seconds > 0 ? double(st.targets) / st.seconds : 0.0);
+  }
+  int64_t bytes = 0;
+  for (const auto& s : m["shards"]) bytes += s["bytes"].get<int64_t>();
+  const int64_t targets = m["targets"].get<int64_t>();
+  std::fprintf(stderr, "teacher cache %s: complete, %lld shards, %lld positions, k %lld, %s log-probs, %.1f "
+               "bytes/token\n", o.dir.c_str(), (long long)m["shards"].size(), (long long)targets, (long long)o.k,
+               c.teacher.cache_dtype.c_str(), targets ? double(bytes) / double(targets) : 0.0);
+  if (c.teacher.cache_only) return nullptr;
+  return std::make_unique<train::TeacherCache>(o, fingerprint);
+}
+
+void print_offline_comparison(const train::EvalResult& student) {
+  std::printf("\non the validation set (%lld target tokens; the teacher from its cache):\n",
+              static_cast<long long>(student.targets));
+  std::printf("           %10s %12s %14s %10s\n", "loss", "perplexity", "kl to teacher", "top-1");
   std::printf("  student  %10.4f %12.3f %14.4f %10.4f\n", student.loss, student.ppl, student.terms.at(0).second,
               student.terms.at(1).second);
 }
@@ -128,16 +183,30 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
   // ---- teacher (frozen), student, tokenizer ----
   at::manual_seed(c.train.seed);
   const std::string teacher_path = resolve_path("teacher.path", c.teacher.path);
-  const auto teacher = train::freeze_teacher(
-      model::load_causal_lm(teacher_path, model::dtype_from_name(c.teacher.dtype), teacher_device, c.teacher.base_weights),
-      device);
+  const bool offline = !c.teacher.cache.empty();
+  if (offline && c.hidden.type != "none")
+    throw std::invalid_argument("config key distill.hidden_loss: \"" + c.hidden.type +
+                                "\" needs the teacher's hidden states, but teacher.cache makes the run offline");
+  std::unique_ptr<train::TeacherCache> cache;  // offline: the teacher's top-k cache instead of the teacher
+  if (offline && !options.dry_run) {  // a dry run only plans: it writes no cache
+    cache = open_teacher_cache(c, teacher_path, teacher_device, device);
+    if (c.teacher.cache_only) return train::kExitOk;
+  }
+  train::Teacher teacher;  // offline: loaded only to derive the student from
+  if (!offline || c.student.init == "derived")
+    teacher = train::freeze_teacher(model::load_causal_lm(teacher_path, model::dtype_from_name(c.teacher.dtype),
+                                                          teacher_device, c.teacher.base_weights), device);
+  const int64_t teacher_vocab = cache           ? cache->vocab_size()
+                                : teacher.model ? teacher.model->config().vocab_size
+                                                : model::load_model_config(teacher_path).vocab_size;
   // The tokenizer and data come before the student: a pruned student is scored on training rows.
   auto tok = train::load_tokenizer_if_present(teacher_path, c.eval);
-  const auto data = train::read_training_data(c.data, tok.get(), c.train.seed, teacher.model->config().vocab_size);
+  const auto data = train::read_training_data(c.data, tok.get(), c.train.seed, teacher_vocab);
   data::BatchStream stream(data.train, c.data.seq_len, data.pad_id, c.train.batch_size, c.train.seed);
   auto student = build_student(c, teacher, teacher_path, dtype, device, stream);
   student->train();  // dropout on for every kind of student (build_model does this; a derived one is new)
-  check_vocabularies(c, *teacher.model, *student);
+  check_vocabularies(c, teacher_vocab, *student);
+  if (offline) teacher = train::Teacher{};  // the teacher leaves the process
   lora::LoraConfig lora = c.lora;
   train::NamedTensors trainable;
   if (c.use_lora) {
@@ -165,9 +234,12 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
     plan.trainable_are_weights = false;
     plan.extra_activations_per_token = lora::activation_elems_per_token(student->config(), c.lora);
   }
-  train::add_frozen_model(plan, *teacher.model, *student, "teacher", c.kd.chunk);
+  if (!offline) train::add_frozen_model(plan, *teacher.model, *student, "teacher", c.kd.chunk);
   const auto estimate = train::estimate_memory(*student, plan, device);
-  std::cerr << "teacher: " << teacher.model->config().architecture << ", " << teacher.model->config().num_hidden_layers
+  if (offline)
+    std::cerr << "teacher: offline, from the cache " << c.teacher.cache << " (k " << c.teacher.cache_k << "); student: "
+              << student->config().num_hidden_layers << " layers\n";
+  else std::cerr << "teacher: " << teacher.model->config().architecture << ", " << teacher.model->config().num_hidden_layers
             << " layers (" << model::dtype_name(teacher.model->dtype()) << ", " << teacher_device.str() << "); student: "
             << student->config().num_hidden_layers << " layers\n";
   train::print_run_summary("distill", *student, device, trainable, data, total_steps);
@@ -180,13 +252,15 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
   train::Trainer trainer(train::loop_settings("distill", c.train, c.eval, c.output, total_steps, c.resolved, kSameRun),
                          trainable, device);
   trainer.open(options.resume, stream);
-  const auto teacher_says = train::generate_for_prompts(*teacher.model, tok.get(), c.eval);
+  const auto teacher_says = cache ? std::vector<std::string>() : train::generate_for_prompts(*teacher.model, tok.get(), c.eval);
   const auto before = train::generate_for_prompts(*student, tok.get(), c.eval);
 
   // ---- the loop ----
-  const auto loss = hidden ? train::kd_hidden_loss_fn(*student, teacher, c.kd, c.kd_ratio, c.train.loss_chunk, device, *hidden)
-                           : train::kd_loss_fn(*student, teacher, c.kd, c.kd_ratio, c.train.loss_chunk, device);
-  const auto evaluate = train::kd_eval_fn(*student, teacher, data, c.train, c.eval, c.kd.chunk, device);
+  const auto loss = cache  ? train::kd_cache_loss_fn(*student, *cache, c.kd, c.kd_ratio, c.train.loss_chunk, device)
+                    : hidden ? train::kd_hidden_loss_fn(*student, teacher, c.kd, c.kd_ratio, c.train.loss_chunk, device, *hidden)
+                             : train::kd_loss_fn(*student, teacher, c.kd, c.kd_ratio, c.train.loss_chunk, device);
+  const auto evaluate = cache ? train::kd_cache_eval_fn(*student, *cache, data, c.train, c.eval, c.kd.chunk, device)
+                              : train::kd_eval_fn(*student, teacher, data, c.train, c.eval, c.kd.chunk, device);
   const int status = trainer.fit(stream, loss, evaluate, options.on_step, [&] {
     return train::memory_advice(estimate, plan, ", distill.chunk (now " + std::to_string(c.kd.chunk) + ")");
   });
@@ -205,11 +279,17 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
   const std::string model_dir = trainer.path("model");
   model::save_causal_lm(*student, model_dir);
   io::copy_model_side_files(teacher_path, model_dir);
-  if (tok && !c.eval.prompts.empty())
+  if (tok && !c.eval.prompts.empty() && cache)
+    train::print_generations(c.eval.prompts, before, train::generate_for_prompts(*student, tok.get(), c.eval),
+                             c.eval.max_new_tokens);
+  else if (tok && !c.eval.prompts.empty())
     train::print_generations(c.eval.prompts, {{"teacher", teacher_says}, {"before", before},
                                               {"after", train::generate_for_prompts(*student, tok.get(), c.eval)}},
                              c.eval.max_new_tokens);
-  if (data.validation_rows.rows > 0)
+  if (data.validation_rows.rows > 0 && cache)
+    print_offline_comparison(train::evaluate_against_cache(*student, *cache, data.validation_rows, c.train.batch_size,
+                                                           c.eval.max_batches, c.kd.chunk, device));
+  else if (data.validation_rows.rows > 0)
     print_comparison(train::evaluate_causal_lm(*teacher.model, data.validation_rows, c.train.batch_size, c.eval.max_batches,
                                                c.train.loss_chunk, teacher_device),
                      train::evaluate_against_teacher(*student, teacher, data.validation_rows, c.train.batch_size,

@@ -26,6 +26,13 @@ struct TeacherSection {
   std::string dtype;         ///< "bfloat16" | "float32" | "float16"
   std::string device;        ///< "auto" | "cpu" | "cuda" | "cuda:N"
   std::string base_weights;  ///< "auto" | "dense" | "fp8" | "int8" (load_causal_lm's)
+  // Offline distillation (anvil/train/teacher_cache.h): cache non-empty trains from the teacher's top-k cache
+  // there, written first where absent or incomplete; cache_only writes it and exits.
+  std::string cache;                   ///< a directory, "" = online
+  int64_t cache_k = 64;                ///< top-k ids per position, in [1, vocab_size]
+  std::string cache_dtype;             ///< "float16" | "bfloat16" | "float32": the log-probs' storage
+  int64_t cache_shard_tokens = 1 << 20;  ///< packed positions per shard
+  bool cache_only = false;
 };
 
 struct StudentSection {

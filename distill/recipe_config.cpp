@@ -68,7 +68,9 @@ train::ConfigSchema config_schema() {
   train::ConfigSchema schema;
   schema.defaults = train::training_defaults("runs/distill");
   schema.defaults.erase("model");
-  schema.defaults["teacher"] = {{"path", ""}, {"dtype", "bfloat16"}, {"device", "auto"}, {"base_weights", "auto"}};
+  schema.defaults["teacher"] = {{"path", ""}, {"dtype", "bfloat16"}, {"device", "auto"}, {"base_weights", "auto"},
+                                {"cache", ""}, {"cache_k", 64}, {"cache_dtype", "float16"},
+                                {"cache_shard_tokens", 1 << 20}, {"cache_only", false}};
   schema.defaults["student"] = {{"init", "derived"}, {"path", ""},          {"config", ""},  {"layers", json::array()},
                                 {"every_nth", 0},    {"dtype", "bfloat16"}, {"device", "auto"}};
   schema.defaults["distill"] = {{"loss", "forward_kl"}, {"temperature", 1.0}, {"kd_ratio", 0.5},
@@ -97,6 +99,14 @@ TeacherSection read_teacher(const train::ConfigReader& r) {
   t.device = r.string("teacher.device");
   check_device("teacher.device", t.device);
   t.base_weights = r.string_in("teacher.base_weights", {"auto", "dense", "fp8", "int8"});
+  // offline: the teacher cache
+  t.cache = r.string("teacher.cache");
+  t.cache_k = r.int_at_least("teacher.cache_k", 1);
+  t.cache_dtype = r.string_in("teacher.cache_dtype", {"float16", "bfloat16", "float32"});
+  t.cache_shard_tokens = r.int_at_least("teacher.cache_shard_tokens", 1);
+  t.cache_only = r.boolean("teacher.cache_only");
+  if (t.cache_only && t.cache.empty())
+    config_error("teacher.cache_only", "writes the teacher cache: it needs teacher.cache (a directory)", true);
   return t;
 }
 

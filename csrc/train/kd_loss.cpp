@@ -24,6 +24,7 @@
 #include <torch/autograd.h>
 
 #include <cmath>
+#include <limits>
 #include <stdexcept>
 
 namespace anvil::train {
@@ -49,12 +50,13 @@ KdLoss effective(const KdOptions& o) {
   return o.loss;
 }
 
-// The analytic dL/dz (rows, V) wrt the tempered student logits, from the chunk's log-probabilities.
-at::Tensor divergence_grad(const at::Tensor& ls, const at::Tensor& lt, const KdOptions& o) {
-  const auto q = ls.exp(), p = lt.exp();  // (rows, V)
-  if (effective(o) == KdLoss::kForwardKl) return q - p;
-  at::Tensor qg;  // (rows, V) q * dL/dq
+// q * dL/dq (rows, C) of the divergence between two distributions over C outcomes (the table above), from
+// their log-probabilities: the part of the gradient the dense and the sparse (coarse) paths share.
+at::Tensor divergence_qg(const at::Tensor& ls, const at::Tensor& lt, const KdOptions& o) {
+  const auto q = ls.exp(), p = lt.exp();  // (rows, C)
+  at::Tensor qg;  // (rows, C) q * dL/dq
   switch (effective(o)) {
+    case KdLoss::kForwardKl: qg = -p; break;
     case KdLoss::kReverseKl: qg = q * (ls - lt); break;
     case KdLoss::kSkewForwardKl: {
       const double lam = o.skew_lambda;
@@ -77,7 +79,56 @@ at::Tensor divergence_grad(const at::Tensor& ls, const at::Tensor& lt, const KdO
     case KdLoss::kTv: qg = 0.5 * q * (q - p).sign(); break;
     default: break;
   }
+  return qg;
+}
+
+// The analytic dL/dz (rows, V) wrt the tempered student logits, from the chunk's log-probabilities.
+at::Tensor divergence_grad(const at::Tensor& ls, const at::Tensor& lt, const KdOptions& o) {
+  if (effective(o) == KdLoss::kForwardKl) return ls.exp() - lt.exp();  // (rows, V) q - p
+  const auto q = ls.exp();
+  const auto qg = divergence_qg(ls, lt, o);  // (rows, V)
   return qg - q * qg.sum(1, /*keepdim=*/true);
+}
+
+// ---- the sparse teacher (kd_loss.h: the k + 1 outcomes of the "other" bucket) ----
+
+constexpr double kTailFloor = 1e-30;  // the teacher's smallest tail mass (kd_loss.h)
+
+// A chunk's coarse distributions: student and teacher log-probabilities (rows, C), C = k + 1 (the tail bucket
+// last) or k when the ids cover the vocabulary.
+struct Coarse {
+  at::Tensor ls, lt;
+  bool tail = false;
+};
+
+Coarse coarsen(const at::Tensor& ls_full, const at::Tensor& ids, const at::Tensor& teacher_lp) {
+  const int64_t vocab = ls_full.size(1), k = ids.size(1);
+  Coarse c;
+  const auto lsk = ls_full.gather(1, ids);                     // (rows, k)
+  const auto ltk = teacher_lp.to(ls_full.scalar_type());       // (rows, k)
+  if (k == vocab) {
+    c.ls = lsk, c.lt = at::log_softmax(ltk, 1);
+    return c;
+  }
+  // log of the student's mass outside the ids, in log space (no 1 - sum cancellation): (rows, 1)
+  const auto ls_tail = at::logsumexp(ls_full.scatter(1, ids, -std::numeric_limits<double>::infinity()), 1, true);
+  const auto lt_tail = at::log((1 - ltk.exp().sum(1, true)).clamp_min(kTailFloor));  // (rows, 1)
+  c.ls = at::cat({lsk, ls_tail}, 1), c.lt = at::log_softmax(at::cat({ltk, lt_tail}, 1), 1), c.tail = true;
+  return c;
+}
+
+// dL/dz (rows, V) of the coarse divergence wrt the tempered student logits. With g_b = dL/dQ_b of bucket b and
+// b(j) the bucket of token j, dL/dz_j = q_j (g_b(j) - sum_b Q_b g_b): the ids get their coarse qg directly, a
+// tail token j gets (q_j / Q_tail) qg_tail, taken as exp(ls_j - log Q_tail) so that no tiny Q_tail divides.
+at::Tensor sparse_divergence_grad(const at::Tensor& ls_full, const at::Tensor& ids, const Coarse& c,
+                                  const KdOptions& o) {
+  const int64_t k = ids.size(1);
+  const auto qg = divergence_qg(c.ls, c.lt, o);  // (rows, C)
+  const auto s = qg.sum(1, /*keepdim=*/true);    // (rows, 1)
+  at::Tensor dz = c.tail ? (ls_full - c.ls.slice(1, k, k + 1)).exp_().mul_(qg.slice(1, k, k + 1))
+                         : at::zeros_like(ls_full);  // (rows, V); the ids' entries are overwritten next
+  dz.scatter_(1, ids, qg.slice(1, 0, k));
+  return dz.sub_(ls_full.exp() * s);
 }
 
 // The chunked KD loss, optionally blended with the student's cross-entropy on the same rows, with its gradient
@@ -165,6 +216,75 @@ class ChunkedKdCeLoss : public torch::autograd::Function<ChunkedKdCeLoss> {
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
+
+class ChunkedSparseKdLoss : public torch::autograd::Function<ChunkedSparseKdLoss> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& hs, const at::Tensor& ws, const at::Tensor& ids,
+                            const at::Tensor& tlp, double scale, int64_t loss, double temperature, double skew_lambda,
+                            double jsd_beta, int64_t chunk) {
+    KdOptions o;
+    o.loss = KdLoss(loss), o.temperature = temperature, o.skew_lambda = skew_lambda, o.jsd_beta = jsd_beta;
+    const int64_t n = hs.size(0);
+    const auto acc = accumulate_type(hs);
+    auto total = at::zeros({}, hs.options().dtype(acc));
+    for (int64_t start = 0; start < n; start += chunk) {
+      const int64_t end = std::min(n, start + chunk);
+      const auto ls = at::log_softmax(at::linear(hs.slice(0, start, end), ws).to(acc).div_(temperature), 1);  // (rows, V)
+      const auto c = coarsen(ls, ids.slice(0, start, end), tlp.slice(0, start, end));
+      total.add_(kd_divergence(c.ls, c.lt, o).sum());
+    }
+    ctx->save_for_backward({hs, ws, ids, tlp});
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["loss"] = loss;
+    ctx->saved_data["temperature"] = temperature;
+    ctx->saved_data["skew_lambda"] = skew_lambda;
+    ctx->saved_data["jsd_beta"] = jsd_beta;
+    ctx->saved_data["chunk"] = chunk;
+    return total * scale;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &hs = saved[0], &ws = saved[1], &ids = saved[2], &tlp = saved[3];
+    KdOptions o;
+    o.loss = KdLoss(ctx->saved_data["loss"].toInt());
+    o.temperature = ctx->saved_data["temperature"].toDouble();
+    o.skew_lambda = ctx->saved_data["skew_lambda"].toDouble();
+    o.jsd_beta = ctx->saved_data["jsd_beta"].toDouble();
+    const int64_t chunk = ctx->saved_data["chunk"].toInt();
+    const bool need_dh = ctx->needs_input_grad(0), need_dw = ctx->needs_input_grad(1);
+    const auto acc = accumulate_type(hs);
+    const auto g = grad_outputs[0].to(acc) * (ctx->saved_data["scale"].toDouble() / o.temperature);  // ()
+    const int64_t n = hs.size(0);
+    at::Tensor dh = need_dh ? at::empty_like(hs) : at::Tensor();
+    at::Tensor dw = need_dw ? at::zeros(ws.sizes(), ws.options().dtype(acc)) : at::Tensor();
+    for (int64_t start = 0; start < n; start += chunk) {
+      const int64_t end = std::min(n, start + chunk);
+      const auto h = hs.slice(0, start, end);
+      const auto ls = at::log_softmax(at::linear(h, ws).to(acc).div_(o.temperature), 1);  // (rows, V)
+      const auto id = ids.slice(0, start, end);
+      const auto c = coarsen(ls, id, tlp.slice(0, start, end));
+      const auto d = (sparse_divergence_grad(ls, id, c, o) * g).to(hs.scalar_type());  // (rows, V) model dtype
+      if (need_dh) dh.slice(0, start, end).copy_(at::matmul(d, ws));
+      if (need_dw) dw.add_(at::matmul(d.t(), h).to(dw.scalar_type()));
+    }
+    return {dh,          need_dw ? dw.to(ws.scalar_type()) : at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+void check_sparse_teacher(const at::Tensor& ids, const at::Tensor& lp, int64_t rows, int64_t vocab, const char* what) {
+  TORCH_CHECK(ids.dim() == 2 && lp.dim() == 2 && ids.sizes() == lp.sizes(), what, ": the teacher's ids ", ids.sizes(),
+              " and log-probabilities ", lp.sizes(), " must both be (N, k)");
+  TORCH_CHECK(ids.size(0) == rows, what, ": the sparse teacher has ", ids.size(0), " rows and the student ", rows,
+              "; they must be the same target positions");
+  TORCH_CHECK(ids.size(1) >= 1 && ids.size(1) <= vocab, what, ": k (", ids.size(1),
+              " teacher ids per row) must be in [1, vocabulary size ", vocab, "]");
+  TORCH_CHECK(!at::isFloatingType(ids.scalar_type()) && at::isFloatingType(lp.scalar_type()), what,
+              ": the teacher's ids must be integers and its log-probabilities floats, got ", ids.scalar_type(), " and ",
+              lp.scalar_type());
+}
 
 void check_options(const KdOptions& o) {
   if (!(o.temperature > 0) || !std::isfinite(o.temperature))
@@ -263,6 +383,40 @@ KdCeLoss kd_ce_loss(const at::Tensor& student_hidden, const at::Tensor& student_
   const auto out = ChunkedKdCeLoss::apply(hs, ws, ht, wt, lab, kd_weight, ce_weight, int64_t(o.loss), o.temperature,
                                           o.skew_lambda, o.jsd_beta, o.chunk, at::GradMode::is_enabled());
   return KdCeLoss{out[0], out[1], out[2]};
+}
+
+at::Tensor kd_divergence_sparse(const at::Tensor& student_logprobs, const at::Tensor& teacher_ids,
+                                const at::Tensor& teacher_logprobs, const KdOptions& o) {
+  check_options(o);
+  TORCH_CHECK(student_logprobs.dim() == 2, "kd_divergence_sparse: the student's log-probabilities must be (N, V), got ",
+              student_logprobs.sizes());
+  check_sparse_teacher(teacher_ids, teacher_logprobs, student_logprobs.size(0), student_logprobs.size(1),
+                       "kd_divergence_sparse");
+  const auto c = coarsen(student_logprobs, teacher_ids.to(at::kLong), teacher_logprobs);
+  return kd_divergence(c.ls, c.lt, o);
+}
+
+at::Tensor kd_loss_sparse(const at::Tensor& student_hidden, const at::Tensor& student_weight,
+                          const at::Tensor& teacher_ids, const at::Tensor& teacher_logprobs, double normalizer,
+                          const KdOptions& o) {
+  check_options(o);
+  TORCH_CHECK(student_hidden.dim() == 2 && student_weight.dim() == 2 && student_hidden.size(1) == student_weight.size(1),
+              "kd_loss_sparse: student hidden (N, H) ", student_hidden.sizes(), " must match its head (V, H) ",
+              student_weight.sizes());
+  check_sparse_teacher(teacher_ids, teacher_logprobs, student_hidden.size(0), student_weight.size(0), "kd_loss_sparse");
+  auto hs = student_hidden, ws = student_weight;
+  const auto device_type = hs.device().type();
+  if (at::autocast::is_autocast_enabled(device_type)) {  // as kd_loss
+    const auto dtype = at::autocast::get_autocast_dtype(device_type);
+    hs = hs.to(dtype), ws = ws.to(dtype);
+  } else if (hs.scalar_type() != ws.scalar_type()) {
+    hs = hs.to(ws.scalar_type());
+  }
+  const auto ids = teacher_ids.detach().to(hs.device(), at::kLong);                           // (N, k)
+  const auto tlp = teacher_logprobs.detach().to(hs.device(), accumulate_type(student_hidden));  // (N, k)
+  const double scale = normalizer > 0 ? 1.0 / normalizer : 0.0;
+  return ChunkedSparseKdLoss::apply(hs, ws, ids, tlp, scale, int64_t(o.loss), o.temperature, o.skew_lambda,
+                                    o.jsd_beta, o.chunk);
 }
 
 at::Tensor target_rows(const at::Tensor& labels) {

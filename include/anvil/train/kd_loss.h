@@ -83,6 +83,32 @@ struct KdCeLoss {
 KdCeLoss kd_ce_loss(const at::Tensor& student_hidden, const at::Tensor& student_weight, const at::Tensor& teacher_hidden,
                     const at::Tensor& teacher_weight, const at::Tensor& labels, double kd_weight, double ce_weight,
                     const KdOptions& o);
+// ---- a sparse teacher: top-k ids and log-probabilities (the offline cache, train/teacher_cache.h) ---------
+//
+// The teacher is given at each row as its k most likely token ids (N, k) and their tempered log-probabilities
+// log softmax(z_t / T) (N, k). The tail mass is an "other" bucket, DistillKit's SYMMETRIC_UNIFORM handling
+// (arcee-ai/DistillKit, distillkit/lossfuncs/common.py get_target_logprobs, kl.py sparse_kl_div_inner):
+// both distributions are coarsened to k + 1 outcomes, the k ids and "every other token",
+//   teacher  P = (p_1 .. p_k, max(1 - sum p_i, 1e-30)) / its sum   (the renormalization only absorbs rounding)
+//   student  Q = (q_1 .. q_k, sum of q_j over the other V - k ids)  (q = softmax(z_s / T) over the vocabulary)
+// and the divergence of KdOptions is taken between P and Q. With k = V the bucket is empty and left out, and
+// the value is the dense kd_divergence's (up to the teacher's storage rounding). For k < V it is a lower bound
+// of the dense divergence (coarsening never increases an f-divergence) that ignores how the student spreads its
+// tail mass. The 1e-30 floor keeps 0 log 0 out of the formulas (a tail of 0 contributes 1e-30 log ..., nothing).
+
+/// The divergence of each row between the student's log-probabilities (N, V) fp32/fp64 and a sparse teacher:
+/// ids (N, k) int64 (distinct, in [0, V)) and log-probabilities (N, k). Plain ATen ops, differentiable wrt
+/// student_logprobs: the reference of the chunked kd_loss_sparse.
+at::Tensor kd_divergence_sparse(const at::Tensor& student_logprobs, const at::Tensor& teacher_ids,
+                                const at::Tensor& teacher_logprobs, const KdOptions& o);
+
+/// kd_loss with the teacher given sparsely: sum over rows of kd_divergence_sparse(log_softmax(h_s W_s^T / T),
+/// teacher_ids, teacher_logprobs) / normalizer, in chunks of rows, with the analytic backward of kd_loss.
+/// student_hidden (N, Hs), student_weight (V, Hs); teacher_ids (N, k) int32/int64, teacher_logprobs (N, k) any
+/// float dtype (already at temperature T). normalizer <= 0 gives 0.
+at::Tensor kd_loss_sparse(const at::Tensor& student_hidden, const at::Tensor& student_weight,
+                          const at::Tensor& teacher_ids, const at::Tensor& teacher_logprobs, double normalizer,
+                          const KdOptions& o);
 
 /// The (T) int64 indices of the target positions (labels != kIgnoreIndex) of labels (...) flattened.
 at::Tensor target_rows(const at::Tensor& labels);

@@ -157,6 +157,33 @@ TEST(DistillConfig, WidthPruningAndHiddenLossKeys) {
   u["distill"]["hidden_loss"] = "cosine";
   u["distill"]["hidden_weight"] = -1;
   expect_error(u, "config key distill.hidden_weight");
+TEST(DistillConfig, OfflineCacheKeys) {
+  auto c = resolve_config(minimal());
+  EXPECT_EQ(c.teacher.cache, "");  // online by default
+  EXPECT_EQ(c.teacher.cache_k, 64);
+  EXPECT_EQ(c.teacher.cache_dtype, "float16");
+  EXPECT_EQ(c.teacher.cache_shard_tokens, 1 << 20);
+  EXPECT_FALSE(c.teacher.cache_only);
+  auto u = minimal();
+  u["teacher"]["cache"] = "runs/cache";
+  u["teacher"]["cache_k"] = 8;
+  u["teacher"]["cache_only"] = true;
+  c = resolve_config(u);
+  EXPECT_EQ(c.teacher.cache, "runs/cache");
+  EXPECT_EQ(c.teacher.cache_k, 8);
+  EXPECT_TRUE(c.teacher.cache_only);
+  u = minimal();
+  u["teacher"]["cache_only"] = true;
+  expect_error(u, "config key teacher.cache_only: writes the teacher cache: it needs teacher.cache");
+  u = minimal();
+  u["teacher"]["cache_k"] = 0;
+  expect_error(u, "config key teacher.cache_k");
+  u = minimal();
+  u["teacher"]["cache_dtype"] = "int8";
+  expect_error(u, "config key teacher.cache_dtype");
+  u = minimal();
+  u["teacher"]["cache_shard_tokens"] = 0;
+  expect_error(u, "config key teacher.cache_shard_tokens");
 }
 
 }  // namespace

@@ -1,0 +1,590 @@
+// The offline teacher cache (include/anvil/train/teacher_cache.h; the format: docs/FORMATS.md, "Teacher cache").
+//
+// Writing: the documents are packed once in their order (data::pack_examples, the packing training uses), the
+// packed rows cut into shards of rows_per_shard rows; per shard the teacher runs over its rows in batches, the
+// target rows' logits in chunks become log_softmax(z / T) in fp32, whose top k (sorted, largest first) are
+// kept for the documents seen there first; the shard goes to disk atomically, then the manifest records it.
+// Reading: the manifest is checked (fingerprint, completeness), each shard verified and mapped, and a map
+// from document key to (shard, first row, count) answers a batch's lookups with one memcpy per document.
+#include "anvil/train/teacher_cache.h"
+
+#include "anvil/io/fs.h"
+#include "anvil/io/safetensors.h"
+#include "anvil/train/loss.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <stdexcept>
+
+namespace anvil::train {
+
+using nlohmann::json;
+
+namespace {
+
+constexpr const char* kFormat = "anvil-teacher-cache";
+constexpr int kVersion = 1;
+constexpr uint64_t kSampleBytes = 1 << 20, kWholeFileBytes = 64 << 20, kWeightSamples = 16;
+constexpr uint64_t kFnvOffset = 14695981039346656037ULL, kFnvPrime = 1099511628211ULL;
+
+uint64_t fnv(uint64_t h, const void* data, size_t n) {
+  const auto* p = static_cast<const uint8_t*>(data);
+  for (size_t i = 0; i < n; ++i) h = (h ^ p[i]) * kFnvPrime;
+  return h;
+}
+
+std::string hex(uint64_t h) {
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(h));
+  return buf;
+}
+
+// Reads `n` bytes at `offset` of an open file (short only at its end).
+uint64_t read_at(int fd, void* buf, uint64_t n, uint64_t offset) {
+  uint64_t got = 0;
+  while (got < n) {
+    const ssize_t r = ::pread(fd, static_cast<char*>(buf) + got, n - got, off_t(offset + got));
+    if (r <= 0) break;
+    got += uint64_t(r);
+  }
+  return got;
+}
+
+struct Fd {
+  int fd;
+  explicit Fd(const std::string& path) : fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC)) {
+    TORCH_CHECK(fd >= 0, "cannot read '", path, "': ", std::strerror(errno));
+  }
+  ~Fd() { ::close(fd); }
+};
+
+uint64_t file_size(const std::string& path) {
+  Fd f(path);
+  const off_t end = ::lseek(f.fd, 0, SEEK_END);
+  TORCH_CHECK(end >= 0, "cannot read '", path, "': ", std::strerror(errno));
+  return uint64_t(end);
+}
+
+std::string dtype_storage_name(at::ScalarType t) { return io::safetensors_dtype_name(t); }
+
+std::string shard_name(int64_t i) {
+  char buf[40];
+  std::snprintf(buf, sizeof buf, "shard-%05lld.safetensors", static_cast<long long>(i));
+  return buf;
+}
+
+// Every field where `have` (the cache's) and `want` (now) differ, as "key: a in the cache, b now".
+void differences(const json& have, const json& want, const std::string& prefix, std::vector<std::string>& out) {
+  if (have.is_object() && want.is_object()) {
+    for (auto it = want.begin(); it != want.end(); ++it) {
+      const std::string key = prefix + "." + it.key();
+      if (!have.contains(it.key())) out.push_back(key + ": absent in the cache, " + it.value().dump() + " now");
+      else differences(have[it.key()], it.value(), key, out);
+    }
+    for (auto it = have.begin(); it != have.end(); ++it)
+      if (!want.contains(it.key())) out.push_back(prefix + "." + it.key() + ": " + it.value().dump() + " in the cache, absent now");
+    return;
+  }
+  if (have != want) out.push_back(prefix + ": " + have.dump() + " in the cache, " + want.dump() + " now");
+}
+
+// The full fingerprint: the caller's parts plus what the cache options add.
+json full_fingerprint(const json& parts, const CacheOptions& o, int64_t rows_per_shard) {
+  json f = parts;
+  f["k"] = o.k;
+  f["temperature"] = o.temperature;
+  f["logprob_dtype"] = dtype_storage_name(o.dtype);
+  f["rows_per_shard"] = rows_per_shard;
+  return f;
+}
+
+// Which config key to blame for a difference in a fingerprint part.
+std::string blame(const std::string& part) {
+  if (part == "teacher") return "teacher (teacher.path, teacher.dtype, teacher.base_weights)";
+  if (part == "tokenizer") return "tokenizer (the teacher folder's tokenizer files)";
+  if (part == "data") return "data (data.train, data.validation, data.seq_len, data.loss_on, data.add_eos, "
+                             "data.validation_fraction)";
+  if (part == "k") return "k (teacher.cache_k)";
+  if (part == "temperature") return "temperature (distill.temperature)";
+  if (part == "logprob_dtype") return "storage dtype (teacher.cache_dtype)";
+  if (part == "rows_per_shard") return "shard size (teacher.cache_shard_tokens)";
+  return part;
+}
+
+void check_fingerprint(const std::string& dir, const json& have, const json& want) {
+  for (auto it = want.begin(); it != want.end(); ++it) {
+    const std::string part = it.key();
+    std::vector<std::string> diff;
+    differences(have.contains(part) ? have[part] : json(), it.value(), part, diff);
+    std::string d;
+    for (const auto& x : diff) d += (d.empty() ? "" : "; ") + x;
+    if (!d.empty())
+      throw std::invalid_argument("config key teacher.cache: the cache in " + dir + " was written for another " +
+                                  blame(part) + ": " + d + "; delete the directory to rewrite it, or point "
+                                  "teacher.cache at another one");
+  }
+}
+
+json read_manifest(const std::string& dir) {
+  const auto path = io::join_path(dir, "manifest.json");
+  json m;
+  try {
+    m = json::parse(io::read_text_file(path));
+  } catch (const json::exception& e) {
+    throw std::invalid_argument("teacher cache " + path + ": not valid JSON (" + e.what() + ")");
+  }
+  if (!m.is_object() || m.value("format", "") != kFormat || !m.contains("shards") || !m["shards"].is_array() ||
+      !m.contains("fingerprint"))
+    throw std::invalid_argument("teacher cache " + path + ": not an anvil teacher cache manifest (format \"" +
+                                std::string(kFormat) + "\" with fingerprint and shards)");
+  if (m.value("version", 0) != kVersion)
+    throw std::invalid_argument("teacher cache " + path + ": version " + m["version"].dump() + ", this anvil reads " +
+                                std::to_string(kVersion));
+  return m;
+}
+
+// Size and checksum of a shard against its manifest entry; the error names the file and the rule.
+void verify_shard_bytes(const std::string& path, const json& entry) {
+  if (!io::is_regular_file(path))
+    throw std::invalid_argument("teacher cache shard " + path + " is missing (the manifest lists it complete); "
+                                "delete the cache directory to rewrite it");
+  const uint64_t size = file_size(path), want = entry.at("bytes").get<uint64_t>();
+  if (size != want)
+    throw std::invalid_argument("teacher cache shard " + path + " is " + std::to_string(size) + " bytes, the manifest "
+                                "says " + std::to_string(want) + " (truncated or overwritten); delete it and rerun to "
+                                "rewrite it");
+  const auto sum = hash_file(path);
+  if (sum != entry.at("checksum").get<std::string>())
+    throw std::invalid_argument("teacher cache shard " + path + ": checksum mismatch (fnv1a64 " + sum +
+                                ", the manifest says " + entry.at("checksum").get<std::string>() +
+                                "): the file is corrupted; delete it and rerun to rewrite it");
+}
+
+// The hidden states (B, S, H) of a packed batch (doc ids only when a row holds several documents).
+at::Tensor batch_hidden(model::CausalLM& m, const at::Tensor& all, bool packed) {
+  return m.hidden_states(all[0], nullptr, all[1], packed ? c10::optional<at::Tensor>(all[2]) : c10::nullopt);
+}
+
+at::Tensor head_weight(const model::CausalLM& m) {
+  return m.lm_head ? m.lm_head->weight : m.model->embed_tokens->weight;
+}
+
+}  // namespace
+
+// ---- fingerprints -----------------------------------------------------------------------------------------
+
+std::string hash_file(const std::string& path) {
+  Fd f(path);
+  std::vector<char> buf(size_t(1) << 20);
+  uint64_t h = kFnvOffset, offset = 0;
+  for (;;) {
+    const uint64_t got = read_at(f.fd, buf.data(), buf.size(), offset);
+    if (got == 0) break;
+    h = fnv(h, buf.data(), got);
+    offset += got;
+  }
+  return hex(h);
+}
+
+json teacher_fingerprint(const std::string& dir, const std::string& dtype, const std::string& base_weights) {
+  json f;
+  const auto config = io::join_path(dir, "config.json");
+  f["config.json"] = io::is_regular_file(config) ? hash_file(config) : "";
+  auto names = io::list_directory(dir);
+  std::sort(names.begin(), names.end());
+  uint64_t h = kFnvOffset;
+  int64_t files = 0;
+  for (const auto& name : names) {
+    if (name.size() < 12 || name.compare(name.size() - 12, 12, ".safetensors") != 0) continue;
+    const auto path = io::join_path(dir, name);
+    Fd fd(path);
+    uint64_t size = file_size(path), n = 0;
+    h = fnv(h, name.data(), name.size());
+    h = fnv(h, &size, sizeof size);
+    if (read_at(fd.fd, &n, 8, 0) == 8 && n <= io::kMaxHeaderBytes && 8 + n <= size) {
+      std::string header(n, '\0');
+      read_at(fd.fd, header.data(), n, 8);
+      h = fnv(h, header.data(), header.size());
+    }
+    // The weights themselves: all of a small file; kWeightSamples evenly spaced MiB of a large one (a teacher
+    // fine-tuned in place keeps its header, not its bytes).
+    const uint64_t data_begin = 8 + n, data_bytes = size > data_begin ? size - data_begin : 0;
+    std::vector<char> buf(kSampleBytes);
+    const bool whole = data_bytes <= kWholeFileBytes;
+    const uint64_t pieces = whole ? (data_bytes + kSampleBytes - 1) / kSampleBytes : kWeightSamples;
+    for (uint64_t i = 0; i < pieces; ++i) {
+      const uint64_t at = whole ? data_begin + i * kSampleBytes
+                                : data_begin + (data_bytes - kSampleBytes) / (kWeightSamples - 1) * i;
+      h = fnv(h, buf.data(), read_at(fd.fd, buf.data(), kSampleBytes, at));
+    }
+    ++files;
+  }
+  f["safetensors"] = files ? hex(h) : "";
+  const auto index = io::join_path(dir, "model.safetensors.index.json");
+  f["index"] = io::is_regular_file(index) ? hash_file(index) : "";
+  f["dtype"] = dtype;
+  f["base_weights"] = base_weights;
+  return f;
+}
+
+json tokenizer_fingerprint(const std::string& dir) {
+  json f = json::object();
+  for (const char* name : {"tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                           "vocab.json", "merges.txt", "added_tokens.json"}) {
+    const auto path = io::join_path(dir, name);
+    if (io::is_regular_file(path)) f[name] = hash_file(path);
+  }
+  return f;
+}
+
+uint64_t document_key(const int32_t* ids, const int32_t* labels, int64_t n) {
+  uint64_t h = fnv(kFnvOffset, &n, sizeof n);
+  h = fnv(h, ids, size_t(n) * sizeof(int32_t));
+  return fnv(h, labels, size_t(n) * sizeof(int32_t));
+}
+
+std::vector<Segment> packed_segments(int64_t rows, int64_t row_length, const std::vector<int32_t>& ids,
+                                     const std::vector<int32_t>& labels, const std::vector<int32_t>& doc_ids) {
+  std::vector<Segment> out;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t base = r * row_length;
+    for (int64_t i = 0; i < row_length;) {
+      const int32_t doc = doc_ids[base + i];
+      if (doc < 0) {
+        ++i;
+        continue;
+      }
+      int64_t j = i;
+      Segment s;
+      while (j < row_length && doc_ids[base + j] == doc) s.targets += labels[base + j] != data::kNoTarget, ++j;
+      s.row = r, s.start = i, s.length = j - i;
+      s.key = document_key(&ids[base + i], &labels[base + i], s.length);
+      out.push_back(s);
+      i = j;
+    }
+  }
+  return out;
+}
+
+json data_fingerprint(const DataSection& d, const std::vector<data::Example>& documents) {
+  json f;
+  f["train"] = d.train.empty() ? "" : hash_file(d.train);
+  f["validation"] = d.validation.empty() ? "" : hash_file(d.validation);
+  f["seq_len"] = d.seq_len;
+  f["loss_on"] = d.loss_on;
+  f["add_eos"] = d.add_eos;
+  f["validation_fraction"] = d.validation_fraction;
+  uint64_t h = kFnvOffset;
+  const auto rows = data::pack_examples(documents, d.seq_len, 0);
+  for (const auto& s : packed_segments(rows.rows, rows.row_length, rows.ids, rows.labels, rows.doc_ids))
+    h = fnv(h, &s.key, sizeof s.key);
+  f["documents"] = hex(h);
+  return f;
+}
+
+// ---- writing ------------------------------------------------------------------------------------------------
+
+TeacherCacheWriter::TeacherCacheWriter(const CacheOptions& o, const json& fingerprint,
+                                       const std::vector<data::Example>& documents, int64_t seq_len, int32_t pad_id,
+                                       int64_t vocab_size)
+    : o_(o) {
+  if (o.k < 1 || o.k > vocab_size)
+    throw std::invalid_argument("config key teacher.cache_k: must be in [1, " + std::to_string(vocab_size) +
+                                "] (the teacher's vocabulary size), got " + std::to_string(o.k));
+  rows_ = data::pack_examples(documents, seq_len, pad_id);
+  segments_ = packed_segments(rows_.rows, rows_.row_length, rows_.ids, rows_.labels, rows_.doc_ids);
+  std::unordered_map<uint64_t, int64_t> seen;
+  first_.assign(segments_.size(), 0);
+  for (size_t i = 0; i < segments_.size(); ++i)
+    if (segments_[i].targets > 0 && seen.emplace(segments_[i].key, int64_t(i)).second) first_[i] = 1;
+  const int64_t rows_per_shard = std::max<int64_t>(1, o.shard_tokens / seq_len);
+  const json want = full_fingerprint(fingerprint, o, rows_per_shard);
+  io::make_directories(o.dir);
+  if (io::path_exists(io::join_path(o.dir, "manifest.json"))) {
+    manifest_ = read_manifest(o.dir);
+    check_fingerprint(o.dir, manifest_["fingerprint"], want);
+    for (const auto& s : manifest_["shards"])
+      if (s.value("complete", false)) verify_shard_bytes(io::join_path(o.dir, s.at("file").get<std::string>()), s);
+    return;
+  }
+  // A new cache: every shard planned, none complete.
+  manifest_ = {{"format", kFormat}, {"version", kVersion}, {"fingerprint", want}, {"k", o.k},
+               {"temperature", o.temperature}, {"logprob_dtype", dtype_storage_name(o.dtype)},
+               {"vocab_size", vocab_size}, {"seq_len", seq_len}, {"rows_per_shard", rows_per_shard}};
+  json shards = json::array();
+  int64_t documents_total = 0, targets_total = 0;
+  size_t seg = 0;
+  for (int64_t r0 = 0, i = 0; r0 < rows_.rows; r0 += rows_per_shard, ++i) {
+    const int64_t r1 = std::min(rows_.rows, r0 + rows_per_shard);
+    int64_t docs = 0, targets = 0;
+    for (; seg < segments_.size() && segments_[seg].row < r1; ++seg)
+      if (first_[seg]) ++docs, targets += segments_[seg].targets;
+    shards.push_back({{"file", shard_name(i)}, {"packed_rows", {r0, r1}}, {"documents", docs}, {"targets", targets},
+                      {"complete", false}, {"bytes", 0}, {"checksum", ""}});
+    documents_total += docs, targets_total += targets;
+  }
+  manifest_["documents"] = documents_total;
+  manifest_["targets"] = targets_total;
+  manifest_["shards"] = shards;
+  write_manifest();
+}
+
+int64_t TeacherCacheWriter::missing_shards() const {
+  int64_t n = 0;
+  for (const auto& s : manifest_["shards"]) n += !s.value("complete", false);
+  return n;
+}
+
+void TeacherCacheWriter::write_manifest() const {
+  io::write_text_atomically(io::join_path(o_.dir, "manifest.json"), manifest_.dump(2) + "\n");
+}
+
+CacheWriteStats TeacherCacheWriter::write(const Teacher& teacher, at::Device device) {
+  CacheWriteStats st;
+  const auto t0 = std::chrono::steady_clock::now();
+  at::NoGradGuard no_grad;
+  auto& shards = manifest_["shards"];
+  st.shards = int64_t(shards.size());
+  const auto head = teacher.head.to(device);  // (V, H)
+  size_t seg = 0;
+  for (auto& s : shards) {
+    const int64_t r0 = s["packed_rows"][0].get<int64_t>(), r1 = s["packed_rows"][1].get<int64_t>();
+    const size_t seg_begin = seg;
+    while (seg < segments_.size() && segments_[seg].row < r1) ++seg;
+    if (s.value("complete", false)) {
+      ++st.skipped;
+      continue;
+    }
+    std::vector<at::Tensor> ids_parts, lp_parts;  // (rows, k) each
+    for (int64_t b0 = r0; b0 < r1; b0 += o_.batch_size) {
+      const auto b = data::slice_rows(rows_, b0, std::min(r1, b0 + o_.batch_size));
+      if (b.targets == 0) continue;
+      const auto all = batch_to_device(b, teacher.model->device());  // (4, B, S)
+      auto h = batch_hidden(*teacher.model, all, b.packed);
+      h = h.reshape({-1, h.size(-1)}).index_select(0, target_rows(all[3]).to(h.device())).to(device);  // (T, H)
+      for (int64_t c = 0; c < h.size(0); c += o_.chunk) {
+        const auto z = at::linear(h.slice(0, c, std::min(h.size(0), c + o_.chunk)), head);  // (rows, V)
+        const auto lp = at::log_softmax(z.to(at::kFloat).div_(o_.temperature), 1);
+        auto [values, indices] = at::topk(lp, o_.k, 1, /*largest=*/true, /*sorted=*/true);  // (rows, k)
+        ids_parts.push_back(indices.to(at::kInt).cpu());
+        lp_parts.push_back(values.to(o_.dtype).cpu());
+      }
+    }
+    auto ids = ids_parts.empty() ? at::empty({0, o_.k}, at::kInt) : at::cat(ids_parts);        // (T_shard, k)
+    auto lps = lp_parts.empty() ? at::empty({0, o_.k}, o_.dtype) : at::cat(lp_parts);           // (T_shard, k)
+    // Keep the rows of documents stored here (first occurrences); the rows run in segment order.
+    std::vector<int64_t> keep, keys, offsets = {0};
+    int64_t row = 0;
+    for (size_t i = seg_begin; i < seg; ++i) {
+      const auto& sg = segments_[i];
+      if (first_[i]) {
+        for (int64_t t = 0; t < sg.targets; ++t) keep.push_back(row + t);
+        keys.push_back(int64_t(sg.key));
+        offsets.push_back(offsets.back() + sg.targets);
+      }
+      row += sg.targets;
+    }
+    TORCH_CHECK(row == ids.size(0), "teacher cache: internal error: ", row, " target rows planned, ", ids.size(0),
+                " computed");
+    if (int64_t(keep.size()) != ids.size(0)) {
+      const auto sel = at::tensor(keep, at::kLong);
+      ids = ids.index_select(0, sel), lps = lps.index_select(0, sel);
+    }
+    const auto path = io::join_path(o_.dir, s["file"].get<std::string>());
+    io::save_safetensors(path,
+                         {{"keys", at::tensor(keys, at::kLong)},      // (D) int64: the documents' keys (uint64 bits)
+                          {"offsets", at::tensor(offsets, at::kLong)},  // (D + 1) int64: their first rows
+                          {"ids", ids},                                 // (T, k) int32, most likely first
+                          {"logprobs", lps}},                           // (T, k) log_softmax(z / T)
+                         {{"format", kFormat}, {"k", std::to_string(o_.k)}});
+    s["bytes"] = file_size(path);
+    s["checksum"] = hash_file(path);
+    s["complete"] = true;
+    write_manifest();
+    ++st.written;
+    st.targets += ids.size(0);
+    st.bytes += s["bytes"].get<int64_t>();
+  }
+  st.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return st;
+}
+
+// ---- reading ------------------------------------------------------------------------------------------------
+
+struct TeacherCache::Shard {
+  std::unique_ptr<io::SafetensorsFile> file;
+  const int32_t* ids = nullptr;
+  const uint8_t* logprobs = nullptr;
+  at::ScalarType dtype = at::kFloat;
+};
+
+TeacherCache::~TeacherCache() = default;
+
+TeacherCache::TeacherCache(const CacheOptions& o, const json& fingerprint) : dir_(o.dir) {
+  if (!io::path_exists(io::join_path(o.dir, "manifest.json")))
+    throw std::invalid_argument("config key teacher.cache: " + o.dir + " holds no manifest.json (no teacher cache)");
+  manifest_ = read_manifest(o.dir);
+  if (!fingerprint.is_null())
+    check_fingerprint(o.dir, manifest_["fingerprint"],
+                      full_fingerprint(fingerprint, o, manifest_.value("rows_per_shard", int64_t(0))));
+  k_ = manifest_.at("k").get<int64_t>();
+  vocab_ = manifest_.at("vocab_size").get<int64_t>();
+  temperature_ = manifest_.at("temperature").get<double>();
+  int32_t index = 0;
+  for (const auto& s : manifest_["shards"]) {
+    const auto path = io::join_path(o.dir, s.at("file").get<std::string>());
+    if (!s.value("complete", false))
+      throw std::invalid_argument("teacher cache " + o.dir + " is incomplete: " + path + " was never written; rerun "
+                                  "anvil distill to finish the cache");
+    verify_shard_bytes(path, s);
+    auto sh = std::make_unique<Shard>();
+    sh->file = std::make_unique<io::SafetensorsFile>(path);  // the header validated
+    const auto& f = *sh->file;
+    for (const char* name : {"keys", "offsets", "ids", "logprobs"})
+      if (!f.contains(name)) throw std::invalid_argument("teacher cache shard " + path + " has no tensor \"" + name + "\"");
+    const auto &keys = f.entry("keys"), &offsets = f.entry("offsets"), &ids = f.entry("ids"), &lps = f.entry("logprobs");
+    const int64_t docs = keys.shape.empty() ? -1 : keys.shape[0];
+    const bool ok = keys.dtype == at::kLong && keys.shape.size() == 1 && offsets.dtype == at::kLong &&
+                    offsets.shape == std::vector<int64_t>{docs + 1} && ids.dtype == at::kInt && ids.shape.size() == 2 &&
+                    ids.shape[1] == k_ && lps.shape == ids.shape && at::isFloatingType(lps.dtype);
+    if (!ok)
+      throw std::invalid_argument("teacher cache shard " + path + ": tensors keys (D) I64, offsets (D+1) I64, ids (T, " +
+                                  std::to_string(k_) + ") I32 and logprobs (T, k) float expected");
+    const auto key_t = f.tensor("keys"), off_t = f.tensor("offsets");
+    const auto* kp = key_t.data_ptr<int64_t>();
+    const auto* op = off_t.data_ptr<int64_t>();
+    for (int64_t d = 0; d < docs; ++d) {
+      if (op[d] < 0 || op[d + 1] < op[d] || op[d + 1] > ids.shape[0])
+        throw std::invalid_argument("teacher cache shard " + path + ": offsets are not increasing within its rows");
+      where_.emplace(uint64_t(kp[d]), Where{index, op[d], op[d + 1] - op[d]});
+    }
+    sh->ids = reinterpret_cast<const int32_t*>(f.data(ids));
+    sh->logprobs = f.data(lps);
+    sh->dtype = lps.dtype;
+    shards_.push_back(std::move(sh));
+    ++index;
+  }
+}
+
+std::pair<at::Tensor, at::Tensor> TeacherCache::lookup(const data::Batch& b, at::Device device) const {
+  const auto segs = packed_segments(b.rows, b.length, b.ids, b.labels, b.doc_ids);
+  int64_t total = 0;
+  for (const auto& s : segs) total += s.targets;
+  auto ids = at::empty({total, k_}, at::kInt);  // (T, k)
+  std::vector<at::Tensor> lps;
+  int64_t row = 0;
+  for (const auto& s : segs) {
+    if (s.targets == 0) continue;
+    const auto it = where_.find(s.key);
+    if (it == where_.end() || it->second.count != s.targets)
+      throw std::invalid_argument("teacher cache " + dir_ + " holds no entry for a document of this batch (" +
+                                  std::to_string(s.length) + " tokens, " + std::to_string(s.targets) +
+                                  " targets): it was written for other data");
+    const auto& sh = *shards_[it->second.shard];
+    std::memcpy(ids.data_ptr<int32_t>() + row * k_, sh.ids + it->second.begin * k_, size_t(s.targets * k_) * 4);
+    const int64_t esize = int64_t(c10::elementSize(sh.dtype));
+    auto part = at::empty({s.targets, k_}, sh.dtype);
+    std::memcpy(part.data_ptr(), sh.logprobs + it->second.begin * k_ * esize, size_t(s.targets * k_ * esize));
+    lps.push_back(part.to(at::kFloat));
+    row += s.targets;
+  }
+  auto lp = lps.empty() ? at::empty({0, k_}, at::kFloat) : at::cat(lps);  // (T, k) fp32
+  return {ids.to(device, at::kLong), lp.to(device)};
+}
+
+// ---- training and validation from the cache -------------------------------------------------------------
+
+LossFn kd_cache_loss_fn(model::CausalLM& student, const TeacherCache& cache, const KdOptions& o, double kd_ratio,
+                        int64_t ce_chunk, at::Device device) {
+  return [&student, &cache, o, kd_ratio, ce_chunk, device](const data::Batch& b, double normalizer) {
+    const auto all = batch_to_device(b, device);  // (4, B, S)
+    const auto labels = all[3].reshape({-1});     // (B*S)
+    auto h = batch_hidden(student, all, b.packed);
+    h = h.reshape({-1, h.size(-1)});  // (B*S, Hs)
+    const auto ws = head_weight(student);
+    const bool adapted_head = student.lm_head && student.lm_head->adapter;
+    const double inv = normalizer > 0 ? 1.0 / normalizer : 0.0;
+    at::Tensor ce, kd = at::zeros({}, h.options().dtype(at::kFloat));
+    {
+      c10::optional<at::NoGradGuard> no_grad;
+      if (kd_ratio >= 1) no_grad.emplace();
+      ce = adapted_head ? at::cross_entropy_loss(student.lm_head->forward(h).to(at::kFloat), labels, {},
+                                                 at::Reduction::Sum, kIgnoreIndex) * inv
+                        : causal_lm_loss(h, ws, labels, normalizer, ce_chunk);
+    }
+    if (kd_ratio > 0) {
+      const auto hs = h.index_select(0, target_rows(labels));  // (T, Hs)
+      const auto [tid, tlp] = cache.lookup(b, device);         // (T, k) each
+      if (adapted_head) {
+        const auto ls = at::log_softmax(student.lm_head->forward(hs).to(at::kFloat).div(o.temperature), 1);
+        kd = kd_divergence_sparse(ls, tid, tlp, o).sum().to(at::kFloat) * inv;
+      } else {
+        kd = kd_loss_sparse(hs, ws, tid, tlp, normalizer, o).to(at::kFloat);
+      }
+    }
+    const auto total = kd_ratio >= 1 ? kd : kd_ratio <= 0 ? ce : (1 - kd_ratio) * ce + kd_ratio * kd;
+    if (kd_ratio <= 0) return Loss{total, {{"ce", ce.detach()}}};
+    return Loss{total, {{"kd", kd.detach()}, {"ce", ce.detach()}}};
+  };
+}
+
+EvalResult evaluate_against_cache(model::CausalLM& student, const TeacherCache& cache, const data::PackedRows& rows,
+                                  int64_t batch_size, int64_t max_batches, int64_t chunk, at::Device device) {
+  const bool was_training = student.is_training();
+  student.eval();
+  at::NoGradGuard no_grad;
+  KdOptions kl;  // forward KL at the cache's temperature
+  kl.temperature = cache.temperature();
+  const auto dopt = at::TensorOptions().dtype(at::kDouble).device(device);
+  auto ce_sum = at::zeros({}, dopt), kl_sum = at::zeros({}, dopt), agree = at::zeros({}, dopt);
+  int64_t targets = 0;
+  const auto ws = head_weight(student);
+  for (int64_t i = 0, begin = 0; begin < rows.rows; ++i, begin += batch_size) {
+    if (max_batches > 0 && i >= max_batches) break;
+    const auto b = data::slice_rows(rows, begin, std::min(rows.rows, begin + batch_size));
+    if (b.targets == 0) continue;
+    const auto all = batch_to_device(b, device);
+    const auto labels = all[3].reshape({-1});
+    auto h = batch_hidden(student, all, b.packed);
+    h = h.reshape({-1, h.size(-1)});
+    const auto sel = target_rows(labels);
+    const auto hs = h.index_select(0, sel);       // (T, Hs)
+    const auto tl = labels.index_select(0, sel);  // (T)
+    const auto [tid, tlp] = cache.lookup(b, device);
+    for (int64_t s = 0; s < hs.size(0); s += chunk) {
+      const int64_t e = std::min(hs.size(0), s + chunk);
+      const auto zs = (student.lm_head ? student.lm_head->forward(hs.slice(0, s, e)) : at::linear(hs.slice(0, s, e), ws))
+                          .to(at::kFloat);  // (rows, V)
+      const auto ls = at::log_softmax(zs, 1);
+      ce_sum -= ls.gather(1, tl.slice(0, s, e).unsqueeze(1)).sum().to(at::kDouble);
+      const auto lst = kl.temperature == 1 ? ls : at::log_softmax(zs / kl.temperature, 1);
+      kl_sum += kd_divergence_sparse(lst, tid.slice(0, s, e), tlp.slice(0, s, e), kl).sum().to(at::kDouble);
+      agree += (zs.argmax(1) == tid.slice(0, s, e).select(1, 0)).sum().to(at::kDouble);
+    }
+    targets += b.targets;
+  }
+  if (was_training) student.train();
+  EvalResult r;
+  r.targets = targets;
+  const double n = targets ? double(targets) : 1.0;
+  r.loss = ce_sum.item<double>() / n;
+  r.ppl = std::exp(r.loss);
+  r.terms = {{"kl", kl_sum.item<double>() / n}, {"top1", agree.item<double>() / n}};
+  return r;
+}
+
+EvalFn kd_cache_eval_fn(model::CausalLM& student, const TeacherCache& cache, const TrainingData& data,
+                        const TrainSection& t, const EvalSection& e, int64_t chunk, at::Device device) {
+  if (data.validation_rows.rows == 0) return nullptr;
+  return [&student, &cache, &data, batch = t.batch_size, max = e.max_batches, chunk, device] {
+    return evaluate_against_cache(student, cache, data.validation_rows, batch, max, chunk, device);
+  };
+}
+
+}  // namespace anvil::train
