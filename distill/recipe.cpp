@@ -24,7 +24,7 @@ namespace {
 using train::config_error;
 
 // What a resumed run must share with its checkpoint's run, besides train.batch_size, grad_accum and seed.
-const std::vector<std::string> kSameRun = {"teacher", "student", "data", "distill", "lora"};
+const std::vector<std::string> kSameRun = {"teacher", "student", "data", "distill", "lora", "sequence", "on_policy"};
 
 // A folder named by a config key, resolved (a hub id becomes its snapshot); errors name the key.
 std::string resolve_path(const std::string& key, const std::string& path) {
@@ -64,6 +64,43 @@ void check_vocabularies(const RecipeConfig& c, const model::CausalLM& teacher, c
   config_error(key, "the student's vocabulary (vocab_size " + std::to_string(vs) + ") must be the teacher's (" +
                c.teacher.path + ": vocab_size " + std::to_string(vt) + "); vocabularies that differ (padded rows, "
                "other tokenizers) are not yet supported", c.student.init == "random" ? c.student.config : c.student.path);
+}
+
+// ---- the generation modes (train/kd_generation.h) ----
+
+// distill.mode "sequence": the teacher's completions of sequence.prompts written to sequence.output (rows already
+// there kept), the file the student then trains on.
+void write_sequence_data(const RecipeConfig& c, model::CausalLM& teacher, const data::Tokenizer* tok) {
+  if (!tok)
+    config_error("distill.mode", "\"sequence\" needs the teacher's tokenizer (the prompts are text); " + c.teacher.path +
+                 " has none", c.mode);
+  train::TeacherDataOptions o;
+  o.prompts = c.sequence.prompts;
+  o.prompts_what = c.resolved.at("sequence").at("prompts") == "" ? "config key data.train (the prompts of distill.mode "
+                                                                   "\"sequence\")" : "config key sequence.prompts";
+  o.output = c.sequence.output;
+  o.batch_size = c.sequence.batch_size;
+  o.generate.max_new_tokens = c.sequence.max_new_tokens;
+  o.generate.temperature = c.sequence.temperature;
+  o.generate.top_k = c.sequence.top_k;
+  o.generate.top_p = c.sequence.top_p;
+  o.generate.seed = c.sequence.seed;
+  o.generate.pad_token_id = tok->pad_id() >= 0 ? tok->pad_id() : -1;
+  const auto r = train::write_teacher_completions(teacher, *tok, o);
+  std::cerr << "teacher data: " << c.sequence.output << ", " << r.rows << " rows (" << r.kept << " kept from an earlier run, "
+            << r.generated_tokens << " tokens generated now)\n";
+}
+
+// The loss of the loop: online KD, or with an on_policy section a fraction lambda of student generations (GKD).
+train::LossFn distill_loss_fn(const RecipeConfig& c, model::CausalLM& student, const train::Teacher& teacher,
+                              const data::Tokenizer* tok, int32_t pad_id, const data::BatchStream& stream,
+                              at::Device device) {
+  if (!c.use_on_policy) return train::kd_loss_fn(student, teacher, c.kd, c.kd_ratio, c.train.loss_chunk, device);
+  auto o = c.on_policy;
+  o.pad_id = pad_id;
+  if (tok)
+    for (const auto id : tok->eos_ids()) o.stop_tokens.push_back(id);
+  return train::on_policy_loss_fn(student, teacher, c.kd, c.kd_ratio, c.train.loss_chunk, device, o, stream);
 }
 
 void print_comparison(const train::EvalResult& teacher, const train::EvalResult& student) {
@@ -106,11 +143,6 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
   student->model->set_gradient_checkpointing(c.train.grad_checkpointing);
   auto tok = train::load_tokenizer_if_present(teacher_path, c.eval);
 
-  // ---- data ----
-  const auto data = train::read_training_data(c.data, tok.get(), c.train.seed, student->config().vocab_size);
-  data::BatchStream stream(data.train, c.data.seq_len, data.pad_id, c.train.batch_size, c.train.seed);
-  const int64_t total_steps = train::count_steps(c.train, stream);
-
   // ---- memory plan (student trained, teacher frozen beside it), dry run ----
   auto plan = train::memory_inputs(c.use_lora ? "distill, lora r " + std::to_string(c.lora.r) : "distill, full student",
                                    c.train, c.data, trainable);
@@ -123,6 +155,22 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
   std::cerr << "teacher: " << teacher.model->config().architecture << ", " << teacher.model->config().num_hidden_layers
             << " layers (" << model::dtype_name(teacher.model->dtype()) << ", " << teacher_device.str() << "); student: "
             << student->config().num_hidden_layers << " layers\n";
+  // ---- data (distill.mode "sequence": the teacher's completions of the prompts, generated first) ----
+  train::DataSection data_section = c.data;
+  if (c.mode == "sequence") {
+    if (options.dry_run && !io::path_exists(c.sequence.output)) {
+      std::cout << "dry run: distill.mode \"sequence\": the teacher's completions of " << c.sequence.prompts
+                << " (not yet generated) go to " << c.sequence.output << "; the plan for the training after it:\n"
+                << train::format_estimate(estimate, plan);
+      return train::kExitOk;
+    }
+    if (!options.dry_run) write_sequence_data(c, *teacher.model, tok.get());
+    data_section.train = c.sequence.output;
+  }
+  const auto data = train::read_training_data(data_section, tok.get(), c.train.seed, student->config().vocab_size);
+  data::BatchStream stream(data.train, c.data.seq_len, data.pad_id, c.train.batch_size, c.train.seed);
+  const int64_t total_steps = train::count_steps(c.train, stream);
+
   train::print_run_summary("distill", *student, device, trainable, data, total_steps);
   if (options.dry_run) {
     std::cout << train::format_estimate(estimate, plan);
@@ -137,7 +185,7 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
   const auto before = train::generate_for_prompts(*student, tok.get(), c.eval);
 
   // ---- the loop ----
-  const auto loss = train::kd_loss_fn(*student, teacher, c.kd, c.kd_ratio, c.train.loss_chunk, device);
+  const auto loss = distill_loss_fn(c, *student, teacher, tok.get(), data.pad_id, stream, device);
   const auto evaluate = train::kd_eval_fn(*student, teacher, data, c.train, c.eval, c.kd.chunk, device);
   const int status = trainer.fit(stream, loss, evaluate, options.on_step, [&] {
     return train::memory_advice(estimate, plan, ", distill.chunk (now " + std::to_string(c.kd.chunk) + ")");
