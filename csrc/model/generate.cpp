@@ -73,7 +73,8 @@ at::Tensor generate(CausalLM& model, const at::Tensor& prompt, const GenerateOpt
     if (s > 1)
       TORCH_CHECK(keys.narrow(1, 1, s - 1).ge(keys.narrow(1, 0, s - 1)).all().item<bool>(),
                   "generate: attention_mask must be left padding: no 0 after a row's first 1");
-    positions = (keys.to(at::kLong).cumsum(-1) - 1).masked_fill(keys.logical_not(), 1);
+    // transformers 5.17 _prepare_position_ids_for_generation: cumsum - 1, 0 at the pads (which no real token sees).
+    positions = (keys.to(at::kLong).cumsum(-1) - 1).masked_fill(keys.logical_not(), 0);
   }
   auto forward = [&](const at::Tensor& x, KvCache* cache, const at::Tensor& pos) {
     if (!padded) return cache ? model.forward(x, cache) : model.forward(x);

@@ -9,7 +9,7 @@
 //
 // Rows of different lengths go in left-padded, with transformers' attention_mask (1 real, 0 pad): pad keys
 // are masked in every step (the cache keeps them, masked), and position ids start at each row's first real
-// token (attention_mask.cumsum(-1) - 1, as transformers' prepare_inputs_for_generation builds them), so each
+// token (attention_mask.cumsum(-1) - 1, as transformers' _prepare_position_ids_for_generation), so each
 // row's tokens are those it gets alone, and those of transformers' batched generate with left padding.
 #pragma once
 
