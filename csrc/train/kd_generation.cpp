@@ -121,7 +121,7 @@ TeacherDataResult write_teacher_completions(model::CausalLM& teacher, const data
       io::write_text_atomically(o.output, text);
       last_flush = std::chrono::steady_clock::now();
     }
-    progress.update(end, {{"tokens", std::to_string(result.generated_tokens)}}, result.generated_tokens);
+    if (end < total) progress.update(end, {{"tokens", std::to_string(result.generated_tokens)}}, result.generated_tokens);
   }
   progress.finish({{"tokens", std::to_string(result.generated_tokens)}}, result.generated_tokens);
   if (was_training) teacher.train();
