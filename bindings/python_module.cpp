@@ -113,7 +113,8 @@ void bind_model(py::module_& m) {
       .def(
           "generate",
           [](PyCausalLM& s, const at::Tensor& ids, int64_t max_new_tokens, double temperature, int64_t top_k,
-             double top_p, std::vector<int64_t> stop_tokens, int64_t pad_token_id, uint64_t seed, bool use_cache) {
+             double top_p, std::vector<int64_t> stop_tokens, int64_t pad_token_id, uint64_t seed, bool use_cache,
+             c10::optional<at::Tensor> attention_mask) {
             am::GenerateOptions o;
             o.max_new_tokens = max_new_tokens;
             o.temperature = temperature;
@@ -123,12 +124,14 @@ void bind_model(py::module_& m) {
             o.pad_token_id = pad_token_id;
             o.seed = seed;
             o.use_cache = use_cache;
-            return am::generate(*s.model, ids, o);
+            return am::generate(*s.model, ids, o, attention_mask ? *attention_mask : at::Tensor());
           },
           py::arg("input_ids"), py::arg("max_new_tokens") = 32, py::arg("temperature") = 0.0, py::arg("top_k") = 0,
           py::arg("top_p") = 1.0, py::arg("stop_tokens") = std::vector<int64_t>{}, py::arg("pad_token_id") = -1,
-          py::arg("seed") = 0, py::arg("use_cache") = true, py::call_guard<py::gil_scoped_release>(),
-          "Greedy (temperature 0) or sampled generation -> (B, S + n) int64.")
+          py::arg("seed") = 0, py::arg("use_cache") = true, py::arg("attention_mask") = py::none(),
+          py::call_guard<py::gil_scoped_release>(),
+          "Greedy (temperature 0) or sampled generation -> (B, S + n) int64; attention_mask (B, S): left-padded "
+          "rows (1 real, 0 pad), as transformers' generate takes them.")
       .def(
           "loss",
           [](PyCausalLM& s, const at::Tensor& ids, c10::optional<at::Tensor> labels) {

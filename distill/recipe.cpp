@@ -28,7 +28,7 @@ namespace {
 using train::config_error;
 
 // What a resumed run must share with its checkpoint's run, besides train.batch_size, grad_accum and seed.
-const std::vector<std::string> kSameRun = {"teacher", "student", "data", "distill", "lora"};
+const std::vector<std::string> kSameRun = {"teacher", "student", "data", "distill", "lora", "sequence", "on_policy"};
 
 // A folder named by a config key, resolved (a hub id becomes its snapshot); errors name the key.
 std::string resolve_path(const std::string& key, const std::string& path) {
@@ -109,6 +109,43 @@ void check_vocabularies(const RecipeConfig& c, int64_t vt, const model::CausalLM
                "other tokenizers) are not yet supported", c.student.init == "random" ? c.student.config : c.student.path);
 }
 
+// ---- the generation modes (train/kd_generation.h) ----
+
+// distill.mode "sequence": the teacher's completions of sequence.prompts written to sequence.output (rows already
+// there kept), the file the student then trains on.
+void write_sequence_data(const RecipeConfig& c, model::CausalLM& teacher, const data::Tokenizer* tok) {
+  if (!tok)
+    config_error("distill.mode", "\"sequence\" needs the teacher's tokenizer (the prompts are text); " + c.teacher.path +
+                 " has none", c.mode);
+  train::TeacherDataOptions o;
+  o.prompts = c.sequence.prompts;
+  o.prompts_what = c.resolved.at("sequence").at("prompts") == "" ? "config key data.train (the prompts of distill.mode "
+                                                                   "\"sequence\")" : "config key sequence.prompts";
+  o.output = c.sequence.output;
+  o.batch_size = c.sequence.batch_size;
+  o.generate.max_new_tokens = c.sequence.max_new_tokens;
+  o.generate.temperature = c.sequence.temperature;
+  o.generate.top_k = c.sequence.top_k;
+  o.generate.top_p = c.sequence.top_p;
+  o.generate.seed = c.sequence.seed;
+  o.generate.pad_token_id = tok->pad_id() >= 0 ? tok->pad_id() : -1;
+  const auto r = train::write_teacher_completions(teacher, *tok, o);
+  std::cerr << "teacher data: " << c.sequence.output << ", " << r.rows << " rows (" << r.kept << " kept from an earlier run, "
+            << r.generated_tokens << " tokens generated now)\n";
+}
+
+// The loss of the loop: online KD, or with an on_policy section a fraction lambda of student generations (GKD).
+train::LossFn distill_loss_fn(const RecipeConfig& c, model::CausalLM& student, const train::Teacher& teacher,
+                              const data::Tokenizer* tok, int32_t pad_id, const data::BatchStream& stream,
+                              at::Device device) {
+  if (!c.use_on_policy) return train::kd_loss_fn(student, teacher, c.kd, c.kd_ratio, c.train.loss_chunk, device);
+  auto o = c.on_policy;
+  o.pad_id = pad_id;
+  if (tok)
+    for (const auto id : tok->eos_ids()) o.stop_tokens.push_back(id);
+  return train::on_policy_loss_fn(student, teacher, c.kd, c.kd_ratio, c.train.loss_chunk, device, o, stream);
+}
+
 void print_comparison(const train::EvalResult& teacher, const train::EvalResult& student) {
   std::printf("\non the validation set (%lld target tokens):\n", static_cast<long long>(student.targets));
   std::printf("           %10s %12s %14s %10s\n", "loss", "perplexity", "kl to teacher", "top-1");
@@ -184,6 +221,14 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
   at::manual_seed(c.train.seed);
   const std::string teacher_path = resolve_path("teacher.path", c.teacher.path);
   const bool offline = !c.teacher.cache.empty();
+  if (offline && (c.mode == "sequence" || c.use_on_policy))
+    throw std::invalid_argument(std::string("config key teacher.cache: an offline run cannot ") +
+                                (c.use_on_policy ? "score the student's generations (on_policy)" :
+                                                   "generate the teacher's completions (distill.mode \"sequence\")") +
+                                ": both need the teacher in the process");
+  if (c.use_on_policy && c.hidden.type != "none")
+    throw std::invalid_argument("config key distill.hidden_loss: not with an on_policy section (the generated batches "
+                                "carry no teacher hidden states)");
   if (offline && c.hidden.type != "none")
     throw std::invalid_argument("config key distill.hidden_loss: \"" + c.hidden.type +
                                 "\" needs the teacher's hidden states, but teacher.cache makes the run offline");
@@ -201,7 +246,18 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
                                                 : model::load_model_config(teacher_path).vocab_size;
   // The tokenizer and data come before the student: a pruned student is scored on training rows.
   auto tok = train::load_tokenizer_if_present(teacher_path, c.eval);
-  const auto data = train::read_training_data(c.data, tok.get(), c.train.seed, teacher_vocab);
+  // distill.mode "sequence": the teacher's completions of the prompts are the training data, written first.
+  train::DataSection data_section = c.data;
+  if (c.mode == "sequence") {
+    if (options.dry_run && !io::path_exists(c.sequence.output)) {
+      std::cout << "dry run: distill.mode \"sequence\": the teacher's completions (not yet generated) go to "
+                << c.sequence.output << "; the plan below reads data.train in their place\n";
+    } else {
+      if (!options.dry_run) write_sequence_data(c, *teacher.model, tok.get());
+      data_section.train = c.sequence.output;
+    }
+  }
+  const auto data = train::read_training_data(data_section, tok.get(), c.train.seed, teacher_vocab);
   data::BatchStream stream(data.train, c.data.seq_len, data.pad_id, c.train.batch_size, c.train.seed);
   auto student = build_student(c, teacher, teacher_path, dtype, device, stream);
   student->train();  // dropout on for every kind of student (build_model does this; a derived one is new)
@@ -258,7 +314,7 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
   // ---- the loop ----
   const auto loss = cache  ? train::kd_cache_loss_fn(*student, *cache, c.kd, c.kd_ratio, c.train.loss_chunk, device)
                     : hidden ? train::kd_hidden_loss_fn(*student, teacher, c.kd, c.kd_ratio, c.train.loss_chunk, device, *hidden)
-                             : train::kd_loss_fn(*student, teacher, c.kd, c.kd_ratio, c.train.loss_chunk, device);
+                             : distill_loss_fn(c, *student, teacher, tok.get(), data.pad_id, stream, device);
   const auto evaluate = cache ? train::kd_cache_eval_fn(*student, *cache, data, c.train, c.eval, c.kd.chunk, device)
                               : train::kd_eval_fn(*student, teacher, data, c.train, c.eval, c.kd.chunk, device);
   const int status = trainer.fit(stream, loss, evaluate, options.on_step, [&] {

@@ -11,6 +11,7 @@
 #include "anvil/model/derive.h"
 #include "anvil/train/config.h"
 #include "anvil/train/hidden_loss.h"
+#include "anvil/train/kd_generation.h"
 #include "anvil/train/kd_loss.h"
 #include "anvil/train/trainer.h"
 
@@ -54,6 +55,16 @@ struct HiddenSection {
   train::LayerMap layers;     ///< (student index, teacher index) pairs, checked against the models at run time
 };
 
+/// distill.mode "sequence": the teacher's completions of sequence.prompts become the training data (SFT),
+/// written to sequence.output before training (train/kd_generation.h).
+struct SequenceSection {
+  std::string prompts;  ///< JSONL of {"prompt"} lines; "" = data.train
+  std::string output;   ///< the JSONL written; "" = <output.dir>/teacher_data.jsonl
+  int64_t batch_size = 16, max_new_tokens = 128, top_k = 0;
+  double temperature = 0, top_p = 1;
+  uint64_t seed = 0;
+};
+
 /// The typed, validated config of `anvil distill`.
 struct RecipeConfig {
   TeacherSection teacher;
@@ -62,6 +73,10 @@ struct RecipeConfig {
   double kd_ratio = 0.5;   ///< distill.kd_ratio: loss = (1 - kd_ratio) CE + kd_ratio KD
   HiddenSection hidden;    ///< distill.hidden_loss, hidden_weight, hidden_layers (+ hidden_weight * hidden loss)
   bool use_lora = false;   ///< a "lora" section was given: the student trains adapters
+  std::string mode = "online";  ///< distill.mode: "online" | "sequence"
+  SequenceSection sequence;     ///< mode "sequence"
+  bool use_on_policy = false;   ///< an "on_policy" section was given (GKD: a fraction of student generations)
+  train::OnPolicyOptions on_policy;  ///< lambda, max_new_tokens, temperature, top_k, top_p, batch_size
   lora::LoraConfig lora;
   train::DataSection data;
   train::TrainSection train;

@@ -74,7 +74,12 @@ train::ConfigSchema config_schema() {
   schema.defaults["student"] = {{"init", "derived"}, {"path", ""},          {"config", ""},  {"layers", json::array()},
                                 {"every_nth", 0},    {"dtype", "bfloat16"}, {"device", "auto"}};
   schema.defaults["distill"] = {{"loss", "forward_kl"}, {"temperature", 1.0}, {"kd_ratio", 0.5},
-                                {"skew_lambda", 0.1},   {"jsd_beta", 0.5},    {"chunk", 1024}};
+                                {"skew_lambda", 0.1},   {"jsd_beta", 0.5},    {"chunk", 1024},
+                                {"mode", "online"}};
+  schema.defaults["sequence"] = {{"prompts", ""},       {"output", ""},  {"batch_size", 16}, {"max_new_tokens", 128},
+                                 {"temperature", 0.0},  {"top_k", 0},    {"top_p", 1.0},     {"seed", 0}};
+  schema.defaults["on_policy"] = {{"lambda", 0.5}, {"max_new_tokens", 128}, {"temperature", 0.9},
+                                  {"top_k", 0},    {"top_p", 1.0},          {"batch_size", 0}};
   add_pruning_defaults(schema.defaults);  // student.intermediate_size, ..., distill.hidden_*
   schema.defaults["lora"] = train::lora_section_defaults();
   schema.foreign_sections = {{"model", "is not read by anvil distill: its two models are the \"teacher\" and "
@@ -151,6 +156,34 @@ StudentSection read_student(const train::ConfigReader& r) {
   return s;
 }
 
+// distill.mode "sequence": where the teacher's completions come from and go (train/kd_generation.h).
+SequenceSection read_sequence(const train::ConfigReader& r) {
+  SequenceSection q;
+  q.prompts = r.string("sequence.prompts");
+  q.output = r.string("sequence.output");
+  q.batch_size = r.int_at_least("sequence.batch_size", 1);
+  q.max_new_tokens = r.int_at_least("sequence.max_new_tokens", 1);
+  q.temperature = r.number_in("sequence.temperature", 0.0, train::kInf, false, "[0, inf)");
+  q.top_k = r.int_at_least("sequence.top_k", 0);
+  q.top_p = r.number_in("sequence.top_p", 0.0, 1.0, false, "(0, 1]");
+  if (!(q.top_p > 0)) config_error("sequence.top_p", "must be a number in (0, 1]", q.top_p);
+  q.seed = uint64_t(r.int_at_least("sequence.seed", 0));
+  return q;
+}
+
+// The "on_policy" section (GKD): TRL GKDConfig's lmbda, max_new_tokens, temperature.
+train::OnPolicyOptions read_on_policy(const train::ConfigReader& r) {
+  train::OnPolicyOptions o;
+  o.lambda = r.number_in("on_policy.lambda", 0.0, 1.0, false, "[0, 1]");
+  o.max_new_tokens = r.int_at_least("on_policy.max_new_tokens", 1);
+  o.temperature = r.number_in("on_policy.temperature", 0.0, train::kInf, false, "[0, inf)");
+  o.top_k = r.int_at_least("on_policy.top_k", 0);
+  o.top_p = r.number_in("on_policy.top_p", 0.0, 1.0, false, "(0, 1]");
+  if (!(o.top_p > 0)) config_error("on_policy.top_p", "must be a number in (0, 1]", o.top_p);
+  o.batch_size = r.int_at_least("on_policy.batch_size", 0);
+  return o;
+}
+
 }  // namespace
 
 RecipeConfig resolve_config(const json& user) {
@@ -158,6 +191,15 @@ RecipeConfig resolve_config(const json& user) {
   auto schema = config_schema();
   c.use_lora = user.is_object() && user.contains("lora");
   if (!c.use_lora) schema.defaults.erase("lora");  // no section: the student trains every parameter
+  // The generation sections are kept only where they apply, so that an online run's config is as before.
+  const bool sequence_mode = user.is_object() && user.contains("distill") && user.at("distill").is_object() &&
+                             user.at("distill").contains("mode") && user.at("distill").at("mode") == "sequence";
+  if (!sequence_mode && user.is_object() && user.contains("sequence"))
+    config_error("sequence", "is for distill.mode \"sequence\" (the teacher's completions as training data); "
+                 "distill.mode is \"online\"", user.at("sequence"));
+  if (!sequence_mode) schema.defaults.erase("sequence");
+  c.use_on_policy = user.is_object() && user.contains("on_policy");
+  if (!c.use_on_policy) schema.defaults.erase("on_policy");
   c.resolved = train::merge_over_defaults(schema, user);
   const train::ConfigReader r(c.resolved);
   c.teacher = read_teacher(r);
@@ -170,6 +212,9 @@ RecipeConfig resolve_config(const json& user) {
   c.kd.jsd_beta = r.number_in("distill.jsd_beta", 0.0, 1.0, false, "[0, 1]");
   c.kd.chunk = r.int_at_least("distill.chunk", 1);
   c.hidden = read_hidden_section(r);
+  c.mode = r.string_in("distill.mode", {"online", "sequence"});
+  if (c.mode == "sequence") c.sequence = read_sequence(r);
+  if (c.use_on_policy) c.on_policy = read_on_policy(r);
   if (c.use_lora) {
     c.lora = train::read_lora_section(r);
     if (lora::is_pissa(c.lora))
@@ -186,6 +231,11 @@ RecipeConfig resolve_config(const json& user) {
                  "student.dtype already", r.at("train.mixed_precision"));
   c.eval = train::read_eval_section(r);
   c.output = train::read_output_section(r);
+  if (c.mode == "sequence") {
+    if (c.sequence.prompts.empty()) c.sequence.prompts = c.data.train;
+    if (c.sequence.output.empty()) c.sequence.output = c.output.dir + "/teacher_data.jsonl";
+  }
+  if (c.use_on_policy) c.on_policy.seed = c.train.seed;
   return c;
 }
 

@@ -102,6 +102,61 @@ Batch slice_rows(const PackedRows& r, int64_t begin, int64_t end) {
   return b;
 }
 
+std::vector<std::vector<int64_t>> document_prompts(const Batch& b) {
+  std::vector<std::vector<int64_t>> prompts;
+  for (int64_t r = 0; r < b.rows; ++r) {
+    const int64_t base = r * b.length;
+    int64_t i = 0;
+    while (i < b.length) {
+      const int32_t doc = b.doc_ids[size_t(base + i)];
+      int64_t end = i;
+      while (end < b.length && b.doc_ids[size_t(base + end)] == doc) ++end;
+      if (doc >= 0) {
+        // labels[j] != -100: token j + 1 is a target, so the prompt is tokens [i, first].
+        int64_t first = -1;
+        for (int64_t j = i; j < end && first < 0; ++j)
+          if (b.labels[size_t(base + j)] != kNoTarget) first = j;
+        if (first >= 0) {
+          const int64_t n = first > i ? first - i + 1 : std::max<int64_t>(1, (end - i) / 2);
+          prompts.emplace_back(b.ids.begin() + base + i, b.ids.begin() + base + i + n);
+        }
+      }
+      i = end;
+    }
+  }
+  return prompts;
+}
+
+Batch completion_batch(const std::vector<std::vector<int64_t>>& prompts,
+                       const std::vector<std::vector<int64_t>>& completions, int32_t pad_id) {
+  if (prompts.size() != completions.size())
+    throw std::invalid_argument("completion_batch: " + std::to_string(prompts.size()) + " prompts but " +
+                                std::to_string(completions.size()) + " completions");
+  Batch b;
+  b.rows = int64_t(prompts.size());
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    if (prompts[i].empty() || completions[i].empty())
+      throw std::invalid_argument("completion_batch: row " + std::to_string(i) + " has an empty prompt or completion");
+    b.length = std::max<int64_t>(b.length, int64_t(prompts[i].size() + completions[i].size()));
+  }
+  const size_t n = size_t(b.rows * b.length);
+  b.ids.assign(n, pad_id), b.labels.assign(n, kNoTarget), b.positions.assign(n, 0), b.doc_ids.assign(n, -1);
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    std::vector<int64_t> row(prompts[i]);
+    row.insert(row.end(), completions[i].begin(), completions[i].end());
+    const size_t base = i * size_t(b.length), p = prompts[i].size();
+    for (size_t j = 0; j < row.size(); ++j) {
+      b.ids[base + j] = int32_t(row[j]);
+      b.positions[base + j] = int32_t(j);
+      b.doc_ids[base + j] = 0;
+      if (j + 1 >= p && j + 1 < row.size()) b.labels[base + j] = int32_t(row[j + 1]);
+    }
+    b.targets += int64_t(completions[i].size());
+    b.tokens += int64_t(row.size());
+  }
+  return b;
+}
+
 BatchStream::BatchStream(const std::vector<Example>& examples, int64_t seq_len, int32_t pad_id, int64_t batch_size,
                          uint64_t seed)
     : examples_(examples), seq_len_(seq_len), pad_id_(pad_id), batch_size_(batch_size), seed_(seed) {}

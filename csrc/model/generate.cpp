@@ -7,6 +7,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/types.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -46,7 +47,7 @@ at::Tensor sample_next_token(const at::Tensor& logits_in, const GenerateOptions&
   return at::multinomial(probs, 1, /*replacement=*/false, generator).squeeze(-1).to(logits_in.device());
 }
 
-at::Tensor generate(CausalLM& model, const at::Tensor& prompt, const GenerateOptions& o) {
+at::Tensor generate(CausalLM& model, const at::Tensor& prompt, const GenerateOptions& o, const at::Tensor& attention_mask) {
   TORCH_CHECK(prompt.dim() == 2 && prompt.size(1) > 0, "generate: prompt must be (B, S) with S >= 1, got ", prompt.sizes());
   TORCH_CHECK(o.max_new_tokens >= 0, "generate: max_new_tokens must be >= 0, got ", o.max_new_tokens);
   TORCH_CHECK(o.top_p > 0 && o.top_p <= 1, "generate: top_p must be in (0, 1], got ", o.top_p);
@@ -54,24 +55,89 @@ at::Tensor generate(CausalLM& model, const at::Tensor& prompt, const GenerateOpt
   at::NoGradGuard no_grad;
   auto generator = at::make_generator<at::CPUGeneratorImpl>(o.seed);
   auto ids = prompt.to(model.device(), at::kLong);
+  const int64_t b = ids.size(0);
   const int64_t pad = o.pad_token_id >= 0 ? o.pad_token_id : (o.stop_tokens.empty() ? 0 : o.stop_tokens[0]);
   auto stop = at::tensor(o.stop_tokens.empty() ? std::vector<int64_t>{-1} : o.stop_tokens, ids.options());
-  auto finished = at::zeros({ids.size(0)}, ids.options().dtype(at::kBool));
+  auto finished = at::zeros({b}, ids.options().dtype(at::kBool));
+
+  // Padding: the mask of every key so far (B, L) and each row's positions, from its first real token.
+  const bool padded = attention_mask.defined();
+  at::Tensor keys, positions;  // (B, L) bool, (B, S) int64
+  if (padded) {
+    TORCH_CHECK(attention_mask.sizes() == prompt.sizes(), "generate: attention_mask ", attention_mask.sizes(),
+                " must be shaped like the prompt ", prompt.sizes());
+    keys = attention_mask.to(model.device()).ne(0);
+    const int64_t s = keys.size(1);
+    TORCH_CHECK(keys.select(1, s - 1).all().item<bool>(),
+                "generate: attention_mask must be left padding: every row's last token must be real (1)");
+    if (s > 1)
+      TORCH_CHECK(keys.narrow(1, 1, s - 1).ge(keys.narrow(1, 0, s - 1)).all().item<bool>(),
+                  "generate: attention_mask must be left padding: no 0 after a row's first 1");
+    // transformers 5.17 _prepare_position_ids_for_generation: cumsum - 1, 0 at the pads (which no real token sees).
+    positions = (keys.to(at::kLong).cumsum(-1) - 1).masked_fill(keys.logical_not(), 0);
+  }
+  auto forward = [&](const at::Tensor& x, KvCache* cache, const at::Tensor& pos) {
+    if (!padded) return cache ? model.forward(x, cache) : model.forward(x);
+    return model.forward(x, cache, pos, c10::nullopt, keys);
+  };
 
   KvCache cache = model.make_cache();
-  std::vector<at::Tensor> pieces{ids};
+  std::vector<at::Tensor> pieces{ids}, position_pieces{positions};
   at::Tensor logits;
-  if (o.max_new_tokens > 0) logits = o.use_cache ? model.forward(ids, &cache) : model.forward(ids);
+  if (o.max_new_tokens > 0) logits = forward(ids, o.use_cache ? &cache : nullptr, positions);
   for (int64_t step = 0; step < o.max_new_tokens; ++step) {
     auto next = sample_next_token(logits.select(1, logits.size(1) - 1), o, generator);  // (B)
     next = at::where(finished, at::full_like(next, pad), next);
     pieces.push_back(next.unsqueeze(1));
     finished = finished | at::isin(next, stop);
     if (finished.all().item<bool>() || step + 1 == o.max_new_tokens) break;
-    if (o.use_cache) logits = model.forward(next.unsqueeze(1), &cache);
-    else logits = model.forward(at::cat(pieces, 1));
+    at::Tensor next_pos;
+    if (padded) {  // generated tokens (and the pads of finished rows) count as real, as in transformers
+      keys = at::cat({keys, at::ones({b, 1}, keys.options())}, 1);
+      next_pos = position_pieces.back().select(1, position_pieces.back().size(1) - 1).unsqueeze(1) + 1;  // (B, 1)
+      position_pieces.push_back(next_pos);
+    }
+    if (o.use_cache) logits = forward(next.unsqueeze(1), &cache, next_pos);
+    else logits = forward(at::cat(pieces, 1), nullptr, padded ? at::cat(position_pieces, 1) : at::Tensor());
   }
   return at::cat(pieces, 1);
+}
+
+std::pair<at::Tensor, at::Tensor> left_pad(const std::vector<std::vector<int64_t>>& rows, int64_t pad) {
+  TORCH_CHECK(!rows.empty(), "left_pad: no rows");
+  size_t width = 0;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    TORCH_CHECK(!rows[i].empty(), "left_pad: row ", i, " is empty: every prompt needs at least one token");
+    width = std::max(width, rows[i].size());
+  }
+  auto ids = at::full({int64_t(rows.size()), int64_t(width)}, pad, at::kLong);  // (B, S)
+  auto mask = at::zeros({int64_t(rows.size()), int64_t(width)}, at::kLong);    // (B, S)
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const int64_t n = int64_t(rows[i].size()), start = int64_t(width) - n;
+    ids[int64_t(i)].narrow(0, start, n).copy_(at::tensor(rows[i], at::kLong));
+    mask[int64_t(i)].narrow(0, start, n).fill_(1);
+  }
+  return {ids, mask};
+}
+
+std::vector<std::vector<int64_t>> generate_rows(CausalLM& model, const std::vector<std::vector<int64_t>>& prompts,
+                                                const GenerateOptions& o) {
+  if (prompts.empty()) return {};
+  const int64_t pad = o.pad_token_id >= 0 ? o.pad_token_id : (o.stop_tokens.empty() ? 0 : o.stop_tokens[0]);
+  auto [ids, mask] = left_pad(prompts, pad);
+  const int64_t s = ids.size(1);
+  auto out = generate(model, ids, o, mask).to(at::kCPU);  // (B, S + n)
+  const int64_t n = out.size(1) - s;
+  std::vector<std::vector<int64_t>> rows(prompts.size());
+  auto fresh = out.narrow(1, s, n).contiguous();
+  const int64_t* p = fresh.data_ptr<int64_t>();
+  for (size_t i = 0; i < prompts.size(); ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t id = p[int64_t(i) * n + j];
+      rows[i].push_back(id);
+      if (std::find(o.stop_tokens.begin(), o.stop_tokens.end(), id) != o.stop_tokens.end()) break;
+    }
+  return rows;
 }
 
 at::Tensor causal_lm_loss(CausalLM& model, const at::Tensor& input_ids, const c10::optional<at::Tensor>& labels_in) {

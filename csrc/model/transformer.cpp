@@ -82,6 +82,21 @@ AttentionMask document_mask(const AttentionMask& base, int64_t s, const at::Tens
   return m;
 }
 
+// Left-padded rows: the causal (and sliding-window) mask of S new tokens after `offset` cached ones, further
+// limited to the keys that hold real tokens, (B, 1, S, L) bool. A query at a pad position keeps its own key:
+// a softmax row with no key would give NaN, and 0 * NaN in a real row's probs @ v would spread it.
+AttentionMask padding_mask(const AttentionMask& base, int64_t s, int64_t offset, const at::Tensor& key_mask) {
+  const int64_t l = offset + s;
+  const auto opts = key_mask.options().dtype(at::kLong);
+  auto q = at::arange(offset, l, opts).unsqueeze(1);  // (S, 1)
+  auto k = at::arange(0, l, opts).unsqueeze(0);       // (1, L)
+  auto allowed = base.mask.defined() ? base.mask : (base.causal ? k <= q : at::ones({s, l}, key_mask.options()));  // (S, L)
+  AttentionMask m;
+  m.mask = (allowed.unsqueeze(0) & (key_mask.unsqueeze(1) | (k == q).unsqueeze(0))).unsqueeze(1);  // (B, 1, S, L)
+  m.causal = false;
+  return m;
+}
+
 }  // namespace
 
 // ---- the per-layer states registry (anvil/model/layer_outputs.h) ----------------------------------------
@@ -111,7 +126,7 @@ std::vector<at::Tensor>* layer_outputs_sink(const TransformerModel& model) {
 }
 
 at::Tensor TransformerModel::forward(const at::Tensor& input_ids, const at::Tensor& positions, KvCache* cache,
-                                     const at::Tensor& doc_ids) {
+                                     const at::Tensor& doc_ids, const at::Tensor& key_mask) {
   const int64_t s = input_ids.size(1);
   const int64_t offset = cache ? cache->length() : 0;
   auto h = embed_tokens->forward(input_ids);  // (B, S, H)
@@ -132,6 +147,10 @@ at::Tensor TransformerModel::forward(const at::Tensor& input_ids, const at::Tens
   }
   std::vector<at::Tensor>* const layer_outputs = layer_outputs_sink(*this);  // hidden-state losses; usually null
   if (layer_outputs) layer_outputs->push_back(h);
+  if (key_mask.defined()) {
+    full = padding_mask(full, s, offset, key_mask);
+    if (config_.sliding_window > 0) sliding = padding_mask(sliding, s, offset, key_mask);
+  }
   for (size_t i = 0; i < layer_list_.size(); ++i) {
     const bool window = config_.sliding_window > 0 && config_.layer_sliding[i];
     if (gradient_checkpointing_ && !cache && at::GradMode::is_enabled()) {
@@ -159,7 +178,8 @@ CausalLM::CausalLM(ModelConfig config, const at::TensorOptions& options) : confi
 }
 
 at::Tensor CausalLM::hidden_states(const at::Tensor& input_ids, KvCache* cache, const c10::optional<at::Tensor>& positions,
-                                   const c10::optional<at::Tensor>& doc_ids) {
+                                   const c10::optional<at::Tensor>& doc_ids,
+                                   const c10::optional<at::Tensor>& attention_mask) {
   TORCH_CHECK(input_ids.dim() == 2, "input_ids must be (B, S), got ", input_ids.sizes());
   TORCH_CHECK(input_ids.scalar_type() == at::kLong, "input_ids must be int64, got ", input_ids.scalar_type());
   if (cache) TORCH_CHECK(int64_t(cache->layers.size()) == config_.num_hidden_layers, "cache has ",
@@ -181,12 +201,21 @@ at::Tensor CausalLM::hidden_states(const at::Tensor& input_ids, KvCache* cache, 
                 ", got ", doc_ids->sizes());
     docs = doc_ids->to(device(), at::kLong);
   }
-  return model->forward(ids, pos, cache, docs);
+  at::Tensor keys;
+  if (attention_mask) {
+    TORCH_CHECK(!doc_ids, "attention_mask (padded rows) cannot be combined with doc_ids (packed documents)");
+    const int64_t l = (cache ? cache->length() : 0) + ids.size(1);
+    TORCH_CHECK(attention_mask->dim() == 2 && attention_mask->size(0) == ids.size(0) && attention_mask->size(1) == l,
+                "attention_mask must be (B, cached + new tokens) = (", ids.size(0), ", ", l, "), got ",
+                attention_mask->sizes());
+    keys = attention_mask->to(device()).ne(0);  // (B, L) bool
+  }
+  return model->forward(ids, pos, cache, docs, keys);
 }
 
 at::Tensor CausalLM::forward(const at::Tensor& input_ids, KvCache* cache, const c10::optional<at::Tensor>& positions,
-                             const c10::optional<at::Tensor>& doc_ids) {
-  auto h = hidden_states(input_ids, cache, positions, doc_ids);  // (B, S, H)
+                             const c10::optional<at::Tensor>& doc_ids, const c10::optional<at::Tensor>& attention_mask) {
+  auto h = hidden_states(input_ids, cache, positions, doc_ids, attention_mask);  // (B, S, H)
   return lm_head ? lm_head->forward(h) : at::linear(h, model->embed_tokens->weight);  // (B, S, V)
 }
 

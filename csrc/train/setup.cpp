@@ -186,16 +186,17 @@ std::vector<std::string> generate_texts(CausalLM& model, const data::Tokenizer& 
   model::GenerateOptions o;
   o.max_new_tokens = max_new_tokens;
   for (const auto id : tok.eos_ids()) o.stop_tokens.push_back(id);
+  // One left-padded batch for all prompts (model::generate_rows): rows of their own lengths.
+  std::vector<std::vector<int64_t>> rows;
   for (const auto& p : prompts) {
     const auto ids = tok.encode(p, true);
-    std::vector<int64_t> ids64(ids.begin(), ids.end());
-    auto prompt = at::tensor(ids64, at::kLong).unsqueeze(0);  // (1, P)
-    auto full = model::generate(model, prompt, o).to(at::kCPU);  // (1, P + new)
+    rows.emplace_back(ids.begin(), ids.end());
+  }
+  for (const auto& fresh64 : model::generate_rows(model, rows, o)) {
     std::vector<int32_t> fresh;
-    for (int64_t i = prompt.size(1); i < full.size(1); ++i) {
-      const auto id = int32_t(full[0][i].item<int64_t>());
+    for (const auto id : fresh64) {
       if (std::find(o.stop_tokens.begin(), o.stop_tokens.end(), id) != o.stop_tokens.end()) break;
-      fresh.push_back(id);
+      fresh.push_back(int32_t(id));
     }
     out.push_back(tok.decode(fresh, true));
   }

@@ -135,6 +135,45 @@ def test_packed_documents_equal_separate_forwards(case, saved):
         start += len(x)
 
 
+def left_padded(rows, pad=0):
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_left_padded_batch_generation_matches_transformers(case, saved):
+    """Prompts of different lengths, left-padded with transformers' attention_mask: the tokens of transformers'
+    batched greedy generate (the same ids, pads included), with and without the cache, and each row's new tokens
+    are those it gets alone. With an eos that some rows reach early: those rows stop and are padded as
+    transformers pads them."""
+    hf, d = saved(case)
+    ours = anvil._C.CausalLM(d)
+    rows = [tokens(1, n, seed=40 + n)[0] for n in (3, 9, 1, 6)]
+    ids, mask = left_padded(rows)
+    hf.generation_config.eos_token_id = None
+    with torch.no_grad():
+        ref = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=8, min_new_tokens=8, pad_token_id=0)
+    got = ours.generate(ids, max_new_tokens=8, attention_mask=mask)
+    assert torch.equal(got, ref), f"{got}\nvs transformers\n{ref}"
+    assert torch.equal(ours.generate(ids, max_new_tokens=8, attention_mask=mask, use_cache=False), ref)
+    width = ids.shape[1]
+    for i, r in enumerate(rows):
+        assert torch.equal(ours.generate(r.unsqueeze(0), max_new_tokens=8)[0, len(r):], got[i, width:])
+    # An eos that row 0 emits as its 3rd new token: rows stop on their own, finished rows padded with 0.
+    eos = int(ref[0, width + 2])
+    with torch.no_grad():
+        ref_eos = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=8, eos_token_id=eos,
+                              pad_token_id=0)
+    got_eos = ours.generate(ids, max_new_tokens=8, attention_mask=mask, stop_tokens=[eos], pad_token_id=0)
+    assert torch.equal(got_eos, ref_eos), f"{got_eos}\nvs transformers\n{ref_eos}"
+    assert (got_eos[0, width + 3:] == 0).all()
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_greedy_generation_matches_transformers(case, saved):
     hf, d = saved(case)

@@ -43,6 +43,19 @@ struct Batch {
 /// Rows [begin, end) of packed rows as a batch (its counts filled in).
 Batch slice_rows(const PackedRows& rows, int64_t begin, int64_t end);
 
+// ---- batches of generated text (on-policy distillation, train/kd_generation.h) ----------------------
+
+/// The prompt of each document of a batch, row after row, document after document: its tokens up to its first
+/// target (the prompt of a prompt/completion or chat example). A document whose every token after the first is
+/// a target (plain text, or loss_on "all") gives its first half (at least one token); one without targets none.
+std::vector<std::vector<int64_t>> document_prompts(const Batch& batch);
+
+/// One row per prompt: prompt + completion, right-padded with pad_id to the longest row; the completion's tokens
+/// are the targets (labels[i] = ids[i + 1] from the prompt's last token on), positions from 0, doc id 0 on
+/// tokens and -1 on padding, not packed. Every completion needs >= 1 token.
+Batch completion_batch(const std::vector<std::vector<int64_t>>& prompts,
+                       const std::vector<std::vector<int64_t>>& completions, int32_t pad_id);
+
 /// Micro-batches of packed rows, epoch after epoch, from a position (epoch, index).
 class BatchStream {
  public:

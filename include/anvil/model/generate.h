@@ -6,6 +6,11 @@
 // top-p (nucleus, at least one token kept), then a draw from the softmax. Greedy picks the first
 // maximum, as torch.argmax does, so greedy output equals transformers' generate(do_sample=False).
 // Draws use a CPU generator seeded from the options, so a seed gives the same tokens on any device.
+//
+// Rows of different lengths go in left-padded, with transformers' attention_mask (1 real, 0 pad): pad keys
+// are masked in every step (the cache keeps them, masked), and position ids start at each row's first real
+// token (attention_mask.cumsum(-1) - 1, as transformers' _prepare_position_ids_for_generation), so each
+// row's tokens are those it gets alone, and those of transformers' batched generate with left padding.
 #pragma once
 
 #include "anvil/model/transformer.h"
@@ -26,9 +31,20 @@ struct GenerateOptions {
   bool use_cache = true;                ///< false: recompute the whole sequence each step (for tests)
 };
 
-/// prompt (B, S) int64 (rows of equal length, no padding) -> (B, S + n) int64 on the model's device,
-/// n <= max_new_tokens: fewer when every row has stopped. Rows that stop early are padded.
-at::Tensor generate(CausalLM& model, const at::Tensor& prompt, const GenerateOptions& options);
+/// prompt (B, S) int64 -> (B, S + n) int64 on the model's device, n <= max_new_tokens: fewer when every row
+/// has stopped. Rows that stop early are padded (pad_token_id). attention_mask (B, S) (undefined: every token
+/// real): 1 real, 0 pad, the pads of a row before its first real token (left padding), each row >= 1 real.
+at::Tensor generate(CausalLM& model, const at::Tensor& prompt, const GenerateOptions& options,
+                    const at::Tensor& attention_mask = at::Tensor());
+
+/// Rows of their own lengths left-padded with `pad`: ids (B, S) int64 and attention_mask (B, S) int64 (1 real),
+/// S the longest row. Every row needs >= 1 token.
+std::pair<at::Tensor, at::Tensor> left_pad(const std::vector<std::vector<int64_t>>& rows, int64_t pad);
+
+/// Generates for rows of their own lengths in one batch (left_pad, generate) -> each row's new tokens, up to
+/// and including its stop token (the pads after it dropped); empty rows are an error naming the row.
+std::vector<std::vector<int64_t>> generate_rows(CausalLM& model, const std::vector<std::vector<int64_t>>& prompts,
+                                                const GenerateOptions& options);
 
 /// Picks the next token of each row from logits (B, V) per options (greedy or sampled) -> (B) int64.
 at::Tensor sample_next_token(const at::Tensor& logits, const GenerateOptions& options, at::Generator& generator);

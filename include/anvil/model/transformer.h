@@ -47,8 +47,9 @@ class TransformerModel : public torch::nn::Module {
   TransformerModel(const ModelConfig& config, const at::TensorOptions& options);
   /// input_ids (B, S) -> final hidden states (B, S, H).
   /// doc_ids (B, S) int: packed rows; a token attends only to earlier tokens of its own document.
+  /// key_mask (B, L) bool, L = cached + new tokens: false marks a pad key that no query sees (left padding).
   at::Tensor forward(const at::Tensor& input_ids, const at::Tensor& positions, KvCache* cache,
-                     const at::Tensor& doc_ids = at::Tensor());
+                     const at::Tensor& doc_ids = at::Tensor(), const at::Tensor& key_mask = at::Tensor());
   std::shared_ptr<Embedding> embed_tokens;
 
   /// Training: when on (and grad mode is on, without a cache), each decoder layer runs under
@@ -76,14 +77,19 @@ class CausalLM : public torch::nn::Module {
   /// positions (B, S) int64 overrides the default positions.
   /// doc_ids (B, S) (anvil::data::pack_examples' document ids) keeps packed documents apart: a token
   /// attends only to earlier tokens with its doc id (pass the per-document positions too). Not with a cache.
+  /// attention_mask (B, L) (bool or integer, nonzero = a real token), L = the cached tokens + S: transformers'
+  /// attention_mask for left-padded rows; a pad key is seen by no query (a pad query sees only itself, so that
+  /// no softmax row is empty). Pass positions that start at each row's first real token. Not with doc_ids.
   at::Tensor forward(const at::Tensor& input_ids, KvCache* cache = nullptr,
                      const c10::optional<at::Tensor>& positions = c10::nullopt,
-                     const c10::optional<at::Tensor>& doc_ids = c10::nullopt);
+                     const c10::optional<at::Tensor>& doc_ids = c10::nullopt,
+                     const c10::optional<at::Tensor>& attention_mask = c10::nullopt);
 
   /// The final hidden states (B, S, H), before lm_head.
   at::Tensor hidden_states(const at::Tensor& input_ids, KvCache* cache = nullptr,
                            const c10::optional<at::Tensor>& positions = c10::nullopt,
-                           const c10::optional<at::Tensor>& doc_ids = c10::nullopt);
+                           const c10::optional<at::Tensor>& doc_ids = c10::nullopt,
+                           const c10::optional<at::Tensor>& attention_mask = c10::nullopt);
 
   /// An empty cache for this model.
   KvCache make_cache() const;

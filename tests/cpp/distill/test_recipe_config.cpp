@@ -187,4 +187,47 @@ TEST(DistillConfig, OfflineCacheKeys) {
 }
 
 }  // namespace
+TEST(DistillConfig, GenerationModes) {
+  // No sequence / on_policy section: an online run's config is as before.
+  auto c = resolve_config(minimal());
+  EXPECT_EQ(c.mode, "online");
+  EXPECT_FALSE(c.use_on_policy);
+  EXPECT_FALSE(c.resolved.contains("sequence"));
+  EXPECT_FALSE(c.resolved.contains("on_policy"));
+  // distill.mode "sequence": prompts default to data.train, the output into output.dir.
+  auto user = minimal();
+  user["distill"] = {{"mode", "sequence"}};
+  user["output"] = {{"dir", "runs/x"}};
+  c = resolve_config(user);
+  EXPECT_EQ(c.sequence.prompts, "train.jsonl");
+  EXPECT_EQ(c.sequence.output, "runs/x/teacher_data.jsonl");
+  EXPECT_EQ(c.sequence.max_new_tokens, 128);
+  user["sequence"] = {{"batch_size", 0}};
+  expect_error(user, "sequence.batch_size");
+  // on_policy: TRL's defaults, lambda in [0, 1], the train seed.
+  user = minimal();
+  user["on_policy"] = json::object();
+  user["train"] = {{"seed", 7}};
+  c = resolve_config(user);
+  EXPECT_TRUE(c.use_on_policy);
+  EXPECT_EQ(c.on_policy.lambda, 0.5);
+  EXPECT_EQ(c.on_policy.temperature, 0.9);
+  EXPECT_EQ(c.on_policy.seed, 7u);
+  for (double bad : {-0.1, 1.5}) {
+    user["on_policy"] = {{"lambda", bad}};
+    expect_error(user, "config key on_policy.lambda");
+  }
+  user["on_policy"] = {{"max_new_tokens", 0}};
+  expect_error(user, "on_policy.max_new_tokens");
+  user["on_policy"] = {{"top_p", 0.0}};
+  expect_error(user, "on_policy.top_p");
+  // A sequence section without the mode, and an unknown mode.
+  user = minimal();
+  user["sequence"] = {{"prompts", "p.jsonl"}};
+  expect_error(user, "distill.mode");
+  user = minimal();
+  user["distill"] = {{"mode", "offline"}};
+  expect_error(user, "distill.mode");
+}
+
 }  // namespace anvil::distill

@@ -8,6 +8,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <set>
 
@@ -146,6 +147,91 @@ TEST(Generate, BadArgumentsAreNamed) {
   } catch (const std::runtime_error& e) {
     EXPECT_NE(std::string(e.what()).find("missing tensors: model."), std::string::npos) << e.what();
   }
+}
+
+}  // namespace
+}  // namespace anvil::model
+
+// ---- padded batches: rows of their own lengths, left-padded ---------------------------------------------
+
+namespace anvil::model {
+namespace {
+
+std::vector<int64_t> random_row(int64_t n, int64_t seed) {
+  auto g = at::make_generator<at::CPUGeneratorImpl>(uint64_t(seed));
+  auto t = at::randint(3, 50, {n}, g, at::kLong);
+  return std::vector<int64_t>(t.data_ptr<int64_t>(), t.data_ptr<int64_t>() + n);
+}
+
+TEST(GeneratePadded, LeftPadShapesAndMask) {
+  auto [ids, mask] = left_pad({{5, 6}, {7}, {8, 9, 10}}, 0);
+  EXPECT_EQ(ids.sizes(), (at::IntArrayRef{3, 3}));
+  EXPECT_TRUE(at::equal(ids, at::tensor({0, 5, 6, 0, 0, 7, 8, 9, 10}, at::kLong).view({3, 3})));
+  EXPECT_TRUE(at::equal(mask, at::tensor({0, 1, 1, 0, 0, 1, 1, 1, 1}, at::kLong).view({3, 3})));
+  EXPECT_THROW(left_pad({{1}, {}}, 0), c10::Error);
+}
+
+TEST(GeneratePadded, EachRowGetsTheTokensItGetsAlone) {
+  // A random MLA + MoE model: the padded batch's new tokens equal each row's alone, cached and not,
+  // greedy and sampled with top_k 1 (greedy by another road).
+  auto model = random_model();
+  model->eval();
+  const std::vector<int64_t> lengths = {2, 7, 4, 7, 1};
+  std::vector<std::vector<int64_t>> rows;
+  for (size_t i = 0; i < lengths.size(); ++i) rows.push_back(random_row(lengths[i], 10 + int64_t(i)));
+  GenerateOptions o;
+  o.max_new_tokens = 6;
+  const auto batched = generate_rows(*model, rows, o);
+  ASSERT_EQ(batched.size(), rows.size());
+  for (size_t i = 0; i < rows.size(); ++i) {
+    auto alone = generate(*model, at::tensor(rows[i], at::kLong).unsqueeze(0), o);  // (1, P + 6)
+    std::vector<int64_t> fresh(alone.data_ptr<int64_t>() + lengths[i], alone.data_ptr<int64_t>() + alone.size(1));
+    EXPECT_EQ(batched[i], fresh) << "row " << i;
+  }
+  auto [ids, mask] = left_pad(rows, 0);
+  auto cached = generate(*model, ids, o, mask);
+  o.use_cache = false;
+  EXPECT_TRUE(at::equal(generate(*model, ids, o, mask), cached));
+  o.use_cache = true, o.temperature = 0.8, o.top_k = 1, o.seed = 5;
+  EXPECT_TRUE(at::equal(generate(*model, ids, o, mask), cached));
+}
+
+TEST(GeneratePadded, StopTokensEndRowsOnTheirOwn) {
+  auto model = random_model();
+  model->eval();
+  std::vector<std::vector<int64_t>> rows = {random_row(3, 1), random_row(6, 2)};
+  GenerateOptions o;
+  o.max_new_tokens = 8;
+  const auto free_run = generate_rows(*model, rows, o);
+  // Stop on row 0's third token: row 0 ends there (the stop token kept), row 1 runs on to its own stop or the end.
+  o.stop_tokens = {free_run[0][2]};
+  o.pad_token_id = 0;
+  const auto stopped = generate_rows(*model, rows, o);
+  const auto first_stop = [&](const std::vector<int64_t>& r) {
+    return std::find(r.begin(), r.end(), o.stop_tokens[0]) - r.begin();
+  };
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const auto n = std::min<int64_t>(first_stop(free_run[i]) + 1, int64_t(free_run[i].size()));
+    EXPECT_EQ(stopped[i], std::vector<int64_t>(free_run[i].begin(), free_run[i].begin() + n)) << "row " << i;
+  }
+}
+
+TEST(GeneratePadded, BadMasksAreNamed) {
+  auto model = random_model();
+  auto ids = at::randint(3, 50, {2, 4}, at::kLong);
+  auto right_padded = at::tensor({1, 1, 1, 1, 1, 1, 0, 0}, at::kLong).view({2, 4});
+  GenerateOptions o;
+  o.max_new_tokens = 2;
+  try {
+    generate(*model, ids, o, right_padded);
+    ADD_FAILURE() << "expected an error for right padding";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("left padding"), std::string::npos) << e.what();
+  }
+  auto holes = at::tensor({0, 1, 0, 1, 1, 1, 1, 1}, at::kLong).view({2, 4});
+  EXPECT_THROW(generate(*model, ids, o, holes), c10::Error);
+  EXPECT_THROW(generate(*model, ids, o, at::ones({2, 3}, at::kLong)), c10::Error);  // not the prompt's shape
+  EXPECT_THROW(model->forward(ids, nullptr, c10::nullopt, c10::nullopt, at::ones({2, 5}, at::kLong)), c10::Error);
 }
 
 }  // namespace
