@@ -157,6 +157,8 @@ TEST(DistillConfig, WidthPruningAndHiddenLossKeys) {
   u["distill"]["hidden_loss"] = "cosine";
   u["distill"]["hidden_weight"] = -1;
   expect_error(u, "config key distill.hidden_weight");
+}
+
 TEST(DistillConfig, OfflineCacheKeys) {
   auto c = resolve_config(minimal());
   EXPECT_EQ(c.teacher.cache, "");  // online by default
@@ -186,7 +188,6 @@ TEST(DistillConfig, OfflineCacheKeys) {
   expect_error(u, "config key teacher.cache_shard_tokens");
 }
 
-}  // namespace
 TEST(DistillConfig, GenerationModes) {
   // No sequence / on_policy section: an online run's config is as before.
   auto c = resolve_config(minimal());
@@ -230,4 +231,5 @@ TEST(DistillConfig, GenerationModes) {
   expect_error(user, "distill.mode");
 }
 
+}  // namespace
 }  // namespace anvil::distill
