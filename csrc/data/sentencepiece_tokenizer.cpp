@@ -13,16 +13,79 @@
 #include <sentencepiece_processor.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <fstream>
+#include <sstream>
 #include <stdexcept>
 
 namespace anvil::data::detail {
 
 namespace {
 
+// ---- the pieces of a hostile file, before libsentencepiece sees them ----
+// libsentencepiece aborts the whole process on a piece holding a NUL byte: its trie builder (Darts) throws where
+// nothing catches it (found by tests/fuzz/fuzz_tokenizer_model). So the ModelProto's pieces (field 1, each a
+// SentencePiece message whose field 1 is the piece's text) are read here in the protobuf wire format first; a file
+// that is not wire format at all is left to the library, which refuses it with a status.
+
+bool read_varint(const std::string& b, size_t& i, uint64_t& v) {
+  v = 0;
+  for (int shift = 0; shift < 64 && i < b.size(); shift += 7) {
+    const auto byte = static_cast<unsigned char>(b[i++]);
+    v |= uint64_t(byte & 0x7F) << shift;
+    if (!(byte & 0x80)) return true;
+  }
+  return false;
+}
+
+// Calls f(field, payload) for each length-delimited field of the message b; false where b is not wire format.
+template <typename F>
+bool for_each_bytes_field(const std::string& b, F&& f) {
+  size_t i = 0;
+  while (i < b.size()) {
+    uint64_t key = 0, len = 0;
+    if (!read_varint(b, i, key)) return false;
+    switch (key & 7) {
+      case 0: if (!read_varint(b, i, len)) return false; continue;
+      case 1: if (b.size() - i < 8) return false; i += 8; continue;
+      case 5: if (b.size() - i < 4) return false; i += 4; continue;
+      case 2: break;
+      default: return false;  // groups (3, 4) are not in ModelProto
+    }
+    if (!read_varint(b, i, len) || len > b.size() - i) return false;
+    f(key >> 3, b.substr(i, len));
+    i += len;
+  }
+  return true;
+}
+
+std::string read_model_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error(path + ": cannot open the SentencePiece model");
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+void check_pieces(const std::string& bytes, const std::string& path) {
+  int64_t index = 0;
+  for_each_bytes_field(bytes, [&](uint64_t field, const std::string& piece_message) {
+    if (field != 1) return;  // ModelProto.pieces
+    for_each_bytes_field(piece_message, [&](uint64_t f, const std::string& text) {
+      if (f == 1 && text.find('\0') != std::string::npos)  // SentencePiece.piece
+        throw std::runtime_error(path + ": not a usable SentencePiece model: piece " + std::to_string(index) +
+                                 " holds a NUL byte");
+    });
+    ++index;
+  });
+}
+
 class SentencePieceTokenizer final : public TokenizerImpl {
  public:
   SentencePieceTokenizer(const std::string& path, bool add_bos, bool add_eos) : path_(path) {
-    const auto status = sp_.Load(path);
+    const std::string bytes = read_model_file(path);
+    check_pieces(bytes, path);
+    const auto status = sp_.LoadFromSerializedProto(bytes);
     if (!status.ok()) throw std::runtime_error(path + ": not a SentencePiece model: " + status.ToString());
     add_bos_ = add_bos ? sp_.bos_id() : -1;
     add_eos_ = add_eos ? sp_.eos_id() : -1;

@@ -440,7 +440,25 @@ void check_fused(std::vector<SelfCheckRow>& rows, bool cuda) {
   want[0].zero_();
   const double e_b = rel_err(buf, want);
   row("cross_entropy_chunk_backward", "cpu", e_b < 1e-5, "in place = (softmax - onehot) * grad, rel err " + fmt(e_b));
+  // kd_rows is CUDA only (the CPU path is train/kd_loss.cpp's composite): on the GPU, forward KL blended with CE at
+  // T = 1.5 against the ATen formulas here: kd = sum p (log p - log q), ce, and the written gradient.
+  const double kd_t = 1.5, kd_w = 0.3, ce_w = 0.7;
+  const auto zt = at::randn({T, V}) * 3;
+  const auto kd_labels = labels.clamp_min(0);
+  if (!cuda) rows.push_back({"kd_rows", "cpu", "skip", "CUDA only: the CPU path is train/kd_loss.cpp's composite", 0.0});
   if (!cuda) return;
+  {
+    const auto ls = at::log_softmax(logits / kd_t, -1), lt = at::log_softmax(zt / kd_t, -1);
+    const auto kd_want = (lt.exp() * (lt - ls)).sum(-1);
+    const auto ce_want = at::cross_entropy_loss(logits, kd_labels, {}, at::Reduction::None);
+    const auto g_want = (ls.exp() - lt.exp()) * (kd_w / kd_t) +
+                        (at::softmax(logits, -1) - at::one_hot(kd_labels, V).to(at::kFloat)) * ce_w;
+    auto zs = logits.cuda();
+    const auto [kd_got, ce_got] = ops::kd_rows(zs, zt.cuda(), kd_labels.cuda(), 0, kd_t, 0.1, 0.5, kd_w, ce_w, true);
+    const double e_kd = rel_err(kd_got, kd_want), e_ce = rel_err(ce_got, ce_want), e_g = rel_err(zs, g_want);
+    row("kd_rows", "cuda", e_kd < 1e-4 && e_ce < 1e-5 && e_g < 1e-4,
+        "forward KL + CE vs the formulas, rel err " + fmt(std::max({e_kd, e_ce, e_g})));
+  }
   const auto [yc, rc] = ops::rms_norm(x.cuda(), w.cuda(), 1e-6);
   const auto [dxc, dwc] = ops::rms_norm_backward(gy.cuda(), x.cuda(), w.cuda(), rc);
   const double c_y = rel_err(yc, y), c_dx = rel_err(dxc, dx), c_dw = rel_err(dwc, dw);
@@ -503,7 +521,7 @@ std::vector<SelfCheckRow> run_selfcheck(bool cuda) {
   for (const char* op : {"sparse_attention", "sparse_attention_backward", "select_blocks"}) checked.insert(op);
   guarded("fused", rows, [&] { check_fused(rows, use_cuda); });
   for (const char* op : {"rms_norm", "rms_norm_backward", "swiglu", "swiglu_backward", "rope", "rope_backward",
-                         "cross_entropy_chunk", "cross_entropy_chunk_backward"})
+                         "cross_entropy_chunk", "cross_entropy_chunk_backward", "kd_rows"})
     checked.insert(op);
   if (!use_cuda) rows.push_back({"(all ops)", "cuda", "skip", cuda ? "no CUDA device" : "--cpu-only", 0.0});
   for (const auto& name : c10::Dispatcher::singleton().getAllOpNames()) {

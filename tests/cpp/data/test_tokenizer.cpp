@@ -190,6 +190,20 @@ TEST(Tokenizer, BadInputsNameTheRule) {
   EXPECT_THROW(spm->encode("\xFF", false), std::invalid_argument);
 }
 
+// A tokenizer.model whose piece holds a NUL byte made libsentencepiece abort the process (its trie builder throws
+// where nothing catches it; found by tests/fuzz/fuzz_tokenizer_model, the input kept in hostile_nul_piece/): it is
+// refused before the library sees it, naming the file and the piece.
+TEST(Tokenizer, SentencePieceModelWithANulPieceIsRefused) {
+  try {
+    load_tokenizer((kData / "hostile_nul_piece").string());
+    FAIL() << "a piece holding a NUL byte was accepted";
+  } catch (const std::runtime_error& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("hostile_nul_piece/tokenizer.model"), std::string::npos) << m;
+    EXPECT_NE(m.find("holds a NUL byte"), std::string::npos) << m;
+  }
+}
+
 TEST(Tokenizer, DecodeOfPartialUtf8GivesReplacementCharacters) {
   const auto tok = load_tokenizer((kData / "gpt2").string());
   // "Ã" (U+00C3) stands for byte 0xC3, the lead of a two-byte sequence: alone it is invalid UTF-8.
