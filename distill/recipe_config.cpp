@@ -75,7 +75,7 @@ train::ConfigSchema config_schema() {
                                 {"every_nth", 0},    {"dtype", "bfloat16"}, {"device", "auto"}};
   schema.defaults["distill"] = {{"loss", "forward_kl"}, {"temperature", 1.0}, {"kd_ratio", 0.5},
                                 {"skew_lambda", 0.1},   {"jsd_beta", 0.5},    {"chunk", 1024},
-                                {"mode", "online"}};
+                                {"mode", "online"},     {"fused", false}};
   schema.defaults["sequence"] = {{"prompts", ""},       {"output", ""},  {"batch_size", 16}, {"max_new_tokens", 128},
                                  {"temperature", 0.0},  {"top_k", 0},    {"top_p", 1.0},     {"seed", 0}};
   schema.defaults["on_policy"] = {{"lambda", 0.5}, {"max_new_tokens", 128}, {"temperature", 0.9},
@@ -211,6 +211,7 @@ RecipeConfig resolve_config(const json& user) {
   c.kd.skew_lambda = r.number_in("distill.skew_lambda", 0.0, 1.0, false, "[0, 1]");
   c.kd.jsd_beta = r.number_in("distill.jsd_beta", 0.0, 1.0, false, "[0, 1]");
   c.kd.chunk = r.int_at_least("distill.chunk", 1);
+  c.kd.fused = r.boolean("distill.fused");
   c.hidden = read_hidden_section(r);
   c.mode = r.string_in("distill.mode", {"online", "sequence"});
   if (c.mode == "sequence") c.sequence = read_sequence(r);

@@ -144,7 +144,7 @@ class ChunkedKdCeLoss : public torch::autograd::Function<ChunkedKdCeLoss> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& hs, const at::Tensor& ws, const at::Tensor& ht,
                                const at::Tensor& wt, const at::Tensor& labels_or_empty, double kd_weight,
                                double ce_weight, int64_t loss, double temperature, double skew_lambda, double jsd_beta,
-                               int64_t chunk, bool grad_enabled) {
+                               int64_t chunk, bool grad_enabled, bool fused_cuda) {
     KdOptions o;
     o.loss = KdLoss(loss), o.temperature = temperature, o.skew_lambda = skew_lambda, o.jsd_beta = jsd_beta;
     const auto acc = accumulate_type(hs);
@@ -154,9 +154,9 @@ class ChunkedKdCeLoss : public torch::autograd::Function<ChunkedKdCeLoss> {
     auto kd_sum = at::zeros({}, hs.options().dtype(acc)), ce_sum = at::zeros({}, hs.options().dtype(acc));
     at::Tensor dh = need_dh ? at::empty_like(hs) : at::Tensor();                                   // (N, Hs)
     at::Tensor dw = need_dw ? at::zeros(ws.sizes(), ws.options().dtype(acc)) : at::Tensor();        // (V, Hs) fp32
-    // CUDA: one fused kernel per chunk (ops::kd_rows) over the model-dtype logits, the gradient written over the
-    // student's; ANVIL_FUSED_OPS=0 runs the composite below instead (the reference, and the CPU path).
-    const bool fused = hs.is_cuda() && ops::use_fused_ops(hs) && hs.scalar_type() != at::kDouble;
+    // CUDA with KdOptions::fused: one fused kernel per chunk (ops::kd_rows) over the model-dtype logits, the gradient
+    // written over the student's; otherwise (and with ANVIL_FUSED_OPS=0) the composite below (the reference, the CPU path).
+    const bool fused = fused_cuda && hs.is_cuda() && ops::use_fused_ops(hs) && hs.scalar_type() != at::kDouble;
     for (int64_t start = 0; start < n; start += chunk) {
       const int64_t end = std::min(n, start + chunk);
       const auto h = hs.slice(0, start, end);  // (rows, Hs)
@@ -213,7 +213,7 @@ class ChunkedKdCeLoss : public torch::autograd::Function<ChunkedKdCeLoss> {
     at::Tensor gh = dh.defined() ? dh * g : at::Tensor();  // bf16 * 0-dim fp32 stays bf16, computed in fp32
     at::Tensor gw = dw.defined() ? (dw * g).to(ws_dtype) : at::Tensor();
     return {gh, gw, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -381,7 +381,7 @@ KdCeLoss kd_ce_loss(const at::Tensor& student_hidden, const at::Tensor& student_
   if (ht.scalar_type() != wt.scalar_type()) ht = ht.to(wt.scalar_type());
   const auto lab = labels.defined() ? labels.to(hs.device()) : at::empty({0}, hs.options().dtype(at::kLong));
   const auto out = ChunkedKdCeLoss::apply(hs, ws, ht, wt, lab, kd_weight, ce_weight, int64_t(o.loss), o.temperature,
-                                          o.skew_lambda, o.jsd_beta, o.chunk, at::GradMode::is_enabled());
+                                          o.skew_lambda, o.jsd_beta, o.chunk, at::GradMode::is_enabled(), o.fused);
   return KdCeLoss{out[0], out[1], out[2]};
 }
 

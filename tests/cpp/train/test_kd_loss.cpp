@@ -245,7 +245,7 @@ TEST(KdLossCuda, FusedChunksEqualTheCompositeOnTheCpu) {
   at::manual_seed(11);
   for (const int64_t v : {1000, 999}) {
     for (auto o : all_options()) {
-      o.temperature = 1.7, o.chunk = 48;
+      o.temperature = 1.7, o.chunk = 48, o.fused = true;
       const int64_t n = 100, h = 32, ht = 24;
       const auto hs = at::randn({n, h}, at::kDouble), ws = at::randn({v, h}, at::kDouble) * 0.3;
       const auto hT = at::randn({n, ht}, at::kDouble), wT = at::randn({v, ht}, at::kDouble) * 0.3;
