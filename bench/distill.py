@@ -153,7 +153,7 @@ def teacher_forward_child(teacher_path, data_path, batch, reps, base_weights, ou
 # ---- anvil distill, through its command line -------------------------------------------------------------------
 
 def run_anvil(anvil_bin, root, name, teacher, student, data, batch, seq, steps, warmup, kd_ratio=KD_RATIO,
-              lora=None, ckpt=False, teacher_extra=None):
+              lora=None, ckpt=False, teacher_extra=None, fused=None):
     run_dir = os.path.join(root, f"anvil-{name}")
     shutil.rmtree(run_dir, ignore_errors=True)
     cfg = {
@@ -168,6 +168,8 @@ def run_anvil(anvil_bin, root, name, teacher, student, data, batch, seq, steps, 
     }
     if lora:
         cfg["lora"] = lora
+    if fused is not None:  # distill.fused: the fused CUDA KD chunk (anvil::kd_rows); None = anvil's default
+        cfg["distill"]["fused"] = fused
     cfg_path = os.path.join(root, f"anvil-{name}.json")
     with open(cfg_path, "w") as f:
         json.dump(cfg, f, indent=1)
@@ -279,6 +281,8 @@ def main():
     ap.add_argument("--cases", default="1b,7b-plan")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--fused", choices=["default", "on", "off", "both"], default="default",
+                    help="distill.fused for anvil's KD runs; 'both' runs the 1b case's KD step unfused and fused")
     ap.add_argument("--small", action="store_true", help="tiny models (a smoke test; ratios mean nothing)")
     ap.add_argument("--dir", default="/tmp/anvil-bench-distill")
     ap.add_argument("--anvil", default=None, help="the anvil binary (default: build-gpu/bin/anvil, else build/bin/anvil)")
@@ -314,7 +318,11 @@ def main():
             with open(out) as f:
                 theirs = json.load(f)
             pretrained = {"init": "pretrained", "path": student}
-            ours = run_anvil(anvil_bin, args.dir, "kd", teacher, pretrained, data, batch, seq, args.steps, args.warmup)
+            fused = {"default": None, "on": True, "off": False, "both": False}[args.fused]
+            ours = run_anvil(anvil_bin, args.dir, "kd", teacher, pretrained, data, batch, seq, args.steps, args.warmup,
+                             fused=fused)
+            ours_fused = (run_anvil(anvil_bin, args.dir, "kd-fused", teacher, pretrained, data, batch, seq, args.steps,
+                                    args.warmup, fused=True) if args.fused == "both" else None)
             ce_only = run_anvil(anvil_bin, args.dir, "ce", teacher, pretrained, data, batch, seq, args.steps,
                                 args.warmup, kd_ratio=0.0)
             out = os.path.join(args.dir, "teacher-forward.json")
@@ -332,20 +340,35 @@ def main():
             print(f"\n1b: teacher {params_b(SHAPES[tname]):.2f}B, student {params_b(SHAPES[sname]):.2f}B "
                   f"(tied embeddings counted twice), batch {batch} x {seq}, every student parameter trained")
             print(f"  {'':34}{'tokens/s':>12}{'peak GiB':>10}{'loss first -> last':>24}")
-            for name, r in (("anvil distill", ours), ("anvil distill, kd_ratio 0", ce_only),
-                            ("HF + torchtune losses", theirs)):
+            rows = [("anvil distill" + (", unfused" if ours_fused else ""), ours)]
+            rows += [("anvil distill, fused", ours_fused)] if ours_fused else []
+            for name, r in rows + [("anvil distill, kd_ratio 0", ce_only), ("HF + torchtune losses", theirs)]:
                 print(f"  {name:34}{r['tokens_per_s']:12,.0f}{r['peak_gib']:10.2f}"
                       f"{r['first_loss']:12.4f} -> {r['last_loss']:.4f}")
             print(f"  anvil step times: KD {kd_step * 1e3:.0f} ms; student alone {student_step * 1e3:.0f} ms; "
                   f"teacher forward {teacher_s * 1e3:.0f} ms; KD / (student + teacher) = {overhead:.3f}")
             print(f"  ratio: {speed:.2f}x tokens/s, {mem:.2f}x peak memory")
+            fused_figures = {}
+            if ours_fused:
+                f_step = tokens / ours_fused["tokens_per_s"]
+                fused_figures = {"anvil_fused": ours_fused,
+                                 "speedup_fused": ours_fused["tokens_per_s"] / theirs["tokens_per_s"],
+                                 "memory_ratio_fused": ours_fused["peak_gib"] / theirs["peak_gib"],
+                                 "kd_step_over_student_plus_teacher_fused": f_step / (student_step + teacher_s)}
+                print(f"  fused: KD step {f_step * 1e3:.0f} ms, KD / (student + teacher) = "
+                      f"{fused_figures['kd_step_over_student_plus_teacher_fused']:.3f}; ratio "
+                      f"{fused_figures['speedup_fused']:.2f}x tokens/s, {fused_figures['memory_ratio_fused']:.2f}x peak memory")
+            if ours_fused:  # the goals are anvil's default path's, the fused one
+                speed, mem = fused_figures["speedup_fused"], fused_figures["memory_ratio_fused"]
+                overhead = fused_figures["kd_step_over_student_plus_teacher_fused"]
             if not args.small:
                 goals += [("1b speed", speed >= 1.5, f"{speed:.2f}x (>= 1.5x)"),
                           ("1b memory", mem <= 1.0, f"{mem:.2f}x (<= 1.0x)"),
                           ("1b KD overhead", overhead <= 1.1, f"{overhead:.3f} (<= 1.1)")]
             results.append({"case": case, "batch": batch, "seq": seq, "anvil": ours, "anvil_kd_ratio_0": ce_only,
                             "anvil_teacher_forward_s": teacher_s, "baseline": theirs, "speedup": speed,
-                            "memory_ratio": mem, "kd_step_over_student_plus_teacher": overhead})
+                            "memory_ratio": mem, "kd_step_over_student_plus_teacher": overhead,
+                            "fused": args.fused, **fused_figures})
         elif case == "cache":
             # Offline: the 1b case's teacher writes its top-64 (float16) cache, then the student trains from it.
             tname, sname, batch, seq = ("small-teacher", "small-student", 2, 128) if args.small else ("3b", "1b", 8, 1024)

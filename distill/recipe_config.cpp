@@ -75,7 +75,7 @@ train::ConfigSchema config_schema() {
                                 {"every_nth", 0},    {"dtype", "bfloat16"}, {"device", "auto"}};
   schema.defaults["distill"] = {{"loss", "forward_kl"}, {"temperature", 1.0}, {"kd_ratio", 0.5},
                                 {"skew_lambda", 0.1},   {"jsd_beta", 0.5},    {"chunk", 1024},
-                                {"mode", "online"},     {"fused", false}};
+                                {"mode", "online"},     {"fused", true}};
   schema.defaults["sequence"] = {{"prompts", ""},       {"output", ""},  {"batch_size", 16}, {"max_new_tokens", 128},
                                  {"temperature", 0.0},  {"top_k", 0},    {"top_p", 1.0},     {"seed", 0}};
   schema.defaults["on_policy"] = {{"lambda", 0.5}, {"max_new_tokens", 128}, {"temperature", 0.9},

@@ -52,9 +52,9 @@ struct KdOptions {
   double skew_lambda = 0.1;  ///< [0, 1]: the teacher's (skew_forward_kl) or student's (skew_reverse_kl) share of the mixture
   double jsd_beta = 0.5;     ///< [0, 1]: the teacher's share of the JSD mixture (TRL's beta)
   int64_t chunk = 1024;      ///< token rows per chunk
-  /// CUDA: each chunk through the fused kernel anvil::kd_rows instead of the ATen composite. Off until its CUDA test
-  /// (KdLossCuda.FusedChunksEqualTheCompositeOnTheCpu) has passed on a GPU: written and CPU-checked, never run there.
-  bool fused = false;
+  /// CUDA: each chunk through the fused kernel anvil::kd_rows instead of the ATen composite (the reference, and
+  /// what runs on the CPU). KdLossCuda.FusedChunksEqualTheCompositeOnTheCpu holds them equal (H100, 2026-12-07).
+  bool fused = true;
 };
 
 /// The divergence of each row from log-probabilities (tempered log-softmax of each model's logits): student
