@@ -78,11 +78,11 @@ def write_model(path, shape, shard_bytes=2 << 30):
 
 
 def write_calibration(path, windows, seq_len, vocab):
-    """Pre-tokenized rows ({"ids": [...]}) of random ids: GPTQ's cost does not depend on the text."""
+    """Pre-tokenized rows ({"input_ids": [...]}) of random ids: GPTQ's cost does not depend on the text."""
     g = torch.Generator().manual_seed(1)
     with open(path, "w") as f:
         for _ in range(windows):
-            f.write(json.dumps({"ids": torch.randint(4, vocab, (seq_len,), generator=g).tolist()}) + "\n")
+            f.write(json.dumps({"input_ids": torch.randint(4, vocab, (seq_len,), generator=g).tolist()}) + "\n")
 
 
 def main():

@@ -2,6 +2,7 @@
 // paired perplexity / KL pass, report.json and its printed table.
 #include "quantize/report.h"
 
+#include "anvil/data/batches.h"
 #include "anvil/data/dataset.h"
 #include "anvil/io/fs.h"
 #include "anvil/io/safetensors.h"
@@ -37,7 +38,7 @@ std::vector<at::Tensor> read_token_windows(const std::string& path, const data::
   while (std::getline(lines, line) && stream.size() < want) {
     ++n;
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-    const auto ex = data::tokenize_example(line, tok, options, path + ":" + std::to_string(n));
+    const auto ex = data::read_example_line(line, &tok, options, path + ":" + std::to_string(n));  // text or input_ids
     stream.insert(stream.end(), ex.ids.begin(), ex.ids.end());
   }
   std::vector<at::Tensor> windows;

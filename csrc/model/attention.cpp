@@ -55,45 +55,55 @@ at::Tensor dequantize_weight(const std::string& f, const at::Tensor& q, const at
 // x (..., K) as the contiguous (M, K) rows the activation quantizers take.
 at::Tensor as_rows(const at::Tensor& x) { return x.reshape({-1, x.size(-1)}).contiguous(); }
 
-// x W^T without the bias, in x's dtype: the product each format runs (the GEMM of its own kind).
-at::Tensor quantized_product(const std::string& f, const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
-                             const at::Tensor& zero_point) {
+// The activation quantization a format's product runs on x ("" for the weight-only formats: none).
+const char* activation_kind(const std::string& f) {
+  if (f == "fp8") return "fp8-block1x128";
+  if (f == "fp8-channel" || f == "fp8-tensor") return "fp8-row";
+  if (f == "w8a8") return "int8-row";
+  return "";
+}
+
+// x W^T without the bias, in x's dtype: the product each format runs (the GEMM of its own kind). The quantized
+// formats read x's quantization `xq`/`xs` (SharedInput::quantized(activation_kind(f))), the weight-only ones x.
+at::Tensor quantized_product(const std::string& f, const at::Tensor& x, const at::Tensor& xq, const at::Tensor& xs,
+                             const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero_point) {
   auto shape = x.sizes().vec();
   shape.back() = q.size(0);
-  if (f == "fp8-channel" || f == "fp8-tensor") {
-    auto [xq, xs] = anvil::ops::quantize_fp8(as_rows(x), "row");                  // (M, K) e4m3, (M, 1)
-    return anvil::ops::fp8_gemm(xq, xs, q, scale, x.scalar_type()).view(shape);    // (..., out)
-  }
-  if (f == "w8a8") {
-    auto [xq, xs] = anvil::ops::quantize_int8(as_rows(x), "row");                  // (M, K) int8, (M, 1)
-    return anvil::ops::int8_gemm(xq, xs, q, scale, x.scalar_type()).view(shape);   // (..., out)
-  }
+  if (f == "fp8" || f == "fp8-channel" || f == "fp8-tensor")  // xq (M, K) e4m3, xs (M, K/128) or (M, 1)
+    return anvil::ops::fp8_gemm(xq, xs, q, scale, x.scalar_type()).view(shape);  // (..., out)
+  if (f == "w8a8")                                                                // xq (M, K) int8, xs (M, 1)
+    return anvil::ops::int8_gemm(xq, xs, q, scale, x.scalar_type()).view(shape);  // (..., out)
   // Weight-only: the dense copy lives only for this product.
   return at::linear(x, dequantize_weight(f, q, scale, zero_point, x.scalar_type()));
 }
 
-// x W^T over a frozen quantized W (every format but "fp8", which has anvil::ops::fp8_linear): the forward
-// runs the format's product; dX = dY W with W dequantized to dY's dtype for the backward alone, so only the
-// quantized weight stays resident (autograd of at::linear would keep a dense copy alive until the backward).
-// autograd's apply needs every tensor argument defined: an absent zero point travels as an empty tensor.
+// x W^T over a frozen quantized W: the forward runs the format's product over x's (shared) quantization; dX = dY W
+// with W dequantized to dY's dtype for the backward alone (fp8: ops::fp8_linear_backward, in column slices), so
+// only the quantized weight stays resident (autograd of at::linear would keep a dense copy alive until the
+// backward). autograd's apply needs every tensor argument defined: an absent zero point or activation
+// quantization travels as an empty tensor.
 class QuantizedWeightMatmul : public torch::autograd::Function<QuantizedWeightMatmul> {
  public:
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& q,
-                            const at::Tensor& scale, const at::Tensor& zero_point_or_empty, const std::string& format) {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& xq,
+                            const at::Tensor& xs, const at::Tensor& q, const at::Tensor& scale,
+                            const at::Tensor& zero_point_or_empty, const std::string& format) {
     const at::Tensor zero_point = zero_point_or_empty.numel() > 0 ? zero_point_or_empty : at::Tensor();
     ctx->save_for_backward({q, scale, zero_point_or_empty});
     ctx->saved_data["format"] = format;
-    return quantized_product(format, x, q, scale, zero_point);  // (..., out)
+    return quantized_product(format, x, xq, xs, q, scale, zero_point);  // (..., out)
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const auto& g = grads[0];  // (..., out)
+    const auto& format = ctx->saved_data["format"].toStringRef();
     at::Tensor dx;
     if (ctx->needs_input_grad(0))
-      dx = at::matmul(g, dequantize_weight(ctx->saved_data["format"].toStringRef(), saved[0], saved[1],
-                                           saved[2].numel() > 0 ? saved[2] : at::Tensor(), g.scalar_type()));  // (..., in)
-    return {dx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+      dx = format == "fp8" ? anvil::ops::fp8_linear_backward(g, saved[0], saved[1])
+                           : at::matmul(g, dequantize_weight(format, saved[0], saved[1],
+                                                             saved[2].numel() > 0 ? saved[2] : at::Tensor(),
+                                                             g.scalar_type()));  // (..., in)
+    return {dx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -115,15 +125,38 @@ std::pair<at::Tensor, at::Tensor> quantize_groups(const at::Tensor& w, int64_t g
 
 }  // namespace
 
+const std::pair<at::Tensor, at::Tensor>& SharedInput::quantized(const std::string& kind) {
+  for (const auto& [k, v] : quantized_)
+    if (k == kind) return v;
+  const auto rows = as_rows(x_);  // (M, K)
+  std::tuple<at::Tensor, at::Tensor> q;
+  if (kind == "fp8-block1x128") q = anvil::ops::quantize_fp8(rows, "block1x128");  // (M, K) e4m3, (M, K/128)
+  else if (kind == "fp8-row") q = anvil::ops::quantize_fp8(rows, "row");           // (M, K) e4m3, (M, 1)
+  else if (kind == "int8-row") q = anvil::ops::quantize_int8(rows, "row");         // (M, K) int8, (M, 1)
+  else TORCH_CHECK(false, "SharedInput: unknown activation quantization '", kind, "'");
+  quantized_.emplace_back(kind, std::make_pair(std::get<0>(q), std::get<1>(q)));
+  return quantized_.back().second;
+}
+
 at::Tensor Linear::forward(const at::Tensor& x) {
+  SharedInput in(x);
+  return forward(in);
+}
+
+at::Tensor Linear::forward(SharedInput& in) {
+  const at::Tensor& x = in.x();
   at::Tensor out;  // (..., out)
   if (weight_format_.empty()) {
     out = at::linear(x, weight, bias);
-  } else if (weight_format_ == "fp8") {
-    out = anvil::ops::fp8_linear(x, weight, weight_scale, bias.defined() ? c10::optional<at::Tensor>(bias) : c10::nullopt);
   } else {
-    const auto zero_point = weight_zero_point.defined() ? weight_zero_point : at::empty({0}, weight.options());
-    out = QuantizedWeightMatmul::apply(x, weight, weight_scale, zero_point, weight_format_);
+    if (weight_format_ == "fp8")  // fp8_linear's rule, checked before the activation is quantized
+      TORCH_CHECK(x.size(-1) == weight.size(1), "Linear: input (..., ", x.size(-1), ") does not match the fp8 weight (",
+                  weight.size(0), ", ", weight.size(1), ")");
+    const auto none = at::empty({0}, weight.options());
+    const char* kind = activation_kind(weight_format_);
+    const auto& [xq, xs] = *kind ? in.quantized(kind) : std::pair<at::Tensor, at::Tensor>(none, none);
+    const auto zero_point = weight_zero_point.defined() ? weight_zero_point : none;
+    out = QuantizedWeightMatmul::apply(x, xq, xs, weight, weight_scale, zero_point, weight_format_);
     if (bias.defined()) out = out + bias;
   }
   return adapter ? adapter->forward(*this, x, out) : out;
@@ -477,9 +510,10 @@ GqaAttention::GqaAttention(const ModelConfig& c, const at::TensorOptions& option
 at::Tensor GqaAttention::forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                                  const AttentionMask& mask, LayerCache* cache) {
   const int64_t b = x.size(0), s = x.size(1), d = config_.head_dim;
-  auto q = q_proj_->forward(x).view({b, s, -1, d});  // (B, S, Hq, D)
-  auto k = k_proj_->forward(x).view({b, s, -1, d});  // (B, S, Hk, D)
-  auto v = v_proj_->forward(x).view({b, s, -1, d});
+  SharedInput in(x);  // q, k and v quantize x once between them
+  auto q = q_proj_->forward(in).view({b, s, -1, d});  // (B, S, Hq, D)
+  auto k = k_proj_->forward(in).view({b, s, -1, d});  // (B, S, Hk, D)
+  auto v = v_proj_->forward(in).view({b, s, -1, d});
   if (q_norm_) {  // Qwen3: RMSNorm over head_dim, before RoPE
     q = q_norm_->forward(q);
     k = k_norm_->forward(k);
@@ -530,12 +564,13 @@ at::Tensor MlaAttention::forward(const at::Tensor& x, const at::Tensor& cos, con
   const auto& c = config_;
   const int64_t b = x.size(0), s = x.size(1), h = c.num_attention_heads;
   const int64_t nope = c.qk_nope_head_dim, rope = c.qk_rope_head_dim;
-  auto q = q_proj_ ? q_proj_->forward(x) : q_b_proj_->forward(q_a_layernorm_->forward(q_a_proj_->forward(x)));
+  SharedInput in(x);  // the query and kv_a projections quantize x once between them
+  auto q = q_proj_ ? q_proj_->forward(in) : q_b_proj_->forward(q_a_layernorm_->forward(q_a_proj_->forward(in)));
   q = q.view({b, s, h, nope + rope}).transpose(1, 2);  // (B, H, S, nope + rope)
   auto q_pass = q.narrow(-1, 0, nope);
   auto q_rot = q.narrow(-1, nope, rope);
 
-  auto compressed = kv_a_proj_->forward(x);                                       // (B, S, r + rope)
+  auto compressed = kv_a_proj_->forward(in);                                       // (B, S, r + rope)
   auto latent = kv_a_layernorm_->forward(compressed.narrow(-1, 0, c.kv_lora_rank))
                     .view({b, 1, s, c.kv_lora_rank});                              // (B, 1, S, r)
   auto k_rot = compressed.narrow(-1, c.kv_lora_rank, rope).reshape({b, 1, s, rope});  // (B, 1, S, rope)

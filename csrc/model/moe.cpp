@@ -20,7 +20,8 @@ SwiGluMlp::SwiGluMlp(int64_t hidden, int64_t intermediate, bool bias, const std:
 }
 
 at::Tensor SwiGluMlp::forward(const at::Tensor& x) {
-  auto gate = gate_->forward(x), up = up_->forward(x);  // (..., I)
+  SharedInput in(x);  // gate and up quantize x once between them
+  auto gate = gate_->forward(in), up = up_->forward(in);  // (..., I)
   // anvil::ops::swiglu saves gate and up for its backward, not silu(gate) as the composite does.
   if (ops::use_fused_ops(gate) && up.scalar_type() == gate.scalar_type() && up.sizes() == gate.sizes())
     return down_->forward(anvil::ops::swiglu(gate.contiguous(), up.contiguous()));

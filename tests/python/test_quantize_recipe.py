@@ -244,6 +244,31 @@ def test_the_embedded_demo_runs(tmp_path):
     assert report["scheme"] == "fp8-channel" and abs(report["eval"]["ppl_increase_pct"]) <= 0.5
 
 
+def test_pre_tokenized_calibration_rows_calibrate_as_their_text_does(fit_model, tmp_path):
+    # {"input_ids"} lines (as the training data takes them) give the same windows, so the same GPTQ export, as the
+    # text they came from; an id outside the model's vocabulary names file:line.
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(fit_model)
+    texts = [f"calibration line {i}: the quick brown fox jumps over the lazy dog " * 3 for i in range(40)]
+    as_text, as_ids = tmp_path / "text.jsonl", tmp_path / "ids.jsonl"
+    as_text.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    as_ids.write_text("".join(json.dumps({"input_ids": tok(t)["input_ids"] + [tok.eos_token_id]}) + "\n" for t in texts))
+    outs = []
+    for name, calib in (("t", as_text), ("i", as_ids)):
+        out = str(tmp_path / name)
+        quantize("--model", fit_model, "--scheme", "gptq-int4", "--out", out, "--calib", str(calib),
+                 "--data.calib_seq_len=32", "--data.calib_samples=8", "--quantize.group_size=32")
+        outs.append(tensors(out))
+    assert outs[0].keys() == outs[1].keys()
+    for k in outs[0]:
+        assert torch.equal(outs[0][k], outs[1][k]), k
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"input_ids": [1, 2, 10 ** 6]}) + "\n")
+    r = quantize("--model", fit_model, "--scheme", "gptq-int4", "--out", str(tmp_path / "b"), "--calib", str(bad),
+                 check=False)
+    assert r.returncode != 0 and "bad.jsonl:1" in r.stderr and "vocabulary" in r.stderr, r.stderr
+
+
 # ---- bad input -------------------------------------------------------------------------------------------------
 
 def test_bad_input_names_the_argument(fit_model, tmp_path):

@@ -26,6 +26,23 @@ namespace anvil::model {
 
 class Linear;
 
+/// One input read by several Linears (attention's q/k/v projections, an MLP's gate and up): the activation
+/// quantization their weight formats run (fp8 1x128 blocks for "fp8", fp8 per token for "fp8-channel" and
+/// "fp8-tensor", int8 per token for "w8a8") is computed once on first use and reused by the others, instead of
+/// once per layer. It holds x; make one per forward, never keep it past the forward (x may change in place).
+class SharedInput {
+ public:
+  explicit SharedInput(at::Tensor x) : x_(std::move(x)) {}
+  const at::Tensor& x() const { return x_; }
+  /// x as (M, K) rows quantized as `kind` ("fp8-block1x128", "fp8-row", "int8-row"): (values, scale_inv), made
+  /// by the quantize ops on the first call for that kind.
+  const std::pair<at::Tensor, at::Tensor>& quantized(const std::string& kind);
+
+ private:
+  at::Tensor x_;
+  std::vector<std::pair<std::string, std::pair<at::Tensor, at::Tensor>>> quantized_;  // at most three kinds
+};
+
 /// A trainable side path attached to one Linear (LoRA, DoRA: lora/ implements it). The core only
 /// calls it; it knows nothing of how the adapter is built, saved or merged. The adapter is not a
 /// registered submodule, so the model's parameter names (the checkpoint's keys) never change; a
@@ -45,7 +62,7 @@ class LinearAdapter {
 /// stored). Formats (docs/FORMATS.md, "Linear weight formats"; the buffer names are the checkpoints' keys):
 ///   "fp8":         weight (out, in) float8_e4m3fn + buffer "weight_scale_inv" (ceil(out/128), ceil(in/128)) fp32,
 ///                  DeepSeek-V3's FineGrainedFP8 layout; x is quantized to 1x128 blocks on the fly and the
-///                  product runs in anvil::ops::fp8_linear (the sm_90a FP8 GEMM).
+///                  product runs in anvil::ops::fp8_gemm (the sm_90a FP8 GEMM), as anvil::ops::fp8_linear does.
 ///   "fp8-channel": weight (out, in) e4m3 + "weight_scale" (out, 1) fp32 (compressed-tensors FP8 channel,
 ///                  llm-compressor FP8_DYNAMIC); x quantized per token (quantize_fp8 "row") -> anvil::ops::fp8_gemm.
 ///   "fp8-tensor":  weight (out, in) e4m3 + "weight_scale" () fp32 ((1) and (1, 1) are taken as ()); x per token
@@ -64,6 +81,8 @@ class Linear : public torch::nn::Module {
  public:
   Linear(int64_t in_features, int64_t out_features, bool bias, const at::TensorOptions& options);
   at::Tensor forward(const at::Tensor& x);
+  /// The same, the input's activation quantization shared with the other Linears that read it (SharedInput).
+  at::Tensor forward(SharedInput& in);
   /// Quantizes the current (dense) weight in place, round to nearest with the quantize ops' arithmetic
   /// (symmetric; scale = max(amax, 1e-10) / qmax, qmax 448 for e4m3, 127 for int8, 7 for int4). group_size
   /// (int8, int4 only): 0 = the format's default (int8: in_features, int4: 128), else a divisor of in_features.

@@ -133,6 +133,47 @@ TEST(QuantizedLinear, ZeroPointsAndGroups) {
   EXPECT_TRUE(at::equal(rs, gs));
 }
 
+// Linears reading one SharedInput (q/k/v, gate/up) give what each gives alone, bit for bit, values and dX (summed
+// over the readers); the input is quantized once per activation kind, not once per reader.
+TEST(QuantizedLinear, ASharedInputIsQuantizedOnceAndChangesNoResult) {
+  at::manual_seed(23);
+  for (const auto& f : kFormats) {
+    std::vector<std::shared_ptr<Linear>> readers;
+    for (int64_t out : {128, 64, 64}) {
+      readers.push_back(std::make_shared<Linear>(256, out, /*bias=*/out == 64, at::TensorOptions().dtype(at::kFloat)));
+      {
+        at::NoGradGuard ng;
+        readers.back()->weight.normal_(0.0, 0.05);
+        if (readers.back()->bias.defined()) readers.back()->bias.normal_();
+      }
+      readers.back()->quantize_weight(f);
+    }
+    const auto x0 = at::randn({2, 9, 256});
+    const auto g = at::randn({2, 9, 256});
+    auto run = [&](bool shared) {
+      const auto x = x0.clone().requires_grad_(true);
+      anvil::model::SharedInput in(x);
+      at::Tensor loss = at::zeros({});
+      std::vector<at::Tensor> ys;
+      for (auto& lin : readers) {
+        ys.push_back(shared ? lin->forward(in) : lin->forward(x));
+        loss = loss + (ys.back() * g.narrow(-1, 0, ys.back().size(-1))).sum();
+      }
+      loss.backward();
+      ys.push_back(x.grad());
+      return ys;
+    };
+    const auto alone = run(false), together = run(true);
+    for (size_t i = 0; i < alone.size(); ++i) EXPECT_TRUE(at::equal(alone[i], together[i])) << f << " output " << i;
+  }
+  anvil::model::SharedInput in(at::randn({4, 256}));
+  const auto& first = in.quantized("fp8-block1x128");
+  EXPECT_EQ(first.first.data_ptr(), in.quantized("fp8-block1x128").first.data_ptr());  // made once
+  EXPECT_EQ(first.second.sizes(), (at::IntArrayRef{4, 2}));
+  EXPECT_EQ(in.quantized("int8-row").second.sizes(), (at::IntArrayRef{4, 1}));
+  expect_error([&] { in.quantized("int3-row"); }, {"unknown activation quantization 'int3-row'"});
+}
+
 TEST(QuantizedLinear, BadFormatsAndShapesAreNamed) {
   Linear lin(100, 8, false, at::TensorOptions().dtype(at::kFloat));
   expect_error([&] { lin.quantize_weight("int3"); }, {"weight format 'int3'", "fp8-channel", "int4"});
