@@ -32,7 +32,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 TINY_BASE = os.path.join(ROOT, "examples", "tiny", "base")
 REAL = 4096  # the demo tokenizer's ids
 PADDED = REAL + 64
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def small_llama(vocab, layers, seed):
@@ -175,11 +175,34 @@ def test_chunked_loss_with_a_padded_student_head_equals_the_sliced_formula():
 
 # ---- (b) what cannot be compared ---------------------------------------------------------------------
 
+BPE_SIZE = 300
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    """A byte-level BPE of BPE_SIZE tokens trained here on demo text (a tokenizer.json both readers take whole, so
+    that edits of its vocabulary reach both)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    lines = []
+    data = os.path.join(ROOT, "examples", "tiny", "data")
+    for name in sorted(os.listdir(data)):
+        if name.endswith(".jsonl"):
+            with open(os.path.join(data, name)) as f:
+                lines += [json.dumps(json.loads(l)) for l, _ in zip(f, range(300))]
+    tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=BPE_SIZE, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    path = str(tmp_path_factory.mktemp("bpe") / "tokenizer.json")
+    tok.save(path)
+    return path
+
+
 def edited_tokenizer(folder, src, edit):
+    """The tokenizer.json `src` edited into `folder`."""
     os.makedirs(folder, exist_ok=True)
-    for f in TOKENIZER_FILES:
-        shutil.copy(os.path.join(src, f), os.path.join(folder, f))
-    t = json.load(open(os.path.join(folder, "tokenizer.json")))
+    t = json.load(open(src))
     edit(t)
     with open(os.path.join(folder, "tokenizer.json"), "w") as f:
         json.dump(t, f)
@@ -191,13 +214,15 @@ def swap_two_tokens(t):
     v[a], v[b] = v[b], v[a]
 
 
-def test_mismatched_vocabularies_are_config_errors(folders):
+def test_mismatched_vocabularies_are_config_errors(folders, bpe):
     d = folders.d
     # Another tokenizer in the student's folder: the first differing id and both tokens, both folders.
-    other = model_dir(d / "student_other_tok", REAL, 2, 12, tokenizer=False)
-    edited_tokenizer(other, TINY_BASE, swap_two_tokens)
-    tok = _C.Tokenizer.load(TINY_BASE)
-    result, _ = run_distill(folders, "err_tok", folders.teacher, other)
+    teacher = model_dir(d / "teacher_bpe", BPE_SIZE, 3, 11, tokenizer=False)
+    edited_tokenizer(teacher, bpe, lambda t: None)
+    other = model_dir(d / "student_other_tok", BPE_SIZE, 2, 12, tokenizer=False)
+    edited_tokenizer(other, bpe, swap_two_tokens)
+    tok = _C.Tokenizer.load(teacher)
+    result, _ = run_distill(folders, "err_tok", teacher, other)
     assert result.returncode != 0
     err = result.stderr
     assert "config key student.path" in err and "is not the teacher's" in err and "id 100 is" in err
@@ -214,7 +239,7 @@ def test_mismatched_vocabularies_are_config_errors(folders):
     assert result.returncode != 0
     assert "vocab_size 4160" in result.stderr and "student (" in result.stderr and "neither folder has a tokenizer" in result.stderr
     assert _C.first_differing_token(tok, _C.Tokenizer.load(other)) == 100
-    assert _C.first_differing_token(tok, _C.Tokenizer.load(folders.student)) == -1
+    assert _C.first_differing_token(tok, _C.Tokenizer.load(teacher)) == -1
 
 
 # ---- (c) different tokenizers: ULD against TRL's GOLD ----------------------------------------------------
@@ -235,7 +260,7 @@ def uld_config(**kw):
 def add_tokens(n, tag):
     def edit(t):
         v = t["model"]["vocab"]
-        base = max(max(v.values()), max(a["id"] for a in t["added_tokens"])) + 1
+        base = max([max(v.values())] + [a["id"] for a in t["added_tokens"]]) + 1
         for i in range(n):
             v[f"<{tag}{i}>"] = base + i
     return edit
@@ -244,7 +269,7 @@ def add_tokens(n, tag):
 def permute_then_add(n, tag, seed):
     def edit(t):
         v = t["model"]["vocab"]
-        keys = [k for k, i in v.items() if i >= 4]  # the added specials (0..3) stay
+        keys = [k for k, i in v.items() if i >= 1]  # the special token (0) stays
         ids = [v[k] for k in keys]
         perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
         for k, j in zip(keys, perm):
@@ -254,10 +279,10 @@ def permute_then_add(n, tag, seed):
 
 
 @pytest.fixture(scope="module")
-def two_tokenizers(tmp_path_factory):
+def two_tokenizers(tmp_path_factory, bpe):
     d = tmp_path_factory.mktemp("tokenizers")
-    edited_tokenizer(str(d / "teacher"), TINY_BASE, add_tokens(10, "t"))
-    edited_tokenizer(str(d / "student"), TINY_BASE, permute_then_add(20, "s", 4))
+    edited_tokenizer(str(d / "teacher"), bpe, add_tokens(10, "t"))
+    edited_tokenizer(str(d / "student"), bpe, permute_then_add(20, "s", 4))
     hf = [transformers.PreTrainedTokenizerFast(tokenizer_file=str(d / n / "tokenizer.json")) for n in ("teacher", "student")]
     return _C.Tokenizer.load(str(d / "teacher")), _C.Tokenizer.load(str(d / "student")), hf
 
@@ -267,7 +292,7 @@ def test_shared_tokens_are_golds_vocabulary_mapping(two_tokenizers):
     uld = gold().ULDLoss(uld_config(uld_use_hybrid_loss=True), student_tokenizer=hf_s, teacher_tokenizer=hf_t)
     tid, sid = _C.shared_tokens(ours_t, ours_s)
     want = sorted(uld._vocab_mapping.items())
-    assert len(want) == REAL  # the 4096 common tokens; the 10 and 20 added ones are unmatched
+    assert len(want) == BPE_SIZE  # the common tokens; the 10 and 20 added ones are unmatched
     assert tid.tolist() == [k for k, _ in want] and sid.tolist() == [v for _, v in want]
 
 
