@@ -87,8 +87,8 @@ def step0(out):
     return next(m for m in metrics(out) if m.get("step") == 0 and "val_kl" in m)
 
 
-def run_distill(folders, name, teacher, student, **sections):
-    cfg = distill_config(teacher, folders.train, folders.val, folders.d / name,
+def run_distill(folders, name, teacher_path, student, **sections):
+    cfg = distill_config(teacher_path, folders.train, folders.val, folders.d / name,
                          student={"init": "pretrained", "path": student}, train={"steps": 2}, **sections)
     cfg["student"].pop("layers", None)
     return run_cli("distill", "--config", write_config(folders.d / (name + ".json"), cfg)), folders.d / name
