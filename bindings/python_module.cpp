@@ -18,6 +18,7 @@
 #include "anvil/lora/lora.h"
 #include "anvil/train/hidden_loss.h"
 #include "anvil/train/kd_loss.h"
+#include "anvil/train/vocab.h"
 
 #include <map>
 #include <torch/extension.h>
@@ -568,6 +569,34 @@ void bind_distill(py::module_& m) {
       py::arg("skew_lambda") = 0.1, py::arg("jsd_beta") = 0.5,
       "Each row's divergence (N) between the student's log-probs (N, V) and the sparse teacher (coarse k + 1 outcomes).");
   m.def("kd_loss_names", &tr::kd_loss_names, "The names distill.loss accepts.");
+  // Vocabularies (anvil/train/vocab.h) and ULD (tests/python/test_distill_vocab.py compares them with TRL's GOLD).
+  m.def(
+      "uld_divergence",
+      [](const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& shared_student_ids,
+         const at::Tensor& shared_teacher_ids, double student_temperature, double teacher_temperature, bool hybrid,
+         double beta, double matched_weight, double unmatched_weight) {
+        tr::UldOptions o;
+        o.student_temperature = student_temperature, o.teacher_temperature = teacher_temperature, o.hybrid = hybrid;
+        o.jsd_beta = beta, o.matched_weight = matched_weight, o.unmatched_weight = unmatched_weight;
+        return tr::uld_divergence(student_logits, teacher_logits, shared_student_ids, shared_teacher_ids, o);
+      },
+      py::arg("student_logits"), py::arg("teacher_logits"), py::arg("shared_student_ids"),
+      py::arg("shared_teacher_ids"), py::arg("student_temperature") = 1.0, py::arg("teacher_temperature") = 1.0,
+      py::arg("hybrid") = true, py::arg("beta") = 0.5, py::arg("matched_weight") = -1.0,
+      py::arg("unmatched_weight") = -1.0, "Each aligned row's ULD value (N): sorted L1, hybrid with the shared tokens' JSD.");
+  m.def(
+      "shared_tokens",
+      [](const anvil::data::Tokenizer& teacher, const anvil::data::Tokenizer& student) {
+        const auto s = tr::shared_tokens(teacher, student);
+        return std::make_pair(s.teacher_ids, s.student_ids);
+      },
+      py::arg("teacher"), py::arg("student"), "(teacher ids, student ids) of the tokens both spell the same.");
+  m.def("first_differing_token", &tr::first_differing_token, py::arg("a"), py::arg("b"),
+        "The first id whose token differs between two tokenizers; -1 when they are the same.");
+  m.def("align_by_byte_offsets", &tr::align_by_byte_offsets, py::arg("student_offsets"), py::arg("teacher_offsets"),
+        "GOLD's byte-offset alignment: (student groups, teacher groups).");
+  m.def("merge_aligned_probabilities", &tr::merge_aligned_probabilities, py::arg("probs"), py::arg("groups"),
+        py::arg("token_ids"), py::arg("strategy") = "observed", "GOLD's merge of aligned groups: (groups, V).");
   m.def(
       "derive_by_layers",
       [](PyCausalLM& source, const std::vector<int64_t>& keep, const std::string& dtype) {

@@ -1,5 +1,5 @@
 // The `anvil distill` recipe (distill/recipe.h), top to bottom: the teacher loaded and frozen, the student
-// (derived from it, loaded, or random; adapters attached with a lora section), one vocabulary checked; the
+// (derived from it, loaded, or random; adapters attached with a lora section), the vocabularies mapped; the
 // tokenizer (the teacher's) and data; the memory plan for both models (and --dry-run); the trainer opened (or
 // resumed); generations of both; the loop on (1 - kd_ratio) CE + kd_ratio KD, validated as the student's loss,
 // KL to the teacher and top-1 agreement; the student written as a Hugging Face folder (with LoRA: merged, and
@@ -12,6 +12,7 @@
 #include "anvil/train/hidden_loss.h"
 #include "anvil/train/setup.h"
 #include "anvil/train/teacher_cache.h"
+#include "anvil/train/vocab.h"
 
 #include <ATen/ATen.h>
 
@@ -99,14 +100,30 @@ std::shared_ptr<model::CausalLM> build_student(const RecipeConfig& c, const trai
   return train::build_model(m, train::resolve_model_paths(m), dtype, device, c.train.seed, "dense");
 }
 
-// One vocabulary for both: the KD losses compare distributions over the same token ids.
-void check_vocabularies(const RecipeConfig& c, int64_t vt, const model::CausalLM& student) {
-  const int64_t vs = student.config().vocab_size;
-  if (vt == vs) return;
-  const std::string key = c.student.init == "random" ? "student.config" : "student.path";
-  config_error(key, "the student's vocabulary (vocab_size " + std::to_string(vs) + ") must be the teacher's (" +
-               c.teacher.path + ": vocab_size " + std::to_string(vt) + "); vocabularies that differ (padded rows, "
-               "other tokenizers) are not yet supported", c.student.init == "random" ? c.student.config : c.student.path);
+// The vocabulary mapping (anvil/train/vocab.h): which rows of both heads the losses compare, decided from the
+// two configs and tokenizers before either model is loaded (the offline cache is written over those rows).
+train::VocabPlan plan_vocabulary(const RecipeConfig& c, const std::string& teacher_path,
+                                 const data::Tokenizer* teacher_tok) {
+  train::VocabSide t, s;
+  t.rows = model::load_model_config(teacher_path).vocab_size, t.tokenizer = teacher_tok;
+  t.folder = teacher_path, t.key = "teacher.path";
+  std::unique_ptr<data::Tokenizer> own;  // the student folder's own tokenizer, compared with the teacher's
+  if (c.student.init == "derived") {
+    s.rows = t.rows, s.folder = "derived from the teacher", s.key = "student.init";
+  } else {
+    const bool pretrained = c.student.init == "pretrained";
+    const std::string dir = pretrained ? resolve_path("student.path", c.student.path) : c.student.config;
+    s.rows = model::load_model_config(dir).vocab_size, s.folder = dir;
+    s.key = pretrained ? "student.path" : "student.config";
+    own = train::load_tokenizer_if_present(pretrained || io::is_directory(dir) ? dir : io::parent_dir(dir), {});
+    s.tokenizer = own.get();
+  }
+  auto plan = train::plan_vocabularies(t, s);
+  // On-policy batches feed the student's samples to the teacher: an id past the teacher's rows has no embedding.
+  if (c.use_on_policy && s.rows > t.rows)
+    config_error("on_policy", "the student has " + std::to_string(s.rows) + " head rows and the teacher only " +
+                 std::to_string(t.rows) + ": a sampled padded id would have no teacher embedding", c.resolved.at("on_policy"));
+  return plan;
 }
 
 // ---- the generation modes (train/kd_generation.h) ----
@@ -167,10 +184,9 @@ train::CacheOptions cache_options(const RecipeConfig& c) {
 // The teacher cache of the run's data, written first where shards are missing (the teacher loaded only then),
 // its fingerprint checked; the teacher is not in the process afterwards.
 std::unique_ptr<train::TeacherCache> open_teacher_cache(const RecipeConfig& c, const std::string& teacher_path,
-                                                        at::Device teacher_device, at::Device device) {
-  const int64_t vocab = model::load_model_config(teacher_path).vocab_size;
-  auto tok = train::load_tokenizer_if_present(teacher_path, c.eval);
-  const auto data = train::read_training_data(c.data, tok.get(), c.train.seed, vocab);
+                                                        at::Device teacher_device, at::Device device,
+                                                        const data::Tokenizer* tok, int64_t vocab) {
+  const auto data = train::read_training_data(c.data, tok, c.train.seed, vocab);
   auto docs = data.train;
   docs.insert(docs.end(), data.validation.begin(), data.validation.end());
   const nlohmann::json fingerprint = {
@@ -180,10 +196,16 @@ std::unique_ptr<train::TeacherCache> open_teacher_cache(const RecipeConfig& c, c
   const auto o = cache_options(c);
   train::TeacherCacheWriter writer(o, fingerprint, docs, c.data.seq_len, data.pad_id, vocab);
   const auto& m = writer.manifest();
+  // The compared vocabulary follows from the teacher's config and tokenizer (fingerprinted), yet a cache written
+  // before vocabularies were planned holds the teacher's padded rows too.
+  if (m["vocab_size"].get<int64_t>() != vocab)
+    config_error("teacher.cache", o.dir + " holds log-probabilities over " + std::to_string(m["vocab_size"].get<int64_t>()) +
+                 " rows, this run compares " + std::to_string(vocab) + " (the real vocabulary): write it again in a new "
+                 "folder", o.dir);
   if (writer.missing_shards() > 0) {
     const auto teacher = train::freeze_teacher(
         model::load_causal_lm(teacher_path, model::dtype_from_name(c.teacher.dtype), teacher_device,
-                              c.teacher.base_weights), device);
+                              c.teacher.base_weights), device, vocab);
     const auto st = writer.write(teacher, device);
     std::fprintf(stderr, "teacher cache %s: wrote %lld of %lld shards (%lld complete already), %lld positions, "
                  "%.1f bytes/token, %.0f tokens/s\n", o.dir.c_str(), (long long)st.written, (long long)st.shards,
@@ -221,6 +243,10 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
   at::manual_seed(c.train.seed);
   const std::string teacher_path = resolve_path("teacher.path", c.teacher.path);
   const bool offline = !c.teacher.cache.empty();
+  // The tokenizer (the teacher's) and the vocabulary mapping come first: both models are compared over its rows.
+  auto tok = train::load_tokenizer_if_present(teacher_path, c.eval);
+  const auto vocab = plan_vocabulary(c, teacher_path, tok.get());
+  std::cerr << vocab.line << "\n";
   if (offline && (c.mode == "sequence" || c.use_on_policy))
     throw std::invalid_argument(std::string("config key teacher.cache: an offline run cannot ") +
                                 (c.use_on_policy ? "score the student's generations (on_policy)" :
@@ -234,18 +260,14 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
                                 "\" needs the teacher's hidden states, but teacher.cache makes the run offline");
   std::unique_ptr<train::TeacherCache> cache;  // offline: the teacher's top-k cache instead of the teacher
   if (offline && !options.dry_run) {  // a dry run only plans: it writes no cache
-    cache = open_teacher_cache(c, teacher_path, teacher_device, device);
+    cache = open_teacher_cache(c, teacher_path, teacher_device, device, tok.get(), vocab.compared);
     if (c.teacher.cache_only) return train::kExitOk;
   }
   train::Teacher teacher;  // offline: loaded only to derive the student from
   if (!offline || c.student.init == "derived")
     teacher = train::freeze_teacher(model::load_causal_lm(teacher_path, model::dtype_from_name(c.teacher.dtype),
-                                                          teacher_device, c.teacher.base_weights), device);
-  const int64_t teacher_vocab = cache           ? cache->vocab_size()
-                                : teacher.model ? teacher.model->config().vocab_size
-                                                : model::load_model_config(teacher_path).vocab_size;
-  // The tokenizer and data come before the student: a pruned student is scored on training rows.
-  auto tok = train::load_tokenizer_if_present(teacher_path, c.eval);
+                                                          teacher_device, c.teacher.base_weights), device, vocab.compared);
+  // The data comes before the student: a pruned student is scored on training rows.
   // distill.mode "sequence": the teacher's completions of the prompts are the training data, written first.
   train::DataSection data_section = c.data;
   if (c.mode == "sequence") {
@@ -257,11 +279,13 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
       data_section.train = c.sequence.output;
     }
   }
-  const auto data = train::read_training_data(data_section, tok.get(), c.train.seed, teacher_vocab);
+  const auto data = train::read_training_data(data_section, tok.get(), c.train.seed, vocab.compared);
   data::BatchStream stream(data.train, c.data.seq_len, data.pad_id, c.train.batch_size, c.train.seed);
   auto student = build_student(c, teacher, teacher_path, dtype, device, stream);
   student->train();  // dropout on for every kind of student (build_model does this; a derived one is new)
-  check_vocabularies(c, teacher_vocab, *student);
+  if (student->config().vocab_size != vocab.student_rows)  // the plan read the student's config.json
+    throw std::logic_error("anvil distill: the student has " + std::to_string(student->config().vocab_size) +
+                           " rows, its plan " + std::to_string(vocab.student_rows));
   if (offline) teacher = train::Teacher{};  // the teacher leaves the process
   lora::LoraConfig lora = c.lora;
   train::NamedTensors trainable;

@@ -151,6 +151,10 @@ class ChunkedKdCeLoss : public torch::autograd::Function<ChunkedKdCeLoss> {
     const bool with_ce = labels_or_empty.numel() > 0;
     const bool need_dh = grad_enabled && hs.requires_grad(), need_dw = grad_enabled && ws.requires_grad();
     const int64_t n = hs.size(0);
+    // The compared vocabulary: the teacher's head rows, the first `vocab` of the student's (kd_loss.h). The student's
+    // rows past it (padding) take no part in the divergence; its cross-entropy stays over every row it has.
+    const int64_t vocab = wt.size(0);
+    const bool padded = vocab < ws.size(0);
     auto kd_sum = at::zeros({}, hs.options().dtype(acc)), ce_sum = at::zeros({}, hs.options().dtype(acc));
     at::Tensor dh = need_dh ? at::empty_like(hs) : at::Tensor();                                   // (N, Hs)
     at::Tensor dw = need_dw ? at::zeros(ws.sizes(), ws.options().dtype(acc)) : at::Tensor();        // (V, Hs) fp32
@@ -160,30 +164,39 @@ class ChunkedKdCeLoss : public torch::autograd::Function<ChunkedKdCeLoss> {
     for (int64_t start = 0; start < n; start += chunk) {
       const int64_t end = std::min(n, start + chunk);
       const auto h = hs.slice(0, start, end);  // (rows, Hs)
-      if (fused) {
-        auto zs = at::linear(h, ws).contiguous();                 // (rows, V) model dtype
+      if (fused && !(padded && with_ce)) {
+        // Padded rows without CE: the kernel sees the compared columns only (a copy), their gradient written there.
+        auto zs = at::linear(h, ws);                               // (rows, Vs) model dtype
+        auto zk = padded ? zs.narrow(1, 0, vocab).contiguous() : zs.contiguous();  // (rows, V)
         auto zt = at::linear(ht.slice(0, start, end), wt);         // (rows, V) teacher dtype
-        if (zt.scalar_type() != zs.scalar_type()) zt = zt.to(zs.scalar_type());
+        if (zt.scalar_type() != zk.scalar_type()) zt = zt.to(zk.scalar_type());
         c10::optional<at::Tensor> labels;
         if (with_ce) labels = labels_or_empty.slice(0, start, end).contiguous();
         const auto [kd_r, ce_r] =
-            ops::kd_rows(zs, zt.contiguous(), labels, int64_t(effective(o)), temperature, skew_lambda, jsd_beta,
+            ops::kd_rows(zk, zt.contiguous(), labels, int64_t(effective(o)), temperature, skew_lambda, jsd_beta,
                          kd_weight, ce_weight, need_dh || need_dw);
         kd_sum.add_(kd_r.sum());
         if (with_ce) ce_sum.add_(ce_r.sum());
-        if (need_dh) dh.slice(0, start, end).copy_(at::matmul(zs, ws));  // zs now holds dz
-        if (need_dw) dw.add_(at::matmul(zs.t(), h).to(acc));
+        const auto wk = padded ? ws.narrow(0, 0, vocab) : ws;     // (V, Hs): the padded rows' dz is 0
+        if (need_dh) dh.slice(0, start, end).copy_(at::matmul(zk, wk));  // zk now holds dz
+        if (need_dw) dw.narrow(0, 0, vocab).add_(at::matmul(zk.t(), h).to(acc));
         continue;
       }
-      const auto zs = at::linear(h, ws).to(acc);                                   // (rows, V) from the model dtype
+      // The composite (also the fused flag's path for padded rows with CE: the kernel's CE would see V columns).
+      const auto zs = at::linear(h, ws).to(acc);                                   // (rows, Vs) from the model dtype
       const auto lt = at::log_softmax(at::linear(ht.slice(0, start, end), wt).to(acc).div_(temperature), 1);
-      const auto ls = at::log_softmax(zs / temperature, 1);                        // (rows, V) tempered
+      const auto zk = padded ? zs.narrow(1, 0, vocab) : zs;                        // (rows, V) compared columns
+      const auto ls = at::log_softmax(zk / temperature, 1);                        // (rows, V) tempered
       kd_sum.add_(kd_divergence(ls, lt, o).sum());
-      at::Tensor dz;  // (rows, V) dL/dz of the raw student logits, the two terms weighted
-      if (need_dh || need_dw) dz = divergence_grad(ls, lt, o).mul_(kd_weight / temperature);
+      at::Tensor dz;  // (rows, Vs) dL/dz of the raw student logits, the two terms weighted
+      if (need_dh || need_dw) {
+        auto dk = divergence_grad(ls, lt, o).mul_(kd_weight / temperature);       // (rows, V)
+        if (!padded) dz = dk;
+        else (dz = at::zeros_like(zs)).narrow(1, 0, vocab).copy_(dk);  // the padded columns: no divergence gradient
+      }
       if (with_ce) {
         const auto labels = labels_or_empty.slice(0, start, end).unsqueeze(1);    // (rows, 1)
-        const auto l1 = temperature == 1.0 ? ls : at::log_softmax(zs, 1);         // (rows, V) at T = 1
+        const auto l1 = temperature == 1.0 && !padded ? ls : at::log_softmax(zs, 1);  // (rows, Vs) at T = 1
         ce_sum.sub_(l1.gather(1, labels).sum());
         if (dz.defined() && ce_weight != 0) {
           auto dce = l1.exp().mul_(ce_weight);                                    // softmax - onehot, weighted
@@ -361,9 +374,9 @@ KdCeLoss kd_ce_loss(const at::Tensor& student_hidden, const at::Tensor& student_
               teacher_weight.sizes());
   TORCH_CHECK(teacher_hidden.size(0) == student_hidden.size(0), "kd_loss: the teacher has ", teacher_hidden.size(0),
               " rows and the student ", student_hidden.size(0), "; they must be the same target positions");
-  TORCH_CHECK(teacher_weight.size(0) == student_weight.size(0), "kd_loss: the teacher's vocabulary (",
-              teacher_weight.size(0), " rows of its LM head) differs from the student's (", student_weight.size(0),
-              ")");
+  TORCH_CHECK(teacher_weight.size(0) <= student_weight.size(0), "kd_loss: the teacher's head has ",
+              teacher_weight.size(0), " rows (the compared vocabulary) and the student's only ", student_weight.size(0),
+              "; the compared vocabulary must be the first rows of both (slice the teacher's head: freeze_teacher)");
   TORCH_CHECK(!labels.defined() || (labels.dim() == 1 && labels.size(0) == student_hidden.size(0) &&
                                     labels.scalar_type() == at::kLong),
               "kd_ce_loss: labels must be (N) int64 for the ", student_hidden.size(0), " rows, got ",
@@ -419,6 +432,56 @@ at::Tensor kd_loss_sparse(const at::Tensor& student_hidden, const at::Tensor& st
                                     o.jsd_beta, o.chunk);
 }
 
+at::Tensor uld_divergence(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                          const at::Tensor& shared_student_ids, const at::Tensor& shared_teacher_ids,
+                          const UldOptions& o) {
+  TORCH_CHECK(student_logits.dim() == 2 && teacher_logits.dim() == 2 && student_logits.size(0) == teacher_logits.size(0),
+              "uld_divergence: student (N, Vs) ", student_logits.sizes(), " and teacher (N, Vt) ", teacher_logits.sizes(),
+              " logits must have the same aligned rows");
+  if (!(o.student_temperature > 0) || !(o.teacher_temperature > 0))
+    throw std::invalid_argument("uld_divergence: temperatures must be > 0");
+  if (!(o.jsd_beta >= 0 && o.jsd_beta <= 1)) throw std::invalid_argument("uld_divergence: jsd_beta must be in [0, 1]");
+  if ((o.matched_weight < 0) != (o.unmatched_weight < 0))
+    throw std::invalid_argument("uld_divergence: matched_weight and unmatched_weight must both be set (>= 0) or both "
+                                "adaptive (< 0), as GOLD's uld_hybrid_*_weight");
+  const auto acc = accumulate_type(student_logits);
+  const auto q = at::softmax(student_logits.to(acc) / o.student_temperature, 1);  // (N, Vs)
+  const auto p = at::softmax(teacher_logits.to(acc) / o.teacher_temperature, 1);  // (N, Vt)
+  // sum_i |sort(a)_i - sort(b)_i| per row, the shorter zero-padded (probabilities sorted descending).
+  auto sorted_l1 = [](const at::Tensor& a, const at::Tensor& b) {
+    auto sa = std::get<0>(a.sort(1, /*descending=*/true)), sb = std::get<0>(b.sort(1, /*descending=*/true));
+    const int64_t w = std::max(sa.size(1), sb.size(1));
+    if (sa.size(1) < w) sa = at::constant_pad_nd(sa, {0, w - sa.size(1)});
+    if (sb.size(1) < w) sb = at::constant_pad_nd(sb, {0, w - sb.size(1)});
+    return (sa - sb).abs().sum(1);  // (N)
+  };
+  const int64_t m = shared_teacher_ids.defined() ? shared_teacher_ids.numel() : 0;
+  if (!o.hybrid || m == 0) return sorted_l1(q, p);
+  TORCH_CHECK(shared_student_ids.numel() == m, "uld_divergence: ", m, " shared teacher ids but ",
+              shared_student_ids.numel(), " student ids");
+  const auto sid = shared_student_ids.to(q.device(), at::kLong), tid = shared_teacher_ids.to(q.device(), at::kLong);
+  TORCH_CHECK(sid.min().item<int64_t>() >= 0 && sid.max().item<int64_t>() < q.size(1) &&
+                  tid.min().item<int64_t>() >= 0 && tid.max().item<int64_t>() < p.size(1),
+              "uld_divergence: a shared id lies outside the logits' columns (student ", q.size(1), ", teacher ",
+              p.size(1), ")");
+  // 1. The shared tokens, id by id: GOLD's generalized JSD on the probabilities (logits_are_probs: log of clamped).
+  KdOptions jsd;
+  jsd.loss = KdLoss::kJsd, jsd.jsd_beta = o.jsd_beta;
+  const auto matched = kd_divergence(q.index_select(1, sid).clamp_min(1e-8).log(),
+                                     p.index_select(1, tid).clamp_min(1e-8).log(), jsd);  // (N)
+  // 2. The rest, sorted.
+  auto rest = [](const at::Tensor& probs, const at::Tensor& ids) {
+    auto keep = at::ones({probs.size(1)}, probs.options().dtype(at::kBool));
+    keep.index_fill_(0, ids, false);
+    return probs.index_select(1, keep.nonzero().squeeze(1));  // (N, V - M')
+  };
+  const auto qr = rest(q, sid), pr = rest(p, tid);
+  const auto unmatched = qr.size(1) > 0 && pr.size(1) > 0 ? sorted_l1(qr, pr) : at::zeros_like(matched);
+  const double wm = o.matched_weight >= 0 ? o.matched_weight : double(m) / double(std::max<int64_t>(1, p.size(1)));
+  const double wu = o.unmatched_weight >= 0 ? o.unmatched_weight : 1.0 - wm;
+  return wm * matched + wu * unmatched;
+}
+
 at::Tensor target_rows(const at::Tensor& labels) {
   return (labels.reshape({-1}) != kIgnoreIndex).nonzero().squeeze(1);  // (T) int64
 }
@@ -447,11 +510,15 @@ at::Tensor teacher_rows(const Teacher& teacher, const data::Batch& b, const at::
 
 }  // namespace
 
-Teacher freeze_teacher(std::shared_ptr<model::CausalLM> model, at::Device student_device) {
+Teacher freeze_teacher(std::shared_ptr<model::CausalLM> model, at::Device student_device, int64_t vocab) {
   model->eval();
   for (auto& p : model->parameters(/*recurse=*/true)) p.set_requires_grad(false);
   Teacher t;
-  t.head = head_weight(*model).detach();
+  t.head = head_weight(*model).detach();  // (V_teacher, Ht)
+  if (vocab < 0 || vocab > t.head.size(0))
+    throw std::invalid_argument("freeze_teacher: the compared vocabulary (" + std::to_string(vocab) +
+                                " rows) must be 0 (all) or at most the teacher's " + std::to_string(t.head.size(0)) + " head rows");
+  if (vocab > 0 && vocab < t.head.size(0)) t.head = t.head.narrow(0, 0, vocab);  // the padded rows left out
   if (t.head.device() != student_device) t.head = t.head.to(student_device);
   t.model = std::move(model);
   return t;
@@ -492,7 +559,8 @@ KdBatchLoss kd_batch_loss(model::CausalLM& student, const Teacher& teacher, cons
     const auto rows = target_rows(labels);                   // (T)
     const auto ht = teacher_rows(teacher, b, rows, device);  // (T, Ht)
     const auto zt = at::linear(ht, teacher.head);            // (T, V)
-    kd = kd_divergence_from_logits(student.lm_head->forward(h.index_select(0, rows)), zt, o).sum().to(at::kFloat) * inv;
+    const auto zs = student.lm_head->forward(h.index_select(0, rows)).narrow(1, 0, zt.size(1));  // (T, V) compared
+    kd = kd_divergence_from_logits(zs, zt, o).sum().to(at::kFloat) * inv;
   }
   out.total = kd_ratio >= 1 ? kd : kd_ratio <= 0 ? ce : (1 - kd_ratio) * ce + kd_ratio * kd;
   out.kd = kd.detach(), out.ce = ce.detach();
@@ -538,8 +606,11 @@ EvalResult evaluate_against_teacher(model::CausalLM& student, const Teacher& tea
       const auto zt = at::linear(ht.slice(0, s, e), teacher.head).to(at::kFloat);  // (rows, V)
       const auto ls = at::log_softmax(zs, 1), lt = at::log_softmax(zt, 1);
       ce_sum -= ls.gather(1, tl.slice(0, s, e).unsqueeze(1)).sum().to(at::kDouble);
-      kl_sum += kd_divergence(ls, lt, kl).sum().to(at::kDouble);
-      agree += (zs.argmax(1) == zt.argmax(1)).sum().to(at::kDouble);
+      // KL and agreement over the compared vocabulary (the teacher's head rows; the student's padding left out).
+      const bool padded = zt.size(1) < zs.size(1);
+      const auto zk = padded ? zs.narrow(1, 0, zt.size(1)) : zs;  // (rows, V)
+      kl_sum += kd_divergence(padded ? at::log_softmax(zk, 1) : ls, lt, kl).sum().to(at::kDouble);
+      agree += (zk.argmax(1) == zt.argmax(1)).sum().to(at::kDouble);
     }
     targets += b.targets;
   }

@@ -296,7 +296,7 @@ TeacherCacheWriter::TeacherCacheWriter(const CacheOptions& o, const json& finger
     : o_(o) {
   if (o.k < 1 || o.k > vocab_size)
     throw std::invalid_argument("config key teacher.cache_k: must be in [1, " + std::to_string(vocab_size) +
-                                "] (the teacher's vocabulary size), got " + std::to_string(o.k));
+                                "] (the compared vocabulary's size), got " + std::to_string(o.k));
   rows_ = data::pack_examples(documents, seq_len, pad_id);
   segments_ = packed_segments(rows_.rows, rows_.row_length, rows_.ids, rows_.labels, rows_.doc_ids);
   std::unordered_map<uint64_t, int64_t> seen;
@@ -351,7 +351,9 @@ CacheWriteStats TeacherCacheWriter::write(const Teacher& teacher, at::Device dev
   at::NoGradGuard no_grad;
   auto& shards = manifest_["shards"];
   st.shards = int64_t(shards.size());
-  const auto head = teacher.head.to(device);  // (V, H)
+  const auto head = teacher.head.to(device);  // (V, H): cut to the compared vocabulary (train/vocab.h)
+  TORCH_CHECK(head.size(0) == manifest_["vocab_size"].get<int64_t>(), "teacher cache: the teacher's head compares ",
+              head.size(0), " rows, the cache is planned for ", manifest_["vocab_size"].get<int64_t>());
   size_t seg = 0;
   for (auto& s : shards) {
     const int64_t r0 = s["packed_rows"][0].get<int64_t>(), r1 = s["packed_rows"][1].get<int64_t>();
@@ -510,6 +512,7 @@ LossFn kd_cache_loss_fn(model::CausalLM& student, const TeacherCache& cache, con
     const auto ws = head_weight(student);
     const bool adapted_head = student.lm_head && student.lm_head->adapter;
     const double inv = normalizer > 0 ? 1.0 / normalizer : 0.0;
+    const int64_t vocab = cache.vocab_size();  // the compared rows: the student's padding is in CE only
     at::Tensor ce, kd = at::zeros({}, h.options().dtype(at::kFloat));
     {
       c10::optional<at::NoGradGuard> no_grad;
@@ -522,10 +525,11 @@ LossFn kd_cache_loss_fn(model::CausalLM& student, const TeacherCache& cache, con
       const auto hs = h.index_select(0, target_rows(labels));  // (T, Hs)
       const auto [tid, tlp] = cache.lookup(b, device);         // (T, k) each
       if (adapted_head) {
-        const auto ls = at::log_softmax(student.lm_head->forward(hs).to(at::kFloat).div(o.temperature), 1);
+        const auto zs = student.lm_head->forward(hs).narrow(1, 0, vocab);  // (T, V)
+        const auto ls = at::log_softmax(zs.to(at::kFloat).div(o.temperature), 1);
         kd = kd_divergence_sparse(ls, tid, tlp, o).sum().to(at::kFloat) * inv;
       } else {
-        kd = kd_loss_sparse(hs, ws, tid, tlp, normalizer, o).to(at::kFloat);
+        kd = kd_loss_sparse(hs, ws.narrow(0, 0, vocab), tid, tlp, normalizer, o).to(at::kFloat);
       }
     }
     const auto total = kd_ratio >= 1 ? kd : kd_ratio <= 0 ? ce : (1 - kd_ratio) * ce + kd_ratio * kd;
@@ -563,9 +567,11 @@ EvalResult evaluate_against_cache(model::CausalLM& student, const TeacherCache& 
                           .to(at::kFloat);  // (rows, V)
       const auto ls = at::log_softmax(zs, 1);
       ce_sum -= ls.gather(1, tl.slice(0, s, e).unsqueeze(1)).sum().to(at::kDouble);
-      const auto lst = kl.temperature == 1 ? ls : at::log_softmax(zs / kl.temperature, 1);
+      const bool padded = cache.vocab_size() < zs.size(1);  // KL and agreement over the compared rows
+      const auto zk = padded ? zs.narrow(1, 0, cache.vocab_size()) : zs;  // (rows, V)
+      const auto lst = kl.temperature == 1 && !padded ? ls : at::log_softmax(zk / kl.temperature, 1);
       kl_sum += kd_divergence_sparse(lst, tid.slice(0, s, e), tlp.slice(0, s, e), kl).sum().to(at::kDouble);
-      agree += (zs.argmax(1) == tid.slice(0, s, e).select(1, 0)).sum().to(at::kDouble);
+      agree += (zk.argmax(1) == tid.slice(0, s, e).select(1, 0)).sum().to(at::kDouble);
     }
     targets += b.targets;
   }

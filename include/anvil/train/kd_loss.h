@@ -69,9 +69,13 @@ at::Tensor kd_divergence_from_logits(const at::Tensor& student_logits, const at:
 
 /// sum over rows of the divergence between softmax(h_s W_s^T / T) and softmax(h_t W_t^T / T), / normalizer:
 /// an fp32 scalar (fp64 for fp64 inputs) with autograd to student_hidden and (when it requires grad)
-/// student_weight. student_hidden (N, Hs), student_weight (V, Hs); teacher_hidden (N, Ht), teacher_weight (V, Ht)
+/// student_weight. student_hidden (N, Hs), student_weight (Vs, Hs); teacher_hidden (N, Ht), teacher_weight (V, Ht)
 /// on the same device (no gradient flows to them). The rows are the target rows only (select them first:
 /// target_rows). normalizer <= 0 gives 0.
+/// Padded vocabularies: the teacher's head rows are the compared vocabulary, V <= Vs; the student's logits are cut
+/// to their first V columns before its softmax, so both distributions renormalise over the same V real tokens
+/// (rows past V, padding no token id reaches, get no divergence gradient). kd_ce_loss's CE keeps all Vs columns:
+/// it is the student's own loss, and it pushes the padded rows' logits down. See train/vocab.h.
 at::Tensor kd_loss(const at::Tensor& student_hidden, const at::Tensor& student_weight, const at::Tensor& teacher_hidden,
                    const at::Tensor& teacher_weight, double normalizer, const KdOptions& o);
 
@@ -113,19 +117,50 @@ at::Tensor kd_loss_sparse(const at::Tensor& student_hidden, const at::Tensor& st
                           const at::Tensor& teacher_ids, const at::Tensor& teacher_logprobs, double normalizer,
                           const KdOptions& o);
 
+// ---- different tokenizers: Universal Logit Distillation (experimental) ------------------------------------
+//
+// ULD (Boizard et al. 2024, "Towards Cross-Tokenizer Distillation: the Universal Logit Distillation Loss for LLMs",
+// arXiv 2402.12030) compares two distributions over different vocabularies by their sorted probability vectors,
+// zero-padded to one length: sum_i |sort(q)_i - sort(p)_i|, which is the Wasserstein-1 distance between them when
+// the support is ordered by rank. TRL 1.16's GOLD trainer (trl/experimental/gold/gold_trainer.py, ULDLoss) adds a
+// hybrid: tokens both vocabularies spell the same (train/vocab.h shared_tokens) are compared id by id with GOLD's
+// generalized JSD on their (unrenormalised) probabilities, log(clamp(p, 1e-8)), and only the rest by sorting:
+//   row value = w_m JSD_beta(q[shared_s], p[shared_t]) + w_u sum_i |sort(q[rest_s])_i - sort(p[rest_t])_i|,
+// with w_m = M / Vt and w_u = 1 - w_m (M shared tokens, Vt the teacher's columns; GOLD's adaptive default) unless
+// both weights are given. q = softmax(z_s / Ts), p = softmax(z_t / Tt): GOLD's two temperatures.
+
+struct UldOptions {
+  double student_temperature = 1.0;  ///< > 0 (GOLD's uld_student_temperature)
+  double teacher_temperature = 1.0;  ///< > 0 (GOLD's uld_teacher_temperature)
+  bool hybrid = true;                ///< the shared tokens by JSD, the rest sorted (GOLD's uld_use_hybrid_loss)
+  double jsd_beta = 0.5;             ///< [0, 1]: the matched JSD's beta (GOLD's beta; 0 forward KL, 1 reverse)
+  double matched_weight = -1;        ///< w_m, or < 0 for GOLD's adaptive M / Vt (then both must be < 0)
+  double unmatched_weight = -1;      ///< w_u, or < 0 for 1 - w_m
+};
+
+/// The ULD value of each aligned row (N): student logits (N, Vs), teacher logits (N, Vt), any float dtype,
+/// computed in fp32 (fp64 for fp64); shared ids (M) int64 (empty, or hybrid off: plain ULD over all columns).
+/// Its mean over a sequence's rows is GOLD's per-sequence aligned_loss (tests/python/test_distill_vocab.py);
+/// GOLD then takes the mean over sequences and multiplies by uld_distillation_weight. Differentiable (ATen ops).
+at::Tensor uld_divergence(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                          const at::Tensor& shared_student_ids, const at::Tensor& shared_teacher_ids,
+                          const UldOptions& o);
+
 /// The (T) int64 indices of the target positions (labels != kIgnoreIndex) of labels (...) flattened.
 at::Tensor target_rows(const at::Tensor& labels);
 
 // ---- a student and a frozen teacher on packed batches --------------------------------------------------
 
 /// The teacher's side of a distillation: the model (eval mode, no parameter requiring grad) and its LM head's
-/// weight (V, Ht) on the student's device.
+/// weight (V, Ht) on the student's device, cut to the compared vocabulary: every loss and measure here compares
+/// the first V = head.size(0) rows of both models (the shared real vocabulary, train/vocab.h).
 struct Teacher {
   std::shared_ptr<model::CausalLM> model;
   at::Tensor head;
 };
-/// `model` frozen: eval mode, requires_grad off, its head weight copied to `student_device` when it lives elsewhere.
-Teacher freeze_teacher(std::shared_ptr<model::CausalLM> model, at::Device student_device);
+/// `model` frozen: eval mode, requires_grad off, its head weight copied to `student_device` when it lives elsewhere
+/// and cut to its first `vocab` rows (0: all; more than the teacher has is an error).
+Teacher freeze_teacher(std::shared_ptr<model::CausalLM> model, at::Device student_device, int64_t vocab = 0);
 
 /// One micro-batch of distillation: total = (1 - kd_ratio) ce + kd_ratio kd, each a sum over the batch's targets
 /// / normalizer (the step's target count). ce: the student's chunked cross-entropy (ce_chunk rows); kd: kd_loss

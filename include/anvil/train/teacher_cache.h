@@ -115,7 +115,7 @@ class TeacherCache {
   TeacherCache(const CacheOptions& options, const nlohmann::json& fingerprint);
   ~TeacherCache();
   int64_t k() const { return k_; }
-  int64_t vocab_size() const { return vocab_; }
+  int64_t vocab_size() const { return vocab_; }  ///< the compared vocabulary (train/vocab.h): every cached id is below it
   double temperature() const { return temperature_; }
   const nlohmann::json& manifest() const { return manifest_; }
   /// The cached teacher of a batch's target positions, in target_rows order: ids (T, k) int64 and

@@ -166,6 +166,43 @@ TEST(KdLoss, BlendWithCrossEntropyEqualsAutogradThroughBothFormulas) {
                      {"labels", "3 rows"});
 }
 
+// Padded vocabularies (train/vocab.h): a teacher head of V rows against a student head of Vs > V rows compares the
+// first V columns, both softmaxes renormalised over them (the reference slices the student's logits before its
+// softmax), while the CE keeps all Vs columns; the student's padded rows get the CE's gradient alone. Every divergence,
+// T != 1, chunked.
+TEST(KdLoss, PaddedStudentRowsAreLeftOutOfTheDivergenceButNotTheCrossEntropy) {
+  at::manual_seed(7);
+  const int64_t n = 11, h = 6, ht = 5, v = 9, vs = 13;
+  for (auto o : all_options()) {
+    o.temperature = 1.7, o.chunk = 4;
+    const auto hs = at::randn({n, h}, at::kDouble).requires_grad_(true);
+    const auto ws = at::randn({vs, h}, at::kDouble).requires_grad_(true);
+    const auto hT = at::randn({n, ht}, at::kDouble), wT = at::randn({v, ht}, at::kDouble);
+    const auto labels = at::randint(v, {n}, at::kLong);  // real tokens only
+    const double kw = 0.3 / 7, cw = 0.7 / 7;
+    const auto got = kd_ce_loss(hs, ws, hT, wT, labels, kw, cw, o);
+    const auto zs = at::linear(hs, ws);  // (n, vs)
+    const auto kd = kd_divergence_from_logits(zs.slice(1, 0, v), at::linear(hT, wT), o).sum();
+    const auto ce = at::cross_entropy_loss(zs, labels, {}, at::Reduction::Sum);
+    const auto ref = kw * kd + cw * ce;
+    EXPECT_NEAR(got.kd.item<double>(), kd.item<double>(), 1e-12) << name_of(o);
+    EXPECT_NEAR(got.ce.item<double>(), ce.item<double>(), 1e-12) << name_of(o);
+    EXPECT_NEAR(got.total.item<double>(), ref.item<double>(), 1e-12) << name_of(o);
+    const auto g = torch::autograd::grad({got.total}, {hs, ws});
+    const auto r = torch::autograd::grad({ref}, {hs, ws});
+    EXPECT_TRUE(at::allclose(g[0], r[0], 1e-9, 1e-12)) << name_of(o) << " dh max diff " << (g[0] - r[0]).abs().max();
+    EXPECT_TRUE(at::allclose(g[1], r[1], 1e-9, 1e-12)) << name_of(o) << " dW max diff " << (g[1] - r[1]).abs().max();
+    // KD alone: the padded rows get no gradient at all.
+    const auto alone = kd_loss(hs, ws, hT, wT, 7.0, o);
+    EXPECT_NEAR(alone.item<double>(), kd.item<double>() / 7, 1e-12) << name_of(o);
+    const auto ga = torch::autograd::grad({alone}, {ws})[0];
+    EXPECT_EQ(ga.slice(0, v, vs).abs().max().item<double>(), 0.0) << name_of(o);
+  }
+  // A teacher with more rows than the student is refused (freeze_teacher cuts the teacher to the compared rows).
+  const auto x = at::randn({3, 4}), w = at::randn({6, 4});
+  test::expect_error([&] { kd_loss(x, w, x, at::randn({8, 4}), 1, KdOptions{}); }, {"teacher's head has 8 rows", "only 6"});
+}
+
 TEST(KdLoss, GradientEqualsCentralDifferencesInFloat64) {
   at::manual_seed(2);
   const int64_t n = 4, h = 3, v = 5;
@@ -272,6 +309,38 @@ TEST(KdLossCuda, FusedChunksEqualTheCompositeOnTheCpu) {
           }
         }
       }
+    }
+  }
+}
+
+// The fused flag with a padded student head (train/vocab.h): KD alone goes through the kernel on the compared
+// columns (a copy), KD with CE through the composite; both equal the CPU composite in fp32.
+TEST(KdLossCuda, FusedFlagWithPaddedStudentRowsEqualsTheComposite) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  at::manual_seed(12);
+  const int64_t n = 70, h = 32, ht = 24, v = 999, vs = 1024;
+  for (auto o : all_options()) {
+    o.temperature = 1.7, o.chunk = 48, o.fused = true;
+    const auto hs = at::randn({n, h}, at::kDouble), ws = at::randn({vs, h}, at::kDouble) * 0.3;
+    const auto hT = at::randn({n, ht}, at::kDouble), wT = at::randn({v, ht}, at::kDouble) * 0.3;
+    const auto labels = at::randint(v, {n}, at::kLong);
+    for (const bool with_ce : {false, true}) {
+      const double kw = 0.5 / n, cw = with_ce ? 0.5 / n : 0.0;
+      const auto lab = with_ce ? labels : at::Tensor();
+      auto a = hs.clone().requires_grad_(true), wa = ws.clone().requires_grad_(true);
+      const auto ref = kd_ce_loss(a, wa, hT, wT, lab, kw, cw, o);
+      const auto rg = torch::autograd::grad({ref.total}, {a, wa});
+      auto b = hs.to(at::kCUDA, at::kFloat).requires_grad_(true), wb = ws.to(at::kCUDA, at::kFloat).requires_grad_(true);
+      const auto got = kd_ce_loss(b, wb, hT.to(at::kCUDA, at::kFloat), wT.to(at::kCUDA, at::kFloat),
+                                  with_ce ? labels.cuda() : at::Tensor(), kw, cw, o);
+      const auto g = torch::autograd::grad({got.total}, {b, wb});
+      const std::string what = name_of(o) + (with_ce ? " with CE" : " KD alone");
+      EXPECT_NEAR(got.kd.item<double>(), ref.kd.item<double>(), 1e-4 * std::max(1.0, ref.kd.item<double>())) << what;
+      for (int i = 0; i < 2; ++i) {
+        const auto x = g[i].to(at::kCPU, at::kDouble).flatten(), y = rg[i].flatten();
+        EXPECT_LE((x - y).abs().max().item<double>(), 1e-4 * y.abs().max().item<double>()) << what << " grad " << i;
+      }
+      if (!with_ce) EXPECT_EQ(g[1].slice(0, v, vs).abs().max().item<double>(), 0.0) << what;
     }
   }
 }
