@@ -219,34 +219,36 @@ TEST(GeneratePadded, StopTokensEndRowsOnTheirOwn) {
 TEST(GeneratePadded, DroppingFinishedRowsKeepsEveryToken) {
   // Rows that stop at different steps leave the batch early (drop_finished, the default); every row's tokens
   // must be those of a run that keeps them in: greedy and sampled (the draws keep the whole batch's shape),
-  // cached and not, padded and not.
+  // cached and not, left-padded rows and rows of one length without a mask.
   auto model = random_model();
   model->eval();
-  std::vector<std::vector<int64_t>> rows;
+  std::vector<std::vector<int64_t>> rows, even;
   for (int64_t i = 0; i < 6; ++i) rows.push_back(random_row(2 + (i * 3) % 7, 40 + i));
-  for (const double temperature : {0.0, 1.0}) {
-    GenerateOptions o;
-    o.max_new_tokens = 10, o.temperature = temperature, o.seed = 11, o.pad_token_id = 0;
-    o.drop_finished = false;
-    const auto free_run = generate_rows(*model, rows, o);
-    // Stop tokens taken from the free run at different steps, so rows retire one after another.
-    o.stop_tokens = {free_run[0][1], free_run[2][4], free_run[4][6]};
-    auto [ids, mask] = left_pad(rows, 0);
-    for (const bool cached : {true, false}) {
-      o.use_cache = cached;
+  for (int64_t i = 0; i < 4; ++i) even.push_back(random_row(5, 60 + i));
+  for (const bool padded : {true, false}) {
+    auto [ids, mask] = left_pad(padded ? rows : even, 0);
+    if (!padded) mask = at::Tensor();
+    for (const double temperature : {0.0, 1.0}) {
+      GenerateOptions o;
+      o.max_new_tokens = 10, o.temperature = temperature, o.seed = 11, o.pad_token_id = 0;
       o.drop_finished = false;
-      const auto kept = generate(*model, ids, o, mask);
-      const auto kept_unpadded = generate(*model, ids.narrow(0, 0, 1).expand({3, -1}).contiguous(), o);
-      o.drop_finished = true;
-      const auto dropped = generate(*model, ids, o, mask);
-      EXPECT_TRUE(at::equal(dropped, kept)) << "temperature " << temperature << ", cached " << cached << "\n"
-                                            << dropped << "\n" << kept;
-      EXPECT_TRUE(at::equal(generate(*model, ids.narrow(0, 0, 1).expand({3, -1}).contiguous(), o), kept_unpadded));
-      // Rows stopped at different steps: the drop was exercised (one row retired while another ran on).
-      const auto n = kept.size(1) - ids.size(1);
-      const auto is_stop = at::isin(kept.narrow(1, ids.size(1), n), at::tensor(o.stop_tokens, at::kLong));  // (B, n)
-      const auto ends = at::where(is_stop.any(1), is_stop.to(at::kLong).argmax(1), at::full({kept.size(0)}, n, at::kLong));
-      EXPECT_LT(ends.min().item<int64_t>(), ends.max().item<int64_t>()) << ends;
+      const auto free_run = generate(*model, ids, o, mask).narrow(1, ids.size(1), 10);  // (B, 10)
+      // Stop tokens taken from the free run at different steps, so that rows retire one after another.
+      o.stop_tokens = {free_run[0][1].item<int64_t>(), free_run[2][4].item<int64_t>(), free_run[3][6].item<int64_t>()};
+      for (const bool cached : {true, false}) {
+        o.use_cache = cached;
+        o.drop_finished = false;
+        const auto kept = generate(*model, ids, o, mask);
+        o.drop_finished = true;
+        const auto dropped = generate(*model, ids, o, mask);
+        EXPECT_TRUE(at::equal(dropped, kept)) << "padded " << padded << ", temperature " << temperature << ", cached "
+                                              << cached << "\n" << dropped << "\n" << kept;
+        // Rows stopped at different steps: the drop was exercised (a row retired while another ran on).
+        const auto n = kept.size(1) - ids.size(1);
+        const auto is_stop = at::isin(kept.narrow(1, ids.size(1), n), at::tensor(o.stop_tokens, at::kLong));  // (B, n)
+        const auto ends = at::where(is_stop.any(1), is_stop.to(at::kLong).argmax(1), at::full({kept.size(0)}, n, at::kLong));
+        EXPECT_LT(ends.min().item<int64_t>(), ends.max().item<int64_t>()) << ends;
+      }
     }
   }
 }
