@@ -181,20 +181,37 @@ train::CacheOptions cache_options(const RecipeConfig& c) {
   return o;
 }
 
+// The documents a cache covers (train, then validation) and the fingerprint of teacher, tokenizer and data.
+struct CacheInputs {
+  int64_t vocab = 0;
+  train::TrainingData data;
+  std::vector<data::Example> docs;
+  nlohmann::json fingerprint;
+};
+CacheInputs cache_inputs(const RecipeConfig& c, const std::string& teacher_path, const data::Tokenizer* tok,
+                         int64_t vocab) {
+  CacheInputs in;
+  in.vocab = vocab;  // the compared vocabulary (plan_vocabulary): the cache holds log-probs over these rows
+  in.data = train::read_training_data(c.data, tok, c.train.seed, in.vocab);
+  in.docs = in.data.train;
+  in.docs.insert(in.docs.end(), in.data.validation.begin(), in.data.validation.end());
+  in.fingerprint = {{"teacher", train::teacher_fingerprint(teacher_path, c.teacher.dtype, c.teacher.base_weights)},
+                    {"tokenizer", train::tokenizer_fingerprint(teacher_path)},
+                    {"data", train::data_fingerprint(c.data, in.docs)}};
+  return in;
+}
+
 // The teacher cache of the run's data, written first where shards are missing (the teacher loaded only then),
-// its fingerprint checked; the teacher is not in the process afterwards.
+// its fingerprint checked; the teacher is not in the process afterwards. The teacher pass (cache_only) also
+// scores the rollouts of on-policy rounds; a training run reads the latest round when it has an on_policy section.
 std::unique_ptr<train::TeacherCache> open_teacher_cache(const RecipeConfig& c, const std::string& teacher_path,
                                                         at::Device teacher_device, at::Device device,
                                                         const data::Tokenizer* tok, int64_t vocab) {
-  const auto data = train::read_training_data(c.data, tok, c.train.seed, vocab);
-  auto docs = data.train;
-  docs.insert(docs.end(), data.validation.begin(), data.validation.end());
-  const nlohmann::json fingerprint = {
-      {"teacher", train::teacher_fingerprint(teacher_path, c.teacher.dtype, c.teacher.base_weights)},
-      {"tokenizer", train::tokenizer_fingerprint(teacher_path)},
-      {"data", train::data_fingerprint(c.data, docs)}};
-  const auto o = cache_options(c);
-  train::TeacherCacheWriter writer(o, fingerprint, docs, c.data.seq_len, data.pad_id, vocab);
+  const auto in = cache_inputs(c, teacher_path, tok, vocab);
+  const auto& fingerprint = in.fingerprint;
+  auto o = cache_options(c);
+  o.on_policy_rows = c.use_on_policy;
+  train::TeacherCacheWriter writer(o, fingerprint, in.docs, c.data.seq_len, in.data.pad_id, vocab);
   const auto& m = writer.manifest();
   // The compared vocabulary follows from the teacher's config and tokenizer (fingerprinted), yet a cache written
   // before vocabularies were planned holds the teacher's padded rows too.
@@ -202,7 +219,7 @@ std::unique_ptr<train::TeacherCache> open_teacher_cache(const RecipeConfig& c, c
     config_error("teacher.cache", o.dir + " holds log-probabilities over " + std::to_string(m["vocab_size"].get<int64_t>()) +
                  " rows, this run compares " + std::to_string(vocab) + " (the real vocabulary): write it again in a new "
                  "folder", o.dir);
-  if (writer.missing_shards() > 0) {
+  if (writer.missing_shards() > 0 || (c.teacher.cache_only && writer.unscored_rollouts() > 0)) {
     const auto teacher = train::freeze_teacher(
         model::load_causal_lm(teacher_path, model::dtype_from_name(c.teacher.dtype), teacher_device,
                               c.teacher.base_weights), device, vocab);
@@ -211,6 +228,9 @@ std::unique_ptr<train::TeacherCache> open_teacher_cache(const RecipeConfig& c, c
                  "%.1f bytes/token, %.0f tokens/s\n", o.dir.c_str(), (long long)st.written, (long long)st.shards,
                  (long long)st.skipped, (long long)st.targets, st.targets ? double(st.bytes) / double(st.targets) : 0.0,
                  st.seconds > 0 ? double(st.targets) / st.seconds : 0.0);
+    if (st.scored > 0)
+      std::fprintf(stderr, "teacher cache %s: scored %lld rollout shards of on-policy rounds\n", o.dir.c_str(),
+                   (long long)st.scored);
   }
   int64_t bytes = 0;
   for (const auto& s : m["shards"]) bytes += s["bytes"].get<int64_t>();
@@ -219,7 +239,49 @@ std::unique_ptr<train::TeacherCache> open_teacher_cache(const RecipeConfig& c, c
                "bytes/token\n", o.dir.c_str(), (long long)m["shards"].size(), (long long)targets, (long long)o.k,
                c.teacher.cache_dtype.c_str(), targets ? double(bytes) / double(targets) : 0.0);
   if (c.teacher.cache_only) return nullptr;
-  return std::make_unique<train::TeacherCache>(o, fingerprint);
+  auto cache = std::make_unique<train::TeacherCache>(o, fingerprint);
+  if (cache->on_policy_round() > 0) {
+    const auto& r = cache->on_policy_round_entry();
+    std::fprintf(stderr, "on-policy rows: round %lld of the cache, %lld documents regenerated by the student %s "
+                 "(lambda %g, temperature %g), KD alone over their %s\n", (long long)cache->on_policy_round(),
+                 (long long)cache->on_policy_documents(), r.at("student").value("source", std::string("?")).c_str(),
+                 r.at("generation").at("lambda").get<double>(), r.at("generation").at("temperature").get<double>(),
+                 "generated tokens");
+  } else if (c.use_on_policy) {
+    std::fprintf(stderr, "on-policy rows: the cache %s holds no round yet, so every document trains on the teacher's "
+                 "rows (write one: --on_policy.refresh_from=checkpoint, then the teacher pass with "
+                 "--teacher.cache_only=true)\n", o.dir.c_str());
+  }
+  return cache;
+}
+
+// on_policy.refresh_from: `student` completes the prompts of a fraction on_policy.lambda of the training documents
+// into a new on-policy round of the cache (or finishes an interrupted one). No teacher in the process.
+int write_on_policy_round(const RecipeConfig& c, const std::string& teacher_path, model::CausalLM& student,
+                          const nlohmann::json& student_id, const data::Tokenizer* tok, int64_t vocab) {
+  const auto in = cache_inputs(c, teacher_path, tok, vocab);
+  train::TeacherCacheWriter writer(cache_options(c), in.fingerprint, in.docs, c.data.seq_len, in.data.pad_id, in.vocab);
+  train::RefreshOptions r;
+  r.lambda = c.on_policy.lambda;
+  r.batch_size = c.on_policy.batch_size > 0 ? c.on_policy.batch_size : c.train.batch_size;
+  auto& g = r.generate;
+  g.max_new_tokens = c.on_policy.max_new_tokens, g.temperature = c.on_policy.temperature;
+  g.top_k = c.on_policy.top_k, g.top_p = c.on_policy.top_p, g.seed = c.train.seed;
+  g.pad_token_id = in.data.pad_id;
+  if (tok)
+    for (const auto id : tok->eos_ids()) g.stop_tokens.push_back(id);
+  const auto st = writer.write_rollouts(student, student_id, r, int64_t(in.data.train.size()));
+  if (st.up_to_date)
+    std::fprintf(stderr, "on-policy refresh: round %lld of %s already holds this student's rollouts (%lld documents); "
+                 "nothing to do\n", (long long)st.round, c.teacher.cache.c_str(), (long long)st.documents);
+  else
+    std::fprintf(stderr, "on-policy refresh: round %lld of %s, %lld documents (lambda %g) in %lld shards: wrote %lld "
+                 "(%lld complete already), %lld tokens generated, %.0f tokens/s\n", (long long)st.round,
+                 c.teacher.cache.c_str(), (long long)st.documents, r.lambda, (long long)st.shards, (long long)st.written,
+                 (long long)st.skipped, (long long)st.generated_tokens,
+                 st.seconds > 0 ? double(st.generated_tokens) / st.seconds : 0.0);
+  std::fprintf(stderr, "next: the teacher pass scores them (--teacher.cache_only=true), then training reads them\n");
+  return train::kExitOk;
 }
 
 void print_offline_comparison(const train::EvalResult& student) {
@@ -247,19 +309,29 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
   auto tok = train::load_tokenizer_if_present(teacher_path, c.eval);
   const auto vocab = plan_vocabulary(c, teacher_path, tok.get());
   std::cerr << vocab.line << "\n";
-  if (offline && (c.mode == "sequence" || c.use_on_policy))
-    throw std::invalid_argument(std::string("config key teacher.cache: an offline run cannot ") +
-                                (c.use_on_policy ? "score the student's generations (on_policy)" :
-                                                   "generate the teacher's completions (distill.mode \"sequence\")") +
-                                ": both need the teacher in the process");
+  if (offline && c.mode == "sequence")
+    throw std::invalid_argument("config key teacher.cache: an offline run cannot generate the teacher's completions "
+                                "(distill.mode \"sequence\"): that needs the teacher in the process");
   if (c.use_on_policy && c.hidden.type != "none")
     throw std::invalid_argument("config key distill.hidden_loss: not with an on_policy section (the generated batches "
                                 "carry no teacher hidden states)");
   if (offline && c.hidden.type != "none")
     throw std::invalid_argument("config key distill.hidden_loss: \"" + c.hidden.type +
                                 "\" needs the teacher's hidden states, but teacher.cache makes the run offline");
+  const bool refresh = !c.refresh_from.empty() && !options.dry_run;
+  if (refresh && c.refresh_from != "checkpoint") {  // the student of a model folder: no teacher in the process
+    const auto path = resolve_path("on_policy.refresh_from", c.refresh_from);
+    auto student = model::load_causal_lm(path, dtype, device, "dense");
+    const int64_t rows = student->config().vocab_size, teacher_rows = model::load_model_config(teacher_path).vocab_size;
+    if (rows < vocab.compared || rows > teacher_rows)  // every real token, and no sampled id past the teacher's rows
+      config_error("on_policy.refresh_from", path + " has " + std::to_string(rows) + " head rows; a student that "
+                   "generates rollouts needs the " + std::to_string(vocab.compared) + " real tokens and at most the "
+                   "teacher's " + std::to_string(teacher_rows), c.refresh_from);
+    return write_on_policy_round(c, teacher_path, *student, train::model_student_fingerprint(path, c.student.dtype),
+                                 tok.get(), vocab.compared);
+  }
   std::unique_ptr<train::TeacherCache> cache;  // offline: the teacher's top-k cache instead of the teacher
-  if (offline && !options.dry_run) {  // a dry run only plans: it writes no cache
+  if (offline && !options.dry_run && !refresh) {  // a dry run only plans: it writes no cache
     cache = open_teacher_cache(c, teacher_path, teacher_device, device, tok.get(), vocab.compared);
     if (c.teacher.cache_only) return train::kExitOk;
   }
@@ -297,6 +369,13 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
       p.value().set_requires_grad(true);
       trainable.emplace_back(p.key(), p.value());
     }
+  }
+  if (refresh) {  // "checkpoint": the run's student as its last checkpoint holds it
+    const auto dir = train::find_checkpoint(c.output.dir);
+    train::check_same_run(c.resolved, train::checkpoint_config(dir), {"student", "lora"});
+    train::load_checkpoint_weights(dir, trainable, "config key on_policy.refresh_from");
+    return write_on_policy_round(c, teacher_path, *student, train::checkpoint_student_fingerprint(dir), tok.get(),
+                                 vocab.compared);
   }
   student->model->set_gradient_checkpointing(c.train.grad_checkpointing);
   // The hidden-state loss's projections train with the student (and resume with it); they are not exported.

@@ -55,10 +55,10 @@ struct HiddenSection {
   train::LayerMap layers;     ///< (student index, teacher index) pairs, checked against the models at run time
 };
 
-/// distill.mode "sequence": the teacher's completions of sequence.prompts become the training data (SFT),
-/// written to sequence.output before training (train/kd_generation.h).
+/// distill.mode "sequence": the teacher's completions of sequence.prompts ({"prompt"} or {"messages"} lines)
+/// become the training data (SFT), written to sequence.output before training (train/kd_generation.h).
 struct SequenceSection {
-  std::string prompts;  ///< JSONL of {"prompt"} lines; "" = data.train
+  std::string prompts;  ///< JSONL of {"prompt"} or {"messages"} lines; "" = data.train
   std::string output;   ///< the JSONL written; "" = <output.dir>/teacher_data.jsonl
   int64_t batch_size = 16, max_new_tokens = 128, top_k = 0;
   double temperature = 0, top_p = 1;
@@ -77,6 +77,9 @@ struct RecipeConfig {
   SequenceSection sequence;     ///< mode "sequence"
   bool use_on_policy = false;   ///< an "on_policy" section was given (GKD: a fraction of student generations)
   train::OnPolicyOptions on_policy;  ///< lambda, max_new_tokens, temperature, top_k, top_p, batch_size
+  /// on_policy.refresh_from (offline only): "" trains; "checkpoint" (the run's output.dir checkpoint) or a model
+  /// folder: that student writes a new on-policy round of teacher.cache (train/teacher_cache.h) and the run exits.
+  std::string refresh_from;
   lora::LoraConfig lora;
   train::DataSection data;
   train::TrainSection train;

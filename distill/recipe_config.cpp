@@ -79,7 +79,8 @@ train::ConfigSchema config_schema() {
   schema.defaults["sequence"] = {{"prompts", ""},       {"output", ""},  {"batch_size", 16}, {"max_new_tokens", 128},
                                  {"temperature", 0.0},  {"top_k", 0},    {"top_p", 1.0},     {"seed", 0}};
   schema.defaults["on_policy"] = {{"lambda", 0.5}, {"max_new_tokens", 128}, {"temperature", 0.9},
-                                  {"top_k", 0},    {"top_p", 1.0},          {"batch_size", 0}};
+                                  {"top_k", 0},    {"top_p", 1.0},          {"batch_size", 0},
+                                  {"refresh_from", ""}};
   add_pruning_defaults(schema.defaults);  // student.intermediate_size, ..., distill.hidden_*
   schema.defaults["lora"] = train::lora_section_defaults();
   schema.foreign_sections = {{"model", "is not read by anvil distill: its two models are the \"teacher\" and "
@@ -236,7 +237,19 @@ RecipeConfig resolve_config(const json& user) {
     if (c.sequence.prompts.empty()) c.sequence.prompts = c.data.train;
     if (c.sequence.output.empty()) c.sequence.output = c.output.dir + "/teacher_data.jsonl";
   }
-  if (c.use_on_policy) c.on_policy.seed = c.train.seed;
+  if (c.use_on_policy) {
+    c.on_policy.seed = c.train.seed;
+    c.refresh_from = r.string("on_policy.refresh_from");
+    if (!c.refresh_from.empty() && c.teacher.cache.empty())
+      config_error("on_policy.refresh_from", "refreshes the on-policy rows of a teacher cache: it needs teacher.cache "
+                   "(online, on_policy generates every step)", c.refresh_from);
+    if (!c.refresh_from.empty() && !(c.on_policy.lambda > 0))
+      config_error("on_policy.lambda", "a refresh (on_policy.refresh_from) regenerates this fraction of the training "
+                   "documents: it must be in (0, 1]", c.on_policy.lambda);
+    if (!c.refresh_from.empty() && c.teacher.cache_only)
+      config_error("on_policy.refresh_from", "is the student's pass (generation) and teacher.cache_only the teacher's "
+                   "(scoring): run them one after the other, not in one process", c.refresh_from);
+  }
   return c;
 }
 

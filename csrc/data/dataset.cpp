@@ -34,8 +34,7 @@ std::string suffix_after(const std::string& whole, const std::string& prefix, si
   return whole.substr(prefix.size());
 }
 
-Example chat_example(const nlohmann::json& messages, const Tokenizer& tok, const ReadOptions& o,
-                     const std::string& where) {
+std::vector<ChatMessage> chat_turns(const nlohmann::json& messages, const std::string& where) {
   if (!messages.is_array() || messages.empty()) throw std::runtime_error(where + ": \"messages\" must be a non-empty array");
   std::vector<ChatMessage> turns;
   for (size_t i = 0; i < messages.size(); ++i) {
@@ -45,26 +44,40 @@ Example chat_example(const nlohmann::json& messages, const Tokenizer& tok, const
       throw std::runtime_error(w + ": must be {\"role\": ..., \"content\": ...}");
     turns.push_back({string_field(m, "role", w), string_field(m, "content", w), std::nullopt});
   }
-  Example ex;
-  if (o.loss_on == LossOn::kAll) {  // no targets to mark: the whole rendering, as transformers tokenizes it
-    append(ex, tok.encode(tok.render_chat(turns, /*add_generation_prompt=*/false), false), true);
-    return ex;
-  }
+  return turns;
+}
+
+// The pieces of turns[0, n): each turn's addition to the rendering, an assistant turn split into the
+// generation prompt (no target) and the reply (targets). Returns render(turns[:n]).
+std::string append_turns(Example& ex, const std::vector<ChatMessage>& turns, size_t n, const Tokenizer& tok,
+                         const std::string& where) {
   std::string before;  // render(turns[:k]) so far
-  for (size_t k = 1; k <= turns.size(); ++k) {
+  for (size_t k = 1; k <= n; ++k) {
     const std::vector<ChatMessage> upto(turns.begin(), turns.begin() + static_cast<std::ptrdiff_t>(k));
     const std::string now = tok.render_chat(upto, /*add_generation_prompt=*/false);
     const bool assistant = turns[k - 1].role == "assistant";
     if (assistant) {
       const std::vector<ChatMessage> prev(turns.begin(), turns.begin() + static_cast<std::ptrdiff_t>(k - 1));
       const std::string prompt = tok.render_chat(prev, /*add_generation_prompt=*/true);
-      append(ex, tok.encode(suffix_after(prompt, before, k - 1, where), false), o.loss_on == LossOn::kAll);
+      append(ex, tok.encode(suffix_after(prompt, before, k - 1, where), false), false);
       append(ex, tok.encode(suffix_after(now, prompt, k - 1, where), false), true);
     } else {
-      append(ex, tok.encode(suffix_after(now, before, k - 1, where), false), o.loss_on == LossOn::kAll);
+      append(ex, tok.encode(suffix_after(now, before, k - 1, where), false), false);
     }
     before = now;
   }
+  return before;
+}
+
+Example chat_example(const nlohmann::json& messages, const Tokenizer& tok, const ReadOptions& o,
+                     const std::string& where) {
+  const auto turns = chat_turns(messages, where);
+  Example ex;
+  if (o.loss_on == LossOn::kAll) {  // no targets to mark: the whole rendering, as transformers tokenizes it
+    append(ex, tok.encode(tok.render_chat(turns, /*add_generation_prompt=*/false), false), true);
+    return ex;
+  }
+  append_turns(ex, turns, turns.size(), tok, where);
   return ex;
 }
 
@@ -94,6 +107,29 @@ Example tokenize_example(const std::string& json_line, const Tokenizer& tok, con
     append(ex, {tok.eos_id()}, true);
   }
   return ex;
+}
+
+ChatPrompt chat_prompt(const std::string& json_line, const Tokenizer& tok, const std::string& where) {
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(json_line);
+  } catch (const nlohmann::json::exception& e) {
+    throw std::runtime_error(where + ": not valid JSON (" + e.what() + ")");
+  }
+  if (!j.is_object() || !j.contains("messages")) throw std::runtime_error(where + ": a chat line needs \"messages\"");
+  ChatPrompt p;
+  p.turns = chat_turns(j["messages"], where);
+  if (p.turns.back().role == "assistant") p.turns.pop_back();  // the reply to generate anew
+  if (p.turns.empty())
+    throw std::runtime_error(where + ": \"messages\" holds only an assistant turn; a prompt needs the turns before it");
+  // The pieces of a conversation whose next turn is the assistant's, up to that reply (its generation prompt
+  // included): the ids the SFT example of turns + reply starts with.
+  Example ex;
+  const std::string before = append_turns(ex, p.turns, p.turns.size(), tok, where);
+  const std::string prompt = tok.render_chat(p.turns, /*add_generation_prompt=*/true);
+  append(ex, tok.encode(suffix_after(prompt, before, p.turns.size(), where), false), false);
+  p.ids = std::move(ex.ids);
+  return p;
 }
 
 PackedRows pack_examples(const std::vector<Example>& examples, int64_t row_length, int32_t pad_id) {

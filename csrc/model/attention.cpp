@@ -396,6 +396,13 @@ std::pair<at::Tensor, at::Tensor> LayerCache::append(const at::Tensor& a, const 
   return {a_.narrow(2, 0, length_), b_.narrow(2, 0, length_)};
 }
 
+void LayerCache::keep_rows(const at::Tensor& rows) {
+  if (!a_.defined()) return;
+  const auto r = rows.to(a_.device(), at::kLong);
+  a_ = a_.index_select(0, r);  // (B', H, capacity, D1): the capacity is kept, appends stay copy-free
+  b_ = b_.index_select(0, r);
+}
+
 AttentionMask AttentionMask::make(int64_t seq_len, int64_t offset, int64_t window, const at::Device& device) {
   AttentionMask m;
   const int64_t total = offset + seq_len;

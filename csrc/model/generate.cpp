@@ -76,29 +76,45 @@ at::Tensor generate(CausalLM& model, const at::Tensor& prompt, const GenerateOpt
     // transformers 5.17 _prepare_position_ids_for_generation: cumsum - 1, 0 at the pads (which no real token sees).
     positions = (keys.to(at::kLong).cumsum(-1) - 1).masked_fill(keys.logical_not(), 0);
   }
+  // The rows still generating (int64 indices into the batch) once one has been dropped; undefined: all of them.
+  at::Tensor active;
+  int64_t running = b;
+  const auto rows_of = [&](const at::Tensor& t) { return active.defined() ? t.index_select(0, active) : t; };
+  // x, pos: the running rows'; keys: the whole batch's, of which the running rows' are taken.
   auto forward = [&](const at::Tensor& x, KvCache* cache, const at::Tensor& pos) {
     if (!padded) return cache ? model.forward(x, cache) : model.forward(x);
-    return model.forward(x, cache, pos, c10::nullopt, keys);
+    return model.forward(x, cache, pos, c10::nullopt, rows_of(keys));
   };
 
   KvCache cache = model.make_cache();
-  std::vector<at::Tensor> pieces{ids}, position_pieces{positions};
-  at::Tensor logits;
+  std::vector<at::Tensor> pieces{ids}, position_pieces{positions};  // whole-batch (B, *) pieces
+  at::Tensor logits;  // (running, S', V)
   if (o.max_new_tokens > 0) logits = forward(ids, o.use_cache ? &cache : nullptr, positions);
   for (int64_t step = 0; step < o.max_new_tokens; ++step) {
-    auto next = sample_next_token(logits.select(1, logits.size(1) - 1), o, generator);  // (B)
+    auto last = logits.select(1, logits.size(1) - 1);  // (running, V)
+    // Retired rows draw from zeros: the sampler sees the whole batch's shape, so its noise is that of a run
+    // without the drop (torch's multinomial draws one exponential per entry).
+    if (active.defined()) last = at::zeros({b, last.size(1)}, last.options()).index_copy_(0, active, last);
+    auto next = sample_next_token(last, o, generator);  // (B)
     next = at::where(finished, at::full_like(next, pad), next);
     pieces.push_back(next.unsqueeze(1));
     finished = finished | at::isin(next, stop);
-    if (finished.all().item<bool>() || step + 1 == o.max_new_tokens) break;
+    const int64_t done = finished.sum().item<int64_t>();
+    if (done == b || step + 1 == o.max_new_tokens) break;
     at::Tensor next_pos;
     if (padded) {  // generated tokens (and the pads of finished rows) count as real, as in transformers
       keys = at::cat({keys, at::ones({b, 1}, keys.options())}, 1);
       next_pos = position_pieces.back().select(1, position_pieces.back().size(1) - 1).unsqueeze(1) + 1;  // (B, 1)
       position_pieces.push_back(next_pos);
     }
-    if (o.use_cache) logits = forward(next.unsqueeze(1), &cache, next_pos);
-    else logits = forward(at::cat(pieces, 1), nullptr, padded ? at::cat(position_pieces, 1) : at::Tensor());
+    if (o.drop_finished && b - done < running) {  // rows stopped this step: they leave the batch and the cache
+      const auto still = finished.logical_not().nonzero().squeeze(1);           // (running') into the batch
+      const auto kept = rows_of(finished).logical_not().nonzero().squeeze(1);   // (running') into the running rows
+      if (o.use_cache) cache.keep_rows(kept);
+      active = still, running = still.size(0);
+    }
+    if (o.use_cache) logits = forward(rows_of(next.unsqueeze(1)), &cache, padded ? rows_of(next_pos) : next_pos);
+    else logits = forward(rows_of(at::cat(pieces, 1)), nullptr, padded ? rows_of(at::cat(position_pieces, 1)) : at::Tensor());
   }
   return at::cat(pieces, 1);
 }

@@ -161,6 +161,30 @@ void check_same_run(const json& now, const json& then, const std::vector<std::st
                                " but the checkpoint was made with " + value(then, key).dump());
 }
 
+namespace {
+
+void copy_trainable(const std::string& dir, const NamedTensors& trainable, const std::string& what) {
+  io::SafetensorsFile f(io::join_path(dir, "trainable.safetensors"));
+  at::NoGradGuard no_grad;
+  for (const auto& [name, t] : trainable) {
+    if (!f.contains(name)) throw std::runtime_error(what + ": " + f.path() + " lacks tensor '" + name + "'");
+    auto src = f.tensor(name);
+    if (src.sizes() != t.sizes())
+      throw std::runtime_error(what + ": tensor '" + name + "' in " + f.path() + " has shape " + c10::str(src.sizes()) +
+                               ", the model needs " + c10::str(t.sizes()));
+    auto dst = t;
+    dst.copy_(src);
+  }
+}
+
+}  // namespace
+
+int64_t load_checkpoint_weights(const std::string& dir, const NamedTensors& trainable, const std::string& what) {
+  const json state = read_state(dir);
+  copy_trainable(dir, trainable, what);
+  return state_value<int64_t>(state, dir, "step");
+}
+
 TrainState load_training_checkpoint(const std::string& dir, const NamedTensors& trainable, AdamW& optimizer,
                                     at::Device device) {
   const json state = read_state(dir);  // every key checked before any tensor is touched
@@ -170,19 +194,7 @@ TrainState load_training_checkpoint(const std::string& dir, const NamedTensors& 
   st.index = state_value<int64_t>(state, dir, "batch_index");
   st.tokens = state_value<int64_t>(state, dir, "tokens");
   st.elapsed = state_value<double>(state, dir, "elapsed_s");
-  {
-    io::SafetensorsFile f(io::join_path(dir, "trainable.safetensors"));
-    at::NoGradGuard no_grad;
-    for (const auto& [name, t] : trainable) {
-      if (!f.contains(name)) throw std::runtime_error("--resume: " + f.path() + " lacks tensor '" + name + "'");
-      auto src = f.tensor(name);
-      if (src.sizes() != t.sizes())
-        throw std::runtime_error("--resume: tensor '" + name + "' in " + f.path() + " has shape " + c10::str(src.sizes()) +
-                                 ", the model needs " + c10::str(t.sizes()));
-      auto dst = t;
-      dst.copy_(src);
-    }
-  }
+  copy_trainable(dir, trainable, "--resume");
   {
     io::SafetensorsFile f(io::join_path(dir, "optimizer.safetensors"));
     NamedTensors tensors;

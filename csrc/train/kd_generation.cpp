@@ -3,6 +3,7 @@
 // Both go through model::generate_rows, one left-padded batch per group of prompts.
 #include "anvil/train/kd_generation.h"
 
+#include "anvil/data/dataset.h"
 #include "anvil/io/fs.h"
 #include "anvil/train/progress.h"
 
@@ -21,13 +22,37 @@ namespace {
 
 using nlohmann::json;
 
-// The "prompt" of every non-blank line of a JSONL file; errors name the file (and line).
-std::vector<std::string> read_prompts(const std::string& path, const std::string& what) {
+// One prompt of the prompts file: a {"prompt"} text (tokenized with the special tokens) or a {"messages"}
+// conversation (rendered with the chat template and its generation prompt, data::chat_prompt).
+struct Prompt {
+  std::string text;           // {"prompt"} lines
+  json messages;              // {"messages"} lines: the turns before the reply (a trailing assistant turn dropped)
+  std::vector<int64_t> ids;   // what the model is given
+  bool chat() const { return !messages.is_null(); }
+  // The row written for this prompt with the model's reply.
+  json row(const std::string& reply) const {
+    if (!chat()) return {{"prompt", text}, {"completion", reply}};
+    json m = messages;
+    m.push_back({{"role", "assistant"}, {"content", reply}});
+    return {{"messages", m}};
+  }
+  // Whether an earlier run's row answers this prompt.
+  bool answered_by(const json& j) const {
+    if (!j.is_object()) return false;
+    if (!chat()) return j.contains("prompt") && j["prompt"] == text;
+    if (!j.contains("messages") || !j["messages"].is_array() || j["messages"].size() != messages.size() + 1) return false;
+    const auto& m = j["messages"];
+    return json(m.begin(), m.end() - 1) == messages && m.back().is_object() && m.back().value("role", "") == "assistant";
+  }
+};
+
+// Every non-blank line of a JSONL file, tokenized; errors name the file (and line).
+std::vector<Prompt> read_prompts(const std::string& path, const std::string& what, const data::Tokenizer& tok) {
   if (!io::is_regular_file(path))
     throw std::invalid_argument(what + ": the prompts file " + path + " does not exist (or is not a file)");
   std::ifstream in(path);
   if (!in) throw std::invalid_argument(what + ": cannot open the prompts file " + path);
-  std::vector<std::string> prompts;
+  std::vector<Prompt> prompts;
   std::string line;
   for (int64_t n = 1; std::getline(in, line); ++n) {
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
@@ -38,16 +63,35 @@ std::vector<std::string> read_prompts(const std::string& path, const std::string
     } catch (const std::exception& e) {
       throw std::invalid_argument(where + ": not a JSON object (" + e.what() + ")");
     }
-    if (!j.is_object() || !j.contains("prompt") || !j["prompt"].is_string())
-      throw std::invalid_argument(where + ": a prompts line needs a string \"prompt\" (the teacher answers it)");
-    prompts.push_back(j["prompt"].get<std::string>());
+    Prompt p;
+    if (j.is_object() && j.contains("messages")) {
+      data::ChatPrompt c;
+      try {
+        c = data::chat_prompt(line, tok, where);
+      } catch (const std::exception& e) {  // the template's own errors (no chat template, roles out of order)
+        const std::string m = e.what();
+        throw std::invalid_argument(m.rfind(where, 0) == 0 ? m : where + ": " + m);
+      }
+      p.messages = j["messages"];
+      if (p.messages.back().value("role", "") == "assistant") p.messages.erase(p.messages.size() - 1);
+      p.ids.assign(c.ids.begin(), c.ids.end());
+    } else if (j.is_object() && j.contains("prompt") && j["prompt"].is_string()) {
+      p.text = j["prompt"].get<std::string>();
+      const auto ids = tok.encode(p.text, true);
+      p.ids.assign(ids.begin(), ids.end());
+    } else {
+      throw std::invalid_argument(where + ": a prompts line needs a string \"prompt\" or a \"messages\" array (the "
+                                  "teacher answers it)");
+    }
+    if (p.ids.empty()) throw std::invalid_argument(where + ": the prompt encodes to no tokens");
+    prompts.push_back(std::move(p));
   }
   if (prompts.empty()) throw std::invalid_argument(what + ": the prompts file " + path + " has no prompts");
   return prompts;
 }
 
 // The rows of an earlier run's output, each checked to answer prompt i. Returns the lines (with newlines).
-std::string read_kept_rows(const std::string& path, const std::vector<std::string>& prompts, int64_t& kept) {
+std::string read_kept_rows(const std::string& path, const std::vector<Prompt>& prompts, int64_t& kept) {
   kept = 0;
   if (!io::path_exists(path)) return "";
   std::ifstream in(path);
@@ -62,7 +106,7 @@ std::string read_kept_rows(const std::string& path, const std::vector<std::strin
       throw std::invalid_argument(path + ":" + std::to_string(n) + ": not a JSON line; remove " + path +
                                   " to generate the teacher data again");
     }
-    if (kept >= int64_t(prompts.size()) || !j.is_object() || !j.contains("prompt") || j["prompt"] != prompts[size_t(kept)])
+    if (kept >= int64_t(prompts.size()) || !prompts[size_t(kept)].answered_by(j))
       throw std::invalid_argument(path + ":" + std::to_string(n) + ": this row does not answer prompt " +
                                   std::to_string(kept + 1) + " of the prompts file (written from another prompts "
                                   "file?); remove " + path + " to generate the teacher data again");
@@ -77,7 +121,7 @@ std::string read_kept_rows(const std::string& path, const std::vector<std::strin
 TeacherDataResult write_teacher_completions(model::CausalLM& teacher, const data::Tokenizer& tok,
                                             const TeacherDataOptions& o) {
   TORCH_CHECK(o.batch_size >= 1, "write_teacher_completions: batch_size must be >= 1, got ", o.batch_size);
-  const auto prompts = read_prompts(o.prompts, o.prompts_what);
+  const auto prompts = read_prompts(o.prompts, o.prompts_what, tok);
   TeacherDataResult result;
   std::string text = read_kept_rows(o.output, prompts, result.kept);
   result.rows = result.kept;
@@ -99,11 +143,7 @@ TeacherDataResult write_teacher_completions(model::CausalLM& teacher, const data
   for (int64_t start = result.kept; start < total; start += o.batch_size) {
     const int64_t end = std::min(total, start + o.batch_size);
     std::vector<std::vector<int64_t>> rows;
-    for (int64_t i = start; i < end; ++i) {
-      const auto ids = tok.encode(prompts[size_t(i)], true);
-      TORCH_CHECK(!ids.empty(), o.prompts, ": prompt ", i + 1, " encodes to no tokens");
-      rows.emplace_back(ids.begin(), ids.end());
-    }
+    for (int64_t i = start; i < end; ++i) rows.push_back(prompts[size_t(i)].ids);
     g.seed = o.generate.seed + uint64_t(start);  // a rerun from a batch boundary draws the same tokens
     const auto fresh = model::generate_rows(teacher, rows, g);
     for (int64_t i = start; i < end; ++i) {
@@ -113,7 +153,7 @@ TeacherDataResult write_teacher_completions(model::CausalLM& teacher, const data
         if (is_stop(id)) break;
         answer.push_back(int32_t(id));
       }
-      text += json{{"prompt", prompts[size_t(i)]}, {"completion", tok.decode(answer, true)}}.dump() + "\n";
+      text += prompts[size_t(i)].row(tok.decode(answer, true)).dump() + "\n";
     }
     result.rows = end;
     const double since = std::chrono::duration<double>(std::chrono::steady_clock::now() - last_flush).count();

@@ -175,6 +175,133 @@ at::Tensor head_weight(const model::CausalLM& m) {
   return m.lm_head ? m.lm_head->weight : m.model->embed_tokens->weight;
 }
 
+// The teacher's top-k of log_softmax(z / T) at a batch's target rows (target_rows order), appended as CPU
+// pieces: ids (rows, k) int32 and log-probs (rows, k) in the storage dtype. `head` (V, H) is on `device`.
+void score_batch(const Teacher& teacher, const at::Tensor& head, const data::Batch& b, const CacheOptions& o,
+                 at::Device device, std::vector<at::Tensor>& ids_parts, std::vector<at::Tensor>& lp_parts) {
+  const auto all = batch_to_device(b, teacher.model->device());  // (4, B, S)
+  auto h = batch_hidden(*teacher.model, all, b.packed);
+  h = h.reshape({-1, h.size(-1)}).index_select(0, target_rows(all[3]).to(h.device())).to(device);  // (T, H)
+  for (int64_t c = 0; c < h.size(0); c += o.chunk) {
+    const auto z = at::linear(h.slice(0, c, std::min(h.size(0), c + o.chunk)), head);  // (rows, V)
+    const auto lp = at::log_softmax(z.to(at::kFloat).div_(o.temperature), 1);
+    auto [values, indices] = at::topk(lp, o.k, 1, /*largest=*/true, /*sorted=*/true);  // (rows, k)
+    ids_parts.push_back(indices.to(at::kInt).cpu());
+    lp_parts.push_back(values.to(o.dtype).cpu());
+  }
+}
+
+// ---- on-policy rounds ----
+
+constexpr const char* kRolloutFormat = "anvil-teacher-cache-rollout";
+
+uint64_t splitmix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ULL;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
+// The seed of round r's draws: which documents (with their keys) and the sampling of each batch.
+uint64_t round_seed(uint64_t seed, int64_t round) { return splitmix(splitmix(seed ^ 0x726f756e64ULL) ^ uint64_t(round)); }
+
+bool chosen(uint64_t key, uint64_t round_seed_, double lambda) {
+  return double(splitmix(round_seed_ ^ key) >> 11) * 0x1p-53 < lambda;
+}
+
+std::string round_file(int64_t round, const char* what, int64_t i) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "round-%03lld-%s-%05lld.safetensors", static_cast<long long>(round), what,
+                static_cast<long long>(i));
+  return buf;
+}
+
+// A student's identity without where it was read from (a moved checkpoint is the same student).
+json student_identity(json id) {
+  if (id.is_object()) id.erase("source");
+  return id;
+}
+
+std::string describe_student(const json& id) {
+  std::string d = id.value("source", std::string("?"));
+  if (id.value("kind", "") == "checkpoint") d += " (step " + id.value("step", json(-1)).dump() + ")";
+  return d;
+}
+
+// The teacher part of the fingerprint as one hash, recorded in every score shard's entry.
+std::string teacher_hash(const json& manifest) {
+  const auto t = manifest.at("fingerprint").value("teacher", json()).dump();
+  return hex(fnv(kFnvOffset, t.data(), t.size()));
+}
+
+bool rollouts_complete(const json& round) {
+  for (const auto& s : round.at("shards"))
+    if (!s.at("rollout").value("complete", false)) return false;
+  return true;
+}
+
+bool scored(const json& shard) {
+  const auto& r = shard.at("rollout");
+  const auto& sc = shard.at("scores");
+  return r.value("complete", false) && sc.value("complete", false) &&
+         sc.value("rollout_checksum", std::string()) == r.value("checksum", std::string());
+}
+
+// The prompts and completions of a rollout shard, checked: keys (D) I64, prompt_offsets / completion_offsets
+// (D + 1) I64 into prompts / completions (N) I32.
+struct Rollouts {
+  std::vector<uint64_t> keys;
+  std::vector<std::vector<int64_t>> prompts, completions;
+};
+
+const int64_t* offsets_of(const io::SafetensorsFile& f, const char* name, int64_t docs, int64_t total) {
+  const auto& e = f.entry(name);
+  if (e.dtype != at::kLong || e.shape != std::vector<int64_t>{docs + 1})
+    throw std::invalid_argument("teacher cache rollout shard " + f.path() + ": \"" + name + "\" must be (D + 1) I64");
+  const auto* p = reinterpret_cast<const int64_t*>(f.data(e));
+  for (int64_t d = 0; d < docs; ++d)
+    if (p[0] != 0 || p[d + 1] < p[d] || p[d + 1] > total)
+      throw std::invalid_argument("teacher cache rollout shard " + f.path() + ": \"" + name + "\" are not increasing "
+                                  "offsets from 0 within the tokens");
+  return p;
+}
+
+void check_rollout_tensors(const io::SafetensorsFile& f) {
+  for (const char* name : {"keys", "prompt_offsets", "prompts", "completion_offsets", "completions"})
+    if (!f.contains(name)) throw std::invalid_argument("teacher cache rollout shard " + f.path() + " has no tensor \"" + name + "\"");
+  const auto &keys = f.entry("keys"), &prompts = f.entry("prompts"), &completions = f.entry("completions");
+  if (keys.dtype != at::kLong || keys.shape.size() != 1 || prompts.dtype != at::kInt || prompts.shape.size() != 1 ||
+      completions.dtype != at::kInt || completions.shape.size() != 1)
+    throw std::invalid_argument("teacher cache rollout shard " + f.path() + ": keys (D) I64, prompts (P) I32 and "
+                                "completions (C) I32 expected");
+  const int64_t docs = keys.shape[0];
+  const int64_t* po = offsets_of(f, "prompt_offsets", docs, prompts.shape[0]);
+  const int64_t* co = offsets_of(f, "completion_offsets", docs, completions.shape[0]);
+  for (int64_t d = 0; d < docs; ++d)
+    if (po[d + 1] == po[d] || co[d + 1] == co[d])
+      throw std::invalid_argument("teacher cache rollout shard " + f.path() + ": document " + std::to_string(d) +
+                                  " has an empty prompt or completion");
+}
+
+std::vector<int64_t> tokens_of(const io::SafetensorsFile& f, const char* name, const char* offsets, int64_t d) {
+  const int64_t* o = reinterpret_cast<const int64_t*>(f.data(f.entry(offsets)));
+  const int32_t* p = reinterpret_cast<const int32_t*>(f.data(f.entry(name)));
+  return std::vector<int64_t>(p + o[d], p + o[d + 1]);
+}
+
+Rollouts read_rollouts(const io::SafetensorsFile& f) {
+  check_rollout_tensors(f);
+  Rollouts r;
+  const auto& keys = f.entry("keys");
+  const auto* kp = reinterpret_cast<const int64_t*>(f.data(keys));
+  for (int64_t d = 0; d < keys.shape[0]; ++d) {
+    r.keys.push_back(uint64_t(kp[d]));
+    r.prompts.push_back(tokens_of(f, "prompts", "prompt_offsets", d));
+    r.completions.push_back(tokens_of(f, "completions", "completion_offsets", d));
+  }
+  return r;
+}
+
 }  // namespace
 
 // ---- fingerprints -----------------------------------------------------------------------------------------
@@ -288,6 +415,27 @@ json data_fingerprint(const DataSection& d, const std::vector<data::Example>& do
   return f;
 }
 
+json checkpoint_student_fingerprint(const std::string& dir) {
+  const auto weights = io::join_path(dir, "trainable.safetensors"), state = io::join_path(dir, "state.json");
+  if (!io::is_regular_file(weights) || !io::is_regular_file(state))
+    throw std::invalid_argument("config key on_policy.refresh_from: " + dir + " is not a complete training checkpoint "
+                                "(trainable.safetensors and state.json expected)");
+  json st;
+  try {
+    st = json::parse(io::read_text_file(state));
+  } catch (const json::exception& e) {
+    throw std::invalid_argument("config key on_policy.refresh_from: " + state + " is not valid JSON (" + e.what() + ")");
+  }
+  return {{"kind", "checkpoint"}, {"source", dir}, {"step", st.value("step", int64_t(-1))}, {"weights", hash_file(weights)}};
+}
+
+json model_student_fingerprint(const std::string& dir, const std::string& dtype) {
+  json f = teacher_fingerprint(dir, dtype, "dense");
+  f["kind"] = "model";
+  f["source"] = dir;
+  return f;
+}
+
 // ---- writing ------------------------------------------------------------------------------------------------
 
 TeacherCacheWriter::TeacherCacheWriter(const CacheOptions& o, const json& fingerprint,
@@ -299,6 +447,8 @@ TeacherCacheWriter::TeacherCacheWriter(const CacheOptions& o, const json& finger
                                 "] (the compared vocabulary's size), got " + std::to_string(o.k));
   rows_ = data::pack_examples(documents, seq_len, pad_id);
   segments_ = packed_segments(rows_.rows, rows_.row_length, rows_.ids, rows_.labels, rows_.doc_ids);
+  nonempty_before_.assign(1, 0);  // pack_examples gives each non-empty document one segment, in order
+  for (const auto& d : documents) nonempty_before_.push_back(nonempty_before_.back() + !d.ids.empty());
   std::unordered_map<uint64_t, int64_t> seen;
   first_.assign(segments_.size(), 0);
   for (size_t i = 0; i < segments_.size(); ++i)
@@ -366,17 +516,7 @@ CacheWriteStats TeacherCacheWriter::write(const Teacher& teacher, at::Device dev
     std::vector<at::Tensor> ids_parts, lp_parts;  // (rows, k) each
     for (int64_t b0 = r0; b0 < r1; b0 += o_.batch_size) {
       const auto b = data::slice_rows(rows_, b0, std::min(r1, b0 + o_.batch_size));
-      if (b.targets == 0) continue;
-      const auto all = batch_to_device(b, teacher.model->device());  // (4, B, S)
-      auto h = batch_hidden(*teacher.model, all, b.packed);
-      h = h.reshape({-1, h.size(-1)}).index_select(0, target_rows(all[3]).to(h.device())).to(device);  // (T, H)
-      for (int64_t c = 0; c < h.size(0); c += o_.chunk) {
-        const auto z = at::linear(h.slice(0, c, std::min(h.size(0), c + o_.chunk)), head);  // (rows, V)
-        const auto lp = at::log_softmax(z.to(at::kFloat).div_(o_.temperature), 1);
-        auto [values, indices] = at::topk(lp, o_.k, 1, /*largest=*/true, /*sorted=*/true);  // (rows, k)
-        ids_parts.push_back(indices.to(at::kInt).cpu());
-        lp_parts.push_back(values.to(o_.dtype).cpu());
-      }
+      if (b.targets > 0) score_batch(teacher, head, b, o_, device, ids_parts, lp_parts);
     }
     auto ids = ids_parts.empty() ? at::empty({0, o_.k}, at::kInt) : at::cat(ids_parts);        // (T_shard, k)
     auto lps = lp_parts.empty() ? at::empty({0, o_.k}, o_.dtype) : at::cat(lp_parts);           // (T_shard, k)
@@ -413,6 +553,185 @@ CacheWriteStats TeacherCacheWriter::write(const Teacher& teacher, at::Device dev
     st.targets += ids.size(0);
     st.bytes += s["bytes"].get<int64_t>();
   }
+  score_rollouts(teacher, device, st);
+  st.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return st;
+}
+
+int64_t TeacherCacheWriter::unscored_rollouts() const {
+  int64_t n = 0;
+  if (manifest_.contains("rounds"))
+    for (const auto& r : manifest_["rounds"])
+      for (const auto& s : r.at("shards")) n += s.at("rollout").value("complete", false) && !scored(s);
+  return n;
+}
+
+// The teacher over the student's sequences of every rollout shard not yet scored: completion_batch rows (the
+// completion's tokens are the targets), scored as the base shards are, written as a base shard of those targets.
+void TeacherCacheWriter::score_rollouts(const Teacher& teacher, at::Device device, CacheWriteStats& st) {
+  if (!manifest_.contains("rounds")) return;
+  at::NoGradGuard no_grad;
+  const auto head = teacher.head.to(device);  // (V, H)
+  const std::string teacher_id = teacher_hash(manifest_);
+  for (auto& round : manifest_["rounds"])
+    for (auto& s : round["shards"]) {
+      if (!s["rollout"].value("complete", false) || scored(s)) continue;
+      const auto rollout_path = io::join_path(o_.dir, s["rollout"]["file"].get<std::string>());
+      verify_shard_bytes(rollout_path, s["rollout"]);
+      const auto r = read_rollouts(io::SafetensorsFile(rollout_path));
+      std::vector<at::Tensor> ids_parts, lp_parts;  // (rows, k) each
+      std::vector<int64_t> keys, offsets = {0};
+      for (size_t d0 = 0; d0 < r.keys.size(); d0 += size_t(o_.batch_size)) {
+        const size_t d1 = std::min(r.keys.size(), d0 + size_t(o_.batch_size));
+        const std::vector<std::vector<int64_t>> prompts(r.prompts.begin() + int64_t(d0), r.prompts.begin() + int64_t(d1));
+        const std::vector<std::vector<int64_t>> completions(r.completions.begin() + int64_t(d0),
+                                                            r.completions.begin() + int64_t(d1));
+        score_batch(teacher, head, data::completion_batch(prompts, completions, 0), o_, device, ids_parts, lp_parts);
+        for (size_t d = d0; d < d1; ++d) {
+          keys.push_back(int64_t(r.keys[d]));
+          offsets.push_back(offsets.back() + int64_t(r.completions[d].size()));
+        }
+      }
+      const auto ids = ids_parts.empty() ? at::empty({0, o_.k}, at::kInt) : at::cat(ids_parts);  // (T, k)
+      const auto lps = lp_parts.empty() ? at::empty({0, o_.k}, o_.dtype) : at::cat(lp_parts);    // (T, k)
+      TORCH_CHECK(ids.size(0) == offsets.back(), "teacher cache: internal error: ", offsets.back(),
+                  " generated targets, ", ids.size(0), " scored");
+      auto& sc = s["scores"];
+      const auto path = io::join_path(o_.dir, sc["file"].get<std::string>());
+      io::save_safetensors(path, {{"keys", at::tensor(keys, at::kLong)}, {"offsets", at::tensor(offsets, at::kLong)},
+                                  {"ids", ids}, {"logprobs", lps}},
+                           {{"format", kFormat}, {"k", std::to_string(o_.k)},
+                            {"round", std::to_string(round["round"].get<int64_t>())}});
+      sc["bytes"] = file_size(path);
+      sc["checksum"] = hash_file(path);
+      sc["targets"] = ids.size(0);
+      sc["rollout_checksum"] = s["rollout"]["checksum"];
+      sc["teacher"] = teacher_id;
+      sc["complete"] = true;
+      write_manifest();
+      ++st.scored;
+    }
+}
+
+RefreshStats TeacherCacheWriter::write_rollouts(model::CausalLM& student, const json& student_id,
+                                                const RefreshOptions& r, int64_t train_documents) {
+  if (!(r.lambda > 0 && r.lambda <= 1))
+    throw std::invalid_argument("config key on_policy.lambda: a refresh needs a fraction in (0, 1] of the documents "
+                                "to regenerate, got " + std::to_string(r.lambda));
+  TORCH_CHECK(r.batch_size >= 1, "write_rollouts: batch_size must be >= 1, got ", r.batch_size);
+  TORCH_CHECK(train_documents >= 0 && train_documents <= int64_t(nonempty_before_.size()) - 1,
+              "write_rollouts: ", train_documents, " training documents of ", nonempty_before_.size() - 1);
+  const auto t0 = std::chrono::steady_clock::now();
+  RefreshStats st;
+  const auto& g0 = r.generate;
+  const json generation = {{"lambda", r.lambda}, {"max_new_tokens", g0.max_new_tokens}, {"temperature", g0.temperature},
+                           {"top_k", g0.top_k}, {"top_p", g0.top_p}, {"seed", g0.seed}, {"batch_size", r.batch_size},
+                           {"stop_tokens", g0.stop_tokens}};
+  if (!manifest_.contains("rounds")) manifest_["rounds"] = json::array();
+  auto& rounds = manifest_["rounds"];
+  bool resume = false;
+  if (!rounds.empty()) {
+    const auto& last = rounds.back();
+    const int64_t n = last.at("round").get<int64_t>();
+    if (!rollouts_complete(last)) {  // a refresh was interrupted: finish it with the same student and settings
+      if (student_identity(last.at("student")) != student_identity(student_id))
+        throw std::invalid_argument("config key on_policy.refresh_from: round " + std::to_string(n) + " of the teacher "
+                                    "cache " + o_.dir + " is unfinished and was begun by the student " +
+                                    describe_student(last.at("student")) + ", not " + describe_student(student_id) +
+                                    " (its shards would mix two students); rerun the refresh with that student to "
+                                    "finish the round");
+      for (auto it = generation.begin(); it != generation.end(); ++it)
+        if (last.at("generation").value(it.key(), json()) != it.value())
+          throw std::invalid_argument("config key " + std::string(it.key() == "seed" ? "train.seed" : it.key() == "stop_tokens"
+                                      ? "teacher.path (the tokenizer's eos ids)" : "on_policy." + it.key()) + ": round " +
+                                      std::to_string(n) + " of the teacher cache " + o_.dir + " is unfinished and was "
+                                      "begun with " + last["generation"].value(it.key(), json()).dump() + ", now " +
+                                      it.value().dump() + "; rerun the refresh with the same settings to finish it");
+      resume = true;
+    } else if (student_identity(last.at("student")) == student_identity(student_id) && last.at("generation") == generation) {
+      st.round = n, st.up_to_date = true;
+      st.documents = last.value("documents", int64_t(0));
+      return st;
+    }
+  }
+  const int64_t round = resume ? rounds.back()["round"].get<int64_t>()
+                               : (rounds.empty() ? 1 : rounds.back()["round"].get<int64_t>() + 1);
+  const uint64_t seed = round_seed(g0.seed, round);
+  // The round's documents: training documents with targets, each once, chosen by hash(key, round) < lambda.
+  std::vector<size_t> docs;
+  const int64_t train_segments = nonempty_before_[size_t(train_documents)];
+  for (size_t i = 0; i < size_t(train_segments) && i < segments_.size(); ++i)
+    if (first_[i] && chosen(segments_[i].key, seed, r.lambda)) docs.push_back(i);
+  if (docs.empty())
+    throw std::invalid_argument("config key on_policy.lambda: " + std::to_string(r.lambda) + " chose none of the " +
+                                std::to_string(train_segments) + " training documents for round " + std::to_string(round));
+  const int64_t per_shard = manifest_.at("rows_per_shard").get<int64_t>();
+  if (!resume) {
+    json shards = json::array();
+    for (int64_t a = 0, i = 0; a < int64_t(docs.size()); a += per_shard, ++i) {
+      const int64_t b = std::min<int64_t>(int64_t(docs.size()), a + per_shard);
+      shards.push_back({{"rollout", {{"file", round_file(round, "rollout", i)}, {"documents", {a, b}}, {"complete", false},
+                                     {"bytes", 0}, {"checksum", ""}, {"tokens", 0}}},
+                        {"scores", {{"file", round_file(round, "scores", i)}, {"complete", false}, {"bytes", 0},
+                                    {"checksum", ""}}}});
+    }
+    rounds.push_back({{"round", round}, {"student", student_id}, {"generation", generation},
+                      {"documents", int64_t(docs.size())}, {"shards", shards}});
+    write_manifest();
+  }
+  auto& entry = rounds.back();
+  st.round = round, st.documents = int64_t(docs.size()), st.shards = int64_t(entry["shards"].size());
+  const bool was_training = student.is_training();
+  student.eval();
+  model::GenerateOptions g = g0;
+  for (auto& s : entry["shards"]) {
+    auto& ro = s["rollout"];
+    if (ro.value("complete", false)) {
+      ++st.skipped;
+      continue;
+    }
+    const int64_t a = ro["documents"][0].get<int64_t>(), b = ro["documents"][1].get<int64_t>();
+    std::vector<int64_t> keys, prompt_offsets = {0}, completion_offsets = {0};
+    std::vector<int32_t> prompt_ids, completion_ids;
+    for (int64_t d0 = a; d0 < b; d0 += r.batch_size) {
+      const int64_t d1 = std::min(b, d0 + r.batch_size);
+      std::vector<std::vector<int64_t>> prompts;
+      for (int64_t d = d0; d < d1; ++d) {
+        // The document's prompt as the online mode takes it (data::document_prompts over its packed row).
+        const auto& seg = segments_[docs[size_t(d)]];
+        const auto row = data::slice_rows(rows_, seg.row, seg.row + 1);
+        size_t nth = 0;
+        for (size_t j = docs[size_t(d)]; j > 0 && segments_[j - 1].row == seg.row; --j) nth += segments_[j - 1].targets > 0;
+        prompts.push_back(data::document_prompts(row).at(nth));
+        keys.push_back(int64_t(seg.key));
+      }
+      g.seed = splitmix(seed ^ uint64_t(d0));  // a rerun of this batch draws the same tokens
+      const auto completions = model::generate_rows(student, prompts, g);
+      for (size_t i = 0; i < prompts.size(); ++i) {
+        prompt_ids.insert(prompt_ids.end(), prompts[i].begin(), prompts[i].end());
+        completion_ids.insert(completion_ids.end(), completions[i].begin(), completions[i].end());
+        prompt_offsets.push_back(int64_t(prompt_ids.size()));
+        completion_offsets.push_back(int64_t(completion_ids.size()));
+        st.generated_tokens += int64_t(completions[i].size());
+      }
+    }
+    const auto path = io::join_path(o_.dir, ro["file"].get<std::string>());
+    io::save_safetensors(path,
+                         {{"keys", at::tensor(keys, at::kLong)},                        // (D) the documents' keys
+                          {"prompt_offsets", at::tensor(prompt_offsets, at::kLong)},    // (D + 1)
+                          {"prompts", at::tensor(prompt_ids, at::kInt)},                // (P) the documents' prompts
+                          {"completion_offsets", at::tensor(completion_offsets, at::kLong)},  // (D + 1)
+                          {"completions", at::tensor(completion_ids, at::kInt)}},       // (C) the student's tokens
+                         {{"format", kRolloutFormat}, {"round", std::to_string(round)},
+                          {"student", student_identity(student_id).dump()}});
+    ro["bytes"] = file_size(path);
+    ro["checksum"] = hash_file(path);
+    ro["tokens"] = int64_t(completion_ids.size());
+    ro["complete"] = true;
+    write_manifest();
+    ++st.written;
+  }
+  if (was_training) student.train();
   st.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return st;
 }
@@ -444,45 +763,101 @@ TeacherCache::TeacherCache(const CacheOptions& o, const json& fingerprint) : dir
     if (!s.value("complete", false))
       throw std::invalid_argument("teacher cache " + o.dir + " is incomplete: " + path + " was never written; rerun "
                                   "anvil distill to finish the cache");
-    verify_shard_bytes(path, s);
-    auto sh = std::make_unique<Shard>();
-    sh->file = std::make_unique<io::SafetensorsFile>(path);  // the header validated
-    const auto& f = *sh->file;
-    for (const char* name : {"keys", "offsets", "ids", "logprobs"})
-      if (!f.contains(name)) throw std::invalid_argument("teacher cache shard " + path + " has no tensor \"" + name + "\"");
-    const auto &keys = f.entry("keys"), &offsets = f.entry("offsets"), &ids = f.entry("ids"), &lps = f.entry("logprobs");
-    const int64_t docs = keys.shape.empty() ? -1 : keys.shape[0];
-    const bool ok = keys.dtype == at::kLong && keys.shape.size() == 1 && offsets.dtype == at::kLong &&
-                    offsets.shape == std::vector<int64_t>{docs + 1} && ids.dtype == at::kInt && ids.shape.size() == 2 &&
-                    ids.shape[1] == k_ && lps.shape == ids.shape && at::isFloatingType(lps.dtype);
-    if (!ok)
-      throw std::invalid_argument("teacher cache shard " + path + ": tensors keys (D) I64, offsets (D+1) I64, ids (T, " +
-                                  std::to_string(k_) + ") I32 and logprobs (T, k) float expected");
-    const auto key_t = f.tensor("keys"), off_t = f.tensor("offsets");
-    const auto* kp = key_t.data_ptr<int64_t>();
-    const auto* op = off_t.data_ptr<int64_t>();
-    for (int64_t d = 0; d < docs; ++d) {
-      if (op[d] < 0 || op[d + 1] < op[d] || op[d + 1] > ids.shape[0])
-        throw std::invalid_argument("teacher cache shard " + path + ": offsets are not increasing within its rows");
-      where_.emplace(uint64_t(kp[d]), Where{index, op[d], op[d + 1] - op[d]});
-    }
-    sh->ids = reinterpret_cast<const int32_t*>(f.data(ids));
-    sh->logprobs = f.data(lps);
-    sh->dtype = lps.dtype;
-    shards_.push_back(std::move(sh));
+    shards_.push_back(open_scores(path, s, k_, [&](uint64_t key, int64_t begin, int64_t count) {
+      where_.emplace(key, Where{index, begin, count});
+    }));
     ++index;
   }
+  if (o.on_policy_rows) open_round(o);
 }
 
-std::pair<at::Tensor, at::Tensor> TeacherCache::lookup(const data::Batch& b, at::Device device) const {
+// A shard of top-k rows (a base shard or a round's scores), verified against its manifest entry and mapped;
+// each document's rows reported to `add`.
+std::unique_ptr<TeacherCache::Shard> TeacherCache::open_scores(
+    const std::string& path, const json& entry, int64_t k, const std::function<void(uint64_t, int64_t, int64_t)>& add) {
+  verify_shard_bytes(path, entry);
+  auto sh = std::make_unique<Shard>();
+  sh->file = std::make_unique<io::SafetensorsFile>(path);  // the header validated
+  const auto& f = *sh->file;
+  for (const char* name : {"keys", "offsets", "ids", "logprobs"})
+    if (!f.contains(name)) throw std::invalid_argument("teacher cache shard " + path + " has no tensor \"" + name + "\"");
+  const auto &keys = f.entry("keys"), &offsets = f.entry("offsets"), &ids = f.entry("ids"), &lps = f.entry("logprobs");
+  const int64_t docs = keys.shape.empty() ? -1 : keys.shape[0];
+  const bool ok = keys.dtype == at::kLong && keys.shape.size() == 1 && offsets.dtype == at::kLong &&
+                  offsets.shape == std::vector<int64_t>{docs + 1} && ids.dtype == at::kInt && ids.shape.size() == 2 &&
+                  ids.shape[1] == k && lps.shape == ids.shape && at::isFloatingType(lps.dtype);
+  if (!ok)
+    throw std::invalid_argument("teacher cache shard " + path + ": tensors keys (D) I64, offsets (D+1) I64, ids (T, " +
+                                std::to_string(k) + ") I32 and logprobs (T, k) float expected");
+  const auto key_t = f.tensor("keys"), off_t = f.tensor("offsets");
+  const auto* kp = key_t.data_ptr<int64_t>();
+  const auto* op = off_t.data_ptr<int64_t>();
+  for (int64_t d = 0; d < docs; ++d) {
+    if (op[d] < 0 || op[d + 1] < op[d] || op[d + 1] > ids.shape[0])
+      throw std::invalid_argument("teacher cache shard " + path + ": offsets are not increasing within its rows");
+    add(uint64_t(kp[d]), op[d], op[d + 1] - op[d]);
+  }
+  sh->ids = reinterpret_cast<const int32_t*>(f.data(ids));
+  sh->logprobs = f.data(lps);
+  sh->dtype = lps.dtype;
+  return sh;
+}
+
+// The latest on-policy round: every rollout shard generated and scored (by this cache's teacher, after the
+// rollout was last written), else an error saying which step of the workflow is missing.
+void TeacherCache::open_round(const CacheOptions& o) {
+  if (!manifest_.contains("rounds") || manifest_["rounds"].empty()) return;
+  const auto& round = manifest_["rounds"].back();
+  const int64_t n = round.at("round").get<int64_t>();
+  int64_t generated = 0, done = 0, total = int64_t(round.at("shards").size());
+  for (const auto& s : round["shards"]) generated += s["rollout"].value("complete", false), done += scored(s);
+  if (generated < total)
+    throw std::invalid_argument("teacher cache " + o.dir + ": on-policy round " + std::to_string(n) + " is unfinished: " +
+                                std::to_string(generated) + " of " + std::to_string(total) + " rollout shards "
+                                "generated; rerun the refresh (on_policy.refresh_from) to finish it, then the teacher "
+                                "pass (teacher.cache_only=true) to score it");
+  if (done < total)
+    throw std::invalid_argument("teacher cache " + o.dir + ": on-policy round " + std::to_string(n) + " awaits the "
+                                "teacher: " + std::to_string(done) + " of " + std::to_string(total) + " rollout shards "
+                                "scored; run the teacher pass (teacher.cache_only=true) before training on it");
+  const std::string teacher_id = teacher_hash(manifest_);
+  for (const auto& s : round["shards"]) {
+    const auto rollout_path = io::join_path(o.dir, s["rollout"]["file"].get<std::string>());
+    const auto scores_path = io::join_path(o.dir, s["scores"]["file"].get<std::string>());
+    if (s["scores"].value("teacher", std::string()) != teacher_id)
+      throw std::invalid_argument("teacher cache shard " + scores_path + " was scored by another teacher than the cache's "
+                                  "(teacher.path); run the teacher pass again after deleting it");
+    verify_shard_bytes(rollout_path, s["rollout"]);
+    rollouts_.push_back(std::make_unique<io::SafetensorsFile>(rollout_path));
+    const auto& f = *rollouts_.back();
+    check_rollout_tensors(f);
+    const int32_t ri = int32_t(rollouts_.size() - 1), si = int32_t(shards_.size());
+    const auto* kp = reinterpret_cast<const int64_t*>(f.data(f.entry("keys")));
+    const auto* co = reinterpret_cast<const int64_t*>(f.data(f.entry("completion_offsets")));
+    std::unordered_map<uint64_t, int64_t> doc_of;
+    for (int64_t d = 0; d < f.entry("keys").shape[0]; ++d) doc_of.emplace(uint64_t(kp[d]), d);
+    shards_.push_back(open_scores(scores_path, s["scores"], k_, [&](uint64_t key, int64_t begin, int64_t count) {
+      const auto it = doc_of.find(key);
+      if (it == doc_of.end() || co[it->second + 1] - co[it->second] != count)
+        throw std::invalid_argument("teacher cache shard " + scores_path + " does not score the documents of " +
+                                    rollout_path + " (another rollout?); delete it and run the teacher pass again");
+      rollout_where_.emplace(key, RolloutWhere{ri, it->second, Where{si, begin, count}});
+    }));
+  }
+  round_ = n;
+  round_entry_ = round;
+}
+
+std::pair<at::Tensor, at::Tensor> TeacherCache::lookup(const data::Batch& b, at::Device device, bool skip_on_policy) const {
   const auto segs = packed_segments(b.rows, b.length, b.ids, b.labels, b.doc_ids);
   int64_t total = 0;
-  for (const auto& s : segs) total += s.targets;
+  const auto skipped = [&](const Segment& s) { return skip_on_policy && rollout_where_.count(s.key) != 0; };
+  for (const auto& s : segs) total += skipped(s) ? 0 : s.targets;
   auto ids = at::empty({total, k_}, at::kInt);  // (T, k)
   std::vector<at::Tensor> lps;
   int64_t row = 0;
   for (const auto& s : segs) {
-    if (s.targets == 0) continue;
+    if (s.targets == 0 || skipped(s)) continue;
     const auto it = where_.find(s.key);
     if (it == where_.end() || it->second.count != s.targets)
       throw std::invalid_argument("teacher cache " + dir_ + " holds no entry for a document of this batch (" +
@@ -502,39 +877,128 @@ std::pair<at::Tensor, at::Tensor> TeacherCache::lookup(const data::Batch& b, at:
 
 // ---- training and validation from the cache -------------------------------------------------------------
 
+TeacherCache::OnPolicyRows TeacherCache::on_policy_rows(const data::Batch& b, at::Device device) const {
+  OnPolicyRows r;
+  const auto segs = packed_segments(b.rows, b.length, b.ids, b.labels, b.doc_ids);
+  r.replaced.assign(segs.size(), 0);
+  std::vector<at::Tensor> ids, lps;  // (count, k) each
+  for (size_t i = 0; i < segs.size(); ++i) {
+    if (segs[i].targets == 0) continue;
+    const auto it = rollout_where_.find(segs[i].key);
+    if (it == rollout_where_.end()) continue;
+    const auto& w = it->second;
+    const auto& f = *rollouts_[size_t(w.rollout)];
+    r.replaced[i] = 1;
+    r.replaced_targets += segs[i].targets;
+    r.prompts.push_back(tokens_of(f, "prompts", "prompt_offsets", w.doc));
+    r.completions.push_back(tokens_of(f, "completions", "completion_offsets", w.doc));
+    const auto& sh = *shards_[size_t(w.scores.shard)];
+    auto part = at::empty({w.scores.count, k_}, at::kInt);
+    std::memcpy(part.data_ptr<int32_t>(), sh.ids + w.scores.begin * k_, size_t(w.scores.count * k_) * 4);
+    ids.push_back(part);
+    const int64_t esize = int64_t(c10::elementSize(sh.dtype));
+    auto lp = at::empty({w.scores.count, k_}, sh.dtype);
+    std::memcpy(lp.data_ptr(), sh.logprobs + w.scores.begin * k_ * esize, size_t(w.scores.count * k_ * esize));
+    lps.push_back(lp.to(at::kFloat));
+  }
+  if (!ids.empty()) r.ids = at::cat(ids).to(device, at::kLong), r.logprobs = at::cat(lps).to(device);
+  return r;
+}
+
+namespace {
+
+// (1 - kd_ratio) CE + kd_ratio KD of the batch `b` (the student's rows) against the cache's rows of `keyed` (the
+// batch as drawn; it differs from `b` in the labels of the documents that left it for their on-policy rows).
+struct CachedLoss {
+  at::Tensor ce, kd;
+};
+CachedLoss cached_batch_loss(model::CausalLM& student, const TeacherCache& cache, const data::Batch& b,
+                             const data::Batch& keyed, bool skip_on_policy, const KdOptions& o, double kd_ratio,
+                             int64_t ce_chunk, double normalizer, at::Device device) {
+  const auto all = batch_to_device(b, device);  // (4, B, S)
+  const auto labels = all[3].reshape({-1});     // (B*S)
+  auto h = batch_hidden(student, all, b.packed);
+  h = h.reshape({-1, h.size(-1)});  // (B*S, Hs)
+  const auto ws = head_weight(student);
+  const bool adapted_head = student.lm_head && student.lm_head->adapter;
+  const double inv = normalizer > 0 ? 1.0 / normalizer : 0.0;
+  const int64_t vocab = cache.vocab_size();  // the compared rows: the student's padding is in CE only
+  at::Tensor ce, kd = at::zeros({}, h.options().dtype(at::kFloat));
+  {
+    c10::optional<at::NoGradGuard> no_grad;
+    if (kd_ratio >= 1) no_grad.emplace();
+    ce = adapted_head ? at::cross_entropy_loss(student.lm_head->forward(h).to(at::kFloat), labels, {},
+                                               at::Reduction::Sum, kIgnoreIndex) * inv
+                      : causal_lm_loss(h, ws, labels, normalizer, ce_chunk);
+  }
+  if (kd_ratio > 0) {
+    const auto hs = h.index_select(0, target_rows(labels));              // (T, Hs)
+    const auto [tid, tlp] = cache.lookup(keyed, device, skip_on_policy);  // (T, k) each
+    if (adapted_head) {
+      const auto zs = student.lm_head->forward(hs).narrow(1, 0, vocab);  // (T, V)
+      const auto ls = at::log_softmax(zs.to(at::kFloat).div(o.temperature), 1);
+      kd = kd_divergence_sparse(ls, tid, tlp, o).sum().to(at::kFloat) * inv;
+    } else {
+      kd = kd_loss_sparse(hs, ws.narrow(0, 0, vocab), tid, tlp, normalizer, o).to(at::kFloat);
+    }
+  }
+  return {ce, kd};
+}
+
+// The on-policy documents: KD alone over the student's generated tokens against their cached teacher rows, the
+// mean per generated token weighted by the documents' share of the step (replaced_targets / normalizer).
+at::Tensor on_policy_kd(model::CausalLM& student, const TeacherCache::OnPolicyRows& r, int64_t vocab,
+                        const KdOptions& o, double normalizer, at::Device device) {
+  const auto gen = data::completion_batch(r.prompts, r.completions, 0);
+  const double scaled = normalizer * double(gen.targets) / double(r.replaced_targets);
+  const auto all = batch_to_device(gen, device);  // (4, B, S)
+  const auto labels = all[3].reshape({-1});
+  auto h = batch_hidden(student, all, false);
+  const auto hs = h.reshape({-1, h.size(-1)}).index_select(0, target_rows(labels));  // (T_gen, Hs)
+  TORCH_CHECK(hs.size(0) == r.ids.size(0), "teacher cache: internal error: ", hs.size(0), " generated targets, ",
+              r.ids.size(0), " cached rows");
+  if (student.lm_head && student.lm_head->adapter) {  // the compared rows only, as cached_batch_loss
+    const auto zs = student.lm_head->forward(hs).narrow(1, 0, vocab);  // (T_gen, V)
+    const auto ls = at::log_softmax(zs.to(at::kFloat).div(o.temperature), 1);
+    return kd_divergence_sparse(ls, r.ids, r.logprobs, o).sum().to(at::kFloat) * (1.0 / scaled);
+  }
+  return kd_loss_sparse(hs, head_weight(student).narrow(0, 0, vocab), r.ids, r.logprobs, scaled, o).to(at::kFloat);
+}
+
+}  // namespace
+
 LossFn kd_cache_loss_fn(model::CausalLM& student, const TeacherCache& cache, const KdOptions& o, double kd_ratio,
                         int64_t ce_chunk, at::Device device) {
   return [&student, &cache, o, kd_ratio, ce_chunk, device](const data::Batch& b, double normalizer) {
-    const auto all = batch_to_device(b, device);  // (4, B, S)
-    const auto labels = all[3].reshape({-1});     // (B*S)
-    auto h = batch_hidden(student, all, b.packed);
-    h = h.reshape({-1, h.size(-1)});  // (B*S, Hs)
-    const auto ws = head_weight(student);
-    const bool adapted_head = student.lm_head && student.lm_head->adapter;
-    const double inv = normalizer > 0 ? 1.0 / normalizer : 0.0;
-    const int64_t vocab = cache.vocab_size();  // the compared rows: the student's padding is in CE only
-    at::Tensor ce, kd = at::zeros({}, h.options().dtype(at::kFloat));
-    {
-      c10::optional<at::NoGradGuard> no_grad;
-      if (kd_ratio >= 1) no_grad.emplace();
-      ce = adapted_head ? at::cross_entropy_loss(student.lm_head->forward(h).to(at::kFloat), labels, {},
-                                                 at::Reduction::Sum, kIgnoreIndex) * inv
-                        : causal_lm_loss(h, ws, labels, normalizer, ce_chunk);
+    const auto mix = [kd_ratio](const at::Tensor& ce, const at::Tensor& kd) {
+      return kd_ratio >= 1 ? kd : kd_ratio <= 0 ? ce : (1 - kd_ratio) * ce + kd_ratio * kd;
+    };
+    const auto onp = cache.on_policy_round() > 0 ? cache.on_policy_rows(b, device) : TeacherCache::OnPolicyRows{};
+    if (onp.replaced_targets == 0) {
+      const auto l = cached_batch_loss(student, cache, b, b, false, o, kd_ratio, ce_chunk, normalizer, device);
+      if (cache.on_policy_round() > 0)
+        return Loss{mix(l.ce, l.kd), {{"kd", l.kd.detach()}, {"ce", l.ce.detach()}, {"on_policy", at::zeros_like(l.kd)}}};
+      if (kd_ratio <= 0) return Loss{mix(l.ce, l.kd), {{"ce", l.ce.detach()}}};
+      return Loss{mix(l.ce, l.kd), {{"kd", l.kd.detach()}, {"ce", l.ce.detach()}}};
     }
-    if (kd_ratio > 0) {
-      const auto hs = h.index_select(0, target_rows(labels));  // (T, Hs)
-      const auto [tid, tlp] = cache.lookup(b, device);         // (T, k) each
-      if (adapted_head) {
-        const auto zs = student.lm_head->forward(hs).narrow(1, 0, vocab);  // (T, V)
-        const auto ls = at::log_softmax(zs.to(at::kFloat).div(o.temperature), 1);
-        kd = kd_divergence_sparse(ls, tid, tlp, o).sum().to(at::kFloat) * inv;
-      } else {
-        kd = kd_loss_sparse(hs, ws.narrow(0, 0, vocab), tid, tlp, normalizer, o).to(at::kFloat);
-      }
+    // The regenerated documents leave the packed batch (labels masked) for their on-policy rows.
+    data::Batch off = b;
+    const auto segs = packed_segments(b.rows, b.length, b.ids, b.labels, b.doc_ids);
+    for (size_t i = 0; i < segs.size(); ++i) {
+      if (!onp.replaced[i]) continue;
+      const int64_t base = segs[i].row * b.length + segs[i].start;
+      std::fill(off.labels.begin() + base, off.labels.begin() + base + segs[i].length, data::kNoTarget);
+      off.targets -= segs[i].targets;
     }
-    const auto total = kd_ratio >= 1 ? kd : kd_ratio <= 0 ? ce : (1 - kd_ratio) * ce + kd_ratio * kd;
-    if (kd_ratio <= 0) return Loss{total, {{"ce", ce.detach()}}};
-    return Loss{total, {{"kd", kd.detach()}, {"ce", ce.detach()}}};
+    const auto kd_on = on_policy_kd(student, onp, cache.vocab_size(), o, normalizer, device);
+    auto total = kd_on, ce = at::zeros_like(kd_on), kd = kd_on.detach();
+    if (off.targets > 0) {
+      const auto l = cached_batch_loss(student, cache, off, b, true, o, kd_ratio, ce_chunk, normalizer, device);
+      total = total + mix(l.ce, l.kd);
+      ce = l.ce.detach(), kd = kd + l.kd.detach();
+    }
+    const auto share = at::zeros_like(kd) + double(onp.replaced_targets) / normalizer;
+    return Loss{total, {{"kd", kd}, {"ce", ce}, {"on_policy", share}}};
   };
 }
 

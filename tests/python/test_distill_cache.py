@@ -252,3 +252,182 @@ def test_another_teacher_or_data_or_k_and_corrupted_shards_are_clear_errors(setu
     c = json.loads(json.dumps(cfg))
     c["teacher"]["cache_dtype"] = "int8"
     assert "teacher.cache_dtype" in error_of(c)
+
+
+# ---- (c) on-policy rounds: the student's rollouts scored by a separate teacher pass ----------------------
+
+def onpolicy_config(setup, out, cache, data=None, **on_policy):
+    d, teacher, train, val = setup
+    cfg = distill_config(teacher, data or train, val, out)
+    cfg["teacher"].update(cache=str(cache), cache_k=8, cache_dtype="float32", cache_shard_tokens=64)
+    cfg["on_policy"] = dict({"lambda": 0.5, "max_new_tokens": 6, "temperature": 0.9}, **on_policy)
+    return cfg
+
+
+def load_st(path):
+    from safetensors.torch import load_file
+    return load_file(str(path))
+
+
+def greedy(model_dir, prompt, n):
+    """Greedy continuation by argmax of the last logits, n tokens, no stop token (the data has no tokenizer)."""
+    m = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, m(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return ids[0, len(prompt):].tolist()
+
+
+def test_refresh_writes_the_students_rollouts_and_the_teacher_pass_scores_them(setup):
+    d, teacher, train, val = setup
+    cache = d / "cache_onpolicy"
+    cfg = onpolicy_config(setup, d / "op_first", cache)
+    path = write_config(d / "op.json", cfg)
+    check_ok(run_cli("distill", "--config", path, "--teacher.cache_only=true"))
+    first = run_cli("distill", "--config", path)  # no round yet: the teacher's rows only
+    check_ok(first)
+    assert "holds no round yet" in first.stderr
+    student = str(d / "op_first" / "model")
+
+    # Round 1: the trained student's folder, greedy, so that its tokens have an oracle.
+    r = run_cli("distill", "--config", path, f"--on_policy.refresh_from={student}", "--on_policy.temperature=0")
+    check_ok(r)
+    assert "on-policy refresh: round 1" in r.stderr and "teacher.cache_only" in r.stderr, r.stderr
+    early = run_cli("distill", "--config", write_config(d / "op_early.json", onpolicy_config(setup, d / "op_early", cache)))
+    assert early.returncode != 0 and "awaits the teacher" in early.stderr and "teacher.cache_only=true" in early.stderr
+    scored = run_cli("distill", "--config", path, "--teacher.cache_only=true")
+    check_ok(scored)
+    manifest = json.load(open(cache / "manifest.json"))
+    (round1,) = manifest["rounds"]
+    assert round1["student"]["kind"] == "model" and os.path.realpath(round1["student"]["source"]) == os.path.realpath(student)
+    assert 5 < round1["documents"] < 35, round1  # lambda 0.5 of 40 documents
+    hf_teacher = transformers.AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
+    examples = [e["input_ids"] for e in token_examples(40, 1)]
+    docs = 0
+    for shard in round1["shards"]:
+        ro, sc = load_st(cache / shard["rollout"]["file"]), load_st(cache / shard["scores"]["file"])
+        assert torch.equal(ro["keys"], sc["keys"])
+        for i in range(len(ro["keys"])):
+            p = ro["prompts"][ro["prompt_offsets"][i]:ro["prompt_offsets"][i + 1]].tolist()
+            c = ro["completions"][ro["completion_offsets"][i]:ro["completion_offsets"][i + 1]].tolist()
+            # The prompt of a document whose every token is a target: its first half (data::document_prompts).
+            assert any(p == e[:max(1, len(e) // 2)] for e in examples)
+            assert c == greedy(student, p, 6)
+            # The score shard: the teacher's top-8 log-probs over the generated tokens, as a direct forward gives.
+            with torch.no_grad():
+                z = hf_teacher(torch.tensor([p + c])).logits[0, len(p) - 1:len(p) + len(c) - 1]
+            full = torch.log_softmax(z.float(), -1)  # (len(c), V)
+            rows = slice(int(sc["offsets"][i]), int(sc["offsets"][i + 1]))
+            # The 8 largest, in order (compared by value, so that a near-tie may order its two ids either way) ...
+            torch.testing.assert_close(sc["logprobs"][rows], full.topk(8, -1).values, rtol=0, atol=2e-5)
+            # ... and each stored id's log-prob is the teacher's for that id.
+            torch.testing.assert_close(full.gather(1, sc["ids"][rows].long()), sc["logprobs"][rows], rtol=0, atol=2e-5)
+            docs += 1
+    assert docs == round1["documents"]
+
+    # Round 2: the run's own checkpoint (sampled); a training run then reads round 2's rows beside the cache's.
+    r = run_cli("distill", "--config", path, "--on_policy.refresh_from=checkpoint")
+    check_ok(r)
+    assert "on-policy refresh: round 2" in r.stderr, r.stderr
+    again = run_cli("distill", "--config", path, "--on_policy.refresh_from=checkpoint")
+    check_ok(again)
+    assert "already holds this student's rollouts" in again.stderr
+    check_ok(run_cli("distill", "--config", path, "--teacher.cache_only=true"))
+    round2 = json.load(open(cache / "manifest.json"))["rounds"][1]
+    assert round2["student"]["kind"] == "checkpoint" and round2["student"]["step"] == 12
+    mixed = run_cli("distill", "--config", write_config(d / "op_mixed.json", onpolicy_config(setup, d / "op_mixed", cache)))
+    check_ok(mixed)
+    assert "on-policy rows: round 2" in mixed.stderr, mixed.stderr
+    steps = [m for m in metrics(d / "op_mixed") if "loss" in m]
+    shares = [m["on_policy"] for m in steps]
+    assert all(0 <= s <= 1 for s in shares) and 0.1 < sum(shares) / len(shares) < 0.9, shares
+    assert all(torch.isfinite(torch.tensor([m["loss"], m["kd"], m["ce"]])).all() for m in steps)
+    val = [m["val_kl"] for m in metrics(d / "op_mixed") if "val_kl" in m]
+    assert val[-1] < val[0], val
+    # Without an on_policy section the rounds are not read: the same metrics as a run on the base cache.
+    plain = onpolicy_config(setup, d / "op_plain", cache)
+    del plain["on_policy"]
+    check_ok(run_cli("distill", "--config", write_config(d / "op_plain.json", plain)))
+    assert all("on_policy" not in m for m in metrics(d / "op_plain"))
+
+
+def test_killed_refresh_resumes_to_the_same_round_and_another_student_is_refused(setup):
+    d, teacher, train, val = setup
+    many = write_jsonl(d / "many_op.jsonl", token_examples(300, 4))
+    base = d / "cache_op_base"
+    cfg = onpolicy_config(setup, d / "unused_op", base, data=many, **{"lambda": 1.0})
+    cfg["teacher"]["cache_shard_tokens"] = 32  # one row a shard: one document a rollout shard
+    check_ok(run_cli("distill", "--config", write_config(d / "opk.json", cfg), "--teacher.cache_only=true"))
+    whole, killed = d / "cache_op_whole", d / "cache_op_killed"
+    shutil.copytree(base, whole)
+    shutil.copytree(base, killed)
+    student = teacher  # any folder of the same vocabulary is a student
+    cfg["teacher"]["cache"] = str(whole)
+    check_ok(run_cli("distill", "--config", write_config(d / "opw.json", cfg), f"--on_policy.refresh_from={student}"))
+    total = len(json.load(open(whole / "manifest.json"))["rounds"][0]["shards"])
+    cfg["teacher"]["cache"] = str(killed)
+    path = write_config(d / "opk2.json", cfg)
+    proc = subprocess.Popen([anvil_binary(), "distill", "--config", path, f"--on_policy.refresh_from={student}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+
+    def rollouts_done():
+        try:
+            rounds = json.load(open(killed / "manifest.json")).get("rounds", [])
+            return sum(s["rollout"]["complete"] for s in rounds[0]["shards"]) if rounds else 0
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    wait_for(lambda: rollouts_done() >= 1, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = rollouts_done()
+    assert 1 <= done < total, "the kill came after the last rollout shard: no resume was tested"
+    # Another student (other weights) cannot finish the round: its shards would mix two students.
+    other = str(d / "student_other")
+    m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).to(torch.float32)
+    randomize(m, seed=13)
+    m.save_pretrained(other)
+    r = run_cli("distill", "--config", path, f"--on_policy.refresh_from={other}")
+    assert r.returncode != 0 and "config key on_policy.refresh_from" in r.stderr and "unfinished" in r.stderr, r.stderr
+    r = run_cli("distill", "--config", path, f"--on_policy.refresh_from={student}", "--on_policy.temperature=0.5")
+    assert r.returncode != 0 and "config key on_policy.temperature" in r.stderr, r.stderr
+    # Training cannot start on the unfinished round either.
+    r = run_cli("distill", "--config", path)
+    assert r.returncode != 0 and "round 1 is unfinished" in r.stderr and "on_policy.refresh_from" in r.stderr, r.stderr
+    r = run_cli("distill", "--config", path, f"--on_policy.refresh_from={student}")
+    check_ok(r)
+    assert f"({done} complete already)" in r.stderr, r.stderr
+    assert cache_files(killed) == cache_files(whole)
+    # Scored, then a rollout shard rewritten: training refuses it, naming the file.
+    check_ok(run_cli("distill", "--config", path, "--teacher.cache_only=true"))
+    shard = killed / json.load(open(killed / "manifest.json"))["rounds"][0]["shards"][0]["rollout"]["file"]
+    good = shard.read_bytes()
+    shard.write_bytes(good[:-9] + bytes([good[-9] ^ 1]) + good[-8:])
+    r = run_cli("distill", "--config", path)
+    assert r.returncode != 0 and str(shard) in r.stderr and "checksum mismatch" in r.stderr, r.stderr
+
+
+def test_refresh_keys_are_checked(setup, tmp_path):
+    d, teacher, train, val = setup
+    cfg = onpolicy_config(setup, tmp_path / "o", tmp_path / "cache")
+
+    def error_of(c, *args):
+        r = run_cli("distill", "--config", write_config(tmp_path / "bad.json", c), *args)
+        assert r.returncode != 0
+        return r.stderr
+
+    online = json.loads(json.dumps(cfg))
+    online["teacher"]["cache"] = ""
+    e = error_of(online, "--on_policy.refresh_from=checkpoint")
+    assert "config key on_policy.refresh_from" in e and "teacher.cache" in e
+    e = error_of(cfg, "--on_policy.refresh_from=checkpoint", "--teacher.cache_only=true")
+    assert "config key on_policy.refresh_from" in e and "teacher.cache_only" in e
+    e = error_of(cfg, f"--on_policy.refresh_from={teacher}", "--on_policy.lambda=0")
+    assert "config key on_policy.lambda" in e
+    e = error_of(cfg, "--on_policy.refresh_from=checkpoint")  # no run in output.dir yet
+    assert "output.dir" in e or "checkpoint" in e
+    e = error_of(cfg, f"--on_policy.refresh_from={tmp_path / 'nowhere'}")
+    assert "config key on_policy.refresh_from" in e
+    e = error_of(dict(cfg, distill=dict(cfg["distill"], mode="sequence")))
+    assert "config key teacher.cache" in e and "sequence" in e

@@ -251,3 +251,104 @@ def test_on_policy_and_sequence_keys_are_checked(setup, tmp_path):
     assert r.returncode != 0 and "sequence" in r.stderr and "distill.mode" in r.stderr, r.stderr
     r = run_cli("distill", "--config", cfg, "--distill.mode=offline")
     assert r.returncode != 0 and "config key distill.mode" in r.stderr, r.stderr
+
+
+# ---- (d) chat prompts for sequence-level KD ------------------------------------------------------------
+
+QWEN_TOK = os.path.join(ROOT, "tests", "data", "tokenizers", "qwen2")
+CHATS = [
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a prime."}],
+    [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "Four (to be replaced)."}],
+    [{"role": "user", "content": "Say hi in French."}],
+]
+
+
+@pytest.fixture(scope="module")
+def chat_teacher(tmp_path_factory):
+    """A tiny random Qwen2 with the Qwen3-template tokenizer fixture (its logits spread so greedy has no near-ties)."""
+    import shutil
+    d = tmp_path_factory.mktemp("chat-teacher")
+    for f in os.listdir(QWEN_TOK):
+        shutil.copy(os.path.join(QWEN_TOK, f), d)
+    tok = transformers.AutoTokenizer.from_pretrained(str(d))
+    cfg = transformers.Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    model.save_pretrained(str(d))
+    return str(d), model, tok
+
+
+def chat_ids(tok, messages, **kw):
+    ids = tok.apply_chat_template(messages, tokenize=True, **kw)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def test_sequence_mode_chat_prompts_render_as_the_sft_path_and_get_the_teachers_reply(chat_teacher, tmp_path):
+    teacher, model, tok = chat_teacher
+    import anvil
+    prompts = write_jsonl(tmp_path / "chats.jsonl", [{"messages": m} for m in CHATS] + [{"prompt": "Plain text too"}])
+    out = str(tmp_path / "teacher.jsonl")
+    cfg = sequence_config(prompts, out, tmp_path / "run", teacher={"path": teacher}, student={"layers": [0]},
+                          data={"train": prompts, "seq_len": 96})
+    r = run_cli("distill", "--config", write_config(tmp_path / "c.json", cfg))
+    check_ok(r)
+    rows = read_rows(out)
+    assert len(rows) == len(CHATS) + 1
+    ours = anvil._C.Tokenizer.load(teacher)
+    for messages, row in zip(CHATS, rows):
+        asked = [m for m in messages if m["role"] != "assistant"]  # the trailing assistant turn is regenerated
+        assert row["messages"][:-1] == asked and row["messages"][-1]["role"] == "assistant"
+        # The teacher saw transformers' rendering with the generation prompt; its greedy reply is the row's.
+        ids = chat_ids(tok, asked, add_generation_prompt=True)
+        with torch.no_grad():
+            g = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                               do_sample=False, max_new_tokens=12, eos_token_id=tok.eos_token_id, pad_token_id=0)
+        fresh = g[0, len(ids):].tolist()
+        if tok.eos_token_id in fresh:
+            fresh = fresh[:fresh.index(tok.eos_token_id)]
+        assert row["messages"][-1]["content"] == tok.decode(fresh, skip_special_tokens=True)
+        # The SFT reader tokenizes the written row as prompt + reply: the prompt part is that same rendering.
+        sft, target = anvil._C.tokenize_example(json.dumps(row), ours, completion_only=True)
+        assert sft[:len(ids)] == ids and not any(target[:len(ids)]) and all(target[len(ids):])
+    assert rows[-1]["prompt"] == "Plain text too" and "completion" in rows[-1]
+    # A rerun keeps the chat rows (each checked against its conversation); another conversation is refused.
+    r = run_cli("distill", "--config", write_config(tmp_path / "c2.json", dict(cfg, output=dict(cfg["output"], dir=str(tmp_path / "run2")))))
+    check_ok(r)
+    assert f"{len(rows)} rows ({len(rows)} kept" in r.stderr, r.stderr
+    other = write_jsonl(tmp_path / "other.jsonl", [{"messages": [{"role": "user", "content": "Else?"}]}] +
+                        [{"messages": m} for m in CHATS[1:]] + [{"prompt": "Plain text too"}])
+    c3 = sequence_config(other, out, tmp_path / "run3", teacher={"path": teacher}, student={"layers": [0]},
+                         data={"train": other, "seq_len": 96})
+    r = run_cli("distill", "--config", write_config(tmp_path / "c3.json", c3))
+    assert r.returncode != 0 and "teacher.jsonl:1" in r.stderr and "another prompts" in r.stderr, r.stderr
+
+
+def test_sequence_mode_bad_chat_prompts_are_named(chat_teacher, tmp_path):
+    teacher, _, _ = chat_teacher
+
+    def error_of(lines):
+        prompts = write_jsonl(tmp_path / "bad.jsonl", lines)
+        cfg = sequence_config(prompts, str(tmp_path / "t.jsonl"), tmp_path / "o", teacher={"path": teacher},
+                              student={"layers": [0]}, data={"train": prompts, "seq_len": 96})
+        r = run_cli("distill", "--config", write_config(tmp_path / "b.json", cfg))
+        assert r.returncode != 0
+        return r.stderr
+
+    e = error_of([{"messages": CHATS[0]}, {"messages": [{"role": "assistant", "content": "only a reply"}]}])
+    assert "bad.jsonl:2" in e and "assistant" in e, e
+    e = error_of([{"messages": [{"role": "user"}]}])
+    assert "bad.jsonl:1" in e and "messages[0]" in e, e
+    e = error_of([{"messages": "not a list"}])
+    assert "bad.jsonl:1" in e and "\"messages\"" in e, e
+    e = error_of([{"text": "neither"}])
+    assert "bad.jsonl:1" in e and "\"prompt\"" in e and "\"messages\"" in e, e
+    # The demo teacher's tokenizer has no chat template: a chat line says so, naming the line.
+    cfg = sequence_config(write_jsonl(tmp_path / "c.jsonl", [{"messages": CHATS[0]}]), str(tmp_path / "t2.jsonl"),
+                          tmp_path / "o2")
+    if os.path.exists(os.path.join(TINY_BASE, "model.safetensors")):
+        r = run_cli("distill", "--config", write_config(tmp_path / "c.json", cfg))
+        assert r.returncode != 0 and "c.jsonl:1" in r.stderr and "template" in r.stderr, r.stderr

@@ -42,6 +42,17 @@ struct ReadOptions {
 Example tokenize_example(const std::string& json_line, const Tokenizer& tok, const ReadOptions& options,
                          const std::string& where);
 
+/// A chat prompt to generate a reply for (sequence-level KD): the turns of a {"messages": [...]} line, a trailing
+/// assistant turn dropped (that is the reply to generate anew), rendered with the generation prompt and tokenized
+/// as tokenize_example (loss_on kCompletion) tokenizes those turns when an assistant reply follows: `ids` are the
+/// first tokens of the SFT example of turns + reply. Throws std::runtime_error naming `where` (and the message)
+/// for a line that is not such an object, or when no turn is left.
+struct ChatPrompt {
+  std::vector<ChatMessage> turns;
+  std::vector<int32_t> ids;
+};
+ChatPrompt chat_prompt(const std::string& json_line, const Tokenizer& tok, const std::string& where);
+
 /// Rows of packed examples, row-major (rows x row_length).
 struct PackedRows {
   int64_t rows = 0, row_length = 0;

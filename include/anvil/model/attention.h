@@ -159,6 +159,8 @@ class LayerCache {
   /// Appends a (B, H, S, D1) and b (B, H, S, D2); returns views of everything cached, (B, H, L, D).
   std::pair<at::Tensor, at::Tensor> append(const at::Tensor& a, const at::Tensor& b);
   int64_t length() const { return length_; }
+  /// Keeps the batch rows `rows` (int64 indices, in that order) and drops the others (finished generations).
+  void keep_rows(const at::Tensor& rows);
 
  private:
   at::Tensor a_, b_;
@@ -170,6 +172,10 @@ struct KvCache {
   std::vector<LayerCache> layers;
   /// Tokens already cached (the position of the next token).
   int64_t length() const { return layers.empty() ? 0 : layers[0].length(); }
+  /// LayerCache::keep_rows on every layer.
+  void keep_rows(const at::Tensor& rows) {
+    for (auto& l : layers) l.keep_rows(rows);
+  }
 };
 
 /// Which keys a query may see: causal (optionally within a sliding window), offset by the tokens

@@ -11,6 +11,12 @@
 // are masked in every step (the cache keeps them, masked), and position ids start at each row's first real
 // token (attention_mask.cumsum(-1) - 1, as transformers' _prepare_position_ids_for_generation), so each
 // row's tokens are those it gets alone, and those of transformers' batched generate with left padding.
+//
+// A row that emits a stop token leaves the batch (GenerateOptions::drop_finished): its rows of the KV cache are
+// dropped and the later steps run on the rows still going, as vLLM's scheduler retires finished sequences
+// (transformers' generate keeps them, padding). The draws stay those of the whole batch: the sampler gets a
+// (B, V) tensor in which a retired row's logits are zeros, and torch's multinomial draws its noise for every
+// entry of that shape, so a seed gives the same tokens with and without the drop.
 #pragma once
 
 #include "anvil/model/transformer.h"
@@ -29,6 +35,9 @@ struct GenerateOptions {
   int64_t pad_token_id = -1;            ///< fills stopped rows; -1: the first stop token (or 0)
   uint64_t seed = 0;                    ///< seed of the sampling generator
   bool use_cache = true;                ///< false: recompute the whole sequence each step (for tests)
+  /// Rows that have stopped leave the batch (their KV-cache rows are dropped), so they cost no compute in the
+  /// later steps; the tokens are the same either way (false keeps them in, for tests).
+  bool drop_finished = true;
 };
 
 /// prompt (B, S) int64 -> (B, S + n) int64 on the model's device, n <= max_new_tokens: fewer when every row

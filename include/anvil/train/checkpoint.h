@@ -66,6 +66,11 @@ void check_same_run(const nlohmann::json& now, const nlohmann::json& then, const
 TrainState load_training_checkpoint(const std::string& checkpoint_dir, const NamedTensors& trainable,
                                     AdamW& optimizer, at::Device device);
 
+/// Copies a checkpoint's trainable tensors into `trainable` (shapes checked) and nothing else: the weights of a
+/// run at its last checkpoint (an on-policy refresh's student). Returns the checkpoint's step; errors start
+/// with `what` and name the file and the tensor.
+int64_t load_checkpoint_weights(const std::string& checkpoint_dir, const NamedTensors& trainable, const std::string& what);
+
 /// A recipe's own file of a checkpoint (save_training_checkpoint's `extra`); throws naming the file and
 /// `why_needed` when it is missing.
 NamedTensors load_checkpoint_file(const std::string& checkpoint_dir, const std::string& name,

@@ -2,9 +2,9 @@
 // Language Models") that need generation, built on model::generate's padded batches.
 //
 // Sequence-level KD: the teacher answers the prompts of a JSONL file, in batches (rows of their own lengths,
-// left-padded), and its answers become SFT data in the format anvil's recipes read ({"prompt", "completion"}
-// lines, data/dataset.h), so that the student then trains on them with cross-entropy (and, if kd_ratio > 0, the
-// online KD term too): TRL GKDTrainer's seq_kd, with the teacher's text written once instead of regenerated
+// left-padded), and its answers become SFT data in the format anvil's recipes read ({"prompt", "completion"} or
+// {"messages"} lines, data/dataset.h), so that the student then trains on them with cross-entropy (and, if
+// kd_ratio > 0, the online KD term too): TRL GKDTrainer's seq_kd, with the teacher's text written once instead of regenerated
 // every step. The file is rewritten atomically (io::write_text_atomically) at most every flush_seconds and at
 // the end; a rerun keeps the rows already written (each must carry its prompt: another prompts file is an error)
 // and generates only the rest.
@@ -34,9 +34,13 @@ namespace anvil::train {
 // ---- sequence-level KD ---------------------------------------------------------------------------------
 
 struct TeacherDataOptions {
-  std::string prompts;       ///< JSONL, one {"prompt": "..."} object a line (other keys ignored)
+  /// JSONL: a {"prompt": "..."} line (other keys ignored) or a {"messages": [...]} line (data::chat_prompt: the
+  /// chat template with the generation prompt, a trailing assistant turn dropped)
+  std::string prompts;
   std::string prompts_what;  ///< names the file in errors ("config key sequence.prompts")
-  std::string output;        ///< the JSONL written: {"prompt": ..., "completion": ...} a line, in prompt order
+  /// the JSONL written, in prompt order: {"prompt", "completion"} for a prompt line, {"messages": the turns +
+  /// {"role": "assistant", "content": reply}} for a messages line
+  std::string output;
   int64_t batch_size = 16;   ///< prompts generated together (one left-padded batch)
   model::GenerateOptions generate;  ///< stop_tokens empty: the tokenizer's eos ids; seed + the batch's first row
   double flush_seconds = 30;        ///< the output is rewritten at most this often, and at the end
@@ -50,9 +54,9 @@ struct TeacherDataResult {
 
 /// Generates the teacher's completion of every prompt not yet in o.output and writes the file (a progress line
 /// on stderr: rows, tokens/s, ETA). The completion is the decoded new tokens up to the first stop token
-/// (excluded: the data reader's add_eos puts the tokenizer's eos back). Throws naming the file and line for a
-/// missing or unreadable prompts file, a line without a string "prompt", an empty prompts file, or an output
-/// whose rows are not the first prompts.
+/// (excluded: the data reader's add_eos, or the chat template, puts it back). Throws naming the file and line for
+/// a missing or unreadable prompts file, a line with neither a string "prompt" nor valid "messages" (or one the
+/// chat template refuses), an empty prompts file, or an output whose rows do not answer the first prompts.
 TeacherDataResult write_teacher_completions(model::CausalLM& teacher, const data::Tokenizer& tok,
                                             const TeacherDataOptions& o);
 

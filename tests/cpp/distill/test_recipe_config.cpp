@@ -222,6 +222,24 @@ TEST(DistillConfig, GenerationModes) {
   expect_error(user, "on_policy.max_new_tokens");
   user["on_policy"] = {{"top_p", 0.0}};
   expect_error(user, "on_policy.top_p");
+  // on_policy.refresh_from: off by default; a refresh needs a cache, is not the teacher pass, and regenerates a
+  // fraction in (0, 1].
+  user["on_policy"] = json::object();
+  EXPECT_EQ(resolve_config(user).refresh_from, "");
+  user["on_policy"] = {{"refresh_from", "checkpoint"}};
+  expect_error(user, "config key on_policy.refresh_from: refreshes the on-policy rows of a teacher cache: it needs "
+                     "teacher.cache");
+  user["teacher"]["cache"] = "runs/cache";
+  c = resolve_config(user);
+  EXPECT_EQ(c.refresh_from, "checkpoint");
+  EXPECT_EQ(c.teacher.cache, "runs/cache");
+  user["teacher"]["cache_only"] = true;
+  expect_error(user, "config key on_policy.refresh_from: is the student's pass");
+  user["teacher"]["cache_only"] = false;
+  user["on_policy"]["lambda"] = 0;
+  expect_error(user, "config key on_policy.lambda: a refresh");
+  user["on_policy"] = {{"lambda", 0}};  // lambda 0 without a refresh: the cache's rounds are read, none chosen
+  EXPECT_EQ(resolve_config(user).on_policy.lambda, 0);
   // A sequence section without the mode, and an unknown mode.
   user = minimal();
   user["sequence"] = {{"prompts", "p.jsonl"}};

@@ -216,6 +216,56 @@ TEST(GeneratePadded, StopTokensEndRowsOnTheirOwn) {
   }
 }
 
+TEST(GeneratePadded, DroppingFinishedRowsKeepsEveryToken) {
+  // Rows that stop at different steps leave the batch early (drop_finished, the default); every row's tokens
+  // must be those of a run that keeps them in: greedy and sampled (the draws keep the whole batch's shape),
+  // cached and not, left-padded rows and rows of one length without a mask.
+  auto model = random_model();
+  model->eval();
+  std::vector<std::vector<int64_t>> rows, even;
+  for (int64_t i = 0; i < 6; ++i) rows.push_back(random_row(2 + (i * 3) % 7, 40 + i));
+  for (int64_t i = 0; i < 4; ++i) even.push_back(random_row(5, 60 + i));
+  for (const bool padded : {true, false}) {
+    auto [ids, mask] = left_pad(padded ? rows : even, 0);
+    if (!padded) mask = at::Tensor();
+    for (const double temperature : {0.0, 1.0}) {
+      GenerateOptions o;
+      o.max_new_tokens = 10, o.temperature = temperature, o.seed = 11, o.pad_token_id = 0;
+      o.drop_finished = false;
+      const auto free_run = generate(*model, ids, o, mask).narrow(1, ids.size(1), 10);  // (B, 10)
+      // Stop tokens taken from the free run at different steps, so that rows retire one after another.
+      o.stop_tokens = {free_run[0][1].item<int64_t>(), free_run[2][4].item<int64_t>(), free_run[3][6].item<int64_t>()};
+      for (const bool cached : {true, false}) {
+        o.use_cache = cached;
+        o.drop_finished = false;
+        const auto kept = generate(*model, ids, o, mask);
+        o.drop_finished = true;
+        const auto dropped = generate(*model, ids, o, mask);
+        EXPECT_TRUE(at::equal(dropped, kept)) << "padded " << padded << ", temperature " << temperature << ", cached "
+                                              << cached << "\n" << dropped << "\n" << kept;
+        // Rows stopped at different steps: the drop was exercised (a row retired while another ran on).
+        const auto n = kept.size(1) - ids.size(1);
+        const auto is_stop = at::isin(kept.narrow(1, ids.size(1), n), at::tensor(o.stop_tokens, at::kLong));  // (B, n)
+        const auto ends = at::where(is_stop.any(1), is_stop.to(at::kLong).argmax(1), at::full({kept.size(0)}, n, at::kLong));
+        EXPECT_LT(ends.min().item<int64_t>(), ends.max().item<int64_t>()) << ends;
+      }
+    }
+  }
+}
+
+TEST(Generate, KvCacheKeepRowsKeepsThoseRows) {
+  KvCache cache;
+  cache.layers.resize(2);
+  auto a = at::randn({4, 2, 3, 5}), b = at::randn({4, 2, 3, 7});
+  for (auto& l : cache.layers) l.append(a, b);
+  cache.keep_rows(at::tensor({3, 1}, at::kLong));
+  const auto [ka, kb] = cache.layers[1].append(at::zeros({2, 2, 1, 5}), at::zeros({2, 2, 1, 7}));
+  EXPECT_EQ(ka.sizes(), (at::IntArrayRef{2, 2, 4, 5}));
+  EXPECT_TRUE(at::equal(ka.narrow(2, 0, 3), a.index_select(0, at::tensor({3, 1}, at::kLong))));
+  EXPECT_TRUE(at::equal(kb.narrow(2, 0, 3), b.index_select(0, at::tensor({3, 1}, at::kLong))));
+  EXPECT_EQ(cache.length(), 3);  // layer 0 untouched since
+}
+
 TEST(GeneratePadded, BadMasksAreNamed) {
   auto model = random_model();
   auto ids = at::randint(3, 50, {2, 4}, at::kLong);

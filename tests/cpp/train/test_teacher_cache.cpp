@@ -283,6 +283,89 @@ TEST(TeacherCache, InterruptedWriteResumesBitExact) {
   io::remove_tree(a), io::remove_tree(b);
 }
 
+TEST(TeacherCache, OnPolicyRoundIsScoredByTheTeacherAndReplacesItsDocuments) {
+  auto& f = fixture();
+  const auto dir = temp_dir("round");
+  const auto o = f.opts(dir);
+  TeacherCacheWriter w(o, f.fingerprint, f.docs, f.seq_len, 0, f.vocab);
+  w.write(f.teacher, at::kCPU);
+  const nlohmann::json student = {{"kind", "model"}, {"source", "here"}, {"weights", "1"}};
+  RefreshOptions r;
+  r.lambda = 0.6, r.batch_size = 3;
+  r.generate.max_new_tokens = 4, r.generate.temperature = 1.0, r.generate.seed = 3;
+  const int64_t train_docs = int64_t(f.docs.size()) - 4;  // the last four: "validation", never regenerated
+  const auto st = w.write_rollouts(*f.model, student, r, train_docs);
+  EXPECT_EQ(st.round, 1);
+  EXPECT_GT(st.documents, 2);
+  EXPECT_EQ(st.written, st.shards);
+  EXPECT_EQ(w.unscored_rollouts(), st.shards);
+  // Unscored: a training reader refuses the round; the teacher pass scores it.
+  auto reading = o;
+  reading.on_policy_rows = true;
+  try {
+    TeacherCache c(reading, f.fingerprint);
+    ADD_FAILURE() << "expected the unscored round to be refused";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("awaits the teacher"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(w.write(f.teacher, at::kCPU).scored, st.shards);
+  EXPECT_EQ(w.unscored_rollouts(), 0);
+  // The same student and settings again: nothing to write. Another student opens round 2.
+  EXPECT_TRUE(w.write_rollouts(*f.model, student, r, train_docs).up_to_date);
+  TeacherCache cache(reading, f.fingerprint);
+  EXPECT_EQ(cache.on_policy_round(), 1);
+  EXPECT_EQ(cache.on_policy_documents(), st.documents);
+  EXPECT_EQ(TeacherCache(o, f.fingerprint).on_policy_round(), 0);  // not asked for: not read
+  data::BatchStream stream(f.docs, f.seq_len, 0, 3, /*seed=*/5);
+  at::NoGradGuard no_grad;
+  int64_t replaced = 0;
+  for (int i = 0; i < 6; ++i) {
+    const auto b = stream.next();
+    const auto rows = cache.on_policy_rows(b, at::kCPU);
+    // The other documents come from the base cache, the regenerated ones from the round.
+    EXPECT_EQ(cache.lookup(b, at::kCPU, /*skip_on_policy=*/true).first.size(0) + rows.replaced_targets, b.targets);
+    if (rows.prompts.empty()) continue;
+    replaced += int64_t(rows.prompts.size());
+    // The round's rows are the teacher's top k over the student's generated tokens.
+    const auto gen = data::completion_batch(rows.prompts, rows.completions, 0);
+    const auto all = batch_to_device(gen, at::kCPU);
+    auto h = f.model->hidden_states(all[0], nullptr, all[1]);
+    h = h.reshape({-1, h.size(-1)}).index_select(0, target_rows(all[3]));
+    const auto lt = at::log_softmax(at::linear(h, f.teacher.head), 1);  // (T_gen, V)
+    ASSERT_EQ(rows.ids.size(0), lt.size(0));
+    EXPECT_TRUE(at::allclose(rows.logprobs, std::get<0>(at::topk(lt, 8, 1)), 1e-5, 1e-5));
+    EXPECT_TRUE(at::allclose(lt.gather(1, rows.ids), rows.logprobs, 1e-5, 1e-5));
+    // The loss: KD alone on them, and the "on_policy" term their share of the step.
+    KdOptions kd;
+    const auto l = kd_cache_loss_fn(*f.model, cache, kd, 0.5, 64, at::kCPU)(b, double(b.targets));
+    EXPECT_TRUE(std::isfinite(l.value.item<double>()));
+    ASSERT_EQ(l.terms.size(), 3u);
+    EXPECT_EQ(l.terms[2].first, "on_policy");
+    EXPECT_NEAR(l.terms[2].second.item<double>(), double(rows.replaced_targets) / double(b.targets), 1e-9);
+  }
+  EXPECT_GT(replaced, 0);
+  // An unfinished round 2 (another student) cannot be finished by a third one.
+  {
+    auto m = nlohmann::json::parse(read_all(dir + "/manifest.json"));
+    auto round2 = m["rounds"][0];
+    round2["round"] = 2, round2["student"]["weights"] = "2";
+    for (auto& sh : round2["shards"]) sh["rollout"]["complete"] = false, sh["scores"]["complete"] = false;
+    m["rounds"].push_back(round2);
+    io::write_text_atomically(dir + "/manifest.json", m.dump(2) + "\n");
+  }
+  TeacherCacheWriter w2(o, f.fingerprint, f.docs, f.seq_len, 0, f.vocab);
+  auto third = student;
+  third["weights"] = "3";
+  try {
+    w2.write_rollouts(*f.model, third, r, train_docs);
+    ADD_FAILURE() << "expected another student to be refused";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("config key on_policy.refresh_from"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("unfinished"), std::string::npos) << e.what();
+  }
+  io::remove_tree(dir);
+}
+
 TEST(TeacherCache, AnotherTeacherTokenizerDataOrKIsRefused) {
   auto& f = fixture();
   const auto dir = temp_dir("fingerprint");
