@@ -536,47 +536,19 @@ LossFn kd_cache_loss_fn(model::CausalLM& student, const TeacherCache& cache, con
 
 EvalResult evaluate_against_cache(model::CausalLM& student, const TeacherCache& cache, const data::PackedRows& rows,
                                   int64_t batch_size, int64_t max_batches, int64_t chunk, at::Device device) {
-  const bool was_training = student.is_training();
-  student.eval();
-  at::NoGradGuard no_grad;
   KdOptions kl;  // forward KL at the cache's temperature
   kl.temperature = cache.temperature();
-  const auto dopt = at::TensorOptions().dtype(at::kDouble).device(device);
-  auto ce_sum = at::zeros({}, dopt), kl_sum = at::zeros({}, dopt), agree = at::zeros({}, dopt);
-  int64_t targets = 0;
-  const auto ws = head_weight(student);
-  for (int64_t i = 0, begin = 0; begin < rows.rows; ++i, begin += batch_size) {
-    if (max_batches > 0 && i >= max_batches) break;
-    const auto b = data::slice_rows(rows, begin, std::min(rows.rows, begin + batch_size));
-    if (b.targets == 0) continue;
-    const auto all = batch_to_device(b, device);
-    const auto labels = all[3].reshape({-1});
-    auto h = batch_hidden(student, all, b.packed);
-    h = h.reshape({-1, h.size(-1)});
-    const auto sel = target_rows(labels);
-    const auto hs = h.index_select(0, sel);       // (T, Hs)
-    const auto tl = labels.index_select(0, sel);  // (T)
-    const auto [tid, tlp] = cache.lookup(b, device);
-    for (int64_t s = 0; s < hs.size(0); s += chunk) {
-      const int64_t e = std::min(hs.size(0), s + chunk);
-      const auto zs = (student.lm_head ? student.lm_head->forward(hs.slice(0, s, e)) : at::linear(hs.slice(0, s, e), ws))
-                          .to(at::kFloat);  // (rows, V)
-      const auto ls = at::log_softmax(zs, 1);
-      ce_sum -= ls.gather(1, tl.slice(0, s, e).unsqueeze(1)).sum().to(at::kDouble);
-      const auto lst = kl.temperature == 1 ? ls : at::log_softmax(zs / kl.temperature, 1);
-      kl_sum += kd_divergence_sparse(lst, tid.slice(0, s, e), tlp.slice(0, s, e), kl).sum().to(at::kDouble);
-      agree += (zs.argmax(1) == tid.slice(0, s, e).select(1, 0)).sum().to(at::kDouble);
-    }
-    targets += b.targets;
-  }
-  if (was_training) student.train();
-  EvalResult r;
-  r.targets = targets;
-  const double n = targets ? double(targets) : 1.0;
-  r.loss = ce_sum.item<double>() / n;
-  r.ppl = std::exp(r.loss);
-  r.terms = {{"kl", kl_sum.item<double>() / n}, {"top1", agree.item<double>() / n}};
-  return r;
+  return evaluate_student(student, rows, batch_size, max_batches, chunk, device,
+                          [&](const data::Batch& b, const at::Tensor&) -> ChunkScore {
+                            const auto teacher = cache.lookup(b, device);  // ids, log-probs (T, k), target-row order
+                            return [&kl, tid = teacher.first, tlp = teacher.second](int64_t s, int64_t e, const at::Tensor& zs,
+                                                                                    const at::Tensor& ls) {
+                              const auto lst = kl.temperature == 1 ? ls : at::log_softmax(zs / kl.temperature, 1);
+                              const auto t = tid.slice(0, s, e);
+                              return std::make_pair(kd_divergence_sparse(lst, t, tlp.slice(0, s, e), kl).sum(),
+                                                    (zs.argmax(1) == t.select(1, 0)).sum());
+                            };
+                          });
 }
 
 EvalFn kd_cache_eval_fn(model::CausalLM& student, const TeacherCache& cache, const TrainingData& data,
