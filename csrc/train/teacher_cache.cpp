@@ -211,7 +211,8 @@ void check_shard_values(const std::string& path, const at::Tensor& ids_t, const 
   const auto ids = ids_t.contiguous();  // (T, k) int32
   const int64_t rows = ids.size(0), k = ids.size(1);
   const int32_t* p = ids.data_ptr<int32_t>();
-  std::vector<int32_t> row(static_cast<size_t>(k));
+  std::vector<int32_t> row;
+  row.resize(static_cast<size_t>(k));
   for (int64_t r = 0; r < rows; ++r, p += k) {
     std::copy(p, p + k, row.begin());
     std::sort(row.begin(), row.end());
