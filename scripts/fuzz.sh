@@ -11,7 +11,8 @@ cd "$(dirname "$0")/.."
 [ -d .venv/bin ] && export PATH="$PWD/.venv/bin:$PATH"
 seconds=${ANVIL_FUZZ_SECONDS:-60}
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(fuzz_safetensors fuzz_gguf fuzz_tokenizer_json fuzz_tokenizer_model fuzz_chat_template fuzz_config fuzz_hf_configs)
+[ ${#targets[@]} -gt 0 ] || targets=(fuzz_safetensors fuzz_gguf fuzz_tokenizer_json fuzz_tokenizer_model fuzz_chat_template fuzz_config fuzz_hf_configs
+                                     fuzz_teacher_cache fuzz_quantized_checkpoint)
 
 t0=$SECONDS
 [ -f build-fuzz/CMakeCache.txt ] || cmake --preset fuzz > /dev/null || exit 1

@@ -262,7 +262,11 @@ std::string shape_str(at::IntArrayRef s) {
   return o.str();
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// ceil(a / b) for a >= 0, b > 0, without a + b - 1 (which overflows for a block_structure or group_size near 2^63).
+int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
+// The int32 words of `cols` values of num_bits (1..8) packed densely: ceil(cols * num_bits / 32) without forming
+// cols * num_bits (a weight_shape near 2^61 would wrap it to a few words that a tiny packed tensor matches).
+int64_t packed_words(int64_t cols, int64_t num_bits) { return cols / 32 * num_bits + ceil_div(cols % 32 * num_bits, 32); }
 
 }  // namespace
 
@@ -546,7 +550,7 @@ at::Tensor pack_int32(const at::Tensor& values, int64_t num_bits, int64_t packed
   }
   // (rows, cols) with the packed dimension last.
   const at::Tensor v = (packed_dim == 0 ? values.t() : values).contiguous().cpu();
-  const int64_t rows = v.size(0), cols = v.size(1), words = ceil_div(cols * num_bits, 32);
+  const int64_t rows = v.size(0), cols = v.size(1), words = packed_words(cols, num_bits);
   at::Tensor out = at::zeros({rows, words}, at::kInt);
   const int8_t* src = v.data_ptr<int8_t>();
   auto* dst = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
@@ -578,7 +582,9 @@ at::Tensor unpack_int32(const at::Tensor& packed, int64_t num_bits, at::IntArray
     return at::stack(slices);
   }
   const int64_t other = packed_dim == 0 ? 1 : 0;
-  const int64_t cols = shape[packed_dim], rows = shape[other], words = ceil_div(cols * num_bits, 32);
+  const int64_t cols = shape[packed_dim], rows = shape[other];
+  TORCH_CHECK(cols >= 0 && rows >= 0, "unpack_int32: shape ", shape_str(shape), " must not be negative");
+  const int64_t words = packed_words(cols, num_bits);
   std::vector<int64_t> expect(2);
   expect[packed_dim] = words;
   expect[other] = rows;
@@ -656,11 +662,13 @@ at::Tensor expand_param(const at::Tensor& p, const QuantArgs& a, int64_t out, in
     case Strategy::kTensorGroup:
       if (g_idx.defined()) return p.index_select(1, g_idx.to(at::kLong));
       return p.repeat_interleave(*a.group_size, 1).narrow(1, 0, in);
-    case Strategy::kBlock:
-      return p.repeat_interleave(a.block_structure[0], 0)
-          .narrow(0, 0, out)
-          .repeat_interleave(a.block_structure[1], 1)
-          .narrow(1, 0, in);
+    case Strategy::kBlock: {
+      // Element (i, j) takes block (i / rows, j / cols): gathered by index, so the expansion is (out, in) whatever
+      // the block size (repeat_interleave by a block of 2^40 rows first made a tensor of 2^40 rows).
+      const auto opt = at::TensorOptions().dtype(at::kLong).device(p.device());
+      return p.index_select(0, at::arange(out, opt).div_(a.block_structure[0], "floor"))
+          .index_select(1, at::arange(in, opt).div_(a.block_structure[1], "floor"));
+    }
     default: TORCH_CHECK(false, "strategy ", to_string(a.strategy), " does not apply to weights");
   }
 }

@@ -16,6 +16,7 @@
 #include "anvil/model/gguf_model.h"
 #include "anvil/ops.h"
 #include "anvil/model/checkpointing.h"
+#include "model/quantized_modules.h"
 #include "anvil/io/fs.h"
 
 #include <ATen/ATen.h>
@@ -344,80 +345,8 @@ std::string join_first(const std::vector<std::string>& names, size_t n = 8) {
 // Every missing tensor is collected and named in one error; quantized tensors no group covers are an
 // error; tensors a scheme does not use are left for load_state to report as unexpected.
 //
-// Modules whose scheme is one of the Linear weight formats (anvil/model/attention.h) may instead keep their
-// quantized weights as stored (`kept_format`): the module's Linear is switched to that format and its
-// tensors are handed to load_state under the format's own names (weight, weight_scale(_inv),
-// weight_zero_point), so no dense copy is made.
-struct KeepRules {
-  std::string base_weights;  // load_causal_lm's: "auto", "dense", or a format name
-  bool fp8_gemm = false;     // the FP8 GEMM runs on the model's device
-  bool cuda = false;         // the model's device is a GPU (int8_gemm's INT8 tensor cores)
-};
-
-// The Linear format that holds a module's compressed-tensors tensors as stored, or "" (load it dense).
-// fp8: channel -> fp8-channel, tensor -> fp8-tensor, 128x128 blocks -> fp8 (DeepSeek-V3's layout; in % 128
-// for the GEMM's activation blocks); int8 symmetric per channel with int8 activations -> w8a8; weight-only
-// int8 / int4, per channel or group, zero points or not -> int8 / int4. Legacy act-order (g_idx) stays dense.
-// "auto" keeps the weight-only formats on every device, fp8 where the FP8 GEMM runs, w8a8 on a GPU; a format
-// name as base_weights keeps the modules of that format (elsewhere, load_causal_lm quantizes the dense ones).
-std::string kept_format(const anvil::model::ct::Scheme& s, const std::string& format,
-                        const anvil::model::ct::ModuleTensors& t, int64_t in_features, const KeepRules& rules) {
-  namespace ct = anvil::model::ct;
-  if (rules.base_weights == "dense" || !s.weights || format == "dense" || t.count("weight_g_idx")) return "";
-  const ct::QuantArgs& w = *s.weights;
-  const auto& a = s.input_activations;
-  std::string f;
-  if (w.type == ct::QuantType::kFloat && w.num_bits == 8) {
-    if (a && a->type != ct::QuantType::kFloat) return "";
-    if (w.strategy == ct::Strategy::kChannel) f = "fp8-channel";
-    else if (w.strategy == ct::Strategy::kTensor) f = "fp8-tensor";
-    else if (w.strategy == ct::Strategy::kBlock && w.block_structure == std::vector<int64_t>{128, 128} && in_features % 128 == 0)
-      f = "fp8";
-  } else if (w.type == ct::QuantType::kInt && w.num_bits == 8 && a) {
-    if (w.symmetric && w.strategy == ct::Strategy::kChannel && a->type == ct::QuantType::kInt && a->num_bits == 8 &&
-        a->symmetric)
-      f = "w8a8";
-  } else if (w.type == ct::QuantType::kInt && !a && (w.num_bits == 8 || w.num_bits == 4) &&
-             (w.strategy == ct::Strategy::kChannel || w.strategy == ct::Strategy::kGroup)) {
-    f = w.num_bits == 8 ? "int8" : "int4";
-  }
-  if (f.empty()) return "";
-  if (rules.base_weights == f) return f;
-  if (rules.base_weights != "auto") return "";
-  if (f == "int8" || f == "int4") return f;
-  if (f == "w8a8") return rules.cuda ? f : "";
-  return rules.fp8_gemm ? f : "";
-}
-
-// One module's tensors in a Linear format's layout: (q, scale fp32, zero point or undefined).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> to_linear_format(const anvil::model::ct::Scheme& s, const std::string& format,
-                                                                const anvil::model::ct::ModuleTensors& t,
-                                                                const std::string& module) {
-  namespace ct = anvil::model::ct;
-  const ct::QuantArgs& w = *s.weights;
-  at::Tensor q, zp;
-  int64_t out = 0, in = 0;
-  if (format == "pack-quantized") {
-    const at::Tensor shape = t.at("weight_shape").to(at::kCPU, at::kLong).reshape({-1});
-    TORCH_CHECK(shape.numel() == 2, "compressed-tensors tensor '", module, ".weight_shape' must hold two integers");
-    out = shape[0].item<int64_t>();
-    in = shape[1].item<int64_t>();
-    q = ct::unpack_int32(t.at("weight_packed"), w.num_bits, {out, in}, 1);
-  } else {
-    q = t.at("weight");
-    out = q.size(0);
-    in = q.size(1);
-  }
-  const auto pshape = ct::weight_scale_shape(w, out, in);
-  at::Tensor scale = t.at("weight_scale").to(at::kFloat);
-  if (w.strategy == ct::Strategy::kChannel || w.strategy == ct::Strategy::kGroup) scale = scale.reshape(pshape);
-  if (!w.symmetric) {
-    const at::Tensor& z = t.at("weight_zero_point");
-    zp = format == "pack-quantized" ? ct::unpack_int32(z, w.num_bits, pshape, 0) : z.reshape(pshape);
-  }
-  return {q, scale, zp};
-}
-
+// Modules whose scheme is one of the Linear weight formats may instead keep their quantized weights as stored
+// (model/quantized_modules.h, load_compressed_module).
 std::unordered_map<std::string, at::Tensor> dequantize_compressed_tensors(CausalLM& model,
                                                                           const std::unordered_map<std::string, at::Tensor>& in,
                                                                           at::ScalarType dtype, const std::string& dir,
@@ -477,20 +406,8 @@ std::unordered_map<std::string, at::Tensor> dequantize_compressed_tensors(Causal
       else out[name + "." + local] = t;  // not part of the scheme: load_state reports it as unexpected
     }
     auto linear = linears.find(canon);
-    const std::string keep = linear == linears.end() || !linear->second->weight_format().empty()
-                                 ? ""
-                                 : kept_format(scheme, format, used, linear->second->weight.size(1), rules);
-    if (keep.empty()) {
-      out[name + ".weight"] = ct::dequantize_module(used, scheme, format, dtype, name);
-      continue;
-    }
-    // Checked as the dense path checks (shapes, dtypes, value ranges, names in the errors), then kept.
-    (void)ct::dequantize_module(used, scheme, format, at::kFloat, name);
-    auto [q, scale, zp] = to_linear_format(scheme, format, used, name);
-    linear->second->set_quantized_weight(keep, q, scale, zp);
-    out[name + ".weight"] = q;
-    out[name + (keep == "fp8" ? ".weight_scale_inv" : ".weight_scale")] = linear->second->weight_scale.cpu();
-    if (zp.defined()) out[name + ".weight_zero_point"] = zp;
+    load_compressed_module(linear == linears.end() ? nullptr : linear->second.get(), scheme, format, used, dtype, name,
+                           rules, out);
   }
   if (!missing.empty()) {
     std::sort(missing.begin(), missing.end());
@@ -635,12 +552,8 @@ bool fp8_gemm_runs_on(const at::Device& device) {
 void keep_checkpoint_fp8(CausalLM& model, const anvil::io::Checkpoint& checkpoint) {
   for (auto& [name, linear] : named_linears(model)) {
     const std::string key = name + ".weight";
-    if (!checkpoint.contains(key) || !checkpoint.contains(key + "_scale_inv")) continue;
-    const auto& w = checkpoint.entry(key);
-    const auto& s = checkpoint.entry(key + "_scale_inv");
-    if (w.dtype != at::kFloat8_e4m3fn || linear->weight.dim() != 2 || linear->weight.size(1) % 128 != 0) continue;
-    const auto on = linear->weight.options();
-    linear->set_quantized_weight("fp8", at::empty(w.shape, on.dtype(at::kFloat8_e4m3fn)), at::empty(s.shape, on.dtype(at::kFloat)));
+    if (checkpoint.contains(key) && checkpoint.contains(key + "_scale_inv"))
+      keep_fp8_weight(*linear, checkpoint.entry(key), checkpoint.entry(key + "_scale_inv"));
   }
 }
 

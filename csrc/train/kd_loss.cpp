@@ -576,13 +576,11 @@ LossFn kd_loss_fn(model::CausalLM& student, const Teacher& teacher, const KdOpti
   };
 }
 
-EvalResult evaluate_against_teacher(model::CausalLM& student, const Teacher& teacher, const data::PackedRows& rows,
-                                    int64_t batch_size, int64_t max_batches, int64_t chunk, at::Device device) {
+EvalResult evaluate_student(model::CausalLM& student, const data::PackedRows& rows, int64_t batch_size,
+                            int64_t max_batches, int64_t chunk, at::Device device, const BatchTeacher& teacher) {
   const bool was_training = student.is_training();
   student.eval();
   at::NoGradGuard no_grad;
-  KdOptions kl;  // forward KL at temperature 1: the student's KL to the teacher
-  kl.chunk = chunk;
   const auto dopt = at::TensorOptions().dtype(at::kDouble).device(device);
   auto ce_sum = at::zeros({}, dopt), kl_sum = at::zeros({}, dopt), agree = at::zeros({}, dopt);
   int64_t targets = 0;
@@ -596,21 +594,18 @@ EvalResult evaluate_against_teacher(model::CausalLM& student, const Teacher& tea
     auto h = batch_hidden(student, all, b.packed);
     h = h.reshape({-1, h.size(-1)});  // (B*S, Hs)
     const auto sel = target_rows(labels);
-    const auto hs = h.index_select(0, sel);             // (T, Hs)
-    const auto ht = teacher_rows(teacher, b, sel, device);  // (T, Ht)
-    const auto tl = labels.index_select(0, sel);        // (T)
+    const auto hs = h.index_select(0, sel);       // (T, Hs)
+    const auto tl = labels.index_select(0, sel);  // (T)
+    const auto score = teacher(b, sel);
     for (int64_t s = 0; s < hs.size(0); s += chunk) {
       const int64_t e = std::min(hs.size(0), s + chunk);
       const auto zs = (student.lm_head ? student.lm_head->forward(hs.slice(0, s, e)) : at::linear(hs.slice(0, s, e), ws))
-                          .to(at::kFloat);                                  // (rows, V)
-      const auto zt = at::linear(ht.slice(0, s, e), teacher.head).to(at::kFloat);  // (rows, V)
-      const auto ls = at::log_softmax(zs, 1), lt = at::log_softmax(zt, 1);
+                          .to(at::kFloat);  // (rows, V)
+      const auto ls = at::log_softmax(zs, 1);
       ce_sum -= ls.gather(1, tl.slice(0, s, e).unsqueeze(1)).sum().to(at::kDouble);
-      // KL and agreement over the compared vocabulary (the teacher's head rows; the student's padding left out).
-      const bool padded = zt.size(1) < zs.size(1);
-      const auto zk = padded ? zs.narrow(1, 0, zt.size(1)) : zs;  // (rows, V)
-      kl_sum += kd_divergence(padded ? at::log_softmax(zk, 1) : ls, lt, kl).sum().to(at::kDouble);
-      agree += (zk.argmax(1) == zt.argmax(1)).sum().to(at::kDouble);
+      const auto [kl, same] = score(s, e, zs, ls);
+      kl_sum += kl.to(at::kDouble);
+      agree += same.to(at::kDouble);
     }
     targets += b.targets;
   }
@@ -622,6 +617,26 @@ EvalResult evaluate_against_teacher(model::CausalLM& student, const Teacher& tea
   r.ppl = std::exp(r.loss);
   r.terms = {{"kl", kl_sum.item<double>() / n}, {"top1", agree.item<double>() / n}};
   return r;
+}
+
+EvalResult evaluate_against_teacher(model::CausalLM& student, const Teacher& teacher, const data::PackedRows& rows,
+                                    int64_t batch_size, int64_t max_batches, int64_t chunk, at::Device device) {
+  KdOptions kl;  // forward KL at temperature 1: the student's KL to the teacher
+  kl.chunk = chunk;
+  return evaluate_student(student, rows, batch_size, max_batches, chunk, device,
+                          [&](const data::Batch& b, const at::Tensor& sel) -> ChunkScore {
+                            const auto ht = teacher_rows(teacher, b, sel, device);  // (T, Ht)
+                            return [&teacher, &kl, ht](int64_t s, int64_t e, const at::Tensor& zs, const at::Tensor& ls) {
+                              const auto zt = at::linear(ht.slice(0, s, e), teacher.head).to(at::kFloat);  // (rows, V)
+                              const auto lt = at::log_softmax(zt, 1);
+                              // KL and agreement over the compared vocabulary (the teacher's head rows; the
+                              // student's padding left out).
+                              const bool padded = zt.size(1) < zs.size(1);
+                              const auto zk = padded ? zs.narrow(1, 0, zt.size(1)) : zs;  // (rows, V)
+                              return std::make_pair(kd_divergence(padded ? at::log_softmax(zk, 1) : ls, lt, kl).sum(),
+                                                    (zk.argmax(1) == zt.argmax(1)).sum());
+                            };
+                          });
 }
 
 EvalFn kd_eval_fn(model::CausalLM& student, const Teacher& teacher, const TrainingData& data, const TrainSection& t,

@@ -139,13 +139,49 @@ json read_manifest(const std::string& dir) {
   } catch (const json::exception& e) {
     throw std::invalid_argument("teacher cache " + path + ": not valid JSON (" + e.what() + ")");
   }
-  if (!m.is_object() || m.value("format", "") != kFormat || !m.contains("shards") || !m["shards"].is_array() ||
+  if (!m.is_object() || !m.contains("format") || m["format"] != kFormat || !m.contains("shards") || !m["shards"].is_array() ||
       !m.contains("fingerprint"))
     throw std::invalid_argument("teacher cache " + path + ": not an anvil teacher cache manifest (format \"" +
                                 std::string(kFormat) + "\" with fingerprint and shards)");
-  if (m.value("version", 0) != kVersion)
-    throw std::invalid_argument("teacher cache " + path + ": version " + m["version"].dump() + ", this anvil reads " +
-                                std::to_string(kVersion));
+  if (!m.contains("version") || m["version"] != kVersion)
+    throw std::invalid_argument("teacher cache " + path + ": version " + m.value("version", json()).dump() +
+                                ", this anvil reads " + std::to_string(kVersion));
+  // The fields the reader and a resuming writer use, each of its JSON type (a wrong one is an error naming it, not
+  // a JSON exception from deep inside): settings, then per shard its entry.
+  const auto integer = [&](const json& o, const std::string& key, const std::string& where, int64_t min) {
+    if (!o.contains(key) || !o[key].is_number_integer() || o[key].get<int64_t>() < min)
+      throw std::invalid_argument("teacher cache " + path + ": " + where + key + " must be an integer >= " +
+                                  std::to_string(min) + ", got " + o.value(key, json()).dump());
+  };
+  integer(m, "k", "", 1);
+  integer(m, "vocab_size", "", m["k"].get<int64_t>());
+  integer(m, "rows_per_shard", "", 1);
+  if (!m.contains("temperature") || !m["temperature"].is_number() || !(m["temperature"].get<double>() > 0) ||
+      !std::isfinite(m["temperature"].get<double>()))
+    throw std::invalid_argument("teacher cache " + path + ": temperature must be a number > 0, got " +
+                                m.value("temperature", json()).dump());
+  for (size_t i = 0; i < m["shards"].size(); ++i) {
+    const json& s = m["shards"][i];
+    const std::string where = "shards[" + std::to_string(i) + "].";
+    if (!s.is_object()) throw std::invalid_argument("teacher cache " + path + ": shards[" + std::to_string(i) + "] must be an object");
+    // A plain file name inside the cache directory (what the writer writes): a manifest never makes the reader
+    // open a file elsewhere.
+    const auto file = s.value("file", json());
+    if (!file.is_string() || file.get<std::string>().empty() || file.get<std::string>()[0] == '.' ||
+        file.get<std::string>().find_first_of(std::string("/\\\0", 3)) != std::string::npos)
+      throw std::invalid_argument("teacher cache " + path + ": " + where + "file must be a file name in the cache "
+                                  "directory (no '/', not hidden), got " + file.dump());
+    if (!s.contains("complete") || !s["complete"].is_boolean())
+      throw std::invalid_argument("teacher cache " + path + ": " + where + "complete must be true or false");
+    const auto rows = s.value("packed_rows", json());
+    if (!rows.is_array() || rows.size() != 2 || !rows[0].is_number_integer() || !rows[1].is_number_integer() ||
+        rows[0].get<int64_t>() < 0 || rows[1].get<int64_t>() < rows[0].get<int64_t>())
+      throw std::invalid_argument("teacher cache " + path + ": " + where + "packed_rows must be [first, end) with "
+                                  "0 <= first <= end, got " + rows.dump());
+    integer(s, "bytes", where, 0);
+    if (!s.contains("checksum") || !s["checksum"].is_string())
+      throw std::invalid_argument("teacher cache " + path + ": " + where + "checksum must be a string");
+  }
   return m;
 }
 
@@ -164,6 +200,37 @@ void verify_shard_bytes(const std::string& path, const json& entry) {
     throw std::invalid_argument("teacher cache shard " + path + ": checksum mismatch (fnv1a64 " + sum +
                                 ", the manifest says " + entry.at("checksum").get<std::string>() +
                                 "): the file is corrupted; delete it and rerun to rewrite it");
+}
+
+// What the losses take from a shard without checking it (kd_loss_sparse's sparse teacher): every row's ids
+// (T, k) in [0, vocab) and distinct (an id outside would index past the student's logits: on a GPU a device assert,
+// not an error; a repeated one miscounts the student's tail mass), its log-probs (T, k) in [-inf, 0] (no NaN, no
+// probability above 1). One pass over the ids with a sorted copy of each row (k log k per row: about a second for
+// a shard of 2^20 positions at k = 64, beside the checksum's pass over the file); the log-probs in blocks of rows.
+void check_shard_values(const std::string& path, const at::Tensor& ids_t, const at::Tensor& logprobs, int64_t vocab) {
+  const auto ids = ids_t.contiguous();  // (T, k) int32
+  const int64_t rows = ids.size(0), k = ids.size(1);
+  const int32_t* p = ids.data_ptr<int32_t>();
+  std::vector<int32_t> row;
+  row.resize(static_cast<size_t>(k));
+  for (int64_t r = 0; r < rows; ++r, p += k) {
+    std::copy(p, p + k, row.begin());
+    std::sort(row.begin(), row.end());
+    if (k > 0 && (row.front() < 0 || row.back() >= vocab))
+      throw std::invalid_argument("teacher cache shard " + path + ": ids must lie in [0, vocab_size " +
+                                  std::to_string(vocab) + "), row " + std::to_string(r) + " holds " +
+                                  std::to_string(row.front() < 0 ? row.front() : row.back()));
+    if (std::adjacent_find(row.begin(), row.end()) != row.end())
+      throw std::invalid_argument("teacher cache shard " + path + ": row " + std::to_string(r) + " of ids holds one id "
+                                  "twice (the k ids of a position must be distinct)");
+  }
+  constexpr int64_t kRows = 1 << 16;
+  for (int64_t r = 0; r < rows; r += kRows) {
+    const auto lp = logprobs.slice(0, r, std::min(rows, r + kRows)).to(at::kFloat);  // (rows, k)
+    if (lp.isnan().any().item<bool>() || lp.gt(0).any().item<bool>())
+      throw std::invalid_argument("teacher cache shard " + path + ": logprobs must be log-probabilities (<= 0, "
+                                  "no NaN)");
+  }
 }
 
 // The hidden states (B, S, H) of a packed batch (doc ids only when a row holds several documents).
@@ -797,6 +864,7 @@ std::unique_ptr<TeacherCache::Shard> TeacherCache::open_scores(
       throw std::invalid_argument("teacher cache shard " + path + ": offsets are not increasing within its rows");
     add(uint64_t(kp[d]), op[d], op[d + 1] - op[d]);
   }
+  check_shard_values(path, f.tensor("ids"), f.tensor("logprobs"), vocab_);  // ids in the vocabulary, no repeats, log-probs <= 0
   sh->ids = reinterpret_cast<const int32_t*>(f.data(ids));
   sh->logprobs = f.data(lps);
   sh->dtype = lps.dtype;
@@ -1004,49 +1072,22 @@ LossFn kd_cache_loss_fn(model::CausalLM& student, const TeacherCache& cache, con
 
 EvalResult evaluate_against_cache(model::CausalLM& student, const TeacherCache& cache, const data::PackedRows& rows,
                                   int64_t batch_size, int64_t max_batches, int64_t chunk, at::Device device) {
-  const bool was_training = student.is_training();
-  student.eval();
-  at::NoGradGuard no_grad;
   KdOptions kl;  // forward KL at the cache's temperature
   kl.temperature = cache.temperature();
-  const auto dopt = at::TensorOptions().dtype(at::kDouble).device(device);
-  auto ce_sum = at::zeros({}, dopt), kl_sum = at::zeros({}, dopt), agree = at::zeros({}, dopt);
-  int64_t targets = 0;
-  const auto ws = head_weight(student);
-  for (int64_t i = 0, begin = 0; begin < rows.rows; ++i, begin += batch_size) {
-    if (max_batches > 0 && i >= max_batches) break;
-    const auto b = data::slice_rows(rows, begin, std::min(rows.rows, begin + batch_size));
-    if (b.targets == 0) continue;
-    const auto all = batch_to_device(b, device);
-    const auto labels = all[3].reshape({-1});
-    auto h = batch_hidden(student, all, b.packed);
-    h = h.reshape({-1, h.size(-1)});
-    const auto sel = target_rows(labels);
-    const auto hs = h.index_select(0, sel);       // (T, Hs)
-    const auto tl = labels.index_select(0, sel);  // (T)
-    const auto [tid, tlp] = cache.lookup(b, device);
-    for (int64_t s = 0; s < hs.size(0); s += chunk) {
-      const int64_t e = std::min(hs.size(0), s + chunk);
-      const auto zs = (student.lm_head ? student.lm_head->forward(hs.slice(0, s, e)) : at::linear(hs.slice(0, s, e), ws))
-                          .to(at::kFloat);  // (rows, V)
-      const auto ls = at::log_softmax(zs, 1);
-      ce_sum -= ls.gather(1, tl.slice(0, s, e).unsqueeze(1)).sum().to(at::kDouble);
-      const bool padded = cache.vocab_size() < zs.size(1);  // KL and agreement over the compared rows
-      const auto zk = padded ? zs.narrow(1, 0, cache.vocab_size()) : zs;  // (rows, V)
-      const auto lst = kl.temperature == 1 && !padded ? ls : at::log_softmax(zk / kl.temperature, 1);
-      kl_sum += kd_divergence_sparse(lst, tid.slice(0, s, e), tlp.slice(0, s, e), kl).sum().to(at::kDouble);
-      agree += (zk.argmax(1) == tid.slice(0, s, e).select(1, 0)).sum().to(at::kDouble);
-    }
-    targets += b.targets;
-  }
-  if (was_training) student.train();
-  EvalResult r;
-  r.targets = targets;
-  const double n = targets ? double(targets) : 1.0;
-  r.loss = ce_sum.item<double>() / n;
-  r.ppl = std::exp(r.loss);
-  r.terms = {{"kl", kl_sum.item<double>() / n}, {"top1", agree.item<double>() / n}};
-  return r;
+  return evaluate_student(student, rows, batch_size, max_batches, chunk, device,
+                          [&](const data::Batch& b, const at::Tensor&) -> ChunkScore {
+                            const auto teacher = cache.lookup(b, device);  // ids, log-probs (T, k), target-row order
+                            return [&kl, vocab = cache.vocab_size(), tid = teacher.first, tlp = teacher.second](
+                                       int64_t s, int64_t e, const at::Tensor& zs,
+                                                                                    const at::Tensor& ls) {
+                              const bool padded = vocab < zs.size(1);  // KL and agreement over the compared rows
+                              const auto zk = padded ? zs.narrow(1, 0, vocab) : zs;  // (rows, V)
+                              const auto lst = kl.temperature == 1 && !padded ? ls : at::log_softmax(zk / kl.temperature, 1);
+                              const auto t = tid.slice(0, s, e);
+                              return std::make_pair(kd_divergence_sparse(lst, t, tlp.slice(0, s, e), kl).sum(),
+                                                    (zk.argmax(1) == t.select(1, 0)).sum());
+                            };
+                          });
 }
 
 EvalFn kd_cache_eval_fn(model::CausalLM& student, const TeacherCache& cache, const TrainingData& data,

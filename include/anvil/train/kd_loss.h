@@ -34,7 +34,9 @@
 
 #include <ATen/ATen.h>
 
+#include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace anvil::train {
@@ -174,6 +176,20 @@ KdBatchLoss kd_batch_loss(model::CausalLM& student, const Teacher& teacher, cons
 /// kd_batch_loss as the trainer's loss callback, with terms "kd" and "ce".
 LossFn kd_loss_fn(model::CausalLM& student, const Teacher& teacher, const KdOptions& o, double kd_ratio,
                   int64_t ce_chunk, at::Device device);
+
+/// The teacher's side of evaluate_student for the chunk [s, e) of a batch's target rows: from the student's
+/// logits zs (rows, V) fp32 and their log_softmax ls, the chunk's summed KL(teacher || student) and the number of
+/// its rows where both models' most likely token agree, () each.
+using ChunkScore = std::function<std::pair<at::Tensor, at::Tensor>(int64_t s, int64_t e, const at::Tensor& zs,
+                                                                   const at::Tensor& ls)>;
+/// The teacher of one batch: called once per batch with it and its target rows sel (T) int64 on the device (the
+/// hidden states' row order), before its chunks are scored.
+using BatchTeacher = std::function<ChunkScore(const data::Batch& b, const at::Tensor& sel)>;
+/// The evaluation loop of evaluate_against_teacher and evaluate_against_cache (train/teacher_cache.h): the
+/// student's mean CE, perplexity, "kl" and "top1" with the teacher given per chunk by `teacher`. Eval mode and
+/// no grad inside, the student's mode restored after; batch_size rows at a time, at most max_batches (> 0).
+EvalResult evaluate_student(model::CausalLM& student, const data::PackedRows& rows, int64_t batch_size,
+                            int64_t max_batches, int64_t chunk, at::Device device, const BatchTeacher& teacher);
 
 /// The student on packed validation rows beside the teacher: loss (mean CE) and perplexity, and the terms "kl"
 /// (mean KL(teacher || student) per target token at temperature 1: the student's KL to the teacher) and

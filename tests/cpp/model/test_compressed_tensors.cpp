@@ -6,6 +6,8 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <functional>
+#include <limits>
 #include <random>
 
 namespace ct = anvil::model::ct;
@@ -280,5 +282,39 @@ TEST(CompressedTensors, CompressInvertsDequantize) {
     // Dequantizing what was compressed, then compressing that again, changes nothing.
     const auto t2 = ct::compress_module(back, scale, zp, s, format, "m");
     for (const auto& [k, v] : t) EXPECT_TRUE(at::equal(v.to(at::kFloat), t2.at(k).to(at::kFloat))) << preset << " " << k;
+  }
+}
+
+// Found while writing fuzz_quantized_checkpoint (a checkpoint's weight_shape and a config's block_structure are
+// outside bytes): the packed width cols * num_bits was formed in int64, so weight_shape [1, 2^61 + 1] at 8 bits
+// wrapped it to 8 bits = one word, which a (1, 1) weight_packed matched, and the reader went on to allocate 2^61
+// bytes (and would have read past the word); ceil(out / r) was (out + r - 1) / r, which overflows for r near 2^63;
+// a block_structure of 2^40 rows expanded a (1, 1) scale to 2^40 rows before narrowing it.
+TEST(CompressedTensors, HostileShapesAreRefusedOrTakenWithoutTheirSize) {
+  const int64_t huge = (int64_t{1} << 61) + 1;
+  const std::string e = error_of([&] { ct::unpack_int32(at::zeros({1, 1}, at::kInt), 8, {1, huge}); });
+  EXPECT_NE(e.find("packed at 8 bits along dim 1 is [1, " + std::to_string(huge / 32 * 8 + 1) + "] int32, got [1, 1]"),
+            std::string::npos)
+      << e;
+  const std::string d = error_of([&] {
+    ct::dequantize_module({{"weight_packed", at::zeros({1, 1}, at::kInt)},
+                           {"weight_shape", at::tensor(std::vector<int64_t>{1, huge})},
+                           {"weight_scale", at::ones({1, 1})}},
+                          ct::preset_scheme("W8A16", {"Linear"}), "pack-quantized", at::kFloat, "l.down");
+  });
+  EXPECT_NE(d.find("'l.down.weight_packed'"), std::string::npos) << d;
+  EXPECT_NE(d.find("got [1, 1]"), std::string::npos) << d;
+  EXPECT_NE(error_of([] { ct::unpack_int32(at::zeros({1, 1}, at::kInt), 8, {-1, 4}); }).find("must not be negative"),
+            std::string::npos);
+  // Blocks far larger than the weight: one block covers it, (2, 3) * the one scale.
+  at::Tensor q = (at::randn({2, 3}) * 20).to(at::kFloat8_e4m3fn);
+  at::Tensor scale = at::full({1, 1}, 0.25);
+  for (const int64_t r : {int64_t{1} << 40, std::numeric_limits<int64_t>::max()}) {
+    const auto s = ct::parse_scheme(json{{"targets", {"Linear"}},
+                                         {"weights", {{"num_bits", 8}, {"type", "float"}, {"strategy", "block"},
+                                                      {"block_structure", {r, r}}, {"symmetric", true}}}});
+    EXPECT_EQ(ct::weight_scale_shape(*s.weights, 2, 3), (std::vector<int64_t>{1, 1}));
+    const at::Tensor w = ct::dequantize_module({{"weight", q}, {"weight_scale", scale}}, s, "float-quantized", at::kFloat, "l");
+    EXPECT_TRUE(at::equal(w, q.to(at::kFloat) * 0.25)) << r;
   }
 }

@@ -9,7 +9,10 @@
 #include "anvil/train/teacher_cache.h"
 
 #include "anvil/io/fs.h"
+#include "anvil/io/safetensors.h"
 #include "anvil/model/transformer.h"
+
+#include "../../fuzz/teacher_cache_input.h"
 
 #include <gtest/gtest.h>
 
@@ -18,6 +21,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
 #include <functional>
 #include <random>
 #include <set>
@@ -440,6 +446,176 @@ TEST(TeacherCache, SegmentsKeyDocumentsWhereverTheyArePacked) {
   };
   EXPECT_EQ(keys(a), keys(b));
   EXPECT_EQ(keys(a).size(), docs.size());
+}
+
+
+// ---- what fuzz_teacher_cache found, and its seeds --------------------------------------------------------------
+
+// A cache written for the test's own documents, its manifest as JSON; `edit` rewrites it.
+struct SmallCache {
+  std::string dir;
+  CacheOptions o;
+  SmallCache(const std::string& name, at::ScalarType dtype = at::kFloat) : dir(temp_dir(name)) {
+    auto& f = fixture();
+    o = f.opts(dir);
+    o.dtype = dtype;
+    TeacherCacheWriter(o, f.fingerprint, f.docs, f.seq_len, 0, f.vocab).write(f.teacher, at::kCPU);
+  }
+  ~SmallCache() { io::remove_tree(dir); }
+  nlohmann::json manifest() const { return nlohmann::json::parse(read_all(dir + "/manifest.json")); }
+  void write_manifest(const nlohmann::json& m) const { io::write_text_atomically(dir + "/manifest.json", m.dump()); }
+  // Shard 0's tensors changed by `change`, rewritten with its true size and checksum in the manifest: only the
+  // values are wrong.
+  void rewrite_shard(const std::function<void(at::Tensor& ids, at::Tensor& lps)>& change) const {
+    const auto path = dir + "/shard-00000.safetensors";
+    at::Tensor keys, offsets, ids, lps;
+    std::map<std::string, std::string> meta;
+    {
+      io::SafetensorsFile file(path);
+      keys = file.tensor("keys").clone(), offsets = file.tensor("offsets").clone();
+      ids = file.tensor("ids").clone(), lps = file.tensor("logprobs").clone();
+      meta = file.metadata();
+    }
+    change(ids, lps);
+    io::save_safetensors(path, {{"keys", keys}, {"offsets", offsets}, {"ids", ids}, {"logprobs", lps}}, meta);
+    auto m = manifest();
+    m["shards"][0]["bytes"] = read_all(path).size();
+    m["shards"][0]["checksum"] = hash_file(path);
+    write_manifest(m);
+  }
+};
+
+TEST(TeacherCache, ManifestFieldsOfAnotherTypeAreNamed) {
+  // Found by fuzz_teacher_cache: a manifest field of another JSON type ("k": "8", "complete": 1, "file": 5) escaped
+  // as nlohmann::json::type_error from deep inside the reader, naming neither the file nor the key; a "file" with a
+  // '/' made the reader open a file outside the cache directory.
+  auto& f = fixture();
+  SmallCache c("manifest_types");
+  const auto path = c.dir + "/manifest.json";
+  const auto good = c.manifest();
+  struct Case {
+    std::function<void(nlohmann::json&)> edit;
+    std::vector<std::string> words;
+  };
+  const std::vector<Case> cases = {
+      {[](nlohmann::json& m) { m["format"] = 3; }, {path, "not an anvil teacher cache manifest"}},
+      {[](nlohmann::json& m) { m["version"] = "1"; }, {path, "version \"1\""}},
+      {[](nlohmann::json& m) { m["k"] = "8"; }, {path, "k must be an integer >= 1", "\"8\""}},
+      {[](nlohmann::json& m) { m["k"] = 0; }, {path, "k must be an integer >= 1"}},
+      {[](nlohmann::json& m) { m["vocab_size"] = 3; }, {path, "vocab_size must be an integer >= 8"}},
+      {[](nlohmann::json& m) { m.erase("rows_per_shard"); }, {path, "rows_per_shard must be an integer"}},
+      {[](nlohmann::json& m) { m["temperature"] = "hot"; }, {path, "temperature must be a number > 0"}},
+      {[](nlohmann::json& m) { m["shards"][1] = 7; }, {path, "shards[1] must be an object"}},
+      {[](nlohmann::json& m) { m["shards"][0]["file"] = 5; }, {path, "shards[0].file must be a file name"}},
+      {[](nlohmann::json& m) { m["shards"][0]["file"] = "../manifest.json"; }, {path, "shards[0].file", "no '/'"}},
+      {[](nlohmann::json& m) { m["shards"][2]["complete"] = 1; }, {path, "shards[2].complete must be true or false"}},
+      {[](nlohmann::json& m) { m["shards"][0]["bytes"] = "12"; }, {path, "shards[0].bytes must be an integer >= 0"}},
+      {[](nlohmann::json& m) { m["shards"][0]["bytes"] = -5; }, {path, "shards[0].bytes must be an integer >= 0"}},
+      {[](nlohmann::json& m) { m["shards"][0]["checksum"] = nullptr; }, {path, "shards[0].checksum must be a string"}},
+      {[](nlohmann::json& m) { m["shards"][0]["packed_rows"] = {3, 1}; }, {path, "shards[0].packed_rows"}},
+  };
+  for (const auto& k : cases) {
+    auto m = good;
+    k.edit(m);
+    c.write_manifest(m);
+    expect_error([&] { TeacherCache(c.o, nlohmann::json()); }, k.words);
+    // The writer resuming reads the manifest through the same rules.
+    expect_error([&] { TeacherCacheWriter(c.o, f.fingerprint, f.docs, f.seq_len, 0, f.vocab); }, k.words);
+  }
+  c.write_manifest(good);
+  EXPECT_NO_THROW(TeacherCache(c.o, f.fingerprint));
+}
+
+TEST(TeacherCache, ShardValuesTheLossCannotTakeAreRefused) {
+  // Found by fuzz_teacher_cache: a shard whose checksum matches (a cache written by another tool, or edited) could
+  // hold ids outside the vocabulary (kd_loss_sparse gathers the student's logits at them: an index error on the
+  // CPU, a device assert on a GPU), a repeated id in a row or a NaN / positive log-prob (a silently wrong loss).
+  auto& f = fixture();
+  const auto vocab = f.vocab;
+  struct Case {
+    at::ScalarType dtype;
+    std::function<void(at::Tensor&, at::Tensor&)> change;
+    std::vector<std::string> words;
+  };
+  const std::vector<Case> cases = {
+      {at::kFloat, [&](at::Tensor& ids, at::Tensor&) { ids[1][2] = int32_t(vocab); }, {"ids must lie in [0, vocab_size"}},
+      {at::kFloat, [](at::Tensor& ids, at::Tensor&) { ids[0][3] = -1; }, {"ids must lie in [0, vocab_size", "-1"}},
+      {at::kFloat, [](at::Tensor& ids, at::Tensor&) { ids[2][5] = ids[2][1].item<int32_t>(); }, {"holds one id twice"}},
+      {at::kHalf, [](at::Tensor&, at::Tensor& lps) { lps[0][0] = NAN; }, {"logprobs must be log-probabilities"}},
+      {at::kBFloat16, [](at::Tensor&, at::Tensor& lps) { lps[3][7] = 0.5; }, {"logprobs must be log-probabilities"}},
+  };
+  for (size_t i = 0; i < cases.size(); ++i) {
+    SmallCache c("values_" + std::to_string(i), cases[i].dtype);
+    c.rewrite_shard(cases[i].change);
+    auto words = cases[i].words;
+    words.push_back(c.dir + "/shard-00000.safetensors");
+    expect_error([&] { TeacherCache(c.o, f.fingerprint); }, words);
+  }
+  // -inf (a probability that rounded to 0 in the storage dtype) is a log-probability.
+  SmallCache c("values_inf", at::kHalf);
+  c.rewrite_shard([](at::Tensor&, at::Tensor& lps) { lps[0][7] = -INFINITY; });
+  EXPECT_NO_THROW(TeacherCache(c.o, f.fingerprint));
+}
+
+// The seeds of fuzz_teacher_cache (tests/fuzz/corpus_teacher_cache): caches the writer wrote for the harness's
+// documents with the tiny teacher. ANVIL_WRITE_FUZZ_SEEDS=1 rewrites them; every run checks that each opens as the
+// harness opens it and holds every document the harness looks up.
+TEST(TeacherCacheFuzzSeeds, AreCachesHoldingTheHarnesssDocuments) {
+  auto& f = fixture();
+  const std::string corpus = std::string(ANVIL_TEST_DATA_DIR) + "/../fuzz/corpus_teacher_cache";
+  struct Seed {
+    std::string name;
+    uint8_t flags;
+    int64_t k, shard_tokens;
+    at::ScalarType dtype;
+    double temperature;
+  };
+  const std::vector<Seed> seeds = {
+      {"f32_k4_three_shards", fuzz::kFixChecksums | fuzz::kCheckFingerprint, 4, 2 * fuzz::kSeqLen, at::kFloat, 1.0},
+      {"f16_k1_one_shard", fuzz::kFixChecksums, 1, 64, at::kHalf, 1.0},
+      {"bf16_k8_t2_exact", 0, 8, 3 * fuzz::kSeqLen, at::kBFloat16, 2.0},
+  };
+  const auto docs = fuzz::documents();
+  const auto rows = data::pack_examples(docs, fuzz::kSeqLen, 0);
+  const auto shard = [](const std::string& dir, size_t i) {
+    char name[40];
+    std::snprintf(name, sizeof name, "/shard-%05zu.safetensors", i);
+    return dir + name;
+  };
+  for (const auto& s : seeds) {
+    const auto path = corpus + "/" + s.name;
+    CacheOptions o;
+    o.k = s.k, o.shard_tokens = s.shard_tokens, o.dtype = s.dtype, o.temperature = s.temperature;
+    o.batch_size = 2, o.chunk = 3;
+    if (std::getenv("ANVIL_WRITE_FUZZ_SEEDS")) {
+      o.dir = temp_dir("seed_" + s.name);
+      TeacherCacheWriter(o, fuzz::fingerprint(), docs, fuzz::kSeqLen, 0, f.vocab).write(f.teacher, at::kCPU);
+      std::vector<std::string> files = {read_all(o.dir + "/manifest.json")};
+      for (size_t i = 0; io::path_exists(shard(o.dir, i)); ++i) files.push_back(read_all(shard(o.dir, i)));
+      io::remove_tree(o.dir);
+      io::make_directories(corpus);
+      io::write_text_atomically(path, fuzz::join_files(s.flags, files));
+    }
+    ASSERT_TRUE(io::path_exists(path)) << path << " is missing: ANVIL_WRITE_FUZZ_SEEDS=1 writes it";
+    const auto input = read_all(path);
+    ASSERT_EQ(uint8_t(input[0]), s.flags) << path;
+    const auto files = fuzz::split_files(input.substr(1));
+    ASSERT_GE(files.size(), 2u) << path;
+    o.dir = temp_dir("seed_open");
+    io::make_directories(o.dir);
+    io::write_text_atomically(o.dir + "/manifest.json", files[0]);
+    for (size_t i = 1; i < files.size(); ++i)
+      io::write_text_atomically(shard(o.dir, i - 1), files[i]);
+    TeacherCache cache(o, s.flags & fuzz::kCheckFingerprint ? fuzz::fingerprint() : nlohmann::json());
+    EXPECT_EQ(cache.k(), s.k) << path;
+    for (int64_t r = 0; r < rows.rows; ++r) {
+      const auto b = data::slice_rows(rows, r, r + 1);
+      const auto [ids, lps] = cache.lookup(b, at::kCPU);  // (T, k)
+      EXPECT_EQ(ids.size(0), b.targets) << path << " row " << r;
+    }
+    EXPECT_LT(input.size(), 16384u) << path << ": over scripts/fuzz.sh's -max_len";
+    io::remove_tree(o.dir);
+  }
 }
 
 }  // namespace
