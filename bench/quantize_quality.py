@@ -54,6 +54,7 @@ def convert(gguf_path, out):
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config["dtype"] = "float32"
+    config["architectures"] = [type(model).__name__]  # null in a GGUF-loaded config
     with open(os.path.join(out + ".tmp", "config.json"), "w") as fh:
         json.dump(config, fh, indent=2)
     tok.save_pretrained(out + ".tmp")

@@ -153,7 +153,9 @@ def llm_compressor_rtn(w, scheme, fmt):
     obs = Observer.load_from_registry(scheme.weights.observer, base_name="weight", args=scheme.weights.model_copy())
     obs(w)
     qp = obs.get_qparams()
-    sd = {"weight": w, "weight_scale": qp["scale"], "weight_zero_point": qp["zero_point"]}
+    sd = {"weight": w, "weight_scale": qp["scale"]}
+    if not scheme.weights.symmetric:
+        sd["weight_zero_point"] = qp["zero_point"]
     return BaseCompressor.get_value_from_registry(fmt).compress(sd, scheme)
 
 
