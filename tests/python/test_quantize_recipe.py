@@ -150,7 +150,7 @@ def llm_compressor_rtn(w, scheme, fmt):
     from compressed_tensors.compressors import BaseCompressor
     from llmcompressor.observers import Observer
 
-    obs = Observer.load_from_registry(scheme.weights.observer, base_name="weight", args=scheme.weights.model_copy())
+    obs = Observer.load_from_registry(scheme.weights.observer or "minmax", base_name="weight", args=scheme.weights.model_copy())
     obs(w)
     qp = obs.get_qparams()
     sd = {"weight": w, "weight_scale": qp["scale"]}
