@@ -833,6 +833,8 @@ TeacherCache::TeacherCache(const CacheOptions& o, const json& fingerprint) : dir
     shards_.push_back(open_scores(path, s, k_, [&](uint64_t key, int64_t begin, int64_t count) {
       where_.emplace(key, Where{index, begin, count});
     }));
+    // ids in the vocabulary, no repeats, log-probs <= 0: what the losses can take
+    check_shard_values(path, shards_.back()->file->tensor("ids"), shards_.back()->file->tensor("logprobs"), vocab_);
     ++index;
   }
   if (o.on_policy_rows) open_round(o);
@@ -864,7 +866,6 @@ std::unique_ptr<TeacherCache::Shard> TeacherCache::open_scores(
       throw std::invalid_argument("teacher cache shard " + path + ": offsets are not increasing within its rows");
     add(uint64_t(kp[d]), op[d], op[d + 1] - op[d]);
   }
-  check_shard_values(path, f.tensor("ids"), f.tensor("logprobs"), vocab_);  // ids in the vocabulary, no repeats, log-probs <= 0
   sh->ids = reinterpret_cast<const int32_t*>(f.data(ids));
   sh->logprobs = f.data(lps);
   sh->dtype = lps.dtype;
@@ -911,6 +912,7 @@ void TeacherCache::open_round(const CacheOptions& o) {
                                     rollout_path + " (another rollout?); delete it and run the teacher pass again");
       rollout_where_.emplace(key, RolloutWhere{ri, it->second, Where{si, begin, count}});
     }));
+    check_shard_values(scores_path, shards_.back()->file->tensor("ids"), shards_.back()->file->tensor("logprobs"), vocab_);
   }
   round_ = n;
   round_entry_ = round;
