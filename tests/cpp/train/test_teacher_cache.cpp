@@ -347,7 +347,8 @@ TEST(TeacherCache, OnPolicyRoundIsScoredByTheTeacherAndReplacesItsDocuments) {
     EXPECT_TRUE(std::isfinite(l.value.item<double>()));
     ASSERT_EQ(l.terms.size(), 3u);
     EXPECT_EQ(l.terms[2].first, "on_policy");
-    EXPECT_NEAR(l.terms[2].second.item<double>(), double(rows.replaced_targets) / double(b.targets), 1e-9);
+    // The term is a float32 tensor: its share is exact to float32's precision, not double's.
+    EXPECT_NEAR(l.terms[2].second.item<double>(), double(rows.replaced_targets) / double(b.targets), 1e-6);
   }
   EXPECT_GT(replaced, 0);
   // An unfinished round 2 (another student) cannot be finished by a third one.
