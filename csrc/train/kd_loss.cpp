@@ -488,17 +488,27 @@ at::Tensor target_rows(const at::Tensor& labels) {
 
 // ---- a student and a frozen teacher on packed batches --------------------------------------------------
 
-namespace {
-
-// The LM head weight (V, H) of a model: lm_head's, or the tied embedding's.
 at::Tensor head_weight(const model::CausalLM& m) {
   return m.lm_head ? m.lm_head->weight : m.model->embed_tokens->weight;
 }
 
-// Hidden states (B, S, H) of a packed batch; doc ids only where a row packs several documents (setup.cpp's rule).
 at::Tensor batch_hidden(model::CausalLM& m, const at::Tensor& all, bool packed) {
   return m.hidden_states(all[0], nullptr, all[1], packed ? c10::optional<at::Tensor>(all[2]) : c10::nullopt);
 }
+
+at::Tensor student_ce(model::CausalLM& student, const at::Tensor& h, const at::Tensor& labels, double normalizer,
+                      int64_t ce_chunk, double kd_ratio) {
+  c10::optional<at::NoGradGuard> no_grad;
+  if (kd_ratio >= 1) no_grad.emplace();
+  if (student.lm_head && student.lm_head->adapter) {
+    const double inv = normalizer > 0 ? 1.0 / normalizer : 0.0;
+    return at::cross_entropy_loss(student.lm_head->forward(h).to(at::kFloat), labels, {}, at::Reduction::Sum,
+                                  kIgnoreIndex) * inv;
+  }
+  return causal_lm_loss(h, head_weight(student), labels, normalizer, ce_chunk);
+}
+
+namespace {
 
 // The teacher's hidden states at the target rows (T, Ht), on `device`, without autograd.
 at::Tensor teacher_rows(const Teacher& teacher, const data::Batch& b, const at::Tensor& rows, at::Device device) {
@@ -546,15 +556,8 @@ KdBatchLoss kd_batch_loss(model::CausalLM& student, const Teacher& teacher, cons
     out.kd = (l.kd * inv).to(at::kFloat), out.ce = (l.ce * inv).to(at::kFloat);
     return out;
   }
-  at::Tensor ce, kd = at::zeros({}, h.options().dtype(at::kFloat));
-  {
-    // CE is logged at kd_ratio 1 too, without a graph (it would get no gradient).
-    c10::optional<at::NoGradGuard> no_grad;
-    if (kd_ratio >= 1) no_grad.emplace();
-    ce = adapted_head ? at::cross_entropy_loss(student.lm_head->forward(h).to(at::kFloat), labels, {},
-                                               at::Reduction::Sum, kIgnoreIndex) * inv
-                      : causal_lm_loss(h, ws, labels, normalizer, ce_chunk);
-  }
+  at::Tensor kd = at::zeros({}, h.options().dtype(at::kFloat));
+  const at::Tensor ce = student_ce(student, h, labels, normalizer, ce_chunk, kd_ratio);  // logged at kd_ratio 1 too
   if (kd_ratio > 0) {  // the adapted head: its logits taken whole
     const auto rows = target_rows(labels);                   // (T)
     const auto ht = teacher_rows(teacher, b, rows, device);  // (T, Ht)

@@ -233,15 +233,6 @@ void check_shard_values(const std::string& path, const at::Tensor& ids_t, const 
   }
 }
 
-// The hidden states (B, S, H) of a packed batch (doc ids only when a row holds several documents).
-at::Tensor batch_hidden(model::CausalLM& m, const at::Tensor& all, bool packed) {
-  return m.hidden_states(all[0], nullptr, all[1], packed ? c10::optional<at::Tensor>(all[2]) : c10::nullopt);
-}
-
-at::Tensor head_weight(const model::CausalLM& m) {
-  return m.lm_head ? m.lm_head->weight : m.model->embed_tokens->weight;
-}
-
 // The teacher's top-k of log_softmax(z / T) at a batch's target rows (target_rows order), appended as CPU
 // pieces: ids (rows, k) int32 and log-probs (rows, k) in the storage dtype. `head` (V, H) is on `device`.
 void score_batch(const Teacher& teacher, const at::Tensor& head, const data::Batch& b, const CacheOptions& o,
@@ -993,14 +984,8 @@ CachedLoss cached_batch_loss(model::CausalLM& student, const TeacherCache& cache
   const bool adapted_head = student.lm_head && student.lm_head->adapter;
   const double inv = normalizer > 0 ? 1.0 / normalizer : 0.0;
   const int64_t vocab = cache.vocab_size();  // the compared rows: the student's padding is in CE only
-  at::Tensor ce, kd = at::zeros({}, h.options().dtype(at::kFloat));
-  {
-    c10::optional<at::NoGradGuard> no_grad;
-    if (kd_ratio >= 1) no_grad.emplace();
-    ce = adapted_head ? at::cross_entropy_loss(student.lm_head->forward(h).to(at::kFloat), labels, {},
-                                               at::Reduction::Sum, kIgnoreIndex) * inv
-                      : causal_lm_loss(h, ws, labels, normalizer, ce_chunk);
-  }
+  at::Tensor kd = at::zeros({}, h.options().dtype(at::kFloat));
+  const at::Tensor ce = student_ce(student, h, labels, normalizer, ce_chunk, kd_ratio);
   if (kd_ratio > 0) {
     const auto hs = h.index_select(0, target_rows(labels));              // (T, Hs)
     const auto [tid, tlp] = cache.lookup(keyed, device, skip_on_policy);  // (T, k) each

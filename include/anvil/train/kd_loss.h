@@ -151,6 +151,20 @@ at::Tensor uld_divergence(const at::Tensor& student_logits, const at::Tensor& te
 /// The (T) int64 indices of the target positions (labels != kIgnoreIndex) of labels (...) flattened.
 at::Tensor target_rows(const at::Tensor& labels);
 
+/// The LM head weight (V, H) of a model: lm_head's, or the tied embedding's.
+at::Tensor head_weight(const model::CausalLM& m);
+
+/// The hidden states (B, S, H) of a batch moved by batch_to_device (`all`: (4, B, S) ids, positions, doc ids,
+/// labels); doc ids only where a row packs several documents (setup.cpp's rule).
+at::Tensor batch_hidden(model::CausalLM& m, const at::Tensor& all, bool packed);
+
+/// The student's cross-entropy of hidden rows h (N, Hs) against labels (N) over its whole head (padded rows
+/// included: only the KD terms compare a cut vocabulary), summed and divided by normalizer. A head with an
+/// adapter (a LoRA on lm_head) takes its logits whole, a plain one goes through causal_lm_loss's chunks of
+/// ce_chunk rows. At kd_ratio >= 1 CE gets no gradient, so it is computed without a graph (logged only).
+at::Tensor student_ce(model::CausalLM& student, const at::Tensor& h, const at::Tensor& labels, double normalizer,
+                      int64_t ce_chunk, double kd_ratio);
+
 // ---- a student and a frozen teacher on packed batches --------------------------------------------------
 
 /// The teacher's side of a distillation: the model (eval mode, no parameter requiring grad) and its LM head's
