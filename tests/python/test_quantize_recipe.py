@@ -424,31 +424,46 @@ def big_model(tmp_path_factory):
     return d, total
 
 
+# Runs argv[1:] with stdout discarded and prints "returncode peak_rss_kib". It runs in a fresh interpreter without
+# site packages (a few MB), because a child's ru_maxrss counts the address space it was forked or vforked from until
+# its exec: measured straight from pytest, the peak would be pytest's own (torch, transformers: ~1.8 GiB).
+_MEASURE = ("import os, subprocess, sys\n"
+            "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)\n"
+            "_, status, usage = os.wait4(p.pid, 0)\n"
+            "print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)\n")
+
+
 def peak_rss_bytes(cmd, **kwargs):
-    """Runs cmd and returns (CompletedProcess-like returncode, stderr, the child's peak resident set in bytes).
-    The peak is the kernel's own (getrusage ru_maxrss of that one child, via wait4: VmHWM at exit), so no poller can
-    miss a short spike; it counts file-backed pages too (a mapped shard that is read is resident)."""
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **kwargs)
-    err = p.stderr.read()
-    _, status, usage = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    return p.returncode, err, usage.ru_maxrss * 1024
+    """Runs cmd and returns (its exit code, its stderr, its peak resident set in bytes). The peak is the kernel's own
+    (ru_maxrss of that one child, via wait4: VmHWM at exit), so no poller can miss a short spike; it counts
+    file-backed pages too (a mapped shard that is read is resident)."""
+    p = subprocess.run([sys.executable, "-S", "-c", _MEASURE, *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True, **kwargs)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rc, kib = p.stdout.split()
+    return int(rc), p.stderr, int(kib) * 1024
 
 
 def test_host_memory_stays_below_the_models_size(big_model, tmp_path):
-    """The recipe never holds the model: the process's peak resident memory (heap, the mapped shards it reads, the
-    libraries) stays below half the model's bytes, where loading the model (anvil's CausalLM, measured the same way
-    in a child) exceeds the model's size. (RLIMIT_AS counts torch's virtual reservations and RLIMIT_DATA stopped
-    libcudnn from loading; this machine's cgroup v1 memory limit is not writable: hence a measured peak.) The export is
-    checked against the ops' quantization of a layer's weight."""
+    """The recipe never holds the model: what its run adds to the process's peak resident memory (heap, the mapped
+    shards it reads) over the same command's --dry-run (the program and its libraries: libtorch alone is ~0.5 GiB
+    resident, as big as this model's half) stays below half the model's bytes, where loading the model (anvil's
+    CausalLM, measured the same way against `import anvil`) adds more than the model's size. (RLIMIT_AS counts
+    torch's virtual reservations and RLIMIT_DATA stopped libcudnn from loading; this machine's cgroup v1 memory
+    limit is not writable: hence a measured peak.) The export is checked against the ops' quantization of a layer's
+    weight."""
     src, total = big_model
     out = str(tmp_path / "out")
-    rc, err, peak = peak_rss_bytes([anvil_binary(), "quantize", "--model", src, "--scheme", "fp8-block", "--out", out,
-                                    "--output.max_shard_bytes=67108864"])
+    cmd = [anvil_binary(), "quantize", "--model", src, "--scheme", "fp8-block", "--out", out,
+           "--output.max_shard_bytes=67108864"]
+    rc, err, base = peak_rss_bytes(cmd + ["--dry-run"])
+    assert rc == 0 and not os.path.exists(out), err[-3000:]
+    rc, err, peak = peak_rss_bytes(cmd)
     assert rc == 0, err[-3000:]
-    print(f"anvil quantize fp8-block of a {total / 2**30:.2f} GiB model: peak RSS {peak / 2**30:.3f} GiB "
-          f"({peak / total:.2f}x the model)")
-    assert peak < 0.5 * total, (peak, total)
+    added = peak - base
+    print(f"anvil quantize fp8-block of a {total / 2**30:.2f} GiB model: peak RSS {peak / 2**30:.3f} GiB, "
+          f"{added / 2**30:.3f} GiB over its --dry-run ({added / total:.2f}x the model)")
+    assert 0 < added < 0.5 * total, (peak, base, total)
     got = tensors(out)
     with safe_open(os.path.join(src, "model-00005-of-00013.safetensors"), "pt") as f:
         w = f.get_tensor("model.layers.3.mlp.down_proj.weight")
@@ -456,10 +471,12 @@ def test_host_memory_stays_below_the_models_size(big_model, tmp_path):
     assert torch.equal(got["model.layers.3.mlp.down_proj.weight"].view(torch.uint8), q.view(torch.uint8))
     assert len([f for f in os.listdir(out) if f.endswith(".safetensors")]) > 3
     # The control: the same measurement of a process that loads the model whole.
+    rc, err, py_base = peak_rss_bytes([sys.executable, "-c", "import anvil"])
+    assert rc == 0, err[-3000:]
     load = f"import anvil; m = anvil._C.CausalLM({src!r}, 'float32'); print(len(m.state_dict()))"
     rc, err, whole = peak_rss_bytes([sys.executable, "-c", load])
     assert rc == 0, err[-3000:]
-    assert whole > total > 2 * peak, (whole, total, peak)
+    assert whole - py_base > total > 2 * added, (whole, py_base, total, added)
 
 
 def test_a_kill_leaves_no_half_written_output(big_model, tmp_path):
