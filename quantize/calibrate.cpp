@@ -144,25 +144,32 @@ class QuantizedProduct : public model::LinearAdapter {
   double signal = 0, noise = 0;
 };
 
-// The one place a weight's quantization is chosen by the scheme's algorithm (the lead adds gguf-* schemes here).
+// The one place a weight's quantization is chosen by the scheme's algorithm and export.
 // SmoothQuant has already moved the activation ranges into the weights (smooth_layer), so w8a8 is RTN here.
+// - GPTQ: quantize/gptq.h (llm-compressor's GPTQ, scales fixed by its observer in the model dtype).
+// - Round to nearest for a compressed-tensors export: llm-compressor's own, through the core (model::ct): the
+//   min-max observer in the weight's dtype (a bf16 model gets bf16 scales, which is what llm-compressor writes and
+//   what transformers and vLLM load) and compress against that rounded scale, so the export is bit-equal to
+//   llm-compressor's for any model dtype (int8: amax / 127.5, as its observer; not the ops' amax / 127).
+// - Round to nearest for FineGrainedFP8: the core ops (fp32 weight_scale_inv, as DeepSeek-V3 and transformers'
+//   FP8Linear hold it).
 QuantizedWeight quantize_weight(const StreamOptions& o, const std::string& module, const at::Tensor& w,
                                 const Observer* observed, bool* rtn_fallback) {
   const Scheme& s = *o.scheme;
   QuantizedWeight q;
-  if (s.granularity == "group") {  // llm-compressor's observer and grid (quantize/gptq.h): scales in the model dtype
+  if (s.algorithm == "gptq") {
     GptqOptions g;
     g.bits = weight_bits(s), g.group_size = o.group_size, g.act_order = o.act_order, g.dampening = o.dampening;
     g.scale_dtype = o.dtype;
-    GptqResult r;
-    if (s.algorithm == "gptq") {
-      TORCH_CHECK(observed && observed->hessian, module, ": GPTQ needs calibration (data.calib)");
-      r = gptq_quantize(w, observed->hessian->hessian(), g);
-      if (rtn_fallback) *rtn_fallback = r.rtn_fallback;
-    } else {
-      r = rtn_quantize(w, g);
-    }
+    TORCH_CHECK(observed && observed->hessian, module, ": GPTQ needs calibration (data.calib)");
+    const GptqResult r = gptq_quantize(w, observed->hessian->hessian(), g);
+    if (rtn_fallback) *rtn_fallback = r.rtn_fallback;
     q.q = r.q, q.scale = r.scale.contiguous(), q.group_size = o.group_size;
+  } else if (o.format == "compressed-tensors") {
+    const auto cts = ct_scheme(s, o.group_size, false);
+    const auto qp = model::ct::observe_weight(w, *cts.weights, module);
+    q.q = model::ct::compress_module(w, qp.scale, {}, cts, "naive-quantized", module).at("weight");  // (N, K) fp8 / int8
+    q.scale = qp.scale, q.group_size = s.granularity == "group" ? o.group_size : 0;
   } else {
     q = quantize_rtn(s, w);
   }

@@ -4,6 +4,8 @@
 // columns; the Python oracle test (tests/python/test_gptq.py) states the tolerance.
 #include "quantize/gptq.h"
 
+#include "anvil/model/compressed_tensors.h"
+
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -49,40 +51,26 @@ void check_options(const at::Tensor& weight, const GptqOptions& o) {
 }
 
 // compressed-tensors' min-max observer + calculate_qparams on the original weight, in the weight's dtype
-// (llm-compressor observes module.weight before GPTQ runs), rounded to scale_dtype.
+// (llm-compressor observes module.weight before GPTQ runs: the core's model::ct::observe_weight), rounded to
+// scale_dtype (a zero scale becoming that dtype's eps).
 Observed observe(const at::Tensor& weight, const GptqOptions& o) {
-  const int64_t N = weight.size(0), K = weight.size(1);
+  const int64_t K = weight.size(1);
   const int64_t gs = o.group_size == -1 ? K : o.group_size;
-  const Grid g = grid_of(o.bits);
   const at::ScalarType sdt = o.scale_dtype.value_or(weight.scalar_type());
-  at::Tensor wg = weight.reshape({N, K / gs, gs});  // (N, G, gs)
-  at::Tensor mn = at::clamp_max(std::get<0>(wg.min(-1)), 0);  // 0 must be representable
-  at::Tensor mx = at::clamp_min(std::get<0>(wg.max(-1)), 0);
-  // bit_range as a tensor of the weight's dtype, as calculate_qparams does (exact for b <= 8).
-  at::Tensor range = at::scalar_tensor(g.qmax - g.qmin, weight.options());
+  model::ct::QuantArgs args;
+  args.num_bits = o.bits, args.type = model::ct::QuantType::kInt, args.symmetric = o.symmetric;
+  args.strategy = model::ct::Strategy::kGroup, args.group_size = gs;  // one group of K columns: channel-wise
+  const auto qp = model::ct::observe_weight(weight, args);
   Observed out;
   out.group_size = gs;
-  at::Tensor scale, zp;
-  if (o.symmetric) {
-    scale = at::maximum(mn.abs(), mx.abs()) / (range / 2);
-  } else {
-    scale = (mx - mn) / range;
-    zp = at::clamp(at::scalar_tensor(g.qmin, weight.options()) - mn / scale, g.qmin, g.qmax);
+  out.scale = qp.scale.to(sdt);
+  if (sdt != weight.scalar_type()) {  // an all-zero group's scale is scale_dtype's eps, not the weight dtype's
+    const double eps = sdt == at::kBFloat16 ? 0.0078125 : sdt == at::kHalf ? 0.0009765625
+                       : sdt == at::kDouble ? 2.220446049250313e-16 : 1.1920928955078125e-07;
+    const auto zero = weight.reshape({weight.size(0), K / gs, gs}).abs().amax(-1) == 0;  // (N, G)
+    out.scale = at::where(zero, at::scalar_tensor(eps, out.scale.options()), out.scale);
   }
-  scale = scale.to(sdt);
-  // A zero scale (an all-zero group) becomes the dtype's eps, as compressed-tensors does.
-  const double eps = sdt == at::kBFloat16 ? 0.0078125 : sdt == at::kHalf ? 0.0009765625
-                     : sdt == at::kDouble ? 2.220446049250313e-16 : 1.1920928955078125e-07;
-  at::Tensor zero_scale = scale == 0;
-  scale = at::where(zero_scale, at::scalar_tensor(eps, scale.options()), scale);
-  if (!o.symmetric) {
-    // round_to_quantized_type_dtype: clamp to int8, round half to even. An all-zero group's zero point is
-    // 0/0 there (NaN, cast to int8); any zero point gives q == zp, w == 0 for it: take 0.
-    zp = at::round(at::clamp(zp, -128, 127));
-    zp = at::where(zero_scale, at::zeros_like(zp), zp).to(at::kChar);
-    out.zero_point = zp;
-  }
-  out.scale = scale;
+  out.zero_point = qp.zero_point;
   out.g_idx = at::arange(K, weight.options().dtype(at::kInt)).div(gs, "floor");
   return out;
 }

@@ -19,7 +19,10 @@ const std::vector<Scheme>& schemes() {
        "FP8 e4m3 weights per output channel, activations dynamic per token (llm-compressor FP8_DYNAMIC)"},
       {"fp8-tensor", "fp8", "tensor", "tensor", "rtn", "float-quantized",
        "FP8 e4m3 weights per tensor, activations dynamic per tensor"},
-      {"int8-weight", "int8", "row", "", "rtn", "int-quantized", "int8 weights per output channel, weight-only (W8A16)"},
+      // Weight-only int8 is pack-quantized (four values per int32), as llm-compressor infers it for W8A16
+      // (compressed-tensors' infer_module_format: int-quantized needs input activations) and as vLLM's
+      // CompressedTensorsWNA16 requires; anvil's loader still reads the int-quantized layout of earlier exports.
+      {"int8-weight", "int8", "row", "", "rtn", "pack-quantized", "int8 weights per output channel, weight-only (W8A16)"},
       {"w8a8-int8", "int8", "row", "token", "smoothquant", "int-quantized",
        "int8 weights per channel, int8 activations dynamic per token, SmoothQuant with a calibrated alpha"},
       {"int4-weight", "int4", "group", "", "rtn", "pack-quantized",
@@ -51,16 +54,20 @@ const Scheme& find_scheme(const std::string& name, const std::string& key) {
 int weight_bits(const Scheme& s) { return s.weight == "int4" ? 4 : 8; }
 
 at::Tensor QuantizedWeight::dequantize(at::ScalarType dtype) const {
+  // q * scale in fp32 (exact for 8-bit q and an fp32, bf16 or fp16 scale), rounded once to `dtype`: what
+  // compressed-tensors' decompress computes in a bf16 scale's own dtype, and what the ops compute for fp32 ones.
+  const auto s = scale.to(at::kFloat);
+  const bool per_tensor = s.dim() <= 1;  // () from the ops, (1) as compressed-tensors stores it
   if (q.scalar_type() == at::kFloat8_e4m3fn) {
-    const std::string g = scale.dim() == 0 ? "tensor" : (scale.size(1) == 1 && scale.size(0) == q.size(0) ? "row" : "block128x128");
-    return anvil::ops::dequantize_fp8(q, scale, g, dtype);
+    const std::string g = per_tensor ? "tensor" : (s.size(1) == 1 && s.size(0) == q.size(0) ? "row" : "block128x128");
+    return anvil::ops::dequantize_fp8(q, per_tensor ? s.reshape({}) : s, g, dtype);
   }
   if (group_size > 0) {  // (N, K / g, g) * (N, K / g, 1)
     const int64_t n = q.size(0), k = q.size(1);
-    auto w = q.to(at::kFloat).view({n, k / group_size, group_size}) * scale.unsqueeze(-1);
+    auto w = q.to(at::kFloat).view({n, k / group_size, group_size}) * s.unsqueeze(-1);
     return w.view({n, k}).to(dtype);
   }
-  return anvil::ops::dequantize_int8(q, scale, scale.dim() == 0 ? "tensor" : "row", dtype);
+  return anvil::ops::dequantize_int8(q, per_tensor ? s.reshape({}) : s, per_tensor ? "tensor" : "row", dtype);
 }
 
 std::string shape_misfit(const Scheme& s, int64_t n, int64_t k, int64_t group_size) {

@@ -39,8 +39,9 @@ int weight_bits(const Scheme& s);
 /// A quantized (N, K) weight.
 struct QuantizedWeight {
   at::Tensor q;      ///< (N, K): float8_e4m3fn, or int8 (int4 values in [-8, 7] held one per int8)
-  at::Tensor scale;  ///< fp32 dequantization multipliers: () tensor, (N, 1) row, (ceil(N/128), K/128) block,
-                     ///< (N, K/group) group
+  at::Tensor scale;  ///< dequantization multipliers: () or (1) tensor, (N, 1) row, (ceil(N/128), K/128) block,
+                     ///< (N, K/group) group; fp32 from the ops (FineGrainedFP8), the model's dtype for the
+                     ///< compressed-tensors exports (llm-compressor's observer, calibrate.cpp quantize_weight)
   int64_t group_size = 0;  ///< "group" only
   /// float(q) * scale, rounded once to `dtype`: exactly what a loader of the export computes.
   at::Tensor dequantize(at::ScalarType dtype) const;

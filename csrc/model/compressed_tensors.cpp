@@ -780,6 +780,54 @@ at::Tensor dequantize_module(const ModuleTensors& tensors, const Scheme& scheme,
   return dtype ? x.to(*dtype) : x;
 }
 
+WeightQParams observe_weight(const at::Tensor& weight, const QuantArgs& a, const std::string& module) {
+  TORCH_CHECK(weight.dim() == 2 && at::isFloatingType(weight.scalar_type()), "observe_weight '", module,
+              "': weight must be a 2-D floating tensor, got ", weight.scalar_type(), " ", shape_str(weight.sizes()));
+  TORCH_CHECK(a.scale_dtype.empty(), "observe_weight '", module, "': scale_dtype ", a.scale_dtype,
+              " is not supported (scales are computed in the weight's dtype)");
+  const int64_t rows = weight.size(0), cols = weight.size(1);
+  check_group_divides(a, cols, module);
+  // (G0, G1, n): the values sharing each scale along the last dimension (flatten_for_calibration's layout
+  // without its leading observation dimension).
+  at::Tensor v;
+  switch (a.strategy) {
+    case Strategy::kTensor: v = weight.reshape({1, 1, -1}); break;
+    case Strategy::kChannel: v = weight.unsqueeze(1); break;
+    case Strategy::kGroup: v = weight.reshape({rows, cols / *a.group_size, *a.group_size}); break;
+    case Strategy::kBlock: {
+      const int64_t br = a.block_structure[0], bc = a.block_structure[1];
+      const int64_t pr = ceil_div(rows, br) * br, pc = ceil_div(cols, bc) * bc;  // zero padding: min/max keep 0 anyway
+      const at::Tensor padded = pr == rows && pc == cols ? weight : at::constant_pad_nd(weight, {0, pc - cols, 0, pr - rows});
+      v = padded.reshape({pr / br, br, pc / bc, bc}).transpose(1, 2).reshape({pr / br, pc / bc, br * bc});
+      break;
+    }
+    default: TORCH_CHECK(false, "observe_weight '", module, "': strategy ", to_string(a.strategy), " does not apply to weights");
+  }
+  const at::Tensor mn = at::clamp_max(v.amin(-1), 0), mx = at::clamp_min(v.amax(-1), 0);  // (G0, G1)
+  const auto [qmin, qmax] = quant_range(a);
+  const at::Tensor range = at::scalar_tensor(qmax - qmin, weight.options());  // exact in bf16/fp16 for <= 8 bits
+  WeightQParams out;
+  at::Tensor scale;
+  if (a.symmetric) {
+    scale = at::maximum(mn.abs(), mx.abs()) / (range / 2);
+  } else {
+    TORCH_CHECK(a.type == QuantType::kInt, "observe_weight '", module, "': asymmetric float weights are not supported");
+    scale = (mx - mn) / range;
+    at::Tensor zp = at::clamp(at::scalar_tensor(qmin, weight.options()) - mn / scale, qmin, qmax);
+    zp = at::round(at::clamp(zp, -128, 127));  // round_to_quantized_type_dtype(int8)
+    out.zero_point = at::where(scale == 0, at::zeros_like(zp), zp).to(at::kChar);
+  }
+  const double eps = weight.scalar_type() == at::kBFloat16 ? 0.0078125
+                     : weight.scalar_type() == at::kHalf   ? 0.0009765625
+                     : weight.scalar_type() == at::kDouble ? 2.220446049250313e-16
+                                                           : 1.1920928955078125e-07;  // torch.finfo(dtype).eps
+  out.scale = at::where(scale == 0, at::scalar_tensor(eps, scale.options()), scale);
+  const auto shape = weight_scale_shape(a, rows, cols);
+  out.scale = out.scale.reshape(shape);
+  if (out.zero_point.defined()) out.zero_point = out.zero_point.reshape(shape);
+  return out;
+}
+
 ModuleTensors compress_module(const at::Tensor& weight, const at::Tensor& scale_in, const at::Tensor& zero_point,
                               const Scheme& scheme, const std::string& format, const std::string& module) {
   TORCH_CHECK(weight.dim() == 2 && at::isFloatingType(weight.scalar_type()), "compress_module '", module,

@@ -184,6 +184,22 @@ at::Tensor dequantize_module(const ModuleTensors& tensors, const Scheme& scheme,
 ModuleTensors compress_module(const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& zero_point,
                               const Scheme& scheme, const std::string& format, const std::string& module = "");
 
+/// A weight's quantization parameters as llm-compressor 0.14 computes them before it compresses a module:
+/// its min-max observer (observers/helpers.py flatten_for_calibration: tensor, channel, group, or block
+/// with zero padding) and compressed-tensors' calculate_qparams, in the weight's own dtype (a bf16 model
+/// gets bf16 scales, rounded once, as llm-compressor writes them): min <= 0 <= max forced; symmetric
+/// scale = max(|min|, |max|) / (range / 2), asymmetric scale = (max - min) / range and zero point
+/// round(clamp(qmin - min / scale, qmin, qmax)) (int8; an all-zero group's 0/0 gives 0); range is
+/// qmax - qmin as a tensor of the weight's dtype (255 for int8, 896 for e4m3); a zero scale becomes
+/// the dtype's eps. Shapes are weight_scale_shape's. `args.scale_dtype` must be null (anvil writes none).
+/// With compress_module this is llm-compressor's round to nearest bit for bit (quantizing against the
+/// rounded scale, the division in the weight's dtype).
+struct WeightQParams {
+  at::Tensor scale;       ///< weight_scale_shape(args, out, in), the weight's dtype
+  at::Tensor zero_point;  ///< same shape, int8; undefined when symmetric
+};
+WeightQParams observe_weight(const at::Tensor& weight, const QuantArgs& args, const std::string& module = "");
+
 /// The integer range [qmin, qmax] of int args (-2^(b-1), 2^(b-1)-1) or +-448 for fp8.
 std::pair<double, double> quant_range(const QuantArgs& args);
 
