@@ -4,7 +4,9 @@ What each option replaces (transformers 5.17's modeling code; docs/PYTHON.md has
   rms_norm       every <Arch>RMSNorm module (the layer norms, the final norm, Qwen3's q/k norms, MLA's latent
                  norms) by anvil.nn.RMSNorm holding the same weight Parameter
   swiglu         every dense <Arch>MLP (DeepSeek's dense layers and shared experts included) by anvil.nn.SwiGLUMLP
-                 holding the same gate/up/down Linears; hidden_act must be silu
+                 holding the same gate/up/down Linears, and the routed experts' gate (Mixtral, DeepSeek: the
+                 ``_apply_gate`` of transformers' grouped_mm / batched_mm experts paths) by anvil::swiglu; hidden_act
+                 must be silu, and the experts path not "eager" (its Python loop has the product inline)
   rope           the attention modules' apply_rotary_pos_emb (DeepSeek-V3's interleaved variant too) by anvil::rope
   cross_entropy  the CausalLM's forward: with labels in training mode, the loss comes from the last hidden states
                  through anvil.nn.linear_cross_entropy (chunked; logits are returned as None, as Liger does); without
@@ -36,6 +38,7 @@ class _Arch:
     module: str  # transformers.models.<x>.modeling_<x>
     norm: str  # the RMSNorm class
     mlp: str | None  # the dense SwiGLU MLP class
+    experts: str | None  # the routed experts class (3-D gate_up_proj, transformers' experts interface)
     attention: str  # the attention class whose forward calls the rope functions
     rope: tuple  # ((module-level function name, interleaved), ...); () when the rotation is not anvil::rope's
     rope_missing: str = ""  # why rope is unsupported, when it is
@@ -44,26 +47,27 @@ class _Arch:
 
 
 _HALF = (("apply_rotary_pos_emb", False),)
-_EXPERTS = "the routed experts (3-D gate_up_proj / down_proj tensors looped over in Python) keep transformers' act_fn(gate) * up"
+_EXPERTS = ("the router, the routed experts' GEMMs and their dispatch (transformers' experts implementation; "
+            "anvil's moe_gate/moe_permute/fp8 grouped GEMM are not swapped in)")
 
 ARCHITECTURES = {
-    "LlamaForCausalLM": _Arch("transformers.models.llama.modeling_llama", "LlamaRMSNorm", "LlamaMLP", "LlamaAttention",
-                              _HALF),
-    "MistralForCausalLM": _Arch("transformers.models.mistral.modeling_mistral", "MistralRMSNorm", "MistralMLP",
+    "LlamaForCausalLM": _Arch("transformers.models.llama.modeling_llama", "LlamaRMSNorm", "LlamaMLP", None,
+                              "LlamaAttention", _HALF),
+    "MistralForCausalLM": _Arch("transformers.models.mistral.modeling_mistral", "MistralRMSNorm", "MistralMLP", None,
                                 "MistralAttention", _HALF),
-    "Qwen2ForCausalLM": _Arch("transformers.models.qwen2.modeling_qwen2", "Qwen2RMSNorm", "Qwen2MLP", "Qwen2Attention",
-                              _HALF),
-    "Qwen3ForCausalLM": _Arch("transformers.models.qwen3.modeling_qwen3", "Qwen3RMSNorm", "Qwen3MLP", "Qwen3Attention",
-                              _HALF),
+    "Qwen2ForCausalLM": _Arch("transformers.models.qwen2.modeling_qwen2", "Qwen2RMSNorm", "Qwen2MLP", None,
+                              "Qwen2Attention", _HALF),
+    "Qwen3ForCausalLM": _Arch("transformers.models.qwen3.modeling_qwen3", "Qwen3RMSNorm", "Qwen3MLP", None,
+                              "Qwen3Attention", _HALF),
     "MixtralForCausalLM": _Arch("transformers.models.mixtral.modeling_mixtral", "MixtralRMSNorm", None,
-                                "MixtralAttention", _HALF, moe_forward=True, not_patched=_EXPERTS),
+                                "MixtralExperts", "MixtralAttention", _HALF, moe_forward=True, not_patched=_EXPERTS),
     "DeepseekV2ForCausalLM": _Arch("transformers.models.deepseek_v2.modeling_deepseek_v2", "DeepseekV2RMSNorm",
-                                   "DeepseekV2MLP", "DeepseekV2Attention", (),
+                                   "DeepseekV2MLP", "DeepseekV2Experts", "DeepseekV2Attention", (),
                                    rope_missing="DeepSeek-V2 rotates q/k as complex numbers (apply_rotary_emb with "
                                                 "freqs_cis), not through cos/sin",
                                    not_patched=_EXPERTS + "; the complex-number rotary embedding"),
     "DeepseekV3ForCausalLM": _Arch("transformers.models.deepseek_v3.modeling_deepseek_v3", "DeepseekV3RMSNorm",
-                                   "DeepseekV3MLP", "DeepseekV3Attention",
+                                   "DeepseekV3MLP", "DeepseekV3Experts", "DeepseekV3Attention",
                                    (("apply_rotary_pos_emb", False), ("apply_rotary_pos_emb_interleave", True)),
                                    not_patched=_EXPERTS),
 }
@@ -131,6 +135,17 @@ def _rope_forward(original_forward):
     return forward
 
 
+# ---- the experts' gate ------------------------------------------------------------------------------------------
+
+_GATED_EXPERT_PATHS = ("grouped_mm", "batched_mm")  # transformers' experts paths that call self._apply_gate
+
+
+def _swiglu_gate(self, gate_up_out):
+    """transformers' _default_apply_gate, act_fn(gate) * up of the (S, 2F) [gate; up] rows, through anvil::swiglu."""
+    gate, up = gate_up_out.chunk(2, dim=-1)  # (S, F) each, strided views
+    return _nn.swiglu(gate, up)
+
+
 # ---- the loss forward --------------------------------------------------------------------------------------------
 
 
@@ -144,7 +159,7 @@ def _lce_forward(self, input_ids=None, attention_mask=None, position_ids=None, p
                                             inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
                                             logits_to_keep=logits_to_keep, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
-    moe = self._anvil_patch_report.architecture == "MixtralForCausalLM"
+    moe = ARCHITECTURES[self._anvil_patch_report.architecture].moe_forward
     model_kwargs = dict(kwargs)
     if moe:
         output_router_logits = model_kwargs.pop("output_router_logits", None)
@@ -243,9 +258,12 @@ def patch(model, rms_norm=None, swiglu=None, rope=None, cross_entropy=None,
         return True
 
     act = getattr(model.config, "hidden_act", None)
-    swiglu_reason = ("" if arch.mlp and act in ("silu", "swish") else
-                     f"hidden_act is {act!r}, anvil::swiglu is silu(gate) * up" if arch.mlp else
-                     "it has no dense MLP module")
+    experts_impl = getattr(model.config, "_experts_implementation", None)
+    swiglu_reason = ("" if act in ("silu", "swish") else f"hidden_act is {act!r}, anvil::swiglu is silu(gate) * up")
+    if not swiglu_reason and arch.experts and experts_impl not in _GATED_EXPERT_PATHS:
+        swiglu_reason = (f"the routed experts run transformers' {experts_impl!r} experts implementation, whose loop "
+                         f"multiplies act_fn(gate) * up inline (anvil patches the {' and '.join(_GATED_EXPERT_PATHS)} "
+                         f"paths' _apply_gate; load with experts_implementation='grouped_mm')")
     lm_head = getattr(model, "lm_head", None)
     ce_reason = ("" if isinstance(lm_head, torch.nn.Linear) and hasattr(model, "model") else
                  f"lm_head is {type(lm_head).__name__}, not a torch.nn.Linear")
@@ -258,7 +276,14 @@ def patch(model, rms_norm=None, swiglu=None, rope=None, cross_entropy=None,
     if do["rms_norm"]:
         report.replaced["rms_norm"] = _replace(model, getattr(modeling, arch.norm), _nn.RMSNorm.from_module)
     if do["swiglu"]:
-        report.replaced["swiglu"] = _replace(model, getattr(modeling, arch.mlp), _nn.SwiGLUMLP.from_module)
+        n = _replace(model, getattr(modeling, arch.mlp), _nn.SwiGLUMLP.from_module) if arch.mlp else 0
+        if arch.experts:
+            experts_cls = getattr(modeling, arch.experts)
+            for m in model.modules():
+                if type(m) is experts_cls:
+                    m._apply_gate = types.MethodType(_swiglu_gate, m)
+                    n += 1
+        report.replaced["swiglu"] = n
     if do["rope"]:
         _install_rope_hooks(modeling, arch.rope)
         attention_cls = getattr(modeling, arch.attention)

@@ -29,10 +29,11 @@ ANVIL_OPS = {"anvil::rms_norm", "anvil::rope", "anvil::swiglu", "anvil::cross_en
 
 def build(case, dtype=torch.float32, seed=0, **config_overrides):
     config = configs()[case]
+    load_kw = {k: config_overrides.pop(k) for k in ("experts_implementation",) if k in config_overrides}
     for k, v in config_overrides.items():
         setattr(config, k, v)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32, **load_kw)
     randomize(model, seed)
     return model.to(dtype).train()  # train(): the loss path; every dropout of these configs is 0
 
@@ -250,10 +251,11 @@ def test_report_counts_and_skips():
     assert r.replaced == {"rms_norm": 9, "swiglu": 2, "rope": 2, "cross_entropy": 1}
     _, ours, r = pair("deepseek_v2")
     assert "rope" in r.skipped and "complex" in r.skipped["rope"]
-    assert r.replaced["swiglu"] == 2  # the dense first layer's MLP and layer 1's shared experts
-    assert "routed experts" in str(r)
+    # the dense first layer's MLP, layer 1's shared experts (a DeepseekV2MLP) and its routed experts' gate
+    assert r.replaced["swiglu"] == 3
+    assert "routed experts' GEMMs" in str(r)
     _, _, r = pair("mixtral", cross_entropy=False)
-    assert r.skipped == {"swiglu": "it has no dense MLP module", "cross_entropy": "off"}
+    assert r.replaced == {"rms_norm": 5, "swiglu": 2, "rope": 2} and r.skipped == {"cross_entropy": "off"}
 
 
 @pytest.mark.parametrize("case", ["llama_tied_bias", "deepseek_v3"])
@@ -312,11 +314,12 @@ def test_unsupported_architecture_names_it_and_patches_nothing():
 
 @pytest.mark.parametrize("case,kw,words", [
     ("deepseek_v2", dict(rope=True), "rope=True is not supported for DeepseekV2ForCausalLM"),
-    ("mixtral", dict(swiglu=True), "swiglu=True is not supported for MixtralForCausalLM"),
+    ("mixtral", dict(swiglu=True, experts_implementation="eager"),
+     "swiglu=True is not supported for MixtralForCausalLM: the routed experts run transformers' 'eager'"),
     ("llama", dict(swiglu=True, hidden_act="gelu"), "hidden_act is 'gelu'"),
 ])
 def test_unsupported_option_names_it_and_patches_nothing(case, kw, words):
-    overrides = {k: kw.pop(k) for k in list(kw) if k == "hidden_act"}
+    overrides = {k: kw.pop(k) for k in list(kw) if k in ("hidden_act", "experts_implementation")}
     model = build(case, **overrides)
     before = dict(model.named_modules())
     with pytest.raises(ValueError, match=words):
@@ -342,6 +345,27 @@ def test_gelu_llama_patches_the_rest():
     assert "swiglu" in r.skipped and r.replaced["rms_norm"] == 5
     ids = tokens(1, 6, seed=15)
     assert_close_rule(ours(ids).logits, ref(ids).logits, "logits")
+
+
+@pytest.mark.parametrize("impl", ["batched_mm", "eager"])
+def test_experts_paths(impl):
+    """The routed experts' gate goes through anvil::swiglu on transformers' batched_mm path too (grouped_mm, the
+    default, is every other test's); on the eager path swiglu is skipped and said so, the rest still patched."""
+    ref = build("deepseek_v3", experts_implementation=impl)
+    ours = copy.deepcopy(ref)
+    r = anvil.patch(ours)
+    assert (r.replaced.get("swiglu") == 3) == (impl == "batched_mm"), r
+    if impl == "eager":
+        assert "'eager' experts implementation" in r.skipped["swiglu"]
+    ids = tokens(2, 7, seed=17)
+    w = torch.randn(2, 7, configs()["deepseek_v3"].vocab_size, generator=torch.Generator().manual_seed(18))
+    (ref(ids).logits * w).sum().backward()
+    got, used = ops_run(ours, ids)
+    (got.logits * w).sum().backward()
+    assert ("anvil::swiglu" in used) == (impl == "batched_mm")
+    assert_close_rule(got.logits, ref(ids).logits, "logits")
+    for n, g in grads(ref).items():
+        assert_close_rule(grads(ours)[n], g, f"grad {n}")
 
 
 def test_unpatched_models_keep_transformers_rope():
