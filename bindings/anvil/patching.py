@@ -227,7 +227,7 @@ def patch(model, rms_norm=None, swiglu=None, rope=None, cross_entropy=None,
         raise ValueError(f"anvil.patch: chunk_tokens must be an int >= 1, got {chunk_tokens!r}")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"anvil.patch: model must be a torch.nn.Module, got {type(model).__name__}")
-    if hasattr(model, "get_base_model") and not hasattr(model, "lm_head"):  # peft.PeftModel
+    if type(model).__module__.startswith("peft.") and hasattr(model, "get_base_model"):  # a peft.PeftModel
         model = model.get_base_model()
     options["chunk_tokens"] = chunk_tokens
 

@@ -293,6 +293,27 @@ def test_patching_twice_is_a_no_op_or_an_error():
         anvil.patch(ours, rope=False)
 
 
+def test_peft_lora_model_is_patched_through_its_base_model():
+    """LoRA-wrapped Linears inside a swapped MLP keep working: the adapters' gradients equal the unpatched ones."""
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"],
+                           init_lora_weights=False)
+    ref = peft.get_peft_model(build("qwen2"), lora)
+    ours = copy.deepcopy(ref)
+    r = anvil.patch(ours)
+    assert r.architecture == "Qwen2ForCausalLM" and r.replaced["swiglu"] == 2
+    ids = tokens(2, 9, seed=19)
+    labels = labels_for(ids, seed=20)
+    ref(input_ids=ids, labels=labels).loss.backward()
+    out = ours(input_ids=ids, labels=labels)
+    assert out.logits is None
+    out.loss.backward()
+    g_ref, g_ours = grads(ref), grads(ours)
+    assert g_ref.keys() == g_ours.keys() and all("lora_" in n for n in g_ref) and len(g_ref) == 16
+    for n in g_ref:
+        assert_close_rule(g_ours[n], g_ref[n], f"grad {n}")
+
+
 # ---- what patch refuses ----------------------------------------------------------------------------------------
 
 
