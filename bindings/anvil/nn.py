@@ -158,7 +158,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_b += logits.float().sum(0)
         ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                               None if grad_b is None else grad_b.to(bias.dtype))
-        return loss_sum * scale
+        return loss_sum / divisor  # as F.cross_entropy's mean (sum / count), not sum * (1 / count)
 
     @staticmethod
     def backward(ctx, grad_out):

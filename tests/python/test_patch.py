@@ -389,6 +389,45 @@ def test_experts_paths(impl):
         assert_close_rule(grads(ours)[n], g, f"grad {n}")
 
 
+def test_gradient_checkpointing_recomputes_through_the_patched_modules():
+    """Checkpointed decoder layers rerun their forward in the backward: the recompute goes through the same anvil
+    modules and the rotary hook (its depth count is set by the recomputed attention forward)."""
+    ref, ours, _ = pair("llama")
+    for m in (ref, ours):
+        m.gradient_checkpointing_enable()
+    ids = tokens(2, 9, seed=23)
+    labels = labels_for(ids, seed=24)
+    ref(ids, labels=labels).loss.backward()
+    loss = ours(ids, labels=labels).loss
+    with torch.profiler.profile() as prof:
+        loss.backward()
+    assert {"anvil::rope", "anvil::rms_norm", "anvil::swiglu"} <= {e.name for e in prof.events()}
+    for n, g in grads(ref).items():
+        assert_close_rule(grads(ours)[n], g, f"grad {n}")
+
+
+def test_compiled_patched_model_equals_eager_unpatched():
+    """torch.compile (aot_eager) of a patched Qwen3: the anvil ops stay in the traced graphs (the rotary hook's
+    thread-local is read while tracing), loss, gradients and logits equal the unpatched eager model's."""
+    ref, ours, _ = pair("qwen3")
+    compiled = torch.compile(ours, backend="aot_eager")
+    ids = tokens(2, 9, seed=21)
+    labels = labels_for(ids, seed=22)
+    want = ref(ids, labels=labels).loss
+    got = compiled(ids, labels=labels).loss
+    torch.testing.assert_close(got, want, rtol=1.3e-6, atol=1e-5)
+    want.backward()
+    got.backward()
+    for n, g in grads(ref).items():
+        assert_close_rule(grads(ours)[n], g, f"grad {n}")
+    ref.eval()
+    ours.eval()
+    with torch.no_grad():
+        out, used = ops_run(compiled, ids)
+        assert_close_rule(out.logits, ref(ids).logits, "logits")
+    assert {"anvil::rms_norm", "anvil::rope", "anvil::swiglu"} <= used, used
+
+
 def test_unpatched_models_keep_transformers_rope():
     """The rotary hook lives in the modeling module, but only patched attention modules run anvil::rope."""
     ref, ours, _ = pair("llama")
