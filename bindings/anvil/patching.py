@@ -124,15 +124,16 @@ def _install_rope_hooks(modeling, names):
             setattr(modeling, name, _rope_hook(fn, interleaved))
 
 
-def _rope_forward(original_forward):
-    def forward(*args, **kwargs):
-        _rope_state.depth = getattr(_rope_state, "depth", 0) + 1
-        try:
-            return original_forward(*args, **kwargs)
-        finally:
-            _rope_state.depth -= 1
+def _rope_attention_forward(self, *args, **kwargs):
+    """A patched attention module's forward: its own forward with the rotary hook active on this thread.
 
-    return forward
+    Bound with types.MethodType and the inner forward kept as a bound method (never a closure), so that
+    copy.deepcopy of a patched model (TRL's reference models, EMA copies) binds both to the copy."""
+    _rope_state.depth = getattr(_rope_state, "depth", 0) + 1
+    try:
+        return self._anvil_inner_forward(*args, **kwargs)
+    finally:
+        _rope_state.depth -= 1
 
 
 # ---- the experts' gate ------------------------------------------------------------------------------------------
@@ -151,7 +152,10 @@ def _swiglu_gate(self, gate_up_out):
 
 def _lce_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                  inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
-    """The CausalLM forward with the head and loss fused (training with labels); the original otherwise."""
+    """The CausalLM forward with the head and loss fused (training with labels); the original otherwise.
+
+    A module-level function bound with types.MethodType (deepcopy rebinds it to the copy). return_dict is
+    handled as transformers' can_return_tuple does: a tuple of the output's non-None fields when False."""
     shift_labels = kwargs.get("shift_labels")
     if not self.training or (labels is None and shift_labels is None):
         return self._anvil_original_forward(input_ids=input_ids, attention_mask=attention_mask,
@@ -160,6 +164,9 @@ def _lce_forward(self, input_ids=None, attention_mask=None, position_ids=None, p
                                             logits_to_keep=logits_to_keep, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
     moe = ARCHITECTURES[self._anvil_patch_report.architecture].moe_forward
+    return_dict = kwargs.pop("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
     model_kwargs = dict(kwargs)
     if moe:
         output_router_logits = model_kwargs.pop("output_router_logits", None)
@@ -176,17 +183,19 @@ def _lce_forward(self, input_ids=None, attention_mask=None, position_ids=None, p
                                     num_items_in_batch=kwargs.get("num_items_in_batch"), shift_labels=shift_labels,
                                     chunk_tokens=self._anvil_chunk_tokens)
     if not moe:
-        return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
-                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        out = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
+                                     hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        return out if return_dict else out.to_tuple()
     aux_loss = None
     if model_kwargs["output_router_logits"]:
         modeling = importlib.import_module(ARCHITECTURES["MixtralForCausalLM"].module)
         aux_loss = modeling.load_balancing_loss_func(outputs.router_logits, self.num_experts,
                                                      self.num_experts_per_tok, attention_mask)
         loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
-    return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=None, past_key_values=outputs.past_key_values,
-                                     hidden_states=outputs.hidden_states, attentions=outputs.attentions,
-                                     router_logits=outputs.router_logits)
+    out = MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=None, past_key_values=outputs.past_key_values,
+                                    hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+                                    router_logits=outputs.router_logits)
+    return out if return_dict else out.to_tuple()
 
 
 # ---- patch ------------------------------------------------------------------------------------------------------
@@ -290,14 +299,14 @@ def patch(model, rms_norm=None, swiglu=None, rope=None, cross_entropy=None,
         n = 0
         for m in model.modules():
             if type(m) is attention_cls:
-                m.forward = _rope_forward(m.forward)
+                m._anvil_inner_forward = m.forward
+                m.forward = types.MethodType(_rope_attention_forward, m)
                 n += 1
         report.replaced["rope"] = n
     if do["cross_entropy"]:
-        from transformers.utils import can_return_tuple
         model._anvil_original_forward = model.forward
         model._anvil_chunk_tokens = chunk_tokens
-        model.forward = types.MethodType(can_return_tuple(_lce_forward), model)
+        model.forward = types.MethodType(_lce_forward, model)
         report.replaced["cross_entropy"] = 1
     model._anvil_patch_report = report
     return report

@@ -280,6 +280,27 @@ def test_state_dict_round_trip(case, tmp_path):
         assert ours.lm_head.weight is ours.model.embed_tokens.weight
 
 
+def test_deepcopy_of_a_patched_model_is_patched_and_independent():
+    """copy.deepcopy (TRL's reference model, EMA copies) rebinds the patched forwards to the copy."""
+    ref, ours, _ = pair("qwen3")
+    twin = copy.deepcopy(ours)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+    ids = tokens(2, 8, seed=25)
+    labels = labels_for(ids, seed=26)
+    halved = copy.deepcopy(ref)
+    with torch.no_grad():
+        for p in halved.parameters():
+            p.mul_(0.5)
+    got, used = ops_run(twin, ids, labels=labels)
+    assert {"anvil::rope", "anvil::cross_entropy_chunk"} <= used and got.logits is None
+    torch.testing.assert_close(got.loss, halved(ids, labels=labels).loss, rtol=1.3e-6, atol=1e-5)
+    torch.testing.assert_close(ours(ids, labels=labels).loss, ref(ids, labels=labels).loss, rtol=1.3e-6, atol=1e-5)
+    loss_tuple = twin(ids, labels=labels, return_dict=False)
+    assert isinstance(loss_tuple, tuple) and torch.equal(loss_tuple[0], got.loss)
+
+
 def test_patching_twice_is_a_no_op_or_an_error():
     ref, ours, first = pair("llama")
     modules = dict(ours.named_modules())
