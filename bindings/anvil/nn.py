@@ -7,7 +7,7 @@ between the two unchanged and ``anvil.patch`` can swap them into a loaded model:
     RMSNorm                 LlamaRMSNorm / Qwen2RMSNorm / Qwen3RMSNorm / MistralRMSNorm / ...    anvil::rms_norm
     SwiGLUMLP               LlamaMLP's down_proj(act_fn(gate_proj(x)) * up_proj(x)), act silu    anvil::swiglu
     apply_rotary_pos_emb    transformers' apply_rotary_pos_emb (and DeepSeek's interleaved one)  anvil::rope
-    linear_cross_entropy    lm_head + ForCausalLMLoss, chunked, gradient formed in the forward   anvil::cross_entropy_chunk
+    linear_cross_entropy    lm_head + ForCausalLMLoss, chunked, gradients formed in the forward  cross_entropy_chunk
     Fp8Linear               a Linear over a frozen FP8 weight                                    anvil::fp8_linear
 
 Gradients come from the ops' C++ autograd (registered for the Autograd key), except linear_cross_entropy, whose
@@ -189,7 +189,8 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-100, n
     h = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
     y = shift_labels.reshape(-1).to(device=h.device, dtype=torch.long).contiguous()  # (N)
     if y.shape[0] != h.shape[0]:
-        raise ValueError(f"anvil.nn.linear_cross_entropy: labels give {y.shape[0]} targets for {h.shape[0]} hidden rows")
+        raise ValueError(f"anvil.nn.linear_cross_entropy: labels give {y.shape[0]} targets for {h.shape[0]} "
+                         f"hidden rows")
     if num_items_in_batch is None:
         divisor = (y != ignore_index).sum().to(torch.float32)
     else:
