@@ -118,7 +118,13 @@ def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1, interleaved=False):
 
 # ---- fused linear + cross-entropy -------------------------------------------------------------------------------
 
-DEFAULT_CHUNK_TOKENS = 4096
+def auto_chunk_tokens(n, vocab, hidden):
+    """Rows per chunk when none is given: about N / ceil(V / H), rounded up to a power of two, so that a chunk's
+    logits (c, V) take about as much memory as the hidden states (N, H) themselves (Liger's rule; e.g. 256 rows
+    for 8192 tokens of a 2048-wide, 128256-row head)."""
+    per = max(1, -(-n // max(1, -(-vocab // hidden))))
+    return 1 << (per - 1).bit_length()
+
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -172,15 +178,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-100, num_items_in_batch=None,
-                         shift=True, shift_labels=None, chunk_tokens=DEFAULT_CHUNK_TOKENS):
+                         shift=True, shift_labels=None, chunk_tokens=None):
     """A causal LM's loss from its last hidden states, as transformers' ``ForCausalLMLoss(lm_head(hidden), labels)``.
 
     hidden (B, S, H) or (N, H); weight (V, H), the head's; labels (B, S) (shifted here when ``shift``: position t
     predicts labels[t + 1], the last position ignored) or ``shift_labels`` already aligned. The mean over labels
     != ignore_index, or the sum / ``num_items_in_batch`` when given (transformers' gradient-accumulation rule).
-    Rows run ``chunk_tokens`` at a time; the (N, V) logits are never formed and never upcast."""
-    if chunk_tokens < 1:
-        raise ValueError(f"anvil.nn.linear_cross_entropy: chunk_tokens must be >= 1, got {chunk_tokens}")
+    Rows run ``chunk_tokens`` at a time (None: auto_chunk_tokens); the (N, V) logits are never formed whole and
+    never upcast."""
+    if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
+                                     or chunk_tokens < 1):
+        raise ValueError(f"anvil.nn.linear_cross_entropy: chunk_tokens must be None or an int >= 1, "
+                         f"got {chunk_tokens!r}")
     if shift_labels is None:
         if shift:
             shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
@@ -195,14 +204,16 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-100, n
         divisor = (y != ignore_index).sum().to(torch.float32)
     else:
         divisor = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=h.device)
+    if chunk_tokens is None:
+        chunk_tokens = auto_chunk_tokens(h.shape[0], weight.shape[0], weight.shape[1])
     want_grad = torch.is_grad_enabled()
-    return _LinearCrossEntropy.apply(h, weight, bias, y, ignore_index, divisor, int(chunk_tokens), want_grad)
+    return _LinearCrossEntropy.apply(h, weight, bias, y, ignore_index, divisor, chunk_tokens, want_grad)
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):
     """Module form of linear_cross_entropy: ``loss_fn(hidden, lm_head.weight, labels)``."""
 
-    def __init__(self, ignore_index=-100, shift=True, chunk_tokens=DEFAULT_CHUNK_TOKENS):
+    def __init__(self, ignore_index=-100, shift=True, chunk_tokens=None):
         super().__init__()
         self.ignore_index, self.shift, self.chunk_tokens = ignore_index, shift, chunk_tokens
 
@@ -236,4 +247,4 @@ class Fp8Linear(torch.nn.Module):
 
 
 __all__ = ["RMSNorm", "swiglu", "SwiGLUMLP", "rope", "apply_rotary_pos_emb", "linear_cross_entropy",
-           "LinearCrossEntropyLoss", "Fp8Linear", "DEFAULT_CHUNK_TOKENS"]
+           "LinearCrossEntropyLoss", "auto_chunk_tokens", "Fp8Linear"]

@@ -220,20 +220,21 @@ def _replace(model, cls, make):
 
 
 def patch(model, rms_norm=None, swiglu=None, rope=None, cross_entropy=None,
-          chunk_tokens=_nn.DEFAULT_CHUNK_TOKENS):
+          chunk_tokens=None):
     """Swaps anvil's kernels into a transformers causal LM in place and returns a PatchReport.
 
     model: a LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MixtralForCausalLM,
     DeepseekV2ForCausalLM or DeepseekV3ForCausalLM (or a subclass; a PEFT model is patched through its base
     model). Each kernel option: None = where supported, True = required, False = off. chunk_tokens: rows of the
-    fused loss per chunk. Patching a patched model again with the same options changes nothing and returns the
+    fused loss per chunk (None: anvil.nn.auto_chunk_tokens, about as much memory as the hidden states). Patching a patched model again with the same options changes nothing and returns the
     first report; with other options it is an error (load the model afresh)."""
     options = dict(rms_norm=rms_norm, swiglu=swiglu, rope=rope, cross_entropy=cross_entropy)
     for k, v in options.items():
         if v is not None and not isinstance(v, bool):
             raise TypeError(f"anvil.patch: {k} must be None, True or False, got {v!r}")
-    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
-        raise ValueError(f"anvil.patch: chunk_tokens must be an int >= 1, got {chunk_tokens!r}")
+    if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
+                                     or chunk_tokens < 1):
+        raise ValueError(f"anvil.patch: chunk_tokens must be None or an int >= 1, got {chunk_tokens!r}")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"anvil.patch: model must be a torch.nn.Module, got {type(model).__name__}")
     if type(model).__module__.startswith("peft.") and hasattr(model, "get_base_model"):  # a peft.PeftModel

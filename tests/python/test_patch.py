@@ -225,9 +225,13 @@ def test_linear_cross_entropy_equals_head_and_torch_cross_entropy(dtype, bias):
             torch.testing.assert_close(a, b, rtol=1.3e-6, atol=1e-5)
         else:  # dW summed over 8 chunks in fp32 (one bf16 GEMM in the reference): a rounding or two apart
             torch.testing.assert_close(a.float(), b.float(), rtol=1.6e-2, atol=1e-3)
+    # the default chunking: 48 rows of a 24-wide, 90-row head -> ceil(48 / ceil(90 / 24)) = 12 -> 16 rows a chunk
+    assert anvil.nn.auto_chunk_tokens(48, 90, 24) == 16 and anvil.nn.auto_chunk_tokens(8192, 128256, 2048) == 256
+    torch.testing.assert_close(run(lambda h, w, b=None: anvil.nn.linear_cross_entropy(h, w, labels, bias=b))[0], want,
+                               rtol=1.3e-6, atol=1e-5)
     with torch.no_grad():  # no gradient formed, same value
         torch.testing.assert_close(anvil.nn.linear_cross_entropy(h0, w0, labels, bias=b0), want)
-    with pytest.raises(ValueError, match="chunk_tokens must be >= 1"):
+    with pytest.raises(ValueError, match="chunk_tokens must be None or an int >= 1"):
         anvil.nn.linear_cross_entropy(h0, w0, labels, chunk_tokens=0)
     with pytest.raises(ValueError, match="labels give 48 targets for 51 hidden rows"):
         anvil.nn.linear_cross_entropy(h0, w0, labels[:, 1:], shift=False)
@@ -396,7 +400,7 @@ def test_unsupported_option_names_it_and_patches_nothing(case, kw, words):
 
 @pytest.mark.parametrize("kw,exc,words", [
     (dict(rope="yes"), TypeError, "rope must be None, True or False"),
-    (dict(chunk_tokens=0), ValueError, "chunk_tokens must be an int >= 1"),
+    (dict(chunk_tokens=0), ValueError, "chunk_tokens must be None or an int >= 1"),
 ])
 def test_bad_options(kw, exc, words):
     model = build("llama")
