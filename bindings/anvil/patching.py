@@ -7,6 +7,8 @@ What each option replaces (transformers 5.17's modeling code; docs/PYTHON.md has
                  holding the same gate/up/down Linears, and the routed experts' gate (Mixtral, DeepSeek: the
                  ``_apply_gate`` of transformers' grouped_mm / batched_mm experts paths) by anvil::swiglu; hidden_act
                  must be silu, and the experts path not "eager" (its Python loop has the product inline)
+  moe_gate       the MoE routers' scoring, group limiting and top-k (MixtralTopKRouter, DeepseekV2TopkRouter,
+                 DeepseekV3TopkRouter) by anvil::moe_gate, the router's own weight and correction bias
   rope           the attention modules' apply_rotary_pos_emb (DeepSeek-V3's interleaved variant too) by anvil::rope
   cross_entropy  the CausalLM's forward: with labels in training mode, the loss comes from the last hidden states
                  through anvil.nn.linear_cross_entropy (chunked; logits are returned as None, as Liger does); without
@@ -30,7 +32,7 @@ import torch
 
 from . import nn as _nn
 
-_OPTIONS = ("rms_norm", "swiglu", "rope", "cross_entropy")
+_OPTIONS = ("rms_norm", "swiglu", "moe_gate", "rope", "cross_entropy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +41,7 @@ class _Arch:
     norm: str  # the RMSNorm class
     mlp: str | None  # the dense SwiGLU MLP class
     experts: str | None  # the routed experts class (3-D gate_up_proj, transformers' experts interface)
+    router: str | None  # the MoE router class, whose forward becomes _ROUTER_FORWARDS[router]
     attention: str  # the attention class whose forward calls the rope functions
     rope: tuple  # ((module-level function name, interleaved), ...); () when the rotation is not anvil::rope's
     rope_missing: str = ""  # why rope is unsupported, when it is
@@ -47,27 +50,29 @@ class _Arch:
 
 
 _HALF = (("apply_rotary_pos_emb", False),)
-_EXPERTS = ("the router, the routed experts' GEMMs and their dispatch (transformers' experts implementation; "
-            "anvil's moe_gate/moe_permute/fp8 grouped GEMM are not swapped in)")
+_EXPERTS = ("the routed experts' GEMMs and their dispatch (transformers' experts implementation; anvil's "
+            "moe_permute/moe_unpermute and grouped GEMMs are not swapped in)")
 
 ARCHITECTURES = {
-    "LlamaForCausalLM": _Arch("transformers.models.llama.modeling_llama", "LlamaRMSNorm", "LlamaMLP", None,
+    "LlamaForCausalLM": _Arch("transformers.models.llama.modeling_llama", "LlamaRMSNorm", "LlamaMLP", None, None,
                               "LlamaAttention", _HALF),
-    "MistralForCausalLM": _Arch("transformers.models.mistral.modeling_mistral", "MistralRMSNorm", "MistralMLP", None,
+    "MistralForCausalLM": _Arch("transformers.models.mistral.modeling_mistral", "MistralRMSNorm", "MistralMLP", None, None,
                                 "MistralAttention", _HALF),
-    "Qwen2ForCausalLM": _Arch("transformers.models.qwen2.modeling_qwen2", "Qwen2RMSNorm", "Qwen2MLP", None,
+    "Qwen2ForCausalLM": _Arch("transformers.models.qwen2.modeling_qwen2", "Qwen2RMSNorm", "Qwen2MLP", None, None,
                               "Qwen2Attention", _HALF),
-    "Qwen3ForCausalLM": _Arch("transformers.models.qwen3.modeling_qwen3", "Qwen3RMSNorm", "Qwen3MLP", None,
+    "Qwen3ForCausalLM": _Arch("transformers.models.qwen3.modeling_qwen3", "Qwen3RMSNorm", "Qwen3MLP", None, None,
                               "Qwen3Attention", _HALF),
     "MixtralForCausalLM": _Arch("transformers.models.mixtral.modeling_mixtral", "MixtralRMSNorm", None,
-                                "MixtralExperts", "MixtralAttention", _HALF, moe_forward=True, not_patched=_EXPERTS),
+                                "MixtralExperts", "MixtralTopKRouter", "MixtralAttention", _HALF, moe_forward=True, not_patched=_EXPERTS),
     "DeepseekV2ForCausalLM": _Arch("transformers.models.deepseek_v2.modeling_deepseek_v2", "DeepseekV2RMSNorm",
-                                   "DeepseekV2MLP", "DeepseekV2Experts", "DeepseekV2Attention", (),
+                                   "DeepseekV2MLP", "DeepseekV2Experts", "DeepseekV2TopkRouter",
+                                   "DeepseekV2Attention", (),
                                    rope_missing="DeepSeek-V2 rotates q/k as complex numbers (apply_rotary_emb with "
                                                 "freqs_cis), not through cos/sin",
                                    not_patched=_EXPERTS + "; the complex-number rotary embedding"),
     "DeepseekV3ForCausalLM": _Arch("transformers.models.deepseek_v3.modeling_deepseek_v3", "DeepseekV3RMSNorm",
-                                   "DeepseekV3MLP", "DeepseekV3Experts", "DeepseekV3Attention",
+                                   "DeepseekV3MLP", "DeepseekV3Experts", "DeepseekV3TopkRouter",
+                                   "DeepseekV3Attention",
                                    (("apply_rotary_pos_emb", False), ("apply_rotary_pos_emb_interleave", True)),
                                    not_patched=_EXPERTS),
 }
@@ -147,6 +152,44 @@ def _swiglu_gate(self, gate_up_out):
     return _nn.swiglu(gate, up)
 
 
+# ---- the MoE routers --------------------------------------------------------------------------------------------
+# Each returns what the router it replaces returns: (router_logits (T, E), weights (T, k) fp32, indices (T, k)
+# int64), the logits computed as transformers computes them (fp32 for DeepSeek, the model dtype for Mixtral), the
+# scoring, group limiting, top-k, renormalization and scaling in anvil::moe_gate (docs/FORMATS.md "moe_gate";
+# weights differentiable wrt the logits through its C++ autograd). Ties go to the lower expert index (torch.topk's
+# order is unspecified there); moe_gate lists the k experts in descending score, transformers' topk(sorted=False)
+# in an order of its own, which only changes the order the experts' outputs are summed in.
+
+
+def _mixtral_router_forward(self, hidden_states):
+    logits = torch.nn.functional.linear(hidden_states.reshape(-1, self.hidden_dim), self.weight)  # (T, E)
+    weights, indices = _nn.ops.moe_gate(logits, None, None, self.top_k, 1, 1, "softmax", True, 1.0)
+    return logits, weights, indices.long()
+
+
+def _deepseek_v2_router_forward(self, hidden_states):
+    h = hidden_states.view(-1, self.hidden_dim)
+    logits = torch.nn.functional.linear(h.float(), self.weight.float())  # (T, E) fp32
+    groups = (self.num_group, self.topk_group) if self.topk_method == "group_limited_greedy" else (1, 1)
+    weights, indices = _nn.ops.moe_gate(logits, None, None, self.top_k, *groups, "softmax", False,
+                                        float(self.routed_scaling_factor))
+    return logits, weights, indices.long()
+
+
+def _deepseek_v3_router_forward(self, hidden_states):
+    h = hidden_states.view(-1, self.hidden_dim)
+    logits = torch.nn.functional.linear(h.float(), self.weight.float())  # (T, E) fp32
+    weights, indices = _nn.ops.moe_gate(logits, self.e_score_correction_bias.float(), None, self.top_k,
+                                        self.num_group, self.topk_group, "sigmoid", bool(self.norm_topk_prob),
+                                        float(self.routed_scaling_factor))
+    return logits, weights, indices.long()
+
+
+_ROUTER_FORWARDS = {"MixtralTopKRouter": _mixtral_router_forward,
+                    "DeepseekV2TopkRouter": _deepseek_v2_router_forward,
+                    "DeepseekV3TopkRouter": _deepseek_v3_router_forward}
+
+
 # ---- the loss forward --------------------------------------------------------------------------------------------
 
 
@@ -219,8 +262,7 @@ def _replace(model, cls, make):
     return len(targets)
 
 
-def patch(model, rms_norm=None, swiglu=None, rope=None, cross_entropy=None,
-          chunk_tokens=None):
+def patch(model, rms_norm=None, swiglu=None, rope=None, cross_entropy=None, moe_gate=None, chunk_tokens=None):
     """Swaps anvil's kernels into a transformers causal LM in place and returns a PatchReport.
 
     model: a LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MixtralForCausalLM,
@@ -228,7 +270,7 @@ def patch(model, rms_norm=None, swiglu=None, rope=None, cross_entropy=None,
     model). Each kernel option: None = where supported, True = required, False = off. chunk_tokens: rows of the
     fused loss per chunk (None: anvil.nn.auto_chunk_tokens, about as much memory as the hidden states). Patching a patched model again with the same options changes nothing and returns the
     first report; with other options it is an error (load the model afresh)."""
-    options = dict(rms_norm=rms_norm, swiglu=swiglu, rope=rope, cross_entropy=cross_entropy)
+    options = dict(rms_norm=rms_norm, swiglu=swiglu, moe_gate=moe_gate, rope=rope, cross_entropy=cross_entropy)
     for k, v in options.items():
         if v is not None and not isinstance(v, bool):
             raise TypeError(f"anvil.patch: {k} must be None, True or False, got {v!r}")
@@ -279,7 +321,13 @@ def patch(model, rms_norm=None, swiglu=None, rope=None, cross_entropy=None,
                  f"lm_head is {type(lm_head).__name__}, not a torch.nn.Linear")
     if getattr(model.config, "final_logit_softcapping", None):
         ce_reason = "final_logit_softcapping is set (the fused loss has no softcap)"
+    topk_method = getattr(model.config, "topk_method", "greedy")
+    gate_reason = ("it has no MoE router" if not arch.router else
+                   f"topk_method {topk_method!r} is not one anvil::moe_gate computes (greedy, group_limited_greedy)"
+                   if arch.router == "DeepseekV2TopkRouter" and topk_method not in ("greedy", "group_limited_greedy")
+                   else "")
     do = dict(rms_norm=decide("rms_norm", ""), swiglu=decide("swiglu", swiglu_reason),
+              moe_gate=decide("moe_gate", gate_reason),
               rope=decide("rope", arch.rope_missing), cross_entropy=decide("cross_entropy", ce_reason))
 
     # ---- apply ----
@@ -294,6 +342,13 @@ def patch(model, rms_norm=None, swiglu=None, rope=None, cross_entropy=None,
                     m._apply_gate = types.MethodType(_swiglu_gate, m)
                     n += 1
         report.replaced["swiglu"] = n
+    if do["moe_gate"]:
+        router_cls, n = getattr(modeling, arch.router), 0
+        for m in model.modules():
+            if type(m) is router_cls:
+                m.forward = types.MethodType(_ROUTER_FORWARDS[arch.router], m)
+                n += 1
+        report.replaced["moe_gate"] = n
     if do["rope"]:
         _install_rope_hooks(modeling, arch.rope)
         attention_cls = getattr(modeling, arch.attention)

@@ -21,8 +21,8 @@ from test_models import configs, tokens
 
 transformers = pytest.importorskip("transformers")
 
-CASES = ["llama", "llama_tied_bias", "mistral", "qwen2", "qwen3", "mixtral", "deepseek_v2", "deepseek_v3",
-         "deepseek_v3_halves"]
+CASES = ["llama", "llama_tied_bias", "mistral", "qwen2", "qwen3", "mixtral", "deepseek_v2", "deepseek_v2_greedy",
+         "deepseek_v3", "deepseek_v3_halves"]
 RTOL = 1e-4  # fp32 model rule: max |diff| <= 1e-4 x max |reference|
 ANVIL_OPS = {"anvil::rms_norm", "anvil::rope", "anvil::swiglu", "anvil::cross_entropy_chunk"}
 
@@ -82,7 +82,7 @@ def test_fp32_logits_and_gradients_equal_unpatched(case):
     got, used = ops_run(ours, ids)
     (got.logits * w).sum().backward()
     assert_close_rule(got.logits, ref_logits, "logits")
-    want_ops = {f"anvil::{k}" for k in ("rms_norm", "swiglu", "rope") if k in report.replaced}
+    want_ops = {f"anvil::{k}" for k in ("rms_norm", "swiglu", "rope", "moe_gate") if k in report.replaced}
     assert used == want_ops, used
     g_ref, g_ours = grads(ref), grads(ours)
     assert g_ours.keys() == g_ref.keys() and len(g_ref) == len(list(ref.parameters()))
@@ -278,13 +278,14 @@ def test_report_counts_and_skips():
     _, _, r = pair("qwen3")  # 2 layers: 2 norms each + q/k norms each + the final norm
     assert r.architecture == "Qwen3ForCausalLM"
     assert r.replaced == {"rms_norm": 9, "swiglu": 2, "rope": 2, "cross_entropy": 1}
+    assert r.skipped == {"moe_gate": "it has no MoE router"}
     _, ours, r = pair("deepseek_v2")
     assert "rope" in r.skipped and "complex" in r.skipped["rope"]
     # the dense first layer's MLP, layer 1's shared experts (a DeepseekV2MLP) and its routed experts' gate
-    assert r.replaced["swiglu"] == 3
+    assert r.replaced["swiglu"] == 3 and r.replaced["moe_gate"] == 1
     assert "routed experts' GEMMs" in str(r)
     _, _, r = pair("mixtral", cross_entropy=False)
-    assert r.replaced == {"rms_norm": 5, "swiglu": 2, "rope": 2} and r.skipped == {"cross_entropy": "off"}
+    assert r.replaced == {"rms_norm": 5, "swiglu": 2, "moe_gate": 2, "rope": 2} and r.skipped == {"cross_entropy": "off"}
 
 
 @pytest.mark.parametrize("case", ["llama_tied_bias", "deepseek_v3"])
@@ -388,6 +389,7 @@ def test_unsupported_architecture_names_it_and_patches_nothing():
     ("mixtral", dict(swiglu=True, experts_implementation="eager"),
      "swiglu=True is not supported for MixtralForCausalLM: the routed experts run transformers' 'eager'"),
     ("llama", dict(swiglu=True, hidden_act="gelu"), "hidden_act is 'gelu'"),
+    ("qwen2", dict(moe_gate=True), "moe_gate=True is not supported for Qwen2ForCausalLM: it has no MoE router"),
 ])
 def test_unsupported_option_names_it_and_patches_nothing(case, kw, words):
     overrides = {k: kw.pop(k) for k in list(kw) if k in ("hidden_act", "experts_implementation")}
