@@ -310,6 +310,23 @@ def test_state_dict_round_trip(case, tmp_path):
         assert ours.lm_head.weight is ours.model.embed_tokens.weight
 
 
+@pytest.mark.parametrize("case", ["qwen3", "deepseek_v3"])
+def test_generate_with_the_kv_cache_equals_unpatched(case):
+    """Decoding (eval mode, one query position against the cache) runs the patched norms, MLPs and rotary."""
+    ref, ours, _ = pair(case)
+    ref.eval()
+    ours.eval()
+    ids = tokens(2, 5, seed=29)
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=6, min_new_tokens=6,
+              pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        want = ref.generate(ids, **kw)
+        with torch.profiler.profile() as prof:
+            got = ours.generate(ids, **kw)
+    assert torch.equal(got, want)
+    assert {"anvil::rms_norm", "anvil::rope"} <= {e.name for e in prof.events()}
+
+
 def test_deepcopy_of_a_patched_model_is_patched_and_independent():
     """copy.deepcopy (TRL's reference model, EMA copies) rebinds the patched forwards to the copy."""
     ref, ours, _ = pair("qwen3")
