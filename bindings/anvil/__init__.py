@@ -36,25 +36,9 @@ sparse_attention = ops.sparse_attention  # docs/FORMATS.md, "Sparse attention"
 select_blocks = ops.select_blocks
 
 
-class Fp8Linear(_torch.nn.Module):
-    """y = x W^T + bias over a frozen FP8 weight, as include/anvil/fp8_linear.h: buffers ``weight`` (N, K)
-    float8_e4m3fn and ``weight_scale_inv`` (ceil(N/128), K/128) fp32 (DeepSeek-V3 / FineGrainedFP8 names),
-    an optional trainable ``bias``; x is quantized to 1x128 blocks on the fly. Gradients reach x and bias."""
-
-    def __init__(self, weight, weight_scale_inv, bias=None):
-        super().__init__()
-        self.register_buffer("weight", weight.contiguous())
-        self.register_buffer("weight_scale_inv", weight_scale_inv.contiguous())
-        self.bias = _torch.nn.Parameter(bias.contiguous()) if bias is not None else None
-
-    @classmethod
-    def from_float(cls, weight, bias=None):
-        """Quantizes a float weight (N, K) to e4m3 with 128x128 block scales."""
-        q, s = ops.quantize_fp8(weight.contiguous(), "block128x128")
-        return cls(q, s, bias)
-
-    def forward(self, x):
-        return ops.fp8_linear(x, self.weight, self.weight_scale_inv, self.bias)
+from . import nn  # noqa: E402  (anvil.nn: modules over the fused ops; needs the op library loaded)
+from .nn import Fp8Linear  # noqa: E402,F401  (kept as anvil.Fp8Linear)
+from .patching import PatchReport, patch  # noqa: E402,F401  (anvil.patch(model): the kernels into a transformers model)
 
 
 def selfcheck(cuda: bool = True) -> str:
@@ -66,7 +50,7 @@ def selfcheck(cuda: bool = True) -> str:
 
 __all__ = ["ops", "quantize_fp8", "dequantize_fp8", "quantize_int8", "dequantize_int8", "GRANULARITIES", "selfcheck",
            "fp8_gemm", "fp8_grouped_gemm", "fp8_grouped_gemm_masked", "fp8_linear", "Fp8Linear", "fp8_gemm_configs",
-           "fp8_gemm_config", "int8_gemm", "int8_gemm_path"]
+           "fp8_gemm_config", "int8_gemm", "int8_gemm_path", "nn", "patch", "PatchReport"]
 
 
 def fp8_gemm_configs():
