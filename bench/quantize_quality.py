@@ -59,6 +59,15 @@ def convert(gguf_path, out):
     with open(os.path.join(out + ".tmp", "config.json"), "w") as fh:
         json.dump(config, fh, indent=2)
     tok.save_pretrained(out + ".tmp")
+    # transformers' GGUF conversion also writes a SentencePiece-style BPE (byte_fallback, its ByteFallback/Fuse/
+    # Replace decoders); SmolLM2's own tokenizer.json is byte-level BPE: no byte fallback, the ByteLevel decoder.
+    path = os.path.join(out + ".tmp", "tokenizer.json")
+    with open(path, encoding="utf-8") as fh:
+        t = json.load(fh)
+    t["model"].update(byte_fallback=False, fuse_unk=False, unk_token=None)
+    t["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(t, fh, ensure_ascii=False)
     os.rename(out + ".tmp", out)
     return out
 
