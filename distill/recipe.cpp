@@ -392,13 +392,14 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
       data_section.train = c.sequence.output;
     }
   }
-  const auto data = train::read_training_data(data_section, data_tok, c.train.seed,
-                                              c.cross.on ? vocab.student_rows : vocab.compared);
-  // Across tokenizers every document is tokenized by both, so each micro-batch is packed again for the teacher.
+  // Across tokenizers every document is tokenized by both, so each micro-batch is packed again for the teacher
+  // (read first: a line that cannot be tokenized twice is refused as such).
   const auto cross_docs = c.cross.on ? train::read_cross_documents(c.data, *student_tok, *tok) : nullptr;
   if (cross_docs)
     std::cerr << "cross-tokenizer documents: " << cross_docs->size() << " distinct, tokenized by both tokenizers "
               << "with byte offsets\n";
+  const auto data = train::read_training_data(data_section, data_tok, c.train.seed,
+                                              c.cross.on ? vocab.student_rows : vocab.compared);
   data::BatchStream stream(data.train, c.data.seq_len, data.pad_id, c.train.batch_size, c.train.seed);
   auto student = build_student(c, teacher, teacher_path, dtype, device, stream);
   student->train();  // dropout on for every kind of student (build_model does this; a derived one is new)
