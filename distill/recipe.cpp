@@ -100,8 +100,6 @@ std::shared_ptr<model::CausalLM> build_student(const RecipeConfig& c, const trai
   return train::build_model(m, train::resolve_model_paths(m), dtype, device, c.train.seed, "dense");
 }
 
-// The vocabulary mapping (anvil/train/vocab.h): which rows of both heads the losses compare, decided from the
-// two configs and tokenizers before either model is loaded (the offline cache is written over those rows).
 // The student's own folder (student.path, or the folder of student.config): its tokenizer and side files.
 std::string student_folder(const RecipeConfig& c) {
   if (c.student.init == "pretrained") return resolve_path("student.path", c.student.path);
@@ -139,6 +137,8 @@ train::VocabPlan plan_cross_vocabulary(const RecipeConfig& c, const std::string&
   return p;
 }
 
+// The vocabulary mapping (anvil/train/vocab.h): which rows of both heads the losses compare, decided from the
+// two configs and tokenizers before either model is loaded (the offline cache is written over those rows).
 train::VocabPlan plan_vocabulary(const RecipeConfig& c, const std::string& teacher_path,
                                  const data::Tokenizer* teacher_tok) {
   train::VocabSide t, s;

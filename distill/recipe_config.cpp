@@ -309,6 +309,13 @@ RecipeConfig resolve_config(const json& user) {
     if (c.sequence.prompts.empty()) c.sequence.prompts = c.data.train;
     if (c.sequence.output.empty()) c.sequence.output = c.output.dir + "/teacher_data.jsonl";
   }
+  if (c.cross.on)  // the same-vocabulary divergence's keys do not apply: ULD has its own (uld_*)
+    for (const char* k : {"loss", "temperature", "skew_lambda", "fused"})
+      if (user_distill->contains(k))
+        config_error(std::string("distill.") + k, std::string("is not used with distill.vocab \"cross-tokenizer\" (the "
+                     "divergence is GOLD's ULD: distill.uld_*") + (std::string(k) == "temperature"
+                         ? "; its temperatures are distill.uld_student_temperature and uld_teacher_temperature)" : ")"),
+                     user_distill->at(k));
   if (c.cross.on) {  // online only for now: each refusal names the key that asks for the other mode
     const std::string why = " is not yet combined with distill.vocab \"cross-tokenizer\" (experimental: online, "
                             "token-level ULD only)";

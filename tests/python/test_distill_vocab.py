@@ -481,12 +481,18 @@ def hf_tok(folder):
                                                 eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
-def run_cross(cross, name, distill=None, **sections):
-    cfg = distill_config(cross.teacher, cross.train, cross.val, cross.d / name,
-                         student={"init": "pretrained", "path": cross.student},
+def cross_config(cross, out, student=None, train_path=None, distill=None, **sections):
+    cfg = distill_config(cross.teacher, train_path or cross.train, cross.val, out,
+                         student={"init": "pretrained", "path": student or cross.student},
                          distill=dict({"vocab": "cross-tokenizer"}, **(distill or {})), **sections)
     cfg["student"].pop("layers", None)
-    cfg["data"]["seq_len"] = 128
+    cfg["distill"].pop("loss")  # the same-vocabulary divergence: an error across tokenizers
+    cfg["data"]["seq_len"] = sections.get("data", {}).get("seq_len", 128)  # 128: no document cut
+    return cfg
+
+
+def run_cross(cross, name, distill=None, **sections):
+    cfg = cross_config(cross, cross.d / name, distill=distill, **sections)
     return run_cli("distill", "--config", write_config(cross.d / (name + ".json"), cfg)), cross.d / name
 
 
@@ -577,9 +583,10 @@ def test_cross_document_loss_equals_golds_with_gradients(cross, merge, hybrid, s
 
 
 def test_cross_tokenizer_run_trains_and_its_uld_falls(cross):
+    # Rows of 48 student tokens cut most documents: the teacher's side is cut at the same byte.
     result, out = run_cross(cross, "trains", distill={"kd_ratio": 1.0, "uld_use_hybrid_loss": True},
                             train={"steps": 24, "batch_size": 4, "grad_accum": 1, "lr": 1e-2, "warmup_steps": 0},
-                            eval={"every": 12})
+                            eval={"every": 12}, data={"seq_len": 48})
     check_ok(result)
     lines = [m for m in metrics(out) if "uld" in m]
     assert len(lines) == 24 and all(m["uld"] > 0 for m in lines)
@@ -594,16 +601,12 @@ def test_cross_tokenizer_errors_name_the_key(cross, tmp_path):
     # A student folder without a tokenizer.
     bare = str(tmp_path / "bare")
     small_llama(CROSS_STUDENT, 2, 3).save_pretrained(bare)
-    cfg = distill_config(cross.teacher, cross.train, cross.val, tmp_path / "o1", student={"init": "pretrained", "path": bare},
-                         distill={"vocab": "cross-tokenizer"})
-    cfg["student"].pop("layers", None)
+    cfg = cross_config(cross, tmp_path / "o1", student=bare)
     result = run_cli("distill", "--config", write_config(tmp_path / "c1.json", cfg))
     assert result.returncode != 0 and "config key distill.vocab" in result.stderr and "has none" in result.stderr
     # Chat lines: each side would render its own template.
     chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
-    cfg = distill_config(cross.teacher, chat, cross.val, tmp_path / "o2", student={"init": "pretrained", "path": cross.student},
-                         distill={"vocab": "cross-tokenizer"})
-    cfg["student"].pop("layers", None)
+    cfg = cross_config(cross, tmp_path / "o2", train_path=chat)
     result = run_cli("distill", "--config", write_config(tmp_path / "c2.json", cfg))
     assert result.returncode != 0 and "config key data.train" in result.stderr and "chat.jsonl:1" in result.stderr
     # Without the key, another tokenizer is refused with the first differing token, naming the key.
@@ -615,3 +618,5 @@ def test_cross_tokenizer_errors_name_the_key(cross, tmp_path):
     assert result.returncode != 0 and "config key distill.uld_teacher_temperature: is for distill.vocab" in result.stderr
     result, _ = run_cross(cross, "k2", teacher={"cache": str(tmp_path / "cache")})
     assert result.returncode != 0 and "config key teacher.cache" in result.stderr
+    result, _ = run_cross(cross, "k3", distill={"temperature": 2.0})
+    assert result.returncode != 0 and "config key distill.temperature: is not used with" in result.stderr

@@ -302,8 +302,15 @@ TEST(DistillConfig, CrossTokenizerKeys) {
   expect_error(u, "config key distill.uld_distillation_weight");
   u["distill"]["uld_distillation_weight"] = 1;
   EXPECT_EQ(error_of(u), "");
-  // What is not yet combined with it: each refusal names the key.
+  // The same-vocabulary divergence's keys do not apply.
   auto v = u;
+  v["distill"]["temperature"] = 2.0;
+  expect_error(v, "config key distill.temperature: is not used with distill.vocab \"cross-tokenizer\"");
+  v = u;
+  v["distill"]["loss"] = "jsd";
+  expect_error(v, "config key distill.loss: is not used");
+  // What is not yet combined with it: each refusal names the key.
+  v = u;
   v["teacher"]["cache"] = "runs/cache";
   expect_error(v, "config key teacher.cache: (offline, from the teacher's top-k cache) is not yet combined with "
                   "distill.vocab \"cross-tokenizer\"");
