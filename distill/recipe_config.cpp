@@ -97,9 +97,9 @@ CrossVocabSection read_cross_vocab(const train::ConfigReader& r) {
   o.uld.hybrid = r.boolean("distill.uld_use_hybrid_loss");
   const json &m = r.at("distill.uld_hybrid_matched_weight"), &u = r.at("distill.uld_hybrid_unmatched_weight");
   if (m.is_null() != u.is_null())
-    config_error(m.is_null() ? "distill.uld_hybrid_unmatched_weight" : "distill.uld_hybrid_matched_weight",
+    config_error(m.is_null() ? "distill.uld_hybrid_matched_weight" : "distill.uld_hybrid_unmatched_weight",  // the missing one
                  "must be set together with its pair (uld_hybrid_matched_weight and uld_hybrid_unmatched_weight both "
-                 "null for GOLD's adaptive weighting, or both numbers >= 0)", m.is_null() ? u : m);
+                 "null for GOLD's adaptive weighting, or both numbers >= 0)", m.is_null() ? m : u);
   if (!m.is_null()) {
     o.uld.matched_weight = r.number_in("distill.uld_hybrid_matched_weight", 0.0, train::kInf, false, "[0, inf)");
     o.uld.unmatched_weight = r.number_in("distill.uld_hybrid_unmatched_weight", 0.0, train::kInf, false, "[0, inf)");
