@@ -3,6 +3,7 @@
 // go through here: Python reaches them as torch.ops.anvil.*, so autograd, torch.compile and vmap compose.
 #include "anvil/data/dataset.h"
 #include "anvil/data/gguf_vocab.h"
+#include "anvil/data/token_offsets.h"
 #include "anvil/data/tokenizer.h"
 #include "anvil/io/gguf.h"
 #include "anvil/io/safetensors.h"
@@ -17,6 +18,7 @@
 #include "anvil/selfcheck.h"
 #include "anvil/lora/lora.h"
 #include "anvil/train/hidden_loss.h"
+#include "anvil/train/cross_vocab.h"
 #include "anvil/train/kd_loss.h"
 #include "anvil/train/vocab.h"
 
@@ -218,6 +220,14 @@ void bind_tokenizer(py::module_& m) {
            py::call_guard<py::gil_scoped_release>())
       .def("decode", &Tokenizer::decode, py::arg("ids"), py::arg("skip_special_tokens") = false,
            py::call_guard<py::gil_scoped_release>())
+      .def(
+          "encode_with_offsets",
+          [](const Tokenizer& t, const std::string& text, bool add_special_tokens) {
+            auto e = anvil::data::encode_with_offsets(t, text, add_special_tokens);
+            return std::make_pair(e.ids, e.offsets);
+          },
+          py::arg("text"), py::arg("add_special_tokens") = true,
+          "(ids, [(start, end)] UTF-8 byte spans): return_offsets_mapping in bytes, as TRL GOLD normalises it")
       .def("token_to_id", &Tokenizer::token_to_id, py::arg("token"))
       .def("id_to_token", &Tokenizer::id_to_token, py::arg("id"))
       .def_property_readonly("vocab_size", &Tokenizer::vocab_size)
@@ -595,6 +605,28 @@ void bind_distill(py::module_& m) {
         "The first id whose token differs between two tokenizers; -1 when they are the same.");
   m.def("align_by_byte_offsets", &tr::align_by_byte_offsets, py::arg("student_offsets"), py::arg("teacher_offsets"),
         "GOLD's byte-offset alignment: (student groups, teacher groups).");
+  m.def(
+      "cross_document_loss",
+      [](const at::Tensor& zs, const at::Tensor& zt, const std::vector<int32_t>& s_ids, const std::vector<uint8_t>& s_target,
+         const std::vector<anvil::data::ByteSpan>& s_offsets, const std::vector<int32_t>& t_ids,
+         const std::vector<uint8_t>& t_target, const std::vector<anvil::data::ByteSpan>& t_offsets,
+         const at::Tensor& sid, const at::Tensor& tid, double student_temperature, double teacher_temperature,
+         bool hybrid, double beta, double matched_weight, double unmatched_weight, bool skip_student_eos,
+         bool skip_teacher_eos, const std::string& merge, int64_t chunk) {
+        tr::CrossVocabOptions o;
+        o.uld.student_temperature = student_temperature, o.uld.teacher_temperature = teacher_temperature;
+        o.uld.hybrid = hybrid, o.uld.jsd_beta = beta;
+        o.uld.matched_weight = matched_weight, o.uld.unmatched_weight = unmatched_weight;
+        o.skip_student_eos = skip_student_eos, o.skip_teacher_eos = skip_teacher_eos, o.merge = merge, o.chunk = chunk;
+        return tr::cross_document_loss(zs, zt, {s_ids, s_target, s_offsets}, {t_ids, t_target, t_offsets}, sid, tid, o);
+      },
+      py::arg("student_logits"), py::arg("teacher_logits"), py::arg("student_ids"), py::arg("student_target"),
+      py::arg("student_offsets"), py::arg("teacher_ids"), py::arg("teacher_target"), py::arg("teacher_offsets"),
+      py::arg("shared_student_ids"), py::arg("shared_teacher_ids"), py::arg("student_temperature") = 1.0,
+      py::arg("teacher_temperature") = 1.0, py::arg("hybrid") = false, py::arg("beta") = 0.5,
+      py::arg("matched_weight") = -1.0, py::arg("unmatched_weight") = -1.0, py::arg("skip_student_eos") = true,
+      py::arg("skip_teacher_eos") = true, py::arg("merge") = "observed", py::arg("chunk") = 1024,
+      "GOLD's extended-ULD loss of one document pair (train/cross_vocab.h): () the mean over aligned groups.");
   m.def("merge_aligned_probabilities", &tr::merge_aligned_probabilities, py::arg("probs"), py::arg("groups"),
         py::arg("token_ids"), py::arg("strategy") = "observed", "GOLD's merge of aligned groups: (groups, V).");
   m.def(

@@ -96,8 +96,45 @@ std::shared_ptr<model::CausalLM> build_student(const RecipeConfig& c, const trai
   }
   train::ModelSection m;
   m.init = s.init, m.path = s.init == "pretrained" ? resolve_path("student.path", s.path) : "", m.config = s.config, m.dtype = s.dtype, m.device = s.device, m.base_weights = "dense";
-  m.tokenizer = teacher_path;
+  m.tokenizer = c.cross.on ? "" : teacher_path;  // across tokenizers the student's folder has its own
   return train::build_model(m, train::resolve_model_paths(m), dtype, device, c.train.seed, "dense");
+}
+
+// The student's own folder (student.path, or the folder of student.config): its tokenizer and side files.
+std::string student_folder(const RecipeConfig& c) {
+  if (c.student.init == "pretrained") return resolve_path("student.path", c.student.path);
+  return io::is_directory(c.student.config) ? c.student.config : io::parent_dir(c.student.config);
+}
+
+// distill.vocab "cross-tokenizer": both models over their whole heads, each with its own tokenizer (the student's
+// returned in student_tok); the line printed says what ULD compares.
+train::VocabPlan plan_cross_vocabulary(const RecipeConfig& c, const std::string& teacher_path,
+                                       const data::Tokenizer* teacher_tok, std::unique_ptr<data::Tokenizer>& student_tok) {
+  const std::string dir = c.student.init == "pretrained" ? resolve_path("student.path", c.student.path)
+                                                         : c.student.config;  // config.json or its folder
+  const std::string folder = student_folder(c);
+  if (!teacher_tok)
+    config_error("distill.vocab", "\"cross-tokenizer\" tokenizes every document with both tokenizers, and the "
+                 "teacher's folder (" + teacher_path + ") has none", c.resolved["distill"]["vocab"]);
+  student_tok = train::load_tokenizer_if_present(folder, {});
+  if (!student_tok)
+    config_error("distill.vocab", "\"cross-tokenizer\" is for a student with its own tokenizer, and " + folder +
+                 " has none (no tokenizer.json or tokenizer.model)", c.resolved["distill"]["vocab"]);
+  train::VocabPlan p;
+  p.teacher_rows = model::load_model_config(teacher_path).vocab_size;
+  p.student_rows = model::load_model_config(dir).vocab_size;
+  p.compared = 0;  // every row of both heads: ULD compares sorted distributions, GOLD's whole logits
+  if (teacher_tok->vocab_size() > p.teacher_rows)
+    config_error("teacher.path", teacher_path + ": the tokenizer has " + std::to_string(teacher_tok->vocab_size()) +
+                 " ids but the head only " + std::to_string(p.teacher_rows) + " rows", teacher_path);
+  const auto shared = train::shared_tokens(*teacher_tok, *student_tok);
+  p.line = "vocabulary: cross-tokenizer (experimental, TRL GOLD's ULD): the teacher's tokenizer has " +
+           std::to_string(teacher_tok->vocab_size()) + " ids (" + teacher_path + ", " + std::to_string(p.teacher_rows) +
+           " head rows), the student's " + std::to_string(student_tok->vocab_size()) + " (" + folder + ", " +
+           std::to_string(p.student_rows) + " rows); " + std::to_string(shared.teacher_ids.numel()) +
+           " tokens spelled alike" + (c.cross.options.uld.hybrid ? " compared id by id (hybrid), the rest sorted"
+                                                                  : " (all sorted: uld_use_hybrid_loss is off)");
+  return p;
 }
 
 // The vocabulary mapping (anvil/train/vocab.h): which rows of both heads the losses compare, decided from the
@@ -307,8 +344,12 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
   const bool offline = !c.teacher.cache.empty();
   // The tokenizer (the teacher's) and the vocabulary mapping come first: both models are compared over its rows.
   auto tok = train::load_tokenizer_if_present(teacher_path, c.eval);
-  const auto vocab = plan_vocabulary(c, teacher_path, tok.get());
+  std::unique_ptr<data::Tokenizer> student_tok;  // distill.vocab "cross-tokenizer": the student's own
+  const auto vocab = c.cross.on ? plan_cross_vocabulary(c, teacher_path, tok.get(), student_tok)
+                                : plan_vocabulary(c, teacher_path, tok.get());
   std::cerr << vocab.line << "\n";
+  // The tokenizer of the data and of the student's generations: the student's own across tokenizers.
+  const data::Tokenizer* data_tok = c.cross.on ? student_tok.get() : tok.get();
   if (offline && c.mode == "sequence")
     throw std::invalid_argument("config key teacher.cache: an offline run cannot generate the teacher's completions "
                                 "(distill.mode \"sequence\"): that needs the teacher in the process");
@@ -351,7 +392,14 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
       data_section.train = c.sequence.output;
     }
   }
-  const auto data = train::read_training_data(data_section, tok.get(), c.train.seed, vocab.compared);
+  // Across tokenizers every document is tokenized by both, so each micro-batch is packed again for the teacher
+  // (read first: a line that cannot be tokenized twice is refused as such).
+  const auto cross_docs = c.cross.on ? train::read_cross_documents(c.data, *student_tok, *tok) : nullptr;
+  if (cross_docs)
+    std::cerr << "cross-tokenizer documents: " << cross_docs->size() << " distinct, tokenized by both tokenizers "
+              << "with byte offsets\n";
+  const auto data = train::read_training_data(data_section, data_tok, c.train.seed,
+                                              c.cross.on ? vocab.student_rows : vocab.compared);
   data::BatchStream stream(data.train, c.data.seq_len, data.pad_id, c.train.batch_size, c.train.seed);
   auto student = build_student(c, teacher, teacher_path, dtype, device, stream);
   student->train();  // dropout on for every kind of student (build_model does this; a derived one is new)
@@ -412,13 +460,18 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
                          trainable, device);
   trainer.open(options.resume, stream);
   const auto teacher_says = cache ? std::vector<std::string>() : train::generate_for_prompts(*teacher.model, tok.get(), c.eval);
-  const auto before = train::generate_for_prompts(*student, tok.get(), c.eval);
+  const auto before = train::generate_for_prompts(*student, data_tok, c.eval);
 
   // ---- the loop ----
+  const auto shared = c.cross.on ? train::shared_tokens(*tok, *student_tok) : train::SharedTokens{};
   const auto loss = cache  ? train::kd_cache_loss_fn(*student, *cache, c.kd, c.kd_ratio, c.train.loss_chunk, device)
                     : hidden ? train::kd_hidden_loss_fn(*student, teacher, c.kd, c.kd_ratio, c.train.loss_chunk, device, *hidden)
+                    : cross_docs ? train::cross_loss_fn(*student, teacher, *cross_docs, shared, c.cross.options,
+                                                        c.kd_ratio, c.train.loss_chunk, device)
                              : distill_loss_fn(c, *student, teacher, tok.get(), data.pad_id, stream, device);
+  // Across tokenizers the teacher's next-token distribution is over other tokens: validation is the student's CE.
   const auto evaluate = cache ? train::kd_cache_eval_fn(*student, *cache, data, c.train, c.eval, c.kd.chunk, device)
+                        : cross_docs ? train::causal_lm_eval_fn(*student, data, c.train, c.eval, device)
                               : train::kd_eval_fn(*student, teacher, data, c.train, c.eval, c.kd.chunk, device);
   const int status = trainer.fit(stream, loss, evaluate, options.on_step, [&] {
     return train::memory_advice(estimate, plan, ", distill.chunk (now " + std::to_string(c.kd.chunk) + ")");
@@ -426,28 +479,36 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
   if (status != train::kExitOk) return status;
 
   // ---- outputs ----
+  // The student's tokenizer and side files: the teacher's, or across tokenizers its own folder's.
+  const std::string side_files = c.cross.on ? student_folder(c) : teacher_path;
   if (mixed) student->to(model::dtype_from_name(c.student.dtype));
   if (c.use_lora) {
     lora::save_adapter(*student, lora, trainer.path("adapter"));
     if (c.student.init != "pretrained") {  // the adapter's base exists nowhere else
       model::save_causal_lm(*student, trainer.path("student_base"));  // adapters are not in state_tensors
-      io::copy_model_side_files(teacher_path, trainer.path("student_base"));
+      io::copy_model_side_files(side_files, trainer.path("student_base"));
     }
     lora::merge_adapter(*student);
   }
   const std::string model_dir = trainer.path("model");
   model::save_causal_lm(*student, model_dir);
-  io::copy_model_side_files(teacher_path, model_dir);
+  io::copy_model_side_files(side_files, model_dir);
   if (tok && !c.eval.prompts.empty() && cache)
     train::print_generations(c.eval.prompts, before, train::generate_for_prompts(*student, tok.get(), c.eval),
                              c.eval.max_new_tokens);
   else if (tok && !c.eval.prompts.empty())
     train::print_generations(c.eval.prompts, {{"teacher", teacher_says}, {"before", before},
-                                              {"after", train::generate_for_prompts(*student, tok.get(), c.eval)}},
+                                              {"after", train::generate_for_prompts(*student, data_tok, c.eval)}},
                              c.eval.max_new_tokens);
   if (data.validation_rows.rows > 0 && cache)
     print_offline_comparison(train::evaluate_against_cache(*student, *cache, data.validation_rows, c.train.batch_size,
                                                            c.eval.max_batches, c.kd.chunk, device));
+  else if (data.validation_rows.rows > 0 && c.cross.on) {  // the two models' losses are over other tokens
+    const auto r = train::evaluate_causal_lm(*student, data.validation_rows, c.train.batch_size, c.eval.max_batches,
+                                             c.train.loss_chunk, device);
+    std::printf("\non the validation set (%lld target tokens of the student's tokenizer): student loss %.4f, "
+                "perplexity %.3f\n", static_cast<long long>(r.targets), r.loss, r.ppl);
+  }
   else if (data.validation_rows.rows > 0)
     print_comparison(train::evaluate_causal_lm(*teacher.model, data.validation_rows, c.train.batch_size, c.eval.max_batches,
                                                c.train.loss_chunk, teacher_device),

@@ -10,6 +10,7 @@
 #include "anvil/lora/lora.h"
 #include "anvil/model/derive.h"
 #include "anvil/train/config.h"
+#include "anvil/train/cross_vocab.h"
 #include "anvil/train/hidden_loss.h"
 #include "anvil/train/kd_generation.h"
 #include "anvil/train/kd_loss.h"
@@ -65,12 +66,20 @@ struct SequenceSection {
   uint64_t seed = 0;
 };
 
+/// distill.vocab "cross-tokenizer" (experimental): a student with its own tokenizer, distilled by TRL GOLD's
+/// ULD (train/cross_vocab.h); the keys are GOLD's GOLDConfig names (uld_*).
+struct CrossVocabSection {
+  bool on = false;  ///< distill.vocab "cross-tokenizer" ("same": one tokenizer, padded rows mapped, the default)
+  train::CrossVocabOptions options;  ///< uld_use_hybrid_loss, uld_hybrid_*_weight, temperatures, skips, merge
+};
+
 /// The typed, validated config of `anvil distill`.
 struct RecipeConfig {
   TeacherSection teacher;
   StudentSection student;
   train::KdOptions kd;     ///< distill.loss, temperature, skew_lambda, jsd_beta, chunk
   double kd_ratio = 0.5;   ///< distill.kd_ratio: loss = (1 - kd_ratio) CE + kd_ratio KD
+  CrossVocabSection cross;  ///< distill.vocab, distill.uld_*
   HiddenSection hidden;    ///< distill.hidden_loss, hidden_weight, hidden_layers (+ hidden_weight * hidden loss)
   bool use_lora = false;   ///< a "lora" section was given: the student trains adapters
   std::string mode = "online";  ///< distill.mode: "online" | "sequence"

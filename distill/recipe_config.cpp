@@ -62,6 +62,60 @@ HiddenSection read_hidden_section(const train::ConfigReader& r) {
   return h;
 }
 
+// ---- distill.vocab "cross-tokenizer" (train/cross_vocab.h): GOLD's ULD keys, GOLDConfig's names and defaults ----
+
+const std::vector<std::string> kUldKeys = {"uld_use_hybrid_loss",     "uld_hybrid_matched_weight",
+                                           "uld_hybrid_unmatched_weight", "uld_distillation_weight",
+                                           "uld_student_temperature", "uld_teacher_temperature",
+                                           "uld_skip_student_eos",    "uld_skip_teacher_eos",
+                                           "uld_token_merge_strategy"};
+
+void add_uld_defaults(json& d) {
+  d["distill"]["vocab"] = "same";
+  d["distill"]["uld_use_hybrid_loss"] = false;
+  d["distill"]["uld_hybrid_matched_weight"] = nullptr;  // null: GOLD's adaptive M / Vt (and 1 - that)
+  d["distill"]["uld_hybrid_unmatched_weight"] = nullptr;
+  d["distill"]["uld_distillation_weight"] = 1.0;
+  d["distill"]["uld_student_temperature"] = 1.0;
+  d["distill"]["uld_teacher_temperature"] = 1.0;
+  d["distill"]["uld_skip_student_eos"] = true;
+  d["distill"]["uld_skip_teacher_eos"] = true;
+  d["distill"]["uld_token_merge_strategy"] = "observed";
+}
+
+double positive(const train::ConfigReader& r, const std::string& key) {
+  const double v = r.number_in(key, 0.0, train::kInf, false, "(0, inf)");
+  if (!(v > 0)) config_error(key, "must be a number in (0, inf)", v);
+  return v;
+}
+
+CrossVocabSection read_cross_vocab(const train::ConfigReader& r) {
+  CrossVocabSection x;
+  x.on = r.string_in("distill.vocab", {"same", "cross-tokenizer"}) == "cross-tokenizer";
+  if (!x.on) return x;
+  auto& o = x.options;
+  o.uld.hybrid = r.boolean("distill.uld_use_hybrid_loss");
+  const json &m = r.at("distill.uld_hybrid_matched_weight"), &u = r.at("distill.uld_hybrid_unmatched_weight");
+  if (m.is_null() != u.is_null())
+    config_error(m.is_null() ? "distill.uld_hybrid_matched_weight" : "distill.uld_hybrid_unmatched_weight",  // the missing one
+                 "must be set together with its pair (uld_hybrid_matched_weight and uld_hybrid_unmatched_weight both "
+                 "null for GOLD's adaptive weighting, or both numbers >= 0)", m.is_null() ? m : u);
+  if (!m.is_null()) {
+    o.uld.matched_weight = r.number_in("distill.uld_hybrid_matched_weight", 0.0, train::kInf, false, "[0, inf)");
+    o.uld.unmatched_weight = r.number_in("distill.uld_hybrid_unmatched_weight", 0.0, train::kInf, false, "[0, inf)");
+    if (!o.uld.hybrid)
+      config_error("distill.uld_hybrid_matched_weight", "weighs the hybrid loss's parts: it needs "
+                   "distill.uld_use_hybrid_loss true", m);
+  }
+  o.distillation_weight = r.number_in("distill.uld_distillation_weight", 0.0, train::kInf, false, "[0, inf)");
+  o.uld.student_temperature = positive(r, "distill.uld_student_temperature");
+  o.uld.teacher_temperature = positive(r, "distill.uld_teacher_temperature");
+  o.skip_student_eos = r.boolean("distill.uld_skip_student_eos");
+  o.skip_teacher_eos = r.boolean("distill.uld_skip_teacher_eos");
+  o.merge = r.string_in("distill.uld_token_merge_strategy", {"observed", "bayesian"});
+  return x;
+}
+
 }  // namespace
 
 train::ConfigSchema config_schema() {
@@ -82,6 +136,7 @@ train::ConfigSchema config_schema() {
                                   {"top_k", 0},    {"top_p", 1.0},          {"batch_size", 0},
                                   {"refresh_from", ""}};
   add_pruning_defaults(schema.defaults);  // student.intermediate_size, ..., distill.hidden_*
+  add_uld_defaults(schema.defaults);      // distill.vocab, distill.uld_* (kept by resolve_config where given)
   schema.defaults["lora"] = train::lora_section_defaults();
   schema.foreign_sections = {{"model", "is not read by anvil distill: its two models are the \"teacher\" and "
                                        "\"student\" sections"}};
@@ -199,6 +254,20 @@ RecipeConfig resolve_config(const json& user) {
     config_error("sequence", "is for distill.mode \"sequence\" (the teacher's completions as training data); "
                  "distill.mode is \"online\"", user.at("sequence"));
   if (!sequence_mode) schema.defaults.erase("sequence");
+  // distill.vocab and its uld_* keys are kept only where given, so that a run without them resolves as before.
+  const json* user_distill = user.is_object() && user.contains("distill") && user.at("distill").is_object()
+                                 ? &user.at("distill") : nullptr;
+  const bool cross = user_distill && user_distill->contains("vocab") && user_distill->at("vocab") == "cross-tokenizer";
+  if (!cross)
+    for (const auto& k : kUldKeys) {
+      if (user_distill && user_distill->contains(k))
+        config_error("distill." + k, "is for distill.vocab \"cross-tokenizer\" (a student with its own tokenizer, "
+                     "TRL GOLD's ULD); distill.vocab is " +
+                     (user_distill->contains("vocab") ? user_distill->at("vocab").dump() : std::string("\"same\" (the default)")),
+                     user_distill->at(k));
+      schema.defaults["distill"].erase(k);
+    }
+  if (!(user_distill && user_distill->contains("vocab"))) schema.defaults["distill"].erase("vocab");
   c.use_on_policy = user.is_object() && user.contains("on_policy");
   if (!c.use_on_policy) schema.defaults.erase("on_policy");
   c.resolved = train::merge_over_defaults(schema, user);
@@ -214,6 +283,9 @@ RecipeConfig resolve_config(const json& user) {
   c.kd.chunk = r.int_at_least("distill.chunk", 1);
   c.kd.fused = r.boolean("distill.fused");
   c.hidden = read_hidden_section(r);
+  if (c.resolved["distill"].contains("vocab")) c.cross = read_cross_vocab(r);
+  c.cross.options.uld.jsd_beta = c.kd.jsd_beta;  // GOLD's beta: the matched tokens' JSD
+  c.cross.options.chunk = c.kd.chunk;
   c.mode = r.string_in("distill.mode", {"online", "sequence"});
   if (c.mode == "sequence") c.sequence = read_sequence(r);
   if (c.use_on_policy) c.on_policy = read_on_policy(r);
@@ -236,6 +308,25 @@ RecipeConfig resolve_config(const json& user) {
   if (c.mode == "sequence") {
     if (c.sequence.prompts.empty()) c.sequence.prompts = c.data.train;
     if (c.sequence.output.empty()) c.sequence.output = c.output.dir + "/teacher_data.jsonl";
+  }
+  if (c.cross.on)  // the same-vocabulary divergence's keys do not apply: ULD has its own (uld_*)
+    for (const char* k : {"loss", "temperature", "skew_lambda", "fused"})
+      if (user_distill->contains(k))
+        config_error(std::string("distill.") + k, std::string("is not used with distill.vocab \"cross-tokenizer\" (the "
+                     "divergence is GOLD's ULD: distill.uld_*") + (std::string(k) == "temperature"
+                         ? "; its temperatures are distill.uld_student_temperature and uld_teacher_temperature)" : ")"),
+                     user_distill->at(k));
+  if (c.cross.on) {  // online only for now: each refusal names the key that asks for the other mode
+    const std::string why = " is not yet combined with distill.vocab \"cross-tokenizer\" (experimental: online, "
+                            "token-level ULD only)";
+    if (!c.teacher.cache.empty()) config_error("teacher.cache", "(offline, from the teacher's top-k cache)" + why, c.teacher.cache);
+    if (c.mode == "sequence") config_error("distill.mode", "\"sequence\"" + why, c.mode);
+    if (c.use_on_policy) config_error("on_policy", "(the student's generations)" + why, c.resolved["on_policy"]);
+    if (c.hidden.type != "none") config_error("distill.hidden_loss", "(hidden states)" + why, c.hidden.type);
+    if (c.student.init == "derived")
+      config_error("student.init", "\"derived\" gives the student the teacher's tokenizer: distill.vocab "
+                   "\"cross-tokenizer\" is for a student with its own (student.init \"pretrained\" or \"random\", "
+                   "with the tokenizer in its folder)", c.student.init);
   }
   if (c.use_on_policy) {
     c.on_policy.seed = c.train.seed;

@@ -440,13 +440,20 @@ at::Tensor uld_divergence(const at::Tensor& student_logits, const at::Tensor& te
               " logits must have the same aligned rows");
   if (!(o.student_temperature > 0) || !(o.teacher_temperature > 0))
     throw std::invalid_argument("uld_divergence: temperatures must be > 0");
+  const auto acc = accumulate_type(student_logits);
+  return uld_divergence_probs(at::softmax(student_logits.to(acc) / o.student_temperature, 1),   // (N, Vs)
+                              at::softmax(teacher_logits.to(acc) / o.teacher_temperature, 1),   // (N, Vt)
+                              shared_student_ids, shared_teacher_ids, o);
+}
+
+at::Tensor uld_divergence_probs(const at::Tensor& q, const at::Tensor& p, const at::Tensor& shared_student_ids,
+                                const at::Tensor& shared_teacher_ids, const UldOptions& o) {
+  TORCH_CHECK(q.dim() == 2 && p.dim() == 2 && q.size(0) == p.size(0), "uld_divergence: student (N, Vs) ", q.sizes(),
+              " and teacher (N, Vt) ", p.sizes(), " probabilities must have the same aligned rows");
   if (!(o.jsd_beta >= 0 && o.jsd_beta <= 1)) throw std::invalid_argument("uld_divergence: jsd_beta must be in [0, 1]");
   if ((o.matched_weight < 0) != (o.unmatched_weight < 0))
     throw std::invalid_argument("uld_divergence: matched_weight and unmatched_weight must both be set (>= 0) or both "
                                 "adaptive (< 0), as GOLD's uld_hybrid_*_weight");
-  const auto acc = accumulate_type(student_logits);
-  const auto q = at::softmax(student_logits.to(acc) / o.student_temperature, 1);  // (N, Vs)
-  const auto p = at::softmax(teacher_logits.to(acc) / o.teacher_temperature, 1);  // (N, Vt)
   // sum_i |sort(a)_i - sort(b)_i| per row, the shorter zero-padded (probabilities sorted descending).
   auto sorted_l1 = [](const at::Tensor& a, const at::Tensor& b) {
     auto sa = std::get<0>(a.sort(1, /*descending=*/true)), sb = std::get<0>(b.sort(1, /*descending=*/true));

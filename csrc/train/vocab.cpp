@@ -41,7 +41,8 @@ VocabPlan plan_vocabularies(const VocabSide& teacher, const VocabSide& student) 
                                " ids): id " + std::to_string(d) + " is " + quoted_token(*teacher.tokenizer, d) +
                                " in the teacher's and " + quoted_token(*student.tokenizer, d) +
                                " in the student's. Distillation compares distributions over the same token ids; "
-                               "cross-tokenizer distillation (ULD / GOLD) is not yet wired into anvil distill");
+                               "for a student with its own tokenizer set distill.vocab \"cross-tokenizer\" (experimental: TRL GOLD's "
+                               "ULD, which aligns the two tokenizations by their bytes)");
   }
   const data::Tokenizer* tok = teacher.tokenizer ? teacher.tokenizer : student.tokenizer;
   const std::string tok_folder = teacher.tokenizer ? teacher.folder : student.folder;

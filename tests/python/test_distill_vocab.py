@@ -178,10 +178,8 @@ def test_chunked_loss_with_a_padded_student_head_equals_the_sliced_formula():
 BPE_SIZE = 300
 
 
-@pytest.fixture(scope="module")
-def bpe(tmp_path_factory):
-    """A byte-level BPE of BPE_SIZE tokens trained here on demo text (a tokenizer.json both readers take whole, so
-    that edits of its vocabulary reach both)."""
+def train_bpe(path, size):
+    """A byte-level BPE of `size` tokens trained on demo text, saved as the tokenizer.json `path`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -192,11 +190,17 @@ def bpe(tmp_path_factory):
         if name.endswith(".jsonl"):
             with open(os.path.join(data, name)) as f:
                 lines += [json.dumps(json.loads(l)) for l, _ in zip(f, range(300))]
-    tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=BPE_SIZE, special_tokens=["<|endoftext|>"],
+    tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=size, special_tokens=["<|endoftext|>"],
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    path = str(tmp_path_factory.mktemp("bpe") / "tokenizer.json")
-    tok.save(path)
-    return path
+    tok.save(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    """A byte-level BPE of BPE_SIZE tokens trained here on demo text (a tokenizer.json both readers take whole, so
+    that edits of its vocabulary reach both)."""
+    return train_bpe(tmp_path_factory.mktemp("bpe") / "tokenizer.json", BPE_SIZE)
 
 
 def edited_tokenizer(folder, src, edit):
@@ -227,7 +231,7 @@ def test_mismatched_vocabularies_are_config_errors(folders, bpe):
     err = result.stderr
     assert "config key student.path" in err and "is not the teacher's" in err and "id 100 is" in err
     assert f'"{tok.id_to_token(100)}" in the teacher\'s and "{tok.id_to_token(101)}" in the student\'s' in err
-    assert "ULD" in err
+    assert "ULD" in err and 'set distill.vocab "cross-tokenizer"' in err
     # A student head without rows for some of the tokenizer's ids.
     short = model_dir(d / "student_short", REAL - 96, 2, 12)
     result, _ = run_distill(folders, "err_short", folders.teacher, short)
@@ -374,3 +378,245 @@ def test_byte_offset_alignment_and_merge_equal_golds():
                                   torch.autograd.grad((ref * w).sum(), probs)[0], rtol=1e-12, atol=1e-15)
     with pytest.raises(Exception, match="observed"):
         _C.merge_aligned_probabilities(torch.rand(3, 4), [[0, 1]], [1, 2, 3], "mean")
+
+
+# ---- (d) different tokenizers in the recipe: distill.vocab "cross-tokenizer" (anvil/train/cross_vocab.h) --------
+
+FIXTURES = os.path.join(ROOT, "tests", "data", "tokenizers")
+
+
+def offset_texts():
+    texts = ["Hello world, déjà vu 中文 😀\n\ndef f(): pass", "  leading  spaces\tand tabs ", "x", "a<|endoftext|>b",
+             "\u00a0non-breaking\u3000ideographic space", "emoji 👩‍👩‍👧 and ZWJ"]
+    with open(os.path.join(FIXTURES, "multilingual_sample.txt")) as f:
+        texts += [line.rstrip("\n") for line in f if line.strip()][:40]
+    return texts
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama3", "qwen2"])
+def test_byte_offsets_equal_golds_encode_with_byte_offsets(family):
+    """GOLD's own offsets: trl.experimental.utils.encode_with_byte_offsets (return_offsets_mapping in bytes,
+    normalised) on the `tokenizers` package's encoding of the same tokenizer.json."""
+    from tokenizers import Tokenizer
+    from trl.experimental.utils import encode_with_byte_offsets
+    path = os.path.join(FIXTURES, family, "tokenizer.json")
+    backend, ours = Tokenizer.from_file(path), _C.Tokenizer.from_tokenizer_json(path)
+    texts = offset_texts()
+    for special in (True, False):
+        for text, (ids, offs) in zip(texts, encode_with_byte_offsets(backend, texts, add_special_tokens=special)):
+            got_ids, got_offs = ours.encode_with_offsets(text, special)
+            assert got_ids == list(ids), text
+            assert [tuple(o) for o in got_offs] == [tuple(o) for o in offs], text
+
+
+def sentencepiece_spans(sp, text):
+    """(id, begin, end) of each piece from SentencePiece's own SentencePieceText (its serialized proto, read here:
+    the protobuf package is not installed): byte spans in the text."""
+    from protobuf_wire import fields_of
+    spans = []
+    for f, v in fields_of(sp.encode_as_serialized_proto(text)):
+        if f == 2:  # SentencePieceText.pieces: piece 1, id 2, surface 3, begin 4, end 5
+            d = dict(fields_of(v))
+            spans.append((d.get(2, 0), d.get(4, 0), d.get(5, 0)))
+    return spans
+
+
+def test_sentencepiece_offsets_equal_sentencepieces_spans():
+    """SentencePiece's own spans, except that a character spelled by byte-fallback pieces is split into its bytes
+    (SentencePiece gives it all to the last piece): those runs are compared as one span."""
+    spm = pytest.importorskip("sentencepiece")
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(FIXTURES, "llama2", "tokenizer.model"))
+    ours = _C.Tokenizer.load(os.path.join(FIXTURES, "llama2"))
+    byte_piece = lambda i: sp.id_to_piece(i).startswith("<0x")
+    checked_bytes = 0
+    for text in offset_texts():
+        want = sentencepiece_spans(sp, text)
+        ids, offs = ours.encode_with_offsets(text, False)
+        assert ids == [w[0] for w in want], text
+        k = 0
+        while k < len(ids):
+            e = k + 1
+            if byte_piece(ids[k]):
+                while e < len(ids) and byte_piece(ids[e]) and want[e - 1][2] == want[e][1] == want[k][1]:
+                    e += 1
+                checked_bytes += e - k > 1
+            assert (offs[k][0], offs[e - 1][1]) == (want[k][1], want[e - 1][2]), (text, k)
+            k = e
+        assert offs[-1][1] == len(text.encode())
+    assert checked_bytes > 0  # some characters went through byte fallback
+    ids, offs = ours.encode_with_offsets("Hi", True)  # <s> is not in the text: an empty span
+    assert ids[0] == ours.bos_id and tuple(offs[0]) == (0, 0)
+
+
+CROSS_TEACHER, CROSS_STUDENT = 420, 300  # two BPEs of the same text: different cuts, 300 tokens spelled alike
+
+
+def cross_model_dir(path, size, layers, seed):
+    os.makedirs(str(path), exist_ok=True)
+    train_bpe(os.path.join(str(path), "tokenizer.json"), size)
+    with open(os.path.join(str(path), "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}, f)
+    small_llama(size, layers, seed).save_pretrained(str(path))
+    return str(path)
+
+
+def fortunes(n, skip):
+    with open(os.path.join(ROOT, "examples", "tiny", "data", "general_train.jsonl")) as f:
+        lines = [json.loads(l)["text"] for l in f]
+    short = [t for t in lines if 40 <= len(t) <= 140]
+    return [{"text": t} for t in short[skip:skip + n]]
+
+
+@pytest.fixture(scope="module")
+def cross(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cross")
+    return types.SimpleNamespace(
+        d=d, teacher=cross_model_dir(d / "teacher", CROSS_TEACHER, 3, 21),
+        student=cross_model_dir(d / "student", CROSS_STUDENT, 2, 22),
+        train=write_jsonl(d / "train.jsonl", fortunes(8, 0)), val=write_jsonl(d / "val.jsonl", fortunes(4, 40)))
+
+
+def hf_tok(folder):
+    return transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(folder, "tokenizer.json"),
+                                                eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def cross_config(cross, out, student=None, train_path=None, distill=None, **sections):
+    cfg = distill_config(cross.teacher, train_path or cross.train, cross.val, out,
+                         student={"init": "pretrained", "path": student or cross.student},
+                         distill=dict({"vocab": "cross-tokenizer"}, **(distill or {})), **sections)
+    cfg["student"].pop("layers", None)
+    cfg["distill"].pop("loss")  # the same-vocabulary divergence: an error across tokenizers
+    cfg["data"]["seq_len"] = sections.get("data", {}).get("seq_len", 128)  # 128: no document cut
+    return cfg
+
+
+def run_cross(cross, name, distill=None, **sections):
+    cfg = cross_config(cross, cross.d / name, distill=distill, **sections)
+    return run_cli("distill", "--config", write_config(cross.d / (name + ".json"), cfg)), cross.d / name
+
+
+def gold_sides(tok, texts):
+    """GOLD's inputs for text documents: each text's ids with the eos appended (every token an answer: labels = ids)
+    and byte offsets from GOLD's encode_with_byte_offsets, the eos at (len, len) as build_teacher_inputs_from_texts
+    puts it; right-padded as GOLD's collators pad."""
+    from trl.experimental.utils import encode_with_byte_offsets, pad_byte_offsets
+    encs = encode_with_byte_offsets(tok.backend_tokenizer, texts, add_special_tokens=True)
+    seqs = [list(ids) + [tok.eos_token_id] for ids, _ in encs]
+    offs = [list(map(tuple, o)) + [(len(t.encode()), len(t.encode()))] for (_, o), t in zip(encs, texts)]
+    n = max(map(len, seqs))
+    ids = torch.tensor([s + [tok.pad_token_id] * (n - len(s)) for s in seqs])
+    labels = torch.tensor([s + [-100] * (n - len(s)) for s in seqs])
+    mask = labels.ne(-100).long()
+    return ids, labels, mask, torch.stack([pad_byte_offsets(o, n, "right") for o in offs])
+
+
+def test_cross_tokenizer_step_loss_equals_golds_uld_loss(cross):
+    """The recipe's first step (every training document in one micro-batch, the models as loaded) against TRL's
+    GOLD ULDLoss (use_extended_uld, hybrid, GOLD's weights) on the same documents through transformers: GOLD's
+    uld_crossentropy_weight 1 - kd_ratio and uld_distillation_weight kd_ratio x ours."""
+    kd_ratio, weight = 0.6, 2.0
+    result, out = run_cross(cross, "gold", distill={"kd_ratio": kd_ratio, "uld_use_hybrid_loss": True,
+                                                    "uld_distillation_weight": weight, "jsd_beta": 0.3},
+                            train={"steps": 1, "batch_size": 8, "grad_accum": 1, "warmup_steps": 0})
+    check_ok(result)
+    assert "vocabulary: cross-tokenizer (experimental, TRL GOLD's ULD)" in result.stderr
+    assert f"{CROSS_STUDENT} tokens spelled alike compared id by id" in result.stderr
+    step = next(m for m in metrics(out) if m.get("step") == 1 and "uld" in m)
+    texts = [json.loads(l)["text"] for l in open(cross.train)]
+    ts, tt = hf_tok(cross.student), hf_tok(cross.teacher)
+    s_ids, s_labels, s_mask, s_offs = gold_sides(ts, texts)
+    t_ids, t_labels, t_mask, t_offs = gold_sides(tt, texts)
+    student = transformers.AutoModelForCausalLM.from_pretrained(cross.student, dtype=torch.float32).eval()
+    teacher = transformers.AutoModelForCausalLM.from_pretrained(cross.teacher, dtype=torch.float32).eval()
+    with torch.no_grad():
+        zs = student(input_ids=s_ids, attention_mask=s_mask).logits
+        zt = teacher(input_ids=t_ids, attention_mask=t_mask).logits
+    cfg = uld_config(uld_crossentropy_weight=0.0, uld_distillation_weight=1.0, use_extended_uld=True,
+                     uld_skip_student_eos=True, uld_skip_teacher_eos=True, uld_use_hybrid_loss=True, beta=0.3)
+    uld = gold().ULDLoss(cfg, student_tokenizer=ts, teacher_tokenizer=tt)
+    want_uld = uld(zs, zt, s_labels, t_labels, s_ids, t_ids, s_offs, t_offs).item()
+    ce = gold().ULDLoss(uld_config(uld_crossentropy_weight=1.0, uld_distillation_weight=0.0, use_extended_uld=True,
+                                   uld_skip_student_eos=True, uld_skip_teacher_eos=True),
+                        student_tokenizer=ts, teacher_tokenizer=tt)
+    want_ce = ce(zs, zt, s_labels, t_labels, s_ids, t_ids, s_offs, t_offs).item()
+    assert step["uld"] == pytest.approx(weight * want_uld, rel=1e-4)
+    assert step["ce"] == pytest.approx(want_ce, rel=1e-4)
+    assert step["loss"] == pytest.approx((1 - kd_ratio) * want_ce + kd_ratio * weight * want_uld, rel=1e-4)
+    # The student written keeps its own tokenizer.
+    assert json.load(open(out / "model" / "tokenizer.json")) == json.load(open(os.path.join(cross.student, "tokenizer.json")))
+
+
+@pytest.mark.parametrize("merge", ["observed", "bayesian"])
+@pytest.mark.parametrize("hybrid,skip", [(False, True), (True, False), (True, True)])
+def test_cross_document_loss_equals_golds_with_gradients(cross, merge, hybrid, skip):
+    """One document pair, random logits: our loss and its gradient wrt the student's logits against GOLD's
+    ULDLoss (extended ULD) for both merge strategies, hybrid or not, the eos skipped or not; a prompt the answer
+    follows (labels -100 on it), so the bayesian shift has a predictor."""
+    ts, tt = hf_tok(cross.student), hf_tok(cross.teacher)
+    ours_s, ours_t = _C.Tokenizer.load(cross.student), _C.Tokenizer.load(cross.teacher)
+    text = "Q: what is an algorithm? A: a finite sequence of well-defined instructions, typically to solve a problem."
+    s_ids, s_labels, _, s_offs = gold_sides(ts, [text])
+    t_ids, t_labels, _, t_offs = gold_sides(tt, [text])
+    cut = len("Q: what is an algorithm?")  # the prompt: no answers before this byte
+    s_labels[0, s_offs[0, :, 1] <= cut], t_labels[0, t_offs[0, :, 1] <= cut] = -100, -100
+    g = torch.Generator().manual_seed(5 + hybrid + 2 * skip)
+    zs = (torch.randn(1, s_ids.size(1), CROSS_STUDENT, dtype=torch.float64, generator=g) * 2).requires_grad_(True)
+    zt = torch.randn(1, t_ids.size(1), CROSS_TEACHER, dtype=torch.float64, generator=g) * 2
+    cfg = uld_config(use_extended_uld=True, uld_token_merge_strategy=merge, uld_use_hybrid_loss=hybrid, beta=0.5,
+                     uld_skip_student_eos=skip, uld_skip_teacher_eos=skip, uld_student_temperature=1.3,
+                     uld_teacher_temperature=0.8)
+    want = gold().ULDLoss(cfg, student_tokenizer=ts, teacher_tokenizer=tt)(zs, zt, s_labels, t_labels, s_ids, t_ids,
+                                                                          s_offs, t_offs)
+    tid, sid = _C.shared_tokens(ours_t, ours_s)
+    for side, ours in ((s_ids, ours_s), (t_ids, ours_t)):  # our offsets are GOLD's
+        ids, offs = ours.encode_with_offsets(text, True)
+        assert ids == side[0, :len(ids)].tolist()
+    got = _C.cross_document_loss(
+        zs[0], zt[0], s_ids[0].tolist(), s_labels[0].ne(-100).tolist(), [tuple(o) for o in s_offs[0].tolist()],
+        t_ids[0].tolist(), t_labels[0].ne(-100).tolist(), [tuple(o) for o in t_offs[0].tolist()], sid, tid,
+        student_temperature=1.3, teacher_temperature=0.8, hybrid=hybrid, beta=0.5, skip_student_eos=skip,
+        skip_teacher_eos=skip, merge=merge, chunk=3)
+    assert got.item() == pytest.approx(want.item(), rel=1e-10)
+    gw, gg = torch.autograd.grad(want, zs)[0], torch.autograd.grad(got, zs)[0]
+    assert torch.allclose(gg, gw, rtol=1e-8, atol=1e-12), (gg - gw).abs().max()
+
+
+def test_cross_tokenizer_run_trains_and_its_uld_falls(cross):
+    # Rows of 48 student tokens cut most documents: the teacher's side is cut at the same byte.
+    result, out = run_cross(cross, "trains", distill={"kd_ratio": 1.0, "uld_use_hybrid_loss": True},
+                            train={"steps": 24, "batch_size": 4, "grad_accum": 1, "lr": 1e-2, "warmup_steps": 0},
+                            eval={"every": 12}, data={"seq_len": 48})
+    check_ok(result)
+    lines = [m for m in metrics(out) if "uld" in m]
+    assert len(lines) == 24 and all(m["uld"] > 0 for m in lines)
+    first, last = sum(m["uld"] for m in lines[:4]) / 4, sum(m["uld"] for m in lines[-4:]) / 4
+    assert last < 0.8 * first, (first, last)
+    assert any("val_loss" in m for m in metrics(out))
+    assert "student loss" in result.stdout
+    transformers.AutoModelForCausalLM.from_pretrained(str(out / "model"))  # a model transformers loads
+
+
+def test_cross_tokenizer_errors_name_the_key(cross, tmp_path):
+    # A student folder without a tokenizer.
+    bare = str(tmp_path / "bare")
+    small_llama(CROSS_STUDENT, 2, 3).save_pretrained(bare)
+    cfg = cross_config(cross, tmp_path / "o1", student=bare)
+    result = run_cli("distill", "--config", write_config(tmp_path / "c1.json", cfg))
+    assert result.returncode != 0 and "config key distill.vocab" in result.stderr and "has none" in result.stderr
+    # Chat lines: each side would render its own template.
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    cfg = cross_config(cross, tmp_path / "o2", train_path=chat)
+    result = run_cli("distill", "--config", write_config(tmp_path / "c2.json", cfg))
+    assert result.returncode != 0 and "config key data.train" in result.stderr and "chat.jsonl:1" in result.stderr
+    # Without the key, another tokenizer is refused with the first differing token, naming the key.
+    result, _ = run_cross(cross, "refused", distill={"vocab": "same"})
+    assert result.returncode != 0 and "config key student.path" in result.stderr
+    assert 'set distill.vocab "cross-tokenizer"' in result.stderr
+    # A uld_* key without the mode, and a combination not yet supported.
+    result, _ = run_cross(cross, "k1", distill={"vocab": "same", "uld_teacher_temperature": 2.0})
+    assert result.returncode != 0 and "config key distill.uld_teacher_temperature: is for distill.vocab" in result.stderr
+    result, _ = run_cross(cross, "k2", teacher={"cache": str(tmp_path / "cache")})
+    assert result.returncode != 0 and "config key teacher.cache" in result.stderr
+    result, _ = run_cross(cross, "k3", distill={"temperature": 2.0})
+    assert result.returncode != 0 and "config key distill.temperature: is not used with" in result.stderr

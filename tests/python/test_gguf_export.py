@@ -114,35 +114,8 @@ def sp_pieces(path):
     """(piece, score, type) of a SentencePiece tokenizer.model, read from its protobuf bytes directly
     (ModelProto field 1 = pieces {1: piece, 2: score (float), 3: type (enum, NORMAL when absent)})."""
     import struct
+    from protobuf_wire import fields_of
     data = open(path, "rb").read()
-
-    def varint(b, i):
-        v = s = 0
-        while True:
-            c = b[i]
-            i += 1
-            v |= (c & 0x7F) << s
-            s += 7
-            if c < 0x80:
-                return v, i
-
-    def fields_of(b):
-        i = 0
-        while i < len(b):
-            key, i = varint(b, i)
-            num, wt = key >> 3, key & 7
-            if wt == 0:
-                v, i = varint(b, i)
-            elif wt == 1:
-                v, i = b[i:i + 8], i + 8
-            elif wt == 2:
-                n, i = varint(b, i)
-                v, i = b[i:i + n], i + n
-            elif wt == 5:
-                v, i = b[i:i + 4], i + 4
-            else:
-                raise ValueError(wt)
-            yield num, v
 
     out = []
     for num, v in fields_of(data):

@@ -148,6 +148,13 @@ at::Tensor uld_divergence(const at::Tensor& student_logits, const at::Tensor& te
                           const at::Tensor& shared_student_ids, const at::Tensor& shared_teacher_ids,
                           const UldOptions& o);
 
+/// uld_divergence from probability rows rather than logits: student q (N, Vs) and teacher p (N, Vt), already
+/// tempered and possibly unnormalised (GOLD's merged rows of several tokens, train/vocab.h
+/// merge_aligned_probabilities); o's temperatures are not applied. uld_divergence is this on the softmaxes.
+at::Tensor uld_divergence_probs(const at::Tensor& student_probs, const at::Tensor& teacher_probs,
+                                const at::Tensor& shared_student_ids, const at::Tensor& shared_teacher_ids,
+                                const UldOptions& o);
+
 /// The (T) int64 indices of the target positions (labels != kIgnoreIndex) of labels (...) flattened.
 at::Tensor target_rows(const at::Tensor& labels);
 

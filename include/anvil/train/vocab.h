@@ -18,7 +18,8 @@
 // - Different tokenizers (experimental): the shared-token mapping and the byte-offset alignment of TRL 1.16's
 //   GOLDTrainer (trl/experimental/gold/gold_trainer.py, ULDLoss._initialize_vocabulary_mapping,
 //   _align_by_byte_offsets, _merge_probabilities_with_alignment_groups) are here and tested against TRL; the loss
-//   term is uld_divergence (train/kd_loss.h). The recipe does not wire them yet (distill/README.md, "Not yet").
+//   term is uld_divergence (train/kd_loss.h); train/cross_vocab.h wires them into anvil distill (distill.vocab
+//   "cross-tokenizer").
 #pragma once
 
 #include "anvil/data/tokenizer.h"
@@ -54,7 +55,7 @@ struct VocabPlan {
 
 /// The mapping for teacher and student. The tokenizer is the teacher's, else the student's; a student tokenizer
 /// that differs from the teacher's (first_differing_token) is an error naming both folders, the sizes and the first
-/// differing id (cross-tokenizer distillation is not wired into the recipe). Equal rows: kSame, or kPadded when the
+/// differing id, pointing to distill.vocab "cross-tokenizer" (train/cross_vocab.h, which does not call this). Equal rows: kSame, or kPadded when the
 /// tokenizer has fewer ids than the rows. Different rows: kPadded over the tokenizer's ids, which must be <= both
 /// (else an error naming the side and the ids without a row); without any tokenizer, an error (nothing says which
 /// rows are real). std::invalid_argument naming the student's key.

@@ -249,5 +249,84 @@ TEST(DistillConfig, GenerationModes) {
   expect_error(user, "distill.mode");
 }
 
+// distill.vocab "cross-tokenizer" (train/cross_vocab.h): GOLD's uld_* keys, kept only where given; online only.
+TEST(DistillConfig, CrossTokenizerKeys) {
+  auto u = minimal();
+  u["student"] = {{"init", "pretrained"}, {"path", "some/student"}};
+  auto c = resolve_config(u);
+  EXPECT_FALSE(c.cross.on);
+  EXPECT_FALSE(c.resolved["distill"].contains("vocab"));  // a run without the key resolves as before
+  EXPECT_FALSE(c.resolved["distill"].contains("uld_use_hybrid_loss"));
+  u["distill"]["uld_use_hybrid_loss"] = true;
+  expect_error(u, "config key distill.uld_use_hybrid_loss: is for distill.vocab \"cross-tokenizer\"");
+  u["distill"]["vocab"] = "same";
+  expect_error(u, "distill.vocab is \"same\"");
+  u["distill"].erase("uld_use_hybrid_loss");
+  EXPECT_EQ(error_of(u), "");
+  u["distill"]["vocab"] = "cross";
+  expect_error(u, "config key distill.vocab");
+  u["distill"]["vocab"] = "cross-tokenizer";
+  c = resolve_config(u);
+  ASSERT_TRUE(c.cross.on);
+  // GOLDConfig's defaults
+  EXPECT_FALSE(c.cross.options.uld.hybrid);
+  EXPECT_LT(c.cross.options.uld.matched_weight, 0);
+  EXPECT_EQ(c.cross.options.distillation_weight, 1.0);
+  EXPECT_EQ(c.cross.options.uld.student_temperature, 1.0);
+  EXPECT_TRUE(c.cross.options.skip_student_eos);
+  EXPECT_TRUE(c.cross.options.skip_teacher_eos);
+  EXPECT_EQ(c.cross.options.merge, "observed");
+  EXPECT_EQ(c.cross.options.uld.jsd_beta, 0.5);  // distill.jsd_beta: GOLD's beta
+  EXPECT_TRUE(c.resolved["distill"]["uld_hybrid_matched_weight"].is_null());
+  u["distill"]["uld_use_hybrid_loss"] = true;
+  u["distill"]["uld_hybrid_matched_weight"] = 0.3;
+  expect_error(u, "config key distill.uld_hybrid_unmatched_weight: must be set together with its pair");
+  u["distill"]["uld_hybrid_unmatched_weight"] = 0.6;
+  u["distill"]["uld_token_merge_strategy"] = "bayesian";
+  u["distill"]["jsd_beta"] = 0.2;
+  c = resolve_config(u);
+  EXPECT_EQ(c.cross.options.uld.matched_weight, 0.3);
+  EXPECT_EQ(c.cross.options.uld.unmatched_weight, 0.6);
+  EXPECT_EQ(c.cross.options.merge, "bayesian");
+  EXPECT_EQ(c.cross.options.uld.jsd_beta, 0.2);
+  u["distill"]["uld_use_hybrid_loss"] = false;
+  expect_error(u, "config key distill.uld_hybrid_matched_weight: weighs the hybrid loss's parts");
+  u["distill"]["uld_use_hybrid_loss"] = true;
+  u["distill"]["uld_token_merge_strategy"] = "mean";
+  expect_error(u, "config key distill.uld_token_merge_strategy");
+  u["distill"]["uld_token_merge_strategy"] = "observed";
+  u["distill"]["uld_student_temperature"] = 0;
+  expect_error(u, "config key distill.uld_student_temperature: must be a number in (0, inf)");
+  u["distill"]["uld_student_temperature"] = 2;
+  u["distill"]["uld_distillation_weight"] = -1;
+  expect_error(u, "config key distill.uld_distillation_weight");
+  u["distill"]["uld_distillation_weight"] = 1;
+  EXPECT_EQ(error_of(u), "");
+  // The same-vocabulary divergence's keys do not apply.
+  auto v = u;
+  v["distill"]["temperature"] = 2.0;
+  expect_error(v, "config key distill.temperature: is not used with distill.vocab \"cross-tokenizer\"");
+  v = u;
+  v["distill"]["loss"] = "jsd";
+  expect_error(v, "config key distill.loss: is not used");
+  // What is not yet combined with it: each refusal names the key.
+  v = u;
+  v["teacher"]["cache"] = "runs/cache";
+  expect_error(v, "config key teacher.cache: (offline, from the teacher's top-k cache) is not yet combined with "
+                  "distill.vocab \"cross-tokenizer\"");
+  v = u;
+  v["distill"]["mode"] = "sequence";
+  expect_error(v, "config key distill.mode: \"sequence\" is not yet combined");
+  v = u;
+  v["on_policy"] = {{"lambda", 0.5}};
+  expect_error(v, "config key on_policy: (the student's generations) is not yet combined");
+  v = u;
+  v["distill"]["hidden_loss"] = "mse";
+  expect_error(v, "config key distill.hidden_loss: (hidden states) is not yet combined");
+  v = u;
+  v["student"] = {{"layers", {0, 2}}};
+  expect_error(v, "config key student.init: \"derived\" gives the student the teacher's tokenizer");
+}
+
 }  // namespace
 }  // namespace anvil::distill
