@@ -6,6 +6,7 @@
 #   ANVIL_SKIP_APT=1 ...          skip the Debian packages (they are installed already)
 #   ANVIL_BUILD_TYPE=Debug ...    another CMake build type (default Release)
 #   ANVIL_SKIP_GGUF=1 ...         skip the real-model GGUF fixture (.cache/gguf, tests/python/test_gguf.py)
+#   ANVIL_CUDA_ARCHS=90a-real ... the generic kernels for these architectures only (default 80-real;90a-real)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -87,7 +88,8 @@ say "torch $(.venv/bin/python -c 'import torch; print(torch.__version__)'), CUDA
 export PATH="$root/.venv/bin:$PATH"
 if [ ! -f build/CMakeCache.txt ]; then
   say "configuring (cmake --preset default)"
-  cmake --preset default -DCMAKE_BUILD_TYPE="${ANVIL_BUILD_TYPE:-Release}"
+  cmake --preset default -DCMAKE_BUILD_TYPE="${ANVIL_BUILD_TYPE:-Release}" \
+    ${ANVIL_CUDA_ARCHS:+-DANVIL_CUDA_ARCHS="$ANVIL_CUDA_ARCHS"}
 fi
 say "building (cmake --build --preset default)"
 cmake --build --preset default
