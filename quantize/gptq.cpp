@@ -65,8 +65,7 @@ Observed observe(const at::Tensor& weight, const GptqOptions& o) {
   out.group_size = gs;
   out.scale = qp.scale.to(sdt);
   if (sdt != weight.scalar_type()) {  // an all-zero group's scale is scale_dtype's eps, not the weight dtype's
-    const double eps = sdt == at::kBFloat16 ? 0.0078125 : sdt == at::kHalf ? 0.0009765625
-                       : sdt == at::kDouble ? 2.220446049250313e-16 : 1.1920928955078125e-07;
+    const double eps = model::ct::scale_eps(sdt);
     const auto zero = weight.reshape({weight.size(0), K / gs, gs}).abs().amax(-1) == 0;  // (N, G)
     out.scale = at::where(zero, at::scalar_tensor(eps, out.scale.options()), out.scale);
   }

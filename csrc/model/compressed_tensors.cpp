@@ -780,6 +780,15 @@ at::Tensor dequantize_module(const ModuleTensors& tensors, const Scheme& scheme,
   return dtype ? x.to(*dtype) : x;
 }
 
+double scale_eps(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kBFloat16: return 0.0078125;
+    case at::kHalf: return 0.0009765625;
+    case at::kDouble: return 2.220446049250313e-16;
+    default: return 1.1920928955078125e-07;  // fp32
+  }
+}
+
 WeightQParams observe_weight(const at::Tensor& weight, const QuantArgs& a, const std::string& module) {
   TORCH_CHECK(weight.dim() == 2 && at::isFloatingType(weight.scalar_type()), "observe_weight '", module,
               "': weight must be a 2-D floating tensor, got ", weight.scalar_type(), " ", shape_str(weight.sizes()));
@@ -817,10 +826,7 @@ WeightQParams observe_weight(const at::Tensor& weight, const QuantArgs& a, const
     zp = at::round(at::clamp(zp, -128, 127));  // round_to_quantized_type_dtype(int8)
     out.zero_point = at::where(scale == 0, at::zeros_like(zp), zp).to(at::kChar);
   }
-  const double eps = weight.scalar_type() == at::kBFloat16 ? 0.0078125
-                     : weight.scalar_type() == at::kHalf   ? 0.0009765625
-                     : weight.scalar_type() == at::kDouble ? 2.220446049250313e-16
-                                                           : 1.1920928955078125e-07;  // torch.finfo(dtype).eps
+  const double eps = scale_eps(weight.scalar_type());
   out.scale = at::where(scale == 0, at::scalar_tensor(eps, scale.options()), scale);
   const auto shape = weight_scale_shape(a, rows, cols);
   out.scale = out.scale.reshape(shape);

@@ -200,6 +200,9 @@ struct WeightQParams {
 };
 WeightQParams observe_weight(const at::Tensor& weight, const QuantArgs& args, const std::string& module = "");
 
+/// torch.finfo(dtype).eps of a floating dtype: what compressed-tensors puts in place of a zero scale.
+double scale_eps(at::ScalarType dtype);
+
 /// The integer range [qmin, qmax] of int args (-2^(b-1), 2^(b-1)-1) or +-448 for fp8.
 std::pair<double, double> quant_range(const QuantArgs& args);
 
