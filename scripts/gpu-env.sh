@@ -20,6 +20,12 @@ fi
 if [ -x /usr/bin/g++ ]; then
   export CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
 fi
+# The carried wheels go into a private site folder on PYTHONPATH (no pip install into the machine's Python).
+if [ -d .gpu-deps/wheels ] && [ ! -d "$deps/site" ]; then
+  python3 -m pip install -q --no-deps --target "$deps/site.part" .gpu-deps/wheels/*.whl > "$out/pip.log" 2>&1 &&
+    mv "$deps/site.part" "$deps/site" || echo "gpu: installing .gpu-deps/wheels failed: see $out/pip.log" >&2
+fi
+[ -d "$deps/site" ] && export PYTHONPATH="$deps/site${PYTHONPATH:+:$PYTHONPATH}"
 export LD_LIBRARY_PATH="$deps/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 python3 -c "import torch; print('gpu: torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" | tee "$out/device.txt"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.used --format=csv >> "$out/device.txt" 2>&1
