@@ -44,17 +44,29 @@ def build(shape):
     return model.train()
 
 
+KERNELS = ("rms_norm", "swiglu", "rope", "cross_entropy")
+
+
 def apply(model, side):
-    if side == "anvil":
-        print("   ", str(anvil.patch(model)).replace("\n", "\n    "))
+    """side: "unpatched", "anvil", "liger", or "anvil:K" with only kernel K of KERNELS on (the ablation that says
+    which kernel a speedup or a cost comes from). Liger has no such side: its patch replaces transformers'
+    module-level functions and classes for the whole process, so one-kernel Liger runs would pile up."""
+    only = side.split(":")[1] if ":" in side else None
+    if side not in ("unpatched", "anvil", "liger") and (not side.startswith("anvil:") or only not in KERNELS):
+        raise SystemExit(f"bench/patch: --sides: '{side}' is not unpatched, anvil, liger or anvil:K with K one of "
+                         f"{', '.join(KERNELS)}")
+    if side.startswith("anvil"):
+        options = {k: (k == only) for k in KERNELS} if only else {}
+        print("   ", str(anvil.patch(model, **options)).replace("\n", "\n    "))
     elif side == "liger":
         from liger_kernel.transformers import apply_liger_kernel_to_llama
         apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=True, model=model)
 
 
-def run(shape, side, batch, seq, steps):
-    """(tokens/s, peak GiB, last loss) of `steps` timed training steps after 2 warm-up steps."""
+def run(shape, side, batch, seq, steps, profile=False):
+    """(tokens/s, peak GiB, last loss) of `steps` timed training steps after 2 warm-up steps; profile: print the
+    step's 15 most expensive CUDA kernels after the timed steps."""
     model = build(shape)
     apply(model, side)
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -77,6 +89,12 @@ def run(shape, side, batch, seq, steps):
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=70))
     del model
     gc.collect()
     torch.cuda.empty_cache()
@@ -90,6 +108,10 @@ def main():
     ap.add_argument("--batch", type=int, default=0, help="rows per step (default: the shape's)")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--sides", default="",
+                    help="comma-separated runs (default unpatched,anvil,liger); anvil:K patches kernel K "
+                         f"alone ({', '.join(KERNELS)})")
+    ap.add_argument("--profile", default="", help="comma-separated sides whose step's top CUDA kernels to print")
     args = ap.parse_args()
     info = device_info()
     print(f"{info['device']}, torch {info['torch']}, CUDA {info['cuda']}")
@@ -99,6 +121,13 @@ def main():
     except ImportError:
         print("liger-kernel is not installed: unpatched and anvil only (no anchor; install the carried wheel)")
         sides = ["unpatched", "anvil"]
+    if args.sides:
+        sides = args.sides.split(",")
+        if sides[0] != "unpatched":
+            raise SystemExit("bench/patch: --sides must start with unpatched (the baseline of every ratio)")
+        # Liger patches transformers' module-level functions for every Llama in the process: its run goes last.
+        sides = [s for s in sides if s != "liger"] + [s for s in sides if s == "liger"]
+    profiled = set(args.profile.split(",")) if args.profile else set()
     results = {}
     for name in args.shapes.split(","):
         shape = SHAPES[name]
@@ -106,7 +135,7 @@ def main():
         print(f"== {name}: batch {batch} x seq {args.seq}, {args.steps} steps")
         res = {}
         for side in sides:
-            tps, peak, loss = run(shape, side, batch, args.seq, args.steps)
+            tps, peak, loss = run(shape, side, batch, args.seq, args.steps, profile=side in profiled)
             res[side] = {"tokens_per_s": tps, "peak_gib": peak, "loss": loss}
             print(f"  {side:<10} {tps:10.0f} tokens/s   peak {peak:6.2f} GiB   loss {loss:.4f}")
         base = res["unpatched"]
@@ -115,7 +144,7 @@ def main():
             r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
             r["memory_ratio"] = r["peak_gib"] / base["peak_gib"]
             print(f"  {side:<10} speedup {r['speedup']:.3f}x, memory {r['memory_ratio']:.3f}x of unpatched")
-        if "liger" in res:
+        if "liger" in res and "anvil" in res:
             ratio = res["anvil"]["tokens_per_s"] / res["liger"]["tokens_per_s"]
             mem = res["anvil"]["peak_gib"] / res["liger"]["peak_gib"]
             res["anvil_over_liger"] = {"throughput": ratio, "memory": mem}

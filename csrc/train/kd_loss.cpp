@@ -179,7 +179,7 @@ class ChunkedKdCeLoss : public torch::autograd::Function<ChunkedKdCeLoss> {
         if (with_ce) ce_sum.add_(ce_r.sum());
         const auto wk = padded ? ws.narrow(0, 0, vocab) : ws;     // (V, Hs): the padded rows' dz is 0
         if (need_dh) dh.slice(0, start, end).copy_(at::matmul(zk, wk));  // zk now holds dz
-        if (need_dw) dw.narrow(0, 0, vocab).add_(at::matmul(zk.t(), h).to(acc));
+        if (need_dw) accumulate_product(dw.narrow(0, 0, vocab), zk.t(), h);
         continue;
       }
       // The composite (also the fused flag's path for padded rows with CE: the kernel's CE would see V columns).
@@ -207,7 +207,7 @@ class ChunkedKdCeLoss : public torch::autograd::Function<ChunkedKdCeLoss> {
       if (!dz.defined()) continue;
       const auto d = dz.to(hs.scalar_type());  // (rows, V) rounded once to the model dtype
       if (need_dh) dh.slice(0, start, end).copy_(at::matmul(d, ws));
-      if (need_dw) dw.add_(at::matmul(d.t(), h).to(acc));
+      if (need_dw) accumulate_product(dw, d.t(), h);
     }
     ctx->save_for_backward({dh.defined() ? dh : at::Tensor(), dw.defined() ? dw : at::Tensor()});
     ctx->saved_data["ws_dtype"] = int64_t(ws.scalar_type());
@@ -279,7 +279,7 @@ class ChunkedSparseKdLoss : public torch::autograd::Function<ChunkedSparseKdLoss
       const auto c = coarsen(ls, id, tlp.slice(0, start, end));
       const auto d = (sparse_divergence_grad(ls, id, c, o) * g).to(hs.scalar_type());  // (rows, V) model dtype
       if (need_dh) dh.slice(0, start, end).copy_(at::matmul(d, ws));
-      if (need_dw) dw.add_(at::matmul(d.t(), h).to(dw.scalar_type()));
+      if (need_dw) accumulate_product(dw, d.t(), h);
     }
     return {dh,          need_dw ? dw.to(ws.scalar_type()) : at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),

@@ -41,4 +41,9 @@ enum class LossKernel {
 at::Tensor causal_lm_loss(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
                           double normalizer, int64_t chunk = 4096, LossKernel kernel = LossKernel::kAuto);
 
+/// acc += a @ b for the chunked losses' head gradient (acc (V, H), fp32 or the operands' dtype; a (V, rows),
+/// b (rows, H)): on CUDA the GEMM adds into acc in its epilogue, on the CPU the product is formed in the
+/// operands' dtype, widened and added.
+void accumulate_product(at::Tensor acc, const at::Tensor& a, const at::Tensor& b);
+
 }  // namespace anvil::train
