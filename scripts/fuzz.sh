@@ -6,6 +6,7 @@
 #
 #   scripts/fuzz.sh                 every harness, 60 s each, one per core at a time (ANVIL_FUZZ_JOBS)
 #   ANVIL_FUZZ_SECONDS=600 scripts/fuzz.sh fuzz_gguf      one harness, longer (the docs' long runs)
+#   ANVIL_FUZZ_BUILD_ONLY=1 scripts/fuzz.sh              build the harnesses, run none (CI builds them beside the tests)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 [ -d .venv/bin ] && export PATH="$PWD/.venv/bin:$PATH"
@@ -18,6 +19,7 @@ t0=$SECONDS
 [ -f build-fuzz/CMakeCache.txt ] || cmake --preset fuzz > /dev/null || exit 1
 cmake --build build-fuzz --target "${targets[@]}" || exit 1
 echo "fuzz: built ${#targets[@]} harnesses in $(( SECONDS - t0 )) s"
+[ "${ANVIL_FUZZ_BUILD_ONLY:-0}" = 1 ] && exit 0
 
 # One harness per core at a time (libFuzzer runs one process per harness): 9 harnesses x 60 s take 5 minutes of
 # wall time on CI's 2 cores instead of 9, each still fuzzed for its whole budget.
