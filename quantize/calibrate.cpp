@@ -160,16 +160,17 @@ QuantizedWeight quantize_weight(const StreamOptions& o, const std::string& modul
   if (s.algorithm == "gptq") {
     GptqOptions g;
     g.bits = weight_bits(s), g.group_size = o.group_size, g.act_order = o.act_order, g.dampening = o.dampening;
-    g.scale_dtype = o.dtype;
+    g.scale_dtype = o.dtype, g.symmetric = o.symmetric;
     TORCH_CHECK(observed && observed->hessian, module, ": GPTQ needs calibration (data.calib)");
     const GptqResult r = gptq_quantize(w, observed->hessian->hessian(), g);
     if (rtn_fallback) *rtn_fallback = r.rtn_fallback;
     q.q = r.q, q.scale = r.scale.contiguous(), q.group_size = o.group_size;
+    if (r.zero_point.defined()) q.zero_point = r.zero_point.contiguous();
   } else if (o.format == "compressed-tensors") {
-    const auto cts = ct_scheme(s, o.group_size, false);
+    const auto cts = ct_scheme(s, o.group_size, false, o.symmetric);
     const auto qp = model::ct::observe_weight(w, *cts.weights, module);
-    q.q = model::ct::compress_module(w, qp.scale, {}, cts, "naive-quantized", module).at("weight");  // (N, K) fp8 / int8
-    q.scale = qp.scale, q.group_size = s.granularity == "group" ? o.group_size : 0;
+    q.q = model::ct::compress_module(w, qp.scale, qp.zero_point, cts, "naive-quantized", module).at("weight");  // (N, K) fp8 / int8
+    q.scale = qp.scale, q.zero_point = qp.zero_point, q.group_size = s.granularity == "group" ? o.group_size : 0;
   } else {
     q = quantize_rtn(s, w);
   }
@@ -399,7 +400,7 @@ StreamResult quantize_streaming(const model::ModelConfig& config, SourceModel& s
         continue;
       }
       const auto tensors = module_tensors(o.format, scheme, module, it->second);
-      check_module_keys(o.format, scheme, module, o.group_size, tensors);
+      check_module_keys(o.format, scheme, module, o.group_size, tensors, o.symmetric);
       for (const auto& [n, x] : tensors) writer.add(n, x);
     }
     result.experts.insert(result.experts.end(), experts.begin(), experts.end());

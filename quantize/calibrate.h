@@ -62,6 +62,7 @@ struct StreamOptions {
   std::string misfit = "error";
   int64_t group_size = 128;
   bool act_order = false;
+  bool symmetric = true;              ///< group schemes: false = an int8 zero point per group (quantize.symmetric)
   double dampening = 0.01, smoothquant_alpha = -1;
   at::ScalarType dtype = at::kFloat;  ///< computation and high-precision export dtype
   at::Device device = at::kCPU;

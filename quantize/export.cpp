@@ -71,25 +71,31 @@ std::vector<std::pair<std::string, at::Tensor>> module_tensors(const std::string
   if (format == "fp8") return {{module + ".weight", w.q}, {module + ".weight_scale_inv", w.scale}};
   if (scheme.format == "pack-quantized") {
     const auto shape = at::tensor({w.q.size(0), w.q.size(1)}, at::kLong);
-    return {{module + ".weight_packed", model::ct::pack_int32(w.q, weight_bits(scheme), 1)},
-            {module + ".weight_scale", w.scale},
-            {module + ".weight_shape", shape}};
+    std::vector<std::pair<std::string, at::Tensor>> out = {
+        {module + ".weight_packed", model::ct::pack_int32(w.q, weight_bits(scheme), 1)},
+        {module + ".weight_scale", w.scale},
+        {module + ".weight_shape", shape}};
+    // compressed-tensors packs a group/channel zero point along the output dimension (pack_quantized.py).
+    if (w.zero_point.defined())
+      out.emplace_back(module + ".weight_zero_point", model::ct::pack_int32(w.zero_point, weight_bits(scheme), 0));
+    return out;
   }
   // float-quantized / int-quantized: a per-tensor scale has shape (1) in compressed-tensors (initialize.py).
+  TORCH_CHECK(!w.zero_point.defined(), module, ": a zero point is written by the pack-quantized export only");
   return {{module + ".weight", w.q}, {module + ".weight_scale", w.scale.dim() == 0 ? w.scale.reshape({1}) : w.scale}};
 }
 
 std::vector<std::string> required_keys(const std::string& format, const Scheme& scheme, const std::string& module,
-                                       int64_t group_size) {
+                                       int64_t group_size, bool symmetric) {
   if (format == "fp8") return {module + ".weight", module + ".weight_scale_inv"};  // transformers' FP8Linear
   // compressed-tensors: the names its compressors and vLLM's schemes look up (anvil::model::ct's one list).
-  return model::ct::required_keys(module, ct_scheme(scheme, group_size, false), ct_format(scheme));
+  return model::ct::required_keys(module, ct_scheme(scheme, group_size, false, symmetric), ct_format(scheme));
 }
 
 void check_module_keys(const std::string& format, const Scheme& scheme, const std::string& module, int64_t group_size,
-                       const std::vector<std::pair<std::string, at::Tensor>>& written) {
+                       const std::vector<std::pair<std::string, at::Tensor>>& written, bool symmetric) {
   std::string missing;
-  for (const auto& key : required_keys(format, scheme, module, group_size)) {
+  for (const auto& key : required_keys(format, scheme, module, group_size, symmetric)) {
     bool found = false;
     for (const auto& [name, t] : written) found = found || (name == key && t.defined() && t.numel() > 0);
     if (!found) missing += (missing.empty() ? "" : ", ") + key;
@@ -102,7 +108,7 @@ void check_module_keys(const std::string& format, const Scheme& scheme, const st
 
 std::string ct_format(const Scheme& scheme) { return scheme.format == "fp8" ? "float-quantized" : scheme.format; }
 
-model::ct::Scheme ct_scheme(const Scheme& scheme, int64_t group_size, bool act_order) {
+model::ct::Scheme ct_scheme(const Scheme& scheme, int64_t group_size, bool act_order, bool symmetric) {
   namespace ct = model::ct;
   ct::Scheme out;
   out.targets = {"Linear"};
@@ -110,7 +116,9 @@ model::ct::Scheme ct_scheme(const Scheme& scheme, int64_t group_size, bool act_o
   ct::QuantArgs w;
   w.num_bits = weight_bits(scheme);
   w.type = scheme.weight == "fp8" ? ct::QuantType::kFloat : ct::QuantType::kInt;
-  w.symmetric = true;
+  TORCH_CHECK(symmetric || scheme.granularity == "group", "ct_scheme: ", scheme.name,
+              " is symmetric only (asymmetric weights are for the group schemes)");
+  w.symmetric = symmetric;
   w.observer = "minmax";
   if (scheme.granularity == "row") {
     w.strategy = ct::Strategy::kChannel;
@@ -140,7 +148,7 @@ model::ct::Scheme ct_scheme(const Scheme& scheme, int64_t group_size, bool act_o
 }
 
 json quantization_config(const std::string& format, const Scheme& scheme, const std::vector<std::string>& ignore,
-                         int64_t group_size, bool act_order) {
+                         int64_t group_size, bool act_order, bool symmetric) {
   if (format == "fp8")  // transformers' FineGrainedFP8Config, as DeepSeek-V3 publishes it
     return {{"quant_method", "fp8"},
             {"fmt", "e4m3"},
@@ -149,7 +157,7 @@ json quantization_config(const std::string& format, const Scheme& scheme, const 
             {"modules_to_not_convert", ignore}};
   model::ct::Config c;
   c.format = ct_format(scheme);
-  c.config_groups = {{"group_0", ct_scheme(scheme, group_size, act_order)}};
+  c.config_groups = {{"group_0", ct_scheme(scheme, group_size, act_order, symmetric)}};
   c.ignore = ignore;
   c.quantization_status = "compressed";
   return model::ct::to_json(c);

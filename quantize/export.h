@@ -55,30 +55,33 @@ class ShardedWriter {
 ///   fp8:                         weight F8_E4M3 (N, K), weight_scale_inv F32 (ceil(N/128), K/128)
 ///   float-/int-quantized (CT):   weight F8_E4M3 / I8 (N, K), weight_scale (N, 1) | (1) | blocks, in `scale_dtype`
 ///   pack-quantized (CT):         weight_packed I32 (N, ceil(K bits / 32)) (model::ct::pack_int32), weight_scale (N, K / g),
-///                                weight_shape I64 (2)
+///                                weight_shape I64 (2); asymmetric: weight_zero_point I32 (ceil(N bits / 32), K / g),
+///                                the int8 zero points packed along the output dimension as compressed-tensors packs them
 /// (a bias, when the Linear has one, is written by the caller under its own name).
 std::vector<std::pair<std::string, at::Tensor>> module_tensors(const std::string& format, const Scheme& scheme,
                                                                const std::string& module, const QuantizedWeight& w);
 
 /// The tensor names the format's loader looks up for a quantized `module` (compressed-tensors: model::ct's list).
 std::vector<std::string> required_keys(const std::string& format, const Scheme& scheme, const std::string& module,
-                                       int64_t group_size);
+                                       int64_t group_size, bool symmetric = true);
 
 /// Throws naming every key of required_keys that `written` lacks (and the loader that would fail on it).
 void check_module_keys(const std::string& format, const Scheme& scheme, const std::string& module, int64_t group_size,
-                       const std::vector<std::pair<std::string, at::Tensor>>& written);
+                       const std::vector<std::pair<std::string, at::Tensor>>& written, bool symmetric = true);
 
 /// The compressed-tensors format of a scheme's weights ("float-quantized" for fp8-block, else the table's).
 std::string ct_format(const Scheme& scheme);
 
-/// The compressed-tensors scheme (config group) of an anvil scheme.
-model::ct::Scheme ct_scheme(const Scheme& scheme, int64_t group_size, bool act_order);
+/// The compressed-tensors scheme (config group) of an anvil scheme. symmetric = false: the group schemes'
+/// asymmetric grid (quantize.symmetric), an int8 zero point per group.
+model::ct::Scheme ct_scheme(const Scheme& scheme, int64_t group_size, bool act_order, bool symmetric = true);
 
 /// The config.json "quantization_config" of the export. `ignore` lists the Linear modules kept in high precision
 /// (exact names; regexes as "re:..."), `group_size` / `act_order` for the group schemes. compressed-tensors: as
 /// model::ct::to_json writes it (compressed-tensors' own model_dump).
 nlohmann::json quantization_config(const std::string& format, const Scheme& scheme,
-                                   const std::vector<std::string>& ignore, int64_t group_size, bool act_order);
+                                   const std::vector<std::string>& ignore, int64_t group_size, bool act_order,
+                                   bool symmetric = true);
 
 /// The output folder's temporary twin ("OUT.tmp") and the final rename: OUT replaced (when `overwrite`) only
 /// after the new one is complete.

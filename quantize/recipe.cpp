@@ -76,6 +76,7 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
   if (!c.calib.empty() || !c.eval.empty()) tok = data::load_tokenizer(source);
   StreamOptions so;
   so.scheme = &scheme, so.format = format, so.ignore = c.ignore, so.misfit = c.misfit, so.group_size = c.group_size;
+  so.symmetric = c.symmetric;
   so.act_order = c.act_order, so.dampening = c.dampening, so.smoothquant_alpha = c.smoothquant_alpha;
   so.dtype = dtype, so.device = device, so.calib_batch = c.calib_batch, so.max_shard_bytes = c.max_shard_bytes;
   if (!c.calib.empty())
@@ -111,7 +112,8 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
   json cj = json::parse(config.json);
   cj["dtype"] = model::dtype_name(dtype);
   if (cj.contains("torch_dtype")) cj["torch_dtype"] = model::dtype_name(dtype);
-  cj["quantization_config"] = quantization_config(format, scheme, export_ignore(format, c, result), c.group_size, c.act_order);
+  cj["quantization_config"] = quantization_config(format, scheme, export_ignore(format, c, result), c.group_size, c.act_order,
+                                                 c.symmetric);
   io::write_text_atomically(io::join_path(tmp, "config.json"), cj.dump(2) + "\n");
   io::copy_model_side_files(source, tmp);
 

@@ -27,6 +27,7 @@ struct RecipeConfig {
   std::string misfit;                ///< "error" | "keep": a layer whose shape does not fit the scheme
   int64_t group_size = 128;          ///< group schemes (int4-weight, gptq-*)
   bool act_order = false;            ///< gptq-*: columns in decreasing Hessian diagonal order
+  bool symmetric = true;             ///< group schemes: false = asymmetric, an int8 zero point per group
   double dampening = 0.01;           ///< gptq-*: fraction of the mean Hessian diagonal added to it
   double smoothquant_alpha = -1;     ///< w8a8-int8: migration strength in [0, 1]; -1 = searched on the calibration set
   // data

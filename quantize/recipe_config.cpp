@@ -17,7 +17,8 @@ train::ConfigSchema config_schema() {
   schema.defaults["model"] = {{"path", ""}, {"dtype", "auto"}, {"device", "auto"}};
   schema.defaults["quantize"] = {{"scheme", "fp8-channel"}, {"ignore", json::array({"lm_head"})},
                                  {"misfit", "error"},       {"group_size", 128},
-                                 {"act_order", false},      {"dampening", 0.01},
+                                 {"act_order", false},      {"symmetric", true},
+                                 {"dampening", 0.01},
                                  {"smoothquant_alpha", "auto"}};
   schema.defaults["data"] = {{"calib", ""},           {"calib_samples", 128}, {"calib_seq_len", 512},
                              {"calib_batch", 8},      {"eval", ""},           {"eval_seq_len", 512},
@@ -58,6 +59,10 @@ RecipeConfig resolve_config(const json& user) {
   if (c.group_size % 8 != 0)
     config_error("quantize.group_size", "must be a multiple of 8 (int4 values are packed eight to an int32)", c.group_size);
   c.act_order = r.boolean("quantize.act_order");
+  c.symmetric = r.boolean("quantize.symmetric");
+  if (!c.symmetric && scheme.granularity != "group")
+    config_error("quantize.symmetric", "false (an int8 zero point per group) applies to the group schemes "
+                 "int4-weight, gptq-int4 and gptq-int8 only, not " + scheme.name, false);
   c.dampening = r.number_in("quantize.dampening", 0.0, 1.0, false, "[0, 1]");
   const json& alpha = r.at("quantize.smoothquant_alpha");
   if (alpha.is_string() && alpha.get<std::string>() == "auto") c.smoothquant_alpha = -1;

@@ -64,7 +64,9 @@ at::Tensor QuantizedWeight::dequantize(at::ScalarType dtype) const {
   }
   if (group_size > 0) {  // (N, K / g, g) * (N, K / g, 1)
     const int64_t n = q.size(0), k = q.size(1);
-    auto w = q.to(at::kFloat).view({n, k / group_size, group_size}) * s.unsqueeze(-1);
+    auto v = q.to(at::kFloat).view({n, k / group_size, group_size});
+    if (zero_point.defined()) v = v - zero_point.to(at::kFloat).unsqueeze(-1);  // exact: small integers
+    auto w = v * s.unsqueeze(-1);
     return w.view({n, k}).to(dtype);
   }
   return anvil::ops::dequantize_int8(q, per_tensor ? s.reshape({}) : s, per_tensor ? "tensor" : "row", dtype);

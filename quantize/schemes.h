@@ -42,12 +42,15 @@ struct QuantizedWeight {
   at::Tensor scale;  ///< dequantization multipliers: () or (1) tensor, (N, 1) row, (ceil(N/128), K/128) block,
                      ///< (N, K/group) group; fp32 from the ops (FineGrainedFP8), the model's dtype for the
                      ///< compressed-tensors exports (llm-compressor's observer, calibrate.cpp quantize_weight)
+  at::Tensor zero_point;   ///< (N, K/group) int8 for an asymmetric group scheme (w ~ (q - zero_point) * scale);
+                           ///< undefined when symmetric
   int64_t group_size = 0;  ///< "group" only
-  /// float(q) * scale, rounded once to `dtype`: exactly what a loader of the export computes.
+  /// (float(q) - zero_point) * scale, rounded once to `dtype`: exactly what a loader of the export computes.
   at::Tensor dequantize(at::ScalarType dtype) const;
   /// q and scale moved to the host (a no-op there).
   void to_host() {
     q = q.cpu(), scale = scale.cpu();
+    if (zero_point.defined()) zero_point = zero_point.cpu();
   }
 };
 

@@ -128,11 +128,10 @@ def auto_chunk_tokens(n, vocab, hidden):
 
 
 def _accumulate_product(acc, a, b):
-    """acc (V, H) fp32 += a (V, c) @ b (c, H), as anvil::train::accumulate_product: on CUDA the GEMM adds into the
-    fp32 accumulator in its epilogue (addmm's out_dtype overload for half/bf16 operands); forming the product in
-    the model dtype, widening and adding moves ~20 bytes per head element per chunk against 8 (at 32 chunks of a
-    128256 x 2048 head, ~30 ms of a 1B Llama's step on the H100). The CPU forms the product in the operands' dtype,
-    widens and adds."""
+    """acc (V, H) += a (V, c) @ b (c, H). On CUDA the GEMM adds into acc in its epilogue (for an fp32 acc over
+    half/bf16 operands, addmm's out_dtype overload); forming the product in the model dtype, widening and adding
+    moves ~20 bytes per head element per chunk against the epilogue's 8 (bf16 acc: 4). The CPU forms the product
+    in the operands' dtype, widens and adds."""
     if acc.is_cuda and a.dtype == acc.dtype:
         acc.addmm_(a, b)
     elif acc.is_cuda and acc.dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16):
@@ -141,12 +140,16 @@ def _accumulate_product(acc, a, b):
         acc += (a @ b).to(acc.dtype)
 
 
+# At most this many chunks add into a half/bf16 head gradient on CUDA (each rounds the running sum once).
+_MAX_HEAD_GRAD_CHUNKS = 16
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum over rows of CE(hidden @ weight^T + bias, labels) / divisor, chunk by chunk.
 
     Per chunk of rows: logits (c, V) in hidden's dtype -> anvil::cross_entropy_chunk (fp32 loss and lse) ->
     anvil::cross_entropy_chunk_backward in place (the logits buffer becomes dloss/dlogits, scaled by 1/divisor)
-    -> dh rows = dlogits @ W, dW += dlogits^T @ h (fp32 accumulator; on CUDA the GEMM adds into it in its epilogue). The backward only scales what the forward
+    -> dh rows = dlogits @ W, dW += dlogits^T @ h (in the GEMM's epilogue; fp32 on the CPU, the head's dtype on CUDA as Liger's, at most 16 chunks). The backward only scales what the forward
     formed by the upstream gradient, so the head GEMM runs twice per chunk (forward, two gradient GEMMs) and
     never again, and memory is one chunk of logits plus dh (N, H) and dW (V, H)."""
 
@@ -159,7 +162,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = (1.0 / divisor).to(torch.float32).reshape(())  # () fp32, the mean's 1/valid (or 1/num_items)
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None  # (N, H)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None  # (V, H)
+        # (V, H). On CUDA in the head's own dtype, as Liger's: an fp32 accumulator (V x H x 4 bytes, 1 GiB for a
+        # 128256 x 2048 head) and its cast at the end lie on the step's memory peak (the loss runs when every
+        # activation is alive) and cost 0.9 GiB there, and its read-modify-write doubles the epilogue's traffic.
+        # The GEMM adds each chunk in fp32 and rounds the sum once per chunk; the caller's chunking keeps that to
+        # at most _MAX_HEAD_GRAD_CHUNKS roundings. The CPU (the reference) accumulates in fp32.
+        acc_dtype = weight.dtype if weight.is_cuda else torch.float32
+        grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None  # (V)
         for lo in range(0, n, chunk_tokens):
             h = hidden[lo:lo + chunk_tokens]  # (c, H)
@@ -220,6 +229,10 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-100, n
         divisor = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=h.device)
     if chunk_tokens is None:
         chunk_tokens = auto_chunk_tokens(h.shape[0], weight.shape[0], weight.shape[1])
+        if weight.is_cuda and weight.requires_grad and weight.dtype in (torch.bfloat16, torch.float16):
+            # the head gradient's roundings (see _LinearCrossEntropy.forward); a 1B Llama at 8192 tokens: 512 rows
+            per = -(-h.shape[0] // _MAX_HEAD_GRAD_CHUNKS)
+            chunk_tokens = max(chunk_tokens, 1 << (per - 1).bit_length())
     want_grad = torch.is_grad_enabled()
     return _LinearCrossEntropy.apply(h, weight, bias, y, ignore_index, divisor, chunk_tokens, want_grad)
 

@@ -116,7 +116,9 @@ std::pair<at::Tensor, at::Tensor> quantize_groups(const at::Tensor& w, int64_t g
   const auto x = w.to(at::kFloat).view({out, in / group, group});       // (out, G, group)
   const auto amax = x.abs().amax(-1, /*keepdim=*/true);                 // (out, G, 1), NaN propagates
   const auto finite = at::isfinite(amax);
-  const auto scale = at::where(finite, amax.clamp_min(1e-10) / qmax,
+  // A tensor divisor: ATen's CUDA division by a scalar multiplies by its reciprocal, which rounds differently
+  // from the division the CPU (and FORMATS.md) does and flips int4 values near ties (0.8% of them here).
+  const auto scale = at::where(finite, amax.clamp_min(1e-10) / at::scalar_tensor(qmax, amax.options()),
                                at::full({}, std::numeric_limits<float>::quiet_NaN(), amax.options()));
   auto q = at::round(at::clamp(x / scale, -qmax, qmax));
   q = at::where(finite, q, at::zeros({}, q.options()));

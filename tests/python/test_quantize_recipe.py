@@ -122,7 +122,7 @@ def test_fp8_block_writes_finegrained_fp8_that_transformers_and_anvil_load_alike
 
 # (scheme, extra arguments): every round-to-nearest scheme with a compressed-tensors export.
 CT_SCHEMES = [("fp8-channel", []), ("fp8-tensor", []), ("fp8-block", ["--output.format=compressed-tensors"]),
-              ("int8-weight", []), ("int4-weight", [])]
+              ("int8-weight", []), ("int4-weight", []), ("int4-weight", ["--quantize.symmetric=false"])]
 CT_FORMATS = {"fp8-channel": "float-quantized", "fp8-tensor": "float-quantized", "fp8-block": "float-quantized",
               "int8-weight": "pack-quantized", "int4-weight": "pack-quantized", "w8a8-int8": "int-quantized"}
 
@@ -325,6 +325,27 @@ def test_gptq_int4_beats_round_to_nearest_at_the_same_group_size(tmp_path):
     assert gptq["kl_mean"] < rtn["kl_mean"]
 
 
+def test_asymmetric_gptq_export_decompresses_to_the_loaded_weights(fit_model, tmp_path):
+    """gptq-int4 with quantize.symmetric=false: the config says so (symmetric false, an int8 zp_dtype), each module
+    holds a weight_zero_point packed along the output dimension as compressed-tensors packs it, in the grid's range
+    [-8, 7], and compressed-tensors' decompress gives exactly the weights anvil's loader holds."""
+    out = str(tmp_path / "gptq-asym")
+    quantize("--model", fit_model, "--scheme", "gptq-int4", "--out", out, "--quantize.symmetric=false",
+             "--quantize.group_size=32", "--calib", os.path.join(DATA, "general_train.jsonl"),
+             "--data.calib_samples=4", "--data.calib_seq_len=64")
+    ct_scheme, fmt = export_scheme(out)
+    assert fmt == "pack-quantized" and ct_scheme.weights.symmetric is False and ct_scheme.weights.group_size == 32
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    got, state = tensors(out), anvil._C.CausalLM(out, "", "cpu", "dense").state_dict()
+    for m in linear_names(tensors(fit_model)):
+        local = module_local(got, m)
+        rows, cols = local["weight_shape"].tolist()
+        zp = unpack_from_int32(local["weight_zero_point"], 4, torch.Size([rows, cols // 32]), packed_dim=0)
+        assert -8 <= zp.min() and zp.max() <= 7 and zp.ne(0).any(), m
+        assert torch.equal(state[m + ".weight"], ct_decompress(out, local)), m
+
+
 def test_the_embedded_demo_runs(tmp_path):
     r = quantize(cwd=str(tmp_path), timeout=300)
     assert "perplexity on" in r.stdout and "per-layer SQNR" in r.stdout
@@ -374,6 +395,8 @@ def test_bad_input_names_the_argument(fit_model, tmp_path):
     assert "self_attn.q_proj" in err and "not a multiple of 128" in err and "quantize.misfit" in err
     assert "quantize.group_size" in fails("--model", fit_model, "--scheme", "int4-weight", "--out", out,
                                           "--quantize.group_size=96")
+    err = fails("--model", fit_model, "--scheme", "fp8-channel", "--out", out, "--quantize.symmetric=false")
+    assert "quantize.symmetric" in err and "group schemes" in err
     assert "data.calib" in fails("--model", fit_model, "--scheme", "fp8-channel", "--out", out,
                                  "--calib", str(tmp_path / "missing.jsonl"))
     empty = tmp_path / "empty.jsonl"
