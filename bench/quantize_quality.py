@@ -29,8 +29,16 @@ DATA = os.path.join(ROOT, "examples", "tiny", "data")
 # of 64 divide both 576 and 1536.
 SCHEMES = [("fp8-block", ["--quantize.misfit=keep"]), ("fp8-channel", []), ("fp8-tensor", []), ("int8-weight", []),
            ("w8a8-int8", []), ("gptq-int8", ["--quantize.group_size=64"]), ("gptq-int4", ["--quantize.group_size=64"]),
-           ("int4-weight", ["--quantize.group_size=64"])]
+           ("int4-weight", ["--quantize.group_size=64"]),
+           # the asymmetric grid (quantize.symmetric=false): SmolLM2's weights sit on Q4_1's asymmetric one
+           ("gptq-int4-asym", ["--quantize.group_size=64", "--quantize.symmetric=false"]),
+           ("int4-weight-asym", ["--quantize.group_size=64", "--quantize.symmetric=false"])]
 CALIBRATED = {"w8a8-int8", "gptq-int8", "gptq-int4"}
+
+
+def scheme_of(label):
+    """The anvil scheme of a table row (a label ending in -asym is its scheme with quantize.symmetric=false)."""
+    return label[:-len("-asym")] if label.endswith("-asym") else label
 
 
 def convert(gguf_path, out):
@@ -98,8 +106,9 @@ def main():
         # Round to nearest needs no calibration (it would only add the report's per-layer output SQNR): the
         # calibration windows go to SmoothQuant and GPTQ alone, which is most of the CPU time saved.
         calib = ["--calib", os.path.join(DATA, "general_train.jsonl"), f"--data.calib_samples={a.calib_samples}",
-                 f"--data.calib_seq_len={a.seq_len}"] if scheme in CALIBRATED else []
-        cmd = [anvil_binary(), "quantize", "--model", model, "--scheme", scheme, "--out", out, "--overwrite", *calib,
+                 f"--data.calib_seq_len={a.seq_len}"] if scheme_of(scheme) in CALIBRATED else []
+        cmd = [anvil_binary(), "quantize", "--model", model, "--scheme", scheme_of(scheme), "--out", out, "--overwrite",
+               *calib,
                "--eval", os.path.join(DATA, "general_val.jsonl"), f"--data.eval_seq_len={a.seq_len}",
                f"--data.eval_max_tokens={a.eval_tokens}", *extra.get(scheme, [])]
         start = time.time()
