@@ -8,6 +8,7 @@ between the two unchanged and ``anvil.patch`` can swap them into a loaded model:
     SwiGLUMLP               LlamaMLP's down_proj(act_fn(gate_proj(x)) * up_proj(x)), act silu    anvil::swiglu
     apply_rotary_pos_emb    transformers' apply_rotary_pos_emb (and DeepSeek's interleaved one)  anvil::rope
     linear_cross_entropy    lm_head + ForCausalLMLoss, chunked, gradients formed in the forward  cross_entropy_chunk
+    attention_forward       transformers' attention interface (causal, sliding window, GQA)      anvil::sparse_attention
     Fp8Linear               a Linear over a frozen FP8 weight                                    anvil::fp8_linear
 
 Gradients come from the ops' C++ autograd (registered for the Autograd key), except linear_cross_entropy, whose
@@ -249,6 +250,74 @@ class LinearCrossEntropyLoss(torch.nn.Module):
                                     chunk_tokens=self.chunk_tokens)
 
 
+# ---- attention backend -----------------------------------------------------------------------------------------
+
+
+def _document_starts(position_ids):
+    """The packed documents of position_ids (B, S) (a new one wherever the position does not step by 1, transformers'
+    rule) -> (docs, cu): docs (B, S) int64 document index per token and, for B = 1, cu (docs + 1) int32 the
+    cu_seqlens of anvil::sparse_attention; (None, None) when every row is one document. Computed once per
+    position_ids tensor (every layer of a forward gets the same one): it reads back from the device."""
+    hit = getattr(position_ids, "_anvil_documents", None)  # (its version, the result), set below
+    if hit is not None and hit[0] == position_ids._version:
+        return hit[1]
+    new_doc = F.pad(position_ids.diff(dim=-1) != 1, (1, 0), value=False)  # (B, S)
+    docs = cu = None
+    if bool(new_doc.any()):
+        docs = new_doc.long().cumsum(-1)
+        if docs.shape[0] == 1:
+            lengths = torch.bincount(docs[0], minlength=int(docs[0, -1]) + 1)  # (docs)
+            cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    position_ids._anvil_documents = (position_ids._version, (docs, cu))
+    return docs, cu
+
+
+def _allowed_keys(attention_mask, q_len, kv_len, window, device, docs=None):
+    """(B or 1, 1, q_len, kv_len) bool: causal (the queries are the last q_len of the kv_len positions), within the
+    window, and not a padded key of the 2-D mask; a query row with no key left (a padded query) sees every key, as
+    transformers' sdpa mask does, so that no row of the softmax is empty."""
+    i = torch.arange(q_len, device=device).view(-1, 1) + (kv_len - q_len)  # (q, 1)
+    j = torch.arange(kv_len, device=device).view(1, -1)  # (1, kv)
+    allowed = j <= i
+    if window > 0:
+        allowed = allowed & (j > i - window)
+    allowed = allowed.view(1, 1, q_len, kv_len)
+    if docs is not None:  # (B, S) document of each token, q_len == kv_len: no key of another document
+        allowed = allowed & (docs.unsqueeze(-1) == docs.unsqueeze(-2)).unsqueeze(1)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, -kv_len:].to(device=device, dtype=torch.bool).view(-1, 1, 1, kv_len)
+    return allowed | ~allowed.any(-1, keepdim=True)
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
+                      **kwargs):
+    """transformers' attention interface through anvil::sparse_attention: query (B, Hq, S, Dqk), key (B, Hkv, S, Dqk),
+    value (B, Hkv, S, Dv) -> ((B, S, Hq, Dv), None), causal, with the layer's sliding window (query i sees key j when
+    i - window < j <= i, transformers' rule) and grouped kv heads read directly.
+
+    The mask it gets is transformers' flash-attention one (``anvil.patch`` registers it): None when nothing is padded.
+    The kernel runs for that case in training and prefill, packed documents of one row (position_ids restarting,
+    as transformers' packing collators make them) through cu_seqlens; a padded batch, packed rows with B > 1, a decode step (fewer queries than cached
+    keys), attention dropout, or an argument the kernel has no notion of (softcap, sinks) runs transformers' SDPA
+    with the equivalent dense mask instead, so every call computes what transformers would."""
+    window = int(sliding_window) if sliding_window else -1
+    q_len, kv_len = query.shape[2], key.shape[2]
+    exotic = kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None
+    pos = kwargs.get("position_ids")
+    docs, cu = (_document_starts(pos) if pos is not None and q_len == kv_len and pos.shape[-1] == q_len
+                else (None, None))
+    if attention_mask is None and q_len == kv_len and not dropout and not exotic and (docs is None or cu is not None):
+        o, _ = ops.sparse_attention(query, key, value, None, None, cu, window, 0, 64, scaling, False)
+        return o.transpose(1, 2), None  # (B, S, Hq, Dv), a view of the kernel's (B, Hq, S, Dv)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if attention_mask is not None and attention_mask.dim() == 4:
+        mask = attention_mask  # already dense (a mask function other than the one anvil.patch registers)
+    else:
+        mask = _allowed_keys(attention_mask, q_len, kv_len, window, query.device, docs)
+    return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
 # ---- FP8 Linear -----------------------------------------------------------------------------------------------
 
 
@@ -274,4 +343,4 @@ class Fp8Linear(torch.nn.Module):
 
 
 __all__ = ["RMSNorm", "swiglu", "SwiGLUMLP", "rope", "apply_rotary_pos_emb", "linear_cross_entropy",
-           "LinearCrossEntropyLoss", "auto_chunk_tokens", "Fp8Linear"]
+           "LinearCrossEntropyLoss", "auto_chunk_tokens", "attention_forward", "Fp8Linear"]

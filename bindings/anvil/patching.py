@@ -13,6 +13,11 @@ What each option replaces (transformers 5.17's modeling code; docs/PYTHON.md has
   cross_entropy  the CausalLM's forward: with labels in training mode, the loss comes from the last hidden states
                  through anvil.nn.linear_cross_entropy (chunked; logits are returned as None, as Liger does); without
                  labels, or in eval mode, the original forward runs unchanged
+  attention      the model's attention implementation: "anvil" (anvil.nn.attention_forward over anvil::sparse_attention,
+                 causal with each layer's sliding window, grouped kv heads, packed documents of position_ids),
+                 registered in transformers' AttentionInterface with the flash-attention mask function (None when
+                 nothing is padded). The one option off unless asked (None = off): inside a model it has not yet been
+                 measured against the SDPA/cuDNN kernels transformers uses by default.
 
 Each option is None (the default: on where the architecture supports it, otherwise skipped and said so in the
 report), True (required: an architecture that cannot take it is an error) or False (off). Every check runs before
@@ -32,7 +37,7 @@ import torch
 
 from . import nn as _nn
 
-_OPTIONS = ("rms_norm", "swiglu", "moe_gate", "rope", "cross_entropy")
+_OPTIONS = ("rms_norm", "swiglu", "moe_gate", "rope", "cross_entropy", "attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,7 +267,29 @@ def _replace(model, cls, make):
     return len(targets)
 
 
-def patch(model, rms_norm=None, swiglu=None, rope=None, cross_entropy=None, moe_gate=None, chunk_tokens=None):
+def _attention_reason(config):
+    """'' when anvil::sparse_attention takes the model's head dims, else why not."""
+    if getattr(config, "qk_nope_head_dim", None) is not None:  # MLA
+        dqk, dv = config.qk_nope_head_dim + config.qk_rope_head_dim, config.v_head_dim
+    else:
+        dqk = dv = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if (dqk == dv and dqk in (64, 128)) or (dqk == 192 and dv == 128):
+        return ""
+    return (f"head dims {dqk} (q, k) and {dv} (v): anvil::sparse_attention takes 64 or 128, or 192 for q and k "
+            f"with 128 for v")
+
+
+def _register_attention():
+    """Registers "anvil" in transformers' attention and mask interfaces (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register("anvil", _nn.attention_forward)
+    AttentionMaskInterface.register("anvil", flash_attention_mask)
+
+
+def patch(model, rms_norm=None, swiglu=None, rope=None, cross_entropy=None, moe_gate=None, attention=None,
+          chunk_tokens=None):
     """Swaps anvil's kernels into a transformers causal LM in place and returns a PatchReport.
 
     model: a LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MixtralForCausalLM,
@@ -270,7 +297,8 @@ def patch(model, rms_norm=None, swiglu=None, rope=None, cross_entropy=None, moe_
     model). Each kernel option: None = where supported, True = required, False = off. chunk_tokens: rows of the
     fused loss per chunk (None: anvil.nn.auto_chunk_tokens, about as much memory as the hidden states). Patching a patched model again with the same options changes nothing and returns the
     first report; with other options it is an error (load the model afresh)."""
-    options = dict(rms_norm=rms_norm, swiglu=swiglu, moe_gate=moe_gate, rope=rope, cross_entropy=cross_entropy)
+    options = dict(rms_norm=rms_norm, swiglu=swiglu, moe_gate=moe_gate, rope=rope, cross_entropy=cross_entropy,
+                   attention=attention)
     for k, v in options.items():
         if v is not None and not isinstance(v, bool):
             raise TypeError(f"anvil.patch: {k} must be None, True or False, got {v!r}")
@@ -328,7 +356,11 @@ def patch(model, rms_norm=None, swiglu=None, rope=None, cross_entropy=None, moe_
                    else "")
     do = dict(rms_norm=decide("rms_norm", ""), swiglu=decide("swiglu", swiglu_reason),
               moe_gate=decide("moe_gate", gate_reason),
-              rope=decide("rope", arch.rope_missing), cross_entropy=decide("cross_entropy", ce_reason))
+              rope=decide("rope", arch.rope_missing), cross_entropy=decide("cross_entropy", ce_reason),
+              attention=bool(attention) and decide("attention", _attention_reason(model.config)))
+    if attention is None:
+        report.skipped["attention"] = "off unless asked (attention=True)"
+
 
     # ---- apply ----
     if do["rms_norm"]:
@@ -364,6 +396,11 @@ def patch(model, rms_norm=None, swiglu=None, rope=None, cross_entropy=None, moe_
         model._anvil_chunk_tokens = chunk_tokens
         model.forward = types.MethodType(_lce_forward, model)
         report.replaced["cross_entropy"] = 1
+    if do["attention"]:
+        _register_attention()
+        model.set_attn_implementation("anvil")
+        attention_cls = getattr(modeling, arch.attention)
+        report.replaced["attention"] = sum(type(m) is attention_cls for m in model.modules())
     model._anvil_patch_report = report
     return report
 

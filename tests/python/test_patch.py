@@ -507,3 +507,69 @@ def test_unpatched_models_keep_transformers_rope():
         assert used == set()
         _, used = ops_run(ours, ids)
         assert used == {"anvil::rms_norm", "anvil::rope", "anvil::swiglu"}
+
+
+# ---- the attention backend (attention=True) --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case,window", [("llama", None), ("mistral", 4), ("qwen3", None), ("mixtral", 5),
+                                         ("qwen2", None)])
+def test_attention_backend_equals_transformers_attention(case, window):
+    """attention=True: the model runs "anvil" (anvil::sparse_attention: causal, the sliding window, grouped kv heads,
+    head dim 64, one the kernel takes) and its logits and gradients equal the unpatched model's (transformers' own attention
+    with the same window), fp32 rule."""
+    overrides = {"head_dim": 64}
+    if window is not None:
+        overrides["sliding_window"] = window
+    ref = build(case, **overrides)
+    ours = copy.deepcopy(ref)
+    report = anvil.patch(ours, attention=True)
+    assert report.replaced["attention"] == ref.config.num_hidden_layers and ours.config._attn_implementation == "anvil"
+    assert ref.config._attn_implementation != "anvil"
+    ids = tokens(2, 11, seed=3)
+    w = torch.randn(2, 11, ref.config.vocab_size, generator=torch.Generator().manual_seed(4))
+    ref_logits = ref(ids).logits
+    (ref_logits * w).sum().backward()
+    got, used = ops_run(ours, ids)
+    (got.logits * w).sum().backward()
+    assert "anvil::sparse_attention" in used
+    assert_close_rule(got.logits, ref_logits, "logits")
+    g_ref, g_ours = grads(ref), grads(ours)
+    assert g_ours.keys() == g_ref.keys()
+    for n in g_ref:
+        assert_close_rule(g_ours[n], g_ref[n], f"grad {n}")
+
+
+def test_attention_backend_padding_packing_and_generation():
+    """A padded batch runs transformers' SDPA with the equivalent dense mask (same logits at the kept positions); one
+    row of packed documents (position_ids restarting) runs the kernel with cu_seqlens and equals each document run
+    alone; greedy generation with the cache gives the unpatched model's tokens."""
+    ref = build("mistral", sliding_window=4, head_dim=64).eval()
+    ours = copy.deepcopy(ref)
+    anvil.patch(ours, attention=True)
+    ids = tokens(2, 9, seed=5)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    with torch.no_grad():
+        want = ref(ids, attention_mask=mask).logits
+        got, used = ops_run(ours, ids, attention_mask=mask)
+    assert "anvil::sparse_attention" not in used
+    keep = mask.bool()
+    assert_close_rule(got.logits[keep], want[keep], "padded logits")
+
+    a, b = tokens(1, 6, seed=6), tokens(1, 7, seed=7)
+    packed = torch.cat([a, b], 1)
+    pos = torch.cat([torch.arange(6), torch.arange(7)]).view(1, -1)
+    with torch.no_grad():
+        got, used = ops_run(ours, packed, position_ids=pos)
+        alone = torch.cat([ref(a).logits, ref(b).logits], 1)
+    assert "anvil::sparse_attention" in used
+    assert_close_rule(got.logits, alone, "packed logits")
+
+    prompt = tokens(1, 5, seed=8)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours.generate(prompt, **kw), ref.generate(prompt, **kw))
+
+    with pytest.raises(ValueError, match="head dims 8"):
+        anvil.patch(build("llama"), attention=True)  # the test configs' head dim 8
+    assert "off unless asked" in str(anvil.patch(build("llama")))
