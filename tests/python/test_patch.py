@@ -278,14 +278,15 @@ def test_report_counts_and_skips():
     _, _, r = pair("qwen3")  # 2 layers: 2 norms each + q/k norms each + the final norm
     assert r.architecture == "Qwen3ForCausalLM"
     assert r.replaced == {"rms_norm": 9, "swiglu": 2, "rope": 2, "cross_entropy": 1}
-    assert r.skipped == {"moe_gate": "it has no MoE router"}
+    assert r.skipped == {"moe_gate": "it has no MoE router", "attention": "off unless asked (attention=True)"}
     _, ours, r = pair("deepseek_v2")
     assert "rope" in r.skipped and "complex" in r.skipped["rope"]
     # the dense first layer's MLP, layer 1's shared experts (a DeepseekV2MLP) and its routed experts' gate
     assert r.replaced["swiglu"] == 3 and r.replaced["moe_gate"] == 1
     assert "routed experts' GEMMs" in str(r)
     _, _, r = pair("mixtral", cross_entropy=False)
-    assert r.replaced == {"rms_norm": 5, "swiglu": 2, "moe_gate": 2, "rope": 2} and r.skipped == {"cross_entropy": "off"}
+    assert r.replaced == {"rms_norm": 5, "swiglu": 2, "moe_gate": 2, "rope": 2} and r.skipped == {"cross_entropy": "off",
+                                                                                      "attention": "off unless asked (attention=True)"}
 
 
 @pytest.mark.parametrize("case", ["llama_tied_bias", "deepseek_v3"])
