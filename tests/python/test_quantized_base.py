@@ -216,6 +216,7 @@ def test_anvil_lora_over_an_int8_base_trains_and_saves_a_peft_adapter(tmp_path):
     """`anvil lora --model.base_weights=int8` on the demo: the loss falls over a few steps and the adapter
     is written (the same keys as over the dense base)."""
     import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     binary = anvil.executable()  # the build tree's bin/anvil, or the installed wheel's
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")
