@@ -50,10 +50,7 @@ def _split_top(s, sep=","):
 def _clean_type(t, classes):
     # pybind11 spells a class by its C++ name where the binding came before the class was registered.
     t = re.sub(r"anvil::[a-z_:]*::(\w+)", r"\1", t)
-    t = t.replace("anvil._C.", "")
-    for name in classes:
-        t = re.sub(rf"\b{name}\b", f"{name}", t)
-    return t
+    return t.replace("anvil._C.", "")
 
 
 def _signature(doc, name, classes, method):
