@@ -16,10 +16,7 @@ TOK_DIR = os.path.join(os.path.dirname(__file__), "..", "data", "tokenizers", "q
 
 
 def anvil_binary():
-    path = os.path.join(os.path.dirname(anvil.__file__), "..", "..", "bin", "anvil")
-    if not os.path.exists(path):
-        pytest.skip(f"no anvil binary beside the package ({path})")
-    return path
+    return anvil.executable()  # the build tree's bin/anvil, or the installed wheel's
 
 
 def run_cli(*args):

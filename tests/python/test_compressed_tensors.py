@@ -426,10 +426,7 @@ def test_unsupported_or_malformed_configs_are_named(tmp_path, edit, message):
 # ---- the command line ----------------------------------------------------------------------------------------
 
 def anvil_binary():
-    path = os.path.join(os.path.dirname(anvil.__file__), "..", "..", "bin", "anvil")
-    if not os.path.exists(path):
-        pytest.skip(f"no anvil binary beside the package ({path})")
-    return path
+    return anvil.executable()  # the build tree's bin/anvil, or the installed wheel's
 
 
 def run_cli(*args, timeout=300):

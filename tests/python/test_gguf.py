@@ -461,9 +461,7 @@ def test_smollm2_cli_generate():
     """`anvil generate --model file.gguf --chat`: model, tokenizer and chat template (recognised as the built-in
     smollm2 format) from the one file."""
     import subprocess
-    binary = os.path.join(os.path.dirname(anvil.__file__), "..", "..", "bin", "anvil")
-    if not os.path.isfile(binary):
-        pytest.skip("the anvil binary is not built beside this package")
+    binary = anvil.executable()  # the build tree's bin/anvil, or the installed wheel's
     r = subprocess.run([binary, "generate", "--model", smollm2_path(), "--device", "cpu", "--chat",
                         "-p", "What is the capital of France?", "--max-new-tokens", "8"],
                        capture_output=True, text=True)
@@ -477,9 +475,7 @@ def test_inspect_lists_what_gguf_py_sees(tmp_path):
     reader has them, the metadata, long arrays summarised; --filter narrows the list."""
     import json
     import subprocess
-    binary = os.path.join(os.path.dirname(anvil.__file__), "..", "..", "bin", "anvil")
-    if not os.path.isfile(binary):
-        pytest.skip("the anvil binary is not built beside this package")
+    binary = anvil.executable()  # the build tree's bin/anvil, or the installed wheel's
     rng = np.random.default_rng(5)
     path = write(tmp_path / "m.gguf",
                  [("blk.10.ffn_up.weight", rng.standard_normal((8, 64)).astype(np.float32), None),

@@ -582,9 +582,7 @@ def test_killed_export_leaves_no_file(tmp_path):
 
 def test_cli_export_gguf(tmp_path):
     """`anvil export-gguf`: the same file as the binding's, the report as JSON, errors with exit status 1."""
-    binary = os.path.join(os.path.dirname(anvil.__file__), "..", "..", "bin", "anvil")
-    if not os.path.exists(binary):
-        pytest.skip(f"no anvil binary beside the package ({binary})")
+    binary = anvil.executable()  # the build tree's bin/anvil, or the installed wheel's
     out = str(tmp_path / "demo.gguf")
     r = subprocess.run([binary, "export-gguf", "--model", DEMO, "--out", out, "--type", "q4_0", "--json"],
                        capture_output=True, text=True)

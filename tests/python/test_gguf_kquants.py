@@ -263,9 +263,7 @@ DATA = os.path.join(os.path.dirname(DEMO), "data")
 
 
 def quantize(*args):
-    binary = os.path.join(os.path.dirname(anvil.__file__), "..", "..", "bin", "anvil")
-    if not os.path.exists(binary):
-        pytest.skip(f"no anvil binary beside the package ({binary})")
+    binary = anvil.executable()  # the build tree's bin/anvil, or the installed wheel's
     return subprocess.run([binary, "quantize", *args], capture_output=True, text=True, timeout=600)
 
 

@@ -25,10 +25,7 @@ TINY = dict(vocab_size=4096, hidden_size=64, intermediate_size=96, num_hidden_la
 
 
 def anvil_binary():
-    path = os.path.join(os.path.dirname(anvil.__file__), "..", "..", "bin", "anvil")
-    if not os.path.exists(path):
-        pytest.skip(f"no anvil binary beside the package ({path})")
-    return path
+    return anvil.executable()  # the build tree's bin/anvil, or the installed wheel's
 
 
 def run_merge(*args):

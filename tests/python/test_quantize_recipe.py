@@ -35,10 +35,7 @@ FIT = dict(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_l
 
 
 def anvil_binary():
-    path = os.path.join(os.path.dirname(anvil.__file__), "..", "..", "bin", "anvil")
-    if not os.path.exists(path):
-        pytest.skip(f"no anvil binary beside the package ({path})")
-    return path
+    return anvil.executable()  # the build tree's bin/anvil, or the installed wheel's
 
 
 def quantize(*args, check=True, **kwargs):

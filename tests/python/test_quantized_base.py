@@ -217,9 +217,7 @@ def test_anvil_lora_over_an_int8_base_trains_and_saves_a_peft_adapter(tmp_path):
     is written (the same keys as over the dense base)."""
     import subprocess
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    binary = os.path.join(os.environ.get("ANVIL_BUILD_DIR", os.path.join(root, "build")), "bin", "anvil")
-    if not os.path.exists(binary):
-        pytest.skip(f"no {binary}")
+    binary = anvil.executable()  # the build tree's bin/anvil, or the installed wheel's
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([binary, "lora", "--config", os.path.join(root, "examples/tiny/lora.json"),

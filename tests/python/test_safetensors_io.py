@@ -180,11 +180,7 @@ def test_load_all_to_cuda_equals_safetensors(tmp_path):
 
 
 def anvil_binary():
-    here = os.path.dirname(anvil.__file__)  # <build>/python/anvil
-    path = os.path.join(here, "..", "..", "bin", "anvil")
-    if not os.path.exists(path):
-        pytest.skip(f"no anvil binary beside the package ({path})")
-    return path
+    return anvil.executable()  # the build tree's bin/anvil, or the installed wheel's
 
 
 def run_cli(*args, env=None):
