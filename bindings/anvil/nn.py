@@ -208,8 +208,8 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-100, n
     hidden (B, S, H) or (N, H); weight (V, H), the head's; labels (B, S) (shifted here when ``shift``: position t
     predicts labels[t + 1], the last position ignored) or ``shift_labels`` already aligned. The mean over labels
     != ignore_index, or the sum / ``num_items_in_batch`` when given (transformers' gradient-accumulation rule).
-    Rows run ``chunk_tokens`` at a time (None: auto_chunk_tokens); the (N, V) logits are never formed whole and
-    never upcast."""
+    Rows run ``chunk_tokens`` at a time (None: auto_chunk_tokens, and at least N / 16 rows for a half/bf16 head
+    that requires grad on CUDA); the (N, V) logits are never formed whole and never upcast."""
     if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
                                      or chunk_tokens < 1):
         raise ValueError(f"anvil.nn.linear_cross_entropy: chunk_tokens must be None or an int >= 1, "
