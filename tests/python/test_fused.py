@@ -7,7 +7,7 @@ import torch
 
 import anvil
 
-ops = anvil.ops
+ops = torch.ops.anvil  # the dispatcher ops themselves (anvil.ops holds the typed wrappers)
 
 FP32 = dict(rtol=1.3e-6, atol=1e-5)  # docs/ARCHITECTURE.md, numerical tolerances
 BF16 = dict(rtol=1.6e-2, atol=1e-3)

@@ -10,7 +10,7 @@ import torch
 
 import anvil
 
-ops = anvil.ops
+ops = torch.ops.anvil  # the dispatcher ops themselves (anvil.ops holds the typed wrappers)
 SHAPES = [(1, 8, 16), (5, 24, 40), (17, 64, 96), (33, 40, 13), (64, 136, 256)]  # (M, N, K)
 
 

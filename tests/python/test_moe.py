@@ -10,7 +10,7 @@ import torch
 import anvil
 import moe_reference as ref
 
-ops = anvil.ops
+ops = torch.ops.anvil  # the dispatcher ops themselves (anvil.ops holds the typed wrappers)
 
 FP32 = dict(rtol=1.3e-6, atol=1e-5)        # docs/ARCHITECTURE.md, numerical tolerances
 BF16 = dict(rtol=1.6e-2, atol=1e-3)

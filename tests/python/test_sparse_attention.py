@@ -13,7 +13,7 @@ import torch
 
 import anvil
 
-ops = anvil.ops
+ops = torch.ops.anvil  # the dispatcher ops themselves (anvil.ops holds the typed wrappers)
 
 
 def gen(seed):
