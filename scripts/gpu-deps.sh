@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the development machine: gather what the GPU machine lacks (it has torch, nvcc, CMake, ninja,
 # but no Debian packages and no network) into .gpu-deps/ (git-ignored), to carry with each call:
-#   .gpu-deps/debs/*.deb       sentencepiece, protobuf-lite, nlohmann/json, cxxopts, GoogleTest, PCRE2, utf8proc
+#   .gpu-deps/debs/*.deb       sentencepiece, protobuf-lite, nlohmann/json, cxxopts, GoogleTest, PCRE2, utf8proc, gloo (headers)
 #   .gpu-deps/cutlass.tar.gz   CUTLASS/CuTe headers from the venv's nvidia-cutlass
 #   .gpu-deps/wheels/*.whl     the Python oracles and anchors that machine lacks: compressed-tensors (with loguru),
 #                              pydantic (its dependency), torchtune (KD loss baselines),
@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .gpu-deps/debs
 packages=(libsentencepiece-dev libsentencepiece0 libprotobuf-lite32 nlohmann-json3-dev libcxxopts-dev libgtest-dev
-          libpcre2-dev libpcre2-8-0 libutf8proc-dev libutf8proc2)
+          libpcre2-dev libpcre2-8-0 libutf8proc-dev libutf8proc2 libgloo-dev)
 (cd .gpu-deps/debs && for p in "${packages[@]}"; do ls "${p}"_*.deb >/dev/null 2>&1 || apt-get download "$p"; done)
 cutlass=$(.venv/bin/python -c "import cutlass_library, os; print(os.path.join(os.path.dirname(cutlass_library.__file__), 'source'))")
 if [ ! -f .gpu-deps/cutlass.tar.gz ]; then
