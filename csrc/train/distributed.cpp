@@ -25,6 +25,7 @@
 #endif
 
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <mutex>
 #include <sstream>
@@ -50,6 +51,21 @@ int64_t env_int(const std::function<const char*(const char*)>& get, const char* 
   const long long v = std::strtoll(s, &end, 10);
   if (errno || *end || v < lo || v > hi) env_error(var, rule, s);
   return v;
+}
+
+// "8 s", "0.5 s".
+std::string seconds_text(double s) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g s", s);
+  return buf;
+}
+
+// c10d's errors carry a C++ backtrace; the first line is what a user can act on.
+std::string first_line(const std::exception& e) {
+  const auto* c10 = dynamic_cast<const c10::Error*>(&e);
+  std::string s = c10 ? c10->what_without_backtrace() : e.what();
+  const auto nl = s.find('\n');
+  return nl == std::string::npos ? s : s.substr(0, nl);
 }
 
 // The time a surviving rank waits for the others to report a failed collective of their own.
@@ -143,7 +159,7 @@ std::shared_ptr<Distributed> Distributed::connect(const DistEnv& env, const std:
   } catch (const std::exception& e) {
     throw std::runtime_error("distributed: rank " + std::to_string(env.rank) + " of " + std::to_string(env.world_size) +
                              " could not reach the TCPStore at " + d->impl_->store_where + " within train.dist_timeout_s = " +
-                             std::to_string(timeout_s) + " s (MASTER_ADDR, MASTER_PORT): " + e.what());
+                             seconds_text(timeout_s) + " (MASTER_ADDR, MASTER_PORT): " + first_line(e));
   }
   // Each launch attempt (torchrun --max-restarts) in a namespace of its own.
   const std::string prefix = "anvil/attempt_" + std::to_string(env.restart_count);
@@ -199,7 +215,7 @@ void Distributed::fail(const std::string& what, const std::string& reason) {
       std::string list;
       for (int64_t k : missing) list += (list.empty() ? "" : ", ") + std::to_string(k);
       who = std::string(missing.size() == 1 ? "rank " : "ranks ") + list +
-            " did not answer (exited, was killed or hangs; train.dist_timeout_s = " + std::to_string(timeout_s_) + " s)";
+            " did not answer (exited, was killed or hangs; train.dist_timeout_s = " + seconds_text(timeout_s_) + ")";
     }
   } catch (const std::exception&) {
     who = "the TCPStore at " + impl_->store_where + " is gone: " +
@@ -211,14 +227,6 @@ void Distributed::fail(const std::string& what, const std::string& reason) {
 
 namespace {
 
-// c10d's errors carry a C++ backtrace; the first line is what a user can act on.
-std::string first_line(const std::exception& e) {
-  const auto* c10 = dynamic_cast<const c10::Error*>(&e);
-  std::string s = c10 ? c10->what_without_backtrace() : e.what();
-  const auto nl = s.find('\n');
-  return nl == std::string::npos ? s : s.substr(0, nl);
-}
-
 void wait_or_fail(Distributed& d, const c10::intrusive_ptr<c10d::Work>& work, const std::string& what) {
   try {
     work->wait();
@@ -229,7 +237,7 @@ void wait_or_fail(Distributed& d, const c10::intrusive_ptr<c10d::Work>& work, co
 
 }  // namespace
 
-void Distributed::broadcast(std::vector<at::Tensor>& tensors, int64_t root) {
+void Distributed::broadcast(std::vector<at::Tensor>& tensors, int64_t root, const std::string& what) {
   c10d::BroadcastOptions opts;
   opts.rootRank = root;
   for (auto& t : tensors) {
@@ -238,9 +246,9 @@ void Distributed::broadcast(std::vector<at::Tensor>& tensors, int64_t root) {
     try {
       work = impl_->group->broadcast(one, opts);
     } catch (const std::exception& e) {
-      fail("the broadcast of the initial weights from rank " + std::to_string(root), first_line(e));
+      fail(what + " (a broadcast from rank " + std::to_string(root) + ")", first_line(e));
     }
-    wait_or_fail(*this, work, "the broadcast of the initial weights from rank " + std::to_string(root));
+    wait_or_fail(*this, work, what + " (a broadcast from rank " + std::to_string(root) + ")");
   }
 }
 

@@ -7,6 +7,7 @@
 #include <ATen/autocast_mode.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -159,7 +160,28 @@ Trainer::Trainer(LoopSettings settings, NamedTensors trainable, at::Device devic
   adamw.beta1 = s_.train.beta1, adamw.beta2 = s_.train.beta2, adamw.eps = s_.train.eps;
   adamw.weight_decay = s_.train.weight_decay;
   for (const auto& [name, t] : trainable_) params_.push_back(t);
-  optimizer_ = std::make_unique<AdamW>(params_, adamw);
+  adamw_ = adamw;
+  if (s_.dist && s_.train.zero_stage == 1) {
+    // ZeRO-1: each tensor's AdamW state lives on one rank, the owners chosen greedily by size (largest first,
+    // to the least loaded rank; ties to the lower rank), as torch's ZeroRedundancyOptimizer partitions.
+    const int64_t world = s_.dist->world_size();
+    std::vector<size_t> order(params_.size());
+    for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+    std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return params_[a].numel() > params_[b].numel(); });
+    std::vector<int64_t> load(size_t(world), 0);
+    owner_.assign(params_.size(), 0);
+    for (size_t i : order) {
+      const auto r = std::min_element(load.begin(), load.end()) - load.begin();
+      owner_[i] = r, load[size_t(r)] += params_[i].numel();
+    }
+    std::vector<at::Tensor> mine;
+    local_index_.assign(params_.size(), -1);
+    for (size_t i = 0; i < params_.size(); ++i)
+      if (owner_[i] == s_.dist->rank()) local_index_[i] = int64_t(mine.size()), mine.push_back(params_[i]);
+    optimizer_ = std::make_unique<AdamW>(mine, adamw);
+  } else {
+    optimizer_ = std::make_unique<AdamW>(params_, adamw);
+  }
   if (s_.dist) {
     const int64_t world = s_.dist->world_size();
     if (s_.train.batch_size % world != 0)
@@ -168,6 +190,10 @@ Trainer::Trainer(LoopSettings settings, NamedTensors trainable, at::Device devic
                                std::to_string(s_.train.batch_size));
     sync_ = std::make_unique<GradientSync>(s_.dist, params_);
   }
+}
+
+void Trainer::zero_grads() {
+  for (auto& p : params_) p.mutable_grad() = at::Tensor();  // every tensor's, owned by this rank's AdamW or not
 }
 
 void Trainer::add_checkpoint_file(CheckpointFile file) { extra_files_.push_back(std::move(file)); }
@@ -181,7 +207,22 @@ void Trainer::open(bool resume, data::BatchStream& stream) {
   if (resume) {
     const auto dir = find_checkpoint(s_.out_dir);
     check_same_run(s_.config, checkpoint_config(dir), s_.same_run_sections);
-    state_ = load_training_checkpoint(dir, trainable_, *optimizer_, device_);
+    if (owner_.empty()) {
+      state_ = load_training_checkpoint(dir, trainable_, *optimizer_, device_);
+    } else {
+      // ZeRO-1: the checkpoint holds every tensor's state (consolidated on save, so any rank count resumes it);
+      // each rank reads it whole and keeps its own tensors' part.
+      AdamW full(params_, adamw_);
+      state_ = load_training_checkpoint(dir, trainable_, full, device_);
+      const auto all = full.state_tensors(), mine = optimizer_->state_tensors();
+      at::NoGradGuard no_grad;
+      for (size_t i = 0; i < params_.size(); ++i)
+        if (local_index_[i] >= 0)
+          for (size_t k = 0; k < 3; ++k) {
+            auto t = mine[3 * size_t(local_index_[i]) + k].second;
+            t.copy_(all[3 * i + k].second);
+          }
+    }
     stream.seek(state_.epoch, state_.index);
     if (is_main()) {
       truncate_metrics(path("metrics.jsonl"), state_.step);
@@ -200,9 +241,34 @@ void Trainer::open(bool resume, data::BatchStream& stream) {
     // Every rank starts from rank 0's trainable tensors (a seeded init is the same everywhere already; this
     // makes it so whatever a recipe did), and no rank reads output.dir after rank 0 may have written it.
     s_.dist->set_phase("the start of the run");
-    s_.dist->broadcast(params_, 0);
+    s_.dist->broadcast(params_, 0, "the initial trainable tensors");
     s_.dist->barrier("the start of the run");
   }
+}
+
+std::unique_ptr<AdamW> Trainer::consolidated_optimizer() {
+  // Collective: each state tensor broadcast from its owner; rank 0 keeps them all, the others a scratch copy
+  // of one tensor at a time.
+  std::unique_ptr<AdamW> full;
+  if (is_main()) full = std::make_unique<AdamW>(params_, adamw_);
+  const auto all = full ? full->state_tensors() : std::vector<std::pair<std::string, at::Tensor>>();
+  const auto mine = optimizer_->state_tensors();  // 3 per owned tensor: exp_avg, exp_avg_sq, step
+  s_.dist->set_phase("saving the ZeRO-1 optimizer state");
+  for (size_t i = 0; i < params_.size(); ++i)
+    for (size_t k = 0; k < 3; ++k) {
+      const auto like = [&] {
+        return k < 2 ? at::empty_like(params_[i]) : at::empty({}, params_[i].options().dtype(at::kFloat));
+      };
+      std::vector<at::Tensor> buf = {local_index_[i] >= 0 ? mine[3 * size_t(local_index_[i]) + k].second
+                                     : full            ? all[3 * i + k].second
+                                                       : like()};
+      s_.dist->broadcast(buf, owner_[i], "gathering the ZeRO-1 optimizer state");
+      if (full && local_index_[i] >= 0) {
+        auto t = all[3 * i + k].second;
+        t.copy_(buf[0]);
+      }
+    }
+  return full;
 }
 
 double Trainer::run_eval(const EvalFn& evaluate, std::optional<MetricsLog>& metrics) {
@@ -260,8 +326,13 @@ int Trainer::fit(data::BatchStream& stream, const LossFn& loss_fn, const EvalFn&
   };
   std::optional<Pending> pending;
   const auto write_checkpoint = [&](const TrainState& st, const NamedTensors& generators) {
-    // The state is replicated: rank 0 writes it for all.
-    if (is_main()) save_training_checkpoint(s_.out_dir, trainable_, *optimizer_, st, s_.config, generators, extra_files_);
+    // The state is replicated (ZeRO-1: gathered to rank 0 first); rank 0 writes it for all.
+    if (!owner_.empty()) {
+      const auto full = consolidated_optimizer();
+      if (full) save_training_checkpoint(s_.out_dir, trainable_, *full, st, s_.config, generators, extra_files_);
+    } else if (is_main()) {
+      save_training_checkpoint(s_.out_dir, trainable_, *optimizer_, st, s_.config, generators, extra_files_);
+    }
     last_good_step = st.step;
     has_checkpoint = true;
   };
@@ -369,11 +440,19 @@ int Trainer::fit(data::BatchStream& stream, const LossFn& loss_fn, const EvalFn&
         if (skipped_in_a_row >= kMaxSkippedInARow)
           return stop_nonfinite(std::to_string(skipped_in_a_row) + " steps in a row were not finite (at step " +
                                 std::to_string(state_.step + 1) + ")");
-        optimizer_->zero_grad();
+        zero_grads();
       } else {
         skipped_in_a_row = 0;
         optimizer_->step(lr);
-        optimizer_->zero_grad();
+        if (!owner_.empty()) {
+          // ZeRO-1: each tensor's owner updated it; every rank takes the result.
+          s_.dist->set_phase("step " + std::to_string(state_.step + 1) + " (the ZeRO-1 update)");
+          for (size_t i = 0; i < params_.size(); ++i) {
+            std::vector<at::Tensor> one = {params_[i]};
+            s_.dist->broadcast(one, owner_[i], "the ZeRO-1 update of " + trainable_[i].first);
+          }
+        }
+        zero_grads();
         loss_acc.add_(step_loss);
         for (size_t i = 0; i < step_terms.size(); ++i) {
           if (i == term_acc.size()) term_acc.push_back(zero());

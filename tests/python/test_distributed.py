@@ -5,6 +5,8 @@
       train.grad_accum 2), within an fp32 reduction-order tolerance: rtol 1e-5 (measured: ~1e-7; the two ranks'
       partial gradient sums are added in another order than one process's chunks), and so does `anvil train`;
       only rank 0 writes metrics.jsonl and the outputs;
+  (a') the same with train.zero_stage 1 (AdamW state sharded across the ranks); a ZeRO-1 checkpoint of 2 ranks
+      (consolidated on save) resumes in 1 process and continues the 1-process curve;
   (b) a rank that exits at step 2 makes the other stop with exit 1 and an error naming that rank, within
       train.dist_timeout_s + 5 s; a rank that hangs likewise, within the timeout + 5 s;
   (c) torchrun's environment variables are checked and named;
@@ -77,14 +79,18 @@ def close(a, b, rtol=1e-5):
     return abs(a - b) <= rtol * abs(b) + 1e-7
 
 
-@pytest.mark.parametrize("recipe", ["lora", "train"])
-def test_two_ranks_give_the_one_process_loss_curve(tmp_path, recipe):
+def run_torchrun(args, timeout=120, env=ENV):
+    return subprocess.run([torchrun(), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
+                           str(free_port()), "--no-python", anvil_binary(), *args],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.mark.parametrize("recipe,zero", [("lora", 0), ("train", 0), ("lora", 1), ("train", 1)])
+def test_two_ranks_give_the_one_process_loss_curve(tmp_path, recipe, zero):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     r = subprocess.run([anvil_binary(), *demo_args(recipe, one)], capture_output=True, text=True, env=ENV, timeout=120)
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([torchrun(), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
-                        str(free_port()), "--no-python", anvil_binary(), *demo_args(recipe, two)],
-                       capture_output=True, text=True, env=ENV, timeout=120)
+    r = run_torchrun([*demo_args(recipe, two), f"--train.zero_stage={zero}"])
     assert r.returncode == 0, r.stdout + r.stderr
     # Only rank 0 reports: one summary line, one "wrote" line.
     assert r.stderr.count(f"anvil {recipe}: LlamaForCausalLM") == 1, r.stderr
@@ -96,6 +102,28 @@ def test_two_ranks_give_the_one_process_loss_curve(tmp_path, recipe):
         assert a["tokens"] == b["tokens"] and a["lr"] == b["lr"]
     assert len(v1) == len(v2) == 1 and close(v2[0], v1[0])
     assert os.path.exists(os.path.join(two, "checkpoint", "state.json"))
+
+
+def test_a_zero1_checkpoint_of_two_ranks_resumes_in_one_process(tmp_path):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    longer = ["--train.steps=5", "--output.save_every=2"]
+    r = subprocess.run([anvil_binary(), *demo_args("lora", one), *longer], capture_output=True, text=True, env=ENV,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    # Rank 0 exits as step 4 starts: the step-2 checkpoint (written during step 3) is the newest.
+    r = run_torchrun([*demo_args("lora", two), *longer, "--train.zero_stage=1"],
+                     env=dict(ENV, ANVIL_TEST_DIST_STOP="0:4:exit"))
+    assert r.returncode != 0
+    with open(os.path.join(two, "checkpoint", "state.json")) as f:
+        assert json.load(f)["step"] == 2
+    r = subprocess.run([anvil_binary(), *demo_args("lora", two), *longer, "--train.zero_stage=1", "--resume"],
+                       capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode == 0, r.stderr
+    (t1, v1), (t2, v2) = metrics(one), metrics(two)
+    assert [l["step"] for l in t2] == [1, 2, 3, 4, 5]
+    for a, b in zip(t2, t1):
+        assert close(a["loss"], b["loss"]) and close(a["grad_norm"], b["grad_norm"]), (a, b)
+    assert close(v2[-1], v1[-1])
 
 
 def launch_pair(tmp_path, stop, timeout_s):

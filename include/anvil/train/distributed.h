@@ -70,8 +70,9 @@ class Distributed {
   const std::string& backend() const { return backend_; }
   double timeout_s() const { return timeout_s_; }
 
-  /// In place: every rank ends with rank `root`'s values (same shapes and dtypes on every rank).
-  void broadcast(std::vector<at::Tensor>& tensors, int64_t root = 0);
+  /// In place: every rank ends with rank `root`'s values (same shapes and dtypes on every rank). `what` names
+  /// the collective in a failure.
+  void broadcast(std::vector<at::Tensor>& tensors, int64_t root, const std::string& what);
   /// In place sum over ranks, blocking. `what` names the collective in a failure ("the loss of step 3").
   void all_reduce_sum(at::Tensor& t, const std::string& what);
   void barrier(const std::string& what);

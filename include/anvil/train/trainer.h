@@ -141,7 +141,10 @@ class Trainer {
   std::string path(const std::string& name) const;  ///< a file in output.dir
 
  private:
-  double run_eval(const EvalFn& evaluate, std::optional<MetricsLog>& metrics);  ///< the validation loss (0 without `evaluate`)
+  double run_eval(const EvalFn& evaluate, std::optional<MetricsLog>& metrics);
+  void zero_grads();
+  /// ZeRO-1: every tensor's AdamW state gathered from its owner, on rank 0 (null elsewhere); collective.
+  std::unique_ptr<AdamW> consolidated_optimizer();  ///< the validation loss (0 without `evaluate`)
 
   LoopSettings s_;
   NamedTensors trainable_;
@@ -149,6 +152,9 @@ class Trainer {
   at::Device device_;
   std::unique_ptr<AdamW> optimizer_;
   std::unique_ptr<GradientSync> sync_;  ///< data parallel only
+  AdamWOptions adamw_;
+  std::vector<int64_t> owner_;        ///< ZeRO-1: the rank that holds each tensor's AdamW state; empty otherwise
+  std::vector<int64_t> local_index_;  ///< ZeRO-1: each tensor's index in this rank's AdamW, -1 if not its own
   std::vector<CheckpointFile> extra_files_;
   TrainState state_;
   bool resumed_ = false;
