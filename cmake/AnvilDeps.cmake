@@ -41,6 +41,34 @@ else()
   message(FATAL_ERROR "anvil: libutf8proc-dev not found (scripts/setup.sh installs it)")
 endif()
 
+# gloo's headers for torch's ProcessGroupGloo.hpp (csrc/train/distributed.cpp). The torch wheel ships the c10d
+# headers and the compiled ProcessGroupGloo (libtorch_cpu.so), not the gloo headers they include. Debian's
+# libgloo-dev (2022-05-18, 5b14351) is older than the gloo torch 2.11 builds, and that is safe here because
+# the c10d header holds every gloo type through a pointer (shared_ptr<gloo::Context>,
+# shared_ptr<gloo::transport::Device>, ...): ProcessGroupGloo's layout and its Options' do not depend on gloo's
+# version, and anvil calls only c10d's exported functions. Nothing of gloo is compiled into anvil or linked
+# (never link Gloo::gloo: libtorch_cpu.so holds torch's own gloo); tests/python/test_distributed.py checks that
+# libanvil_core.so defines no gloo symbol and no GlooStore vtable.
+find_path(ANVIL_GLOO_INCLUDE_DIR gloo/rendezvous/store.h)
+if(NOT ANVIL_GLOO_INCLUDE_DIR)
+  message(FATAL_ERROR "anvil: gloo headers not found (scripts/setup.sh installs libgloo-dev)")
+endif()
+set(ANVIL_GLOO_INCLUDE_DIRS "")
+# Debian's /usr/include is searched already (naming it again breaks libstdc++'s #include_next).
+if(NOT ANVIL_GLOO_INCLUDE_DIR STREQUAL "/usr/include")
+  list(APPEND ANVIL_GLOO_INCLUDE_DIRS ${ANVIL_GLOO_INCLUDE_DIR})
+endif()
+# NCCL's header for ProcessGroupNCCL.hpp (CUDA builds): the nvidia-nccl wheel that torch depends on.
+if(ANVIL_WITH_CUDA)
+  execute_process(
+    COMMAND ${Python_EXECUTABLE} -c "import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], 'include'))"
+    OUTPUT_VARIABLE ANVIL_NCCL_INCLUDE_DIR OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET)
+  if(NOT EXISTS "${ANVIL_NCCL_INCLUDE_DIR}/nccl.h")
+    message(FATAL_ERROR "anvil: nccl.h not found in the nvidia-nccl wheel of ${Python_EXECUTABLE} (torch's dependency)")
+  endif()
+  list(APPEND ANVIL_GLOO_INCLUDE_DIRS ${ANVIL_NCCL_INCLUDE_DIR})
+endif()
+
 if(ANVIL_TESTS)
   find_package(GTest REQUIRED)
 endif()

@@ -9,6 +9,7 @@
 #include "anvil/io/fs.h"
 #include "anvil/io/safetensors.h"
 #include "anvil/model/derive.h"
+#include "anvil/train/distributed.h"
 #include "anvil/train/hidden_loss.h"
 #include "anvil/train/setup.h"
 #include "anvil/train/teacher_cache.h"
@@ -332,6 +333,11 @@ void print_offline_comparison(const train::EvalResult& student) {
 }  // namespace
 
 int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
+  // Its teacher cache, sequence data and cross-tokenizer documents are written by one process; data parallel
+  // distillation is not there yet (distill/README.md "Not yet").
+  if (const auto launch = train::read_dist_env(); launch.launched && launch.world_size > 1)
+    throw std::runtime_error("anvil distill: a multi-process launch (WORLD_SIZE " + std::to_string(launch.world_size) +
+                             ") is not supported yet; run it as one process (anvil lora and anvil train run under torchrun)");
   const at::Device device = model::parse_device(c.student.device, "config key student.device");
   const at::Device teacher_device = model::parse_device(c.teacher.device, "config key teacher.device");
   const bool mixed = c.train.mixed_precision == "bf16";

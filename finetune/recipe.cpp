@@ -46,7 +46,11 @@ RecipeConfig resolve_config(const nlohmann::json& user) {
 }
 
 int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
-  const at::Device device = model::parse_device(c.model.device, "config key model.device");
+  // A torchrun launch (train/distributed.h): each rank on cuda:LOCAL_RANK; only rank 0 prints and writes.
+  const auto launch = train::read_dist_env();
+  const bool main_rank = launch.rank == 0;
+  const at::Device device =
+      train::device_for_rank(model::parse_device(c.model.device, "config key model.device"), launch, "model.device");
   const bool mixed = c.train.mixed_precision == "bf16";
   // Mixed precision keeps fp32 master weights and computes in bf16 under autocast (the trainer's).
   const at::ScalarType dtype = mixed ? at::kFloat : model::dtype_from_name(c.model.dtype);
@@ -72,17 +76,18 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
   // ---- memory plan, dry run ----
   const auto plan = train::memory_inputs("full training", c.train, c.data, trainable);
   const auto estimate = train::estimate_memory(*model, plan, device);
-  train::print_run_summary("train", *model, device, trainable, data, total_steps);
+  if (main_rank) train::print_run_summary("train", *model, device, trainable, data, total_steps);
   if (options.dry_run) {
     std::cout << train::format_estimate(estimate, plan);
     return train::kExitOk;
   }
 
   // ---- the trainer: output.dir, resume ----
-  train::Trainer trainer(train::loop_settings("train", c.train, c.eval, c.output, total_steps, c.resolved, kSameRun),
-                         trainable, device);
+  auto settings = train::loop_settings("train", c.train, c.eval, c.output, total_steps, c.resolved, kSameRun);
+  settings.dist = train::connect_if_launched(c.train, device);
+  train::Trainer trainer(std::move(settings), trainable, device);
   trainer.open(options.resume, stream);
-  const auto before = train::generate_for_prompts(*model, tok.get(), c.eval);
+  const auto before = main_rank ? train::generate_for_prompts(*model, tok.get(), c.eval) : std::vector<std::string>();
 
   // ---- the loop ----
   const auto loss = train::causal_lm_loss_fn(*model, c.train.loss_chunk, device);
@@ -90,6 +95,7 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
   const int status = trainer.fit(stream, loss, evaluate, options.on_step,
                                  [&] { return train::memory_advice(estimate, plan); });
   if (status != train::kExitOk) return status;
+  if (!trainer.is_main()) return train::kExitOk;  // rank 0 writes the outputs (the weights are the same on all)
 
   // ---- outputs ----
   if (mixed) model->to(model::dtype_from_name(c.model.dtype));

@@ -28,7 +28,11 @@ const std::vector<std::string> kSameRun = {"model", "data", "lora"};
 }  // namespace
 
 int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
-  const at::Device device = model::parse_device(c.model.device, "config key model.device");
+  // A torchrun launch (train/distributed.h): each rank on cuda:LOCAL_RANK; only rank 0 prints and writes.
+  const auto launch = train::read_dist_env();
+  const bool main_rank = launch.rank == 0;
+  const at::Device device =
+      train::device_for_rank(model::parse_device(c.model.device, "config key model.device"), launch, "model.device");
   const at::ScalarType dtype = model::dtype_from_name(c.model.dtype);
 
   // ---- model, adapters, tokenizer ----
@@ -64,22 +68,23 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
   plan.trainable_are_weights = false;
   plan.extra_activations_per_token = activation_elems_per_token(model->config(), c.lora);
   const auto estimate = train::estimate_memory(*model, plan, device);
-  train::print_run_summary("lora", *model, device, trainable, data, total_steps);
+  if (main_rank) train::print_run_summary("lora", *model, device, trainable, data, total_steps);
   if (options.dry_run) {
     std::cout << train::format_estimate(estimate, plan);
     return train::kExitOk;
   }
 
   // ---- the trainer: output.dir, resume ----
-  train::Trainer trainer(train::loop_settings("lora", c.train, c.eval, c.output, total_steps, c.resolved, kSameRun),
-                         trainable, device);
+  auto settings = train::loop_settings("lora", c.train, c.eval, c.output, total_steps, c.resolved, kSameRun);
+  settings.dist = train::connect_if_launched(c.train, device);
+  train::Trainer trainer(std::move(settings), trainable, device);
   if (!pissa_init.empty()) trainer.add_checkpoint_file({kPissaInitFile, pissa_init});
   trainer.open(options.resume, stream);
-  if (c.save_initial_adapter && !options.resume) {
+  if (c.save_initial_adapter && !options.resume && trainer.is_main()) {
     if (pissa_init.empty()) save_adapter(*model, lora, trainer.path("initial_adapter"));
     else save_pissa_initial_adapter(*model, lora, trainer.path("initial_adapter"));
   }
-  const auto before = train::generate_for_prompts(*model, tok.get(), c.eval);
+  const auto before = main_rank ? train::generate_for_prompts(*model, tok.get(), c.eval) : std::vector<std::string>();
 
   // ---- the loop ----
   const auto loss = train::causal_lm_loss_fn(*model, c.train.loss_chunk, device);
@@ -88,6 +93,7 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
     return train::memory_advice(estimate, plan, ", lora.r (now " + std::to_string(c.lora.r) + ")");
   });
   if (status != train::kExitOk) return status;
+  if (!trainer.is_main()) return train::kExitOk;  // rank 0 writes the outputs (the weights are the same on all)
 
   // ---- outputs ----
   if (!pissa_init.empty()) {

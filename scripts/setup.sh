@@ -15,12 +15,15 @@ say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
 # --- 1. Debian packages -------------------------------------------------------------------------
 # The C++ libraries anvil links (sentencepiece, nlohmann/json, cxxopts, GoogleTest; PCRE2 and utf8proc for
-# the tokenizers' regexes and Unicode normalization), the build tools
+# the tokenizers' regexes and Unicode normalization; gloo's headers for c10d), the build tools
 # (ninja, ccache) and python3-venv. CUDA's nvcc is expected on the machine already (CUDA 13.0).
 # clang: the libFuzzer targets of tests/fuzz (cmake --preset fuzz); lld links the GC_SECTIONS ones.
 apt_packages=(libsentencepiece-dev sentencepiece nlohmann-json3-dev libcxxopts-dev libgtest-dev
               ninja-build ccache python3-venv g++ clang lld
               libpcre2-dev libutf8proc-dev)
+# gloo's headers for torch's ProcessGroupGloo.hpp (train/distributed.h: data parallel training on CPU); used as
+# declarations only, the library is never linked (cmake/AnvilDeps.cmake says why that is safe).
+apt_packages+=(libgloo-dev)
 apt_packages+=(fortunes fortunes-min dict-foldoc)  # the demo's corpora (examples/tiny/make.sh)
 if [ "${ANVIL_SKIP_APT:-0}" != 1 ]; then
   missing=()

@@ -86,6 +86,19 @@ void split_validation(std::vector<Example>& train, std::vector<Example>& validat
   train = std::move(rest);
 }
 
+namespace {
+
+// A batch's targets, non-padding tokens and whether it is packed, from its rows.
+void count_batch(Batch& b) {
+  for (size_t i = 0; i < b.labels.size(); ++i) {
+    b.targets += b.labels[i] != kNoTarget;
+    b.tokens += b.doc_ids[i] >= 0;
+    b.packed = b.packed || b.doc_ids[i] > 0;
+  }
+}
+
+}  // namespace
+
 Batch slice_rows(const PackedRows& r, int64_t begin, int64_t end) {
   Batch b;
   b.rows = end - begin, b.length = r.row_length;
@@ -94,11 +107,22 @@ Batch slice_rows(const PackedRows& r, int64_t begin, int64_t end) {
   b.labels.assign(r.labels.begin() + from, r.labels.begin() + to);
   b.positions.assign(r.positions.begin() + from, r.positions.begin() + to);
   b.doc_ids.assign(r.doc_ids.begin() + from, r.doc_ids.begin() + to);
-  for (size_t i = 0; i < b.labels.size(); ++i) {
-    b.targets += b.labels[i] != kNoTarget;
-    b.tokens += b.doc_ids[i] >= 0;
-    b.packed = b.packed || b.doc_ids[i] > 0;
+  count_batch(b);
+  return b;
+}
+
+Batch shard_rows(const Batch& in, int64_t rank, int64_t world) {
+  Batch b;
+  b.length = in.length;
+  for (int64_t r = rank; r < in.rows; r += world) {
+    const auto from = r * in.length, to = (r + 1) * in.length;
+    b.ids.insert(b.ids.end(), in.ids.begin() + from, in.ids.begin() + to);
+    b.labels.insert(b.labels.end(), in.labels.begin() + from, in.labels.begin() + to);
+    b.positions.insert(b.positions.end(), in.positions.begin() + from, in.positions.begin() + to);
+    b.doc_ids.insert(b.doc_ids.end(), in.doc_ids.begin() + from, in.doc_ids.begin() + to);
+    ++b.rows;
   }
+  count_batch(b);
   return b;
 }
 

@@ -178,7 +178,8 @@ json training_defaults(const std::string& output_dir) {
        {{"batch_size", 8}, {"grad_accum", 1}, {"epochs", 1}, {"steps", 0}, {"lr", 2e-4}, {"weight_decay", 0.0},
         {"beta1", 0.9}, {"beta2", 0.999}, {"eps", 1e-8}, {"schedule", "cosine"}, {"warmup_steps", 0},
         {"min_lr_ratio", 0.0}, {"max_grad_norm", 1.0}, {"grad_checkpointing", false}, {"mixed_precision", "none"},
-        {"loss_chunk", 4096}, {"seed", 0}, {"skip_nonfinite_steps", false}}},
+        {"loss_chunk", 4096}, {"seed", 0}, {"skip_nonfinite_steps", false},
+        {"dist_backend", "auto"}, {"dist_timeout_s", 300.0}, {"zero_stage", 0}}},
       {"eval", {{"every", 0}, {"max_batches", 0}, {"prompts", json::array()}, {"max_new_tokens", 48}}},
       {"output", {{"dir", output_dir}, {"save_every", 0}, {"log_every", 1}, {"plot", true}}},
   };
@@ -237,6 +238,12 @@ TrainSection read_train_section(const ConfigReader& r) {
   t.loss_chunk = r.int_at_least("train.loss_chunk", 1);
   t.seed = static_cast<uint64_t>(r.int_at_least("train.seed", 0));
   t.skip_nonfinite_steps = r.boolean("train.skip_nonfinite_steps");
+  t.dist_backend = r.string_in("train.dist_backend", {"auto", "gloo", "nccl"});
+  t.zero_stage = r.int_at_least("train.zero_stage", 0);
+  if (t.zero_stage > 1)
+    config_error("train.zero_stage", "must be 0 (replicated optimizer state) or 1 (sharded across ranks); 2 and 3 "
+                 "are not there yet", t.zero_stage);
+  t.dist_timeout_s = r.number_in("train.dist_timeout_s", 0.001, 86400.0, false, "[0.001, 86400] seconds");
   return t;
 }
 

@@ -7,6 +7,7 @@
 #include <ATen/autocast_mode.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -16,6 +17,7 @@
 #include <iostream>
 #include <optional>
 #include <set>
+#include <thread>
 
 namespace anvil::train {
 
@@ -78,6 +80,35 @@ double seconds_since(std::chrono::steady_clock::time_point t) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
 }
 
+// A test hook (tests/python/test_distributed.py): ANVIL_TEST_DIST_STOP="RANK:STEP:exit" makes that rank exit
+// with status 3 as it starts STEP, "RANK:STEP:hang" makes it sleep there, so that the other ranks' fault
+// report can be shown.
+void maybe_stop_rank(int64_t rank, int64_t step) {
+  const char* spec = std::getenv("ANVIL_TEST_DIST_STOP");
+  if (!spec) return;
+  long long r = -1, s = -1;
+  char how[16] = {0};
+  if (std::sscanf(spec, "%lld:%lld:%15s", &r, &s, how) != 3 || r != rank || s != step) return;
+  std::cerr << "\nANVIL_TEST_DIST_STOP: rank " << rank << " " << how << " at step " << step << std::endl;
+  if (std::string(how) == "hang")
+    for (;;) std::this_thread::sleep_for(std::chrono::seconds(60));
+  std::_Exit(3);
+}
+
+// Data parallel dropout: each rank's generators reseeded at every step from (seed, step, rank), so the ranks
+// draw different masks and a resumed run draws the same ones without per-rank generator states in the
+// checkpoint. (A single process keeps its one stream, saved in the checkpoint.)
+void seed_rank_generators(uint64_t seed, int64_t step, int64_t rank, at::Device device) {
+  uint64_t x = seed * 0x9E3779B97F4A7C15ULL ^ (uint64_t(step) + 1) * 0xBF58476D1CE4E5B9ULL ^ (uint64_t(rank) + 1) * 0x94D049BB133111EBULL;
+  x ^= x >> 31;
+  at::Generator cpu = at::detail::getDefaultCPUGenerator();  // a handle on the default generator
+  cpu.set_current_seed(x);
+  if (device.is_cuda()) {
+    at::Generator cuda = at::globalContext().defaultGenerator(device);
+    cuda.set_current_seed(x);
+  }
+}
+
 }  // namespace
 
 // ---- pieces ------------------------------------------------------------------------------------------
@@ -129,7 +160,40 @@ Trainer::Trainer(LoopSettings settings, NamedTensors trainable, at::Device devic
   adamw.beta1 = s_.train.beta1, adamw.beta2 = s_.train.beta2, adamw.eps = s_.train.eps;
   adamw.weight_decay = s_.train.weight_decay;
   for (const auto& [name, t] : trainable_) params_.push_back(t);
-  optimizer_ = std::make_unique<AdamW>(params_, adamw);
+  adamw_ = adamw;
+  if (s_.dist && s_.train.zero_stage == 1) {
+    // ZeRO-1: each tensor's AdamW state lives on one rank, the owners chosen greedily by size (largest first,
+    // to the least loaded rank; ties to the lower rank), as torch's ZeroRedundancyOptimizer partitions.
+    const int64_t world = s_.dist->world_size();
+    std::vector<size_t> order(params_.size());
+    for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+    std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return params_[a].numel() > params_[b].numel(); });
+    std::vector<int64_t> load(size_t(world), 0);
+    owner_.assign(params_.size(), 0);
+    for (size_t i : order) {
+      const auto r = std::min_element(load.begin(), load.end()) - load.begin();
+      owner_[i] = r, load[size_t(r)] += params_[i].numel();
+    }
+    std::vector<at::Tensor> mine;
+    local_index_.assign(params_.size(), -1);
+    for (size_t i = 0; i < params_.size(); ++i)
+      if (owner_[i] == s_.dist->rank()) local_index_[i] = int64_t(mine.size()), mine.push_back(params_[i]);
+    optimizer_ = std::make_unique<AdamW>(mine, adamw);
+  } else {
+    optimizer_ = std::make_unique<AdamW>(params_, adamw);
+  }
+  if (s_.dist) {
+    const int64_t world = s_.dist->world_size();
+    if (s_.train.batch_size % world != 0)
+      throw std::runtime_error("config key train.batch_size: must be a multiple of WORLD_SIZE (" + std::to_string(world) +
+                               ") under a multi-process launch (it is the global micro-batch, split by rows), got " +
+                               std::to_string(s_.train.batch_size));
+    sync_ = std::make_unique<GradientSync>(s_.dist, params_);
+  }
+}
+
+void Trainer::zero_grads() {
+  for (auto& p : params_) p.mutable_grad() = at::Tensor();  // every tensor's, owned by this rank's AdamW or not
 }
 
 void Trainer::add_checkpoint_file(CheckpointFile file) { extra_files_.push_back(std::move(file)); }
@@ -137,35 +201,88 @@ void Trainer::add_checkpoint_file(CheckpointFile file) { extra_files_.push_back(
 std::string Trainer::path(const std::string& name) const { return io::join_path(s_.out_dir, name); }
 
 void Trainer::open(bool resume, data::BatchStream& stream) {
-  io::make_directories(s_.out_dir);
+  if (is_main()) io::make_directories(s_.out_dir);
+  // Every rank reads the checkpoint (the same folder: one file system), only rank 0 writes output.dir.
+  if (s_.dist) s_.dist->barrier("opening output.dir");
   if (resume) {
     const auto dir = find_checkpoint(s_.out_dir);
     check_same_run(s_.config, checkpoint_config(dir), s_.same_run_sections);
-    state_ = load_training_checkpoint(dir, trainable_, *optimizer_, device_);
+    if (owner_.empty()) {
+      state_ = load_training_checkpoint(dir, trainable_, *optimizer_, device_);
+    } else {
+      // ZeRO-1: the checkpoint holds every tensor's state (consolidated on save, so any rank count resumes it);
+      // each rank reads it whole and keeps its own tensors' part.
+      AdamW full(params_, adamw_);
+      state_ = load_training_checkpoint(dir, trainable_, full, device_);
+      const auto all = full.state_tensors(), mine = optimizer_->state_tensors();
+      at::NoGradGuard no_grad;
+      for (size_t i = 0; i < params_.size(); ++i)
+        if (local_index_[i] >= 0)
+          for (size_t k = 0; k < 3; ++k) {
+            auto t = mine[3 * size_t(local_index_[i]) + k].second;
+            t.copy_(all[3 * i + k].second);
+          }
+    }
     stream.seek(state_.epoch, state_.index);
-    truncate_metrics(path("metrics.jsonl"), state_.step);
-    std::cerr << "resuming from " << dir << " at step " << state_.step << "\n";
+    if (is_main()) {
+      truncate_metrics(path("metrics.jsonl"), state_.step);
+      std::cerr << "resuming from " << dir << " at step " << state_.step << "\n";
+    }
   } else {
     if (io::path_exists(path("checkpoint")))
       throw std::runtime_error("output.dir " + s_.out_dir + " already holds a run (checkpoint/); pass --resume to "
                                "continue it, or choose another output.dir");
-    io::write_text_atomically(path("metrics.jsonl"), "");
+    if (is_main()) io::write_text_atomically(path("metrics.jsonl"), "");
   }
   resumed_ = resume;
   elapsed_before_ = state_.elapsed;
-  io::write_text_atomically(path("config.json"), s_.config.dump(2) + "\n");
+  if (is_main()) io::write_text_atomically(path("config.json"), s_.config.dump(2) + "\n");
+  if (s_.dist) {
+    // Every rank starts from rank 0's trainable tensors (a seeded init is the same everywhere already; this
+    // makes it so whatever a recipe did), and no rank reads output.dir after rank 0 may have written it.
+    s_.dist->set_phase("the start of the run");
+    s_.dist->broadcast(params_, 0, "the initial trainable tensors");
+    s_.dist->barrier("the start of the run");
+  }
 }
 
-double Trainer::run_eval(const EvalFn& evaluate, MetricsLog& metrics) {
+std::unique_ptr<AdamW> Trainer::consolidated_optimizer() {
+  // Collective: each state tensor broadcast from its owner; rank 0 keeps them all, the others a scratch copy
+  // of one tensor at a time.
+  std::unique_ptr<AdamW> full;
+  if (is_main()) full = std::make_unique<AdamW>(params_, adamw_);
+  const auto all = full ? full->state_tensors() : std::vector<std::pair<std::string, at::Tensor>>();
+  const auto mine = optimizer_->state_tensors();  // 3 per owned tensor: exp_avg, exp_avg_sq, step
+  s_.dist->set_phase("saving the ZeRO-1 optimizer state");
+  for (size_t i = 0; i < params_.size(); ++i)
+    for (size_t k = 0; k < 3; ++k) {
+      const auto like = [&] {
+        return k < 2 ? at::empty_like(params_[i]) : at::empty({}, params_[i].options().dtype(at::kFloat));
+      };
+      std::vector<at::Tensor> buf = {local_index_[i] >= 0 ? mine[3 * size_t(local_index_[i]) + k].second
+                                     : full            ? all[3 * i + k].second
+                                                       : like()};
+      s_.dist->broadcast(buf, owner_[i], "gathering the ZeRO-1 optimizer state");
+      if (full && local_index_[i] >= 0) {
+        auto t = all[3 * i + k].second;
+        t.copy_(buf[0]);
+      }
+    }
+  return full;
+}
+
+double Trainer::run_eval(const EvalFn& evaluate, std::optional<MetricsLog>& metrics) {
   if (!evaluate) return 0;
+  // Every rank evaluates the whole validation set (the same numbers); rank 0 writes them.
   const auto r = evaluate();
+  if (!metrics) return r.loss;
   json line = {{"step", state_.step}, {"val_loss", r.loss}, {"val_ppl", r.ppl}};
   std::string more;
   for (const auto& [name, v] : r.terms) {
     line["val_" + name] = v;
     more += ", " + name + " " + fixed(v, 4);
   }
-  metrics.write(line);
+  metrics->write(line);
   std::cerr << "\nstep " << state_.step << ": validation loss " << fixed(r.loss, 4) << ", perplexity "
             << fixed(r.ppl, 3) << more << " (" << r.targets << " tokens)\n";
   return r.loss;
@@ -178,8 +295,12 @@ int Trainer::fit(data::BatchStream& stream, const LossFn& loss_fn, const EvalFn&
   ScheduleOptions schedule;
   schedule.kind = s_.train.schedule, schedule.lr = s_.train.lr, schedule.warmup_steps = s_.train.warmup_steps;
   schedule.total_steps = s_.total_steps, schedule.min_lr_ratio = s_.train.min_lr_ratio;
-  MetricsLog metrics(path("metrics.jsonl"));
-  const StepCallback report = on_step ? on_step : progress_line(s_.recipe, s_.total_steps, state_.step);
+  std::optional<MetricsLog> metrics;  // rank 0's
+  if (is_main()) metrics.emplace(path("metrics.jsonl"));
+  const StepCallback report = !is_main() ? StepCallback([](const StepReport&) {})
+                              : on_step  ? on_step
+                                         : progress_line(s_.recipe, s_.total_steps, state_.step);
+  const int64_t rank = s_.dist ? s_.dist->rank() : 0, world = s_.dist ? s_.dist->world_size() : 1;
   const auto start = std::chrono::steady_clock::now();
   const int64_t tokens_before = state_.tokens;
   int64_t last_good_step = state_.step;  // the step of the newest checkpoint on disk
@@ -205,7 +326,13 @@ int Trainer::fit(data::BatchStream& stream, const LossFn& loss_fn, const EvalFn&
   };
   std::optional<Pending> pending;
   const auto write_checkpoint = [&](const TrainState& st, const NamedTensors& generators) {
-    save_training_checkpoint(s_.out_dir, trainable_, *optimizer_, st, s_.config, generators, extra_files_);
+    // The state is replicated (ZeRO-1: gathered to rank 0 first); rank 0 writes it for all.
+    if (!owner_.empty()) {
+      const auto full = consolidated_optimizer();
+      if (full) save_training_checkpoint(s_.out_dir, trainable_, *full, st, s_.config, generators, extra_files_);
+    } else if (is_main()) {
+      save_training_checkpoint(s_.out_dir, trainable_, *optimizer_, st, s_.config, generators, extra_files_);
+    }
     last_good_step = st.step;
     has_checkpoint = true;
   };
@@ -215,6 +342,7 @@ int Trainer::fit(data::BatchStream& stream, const LossFn& loss_fn, const EvalFn&
     return Pending{st, generator_states(device_)};
   };
   const auto stop_nonfinite = [&](const std::string& what) {
+    if (!is_main()) return kExitFailed;  // every rank stops (the loss is the same on all); rank 0 says why
     std::cerr << "\n" << who << ": " << what << "; stopping. ";
     if (has_checkpoint)
       std::cerr << "The last good checkpoint is " << path("checkpoint") << " (step " << last_good_step
@@ -240,15 +368,28 @@ int Trainer::fit(data::BatchStream& stream, const LossFn& loss_fn, const EvalFn&
     while (state_.step < s_.total_steps) {
       // One optimizer step: its micro-batches first, so that the loss is the mean over all their targets.
       const double lr = lr_at(schedule, state_.step);
+      // Every rank reads the whole global micro-batches (packing is on the host), so the normalizer is the
+      // step's global target count and each rank's loss is its rows' target-loss sum over it: the sum of the
+      // ranks' gradients is the one-process gradient of the step's mean loss.
       std::vector<data::Batch> micro;
       int64_t targets = 0;
       for (int64_t i = 0; i < s_.train.grad_accum; ++i) {
         micro.push_back(stream.next());
         targets += micro.back().targets;
+        state_.tokens += micro.back().tokens;
+      }
+      if (s_.dist) {
+        s_.dist->set_phase("step " + std::to_string(state_.step + 1));
+        maybe_stop_rank(rank, state_.step + 1);
+        seed_rank_generators(s_.train.seed, state_.step, rank, device_);
       }
       step_loss.zero_();
       for (auto& t : step_terms) t.zero_();
-      for (const auto& b : micro) {
+      for (size_t m = 0; m < micro.size(); ++m) {
+        const bool last_micro = m + 1 == micro.size();
+        if (sync_ && last_micro) sync_->arm();  // earlier micro-batches only accumulate locally
+        const data::Batch b = s_.dist ? data::shard_rows(micro[m], rank, world) : std::move(micro[m]);
+        if (b.rows == 0) continue;  // a short last micro-batch of an epoch: this rank still joins the reduce
         Loss loss;
         {
           AutocastGuard autocast(mixed, device_.type());
@@ -261,7 +402,20 @@ int Trainer::fit(data::BatchStream& stream, const LossFn& loss_fn, const EvalFn&
           if (i == term_names.size()) term_names.push_back(loss.terms[i].first);
           step_terms[i].add_(loss.terms[i].second.detach().to(at::kFloat));
         }
-        state_.tokens += b.tokens;
+      }
+      bool interrupted_anywhere = false;
+      if (s_.dist) {
+        const std::string what = "step " + std::to_string(state_.step + 1);
+        sync_->finish("the gradient all-reduce of " + what);
+        // The step's loss and terms are sums over the ranks' rows; a Ctrl-C seen by any rank stops all at once.
+        std::vector<at::Tensor> parts = {step_loss.reshape({1}),
+                                         at::full({1}, g_interrupted ? 1.0f : 0.0f, step_loss.options())};
+        for (auto& t : step_terms) parts.push_back(t.reshape({1}));
+        auto packed = at::cat(parts);  // (2 + terms,) fp32
+        s_.dist->all_reduce_sum(packed, "the loss of " + what);
+        step_loss.copy_(packed[0]);
+        interrupted_anywhere = packed[1].item<float>() > 0;
+        for (size_t i = 0; i < step_terms.size(); ++i) step_terms[i].copy_(packed[2 + i]);
       }
       if (poisoned.count(state_.step + 1)) step_loss.fill_(std::nan(""));
       const auto grad_norm = clip_grad_norm(params_, s_.train.max_grad_norm);
@@ -286,11 +440,19 @@ int Trainer::fit(data::BatchStream& stream, const LossFn& loss_fn, const EvalFn&
         if (skipped_in_a_row >= kMaxSkippedInARow)
           return stop_nonfinite(std::to_string(skipped_in_a_row) + " steps in a row were not finite (at step " +
                                 std::to_string(state_.step + 1) + ")");
-        optimizer_->zero_grad();
+        zero_grads();
       } else {
         skipped_in_a_row = 0;
         optimizer_->step(lr);
-        optimizer_->zero_grad();
+        if (!owner_.empty()) {
+          // ZeRO-1: each tensor's owner updated it; every rank takes the result.
+          s_.dist->set_phase("step " + std::to_string(state_.step + 1) + " (the ZeRO-1 update)");
+          for (size_t i = 0; i < params_.size(); ++i) {
+            std::vector<at::Tensor> one = {params_[i]};
+            s_.dist->broadcast(one, owner_[i], "the ZeRO-1 update of " + trainable_[i].first);
+          }
+        }
+        zero_grads();
         loss_acc.add_(step_loss);
         for (size_t i = 0; i < step_terms.size(); ++i) {
           if (i == term_acc.size()) term_acc.push_back(zero());
@@ -302,7 +464,8 @@ int Trainer::fit(data::BatchStream& stream, const LossFn& loss_fn, const EvalFn&
       state_.epoch = stream.epoch(), state_.index = stream.index();
 
       const bool last = state_.step == s_.total_steps;
-      const bool interrupted = g_interrupted;  // read once: the flag may change under us
+      // Read once: the flag may change under us. Under a launch, what the ranks agreed on this step.
+      const bool interrupted = s_.dist ? interrupted_anywhere : bool(g_interrupted);
       const bool save_due = s_.save_every > 0 && state_.step % s_.save_every == 0 && !last;
       // Saves fall on logged steps, so that a resumed run logs the same means as an uninterrupted one.
       if ((state_.step % s_.log_every == 0 || last || save_due || interrupted) && steps_since_log > 0) {
@@ -330,7 +493,7 @@ int Trainer::fit(data::BatchStream& stream, const LossFn& loss_fn, const EvalFn&
         for (const auto& [name, v] : r.terms) line[name] = v;
         if (r.peak_mem_gib >= 0) line["peak_mem_gib"] = r.peak_mem_gib;
         if (skipped > 0) line["skipped_steps"] = skipped;
-        metrics.write(line);
+        if (metrics) metrics->write(line);
         report(r);
       }
       if (s_.eval_every > 0 && state_.step % s_.eval_every == 0 && !last) run_eval(evaluate, metrics);
@@ -341,7 +504,8 @@ int Trainer::fit(data::BatchStream& stream, const LossFn& loss_fn, const EvalFn&
                                 std::to_string(state_.step));
         const auto now = snapshot();
         write_checkpoint(now.state, now.generators);
-        std::cerr << "\ninterrupted: saved a checkpoint at step " << state_.step << " in " << path("checkpoint")
+        if (is_main())
+          std::cerr << "\ninterrupted: saved a checkpoint at step " << state_.step << " in " << path("checkpoint")
                   << "\nresume with: " << who << " --config " << s_.out_dir << "/config.json --resume\n";
         return kExitInterrupted;
       }
@@ -372,7 +536,7 @@ int Trainer::fit(data::BatchStream& stream, const LossFn& loss_fn, const EvalFn&
   const auto now = snapshot();
   write_checkpoint(now.state, now.generators);
   state_.elapsed = now.state.elapsed;
-  if (s_.plot) plot_metrics(path("metrics.jsonl"), path("loss.svg"), "anvil " + s_.recipe + ": " + io::file_name(s_.out_dir));
+  if (s_.plot && is_main()) plot_metrics(path("metrics.jsonl"), path("loss.svg"), "anvil " + s_.recipe + ": " + io::file_name(s_.out_dir));
   return kExitOk;
 }
 

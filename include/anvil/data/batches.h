@@ -43,6 +43,11 @@ struct Batch {
 /// Rows [begin, end) of packed rows as a batch (its counts filled in).
 Batch slice_rows(const PackedRows& rows, int64_t begin, int64_t end);
 
+/// A data parallel rank's share of a micro-batch: rows rank, rank + world, rank + 2 world, ... (its counts
+/// filled in); no rows when the batch has at most `rank` rows. Every rank takes its rows of the same batch, so
+/// the data order does not depend on the number of ranks.
+Batch shard_rows(const Batch& batch, int64_t rank, int64_t world);
+
 // ---- batches of generated text (on-policy distillation, train/kd_generation.h) ----------------------
 
 /// The prompt of each document of a batch, row after row, document after document: its tokens up to its first

@@ -93,6 +93,9 @@ struct TrainSection {
   int64_t loss_chunk = 4096;    ///< token rows per chunk of the chunked cross-entropy
   uint64_t seed = 0;
   bool skip_nonfinite_steps = false;  ///< a step with a non-finite loss or gradient norm makes no update
+  std::string dist_backend = "auto";  ///< "auto" | "gloo" | "nccl": the c10d backend of a torchrun launch
+  double dist_timeout_s = 300;        ///< bound on every collective and on the rendezvous
+  int64_t zero_stage = 0;             ///< 1: AdamW state sharded across ranks (ZeRO-1); 0: replicated
 };
 
 struct EvalSection {

@@ -20,6 +20,7 @@
 #include "anvil/data/batches.h"
 #include "anvil/train/checkpoint.h"
 #include "anvil/train/config.h"
+#include "anvil/train/distributed.h"
 #include "anvil/train/metrics.h"
 #include "anvil/train/optim.h"
 
@@ -28,6 +29,7 @@
 
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -88,6 +90,10 @@ struct LoopSettings {
   bool plot = true;          ///< output.plot: loss.svg after a finished run
   nlohmann::json config;     ///< the resolved config: config.json, every checkpoint
   std::vector<std::string> same_run_sections;  ///< config sections a resumed run must share (check_same_run)
+  /// A torchrun launch's process group (connect_if_launched), or null: one process. With it, each rank trains
+  /// on its rows of every micro-batch (data::shard_rows), the gradients are summed over ranks while backward
+  /// runs (GradientSync), and only rank 0 writes output.dir and reports.
+  std::shared_ptr<Distributed> dist;
 };
 
 /// LoopSettings from a recipe's shared sections.
@@ -129,17 +135,26 @@ class Trainer {
           const std::function<std::string()>& oom_advice = nullptr);
 
   const TrainState& state() const { return state_; }
+  /// Whether this process reports and writes outputs: true alone, rank 0 under a launch.
+  bool is_main() const { return !s_.dist || s_.dist->is_main(); }
   const NamedTensors& trainable() const { return trainable_; }
   std::string path(const std::string& name) const;  ///< a file in output.dir
 
  private:
-  double run_eval(const EvalFn& evaluate, MetricsLog& metrics);  ///< the validation loss (0 without `evaluate`)
+  double run_eval(const EvalFn& evaluate, std::optional<MetricsLog>& metrics);
+  void zero_grads();
+  /// ZeRO-1: every tensor's AdamW state gathered from its owner, on rank 0 (null elsewhere); collective.
+  std::unique_ptr<AdamW> consolidated_optimizer();  ///< the validation loss (0 without `evaluate`)
 
   LoopSettings s_;
   NamedTensors trainable_;
   std::vector<at::Tensor> params_;
   at::Device device_;
   std::unique_ptr<AdamW> optimizer_;
+  std::unique_ptr<GradientSync> sync_;  ///< data parallel only
+  AdamWOptions adamw_;
+  std::vector<int64_t> owner_;        ///< ZeRO-1: the rank that holds each tensor's AdamW state; empty otherwise
+  std::vector<int64_t> local_index_;  ///< ZeRO-1: each tensor's index in this rank's AdamW, -1 if not its own
   std::vector<CheckpointFile> extra_files_;
   TrainState state_;
   bool resumed_ = false;

@@ -1,0 +1,130 @@
+// Multi-process data parallel training on PyTorch's c10d: the process group a torchrun (or Slurm) launch
+// asks for, and the gradient all-reduce the trainer runs on it.
+//
+// Rendezvous is env://, as torch.distributed's: torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+// MASTER_PORT; without RANK and WORLD_SIZE the process trains alone and nothing here runs. The store is a
+// c10d::TCPStore at MASTER_ADDR:MASTER_PORT (torchrun's agent hosts it when TORCHELASTIC_USE_AGENT_STORE is
+// "True", else rank 0 does), the group a c10d::ProcessGroupGloo on CPU or ProcessGroupNCCL on CUDA
+// (train.dist_backend "auto"), every collective bounded by train.dist_timeout_s.
+//
+// Faults: a collective that fails (a peer died: gloo sees the connection close; or hung: the timeout) is
+// rethrown naming the ranks that did not answer. Each surviving rank writes a key to the store when its
+// collective fails and waits a few seconds for the others' keys; a rank whose key never comes is the one that
+// exited, was killed or hangs. If the store itself is gone, rank 0 (or the launcher) that hosted it is named.
+//
+// Gradients (GradientSync): the trainable tensors are cut into buckets of ~bucket_bytes in reverse order (the
+// order backward produces them), each bucket all-reduced (summed) as soon as the last of its tensors has its
+// gradient accumulated (a post-accumulate-grad hook, so the sum of a step's micro-batches is what is sent),
+// while backward goes on with the layers below. Buckets are launched strictly in order, so every rank issues
+// the same collectives in the same order (what c10d requires). Our own bucketing rather than c10d::Reducer:
+// the Reducer divides by the world size, expects every parameter used in every backward (or a graph walk each
+// step with find_unused_parameters), and owns the gradient tensors; here a tensor without a gradient is a zero
+// in its bucket, and the reduction is a plain sum, which is what the trainer's loss normalization needs (the
+// loss of each rank is divided by the global step's target count, so the sum over ranks is the one-process
+// gradient).
+#pragma once
+
+#include "anvil/train/config.h"
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace anvil::train {
+
+/// torchrun's environment. `launched` is false when RANK and WORLD_SIZE are both absent.
+struct DistEnv {
+  bool launched = false;
+  int64_t rank = 0, world_size = 1, local_rank = 0;
+  std::string master_addr;
+  int64_t master_port = 0;
+  bool agent_store = false;   ///< TORCHELASTIC_USE_AGENT_STORE=True: torchrun's agent hosts the TCPStore
+  int64_t restart_count = 0;  ///< TORCHELASTIC_RESTART_COUNT: the store keys of each attempt are apart
+};
+
+/// Reads the variables through `get` (std::getenv by default); errors name the variable and the rule
+/// ("WORLD_SIZE: must be an integer >= 1, got ...", "RANK: must be < WORLD_SIZE (2), got 2").
+DistEnv read_dist_env(const std::function<const char*(const char*)>& get = nullptr);
+
+/// The backend train.dist_backend names for a device: "auto" is gloo on CPU and nccl on CUDA; nccl on a CPU
+/// device or in a build without CUDA is an error naming the key.
+std::string resolve_dist_backend(const std::string& backend, at::Device device);
+
+/// A process group of a launched run. Every method is collective (every rank calls it, in the same order)
+/// unless it says otherwise.
+class Distributed {
+ public:
+  /// Connects to the store and builds the group (train.dist_backend, train.dist_timeout_s). On CUDA the
+  /// device must be cuda:LOCAL_RANK (the recipe picks it: `device_for_rank`).
+  static std::shared_ptr<Distributed> connect(const DistEnv& env, const std::string& backend, double timeout_s,
+                                              at::Device device);
+  ~Distributed();
+
+  int64_t rank() const { return env_.rank; }
+  int64_t world_size() const { return env_.world_size; }
+  bool is_main() const { return env_.rank == 0; }
+  const std::string& backend() const { return backend_; }
+  double timeout_s() const { return timeout_s_; }
+
+  /// In place: every rank ends with rank `root`'s values (same shapes and dtypes on every rank). `what` names
+  /// the collective in a failure.
+  void broadcast(std::vector<at::Tensor>& tensors, int64_t root, const std::string& what);
+  /// In place sum over ranks, blocking. `what` names the collective in a failure ("the loss of step 3").
+  void all_reduce_sum(at::Tensor& t, const std::string& what);
+  void barrier(const std::string& what);
+
+  /// Sets what failures name as the rank's place ("step 3"); not collective.
+  void set_phase(std::string phase) { phase_ = std::move(phase); }
+
+  /// A failed collective as the error the user sees (names the ranks that did not answer); not collective.
+  [[noreturn]] void fail(const std::string& what, const std::string& reason);
+
+ private:
+  friend class GradientSync;
+  struct Impl;
+  Impl& impl() { return *impl_; }
+  Distributed() = default;
+  DistEnv env_;
+  std::string backend_, phase_ = "setup";
+  double timeout_s_ = 0;
+  std::unique_ptr<Impl> impl_;
+};
+
+/// The device a rank trains on: model.device "cuda" (or "auto" with CUDA) becomes cuda:LOCAL_RANK; a CPU
+/// device stays; an explicit cuda:N under a launch with more than one local rank is an error naming model.device.
+at::Device device_for_rank(at::Device device, const DistEnv& env, const std::string& key);
+
+/// The process group of a torchrun launch (read_dist_env), or null when the process was not launched so.
+/// `device` is the rank's (device_for_rank).
+std::shared_ptr<Distributed> connect_if_launched(const TrainSection& train, at::Device device);
+
+/// The bucketed gradient all-reduce of the trainable tensors (see the header comment).
+class GradientSync {
+ public:
+  GradientSync(std::shared_ptr<Distributed> dist, std::vector<at::Tensor> params, int64_t bucket_bytes = 25 << 20);
+  ~GradientSync();
+  /// The next backward passes reduce (the last micro-batch of a step); earlier ones only accumulate.
+  void arm();
+  /// After that backward (or instead of it, on a rank with no rows): launches the buckets not yet launched,
+  /// waits for all, and writes the sums into the tensors' gradients.
+  void finish(const std::string& what);
+
+  struct Bucket;
+
+ private:
+  void ready(size_t param);
+  void launch(size_t bucket);
+
+  std::shared_ptr<Distributed> dist_;
+  std::vector<at::Tensor> params_;
+  std::vector<Bucket> buckets_;
+  std::vector<size_t> bucket_of_;  ///< param index -> bucket
+  size_t next_ = 0;                ///< the next bucket to launch (in order)
+  bool armed_ = false;
+};
+
+}  // namespace anvil::train
