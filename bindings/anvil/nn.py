@@ -129,14 +129,11 @@ def auto_chunk_tokens(n, vocab, hidden):
 
 
 def _accumulate_product(acc, a, b):
-    """acc (V, H) += a (V, c) @ b (c, H). On CUDA the GEMM adds into acc in its epilogue (for an fp32 acc over
-    half/bf16 operands, addmm's out_dtype overload); forming the product in the model dtype, widening and adding
-    moves ~20 bytes per head element per chunk against the epilogue's 8 (bf16 acc: 4). The CPU forms the product
-    in the operands' dtype, widens and adds."""
-    if acc.is_cuda and a.dtype == acc.dtype:
+    """acc (V, H) += a (V, c) @ b (c, H). On CUDA acc has the operands' dtype and the GEMM adds into it in its
+    epilogue (forming the product, widening it and adding moved ~20 bytes per head element per chunk); the CPU
+    accumulates in fp32: the product in the operands' dtype, widened and added."""
+    if acc.is_cuda:
         acc.addmm_(a, b)
-    elif acc.is_cuda and acc.dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16):
-        torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
     else:
         acc += (a @ b).to(acc.dtype)
 
@@ -150,7 +147,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     Per chunk of rows: logits (c, V) in hidden's dtype -> anvil::cross_entropy_chunk (fp32 loss and lse) ->
     anvil::cross_entropy_chunk_backward in place (the logits buffer becomes dloss/dlogits, scaled by 1/divisor)
-    -> dh rows = dlogits @ W, dW += dlogits^T @ h (in the GEMM's epilogue; fp32 on the CPU, the head's dtype on CUDA as Liger's, at most 16 chunks). The backward only scales what the forward
+    -> dh rows = dlogits @ W, dW += dlogits^T @ h (fp32 on the CPU; on CUDA in the head's dtype, as Liger's, added
+    in the GEMM's epilogue over at most 16 chunks). The backward only scales what the forward
     formed by the upstream gradient, so the head GEMM runs twice per chunk (forward, two gradient GEMMs) and
     never again, and memory is one chunk of logits plus dh (N, H) and dW (V, H)."""
 
@@ -253,7 +251,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
 # ---- attention backend -----------------------------------------------------------------------------------------
 
 
-def _document_starts(position_ids):
+def _packed_documents(position_ids):
     """The packed documents of position_ids (B, S) (a new one wherever the position does not step by 1, transformers'
     rule) -> (docs, cu): docs (B, S) int64 document index per token and, for B = 1, cu (docs + 1) int32 the
     cu_seqlens of anvil::sparse_attention; (None, None) when every row is one document. Computed once per
@@ -297,14 +295,14 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
 
     The mask it gets is transformers' flash-attention one (``anvil.patch`` registers it): None when nothing is padded.
     The kernel runs for that case in training and prefill, packed documents of one row (position_ids restarting,
-    as transformers' packing collators make them) through cu_seqlens; a padded batch, packed rows with B > 1, a decode step (fewer queries than cached
-    keys), attention dropout, or an argument the kernel has no notion of (softcap, sinks) runs transformers' SDPA
+    as transformers' packing collators make them) through cu_seqlens; a padded batch, packed rows with B > 1, a
+    decode step (fewer queries than cached keys), attention dropout, or an argument the kernel has no notion of (softcap, sinks) runs transformers' SDPA
     with the equivalent dense mask instead, so every call computes what transformers would."""
     window = int(sliding_window) if sliding_window else -1
     q_len, kv_len = query.shape[2], key.shape[2]
     exotic = kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None
     pos = kwargs.get("position_ids")
-    docs, cu = (_document_starts(pos) if pos is not None and q_len == kv_len and pos.shape[-1] == q_len
+    docs, cu = (_packed_documents(pos) if pos is not None and q_len == kv_len and pos.shape[-1] == q_len
                 else (None, None))
     if attention_mask is None and q_len == kv_len and not dropout and not exotic and (docs is None or cu is not None):
         o, _ = ops.sparse_attention(query, key, value, None, None, cu, window, 0, 64, scaling, False)

@@ -357,7 +357,7 @@ def patch(model, rms_norm=None, swiglu=None, rope=None, cross_entropy=None, moe_
     do = dict(rms_norm=decide("rms_norm", ""), swiglu=decide("swiglu", swiglu_reason),
               moe_gate=decide("moe_gate", gate_reason),
               rope=decide("rope", arch.rope_missing), cross_entropy=decide("cross_entropy", ce_reason),
-              attention=bool(attention) and decide("attention", _attention_reason(model.config)))
+              attention=attention is not None and decide("attention", _attention_reason(model.config)))
     if attention is None:
         report.skipped["attention"] = "off unless asked (attention=True)"
 
