@@ -52,8 +52,11 @@ def apply(model, side):
     which kernel a speedup or a cost comes from). Liger has no such side: its patch replaces transformers'
     module-level functions and classes for the whole process, so one-kernel Liger runs would pile up."""
     only = side.split(":")[1] if ":" in side else None
+    if side == "anvil+attention":  # every kernel and the "anvil" attention backend in place of SDPA
+        print("   ", str(anvil.patch(model, attention=True)).replace("\n", "\n    "))
+        return
     if side not in ("unpatched", "anvil", "liger") and (not side.startswith("anvil:") or only not in KERNELS):
-        raise SystemExit(f"bench/patch: --sides: '{side}' is not unpatched, anvil, liger or anvil:K with K one of "
+        raise SystemExit(f"bench/patch: --sides: '{side}' is not unpatched, anvil, anvil+attention, liger or anvil:K with K one of "
                          f"{', '.join(KERNELS)}")
     if side.startswith("anvil"):
         options = {k: (k == only) for k in KERNELS} if only else {}
@@ -109,7 +112,8 @@ def main():
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--sides", default="",
-                    help="comma-separated runs (default unpatched,anvil,liger); anvil:K patches kernel K "
+                    help="comma-separated runs (default unpatched,anvil,liger); anvil+attention adds the anvil attention "
+                         "backend; anvil:K patches kernel K "
                          f"alone ({', '.join(KERNELS)})")
     ap.add_argument("--profile", default="", help="comma-separated sides whose step's top CUDA kernels to print")
     args = ap.parse_args()

@@ -79,8 +79,8 @@ def close(a, b, rtol=1e-5):
     return abs(a - b) <= rtol * abs(b) + 1e-7
 
 
-def run_torchrun(args, timeout=120, env=ENV):
-    return subprocess.run([torchrun(), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
+def run_torchrun(args, timeout=120, env=ENV, nproc=2):
+    return subprocess.run([torchrun(), "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1", "--master-port",
                            str(free_port()), "--no-python", anvil_binary(), *args],
                           capture_output=True, text=True, env=env, timeout=timeout)
 
@@ -162,6 +162,26 @@ def test_a_rank_that_stops_is_named_by_the_other(tmp_path, how):
             p.communicate()
     if how == "exit":
         assert procs[1].returncode == 3
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("zero", [0, 1])
+def test_nccl_at_world_size_one_gives_the_single_process_curve_on_cuda(tmp_path, zero):
+    """The NCCL path end to end on one GPU: the process group, the bucketed all-reduce hooks and (zero 1) the
+    owner's step and parameter broadcast all run, and an all-reduce over one rank is the identity, so the loss
+    curve is the plain CUDA run's up to the averaging's division order (rtol 1e-5)."""
+    cuda = ["--model.device=cuda", "--train.dist_backend=nccl"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "nccl")
+    r = subprocess.run([anvil_binary(), *demo_args("lora", one), *cuda], capture_output=True, text=True, env=ENV,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    r = run_torchrun([*demo_args("lora", two), *cuda, f"--train.zero_stage={zero}"], nproc=1)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (t1, v1), (t2, v2) = metrics(one), metrics(two)
+    assert [l["step"] for l in t2] == [1, 2, 3]
+    for a, b in zip(t2, t1):
+        assert close(a["loss"], b["loss"]) and close(a["grad_norm"], b["grad_norm"]), (a, b)
+    assert len(v1) == len(v2) == 1 and close(v2[0], v1[0])
 
 
 def test_torchrun_environment_is_checked(tmp_path):
