@@ -28,6 +28,7 @@
 namespace py = pybind11;
 
 void bind_quantize_algos(py::module_& m);  // bindings/quantize_algos.cpp
+void bind_pipelines(py::module_& m);       // bindings/pipelines.cpp
 
 namespace {
 
@@ -887,4 +888,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("m"), py::arg("n"), py::arg("k"), py::arg("out_dtype") = "bfloat16",
       "The path int8_gemm takes for (m, n, k) on the current device: sm90 | int_mm | simt ('cpu' without CUDA).");
   bind_quantize_algos(m);
+  bind_pipelines(m);
 }

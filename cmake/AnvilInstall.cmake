@@ -28,7 +28,7 @@ set(_anvil_lib_rpath "$ORIGIN" "$ORIGIN/../torch/lib")
 if(_anvil_nvidia_rel)
   list(APPEND _anvil_lib_rpath "$ORIGIN/../${_anvil_nvidia_rel}")
 endif()
-set(_anvil_libs anvil_ops anvil_core anvil_lora anvil_finetune anvil_distill anvil_quantize)
+set(_anvil_libs anvil_ops anvil_core anvil_lora anvil_finetune anvil_distill anvil_quantize anvil_recipes)
 if(TARGET anvil_python)
   list(APPEND _anvil_libs anvil_python)
 endif()
@@ -62,6 +62,10 @@ configure_file(${CMAKE_CURRENT_SOURCE_DIR}/bindings/_build_info.py.in ${ANVIL_PY
 # The package's Python files are the wheel's (pyproject.toml: wheel.packages); CMake installs what it builds.
 install(TARGETS ${_anvil_libs} LIBRARY DESTINATION anvil)
 install(FILES ${ANVIL_PYTHON_DIR}/_build_info.py DESTINATION anvil)
+# The embedded demos' files (anvil lora / distill / quantize with no config, anvil.lora() ...), so that they run
+# from a wheel without the source tree: recipes/registry.cpp looks for anvil/demo beside its library.
+install(DIRECTORY ${CMAKE_CURRENT_SOURCE_DIR}/examples/tiny DESTINATION anvil/demo/examples
+        PATTERN "make.sh" EXCLUDE PATTERN "*.py" EXCLUDE PATTERN "__pycache__" EXCLUDE)
 if(DEFINED SKBUILD_SCRIPTS_DIR)
   install(TARGETS anvil RUNTIME DESTINATION ${SKBUILD_SCRIPTS_DIR})
 else()

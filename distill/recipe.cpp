@@ -479,7 +479,7 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
   const auto evaluate = cache ? train::kd_cache_eval_fn(*student, *cache, data, c.train, c.eval, c.kd.chunk, device)
                         : cross_docs ? train::causal_lm_eval_fn(*student, data, c.train, c.eval, device)
                               : train::kd_eval_fn(*student, teacher, data, c.train, c.eval, c.kd.chunk, device);
-  const int status = trainer.fit(stream, loss, evaluate, options.on_step, [&] {
+  const int status = trainer.fit(stream, loss, evaluate, options, [&] {
     return train::memory_advice(estimate, plan, ", distill.chunk (now " + std::to_string(c.kd.chunk) + ")");
   });
   if (status != train::kExitOk) return status;

@@ -92,7 +92,7 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
   // ---- the loop ----
   const auto loss = train::causal_lm_loss_fn(*model, c.train.loss_chunk, device);
   const auto evaluate = train::causal_lm_eval_fn(*model, data, c.train, c.eval, device);
-  const int status = trainer.fit(stream, loss, evaluate, options.on_step,
+  const int status = trainer.fit(stream, loss, evaluate, options,
                                  [&] { return train::memory_advice(estimate, plan); });
   if (status != train::kExitOk) return status;
   if (!trainer.is_main()) return train::kExitOk;  // rank 0 writes the outputs (the weights are the same on all)

@@ -60,6 +60,10 @@ from . import nn  # noqa: E402  (anvil.nn: modules over the fused ops; needs the
 from .nn import Fp8Linear  # noqa: E402,F401  (kept as anvil.Fp8Linear)
 from .patching import PatchReport, patch  # noqa: E402,F401  (anvil.patch(model): the kernels into a transformers model)
 
+if _C is not None:  # the pipelines: the recipes of the command line, in this process (anvil/pipelines.py)
+    from . import pipelines  # noqa: E402
+    from .pipelines import RunError, RunResult, distill, lora, quantize, recipes, train  # noqa: E402,F401
+
 
 def build_info() -> dict:
     """What this build is: ``version``, ``torch_version`` and ``torch_cuda`` (the torch it compiled against and
@@ -100,7 +104,8 @@ def selfcheck(cuda: bool = True, check: bool = True) -> str:
 
 __all__ = ["__version__", "build_info", "executable", "ops", "quantize_fp8", "dequantize_fp8", "quantize_int8", "dequantize_int8", "GRANULARITIES", "selfcheck",
            "fp8_gemm", "fp8_grouped_gemm", "fp8_grouped_gemm_masked", "fp8_linear", "Fp8Linear", "fp8_gemm_configs",
-           "fp8_gemm_config", "int8_gemm", "int8_gemm_path", "nn", "patch", "PatchReport"]
+           "fp8_gemm_config", "int8_gemm", "int8_gemm_path", "nn", "patch", "PatchReport",
+           "pipelines", "lora", "train", "distill", "quantize", "recipes", "RunResult", "RunError"]
 
 
 def fp8_gemm_configs():

@@ -5,11 +5,7 @@
 #include "anvil/selfcheck.h"
 #include "cli/commands.h"
 #include "cli/recipe_command.h"
-#include "distill/recipe.h"
-#include "finetune/recipe.h"
 #include "lora/merge_cli.h"
-#include "lora/recipe.h"
-#include "quantize/recipe.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <cxxopts.hpp>
@@ -28,7 +24,6 @@
 
 namespace {
 
-using anvil::cli::recipe_subcommand;
 
 constexpr const char* kVersion = "0.1.0";
 
@@ -129,7 +124,8 @@ struct Subcommand {
 };
 
 const std::vector<Subcommand>& subcommands() {
-  static const std::vector<Subcommand> table = {
+  static const std::vector<Subcommand> table = [] {
+    std::vector<Subcommand> t = {
       {"selfcheck", "check every registered op on CPU and GPU (the default)", cmd_selfcheck},
       {"ops", "list the registered ops with their schemas", cmd_ops},
       {"version", "print the version", cmd_version},
@@ -141,31 +137,12 @@ const std::vector<Subcommand>& subcommands() {
       {"export-gguf", "write a Llama/Mistral folder as one GGUF file (f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k)",
        anvil::cli::cmd_export_gguf},
       {"merge", "fold a LoRA adapter into its base model and save the merged checkpoint", anvil::lora::cmd_merge},
-      // The recipes: one line each (cli/recipe_command.h).
-      {"lora", "train LoRA adapters from a JSON config (no --config: the embedded demo)",
-       recipe_subcommand("Train LoRA adapters (PEFT format) from a JSON config; without --config, the embedded demo",
-                         "examples/tiny/lora.json", anvil::lora::resolve_config, anvil::lora::run_recipe)},
-      {"train", "train every parameter of a model (or a random one) from a JSON config",
-       recipe_subcommand("Train every parameter of a model (or one initialised at random) from a JSON config", "",
-                         anvil::finetune::resolve_config, anvil::finetune::run_recipe)},
-      {"distill", "distill a teacher into a smaller student from a JSON config (no --config: the embedded demo)",
-       recipe_subcommand("Distill a frozen teacher into a smaller student (KD losses over both LM heads) from a JSON "
-                         "config; without --config, the embedded demo", "examples/tiny/distill.json",
-                         anvil::distill::resolve_config, anvil::distill::run_recipe)},
-      {"quantize", "quantize a model to FP8 / INT8 / INT4 and export it (no arguments: the embedded demo)",
-       recipe_subcommand("Quantize a model layer by layer and export it as FineGrainedFP8 or compressed-tensors, with a "
-                         "report; without --config or --model, the embedded demo", "examples/tiny/quantize.json",
-                         anvil::quantize::resolve_config, anvil::quantize::run_recipe,
-                         {{"model", "model.path", "the model to quantize (HF folder or cached hub id)"},
-                          {"scheme", "quantize.scheme", "fp8-block, fp8-channel, fp8-tensor, int8-weight, w8a8-int8, "
-                                                        "int4-weight, gptq-int4, gptq-int8, gguf-q8_0, gguf-q4_0, gguf-q4_k_m, "
-                                                        "gguf-q5_k_m, gguf-q6_k"},
-                          {"out", "output.dir", "the quantized model's folder (gguf-*: a FILE.gguf, or a folder "
-                                                "that gets model.gguf)"},
-                          {"calib", "data.calib", "calibration JSONL"},
-                          {"eval", "data.eval", "held-out JSONL for the report's perplexity and KL"},
-                          {"overwrite", "output.overwrite", "replace an existing --out", true}})},
-  };
+    };
+    for (const auto& r : anvil::recipes::all())  // recipes/registry.h: each recipe is a subcommand
+      t.push_back({r.name.c_str(), r.summary.c_str(),
+                   [&r](int argc, char** argv) { return anvil::cli::run_recipe_command(argc, argv, r); }});
+    return t;
+  }();
   return table;
 }
 

@@ -3,17 +3,13 @@
 // argv first).
 #include "cli/recipe_command.h"
 
-#include "anvil/io/fs.h"
 #include "anvil/train/config.h"
 
 #include <cxxopts.hpp>
 
+#include <iostream>
 #include <string>
 #include <vector>
-
-#ifndef ANVIL_SOURCE_DIR
-#define ANVIL_SOURCE_DIR "."
-#endif
 
 namespace anvil::cli {
 
@@ -26,31 +22,17 @@ bool is_override(const std::string& arg) {
   return name.find('.') != std::string::npos;
 }
 
-// Input paths of the embedded demo config are relative to the source tree.
-void anchor_demo_paths(nlohmann::json& config) {
-  const std::string root = ANVIL_SOURCE_DIR;
-  auto anchor = [&](const char* section, const char* key) {
-    if (!config.contains(section) || !config[section].contains(key) || !config[section][key].is_string()) return;
-    const std::string p = config[section][key].get<std::string>();
-    if (!p.empty() && p[0] != '/' && io::path_exists(io::join_path(root, p))) config[section][key] = io::join_path(root, p);
-  };
-  for (const char* key : {"path", "config", "tokenizer"}) anchor("model", key);
-  anchor("teacher", "path");  // anvil distill's two models
-  for (const char* key : {"path", "config"}) anchor("student", key);
-  for (const char* key : {"train", "validation", "calib", "eval"}) anchor("data", key);  // calib, eval: anvil quantize
-}
-
 }  // namespace
 
-int run_recipe_command(int argc, char** argv, const std::string& description, const std::string& demo_config,
-                       const RecipeEntry& entry, const std::vector<RecipeFlag>& flags) {
+int run_recipe_command(int argc, char** argv, const recipes::Recipe& recipe) {
   const std::string name = argv[0];
+  const auto& flags = recipe.flags;
   std::vector<std::string> overrides;
   std::vector<char*> rest = {argv[0]};
   bool used_flag = false;
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
-    const RecipeFlag* flag = nullptr;  // the recipe's shorthands: --model DIR, --overwrite
+    const recipes::Flag* flag = nullptr;  // the recipe's shorthands: --model DIR, --overwrite
     for (const auto& f : flags)
       if (arg == "--" + f.name || arg.rfind("--" + f.name + "=", 0) == 0) flag = &f;
     if (flag) {
@@ -77,7 +59,7 @@ int run_recipe_command(int argc, char** argv, const std::string& description, co
     }
     overrides.push_back(arg.substr(2));
   }
-  cxxopts::Options options("anvil " + name, description);
+  cxxopts::Options options("anvil " + name, recipe.description);
   options.add_options()
       ("config", "the JSON config (docs/CLI.md lists every key)", cxxopts::value<std::string>())
       ("print-config", "print the resolved config (defaults filled in, overrides applied) and exit")
@@ -96,31 +78,24 @@ int run_recipe_command(int argc, char** argv, const std::string& description, co
   if (!args.unmatched().empty())
     throw cxxopts::exceptions::exception("anvil " + name + ": unexpected argument '" + args.unmatched()[0] + "'");
 
-  std::string config_path;
   // The recipe's shorthand flags without --config start from the recipe's defaults, not from the demo's config
   // (`anvil quantize --model X --out Y` must not pick up the demo's data files).
-  const bool from_defaults = !args.count("config") && used_flag;
-  const bool demo = !args.count("config") && !from_defaults;
-  if (from_defaults) {
-  } else if (!demo) {
-    config_path = args["config"].as<std::string>();
-  } else if (!demo_config.empty()) {
-    config_path = io::join_path(ANVIL_SOURCE_DIR, demo_config);
-    if (!io::path_exists(config_path))
-      throw std::runtime_error("anvil " + name + ": no --config given and the embedded demo config " + config_path +
-                               " is missing (the demo's files are made with its data; pass --config FILE to train on "
-                               "your own)");
-  } else {
-    throw cxxopts::exceptions::exception("anvil " + name + ": --config is required");
+  nlohmann::json user = nlohmann::json::object();
+  if (args.count("config")) {
+    user = train::read_config_file(args["config"].as<std::string>());
+  } else if (!used_flag) {
+    if (recipe.demo_config.empty()) throw cxxopts::exceptions::exception("anvil " + name + ": --config is required");
+    user = recipes::demo_config(recipe);
   }
-  // Read the file, apply the overrides, anchor the demo's paths; the recipe resolves.
-  nlohmann::json user = from_defaults ? nlohmann::json::object() : train::read_config_file(config_path);
   for (const auto& o : overrides) train::apply_override(user, o);
-  if (demo) anchor_demo_paths(user);
   train::RunOptions run;
   run.resume = args.count("resume") > 0;
   run.dry_run = args.count("dry-run") > 0;
-  return entry(user, args.count("print-config") > 0, run);
+  if (args.count("print-config")) {
+    std::cout << recipe.resolve(user).dump(2) << "\n";
+    return 0;
+  }
+  return recipe.run(user, run);
 }
 
 }  // namespace anvil::cli

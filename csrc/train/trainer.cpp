@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cmath>
 #include <csignal>
+#include <sstream>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
@@ -288,7 +289,7 @@ double Trainer::run_eval(const EvalFn& evaluate, std::optional<MetricsLog>& metr
   return r.loss;
 }
 
-int Trainer::fit(data::BatchStream& stream, const LossFn& loss_fn, const EvalFn& evaluate, const StepCallback& on_step,
+int Trainer::fit(data::BatchStream& stream, const LossFn& loss_fn, const EvalFn& evaluate, const RunOptions& options,
                  const std::function<std::string()>& oom_advice) {
   const std::string who = "anvil " + s_.recipe;
   const bool mixed = s_.train.mixed_precision == "bf16";
@@ -298,7 +299,7 @@ int Trainer::fit(data::BatchStream& stream, const LossFn& loss_fn, const EvalFn&
   std::optional<MetricsLog> metrics;  // rank 0's
   if (is_main()) metrics.emplace(path("metrics.jsonl"));
   const StepCallback report = !is_main() ? StepCallback([](const StepReport&) {})
-                              : on_step  ? on_step
+                              : options.on_step ? options.on_step
                                          : progress_line(s_.recipe, s_.total_steps, state_.step);
   const int64_t rank = s_.dist ? s_.dist->rank() : 0, world = s_.dist ? s_.dist->world_size() : 1;
   const auto start = std::chrono::steady_clock::now();
@@ -341,17 +342,25 @@ int Trainer::fit(data::BatchStream& stream, const LossFn& loss_fn, const EvalFn&
     st.elapsed = elapsed_before_ + seconds_since(start);
     return Pending{st, generator_states(device_)};
   };
+  // An early stop: rank 0 says why on stderr and to the front end's callback.
+  const auto stop = [&](int status, const std::string& message) {
+    if (!is_main()) return status;
+    std::cerr << "\n" << message << "\n";
+    if (options.on_stop) options.on_stop(status, message);
+    return status;
+  };
   const auto stop_nonfinite = [&](const std::string& what) {
-    if (!is_main()) return kExitFailed;  // every rank stops (the loss is the same on all); rank 0 says why
-    std::cerr << "\n" << who << ": " << what << "; stopping. ";
+    // every rank stops (the loss is the same on all); rank 0 says why
+    std::ostringstream m;
+    m << who << ": " << what << "; stopping. ";
     if (has_checkpoint)
-      std::cerr << "The last good checkpoint is " << path("checkpoint") << " (step " << last_good_step
-                << ", its weights gave a finite loss): lower train.lr (now " << s_.train.lr
-                << ") and resume with --resume, or set train.skip_nonfinite_steps.\n";
+      m << "The last good checkpoint is " << path("checkpoint") << " (step " << last_good_step
+        << ", its weights gave a finite loss): lower train.lr (now " << s_.train.lr
+        << ") and resume with --resume, or set train.skip_nonfinite_steps.";
     else
-      std::cerr << "No checkpoint was saved yet: lower train.lr (now " << s_.train.lr
-                << ") or set train.max_grad_norm, and start again.\n";
-    return kExitFailed;
+      m << "No checkpoint was saved yet: lower train.lr (now " << s_.train.lr
+        << ") or set train.max_grad_norm, and start again.";
+    return stop(kExitFailed, m.str());
   };
 
   const std::set<int64_t> poisoned = poisoned_steps();
@@ -504,28 +513,25 @@ int Trainer::fit(data::BatchStream& stream, const LossFn& loss_fn, const EvalFn&
                                 std::to_string(state_.step));
         const auto now = snapshot();
         write_checkpoint(now.state, now.generators);
-        if (is_main())
-          std::cerr << "\ninterrupted: saved a checkpoint at step " << state_.step << " in " << path("checkpoint")
-                  << "\nresume with: " << who << " --config " << s_.out_dir << "/config.json --resume\n";
-        return kExitInterrupted;
+        return stop(kExitInterrupted, "interrupted: saved a checkpoint at step " + std::to_string(state_.step) +
+                                          " in " + path("checkpoint") + "\nresume with: " + who + " --config " +
+                                          s_.out_dir + "/config.json --resume");
       }
       if (save_due) pending = snapshot();
     }
     const double final_val = run_eval(evaluate, metrics);
     if (!std::isfinite(final_val)) return stop_nonfinite("the final validation loss is " + std::to_string(final_val));
   } catch (const c10::OutOfMemoryError& e) {
-    std::cerr << "\nCUDA out of memory at step " << state_.step + 1 << ": " << e.what_without_backtrace() << "\n"
-              << (oom_advice ? oom_advice() : std::string()) << "\n";
-    return kExitFailed;
+    return stop(kExitFailed, "CUDA out of memory at step " + std::to_string(state_.step + 1) + ": " +
+                                 e.what_without_backtrace() + "\n" + (oom_advice ? oom_advice() : std::string()));
   } catch (const c10::Error& e) {
     // The host allocator's failure is a plain c10::Error; give it the same advice as the device's.
     const std::string what = e.what_without_backtrace();
     if (what.find("DefaultCPUAllocator: can't allocate memory") == std::string::npos &&
         what.find("DefaultCPUAllocator: not enough memory") == std::string::npos)
       throw;
-    std::cerr << "\nhost out of memory at step " << state_.step + 1 << ": " << what << "\n"
-              << (oom_advice ? oom_advice() : std::string()) << "\n";
-    return kExitFailed;
+    return stop(kExitFailed, "host out of memory at step " + std::to_string(state_.step + 1) + ": " + what + "\n" +
+                                 (oom_advice ? oom_advice() : std::string()));
   }
   // The final weights have no next step to vouch for them: they must be finite (a huge but finite
   // update shows as a non-finite validation loss above, when there is validation data).

@@ -1,6 +1,6 @@
 """examples/notebooks/quickstart.ipynb runs headless (nbclient on an ipykernel of this interpreter, on the CPU)
 and produces what it promises: the comparison table of the MoE gate and FP8 ops against PyTorch, the patch
-report with unchanged logits, and the loss plot of a short `anvil lora` run. Its own asserts (exact index and
+report with unchanged logits, and the loss plot of a short `anvil.lora()` run. Its own asserts (exact index and
 bit agreement, logits within the fp32 rule, a falling loss) fail the run when they fail. The committed
 notebook carries no outputs."""
 import json

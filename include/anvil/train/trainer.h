@@ -71,11 +71,16 @@ using StepCallback = std::function<void(const StepReport&)>;
 /// its last line when the report's step reaches total_steps.
 StepCallback progress_line(const std::string& label, int64_t total_steps, int64_t start_step);
 
-/// What the command line gives every recipe.
+/// Why a run stopped early (kExitFailed: a non-finite loss, out of memory; kExitInterrupted: Ctrl-C, the
+/// checkpoint saved), in the words printed on stderr, for a front end that has no terminal (Python's exception).
+using StopCallback = std::function<void(int status, const std::string& message)>;
+
+/// What the front end (the command line, Python) gives every recipe.
 struct RunOptions {
-  bool resume = false;   ///< continue from output.dir's checkpoint (the config must be the same run's)
-  bool dry_run = false;  ///< print the memory estimate and return kExitOk without training
-  StepCallback on_step;  ///< null: progress_line
+  bool resume = false;    ///< continue from output.dir's checkpoint (the config must be the same run's)
+  bool dry_run = false;   ///< print the memory estimate and return kExitOk without training
+  StepCallback on_step;   ///< null: progress_line
+  StopCallback on_stop;   ///< may be null; called on rank 0 before fit returns kExitFailed or kExitInterrupted
 };
 
 /// Everything the loop needs to know besides the tensors.
@@ -129,9 +134,10 @@ class Trainer {
   void open(bool resume, data::BatchStream& stream);
 
   /// Trains until total_steps. `evaluate` (may be null) runs at step 0 and every eval_every steps when
-  /// eval_every > 0, and at the end; a finished run writes loss.svg (output.plot); `oom_advice` (may be null) says what to lower after CUDA runs out of
-  /// memory. Returns kExitOk (a final checkpoint saved), kExitInterrupted or kExitFailed.
-  int fit(data::BatchStream& stream, const LossFn& loss, const EvalFn& evaluate, const StepCallback& on_step,
+  /// eval_every > 0, and at the end; a finished run writes loss.svg (output.plot); `oom_advice` (may be null)
+  /// says what to lower after CUDA runs out of memory. `options`' callbacks see the logged steps and an early
+  /// stop. Returns kExitOk (a final checkpoint saved), kExitInterrupted or kExitFailed.
+  int fit(data::BatchStream& stream, const LossFn& loss, const EvalFn& evaluate, const RunOptions& options,
           const std::function<std::string()>& oom_advice = nullptr);
 
   const TrainState& state() const { return state_; }

@@ -50,6 +50,13 @@ LossFn pull_towards_one(const at::Tensor& w) {
   };
 }
 
+// RunOptions with only a step callback.
+RunOptions on_step(StepCallback f) {
+  RunOptions o;
+  o.on_step = std::move(f);
+  return o;
+}
+
 TEST(Trainer, StepCallbackSeesEveryStepWithTermsTokensAndRate) {
   TempDir dir;
   const auto ex = examples(8);
@@ -58,7 +65,7 @@ TEST(Trainer, StepCallbackSeesEveryStepWithTermsTokensAndRate) {
   Trainer trainer(settings(dir.path, 5, 0), {{"w", w}}, at::kCPU);
   trainer.open(false, stream);
   std::vector<StepReport> reports;
-  ASSERT_EQ(trainer.fit(stream, pull_towards_one(w), nullptr, [&](const StepReport& r) { reports.push_back(r); }),
+  ASSERT_EQ(trainer.fit(stream, pull_towards_one(w), nullptr, on_step([&](const StepReport& r) { reports.push_back(r); })),
             kExitOk);
   ASSERT_EQ(reports.size(), 5u);
   for (size_t i = 0; i < reports.size(); ++i) {
@@ -89,10 +96,10 @@ TEST(Trainer, ResumesFromItsCheckpointBitForBit) {
     Trainer trainer(settings(dir, 6, 2), {{"w", w}}, at::kCPU);
     trainer.open(resume, stream);
     std::vector<double> losses;
-    const int status = trainer.fit(stream, pull_towards_one(w), nullptr, [&](const StepReport& r) {
+    const int status = trainer.fit(stream, pull_towards_one(w), nullptr, on_step([&](const StepReport& r) {
       losses.push_back(r.loss);
       if (r.step == steps) throw std::runtime_error("stop here");  // a crash after this step's log
-    });
+    }));
     EXPECT_EQ(status, kExitOk);
     return std::make_pair(losses, w.detach().clone());
   };
@@ -107,4 +114,27 @@ TEST(Trainer, ResumesFromItsCheckpointBitForBit) {
 }
 
 }  // namespace
+TEST(Trainer, StopCallbackHearsWhyANonFiniteRunStopped) {
+  TempDir dir;
+  const auto ex = examples(8);
+  data::BatchStream stream(ex, 4, 0, 2, 0);
+  auto w = at::zeros({4}).requires_grad_();
+  Trainer trainer(settings(dir.path, 4, 0), {{"w", w}}, at::kCPU);
+  trainer.open(false, stream);
+  const LossFn nan_at_step_3 = [w, calls = 0](const data::Batch& b, double normalizer) mutable {
+    const double poison = ++calls > 4 ? std::nan("") : 1.0;  // two micro-batches a step: step 3 on
+    const auto share = (w - 1.0).pow(2).sum() * (poison * double(b.targets) / normalizer);
+    return Loss{share, {}};
+  };
+  RunOptions options = on_step([](const StepReport&) {});
+  std::vector<std::pair<int, std::string>> stops;
+  options.on_stop = [&](int status, const std::string& message) { stops.emplace_back(status, message); };
+  EXPECT_EQ(trainer.fit(stream, nan_at_step_3, nullptr, options), kExitFailed);
+  ASSERT_EQ(stops.size(), 1u);
+  EXPECT_EQ(stops[0].first, kExitFailed);
+  EXPECT_NE(stops[0].second.find("anvil test: the loss is "), std::string::npos) << stops[0].second;
+  EXPECT_NE(stops[0].second.find("at step 3"), std::string::npos) << stops[0].second;
+  EXPECT_NE(stops[0].second.find("lower train.lr (now 0.1"), std::string::npos) << stops[0].second;
+}
+
 }  // namespace anvil::train
