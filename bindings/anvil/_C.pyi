@@ -161,6 +161,10 @@ def ct_unpack_int32(packed: torch.Tensor, num_bits: typing.SupportsInt, shape: c
     """compressed-tensors' unpack_from_int32."""
     ...
 
+def default_demo_root() -> str:
+    """Where the embedded demos' files are by default: the source tree anvil was built from."""
+    ...
+
 def derive_by_layers(source: CausalLM, keep: collections.abc.Sequence[typing.SupportsInt], dtype: str = ...) -> CausalLM:
     """A model of the source's layers `keep`, renumbered (anvil/model/derive.h), in eval mode."""
     ...
@@ -283,6 +287,10 @@ def merge_aligned_probabilities(probs: torch.Tensor, groups: collections.abc.Seq
 
 def pack_examples(examples: collections.abc.Sequence[tuple[collections.abc.Sequence[typing.SupportsInt], collections.abc.Sequence[typing.SupportsInt]]], row_length: typing.SupportsInt, pad_id: typing.SupportsInt) -> dict: ...
 
+def recipe_names() -> list[str]:
+    """The recipes anvil._C.run_recipe runs (recipes/registry.h), in `anvil`'s order."""
+    ...
+
 def render_chat(format: str, messages: list, add_generation_prompt: bool = ..., enable_thinking: bool | None = ..., bos_token: str = ..., eos_token: str = ..., date_string: str = ...) -> str:
     """Render a conversation with a built-in chat format (llama2, mistral, mistral-v1, llama3, llama3.1, chatml, qwen2.5, qwen3, deepseek-v2, deepseek-v3)"""
     ...
@@ -291,8 +299,16 @@ def resolve_model_path(arg: str) -> str:
     """A directory, file, or hub id in the local Hugging Face cache -> a local path."""
     ...
 
+def resolve_recipe_config(name: str, config_json: str, overrides: collections.abc.Sequence[str], demo_root: str = ...) -> str:
+    """The resolved config (JSON text: every key, defaults filled in) of recipe `name` for a user config given as JSON text ('' for the embedded demo, read from demo_root) and 'section.key=value' overrides; raises ValueError naming a bad key."""
+    ...
+
 def rtn_quantize(weight: torch.Tensor, bits: typing.SupportsInt = ..., group_size: typing.SupportsInt = ..., symmetric: bool = ..., scale_dtype: str | None = ...) -> dict:
     """Round-to-nearest with GPTQ's observer and grid."""
+    ...
+
+def run_recipe(name: str, config_json: str, overrides: collections.abc.Sequence[str], resume: bool = ..., dry_run: bool = ..., progress: object = ..., demo_root: str = ...) -> dict:
+    """Runs recipe `name` as `anvil <name>` does. Returns {'status': exit status (0 finished, 1 failed, 130 interrupted), 'message': why it stopped early, 'config': the resolved config as JSON text}. progress(dict) is called on every logged step (output.log_every) in place of the progress line on stderr."""
     ...
 
 def save_adapter(model: CausalLM, config_json: str, dir: str) -> None: ...
