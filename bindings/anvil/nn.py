@@ -191,11 +191,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w, grad_b = ctx.saved_tensors
-        scaled = []
-        for g in (grad_h, grad_w, grad_b):
-            if g is not None and not torch.equal(grad_out, torch.ones_like(grad_out)):
-                g = g * grad_out.to(g.dtype)
-            scaled.append(g)
+        # The loss is almost always the graph's root (grad_out == 1): eager skips the multiply and its (V, H)
+        # copy, which would land on the step's memory peak. torch.compile cannot branch on a tensor's value, so
+        # a compiled graph always multiplies (fullgraph=True holds: no graph break).
+        unit = not torch.compiler.is_compiling() and torch.equal(grad_out, torch.ones_like(grad_out))
+        scaled = [g if g is None or unit else g * grad_out.to(g.dtype) for g in (grad_h, grad_w, grad_b)]
         return scaled[0], scaled[1], scaled[2], None, None, None, None, None
 
 

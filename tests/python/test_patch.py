@@ -498,6 +498,35 @@ def test_compiled_patched_model_equals_eager_unpatched():
     assert {"anvil::rms_norm", "anvil::rope", "anvil::swiglu"} <= used, used
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_fused_loss_compiles_fullgraph(backend):
+    """anvil.nn.linear_cross_entropy under torch.compile(fullgraph=True): no graph break (the backward's unit
+    upstream-gradient shortcut is eager-only), loss and gradients equal eager's, and a non-unit upstream gradient
+    (the loss scaled by 3, a part of a sum) scales the gradients as autograd would."""
+    torch.manual_seed(5)
+    h = torch.randn(45, 24, requires_grad=True)  # (N, H): three chunks of 16, the last short
+    w = torch.randn(70, 24, requires_grad=True)  # (V, H)
+    y = torch.randint(0, 70, (45,))
+    y[::6] = -100
+
+    def loss_of(h, w, y):
+        return 3.0 * anvil.nn.linear_cross_entropy(h, w, y, shift=False, chunk_tokens=16)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_of, fullgraph=True, backend=backend)
+    want = loss_of(h, w, y)
+    want_grads = torch.autograd.grad(want, (h, w))
+    got = compiled(h, w, y)
+    got_grads = torch.autograd.grad(got, (h, w))
+    torch.testing.assert_close(got, want)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b)
+    logits = F.linear(h, w)  # the reference: whole logits, autograd's own backward
+    ref = 3.0 * F.cross_entropy(logits, y, ignore_index=-100)
+    for a, b in zip(want_grads, torch.autograd.grad(ref, (h, w))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_unpatched_models_keep_transformers_rope():
     """The rotary hook lives in the modeling module, but only patched attention modules run anvil::rope."""
     ref, ours, _ = pair("llama")
