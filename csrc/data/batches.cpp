@@ -59,16 +59,26 @@ Example read_example_line(const std::string& line, const Tokenizer* tok, const R
   return e;
 }
 
-std::vector<Example> read_examples(const std::string& path, const Tokenizer* tok, const ReadOptions& options,
-                                   const std::string& what) {
+int64_t for_each_jsonl_line(const std::string& path, const std::string& what,
+                            const std::function<void(const std::string& line, const std::string& where)>& each) {
   std::ifstream in(path);
   if (!in) throw std::runtime_error(what + ": cannot open \"" + path + "\"");
-  std::vector<Example> out;
   std::string line;
+  int64_t given = 0;
   for (int64_t n = 1; std::getline(in, line); ++n) {
     if (line.find_first_not_of(" \t\r\n") == std::string::npos) continue;
-    out.push_back(read_example_line(line, tok, options, path + ":" + std::to_string(n)));
+    each(line, path + ":" + std::to_string(n));
+    ++given;
   }
+  return given;
+}
+
+std::vector<Example> read_examples(const std::string& path, const Tokenizer* tok, const ReadOptions& options,
+                                   const std::string& what) {
+  std::vector<Example> out;
+  for_each_jsonl_line(path, what, [&](const std::string& line, const std::string& where) {
+    out.push_back(read_example_line(line, tok, options, where));
+  });
   if (out.empty()) throw std::runtime_error(what + ": \"" + path + "\" holds no examples");
   return out;
 }

@@ -8,7 +8,6 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
-#include <fstream>
 #include <stdexcept>
 
 namespace anvil::train {
@@ -47,8 +46,10 @@ CrossSide cut(const CrossSide& s, int64_t n) {
 
 }  // namespace
 
-CrossSide cross_side(const std::string& json_line, const data::Tokenizer& tok, const data::ReadOptions& o,
-                     const std::string& what, const std::string& where) {
+namespace {
+
+// A line as a JSON object, or the error naming it.
+nlohmann::json parse_line(const std::string& json_line, const std::string& what, const std::string& where) {
   nlohmann::json j;
   try {
     j = nlohmann::json::parse(json_line);
@@ -56,6 +57,12 @@ CrossSide cross_side(const std::string& json_line, const data::Tokenizer& tok, c
     line_error(what, where, std::string("not valid JSON (") + e.what() + ")");
   }
   if (!j.is_object()) line_error(what, where, "a line must be a JSON object");
+  return j;
+}
+
+// cross_side of a parsed line (add_line parses once for both tokenizers).
+CrossSide side_of(const nlohmann::json& j, const data::Tokenizer& tok, const data::ReadOptions& o,
+                  const std::string& what, const std::string& where) {
   const std::string needs = " (distill.vocab \"cross-tokenizer\" tokenizes each document's text with both "
                             "tokenizers: it reads \"text\" and \"prompt\"/\"completion\" lines)";
   if (j.contains("input_ids")) line_error(what, where, "a pre-tokenized line has no text for the other tokenizer" + needs);
@@ -63,8 +70,8 @@ CrossSide cross_side(const std::string& json_line, const data::Tokenizer& tok, c
     line_error(what, where, "chat lines (\"messages\") are not yet supported across tokenizers: each side would render "
                "its own chat template, and their texts differ" + needs);
   auto text_of = [&](const char* key) {
-    if (!j[key].is_string()) line_error(what, where, std::string("\"") + key + "\" must be a string");
-    return j[key].get<std::string>();
+    if (!j.at(key).is_string()) line_error(what, where, std::string("\"") + key + "\" must be a string");
+    return j.at(key).get<std::string>();
   };
   CrossSide s;
   // One byte coordinate for both tokenizers: the text, or the prompt then the completion.
@@ -96,6 +103,13 @@ CrossSide cross_side(const std::string& json_line, const data::Tokenizer& tok, c
   return s;
 }
 
+}  // namespace
+
+CrossSide cross_side(const std::string& json_line, const data::Tokenizer& tok, const data::ReadOptions& o,
+                     const std::string& what, const std::string& where) {
+  return side_of(parse_line(json_line, what, where), tok, o, what, where);
+}
+
 CrossDocuments::CrossDocuments(const data::Tokenizer& student, const data::Tokenizer& teacher,
                                const data::ReadOptions& options, int64_t seq_len)
     : student_(student), teacher_(teacher), options_(options), seq_len_(seq_len) {
@@ -103,9 +117,10 @@ CrossDocuments::CrossDocuments(const data::Tokenizer& student, const data::Token
 }
 
 void CrossDocuments::add_line(const std::string& line, const std::string& what, const std::string& where) {
+  const auto j = parse_line(line, what, where);
   CrossDocument d;
-  d.student = cross_side(line, student_, options_, what, where);
-  d.teacher = cross_side(line, teacher_, options_, what, where);
+  d.student = side_of(j, student_, options_, what, where);
+  d.teacher = side_of(j, teacher_, options_, what, where);
   // The student's batches come from data::tokenize_example: the lookup needs its very ids.
   const auto e = data::tokenize_example(line, student_, options_, where);
   if (e.ids != d.student.ids)
@@ -115,13 +130,9 @@ void CrossDocuments::add_line(const std::string& line, const std::string& what, 
 }
 
 void CrossDocuments::add_file(const std::string& path, const std::string& what) {
-  std::ifstream in(path);
-  if (!in) throw std::runtime_error(what + ": cannot open \"" + path + "\"");
-  std::string line;
-  for (int64_t n = 1; std::getline(in, line); ++n) {
-    if (line.find_first_not_of(" \t\r\n") == std::string::npos) continue;
-    add_line(line, what, path + ":" + std::to_string(n));
-  }
+  data::for_each_jsonl_line(path, what, [&](const std::string& line, const std::string& where) {
+    add_line(line, what, where);
+  });
 }
 
 std::unique_ptr<CrossDocuments> read_cross_documents(const DataSection& d, const data::Tokenizer& student,

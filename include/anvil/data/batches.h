@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <string>
+#include <functional>
 #include <vector>
 
 namespace anvil::data {
@@ -22,6 +23,11 @@ namespace anvil::data {
 /// starts every error.
 Example read_example_line(const std::string& line, const Tokenizer* tok, const ReadOptions& options,
                           const std::string& where);
+
+/// Calls `each(line, where)` for every non-blank line of a JSONL file, `where` being "path:line"; `what` names the
+/// file in the error when it cannot be opened ("config key data.train"). Returns the number of lines given.
+int64_t for_each_jsonl_line(const std::string& path, const std::string& what,
+                            const std::function<void(const std::string& line, const std::string& where)>& each);
 
 /// Every non-blank line of a JSONL file. `what` names the source in errors about the file as a whole
 /// ("config key data.train"); errors about a line name file:line.
