@@ -587,7 +587,8 @@ LossFn kd_loss_fn(model::CausalLM& student, const Teacher& teacher, const KdOpti
 }
 
 EvalResult evaluate_student(model::CausalLM& student, const data::PackedRows& rows, int64_t batch_size,
-                            int64_t max_batches, int64_t chunk, at::Device device, const BatchTeacher& teacher) {
+                            int64_t max_batches, int64_t chunk, at::Device device, const BatchTeacher& teacher,
+                            const EvalShard& shard) {
   const bool was_training = student.is_training();
   student.eval();
   at::NoGradGuard no_grad;
@@ -597,6 +598,7 @@ EvalResult evaluate_student(model::CausalLM& student, const data::PackedRows& ro
   const auto ws = head_weight(student);
   for (int64_t i = 0, begin = 0; begin < rows.rows; ++i, begin += batch_size) {
     if (max_batches > 0 && i >= max_batches) break;
+    if (!shard.mine(i)) continue;
     const auto b = data::slice_rows(rows, begin, std::min(rows.rows, begin + batch_size));
     if (b.targets == 0) continue;
     const auto all = batch_to_device(b, device);
@@ -630,7 +632,8 @@ EvalResult evaluate_student(model::CausalLM& student, const data::PackedRows& ro
 }
 
 EvalResult evaluate_against_teacher(model::CausalLM& student, const Teacher& teacher, const data::PackedRows& rows,
-                                    int64_t batch_size, int64_t max_batches, int64_t chunk, at::Device device) {
+                                    int64_t batch_size, int64_t max_batches, int64_t chunk, at::Device device,
+                                    const EvalShard& shard) {
   KdOptions kl;  // forward KL at temperature 1: the student's KL to the teacher
   kl.chunk = chunk;
   return evaluate_student(student, rows, batch_size, max_batches, chunk, device,
@@ -646,14 +649,14 @@ EvalResult evaluate_against_teacher(model::CausalLM& student, const Teacher& tea
                               return std::make_pair(kd_divergence(padded ? at::log_softmax(zk, 1) : ls, lt, kl).sum(),
                                                     (zk.argmax(1) == zt.argmax(1)).sum());
                             };
-                          });
+                          }, shard);
 }
 
 EvalFn kd_eval_fn(model::CausalLM& student, const Teacher& teacher, const TrainingData& data, const TrainSection& t,
                   const EvalSection& e, int64_t chunk, at::Device device) {
   if (data.validation_rows.rows == 0) return nullptr;
-  return [&student, &teacher, &data, batch = t.batch_size, max = e.max_batches, chunk, device] {
-    return evaluate_against_teacher(student, teacher, data.validation_rows, batch, max, chunk, device);
+  return [&student, &teacher, &data, batch = t.batch_size, max = e.max_batches, chunk, device](const EvalShard& shard) {
+    return evaluate_against_teacher(student, teacher, data.validation_rows, batch, max, chunk, device, shard);
   };
 }
 

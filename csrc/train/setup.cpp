@@ -143,7 +143,7 @@ at::Tensor causal_lm_batch_loss(CausalLM& model, const data::Batch& b, double no
 }
 
 EvalResult evaluate_causal_lm(CausalLM& model, const data::PackedRows& rows, int64_t batch_size, int64_t max_batches,
-                              int64_t chunk, at::Device device) {
+                              int64_t chunk, at::Device device, const EvalShard& shard) {
   const bool was_training = model.is_training();
   model.eval();
   at::NoGradGuard no_grad;
@@ -151,6 +151,7 @@ EvalResult evaluate_causal_lm(CausalLM& model, const data::PackedRows& rows, int
   int64_t targets = 0;
   for (int64_t i = 0, begin = 0; begin < rows.rows; ++i, begin += batch_size) {
     if (max_batches > 0 && i >= max_batches) break;
+    if (!shard.mine(i)) continue;
     const auto b = data::slice_rows(rows, begin, std::min(rows.rows, begin + batch_size));
     sum += causal_lm_batch_loss(model, b, 1.0, chunk, device).to(at::kDouble);
     targets += b.targets;
@@ -172,8 +173,8 @@ LossFn causal_lm_loss_fn(CausalLM& model, int64_t chunk, at::Device device) {
 EvalFn causal_lm_eval_fn(CausalLM& model, const TrainingData& data, const TrainSection& t, const EvalSection& e,
                          at::Device device) {
   if (data.validation_rows.rows == 0) return nullptr;
-  return [&model, &data, batch = t.batch_size, max = e.max_batches, chunk = t.loss_chunk, device] {
-    return evaluate_causal_lm(model, data.validation_rows, batch, max, chunk, device);
+  return [&model, &data, batch = t.batch_size, max = e.max_batches, chunk = t.loss_chunk, device](const EvalShard& shard) {
+    return evaluate_causal_lm(model, data.validation_rows, batch, max, chunk, device, shard);
   };
 }
 

@@ -1058,7 +1058,8 @@ LossFn kd_cache_loss_fn(model::CausalLM& student, const TeacherCache& cache, con
 }
 
 EvalResult evaluate_against_cache(model::CausalLM& student, const TeacherCache& cache, const data::PackedRows& rows,
-                                  int64_t batch_size, int64_t max_batches, int64_t chunk, at::Device device) {
+                                  int64_t batch_size, int64_t max_batches, int64_t chunk, at::Device device,
+                                  const EvalShard& shard) {
   KdOptions kl;  // forward KL at the cache's temperature
   kl.temperature = cache.temperature();
   return evaluate_student(student, rows, batch_size, max_batches, chunk, device,
@@ -1074,14 +1075,14 @@ EvalResult evaluate_against_cache(model::CausalLM& student, const TeacherCache& 
                               return std::make_pair(kd_divergence_sparse(lst, t, tlp.slice(0, s, e), kl).sum(),
                                                     (zk.argmax(1) == t.select(1, 0)).sum());
                             };
-                          });
+                          }, shard);
 }
 
 EvalFn kd_cache_eval_fn(model::CausalLM& student, const TeacherCache& cache, const TrainingData& data,
                         const TrainSection& t, const EvalSection& e, int64_t chunk, at::Device device) {
   if (data.validation_rows.rows == 0) return nullptr;
-  return [&student, &cache, &data, batch = t.batch_size, max = e.max_batches, chunk, device] {
-    return evaluate_against_cache(student, cache, data.validation_rows, batch, max, chunk, device);
+  return [&student, &cache, &data, batch = t.batch_size, max = e.max_batches, chunk, device](const EvalShard& shard) {
+    return evaluate_against_cache(student, cache, data.validation_rows, batch, max, chunk, device, shard);
   };
 }
 

@@ -30,20 +30,28 @@ using nlohmann::json;
 
 std::atomic<bool> g_interrupted{false};
 
-// The first Ctrl-C asks the loop to stop after the current step; a second one kills as usual.
-extern "C" void on_interrupt(int) {
+// The first Ctrl-C asks the loop to stop after the current step; a second one kills as usual. Under a launch
+// SIGTERM does the same: torchrun forwards the launcher's Ctrl-C (and Slurm its scancel) to the workers as
+// SIGTERM.
+extern "C" void on_interrupt(int sig) {
   g_interrupted = true;
-  std::signal(SIGINT, SIG_DFL);
+  std::signal(sig, SIG_DFL);
 }
 
-// Installs on_interrupt for its lifetime.
+// Installs on_interrupt for its lifetime (SIGINT, and SIGTERM when `term`).
 struct InterruptScope {
   void (*previous)(int);
-  InterruptScope() {
+  void (*previous_term)(int) = nullptr;
+  bool term;
+  explicit InterruptScope(bool term) : term(term) {
     g_interrupted = false;
     previous = std::signal(SIGINT, on_interrupt);
+    if (term) previous_term = std::signal(SIGTERM, on_interrupt);
   }
-  ~InterruptScope() { std::signal(SIGINT, previous); }
+  ~InterruptScope() {
+    std::signal(SIGINT, previous);
+    if (term) std::signal(SIGTERM, previous_term);
+  }
 };
 
 std::string fixed(double v, int digits) {
@@ -274,8 +282,24 @@ std::unique_ptr<AdamW> Trainer::consolidated_optimizer() {
 
 double Trainer::run_eval(const EvalFn& evaluate, std::optional<MetricsLog>& metrics) {
   if (!evaluate) return 0;
-  // Every rank evaluates the whole validation set (the same numbers); rank 0 writes them.
-  const auto r = evaluate();
+  // Under a launch each rank evaluates its share of the batches (EvalShard) and the sums are added over the
+  // ranks: loss * targets, targets and term * targets (every term is a mean per target), in fp64.
+  EvalResult r = s_.dist ? evaluate(EvalShard{s_.dist->rank(), s_.dist->world_size()}) : evaluate(EvalShard{});
+  if (s_.dist) {
+    const double n = double(r.targets);
+    std::vector<double> sums = {r.loss * n, n};
+    for (const auto& [name, v] : r.terms) sums.push_back(v * n);
+    auto packed = at::tensor(sums, at::TensorOptions().dtype(at::kDouble)).to(device_);  // (2 + terms,)
+    s_.dist->set_phase("validation at step " + std::to_string(state_.step));
+    s_.dist->all_reduce_sum(packed, "the validation sums at step " + std::to_string(state_.step));
+    const auto host = packed.cpu();
+    const double total = host[1].item<double>();
+    const double inv = total > 0 ? 1.0 / total : 0.0;
+    r.targets = int64_t(std::llround(total));
+    r.loss = host[0].item<double>() * inv;
+    r.ppl = std::exp(r.loss);
+    for (size_t i = 0; i < r.terms.size(); ++i) r.terms[i].second = host[2 + int64_t(i)].item<double>() * inv;
+  }
   if (!metrics) return r.loss;
   json line = {{"step", state_.step}, {"val_loss", r.loss}, {"val_ppl", r.ppl}};
   std::string more;
@@ -306,7 +330,7 @@ int Trainer::fit(data::BatchStream& stream, const LossFn& loss_fn, const EvalFn&
   const int64_t tokens_before = state_.tokens;
   int64_t last_good_step = state_.step;  // the step of the newest checkpoint on disk
   bool has_checkpoint = resumed_;
-  InterruptScope interrupt_scope;
+  InterruptScope interrupt_scope(bool(s_.dist));
   const auto zero = [&] { return at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(device_)); };
 
   // Non-finite guard. Every step adds its loss and gradient norm to `unchecked` on the device (a sum of

@@ -204,3 +204,104 @@ def test_no_gloo_code_in_anvil():
     out = subprocess.run(["nm", "-C", "--defined-only", lib], capture_output=True, text=True, check=True).stdout
     names = [l.split(" ", 2)[-1] for l in out.splitlines()]
     assert not [n for n in names if n.startswith("gloo::") or "GlooStore" in n]
+
+
+# ---- anvil distill ----
+
+# The distill demo cut down like SMALL: a 2-layer student derived from the tiny base, 3 steps of 2 micro-batches
+# of 4 rows, validated at step 0, 2 and the end (eval.max_batches 3: an odd count, so the ranks' shares differ).
+DISTILL_SMALL = ["--teacher.path=" + os.path.join(ROOT, "examples/tiny/base"), "--train.steps=3",
+                 "--train.batch_size=4", "--train.grad_accum=2", "--data.seq_len=64", "--eval.every=2",
+                 "--eval.max_batches=3", "--eval.prompts=[]", "--output.log_every=1", "--output.plot=false",
+                 "--train.dist_timeout_s=20", "--train.warmup_steps=1"]
+
+
+def distill_args(out, lora=False, extra=()):
+    with open(os.path.join(ROOT, "examples/tiny/distill.json")) as f:
+        c = json.load(f)
+    for k in ("train", "validation"):
+        c["data"][k] = os.path.join(ROOT, c["data"][k])
+    if lora:
+        c["lora"] = {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]}
+    path = os.path.join(os.path.dirname(out), f"distill_{os.path.basename(out)}.json")
+    with open(path, "w") as f:
+        json.dump(c, f)
+    return ["distill", "--config", path, *DISTILL_SMALL, f"--output.dir={out}", *extra]
+
+
+def distill_metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        lines = [json.loads(l) for l in f if l.strip()]
+    return [l for l in lines if "loss" in l], [l for l in lines if "val_loss" in l]
+
+
+@pytest.mark.parametrize("lora,zero", [(False, 0), (True, 0), (False, 1)])
+def test_two_ranks_distill_give_the_one_process_curve(tmp_path, lora, zero):
+    """Data parallel online KD: each rank runs the teacher on its own rows; loss, kd and ce terms, gradient
+    norms and the sharded validation (val_loss, val_kl, val_top1 summed over the ranks) equal 1 process's."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    r = subprocess.run([anvil_binary(), *distill_args(one, lora)], capture_output=True, text=True, env=ENV, timeout=180)
+    assert r.returncode == 0, r.stderr
+    r = run_torchrun(distill_args(two, lora, [f"--train.zero_stage={zero}"]), timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stderr.count("anvil distill: ") == 1, r.stderr  # rank 0's summary only
+    assert r.stdout.count("wrote ") == 1, r.stdout
+    (t1, v1), (t2, v2) = distill_metrics(one), distill_metrics(two)
+    assert [l["step"] for l in t2] == [1, 2, 3]
+    for a, b in zip(t2, t1):
+        for k in ("loss", "kd", "ce", "grad_norm"):
+            assert close(a[k], b[k]), (k, a, b)
+        assert a["tokens"] == b["tokens"] and a["lr"] == b["lr"]
+    assert [l["step"] for l in v2] == [l["step"] for l in v1] == [0, 2, 3]
+    for a, b in zip(v2, v1):
+        for k in ("val_loss", "val_kl", "val_top1", "val_ppl"):
+            assert close(a[k], b[k]), (k, a, b)
+    assert os.path.exists(os.path.join(two, "model", "model.safetensors"))
+    if lora:
+        assert os.path.exists(os.path.join(two, "adapter", "adapter_model.safetensors"))
+
+
+def test_distill_modes_a_launch_cannot_run_are_refused_by_key(tmp_path):
+    r = run_torchrun(distill_args(str(tmp_path / "o"), extra=[f"--teacher.cache={tmp_path / 'cache'}"]), timeout=120)
+    assert r.returncode != 0
+    assert "config key teacher.cache: offline distillation" in r.stderr, r.stderr
+    assert "multi-process launch" in r.stderr, r.stderr
+
+
+def test_sigterm_to_the_launcher_saves_a_checkpoint_that_resumes_in_one_process(tmp_path):
+    """torchrun forwards the launcher's SIGTERM (and Ctrl-C) to the workers as SIGTERM: the ranks agree to stop
+    after the step, save one checkpoint and exit 130; 1 process resumes it on the 1-process curve."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    longer = ["--train.steps=40", "--train.grad_accum=1"]
+    r = subprocess.run([anvil_binary(), *demo_args("lora", one), *longer], capture_output=True, text=True, env=ENV,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    p = subprocess.Popen([torchrun(), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
+                          str(free_port()), "--no-python", anvil_binary(), *demo_args("lora", two), *longer],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        deadline = time.monotonic() + 120
+        path = os.path.join(two, "metrics.jsonl")
+        while time.monotonic() < deadline:
+            if os.path.exists(path) and any('"step": 2' in l or '"step":2' in l for l in open(path)):
+                break
+            assert p.poll() is None, p.communicate()
+            time.sleep(0.05)
+        p.send_signal(15)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert "interrupted: saved a checkpoint at step" in err, err
+    with open(os.path.join(two, "checkpoint", "state.json")) as f:
+        step = json.load(f)["step"]
+    assert 2 <= step < 40
+    r = subprocess.run([anvil_binary(), *demo_args("lora", two), *longer, "--resume"], capture_output=True, text=True,
+                       env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr
+    (t1, v1), (t2, v2) = metrics(one), metrics(two)
+    assert [l["step"] for l in t2] == list(range(1, 41))
+    for a, b in zip(t2, t1):
+        assert close(a["loss"], b["loss"]) and close(a["grad_norm"], b["grad_norm"]), (a, b)
+    assert close(v2[-1], v1[-1])

@@ -210,14 +210,16 @@ using BatchTeacher = std::function<ChunkScore(const data::Batch& b, const at::Te
 /// student's mean CE, perplexity, "kl" and "top1" with the teacher given per chunk by `teacher`. Eval mode and
 /// no grad inside, the student's mode restored after; batch_size rows at a time, at most max_batches (> 0).
 EvalResult evaluate_student(model::CausalLM& student, const data::PackedRows& rows, int64_t batch_size,
-                            int64_t max_batches, int64_t chunk, at::Device device, const BatchTeacher& teacher);
+                            int64_t max_batches, int64_t chunk, at::Device device, const BatchTeacher& teacher,
+                            const EvalShard& shard = {});
 
 /// The student on packed validation rows beside the teacher: loss (mean CE) and perplexity, and the terms "kl"
 /// (mean KL(teacher || student) per target token at temperature 1: the student's KL to the teacher) and
 /// "top1" (the fraction of targets where both models' most likely next token agree). Eval mode and no grad
 /// inside, the student's mode restored after; batch_size rows at a time, at most max_batches (> 0).
 EvalResult evaluate_against_teacher(model::CausalLM& student, const Teacher& teacher, const data::PackedRows& rows,
-                                    int64_t batch_size, int64_t max_batches, int64_t chunk, at::Device device);
+                                    int64_t batch_size, int64_t max_batches, int64_t chunk, at::Device device,
+                                    const EvalShard& shard = {});
 
 /// evaluate_against_teacher over the data's validation rows as the trainer's eval callback; null without them.
 EvalFn kd_eval_fn(model::CausalLM& student, const Teacher& teacher, const TrainingData& data, const TrainSection& t,

@@ -65,8 +65,9 @@ at::Tensor causal_lm_batch_loss(model::CausalLM& model, const data::Batch& b, do
 
 /// Mean target loss and perplexity over packed rows, batch_size rows at a time (max_batches > 0: at most
 /// that many batches); eval mode and no grad inside, train mode after.
+/// `shard`: only this rank's batches (the trainer sums the ranks' results).
 EvalResult evaluate_causal_lm(model::CausalLM& model, const data::PackedRows& rows, int64_t batch_size,
-                              int64_t max_batches, int64_t chunk, at::Device device);
+                              int64_t max_batches, int64_t chunk, at::Device device, const EvalShard& shard = {});
 
 /// causal_lm_batch_loss as the trainer's loss callback (no extra terms).
 LossFn causal_lm_loss_fn(model::CausalLM& model, int64_t chunk, at::Device device);

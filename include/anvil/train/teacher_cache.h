@@ -226,7 +226,8 @@ LossFn kd_cache_loss_fn(model::CausalLM& student, const TeacherCache& cache, con
 /// evaluate_against_teacher from the cache: loss, ppl, "kl" (kd_divergence_sparse's forward KL at the cache's
 /// temperature: the online "kl" when it is 1 and k = V) and "top1" (the student's argmax is the teacher's).
 EvalResult evaluate_against_cache(model::CausalLM& student, const TeacherCache& cache, const data::PackedRows& rows,
-                                  int64_t batch_size, int64_t max_batches, int64_t chunk, at::Device device);
+                                  int64_t batch_size, int64_t max_batches, int64_t chunk, at::Device device,
+                                  const EvalShard& shard = {});
 EvalFn kd_cache_eval_fn(model::CausalLM& student, const TeacherCache& cache, const TrainingData& data,
                         const TrainSection& t, const EvalSection& e, int64_t chunk, at::Device device);
 

@@ -50,12 +50,20 @@ using LossFn = std::function<Loss(const data::Batch& batch, double normalizer)>;
 
 /// Mean loss and perplexity over a validation set, and any further measures of it (a distiller's "kl" to
 /// its teacher), written to metrics.jsonl as "val_<name>" and printed beside the loss.
+/// Under a launch each rank evaluates a share of the batches and the trainer sums loss * targets, targets and
+/// term * targets over the ranks: every term must be a mean per target token (as "kl" and "top1" are).
 struct EvalResult {
   double loss = 0, ppl = 0;
   int64_t targets = 0;
   std::vector<std::pair<std::string, double>> terms;
 };
-using EvalFn = std::function<EvalResult()>;
+/// The validation batches a rank evaluates: batch i (of train.batch_size rows, counted before eval.max_batches
+/// stops the loop) when i % world == rank. {0, 1}: all of them.
+struct EvalShard {
+  int64_t rank = 0, world = 1;
+  bool mine(int64_t batch) const { return batch % world == rank; }
+};
+using EvalFn = std::function<EvalResult(const EvalShard& shard)>;
 
 /// What the step callback sees, on every logged step (output.log_every).
 struct StepReport {
