@@ -305,3 +305,41 @@ def test_sigterm_to_the_launcher_saves_a_checkpoint_that_resumes_in_one_process(
     for a, b in zip(t2, t1):
         assert close(a["loss"], b["loss"]) and close(a["grad_norm"], b["grad_norm"]), (a, b)
     assert close(v2[-1], v1[-1])
+
+
+@pytest.mark.parametrize("zero", [0, 1])
+def test_a_one_process_checkpoint_resumes_on_two_ranks(tmp_path, zero):
+    """The other direction: a 1-process run stopped by Ctrl-C (its checkpoint mid-run) resumes under a 2-rank
+    launch (ZeRO 0, or 1: the consolidated AdamW state split by owner at load) on the 1-process curve."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    longer = ["--train.steps=40", "--train.grad_accum=1"]
+    r = subprocess.run([anvil_binary(), *demo_args("lora", one), *longer], capture_output=True, text=True, env=ENV,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    p = subprocess.Popen([anvil_binary(), *demo_args("lora", two), *longer], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        deadline = time.monotonic() + 120
+        path = os.path.join(two, "metrics.jsonl")
+        while time.monotonic() < deadline:
+            if os.path.exists(path) and any('"step": 2' in l or '"step":2' in l for l in open(path)):
+                break
+            assert p.poll() is None, p.communicate()
+            time.sleep(0.05)
+        p.send_signal(2)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 130 and "interrupted: saved a checkpoint at step" in err, err
+    with open(os.path.join(two, "checkpoint", "state.json")) as f:
+        step = json.load(f)["step"]
+    assert 2 <= step < 40
+    r = run_torchrun([*demo_args("lora", two), *longer, f"--train.zero_stage={zero}", "--resume"], timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (t1, v1), (t2, v2) = metrics(one), metrics(two)
+    assert [l["step"] for l in t2] == list(range(1, 41))
+    for a, b in zip(t2, t1):
+        assert close(a["loss"], b["loss"]) and close(a["grad_norm"], b["grad_norm"]), (a, b)
+    assert close(v2[-1], v1[-1])
