@@ -179,7 +179,8 @@ json training_defaults(const std::string& output_dir) {
         {"beta1", 0.9}, {"beta2", 0.999}, {"eps", 1e-8}, {"schedule", "cosine"}, {"warmup_steps", 0},
         {"min_lr_ratio", 0.0}, {"max_grad_norm", 1.0}, {"grad_checkpointing", false}, {"mixed_precision", "none"},
         {"loss_chunk", 4096}, {"seed", 0}, {"skip_nonfinite_steps", false},
-        {"dist_backend", "auto"}, {"dist_timeout_s", 300.0}, {"zero_stage", 0}}},
+        {"dist_backend", "auto"}, {"dist_timeout_s", 300.0}, {"zero_stage", 0},
+        {"dist_bucket_mb", 25.0}}},
       {"eval", {{"every", 0}, {"max_batches", 0}, {"prompts", json::array()}, {"max_new_tokens", 48}}},
       {"output", {{"dir", output_dir}, {"save_every", 0}, {"log_every", 1}, {"plot", true}}},
   };
@@ -240,10 +241,12 @@ TrainSection read_train_section(const ConfigReader& r) {
   t.skip_nonfinite_steps = r.boolean("train.skip_nonfinite_steps");
   t.dist_backend = r.string_in("train.dist_backend", {"auto", "gloo", "nccl"});
   t.zero_stage = r.int_at_least("train.zero_stage", 0);
-  if (t.zero_stage > 1)
-    config_error("train.zero_stage", "must be 0 (replicated optimizer state) or 1 (sharded across ranks); 2 and 3 "
-                 "are not there yet", t.zero_stage);
+  if (t.zero_stage > 2)
+    config_error("train.zero_stage", "must be 0 (replicated optimizer state), 1 (optimizer state sharded across "
+                 "ranks) or 2 (optimizer state and gradients sharded); 3 (parameters) is not there yet", t.zero_stage);
   t.dist_timeout_s = r.number_in("train.dist_timeout_s", 0.001, 86400.0, false, "[0.001, 86400] seconds");
+  t.dist_bucket_mb = r.number_in("train.dist_bucket_mb", 0.0, 4096.0, false, "(0, 4096] MiB");
+  if (t.dist_bucket_mb <= 0) config_error("train.dist_bucket_mb", "must be > 0 MiB", t.dist_bucket_mb);
   return t;
 }
 

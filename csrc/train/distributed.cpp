@@ -24,6 +24,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -279,6 +280,7 @@ struct GradientSync::Bucket {
   std::vector<size_t> params;   // indices into params_, in launch order
   std::vector<int64_t> offsets; // element offset of each in `flat`
   at::Tensor flat;              // (numel,) the bucket's gradients, the params' dtype and device
+  int64_t numel = 0;            // the bucket's elements
   size_t pending = 0;           // params whose gradient has not been accumulated in this backward
   c10::intrusive_ptr<c10d::Work> work;
 };
@@ -295,8 +297,9 @@ std::mutex g_sync_mutex;  // hooks run on the autograd engine's device threads
 
 }  // namespace
 
-GradientSync::GradientSync(std::shared_ptr<Distributed> dist, std::vector<at::Tensor> params, int64_t bucket_bytes)
-    : dist_(std::move(dist)), params_(std::move(params)), bucket_of_(params_.size()) {
+GradientSync::GradientSync(std::shared_ptr<Distributed> dist, std::vector<at::Tensor> params, int64_t bucket_bytes,
+                           bool sharded)
+    : dist_(std::move(dist)), params_(std::move(params)), bucket_of_(params_.size()), sharded_(sharded) {
   // Reverse order: the last tensors (the top layers) get their gradients first in backward.
   int64_t bytes = 0;
   for (size_t k = params_.size(); k-- > 0;) {
@@ -315,9 +318,25 @@ GradientSync::GradientSync(std::shared_ptr<Distributed> dist, std::vector<at::Te
     bytes += p.numel() * int64_t(p.element_size());
   }
   for (auto& b : buckets_) {
-    const int64_t n = b.offsets.back() + params_[b.params.back()].numel();
-    b.flat = at::zeros({n}, b.flat.options());
+    b.numel = b.offsets.back() + params_[b.params.back()].numel();
+    // Replicated: one persistent buffer per bucket. Sharded: made at launch, freed once reduced.
+    b.flat = sharded_ ? at::empty({0}, b.flat.options()) : at::zeros({b.numel}, b.flat.options());
     b.pending = b.params.size();
+  }
+  if (sharded_) {
+    // Owners by bucket, greedily by size (largest first, to the least loaded rank; ties to the lower rank).
+    const int64_t world = dist_->world_size();
+    std::vector<size_t> order(buckets_.size());
+    for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+    std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return buckets_[a].numel > buckets_[b].numel; });
+    std::vector<int64_t> load(size_t(world), 0);
+    bucket_owner_.assign(buckets_.size(), 0);
+    for (size_t i : order) {
+      const auto r = std::min_element(load.begin(), load.end()) - load.begin();
+      bucket_owner_[i] = r, load[size_t(r)] += buckets_[i].numel;
+    }
+    owner_of_.assign(params_.size(), 0);
+    for (size_t k = 0; k < params_.size(); ++k) owner_of_[k] = bucket_owner_[bucket_of_[k]];
   }
   for (size_t k = 0; k < params_.size(); ++k)
     torch::autograd::impl::set_post_acc_grad_hooks(params_[k], std::make_unique<ReadyHook>([this, k] { ready(k); }));
@@ -327,7 +346,18 @@ GradientSync::~GradientSync() {
   for (auto& p : params_) torch::autograd::impl::set_post_acc_grad_hooks(p, nullptr);
 }
 
-void GradientSync::arm() { armed_ = true; }
+void GradientSync::arm() {
+  armed_ = true;
+  note_live_bytes();  // the earlier micro-batches' gradients, accumulated locally
+}
+
+void GradientSync::note_live_bytes() {
+  int64_t bytes = 0;
+  for (const auto& p : params_)
+    if (p.grad().defined()) bytes += p.grad().numel() * int64_t(p.grad().element_size());
+  for (const auto& b : buckets_) bytes += b.flat.numel() * int64_t(b.flat.element_size());
+  peak_bytes_ = std::max(peak_bytes_, bytes);
+}
 
 void GradientSync::ready(size_t k) {
   std::lock_guard<std::mutex> lock(g_sync_mutex);
@@ -340,38 +370,59 @@ void GradientSync::ready(size_t k) {
 
 void GradientSync::launch(size_t i) {
   auto& b = buckets_[i];
+  if (sharded_) {
+    // At most two buckets in flight: the oldest completes (and frees its buffer) before a third is made.
+    while (done_ + 2 <= i) complete(done_++, "the ZeRO-2 gradient reduce");
+    b.flat = at::empty({b.numel}, b.flat.options());
+  }
+  note_live_bytes();  // the bucket's gradients and its buffer: the moment this rank holds the most
   for (size_t j = 0; j < b.params.size(); ++j) {
-    const auto& p = params_[b.params[j]];
+    auto& p = params_[b.params[j]];
     auto slot = b.flat.narrow(0, b.offsets[j], p.numel());
     if (p.grad().defined()) slot.copy_(p.grad().reshape(-1));
     else slot.zero_();  // a tensor this rank's backward did not reach adds nothing
+    if (sharded_) p.mutable_grad() = at::Tensor();  // the buffer holds it now; the owner gets the sum back
   }
   std::vector<at::Tensor> one = {b.flat};
   try {
-    b.work = dist_->impl().group->allreduce(one);
+    if (sharded_) {
+      c10d::ReduceOptions o;
+      o.rootRank = bucket_owner_[i];
+      b.work = dist_->impl().group->reduce(one, o);
+    } else {
+      b.work = dist_->impl().group->allreduce(one);
+    }
   } catch (const std::exception& e) {
-    dist_->fail("the gradient all-reduce (bucket " + std::to_string(i) + ")", first_line(e));
+    dist_->fail(std::string(sharded_ ? "the ZeRO-2 gradient reduce" : "the gradient all-reduce") + " (bucket " +
+                    std::to_string(i) + ")",
+                first_line(e));
   }
 }
 
-void GradientSync::finish(const std::string& what) {
-  {
-    std::lock_guard<std::mutex> lock(g_sync_mutex);
-    while (next_ < buckets_.size()) launch(next_++);
-  }
-  for (size_t i = 0; i < buckets_.size(); ++i) {
-    auto& b = buckets_[i];
-    wait_or_fail(*dist_, b.work, what + " (gradient bucket " + std::to_string(i) + " of " + std::to_string(buckets_.size()) + ")");
-    b.work.reset();
+void GradientSync::complete(size_t i, const std::string& what) {
+  auto& b = buckets_[i];
+  wait_or_fail(*dist_, b.work, what + " (gradient bucket " + std::to_string(i) + " of " + std::to_string(buckets_.size()) + ")");
+  b.work.reset();
+  const bool mine = !sharded_ || bucket_owner_[i] == dist_->rank();
+  if (mine)
     for (size_t j = 0; j < b.params.size(); ++j) {
       auto& p = params_[b.params[j]];
       auto sum = b.flat.narrow(0, b.offsets[j], p.numel()).view(p.sizes());
       if (p.grad().defined()) p.mutable_grad().copy_(sum);
       else p.mutable_grad() = sum.clone();
     }
-    b.pending = b.params.size();
+  if (sharded_) b.flat = at::empty({0}, b.flat.options());
+  b.pending = b.params.size();
+}
+
+void GradientSync::finish(const std::string& what) {
+  {
+    std::lock_guard<std::mutex> lock(g_sync_mutex);
+    while (next_ < buckets_.size()) launch(next_++);
+    while (done_ < buckets_.size()) complete(done_++, what);
   }
-  next_ = 0;
+  note_live_bytes();
+  next_ = 0, done_ = 0;
   armed_ = false;
 }
 

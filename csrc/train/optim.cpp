@@ -102,16 +102,26 @@ double lr_at(const ScheduleOptions& o, int64_t step) {
   return o.lr * (o.min_lr_ratio + (1.0 - o.min_lr_ratio) * decay);
 }
 
-at::Tensor clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm) {
+at::Tensor clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm,
+                          const std::function<void(at::Tensor&)>& sum_over_ranks) {
   std::vector<at::Tensor> grads;
   for (const auto& p : params)
     if (p.grad().defined()) grads.push_back(p.grad());
-  if (grads.empty()) return at::zeros({}, at::kFloat);
   at::NoGradGuard no_grad;
-  // torch.nn.utils.clip_grad_norm_: per-tensor norms, the norm of those, one multiply by the clamped
-  // coefficient (always, so that there is no host sync on the comparison).
-  auto norms = at::_foreach_norm(grads, 2);
-  auto total = at::linalg_vector_norm(at::stack(norms).to(at::kFloat), 2);  // () fp32
+  at::Tensor total;  // () fp32
+  if (sum_over_ranks) {
+    // A rank may own no gradient at all; it still joins the sum.
+    auto sq = grads.empty() ? at::zeros({}, params.at(0).options().dtype(at::kFloat))
+                            : at::stack(at::_foreach_norm(grads, 2)).to(at::kFloat).square().sum();
+    sum_over_ranks(sq);
+    total = sq.sqrt();
+  } else {
+    if (grads.empty()) return at::zeros({}, at::kFloat);
+    // torch.nn.utils.clip_grad_norm_: per-tensor norms, the norm of those, one multiply by the clamped
+    // coefficient (always, so that there is no host sync on the comparison).
+    auto norms = at::_foreach_norm(grads, 2);
+    total = at::linalg_vector_norm(at::stack(norms).to(at::kFloat), 2);
+  }
   if (max_norm > 0) {
     auto coef = (max_norm / (total + 1e-6)).clamp_max(1.0);
     for (auto& g : grads) g.mul_(coef.to(g.scalar_type()));

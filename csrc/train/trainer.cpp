@@ -170,7 +170,19 @@ Trainer::Trainer(LoopSettings settings, NamedTensors trainable, at::Device devic
   adamw.weight_decay = s_.train.weight_decay;
   for (const auto& [name, t] : trainable_) params_.push_back(t);
   adamw_ = adamw;
-  if (s_.dist && s_.train.zero_stage == 1) {
+  if (s_.dist) {
+    const int64_t world = s_.dist->world_size();
+    if (s_.train.batch_size % world != 0)
+      throw std::runtime_error("config key train.batch_size: must be a multiple of WORLD_SIZE (" + std::to_string(world) +
+                               ") under a multi-process launch (it is the global micro-batch, split by rows), got " +
+                               std::to_string(s_.train.batch_size));
+    sync_ = std::make_unique<GradientSync>(s_.dist, params_, int64_t(s_.train.dist_bucket_mb * double(1 << 20)),
+                                           /*sharded=*/s_.train.zero_stage == 2);
+  }
+  if (s_.dist && s_.train.zero_stage == 2) {
+    // ZeRO-2: a tensor's AdamW state lives where its gradient is reduced to, its bucket's owner.
+    owner_ = sync_->owners();
+  } else if (s_.dist && s_.train.zero_stage == 1) {
     // ZeRO-1: each tensor's AdamW state lives on one rank, the owners chosen greedily by size (largest first,
     // to the least loaded rank; ties to the lower rank), as torch's ZeroRedundancyOptimizer partitions.
     const int64_t world = s_.dist->world_size();
@@ -183,6 +195,8 @@ Trainer::Trainer(LoopSettings settings, NamedTensors trainable, at::Device devic
       const auto r = std::min_element(load.begin(), load.end()) - load.begin();
       owner_[i] = r, load[size_t(r)] += params_[i].numel();
     }
+  }
+  if (!owner_.empty()) {
     std::vector<at::Tensor> mine;
     local_index_.assign(params_.size(), -1);
     for (size_t i = 0; i < params_.size(); ++i)
@@ -190,14 +204,6 @@ Trainer::Trainer(LoopSettings settings, NamedTensors trainable, at::Device devic
     optimizer_ = std::make_unique<AdamW>(mine, adamw);
   } else {
     optimizer_ = std::make_unique<AdamW>(params_, adamw);
-  }
-  if (s_.dist) {
-    const int64_t world = s_.dist->world_size();
-    if (s_.train.batch_size % world != 0)
-      throw std::runtime_error("config key train.batch_size: must be a multiple of WORLD_SIZE (" + std::to_string(world) +
-                               ") under a multi-process launch (it is the global micro-batch, split by rows), got " +
-                               std::to_string(s_.train.batch_size));
-    sync_ = std::make_unique<GradientSync>(s_.dist, params_);
   }
 }
 
@@ -451,7 +457,15 @@ int Trainer::fit(data::BatchStream& stream, const LossFn& loss_fn, const EvalFn&
         for (size_t i = 0; i < step_terms.size(); ++i) step_terms[i].copy_(packed[2 + i]);
       }
       if (poisoned.count(state_.step + 1)) step_loss.fill_(std::nan(""));
-      const auto grad_norm = clip_grad_norm(params_, s_.train.max_grad_norm);
+      // ZeRO-2: each rank holds its own tensors' gradients, so the norm's squares are summed over the ranks.
+      const auto grad_norm =
+          s_.train.zero_stage == 2 && s_.dist
+              ? clip_grad_norm(params_, s_.train.max_grad_norm,
+                               [&](at::Tensor& sq) {
+                                 auto one = sq.view({1});  // in place on the () square
+                                 s_.dist->all_reduce_sum(one, "the gradient norm of step " + std::to_string(state_.step + 1));
+                               })
+              : clip_grad_norm(params_, s_.train.max_grad_norm);
       unchecked.add_(step_loss + grad_norm.to(at::kFloat));
 
       // train.skip_nonfinite_steps: a host sync every step, to decide before the update.
@@ -566,6 +580,9 @@ int Trainer::fit(data::BatchStream& stream, const LossFn& loss_fn, const EvalFn&
   const auto now = snapshot();
   write_checkpoint(now.state, now.generators);
   state_.elapsed = now.state.elapsed;
+  if (sync_ && is_main())
+    std::cerr << who << ": rank 0's gradients and reduce buffers peaked at " << fixed(double(sync_->peak_bytes()) / (1 << 20), 2)
+              << " MiB (train.zero_stage " << s_.train.zero_stage << ", " << s_.dist->world_size() << " ranks)\n";
   if (s_.plot && is_main()) plot_metrics(path("metrics.jsonl"), path("loss.svg"), "anvil " + s_.recipe + ": " + io::file_name(s_.out_dir));
   return kExitOk;
 }

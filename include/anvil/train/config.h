@@ -95,7 +95,8 @@ struct TrainSection {
   bool skip_nonfinite_steps = false;  ///< a step with a non-finite loss or gradient norm makes no update
   std::string dist_backend = "auto";  ///< "auto" | "gloo" | "nccl": the c10d backend of a torchrun launch
   double dist_timeout_s = 300;        ///< bound on every collective and on the rendezvous
-  int64_t zero_stage = 0;             ///< 1: AdamW state sharded across ranks (ZeRO-1); 0: replicated
+  int64_t zero_stage = 0;             ///< 1: AdamW state sharded across ranks (ZeRO-1); 2: and gradients; 0: replicated
+  double dist_bucket_mb = 25;         ///< gradient bucket size of the reduce (MiB), as DDP's bucket_cap_mb
 };
 
 struct EvalSection {

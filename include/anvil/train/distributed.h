@@ -103,28 +103,48 @@ at::Device device_for_rank(at::Device device, const DistEnv& env, const std::str
 std::shared_ptr<Distributed> connect_if_launched(const TrainSection& train, at::Device device);
 
 /// The bucketed gradient all-reduce of the trainable tensors (see the header comment).
+///
+/// Sharded (ZeRO-2): each bucket has one owner rank (buckets dealt greedily by size, largest first, to the least
+/// loaded rank) and is reduced to it alone. A bucket's buffer is made when it is launched, the tensors' own
+/// gradients are released as they are copied in, and at most two buckets are in flight (launching a third waits
+/// for the oldest): so while the armed backward runs, a rank holds the gradients of the buckets not yet launched,
+/// two buckets' buffers and the sums it owns; after finish() only the gradients of the tensors it owns (the rest
+/// undefined). Replicated (stages 0 and 1): persistent buffers, every gradient summed on every rank.
 class GradientSync {
  public:
-  GradientSync(std::shared_ptr<Distributed> dist, std::vector<at::Tensor> params, int64_t bucket_bytes = 25 << 20);
+  GradientSync(std::shared_ptr<Distributed> dist, std::vector<at::Tensor> params, int64_t bucket_bytes = 25 << 20,
+               bool sharded = false);
   ~GradientSync();
   /// The next backward passes reduce (the last micro-batch of a step); earlier ones only accumulate.
   void arm();
   /// After that backward (or instead of it, on a rank with no rows): launches the buckets not yet launched,
-  /// waits for all, and writes the sums into the tensors' gradients.
+  /// waits for all, and writes the sums into the tensors' gradients (sharded: the owned tensors' only).
   void finish(const std::string& what);
+  /// Sharded: the owner rank of each tensor (its bucket's); empty when replicated.
+  const std::vector<int64_t>& owners() const { return owner_of_; }
+  /// The most bytes of gradients and bucket buffers this rank held at once, measured where they peak (as a
+  /// bucket is launched, and after finish()), over every step so far.
+  int64_t peak_bytes() const { return peak_bytes_; }
 
   struct Bucket;
 
  private:
   void ready(size_t param);
   void launch(size_t bucket);
+  void complete(size_t bucket, const std::string& what);  // waits for its reduce, writes the sums
+  void note_live_bytes();
 
   std::shared_ptr<Distributed> dist_;
   std::vector<at::Tensor> params_;
   std::vector<Bucket> buckets_;
   std::vector<size_t> bucket_of_;  ///< param index -> bucket
   size_t next_ = 0;                ///< the next bucket to launch (in order)
+  size_t done_ = 0;                ///< buckets below this are complete (sharded: waited for and freed)
   bool armed_ = false;
+  bool sharded_ = false;
+  std::vector<int64_t> owner_of_;  ///< sharded: param index -> owner rank
+  std::vector<int64_t> bucket_owner_;
+  int64_t peak_bytes_ = 0;
 };
 
 }  // namespace anvil::train

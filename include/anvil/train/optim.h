@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <string>
 #include <utility>
+#include <functional>
 #include <vector>
 
 namespace anvil::train {
@@ -70,6 +71,9 @@ double lr_at(const ScheduleOptions& options, int64_t step);
 /// Scales the gradients so their global L2 norm is at most max_norm (torch.nn.utils.clip_grad_norm_:
 /// coefficient max_norm / (norm + 1e-6) clamped to 1) and returns the norm before clipping, an fp32
 /// scalar on the gradients' device. max_norm <= 0: only the norm. Undefined grads are skipped.
-at::Tensor clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm);
+/// `sum_over_ranks` (ZeRO-2, where each rank holds some of the gradients): sums the () fp32 square of this
+/// rank's norm over the ranks in place, so every rank clips by the global norm.
+at::Tensor clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm,
+                          const std::function<void(at::Tensor&)>& sum_over_ranks = nullptr);
 
 }  // namespace anvil::train
