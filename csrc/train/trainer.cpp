@@ -581,7 +581,7 @@ int Trainer::fit(data::BatchStream& stream, const LossFn& loss_fn, const EvalFn&
   write_checkpoint(now.state, now.generators);
   state_.elapsed = now.state.elapsed;
   if (sync_ && is_main())
-    std::cerr << who << ": rank 0's gradients and reduce buffers peaked at " << fixed(double(sync_->peak_bytes()) / (1 << 20), 2)
+    std::cerr << "gradient memory: rank 0's gradients and reduce buffers peaked at " << fixed(double(sync_->peak_bytes()) / (1 << 20), 2)
               << " MiB (train.zero_stage " << s_.train.zero_stage << ", " << s_.dist->world_size() << " ranks)\n";
   if (s_.plot && is_main()) plot_metrics(path("metrics.jsonl"), path("loss.svg"), "anvil " + s_.recipe + ": " + io::file_name(s_.out_dir));
   return kExitOk;
