@@ -46,7 +46,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     messages.push_back(std::move(msg));
   }
   anvil::data::ChatOptions o;
-  o.add_generation_prompt = j.value("add_generation_prompt", false) == true;
+  // j.value() would throw for a non-boolean value: the harness skips such a field instead (its shape is not under test)
+  if (j.contains("add_generation_prompt") && j["add_generation_prompt"].is_boolean())
+    o.add_generation_prompt = j["add_generation_prompt"].get<bool>();
   if (j.contains("enable_thinking") && j["enable_thinking"].is_boolean()) o.enable_thinking = j["enable_thinking"].get<bool>();
   o.bos_token = string_or(j, "bos", "<s>");
   o.eos_token = string_or(j, "eos", "</s>");
