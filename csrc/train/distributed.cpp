@@ -323,6 +323,7 @@ GradientSync::GradientSync(std::shared_ptr<Distributed> dist, std::vector<at::Te
     b.flat = sharded_ ? at::empty({0}, b.flat.options()) : at::zeros({b.numel}, b.flat.options());
     b.pending = b.params.size();
   }
+  zero_grads();  // replicated: every gradient a view into its bucket, which backward accumulates into in place
   if (sharded_) {
     // Owners by bucket, greedily by size (largest first, to the least loaded rank; ties to the lower rank).
     const int64_t world = dist_->world_size();
@@ -351,10 +352,39 @@ void GradientSync::arm() {
   note_live_bytes();  // the earlier micro-batches' gradients, accumulated locally
 }
 
+at::Tensor GradientSync::slot(size_t k) {
+  const auto& b = buckets_[bucket_of_[k]];
+  const size_t j = size_t(std::find(b.params.begin(), b.params.end(), k) - b.params.begin());
+  return b.flat.narrow(0, b.offsets[j], params_[k].numel()).view(params_[k].sizes());
+}
+
+bool GradientSync::in_bucket(size_t k) const {
+  const auto& g = params_[k].grad();
+  const auto& flat = buckets_[bucket_of_[k]].flat;
+  if (!g.defined() || flat.numel() == 0) return false;
+  const auto* lo = static_cast<const char*>(flat.data_ptr());
+  const auto* at = static_cast<const char*>(g.data_ptr());
+  return at >= lo && at < lo + flat.numel() * int64_t(flat.element_size());
+}
+
+void GradientSync::zero_grads() {
+  for (size_t k = 0; k < params_.size(); ++k) {
+    if (sharded_) {
+      params_[k].mutable_grad() = at::Tensor();  // backward makes them; launch releases them into the buckets
+    } else if (!in_bucket(k)) {
+      params_[k].mutable_grad() = slot(k);
+    }
+  }
+  if (!sharded_)
+    for (auto& b : buckets_) b.flat.zero_();
+}
+
 void GradientSync::note_live_bytes() {
   int64_t bytes = 0;
-  for (const auto& p : params_)
-    if (p.grad().defined()) bytes += p.grad().numel() * int64_t(p.grad().element_size());
+  for (size_t k = 0; k < params_.size(); ++k) {
+    const auto& g = params_[k].grad();
+    if (g.defined() && !in_bucket(k)) bytes += g.numel() * int64_t(g.element_size());  // a view is its bucket's
+  }
   for (const auto& b : buckets_) bytes += b.flat.numel() * int64_t(b.flat.element_size());
   peak_bytes_ = std::max(peak_bytes_, bytes);
 }
@@ -370,14 +400,25 @@ void GradientSync::ready(size_t k) {
 
 void GradientSync::launch(size_t i) {
   auto& b = buckets_[i];
+  bool stolen = false;  // the buffer is the bucket's one gradient
   if (sharded_) {
     // At most two buckets in flight: the oldest completes (and frees its buffer) before a third is made.
     while (done_ + 2 <= i) complete(done_++, "the ZeRO-2 gradient reduce");
-    b.flat = at::empty({b.numel}, b.flat.options());
+    const auto& g = params_[b.params[0]].grad();
+    if (b.params.size() == 1 && g.defined() && g.is_contiguous() && g.scalar_type() == b.flat.scalar_type()) {
+      // A bucket of one tensor (a large embedding, say) reduces in that gradient's own memory: no second copy.
+      b.flat = g.reshape(-1);
+      params_[b.params[0]].mutable_grad() = at::Tensor();
+      stolen = true;
+    } else {
+      b.flat = at::empty({b.numel}, b.flat.options());
+    }
   }
   note_live_bytes();  // the bucket's gradients and its buffer: the moment this rank holds the most
-  for (size_t j = 0; j < b.params.size(); ++j) {
-    auto& p = params_[b.params[j]];
+  for (size_t j = 0; j < b.params.size() && !stolen; ++j) {
+    const size_t k = b.params[j];
+    auto& p = params_[k];
+    if (in_bucket(k)) continue;  // replicated: backward accumulated into the bucket itself
     auto slot = b.flat.narrow(0, b.offsets[j], p.numel());
     if (p.grad().defined()) slot.copy_(p.grad().reshape(-1));
     else slot.zero_();  // a tensor this rank's backward did not reach adds nothing
@@ -406,12 +447,15 @@ void GradientSync::complete(size_t i, const std::string& what) {
   const bool mine = !sharded_ || bucket_owner_[i] == dist_->rank();
   if (mine)
     for (size_t j = 0; j < b.params.size(); ++j) {
-      auto& p = params_[b.params[j]];
+      const size_t k = b.params[j];
+      auto& p = params_[k];
+      if (in_bucket(k)) continue;  // replicated: the gradient is a view of the sum already
       auto sum = b.flat.narrow(0, b.offsets[j], p.numel()).view(p.sizes());
-      if (p.grad().defined()) p.mutable_grad().copy_(sum);
-      else p.mutable_grad() = sum.clone();
+      // A view into the buffer: sharded, the owner's bucket is exactly its gradients, kept alive by these views
+      // (no clone, no moment holding both); replicated, the view the next step's backward accumulates into.
+      p.mutable_grad() = sum;
     }
-  if (sharded_) b.flat = at::empty({0}, b.flat.options());
+  if (sharded_) b.flat = at::empty({0}, b.flat.options());  // freed, unless the owner's gradients view it
   b.pending = b.params.size();
 }
 

@@ -208,6 +208,7 @@ Trainer::Trainer(LoopSettings settings, NamedTensors trainable, at::Device devic
 }
 
 void Trainer::zero_grads() {
+  if (sync_) return sync_->zero_grads();  // data parallel: the gradients live in (or go to) the reduce's buckets
   for (auto& p : params_) p.mutable_grad() = at::Tensor();  // every tensor's, owned by this rank's AdamW or not
 }
 

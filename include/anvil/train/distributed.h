@@ -109,7 +109,9 @@ std::shared_ptr<Distributed> connect_if_launched(const TrainSection& train, at::
 /// gradients are released as they are copied in, and at most two buckets are in flight (launching a third waits
 /// for the oldest): so while the armed backward runs, a rank holds the gradients of the buckets not yet launched,
 /// two buckets' buffers and the sums it owns; after finish() only the gradients of the tensors it owns (the rest
-/// undefined). Replicated (stages 0 and 1): persistent buffers, every gradient summed on every rank.
+/// undefined). Replicated (stages 0 and 1): persistent buffers, every gradient summed on every rank; each
+/// tensor's gradient is a view into its bucket (DDP's gradient_as_bucket_view), which backward accumulates into
+/// in place, so the gradients are held once, not once more as the reduce's buffers.
 class GradientSync {
  public:
   GradientSync(std::shared_ptr<Distributed> dist, std::vector<at::Tensor> params, int64_t bucket_bytes = 25 << 20,
@@ -120,6 +122,9 @@ class GradientSync {
   /// After that backward (or instead of it, on a rank with no rows): launches the buckets not yet launched,
   /// waits for all, and writes the sums into the tensors' gradients (sharded: the owned tensors' only).
   void finish(const std::string& what);
+  /// Before a step's first backward (in place of setting the gradients undefined): replicated, zeroes the buckets
+  /// and points every gradient at its slot; sharded, sets them undefined.
+  void zero_grads();
   /// Sharded: the owner rank of each tensor (its bucket's); empty when replicated.
   const std::vector<int64_t>& owners() const { return owner_of_; }
   /// The most bytes of gradients and bucket buffers this rank held at once, measured where they peak (as a
@@ -133,6 +138,8 @@ class GradientSync {
   void launch(size_t bucket);
   void complete(size_t bucket, const std::string& what);  // waits for its reduce, writes the sums
   void note_live_bytes();
+  at::Tensor slot(size_t param);        // the param's view into its bucket
+  bool in_bucket(size_t param) const;   // its gradient is that view (or any part of its bucket)
 
   std::shared_ptr<Distributed> dist_;
   std::vector<at::Tensor> params_;
