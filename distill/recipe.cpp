@@ -458,7 +458,7 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
 
   // ---- memory plan (student trained, teacher frozen beside it), dry run ----
   auto plan = train::memory_inputs(c.use_lora ? "distill, lora r " + std::to_string(c.lora.r) : "distill, full student",
-                                   c.train, c.data, trainable);
+                                   c.train, c.data, trainable, launch.world_size);
   if (c.use_lora) {
     plan.trainable_are_weights = false;
     plan.extra_activations_per_token = lora::activation_elems_per_token(student->config(), c.lora);
@@ -473,8 +473,8 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
             << " layers (" << model::dtype_name(teacher.model->dtype()) << ", " << teacher_device.str() << "); student: "
             << student->config().num_hidden_layers << " layers\n";
   if (main_rank) train::print_run_summary("distill", *student, device, trainable, data, total_steps);
-  if (options.dry_run) {
-    std::cout << train::format_estimate(estimate, plan);
+  if (options.dry_run) {  // under torchrun every rank plans the same: rank 0 prints
+    if (main_rank) std::cout << train::format_estimate(estimate, plan);
     return train::kExitOk;
   }
 

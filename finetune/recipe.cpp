@@ -59,7 +59,8 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
   at::manual_seed(c.train.seed);
   // Every weight is updated, so FP8 / INT8 checkpoints are dequantized.
   const auto paths = train::resolve_model_paths(c.model);  // once: a hub id becomes its snapshot folder
-  auto model = train::build_model(c.model, paths, dtype, device, c.train.seed, "dense");
+  // A dry run of a random init plans on the meta device: a 7B shape's plan takes no memory.
+  auto model = train::build_model(c.model, paths, dtype, device, c.train.seed, "dense", options.dry_run);
   train::NamedTensors trainable;
   for (auto& p : model->named_parameters(/*recurse=*/true)) {
     p.value().set_requires_grad(true);
@@ -74,11 +75,11 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
   const int64_t total_steps = train::count_steps(c.train, stream);
 
   // ---- memory plan, dry run ----
-  const auto plan = train::memory_inputs("full training", c.train, c.data, trainable);
+  const auto plan = train::memory_inputs("full training", c.train, c.data, trainable, launch.world_size);
   const auto estimate = train::estimate_memory(*model, plan, device);
   if (main_rank) train::print_run_summary("train", *model, device, trainable, data, total_steps);
-  if (options.dry_run) {
-    std::cout << train::format_estimate(estimate, plan);
+  if (options.dry_run) {  // under torchrun every rank plans the same: rank 0 prints
+    if (main_rank) std::cout << train::format_estimate(estimate, plan);
     return train::kExitOk;
   }
 

@@ -64,13 +64,13 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
   const int64_t total_steps = train::count_steps(c.train, stream);
 
   // ---- memory plan, dry run ----
-  auto plan = train::memory_inputs("lora r " + std::to_string(c.lora.r), c.train, c.data, trainable);
+  auto plan = train::memory_inputs("lora r " + std::to_string(c.lora.r), c.train, c.data, trainable, launch.world_size);
   plan.trainable_are_weights = false;
   plan.extra_activations_per_token = activation_elems_per_token(model->config(), c.lora);
   const auto estimate = train::estimate_memory(*model, plan, device);
   if (main_rank) train::print_run_summary("lora", *model, device, trainable, data, total_steps);
-  if (options.dry_run) {
-    std::cout << train::format_estimate(estimate, plan);
+  if (options.dry_run) {  // under torchrun every rank plans the same: rank 0 prints
+    if (main_rank) std::cout << train::format_estimate(estimate, plan);
     return train::kExitOk;
   }
 

@@ -69,10 +69,13 @@ ModelPaths resolve_model_paths(const ModelSection& m) {
 }
 
 std::shared_ptr<CausalLM> build_model(const ModelSection& m, const ModelPaths& paths, at::ScalarType dtype,
-                                      at::Device device, uint64_t seed, const std::string& base_weights) {
+                                      at::Device device, uint64_t seed, const std::string& base_weights,
+                                      bool shapes_only) {
   std::shared_ptr<CausalLM> lm;
   if (m.init == "pretrained") {
     lm = model::load_causal_lm(paths.model, dtype, device, base_weights);
+  } else if (shapes_only) {
+    lm = std::make_shared<CausalLM>(model::load_model_config(m.config), at::TensorOptions().dtype(dtype).device(at::kMeta));
   } else {
     lm = std::make_shared<CausalLM>(model::load_model_config(m.config), at::TensorOptions().dtype(dtype).device(device));
     random_init(*lm, initializer_range_of(lm->config().json), seed);
@@ -240,39 +243,65 @@ void print_generations(const std::vector<std::string>& prompts,
 // Checked against the measured peak by bench/lora (H100, 2026-11-23): the previous model, which still
 // counted fp32 copies of every adapted input, estimated 1.91x / 1.20x / 1.07x the measured 853M /
 // 853M-checkpointed / 7B peaks; this one is within a few percent of each.
-MemoryEstimate estimate_memory(const CausalLM& model, const MemoryInputs& in, at::Device device) {
+namespace {
+
+MemoryEstimate estimate_one_rank(const CausalLM& model, const MemoryInputs& in, at::Device device) {
   MemoryEstimate m;
   const auto& cfg = model.config();
   int64_t weights = 0;
   for (const auto& [name, t] : model.state_tensors()) weights += t.numel() * int64_t(t.element_size());
   m.weights = double(weights);
   m.trainable = in.trainable_are_weights ? 0.0 : double(in.trainable_numel) * in.trainable_elsize;
-  m.gradients = double(in.trainable_numel) * in.trainable_elsize;
-  m.optimizer = 2.0 * double(in.trainable_numel) * in.trainable_elsize;
+  const double world = double(std::max<int64_t>(1, in.world_size));
+  const double grads = double(in.trainable_numel) * in.trainable_elsize;
+  // ZeRO-2: the gradients a rank owns, and at most two buckets in flight (never more than the whole); stage 0 and
+  // 1 hold every gradient once (they are views into the all-reduce's buckets).
+  m.gradients = in.world_size > 1 && in.zero_stage >= 2 ? grads / world + std::min(grads, 2.0 * in.bucket_bytes)
+                                                         : grads;
+  m.optimizer = 2.0 * grads / (in.world_size > 1 && in.zero_stage >= 1 ? world : 1.0);
   const double e = in.bf16_autocast ? 2.0 : double(c10::elementSize(model.dtype()));
   const double h = double(cfg.hidden_size), inter = double(cfg.intermediate_size);
   const double kv = double(cfg.num_key_value_heads * cfg.head_dim), q = double(cfg.num_attention_heads * cfg.head_dim);
   double per_token = e * (4 * h + q + 2 * kv + q + 3 * inter);  // norms, residual, q/k/v, attn out, MLP
   per_token += e * in.extra_activations_per_token;
-  const double tokens = double(in.batch_size) * double(in.seq_len);
+  const double rows = std::ceil(double(in.batch_size) / world);  // data::shard_rows: this rank's rows
+  const double tokens = rows * double(in.seq_len);
   // (B, 1, S, S) bool when rows pack several documents and the mask path runs (model/attention.h).
-  const bool varlen = model.device().is_cuda() && in.seq_len >= model::kVarlenMinSeqLen;
-  const double mask = varlen ? 0.0 : double(in.batch_size) * double(in.seq_len) * double(in.seq_len);
+  const bool varlen = device.is_cuda() && in.seq_len >= model::kVarlenMinSeqLen;  // `device`: a plan's model is on meta
+  const double mask = varlen ? 0.0 : rows * double(in.seq_len) * double(in.seq_len);
   const double layers = double(cfg.num_hidden_layers);
   m.activations = per_token * tokens * layers + mask + tokens * e * h;
   m.activations_ckpt = tokens * e * h * layers + per_token * tokens + mask + tokens * e * h;
-  const double rows = std::min<double>(double(in.loss_chunk), tokens);
+  const double chunk_rows = std::min<double>(double(in.loss_chunk), tokens);
   // The fused cross-entropy (CUDA) keeps only the chunk's logits in the model dtype; the ATen path an fp32
   // copy and an fp32 temporary besides.
   const bool fused_loss =
       device.is_cuda() && ops::use_fused_ops(at::empty({0}, at::TensorOptions().dtype(model.dtype()).device(device)));
-  m.loss_chunk = rows * double(cfg.vocab_size) * (fused_loss ? e : 4.0 * 2 + e) + tokens * 4.0;
+  m.loss_chunk = chunk_rows * double(cfg.vocab_size) * (fused_loss ? e : 4.0 * 2 + e) + tokens * 4.0;
   // A second loss's chunk (KD) runs after the first one's buffers are freed: the larger of the two counts.
-  m.loss_chunk = std::max(m.loss_chunk, in.extra_loss_chunk);
-  m.frozen_weights = in.frozen_weights, m.frozen_activations = in.frozen_activations;
+  if (in.kd_chunk_rows > 0)
+    m.loss_chunk = std::max(m.loss_chunk, std::min(in.kd_chunk_rows, tokens) * in.kd_bytes_per_row +
+                                              tokens * in.kd_bytes_per_token);
+  m.frozen_weights = in.frozen_weights, m.frozen_activations = tokens * in.frozen_activations_per_token;
   m.total = m.weights + m.trainable + m.gradients + m.optimizer + m.loss_chunk + m.frozen_weights + m.frozen_activations;
   m.total_ckpt = m.total + m.activations_ckpt;
   m.total += m.activations;
+  return m;
+}
+
+}  // namespace
+
+MemoryEstimate estimate_memory(const CausalLM& model, const MemoryInputs& in, at::Device device) {
+  MemoryEstimate m = estimate_one_rank(model, in, device);
+  for (int64_t stage = 0; stage <= 2; ++stage) {
+    m.by_stage_and_world.emplace_back();
+    for (const int64_t world : kPlanWorldSizes) {
+      MemoryInputs other = in;
+      other.world_size = world, other.zero_stage = stage;
+      const auto r = estimate_one_rank(model, other, device);
+      m.by_stage_and_world.back().push_back(in.grad_checkpointing ? r.total_ckpt : r.total);
+    }
+  }
   return m;
 }
 
@@ -284,16 +313,16 @@ void add_frozen_model(MemoryInputs& in, const CausalLM& frozen, const CausalLM& 
   in.frozen_weights = double(weights);
   const auto& f = frozen.config();
   const double e = double(c10::elementSize(frozen.dtype()));
-  const double tokens = double(in.batch_size) * double(in.seq_len);
   const double h = double(f.hidden_size), inter = double(f.intermediate_size);
   const double q = double(f.num_attention_heads * f.head_dim), kv = double(f.num_key_value_heads * f.head_dim);
   // The output hidden states, the layer input and one layer's temporaries; the target rows' copy.
-  in.frozen_activations = tokens * e * (3 * h + q + 2 * kv + 3 * inter) + tokens * e * h;
-  const double rows = std::min<double>(double(chunk_rows), tokens);
+  in.frozen_activations_per_token = e * (3 * h + q + 2 * kv + 3 * inter) + e * h;
   const double v = double(trained.config().vocab_size);
   // Per row: both models' logits in their dtypes, then ~6 fp32 (rows, V) buffers (log-probs, probabilities,
   // the mixture's log, the gradient).
-  in.extra_loss_chunk = rows * v * (e + double(c10::elementSize(trained.dtype())) + 6 * 4.0) + tokens * 8.0;
+  in.kd_chunk_rows = double(chunk_rows);
+  in.kd_bytes_per_row = v * (e + double(c10::elementSize(trained.dtype())) + 6 * 4.0);
+  in.kd_bytes_per_token = 8.0;
 }
 
 std::string format_estimate(const MemoryEstimate& m, const MemoryInputs& in) {
@@ -306,14 +335,16 @@ std::string format_estimate(const MemoryEstimate& m, const MemoryInputs& in) {
     o << buf;
   };
   o << "memory estimate (batch_size " << in.batch_size << " x seq_len " << in.seq_len << ", " << in.what << ", "
-    << in.trainable_numel << " trainable parameters):\n";
+    << in.trainable_numel << " trainable parameters";
+  if (in.world_size > 1) o << "; one rank of " << in.world_size << ", train.zero_stage " << in.zero_stage;
+  o << "):\n";
   row("weights", m.weights);
   if (!in.trainable_are_weights) row("adapters (fp32)", m.trainable);
   row("gradients", m.gradients);
   row("AdamW state (exp_avg, exp_avg_sq)", m.optimizer);
   row("activations", m.activations);
   row("activations with grad_checkpointing", m.activations_ckpt);
-  row(in.extra_loss_chunk > 0 ? "loss chunk (larger of CE and KD)" : "loss chunk (train.loss_chunk rows)",
+  row(in.kd_chunk_rows > 0 ? "loss chunk (larger of CE and KD)" : "loss chunk (train.loss_chunk rows)",
       m.loss_chunk);
   if (!in.frozen_what.empty()) {
     row((in.frozen_what + " weights (frozen)").c_str(), m.frozen_weights);
@@ -321,12 +352,39 @@ std::string format_estimate(const MemoryEstimate& m, const MemoryInputs& in) {
   }
   row(in.grad_checkpointing ? "total (grad_checkpointing off)" : "total", m.total);
   row(in.grad_checkpointing ? "total" : "total with grad_checkpointing", m.total_ckpt);
+  if (!m.by_stage_and_world.empty()) {
+    // The same run launched on more ranks (torchrun --nproc-per-node N): one rank's total, in GiB (MiB when the
+    // whole is below one GiB).
+    const bool big = m.by_stage_and_world[0][0] >= double(1ull << 30);
+    const double unit = double(big ? 1ull << 30 : 1ull << 20);
+    o << "per rank under torchrun (" << (big ? "GiB" : "MiB") << ", train.grad_checkpointing " << (in.grad_checkpointing ? "true" : "false")
+      << ", batch_size rows split over the ranks):\n";
+    std::snprintf(buf, sizeof buf, "  %-38s", "train.zero_stage \\ ranks");
+    o << buf;
+    for (const int64_t w : kPlanWorldSizes) {
+      std::snprintf(buf, sizeof buf, " %8lld", static_cast<long long>(w));
+      o << buf;
+    }
+    o << "\n";
+    static const char* const kStage[] = {"0 (replicated)", "1 (AdamW state sharded)", "2 (and gradients)"};
+    for (size_t s = 0; s < m.by_stage_and_world.size(); ++s) {
+      std::snprintf(buf, sizeof buf, "  %-38s", kStage[s]);
+      o << buf;
+      for (const double b : m.by_stage_and_world[s]) {
+        std::snprintf(buf, sizeof buf, " %8.2f", b / unit);
+        o << buf;
+      }
+      o << "\n";
+    }
+  }
   return o.str();
 }
 
 MemoryInputs memory_inputs(const std::string& what, const TrainSection& t, const DataSection& d,
-                           const NamedTensors& trainable) {
+                           const NamedTensors& trainable, int64_t world_size) {
   MemoryInputs in;
+  in.world_size = std::max<int64_t>(1, world_size), in.zero_stage = t.zero_stage;
+  in.bucket_bytes = t.dist_bucket_mb * double(1 << 20);
   in.what = what;
   in.batch_size = t.batch_size, in.seq_len = d.seq_len, in.loss_chunk = t.loss_chunk;
   in.bf16_autocast = t.mixed_precision == "bf16";

@@ -377,3 +377,39 @@ def test_zero2_halves_the_gradient_memory_of_a_rank(tmp_path):
     assert peaks[0] > 0
     assert peaks[2] < 0.6 * peaks[0], peaks
 
+
+
+def plan_table(stdout):
+    """--dry-run's per-rank table: {stage: [MiB at 1, 2, 4, 8 ranks]}, and the plan's own total (MiB)."""
+    lines = stdout.splitlines()
+    start = next(i for i, l in enumerate(lines) if l.startswith("per rank under torchrun"))
+    scale = 1024 if lines[start].startswith("per rank under torchrun (GiB") else 1
+    table = {}
+    for l in lines[start + 2:start + 5]:
+        parts = l.split()
+        table[int(parts[0])] = [float(x) * scale for x in parts[-4:]]
+    total = next(l for l in lines if l.strip().startswith("total") and "with" not in l and "off" not in l)
+    value, unit = total.split()[-2:]
+    return table, float(value) * (1 if unit == "MiB" else 1024)
+
+
+def test_dry_run_plans_one_rank_and_each_zero_stage(tmp_path):
+    """--dry-run prints one rank's plan under a launch, and a table of each ZeRO stage's per-rank total at 1, 2, 4
+    and 8 ranks; the launched plan is the table's cell, and the stages shrink what they shard."""
+    args = [*demo_args("train", str(tmp_path / "plan")), "--dry-run", "--train.batch_size=8", "--train.dist_bucket_mb=0.25"]
+    r = subprocess.run([anvil_binary(), *args], capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode == 0, r.stderr
+    table, total = plan_table(r.stdout)
+    assert set(table) == {0, 1, 2}
+    for s in (0, 1, 2):
+        assert table[s][0] == pytest.approx(total, abs=0.006), r.stdout  # 1 rank: no stage shards anything
+        assert table[s] == sorted(table[s], reverse=True), r.stdout       # more ranks, fewer rows each
+    for w in (1, 2, 3):
+        assert table[1][w] < table[0][w] and table[2][w] < table[1][w], r.stdout
+    assert not os.path.exists(tmp_path / "plan")
+    r = run_torchrun([*args, "--train.zero_stage=2"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("memory estimate") == 1, r.stdout  # rank 0 prints
+    assert "one rank of 2, train.zero_stage 2" in r.stdout, r.stdout
+    launched, one_rank = plan_table(r.stdout)
+    assert one_rank == pytest.approx(launched[2][1], abs=0.006), r.stdout

@@ -479,6 +479,33 @@ def test_print_config_and_dry_run(base, small):
     assert not os.path.exists(d / "print")  # nothing written
 
 
+
+def test_dry_run_of_a_7b_random_init_plans_on_meta(tmp_path):
+    """`anvil train --dry-run` of a Llama-2-7B shape (init random, bf16) builds nothing: it finishes in seconds on
+    this 24 GiB machine, and the plan's weights are the parameters transformers counts for that config."""
+    cfg_dir = tmp_path / "cfg"
+    cfg_dir.mkdir()
+    config = transformers.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
+    config.save_pretrained(cfg_dir)
+    with torch.device("meta"):
+        numel = sum(p.numel() for p in transformers.LlamaForCausalLM(config).parameters())
+    train = write_jsonl(tmp_path / "train.jsonl", [{"input_ids": list(range(3, 40))}] * 4)
+    cfg = {
+        "model": {"init": "random", "config": str(cfg_dir / "config.json"), "dtype": "bfloat16", "device": "cpu"},
+        "data": {"train": train, "seq_len": 4096},
+        "train": {"batch_size": 8, "steps": 10, "grad_checkpointing": True},
+        "output": {"dir": str(tmp_path / "out")},
+    }
+    start = time.monotonic()
+    r = run_cli("train", "--config", write_config(tmp_path / "7b.json", cfg), "--dry-run")
+    check_ok(r)
+    assert time.monotonic() - start < 60, "a dry run must not build the weights"
+    weights = next(l for l in r.stdout.splitlines() if l.strip().startswith("weights")).split()
+    assert float(weights[1]) == pytest.approx(numel * 2 / 2**30, abs=0.001) and weights[2] == "GiB", r.stdout
+    assert f"{numel} trainable parameters" in r.stdout, r.stdout
+    assert "per rank under torchrun" in r.stdout and not os.path.exists(tmp_path / "out")
+
 # ---- (h) full training ----------------------------------------------------------------------------------
 
 def test_full_training_random_init_learns_and_loads_in_transformers(tmp_path):

@@ -32,8 +32,11 @@ ModelPaths resolve_model_paths(const ModelSection& m);
 /// takes it), or built from model.config with transformers' _init_weights (init "random": Linear and
 /// Embedding weights normal(0, initializer_range), biases zero, norms one) drawn on the CPU from a
 /// generator seeded with `seed`, so a seed gives the same model on any device. In training mode.
+/// `shapes_only` (a --dry-run's plan) with init "random": the model on the meta device, no weights drawn, so a 7B
+/// plan takes no memory and no time.
 std::shared_ptr<model::CausalLM> build_model(const ModelSection& m, const ModelPaths& paths, at::ScalarType dtype,
-                                             at::Device device, uint64_t seed, const std::string& base_weights);
+                                             at::Device device, uint64_t seed, const std::string& base_weights,
+                                             bool shapes_only = false);
 
 /// The folder's tokenizer, or null when it has none (pre-tokenized data needs none). Throws naming
 /// eval.prompts when `e` has prompts to generate from and the folder has no tokenizer.
@@ -112,23 +115,36 @@ struct MemoryInputs {
   /// A frozen model run beside the trained one (a distillation teacher; add_frozen_model fills these in).
   std::string frozen_what;        ///< "teacher"; "" for none
   double frozen_weights = 0;      ///< its weights, bytes
-  double frozen_activations = 0;  ///< what its no-grad forward holds at its peak, bytes
-  double extra_loss_chunk = 0;    ///< a second loss's per-chunk buffers (KD's two models' logits), bytes
+  double frozen_activations_per_token = 0;  ///< what its no-grad forward holds at its peak, bytes per token
+  /// A second loss's per-chunk buffers (KD's two models' logits): kd_chunk_rows rows (at most the rank's tokens) of
+  /// kd_bytes_per_row, and kd_bytes_per_token over all the rank's tokens. Zero rows: none.
+  double kd_chunk_rows = 0, kd_bytes_per_row = 0, kd_bytes_per_token = 0;
+  /// Data parallel: the plan is one rank's. Each rank runs batch_size / world_size rows (rounded up) of a step.
+  int64_t world_size = 1, zero_stage = 0;
+  double bucket_bytes = 25 << 20;  ///< train.dist_bucket_mb: ZeRO-2's two buckets in flight
 };
 
+/// One rank's bytes (the whole process's at world size 1).
 struct MemoryEstimate {
   double weights = 0, trainable = 0, gradients = 0, optimizer = 0, activations = 0, activations_ckpt = 0,
          loss_chunk = 0, frozen_weights = 0, frozen_activations = 0, total = 0, total_ckpt = 0;  ///< bytes
+  /// The total a rank holds (with the run's grad_checkpointing) at ZeRO stage s (row s, 0-2) and world size 1, 2,
+  /// 4 and 8 (columns), the rest of the inputs as given: what --dry-run prints to choose a stage and a rank count.
+  std::vector<std::vector<double>> by_stage_and_world;
 };
+inline constexpr int64_t kPlanWorldSizes[] = {1, 2, 4, 8};
 
 /// A model of what training holds, in bytes: activations per token per layer counted from the tensors
 /// autograd keeps for a Llama-style layer (norm inputs, q/k/v, attention output, the MLP's gate, up and
 /// product) plus the side path's, the per-document mask where packing uses one, the loss chunk's logits.
+/// Per rank under data parallel: the rank's rows of the batch; AdamW state / world_size at ZeRO stage >= 1;
+/// gradients / world_size plus two buckets in flight at stage 2 (train/distributed.h).
 MemoryEstimate estimate_memory(const model::CausalLM& model, const MemoryInputs& in, at::Device device);
 
-/// MemoryInputs with the train and data sections' sizes and the trainable tensors' count filled in.
+/// MemoryInputs with the train and data sections' sizes, the trainable tensors' count and the launch's world size
+/// (1 when not launched) filled in.
 MemoryInputs memory_inputs(const std::string& what, const TrainSection& t, const DataSection& d,
-                           const NamedTensors& trainable);
+                           const NamedTensors& trainable, int64_t world_size = 1);
 
 /// Adds a frozen model's share to `in`: its weights; its no-grad forward (the final hidden states of the batch
 /// and one layer's temporaries, nothing kept for backward); `chunk_rows` rows of both models' logits for a
