@@ -110,6 +110,33 @@ def test_two_ranks_give_the_one_process_loss_curve(tmp_path, recipe, zero):
     assert os.path.exists(os.path.join(two, "checkpoint", "state.json"))
 
 
+@pytest.mark.parametrize("zero", [0, 2])
+def test_two_nodes_on_loopback_give_the_one_process_loss_curve(tmp_path, zero):
+    """Several nodes: two torchrun launchers (--nnodes 2, --node-rank 0 and 1, one process each) meet at one
+    master address, as two machines would; each rank has LOCAL_RANK 0 and RANK = its node's. The pair trains the
+    1-process curve, and only the node-0 launcher's rank reports and writes."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    r = subprocess.run([anvil_binary(), *demo_args("train", one)], capture_output=True, text=True, env=ENV,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    port = str(free_port())
+    args = [*demo_args("train", two), f"--train.zero_stage={zero}", "--train.dist_bucket_mb=0.25"]
+    nodes = [subprocess.Popen([torchrun(), "--nnodes", "2", "--node-rank", str(n), "--nproc-per-node", "1",
+                               "--master-addr", "127.0.0.1", "--master-port", port, "--no-python", anvil_binary(),
+                               *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+             for n in (0, 1)]
+    outs = [p.communicate(timeout=180) for p in nodes]
+    for p, (out, err) in zip(nodes, outs):
+        assert p.returncode == 0, out + err
+    assert outs[0][1].count("anvil train: LlamaForCausalLM") == 1 and "anvil train:" not in outs[1][1], outs
+    assert outs[0][0].count("wrote ") == 1 and "wrote " not in outs[1][0], outs
+    (t1, v1), (t2, v2) = metrics(one), metrics(two)
+    assert [l["step"] for l in t2] == [1, 2, 3]
+    for a, b in zip(t2, t1):
+        assert close(a["loss"], b["loss"]) and close(a["grad_norm"], b["grad_norm"]), (a, b)
+        assert a["tokens"] == b["tokens"]
+    assert len(v1) == len(v2) == 1 and close(v2[0], v1[0])
+
 def test_a_zero1_checkpoint_of_two_ranks_resumes_in_one_process(tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     longer = ["--train.steps=5", "--output.save_every=2"]
