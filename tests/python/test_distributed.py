@@ -298,10 +298,43 @@ def test_two_ranks_distill_give_the_one_process_curve(tmp_path, lora, zero):
         assert os.path.exists(os.path.join(two, "adapter", "adapter_model.safetensors"))
 
 
+def test_two_ranks_distill_from_a_teacher_cache_give_the_one_process_curve(tmp_path):
+    """Offline KD under a launch: one process writes the cache (the teacher pass), then each rank reads its rows'
+    top-k from it; the curve and the sharded validation against the cache equal 1 process's. A launch refuses the
+    teacher pass and a cache with missing shards, each naming its key."""
+    cache = str(tmp_path / "cache")
+    offline = [f"--teacher.cache={cache}", "--teacher.cache_k=8"]
+    r = run_torchrun(distill_args(str(tmp_path / "a"), extra=[*offline, "--teacher.cache_only=true"]), timeout=120)
+    assert r.returncode != 0 and "config key teacher.cache_only: the teacher pass" in r.stderr, r.stderr
+    r = run_torchrun(distill_args(str(tmp_path / "b"), extra=offline), timeout=120)
+    assert r.returncode != 0 and "config key teacher.cache: " in r.stderr and "of its shards" in r.stderr, r.stderr
+    assert "anvil distill --teacher.cache_only=true" in r.stderr, r.stderr
+    r = subprocess.run([anvil_binary(), *distill_args(str(tmp_path / "c"), extra=[*offline, "--teacher.cache_only=true"])],
+                       capture_output=True, text=True, env=ENV, timeout=180)
+    assert r.returncode == 0, r.stderr
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    r = subprocess.run([anvil_binary(), *distill_args(one, extra=offline)], capture_output=True, text=True, env=ENV,
+                       timeout=180)
+    assert r.returncode == 0, r.stderr
+    r = run_torchrun(distill_args(two, extra=offline), timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stderr.count("teacher: offline, from the cache") == 1, r.stderr
+    (t1, v1), (t2, v2) = distill_metrics(one), distill_metrics(two)
+    assert [l["step"] for l in t2] == [1, 2, 3]
+    for a, b in zip(t2, t1):
+        for k in ("loss", "kd", "ce", "grad_norm"):
+            assert close(a[k], b[k]), (k, a, b)
+        assert a["tokens"] == b["tokens"]
+    assert [l["step"] for l in v2] == [l["step"] for l in v1] == [0, 2, 3]
+    for a, b in zip(v2, v1):
+        for k in ("val_loss", "val_kl", "val_top1"):
+            assert close(a[k], b[k]), (k, a, b)
+
+
 def test_distill_modes_a_launch_cannot_run_are_refused_by_key(tmp_path):
-    r = run_torchrun(distill_args(str(tmp_path / "o"), extra=[f"--teacher.cache={tmp_path / 'cache'}"]), timeout=120)
+    r = run_torchrun(distill_args(str(tmp_path / "o"), extra=["--distill.hidden_loss=cosine"]), timeout=120)
     assert r.returncode != 0
-    assert "config key teacher.cache: offline distillation" in r.stderr, r.stderr
+    assert "config key distill.hidden_loss: a hidden-state loss" in r.stderr, r.stderr
     assert "multi-process launch" in r.stderr, r.stderr
 
 
