@@ -357,8 +357,6 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
       config_error("on_policy", "on-policy distillation (the student's generations)" + why, c.resolved["on_policy"]);
     if (c.cross.on)
       config_error("distill.vocab", "\"cross-tokenizer\"" + why, c.resolved["distill"]["vocab"]);
-    if (c.hidden.type != "none")
-      config_error("distill.hidden_loss", "a hidden-state loss" + why, c.hidden.type);
   }
   const bool main_rank = launch.rank == 0;
   const at::Device device =

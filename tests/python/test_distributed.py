@@ -272,21 +272,29 @@ def distill_metrics(out):
     return [l for l in lines if "loss" in l], [l for l in lines if "val_loss" in l]
 
 
-@pytest.mark.parametrize("lora,zero", [(False, 0), (True, 0), (False, 1)])
-def test_two_ranks_distill_give_the_one_process_curve(tmp_path, lora, zero):
-    """Data parallel online KD: each rank runs the teacher on its own rows; loss, kd and ce terms, gradient
-    norms and the sharded validation (val_loss, val_kl, val_top1 summed over the ranks) equal 1 process's."""
+HIDDEN = ["--distill.hidden_loss=cosine", "--distill.hidden_weight=0.5"]
+
+
+@pytest.mark.parametrize("lora,zero,extra", [(False, 0, ()), (True, 0, ()), (False, 1, ()), (False, 0, HIDDEN),
+                                             (False, 2, HIDDEN)], ids=["full-0", "lora-0", "full-1", "hidden-0",
+                                                                       "hidden-2"])
+def test_two_ranks_distill_give_the_one_process_curve(tmp_path, lora, zero, extra):
+    """Data parallel online KD: each rank runs the teacher on its own rows; loss, kd and ce terms (and the hidden-
+    state term, whose projections train and all-reduce with the student), gradient norms and the sharded
+    validation (val_loss, val_kl, val_top1 summed over the ranks) equal 1 process's."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    r = subprocess.run([anvil_binary(), *distill_args(one, lora)], capture_output=True, text=True, env=ENV, timeout=180)
+    r = subprocess.run([anvil_binary(), *distill_args(one, lora, extra)], capture_output=True, text=True, env=ENV,
+                       timeout=180)
     assert r.returncode == 0, r.stderr
-    r = run_torchrun(distill_args(two, lora, [f"--train.zero_stage={zero}"]), timeout=180)
+    r = run_torchrun(distill_args(two, lora, [*extra, f"--train.zero_stage={zero}", "--train.dist_bucket_mb=0.25"]),
+                     timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stderr.count("anvil distill: ") == 1, r.stderr  # rank 0's summary only
     assert r.stdout.count("wrote ") == 1, r.stdout
     (t1, v1), (t2, v2) = distill_metrics(one), distill_metrics(two)
     assert [l["step"] for l in t2] == [1, 2, 3]
     for a, b in zip(t2, t1):
-        for k in ("loss", "kd", "ce", "grad_norm"):
+        for k in ("loss", "kd", "ce", "grad_norm", *(["hidden"] if extra else [])):
             assert close(a[k], b[k]), (k, a, b)
         assert a["tokens"] == b["tokens"] and a["lr"] == b["lr"]
     assert [l["step"] for l in v2] == [l["step"] for l in v1] == [0, 2, 3]
@@ -332,9 +340,9 @@ def test_two_ranks_distill_from_a_teacher_cache_give_the_one_process_curve(tmp_p
 
 
 def test_distill_modes_a_launch_cannot_run_are_refused_by_key(tmp_path):
-    r = run_torchrun(distill_args(str(tmp_path / "o"), extra=["--distill.hidden_loss=cosine"]), timeout=120)
+    r = run_torchrun(distill_args(str(tmp_path / "o"), extra=["--distill.mode=sequence"]), timeout=120)
     assert r.returncode != 0
-    assert "config key distill.hidden_loss: a hidden-state loss" in r.stderr, r.stderr
+    assert "config key distill.mode: \"sequence\"" in r.stderr, r.stderr
     assert "multi-process launch" in r.stderr, r.stderr
 
 
