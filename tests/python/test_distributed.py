@@ -110,7 +110,7 @@ def test_two_ranks_give_the_one_process_loss_curve(tmp_path, recipe, zero):
     assert os.path.exists(os.path.join(two, "checkpoint", "state.json"))
 
 
-@pytest.mark.parametrize("zero", [0, 2])
+@pytest.mark.parametrize("zero", [2])  # stage 0's curve is the single-node tests'; this one is about the rendezvous
 def test_two_nodes_on_loopback_give_the_one_process_loss_curve(tmp_path, zero):
     """Several nodes: two torchrun launchers (--nnodes 2, --node-rank 0 and 1, one process each) meet at one
     master address, as two machines would; each rank has LOCAL_RANK 0 and RANK = its node's. The pair trains the
@@ -275,9 +275,8 @@ def distill_metrics(out):
 HIDDEN = ["--distill.hidden_loss=cosine", "--distill.hidden_weight=0.5"]
 
 
-@pytest.mark.parametrize("lora,zero,extra", [(False, 0, ()), (True, 0, ()), (False, 1, ()), (False, 0, HIDDEN),
-                                             (False, 2, HIDDEN)], ids=["full-0", "lora-0", "full-1", "hidden-0",
-                                                                       "hidden-2"])
+@pytest.mark.parametrize("lora,zero,extra", [(False, 0, ()), (True, 0, ()), (False, 1, ()), (False, 2, HIDDEN)],
+                         ids=["full-0", "lora-0", "full-1", "hidden-2"])
 def test_two_ranks_distill_give_the_one_process_curve(tmp_path, lora, zero, extra):
     """Data parallel online KD: each rank runs the teacher on its own rows; loss, kd and ce terms (and the hidden-
     state term, whose projections train and all-reduce with the student), gradient norms and the sharded
@@ -317,13 +316,11 @@ def test_two_ranks_distill_from_a_teacher_cache_give_the_one_process_curve(tmp_p
     r = run_torchrun(distill_args(str(tmp_path / "b"), extra=offline), timeout=120)
     assert r.returncode != 0 and "config key teacher.cache: " in r.stderr and "of its shards" in r.stderr, r.stderr
     assert "anvil distill --teacher.cache_only=true" in r.stderr, r.stderr
-    r = subprocess.run([anvil_binary(), *distill_args(str(tmp_path / "c"), extra=[*offline, "--teacher.cache_only=true"])],
-                       capture_output=True, text=True, env=ENV, timeout=180)
-    assert r.returncode == 0, r.stderr
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    # 1 process writes the cache (the teacher pass) and then trains from it: the curve to match.
     r = subprocess.run([anvil_binary(), *distill_args(one, extra=offline)], capture_output=True, text=True, env=ENV,
                        timeout=180)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0 and "teacher cache " in r.stderr and "wrote" in r.stderr, r.stderr
     r = run_torchrun(distill_args(two, extra=offline), timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stderr.count("teacher: offline, from the cache") == 1, r.stderr
