@@ -148,8 +148,8 @@ TEST(ModelConfig, Qwen2MoeWrittenByTransformers5) {
   auto no_window = parse_model_config(edit(read("tiny_qwen2_moe_v5.json"), "\"use_sliding_window\": true", "\"use_sliding_window\": false"));
   EXPECT_EQ(no_window.sliding_window, 0);
   // qkv_bias false; defaults of Qwen2MoeConfig for absent keys (num_experts 60, top-4, no renormalisation).
-  auto defaults = parse_model_config(R"({"architectures": ["Qwen2MoeForCausalLM"], "vocab_size": 64, "hidden_size": 32,
-      "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4, "qkv_bias": false})");
+  auto defaults = parse_model_config(R"({"architectures": ["Qwen2MoeForCausalLM"], "vocab_size": 64, "hidden_size": 64,
+      "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 16, "qkv_bias": false})");
   EXPECT_FALSE(defaults.qkv_bias);
   EXPECT_EQ(defaults.num_experts, 60);
   EXPECT_EQ(defaults.num_experts_per_tok, 4);
