@@ -554,14 +554,19 @@ def test_qwen_sliding_window_layers(family, tmp_path):
     cls = transformers.Qwen2Config if family == "qwen2" else transformers.Qwen3Config
     config = cls(**TINY, num_key_value_heads=2, use_sliding_window=True, sliding_window=4, max_window_layers=1)
     assert config.layer_types == ["full_attention", "sliding_attention"]
-    hf = save_random(config, tmp_path, 31)
-    ids = tokens(2, 12, seed=32)
+    expect_transformers_logits(save_random(config, tmp_path, 31), tmp_path, tokens(2, 12, seed=32), chunks=(1, 5))
+
+
+def expect_transformers_logits(hf, directory, ids, chunks):
+    """anvil's logits of the model saved in `directory`, whole and through the cache in each chunk size, are hf's;
+    returns hf's."""
     with torch.no_grad():
         ref = hf(ids).logits
-    ours = anvil._C.CausalLM(str(tmp_path))
+    ours = anvil._C.CausalLM(str(directory))
     assert_logits_close(ours.logits(ids), ref)
-    assert_logits_close(ours.cached_logits(ids, 1), ref)
-    assert_logits_close(ours.cached_logits(ids, 5), ref)
+    for chunk in chunks:
+        assert_logits_close(ours.cached_logits(ids, chunk), ref)
+    return ref
 
 
 def _expert_tensors_fused(tensors, num_layers):
@@ -647,11 +652,7 @@ def test_qwen_moe_sparse_step_and_sliding_window(case, kw, tmp_path):
     dense = [i for i, layer in enumerate(hf.model.layers) if hasattr(layer.mlp, "gate_proj")]
     assert dense == ([0, 2] if case == "qwen2_moe" else [0, 2, 3])
     ids = tokens(2, 12, seed=42)
-    with torch.no_grad():
-        ref = hf(ids).logits
-    ours = anvil._C.CausalLM(str(tmp_path))
-    assert_logits_close(ours.logits(ids), ref)
-    assert_logits_close(ours.cached_logits(ids, 5), ref)
+    ref = expect_transformers_logits(hf, tmp_path, ids, chunks=(5,))
     if case == "qwen2_moe":
         c = json.loads((tmp_path / "config.json").read_text())
         del c["layer_types"]
