@@ -598,6 +598,10 @@ def test_qwen_moe_checkpoint_names(case, saved, tmp_path):
     if case == "qwen2_moe":
         assert tensors["model.layers.0.mlp.shared_expert_gate.weight"].shape == (1, 32)
         assert "model.layers.1.mlp.down_proj.weight" in tensors  # mlp_only_layers: a dense MLP
+        # A quantized base (LoRA over int8) keeps the shared-expert gate dense, as the routers are.
+        q = anvil._C.CausalLM(d, "", "cpu", "int8").state_dict()
+        assert q["model.layers.0.mlp.shared_expert_gate.weight"].dtype == torch.float32
+        assert q["model.layers.0.mlp.experts.0.up_proj.weight"].dtype == torch.int8
     ids = tokens(1, 7, seed=9)
     ref = ours.logits(ids)
     fused = {k: v.detach().clone() for k, v in hf.state_dict().items()}
