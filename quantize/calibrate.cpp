@@ -297,7 +297,11 @@ StreamResult quantize_streaming(const model::ModelConfig& config, SourceModel& s
       rep.out_features = linear->weight.size(0);
       rep.in_features = linear->weight.size(1);
       const std::string misfit = shape_misfit(scheme, rep.out_features, rep.in_features, o.group_size);
-      if (is_ignored(rep.name, o.ignore)) {
+      if (moe && rel == moe_name + ".shared_expert_gate") {
+        // Qwen2-MoE's (1, H) shared-expert gate is a router too: vLLM runs it as a plain unquantized Linear
+        // (llm-compressor's Qwen-MoE recipes ignore it), and observe_moe_layer does not run it.
+        rep.kept_because = "a router (Qwen2-MoE's shared-expert gate) stays in high precision";
+      } else if (is_ignored(rep.name, o.ignore)) {
         rep.kept_because = "quantize.ignore";
       } else if (!misfit.empty()) {
         if (o.misfit == "error")

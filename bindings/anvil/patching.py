@@ -3,12 +3,14 @@
 What each option replaces (transformers 5.17's modeling code; docs/PYTHON.md has the table):
   rms_norm       every <Arch>RMSNorm module (the layer norms, the final norm, Qwen3's q/k norms, MLA's latent
                  norms) by anvil.nn.RMSNorm holding the same weight Parameter
-  swiglu         every dense <Arch>MLP (DeepSeek's dense layers and shared experts included) by anvil.nn.SwiGLUMLP
-                 holding the same gate/up/down Linears, and the routed experts' gate (Mixtral, DeepSeek: the
+  swiglu         every dense <Arch>MLP (DeepSeek's dense layers and shared experts, Qwen2-MoE's shared expert
+                 included) by anvil.nn.SwiGLUMLP holding the same gate/up/down Linears, and the routed experts' gate
+                 (Mixtral, Qwen-MoE, DeepSeek: the
                  ``_apply_gate`` of transformers' grouped_mm / batched_mm experts paths) by anvil::swiglu; hidden_act
                  must be silu, and the experts path not "eager" (its Python loop has the product inline)
-  moe_gate       the MoE routers' scoring, group limiting and top-k (MixtralTopKRouter, DeepseekV2TopkRouter,
-                 DeepseekV3TopkRouter) by anvil::moe_gate, the router's own weight and correction bias
+  moe_gate       the MoE routers' scoring, group limiting and top-k (MixtralTopKRouter, Qwen2MoeTopKRouter,
+                 Qwen3MoeTopKRouter, DeepseekV2TopkRouter, DeepseekV3TopkRouter) by anvil::moe_gate, the router's own
+                 weight and correction bias
   rope           the attention modules' apply_rotary_pos_emb (DeepSeek-V3's interleaved variant too) by anvil::rope
   cross_entropy  the CausalLM's forward: with labels in training mode, the loss comes from the last hidden states
                  through anvil.nn.linear_cross_entropy (chunked; logits are returned as None, as Liger does); without
@@ -50,7 +52,7 @@ class _Arch:
     attention: str  # the attention class whose forward calls the rope functions
     rope: tuple  # ((module-level function name, interleaved), ...); () when the rotation is not anvil::rope's
     rope_missing: str = ""  # why rope is unsupported, when it is
-    moe_forward: bool = False  # the CausalLM forward adds the router aux loss (Mixtral)
+    moe_forward: bool = False  # the CausalLM forward adds the router aux loss (Mixtral, Qwen-MoE)
     not_patched: str = ""  # what of the architecture stays transformers' (said in the report)
 
 
@@ -69,6 +71,12 @@ ARCHITECTURES = {
                               "Qwen3Attention", _HALF),
     "MixtralForCausalLM": _Arch("transformers.models.mixtral.modeling_mixtral", "MixtralRMSNorm", None,
                                 "MixtralExperts", "MixtralTopKRouter", "MixtralAttention", _HALF, moe_forward=True, not_patched=_EXPERTS),
+    "Qwen2MoeForCausalLM": _Arch("transformers.models.qwen2_moe.modeling_qwen2_moe", "Qwen2MoeRMSNorm", "Qwen2MoeMLP",
+                                 "Qwen2MoeExperts", "Qwen2MoeTopKRouter", "Qwen2MoeAttention", _HALF, moe_forward=True,
+                                 not_patched=_EXPERTS + "; the shared expert's sigmoid gate"),
+    "Qwen3MoeForCausalLM": _Arch("transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeRMSNorm", "Qwen3MoeMLP",
+                                 "Qwen3MoeExperts", "Qwen3MoeTopKRouter", "Qwen3MoeAttention", _HALF, moe_forward=True,
+                                 not_patched=_EXPERTS),
     "DeepseekV2ForCausalLM": _Arch("transformers.models.deepseek_v2.modeling_deepseek_v2", "DeepseekV2RMSNorm",
                                    "DeepseekV2MLP", "DeepseekV2Experts", "DeepseekV2TopkRouter",
                                    "DeepseekV2Attention", (),
@@ -172,6 +180,14 @@ def _mixtral_router_forward(self, hidden_states):
     return logits, weights, indices.long()
 
 
+def _qwen_moe_router_forward(self, hidden_states):
+    # Qwen2MoeTopKRouter / Qwen3MoeTopKRouter: logits in the model dtype, softmax over all experts in fp32, top-k,
+    # renormalised only with norm_topk_prob; the weights are handed on in the logits' dtype, as transformers does.
+    logits = torch.nn.functional.linear(hidden_states.reshape(-1, self.hidden_dim), self.weight)  # (T, E)
+    weights, indices = _nn.ops.moe_gate(logits, None, None, self.top_k, 1, 1, "softmax", bool(self.norm_topk_prob), 1.0)
+    return logits, weights.to(logits.dtype), indices.long()
+
+
 def _deepseek_v2_router_forward(self, hidden_states):
     h = hidden_states.view(-1, self.hidden_dim)
     logits = torch.nn.functional.linear(h.float(), self.weight.float())  # (T, E) fp32
@@ -191,6 +207,8 @@ def _deepseek_v3_router_forward(self, hidden_states):
 
 
 _ROUTER_FORWARDS = {"MixtralTopKRouter": _mixtral_router_forward,
+                    "Qwen2MoeTopKRouter": _qwen_moe_router_forward,
+                    "Qwen3MoeTopKRouter": _qwen_moe_router_forward,
                     "DeepseekV2TopkRouter": _deepseek_v2_router_forward,
                     "DeepseekV3TopkRouter": _deepseek_v3_router_forward}
 
@@ -236,7 +254,7 @@ def _lce_forward(self, input_ids=None, attention_mask=None, position_ids=None, p
         return out if return_dict else out.to_tuple()
     aux_loss = None
     if model_kwargs["output_router_logits"]:
-        modeling = importlib.import_module(ARCHITECTURES["MixtralForCausalLM"].module)
+        modeling = importlib.import_module(ARCHITECTURES[self._anvil_patch_report.architecture].module)
         aux_loss = modeling.load_balancing_loss_func(outputs.router_logits, self.num_experts,
                                                      self.num_experts_per_tok, attention_mask)
         loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
@@ -293,7 +311,7 @@ def patch(model, rms_norm=None, swiglu=None, rope=None, cross_entropy=None, moe_
     """Swaps anvil's kernels into a transformers causal LM in place and returns a PatchReport.
 
     model: a LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MixtralForCausalLM,
-    DeepseekV2ForCausalLM or DeepseekV3ForCausalLM (or a subclass; a PEFT model is patched through its base
+    Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, DeepseekV2ForCausalLM or DeepseekV3ForCausalLM (or a subclass; a PEFT model is patched through its base
     model). Each kernel option: None = where supported, True = required, False = off. chunk_tokens: rows of the
     fused loss per chunk (None: anvil.nn.auto_chunk_tokens, about as much memory as the hidden states). Patching a patched model again with the same options changes nothing and returns the
     first report; with other options it is an error (load the model afresh)."""

@@ -78,6 +78,8 @@ constexpr FamilyName kFamilies[] = {
     {"Qwen2ForCausalLM", "qwen2", ModelFamily::kQwen2},
     {"Qwen3ForCausalLM", "qwen3", ModelFamily::kQwen3},
     {"MixtralForCausalLM", "mixtral", ModelFamily::kMixtral},
+    {"Qwen2MoeForCausalLM", "qwen2_moe", ModelFamily::kQwen2Moe},
+    {"Qwen3MoeForCausalLM", "qwen3_moe", ModelFamily::kQwen3Moe},
     {"DeepseekV2ForCausalLM", "deepseek_v2", ModelFamily::kDeepseekV2},
     {"DeepseekV3ForCausalLM", "deepseek_v3", ModelFamily::kDeepseekV3},
 };
@@ -112,6 +114,7 @@ void read_family(const Reader& r, ModelConfig& c) {
 }
 
 bool is_deepseek(ModelFamily f) { return f == ModelFamily::kDeepseekV2 || f == ModelFamily::kDeepseekV3; }
+bool is_qwen_moe(ModelFamily f) { return f == ModelFamily::kQwen2Moe || f == ModelFamily::kQwen3Moe; }
 
 // transformers' yarn get_mscale.
 double yarn_mscale(double scale, double mscale) { return scale <= 1.0 ? 1.0 : 0.1 * mscale * std::log(scale) + 1.0; }
@@ -196,21 +199,65 @@ void read_sliding_window(const Reader& r, ModelConfig& c) {
   if (c.family == ModelFamily::kMistral || c.family == ModelFamily::kMixtral) {
     if (window > 0) c.layer_sliding.assign(c.num_hidden_layers, true);
   }
-  if (c.family == ModelFamily::kQwen2 || c.family == ModelFamily::kQwen3) {
+  if (c.family == ModelFamily::kQwen2 || c.family == ModelFamily::kQwen3 || c.family == ModelFamily::kQwen2Moe) {
     if (r.opt_bool("use_sliding_window", false)) window = r.opt_int("sliding_window", 4096);
     if (window > 0) {
       if (const json* lt = r.find("layer_types")) {
         if (!lt->is_array() || int64_t(lt->size()) != c.num_hidden_layers)
           r.fail("key 'layer_types' must list num_hidden_layers = " + std::to_string(c.num_hidden_layers) + " entries");
         for (int64_t i = 0; i < c.num_hidden_layers; ++i) c.layer_sliding[i] = (*lt)[i] == "sliding_attention";
+      } else if (c.family == ModelFamily::kQwen2Moe) {
+        // Qwen2MoeConfig's own rule (5.17): the even layers below max_window_layers slide.
+        const int64_t below = r.opt_int("max_window_layers", 28);
+        for (int64_t i = 0; i < c.num_hidden_layers; ++i) c.layer_sliding[i] = i % 2 == 0 && i < below;
       } else {
         const int64_t first = r.opt_int("max_window_layers", 28);
         for (int64_t i = first; i < c.num_hidden_layers; ++i) c.layer_sliding[i] = true;
       }
     }
   }
+  // Qwen3-MoE has no layer_types: its one mask is the sliding one on every layer when the window is on.
+  if (c.family == ModelFamily::kQwen3Moe) {
+    if (r.opt_bool("use_sliding_window", false)) window = r.opt_int("sliding_window", 4096);
+    if (window > 0) c.layer_sliding.assign(c.num_hidden_layers, true);
+  }
   if (window < 0) r.fail("key 'sliding_window' must be positive, got " + std::to_string(window));
   c.sliding_window = window;
+}
+
+// Qwen2MoeConfig / Qwen3MoeConfig (5.17) and their routers: softmax over every expert in fp32, top-k,
+// renormalised only with `norm_topk_prob` (default false), router logits in the model's dtype.
+void read_qwen_moe(const Reader& r, ModelConfig& c) {
+  const bool q2 = c.family == ModelFamily::kQwen2Moe;
+  // Qwen3MoeConfig maps num_experts to num_local_experts, which is what its save_pretrained writes;
+  // published Qwen3-MoE configs say num_experts. Either is read; both must agree.
+  const json* experts = r.find("num_experts");
+  const json* local = q2 ? nullptr : r.find("num_local_experts");
+  if (experts && local && *experts != *local)
+    r.fail("keys 'num_experts' " + experts->dump() + " and 'num_local_experts' " + local->dump() + " disagree");
+  c.num_experts = experts ? r.integer("num_experts", *experts)
+                  : local ? r.integer("num_local_experts", *local)
+                          : (q2 ? 60 : 128);
+  if (c.num_experts < 0) r.fail("key 'num_experts' must be >= 0, got " + std::to_string(c.num_experts));
+  c.num_experts_per_tok = r.opt_int("num_experts_per_tok", q2 ? 4 : 8);
+  c.moe_intermediate_size = r.opt_int("moe_intermediate_size", q2 ? 1408 : 768);
+  if (q2) c.shared_expert_intermediate_size = r.opt_int("shared_expert_intermediate_size", 5632);
+  c.decoder_sparse_step = r.opt_int("decoder_sparse_step", 1);
+  if (c.decoder_sparse_step < 1)
+    r.fail("key 'decoder_sparse_step' must be >= 1, got " + std::to_string(c.decoder_sparse_step));
+  if (const json* m = r.find("mlp_only_layers")) {
+    if (!m->is_array()) r.fail("key 'mlp_only_layers' must be a list of layer indices, got " + m->dump());
+    for (const auto& v : *m) {
+      const int64_t i = r.integer("mlp_only_layers", v);
+      if (i < 0 || i >= c.num_hidden_layers)
+        r.fail("key 'mlp_only_layers' holds layer " + std::to_string(i) + ", outside [0, num_hidden_layers = " +
+               std::to_string(c.num_hidden_layers) + ")");
+      c.mlp_only_layers.push_back(i);
+    }
+  }
+  c.router_score = "softmax";
+  c.renormalize = r.opt_bool("norm_topk_prob", false);
+  c.router_fp32 = false;
 }
 
 void read_moe(const Reader& r, ModelConfig& c) {
@@ -221,6 +268,10 @@ void read_moe(const Reader& r, ModelConfig& c) {
     c.router_score = "softmax";
     c.renormalize = true;
     c.router_fp32 = false;
+    return;
+  }
+  if (is_qwen_moe(c.family)) {
+    read_qwen_moe(r, c);
     return;
   }
   if (!is_deepseek(c.family)) return;
@@ -368,6 +419,7 @@ void validate(const Reader& r, const ModelConfig& c) {
     if (c.topk_group < 1 || c.topk_group > c.n_group)
       r.fail("topk_group " + std::to_string(c.topk_group) + " must be in [1, n_group = " + std::to_string(c.n_group) + "]");
     if (c.first_k_dense_replace < 0) r.fail("key 'first_k_dense_replace' must be >= 0");
+    if (c.family == ModelFamily::kQwen2Moe) check_positive(r, "shared_expert_intermediate_size", c.shared_expert_intermediate_size);
   }
   if (c.hidden_act != "silu") r.fail("hidden_act '" + c.hidden_act + "' is not supported (only silu)");
   if (c.attention_backend != "sdpa" && c.attention_backend != "eager" && c.attention_backend != "sparse")
@@ -411,12 +463,15 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
   const int64_t kv_default = (c.family == ModelFamily::kMistral || c.family == ModelFamily::kMixtral) ? 8
                              : c.family == ModelFamily::kDeepseekV3 ? 128
                              : (c.family == ModelFamily::kQwen2 || c.family == ModelFamily::kQwen3) ? 32
-                                                                                                      : c.num_attention_heads;
+                             : c.family == ModelFamily::kQwen2Moe                                   ? 16
+                             : c.family == ModelFamily::kQwen3Moe                                   ? 4
+                                                                                                    : c.num_attention_heads;
   c.num_key_value_heads = r.opt_int("num_key_value_heads", kv_default);
   if (c.num_attention_heads > 0 && c.hidden_size > 0)
     c.head_dim = r.opt_int("head_dim", c.family == ModelFamily::kQwen3 ? 128 : c.hidden_size / c.num_attention_heads);
   const int64_t max_pos_default = c.family == ModelFamily::kMistral || c.family == ModelFamily::kMixtral ? 4096 * 32
-                                  : c.family == ModelFamily::kQwen2 || c.family == ModelFamily::kQwen3   ? 32768
+                                  : c.family == ModelFamily::kQwen2 || c.family == ModelFamily::kQwen3 ||
+                                          is_qwen_moe(c.family)                                          ? 32768
                                   : c.family == ModelFamily::kDeepseekV3                                 ? 4096
                                                                                                          : 2048;
   c.max_position_embeddings = r.opt_int("max_position_embeddings", max_pos_default);
@@ -437,6 +492,7 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
   switch (c.family) {
     case ModelFamily::kLlama:
     case ModelFamily::kQwen3:
+    case ModelFamily::kQwen3Moe:
     case ModelFamily::kDeepseekV2:
     case ModelFamily::kDeepseekV3:
       c.attention_bias = attention_bias;
@@ -445,12 +501,15 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
     case ModelFamily::kQwen2:
       c.qkv_bias = true;
       break;
+    case ModelFamily::kQwen2Moe:
+      c.qkv_bias = r.opt_bool("qkv_bias", true);  // Qwen2MoeConfig.qkv_bias; o_proj never has one
+      break;
     case ModelFamily::kMistral:
     case ModelFamily::kMixtral:
       break;
   }
   if (c.family == ModelFamily::kLlama || c.family == ModelFamily::kDeepseekV2) c.mlp_bias = r.opt_bool("mlp_bias", false);
-  c.qk_norm = c.family == ModelFamily::kQwen3;
+  c.qk_norm = c.family == ModelFamily::kQwen3 || c.family == ModelFamily::kQwen3Moe;
 
   read_mla(r, c);
   read_rope(r, c);

@@ -51,6 +51,15 @@ std::string derived_config_json(const ModelConfig& source, const std::vector<int
     for (const auto i : keep) dense += i < source.first_k_dense_replace ? 1 : 0;  // kept dense layers come first
     j["first_k_dense_replace"] = dense;
   }
+  if (source.family == ModelFamily::kQwen2Moe || source.family == ModelFamily::kQwen3Moe) {
+    // decoder_sparse_step counts from layer 0 and cannot say which of the kept layers are MoE: the dense ones
+    // are listed instead, under their new indices.
+    auto dense = nlohmann::json::array();
+    for (size_t n = 0; n < keep.size(); ++n)
+      if (!source.is_moe_layer(keep[n])) dense.push_back(int64_t(n));
+    j["decoder_sparse_step"] = 1;
+    j["mlp_only_layers"] = dense;
+  }
   if (j.contains("num_nextn_predict_layers")) j["num_nextn_predict_layers"] = 0;
   return j.dump(2);
 }

@@ -53,6 +53,11 @@ MoeBlock::MoeBlock(const ModelConfig& c, const at::TensorOptions& options) : con
         "shared_experts", std::make_shared<SwiGluMlp>(c.hidden_size, c.moe_intermediate_size * c.n_shared_experts,
                                                       c.mlp_bias, names, options));
   }
+  if (c.shared_expert_intermediate_size > 0) {  // Qwen2-MoE: one shared expert, gated per token
+    shared_experts_ = register_module(
+        "shared_expert", std::make_shared<SwiGluMlp>(c.hidden_size, c.shared_expert_intermediate_size, false, names, options));
+    shared_expert_gate_ = register_module("shared_expert_gate", std::make_shared<Linear>(c.hidden_size, 1, false, options));
+  }
 }
 
 std::pair<at::Tensor, at::Tensor> MoeBlock::route(const at::Tensor& hidden) {
@@ -91,7 +96,12 @@ at::Tensor MoeBlock::forward(const at::Tensor& x) {
     out = anvil::ops::moe_unpermute(expert_out, slot_rows, weights);  // (T, H)
   }
   out = out.view(shape);
-  if (shared_experts_) out = out + shared_experts_->forward(x);
+  if (shared_experts_) {
+    auto shared = shared_experts_->forward(x);  // (B, S, H)
+    // Qwen2-MoE scales it by sigmoid(shared_expert_gate(x)), (B, S, 1), in the model's dtype as transformers does.
+    if (shared_expert_gate_) shared = at::sigmoid(shared_expert_gate_->forward(x)) * shared;
+    out = out + shared;
+  }
   return out;
 }
 

@@ -576,7 +576,8 @@ int64_t quantize_base_weights(CausalLM& model, const std::string& format, int64_
               group_size, " for ", format);
   int64_t n = 0;
   for (auto& [name, linear] : named_linears(model)) {
-    if (name == "lm_head" || !linear->weight_format().empty()) continue;
+    // lm_head, and Qwen2-MoE's (1, H) shared-expert gate: a router, kept dense as the routers are (they are no Linear).
+    if (name == "lm_head" || ends_with(name, ".shared_expert_gate") || !linear->weight_format().empty()) continue;
     const int64_t in = linear->weight.size(1);
     if (format == "fp8" && in % 128 != 0) continue;  // the GEMM's 1x128 activation blocks
     // Grouped weight-only formats: a layer the group does not tile stays dense, as fp8's rule above.

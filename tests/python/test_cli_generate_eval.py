@@ -1,6 +1,6 @@
-"""`anvil generate` and `anvil eval` end to end against transformers on a tiny random Qwen2 with a
-locally trained byte-level BPE tokenizer (tests/data/tokenizers/qwen2): the same greedy continuation
-text, the same chat prompt, the same perplexity; bad options name themselves."""
+"""`anvil generate` and `anvil eval` end to end against transformers on a tiny random Qwen2 (and Qwen2-MoE,
+Qwen3-MoE) with a locally trained byte-level BPE tokenizer (tests/data/tokenizers/qwen2): the same greedy
+continuation text, the same chat prompt, the same perplexity; bad options name themselves."""
 import json
 import os
 import shutil
@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 import torch
-from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2MoeConfig, Qwen3MoeConfig
 
 import anvil
 
@@ -23,21 +23,39 @@ def run_cli(*args):
     return subprocess.run([anvil_binary(), *args], capture_output=True, text=True)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("qwen2-tiny")
+def make_tiny(d, config_cls, **extra):
     for f in os.listdir(TOK_DIR):
         shutil.copy(os.path.join(TOK_DIR, f), d)
     tok = AutoTokenizer.from_pretrained(str(d))
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    cfg = config_cls(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                     eos_token_id=tok.eos_token_id, tie_word_embeddings=False, **extra)
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(cfg).eval()
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     with torch.no_grad():  # a random model's logits are near-flat; spread them so greedy has no near-ties
         model.lm_head.weight.mul_(20)
+        for name, p in model.named_parameters():  # and the routers', so that no expert choice sits on a tie
+            if name.endswith("mlp.gate.weight"):
+                p.normal_(0.0, 0.5)
     model.save_pretrained(str(d))
     return str(d), model, tok
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("qwen2-tiny"), Qwen2Config)
+
+
+MOE = {"qwen2_moe": (Qwen2MoeConfig, dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                          shared_expert_intermediate_size=48, mlp_only_layers=[0])),
+       "qwen3_moe": (Qwen3MoeConfig, dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                          norm_topk_prob=True))}
+
+
+@pytest.fixture(scope="module", params=list(MOE))
+def tiny_moe(request, tmp_path_factory):
+    cls, extra = MOE[request.param]
+    return make_tiny(tmp_path_factory.mktemp(request.param), cls, **extra)
 
 
 def hf_continuation(model, tok, ids, n):
@@ -47,7 +65,15 @@ def hf_continuation(model, tok, ids, n):
 
 
 def test_generate_equals_transformers_greedy(tiny):
-    d, model, tok = tiny
+    check_generate(*tiny)
+
+
+def test_moe_generate_and_eval_equal_transformers(tiny_moe, tmp_path):
+    check_generate(*tiny_moe)
+    check_eval(*tiny_moe, tmp_path)
+
+
+def check_generate(d, model, tok):
     prompt = "The quick brown fox 跳过 lazy dogs 🐕"
     out = run_cli("generate", "--model", d, "--device", "cpu", "--prompt", prompt, "-n", "12", "--ignore-eos")
     assert out.returncode == 0, out.stderr
@@ -67,7 +93,10 @@ def test_generate_chat_uses_the_models_template(tiny):
 
 
 def test_eval_perplexity_equals_transformers(tiny, tmp_path):
-    d, model, tok = tiny
+    check_eval(*tiny, tmp_path)
+
+
+def check_eval(d, model, tok, tmp_path):
     texts = ["Perplexity of a tiny model on a short line.", "第二行：中文与 emoji 🎉 混合。",
              "def f(x):\n    return x * 2\n"]
     chat = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."},

@@ -46,6 +46,8 @@ def configs():
                                           v_head_dim=12, moe_intermediate_size=16, n_shared_experts=1,
                                           first_k_dense_replace=1, num_key_value_heads=4, q_lora_rank=12,
                                           n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1),
+        "qwen2_moe": t.Qwen2MoeConfig(**TINY, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                                      moe_intermediate_size=16, shared_expert_intermediate_size=24, mlp_only_layers=[0]),
     }
 
 
@@ -73,6 +75,9 @@ VARIANTS = {
     "deepseek_v3_mla_list": ("deepseek_v3", dict(r=2, lora_alpha=4, target_modules=["q_b_proj", "kv_b_proj",
                                                                                    "kv_a_proj_with_mqa"],
                                                  rank_pattern={"kv_b_proj": 5}, use_dora=True)),
+    # Attention and the shared expert's gate (a Linear hidden -> 1); the MLP names meet the same PEFT rewrite.
+    "qwen2_moe_attn": ("qwen2_moe", dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                            "shared_expert_gate"])),
 }
 
 
@@ -193,7 +198,7 @@ def test_anvil_adapter_loads_in_peft(base, tmp_path, variant):
     assert shapes(str(tmp_path / "anvil")) == shapes(str(tmp_path / "peft"))
     mine = json.load(open(tmp_path / "anvil" / "adapter_config.json"))
     theirs = json.load(open(tmp_path / "peft" / "adapter_config.json"))
-    if case == "deepseek_v3":
+    if case in ("deepseek_v3", "qwen2_moe"):
         # PEFT's transformers-5 MoE conversion resolves the targets and adds target_parameters: [] to
         # the config it writes for DeepSeek/Mixtral; what it targets is compared through the tensors.
         for key in ("target_modules", "target_parameters"):
@@ -338,32 +343,36 @@ def test_gaussian_init_std(base):
     assert abs(a.std().item() - 0.25) < 0.02 and abs(a.mean().item()) < 0.02
 
 
-def test_all_linear_targets_every_linear_but_lm_head(base):
-    model = anvil_model(base("deepseek_v3"))
+@pytest.mark.parametrize("case", ["deepseek_v3", "qwen2_moe"])
+def test_all_linear_targets_every_linear_but_lm_head(base, case):
+    model = anvil_model(base(case))
     names = _C.linear_names(model)
     assert "model.layers.1.mlp.experts.0.gate_proj" in names and "lm_head" in names
     named = dict(_C.apply_lora(model, config_json(dict(r=2, lora_alpha=2, target_modules="all-linear")), 0))
     targeted = [n[len("base_model.model."):-len(".lora_A.weight")] for n in named if n.endswith("lora_A.weight")]
     assert targeted == [n for n in names if n != "lm_head"]
-    # The dense-model modules are exactly those PEFT's all-linear picks on transformers' model.
-    hf = hf_model(base("deepseek_v3"))
+    # The dense-model modules are exactly those PEFT's all-linear picks on transformers' model (Qwen2-MoE's shared
+    # expert and its gate included; the routers are no Linear in either).
+    hf = hf_model(base(case))
     hf_linear = {n for n, m in hf.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
     assert hf_linear == {n for n in targeted if ".mlp.experts." not in n}
 
 
-def test_moe_mlp_adapters(base, tmp_path):
-    """Adapters on DeepSeek-V3's MLA, dense MLP, shared and routed experts: save -> load round trip
-    is exact, the adapter moves the output, and merging reproduces the adapted logits."""
+@pytest.mark.parametrize("case,shared", [("deepseek_v3", ".mlp.shared_experts.up_proj"),
+                                         ("qwen2_moe", ".mlp.shared_expert_gate")])
+def test_moe_mlp_adapters(base, tmp_path, case, shared):
+    """Adapters on DeepSeek-V3's MLA (Qwen2-MoE's attention), dense MLP, shared and routed experts: save -> load
+    round trip is exact, the adapter moves the output, and merging reproduces the adapted logits."""
     kwargs = dict(r=3, lora_alpha=6, target_modules="all-linear", use_dora=False)
-    ours, named = anvil_with_adapter(base("deepseek_v3"), kwargs, seed=9)
-    assert any(".mlp.shared_experts.up_proj" in n for n, _ in named)
+    ours, named = anvil_with_adapter(base(case), kwargs, seed=9)
+    assert any(shared in n for n, _ in named)
     assert any(".mlp.experts.3.down_proj" in n for n, _ in named)
     ids = tokens(6)
     adapted = ours.logits(ids)
-    plain = anvil_model(base("deepseek_v3")).logits(ids)
+    plain = anvil_model(base(case)).logits(ids)
     assert (adapted - plain).abs().max() > 1e-2 * plain.abs().max()
     _C.save_adapter(ours, config_json(kwargs), str(tmp_path))
-    again = anvil_model(base("deepseek_v3"))
+    again = anvil_model(base(case))
     _C.load_adapter(again, str(tmp_path))
     assert torch.equal(again.logits(ids), adapted)
     _C.merge_adapter(again)

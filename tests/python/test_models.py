@@ -35,6 +35,11 @@ def _mla(**kw):
     return base
 
 
+QWEN_MOE = dict(TINY, num_hidden_layers=3, num_key_value_heads=2, num_experts_per_tok=2, moe_intermediate_size=16)
+QWEN2_MOE = dict(QWEN_MOE, num_experts=8, shared_expert_intermediate_size=24)
+QWEN3_MOE = dict(QWEN_MOE, num_experts=4, head_dim=12)
+
+
 def configs():
     t = transformers
     llama3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
@@ -59,20 +64,28 @@ def configs():
         "deepseek_v3_halves": t.DeepseekV3Config(**TINY, **_mla(q_lora_rank=None), n_routed_experts=4,
                                                  num_experts_per_tok=2, n_group=1, topk_group=1,
                                                  norm_topk_prob=False, rope_interleave=False),
+        # Three layers, the middle one a dense MLP of intermediate_size (mlp_only_layers); softmax top-2 of 8 without
+        # renormalisation, the sigmoid-gated shared expert, q/k/v biases.
+        "qwen2_moe": t.Qwen2MoeConfig(**QWEN2_MOE, mlp_only_layers=[1], norm_topk_prob=False),
+        # q/k norm, an explicit head_dim (not hidden / heads), renormalised top-2 of 4, no shared expert; layer 0 dense.
+        "qwen3_moe": t.Qwen3MoeConfig(**QWEN3_MOE, mlp_only_layers=[0], norm_topk_prob=True),
     }
 
 
 CASES = list(configs())
 
 
-def build_hf(case, directory, seed=0):
-    config = configs()[case]
+def save_random(config, directory, seed):
+    """A transformers model of `config` with randomize()'d weights, in eval mode, saved to `directory`."""
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     randomize(model, seed)
-    model.eval()
-    model.save_pretrained(directory)
+    model.eval().save_pretrained(directory)
     return model
+
+
+def build_hf(case, directory, seed=0):
+    return save_random(configs()[case], directory, seed)
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +210,8 @@ def test_kv_cache_logits_equal_full_forward(case, saved):
         assert_logits_close(ours.cached_logits(ids, chunk), full)
 
 
-@pytest.mark.parametrize("case", ["llama", "mistral", "qwen3", "mixtral", "deepseek_v2", "deepseek_v3"])
+@pytest.mark.parametrize("case", ["llama", "mistral", "qwen3", "mixtral", "deepseek_v2", "deepseek_v3", "qwen2_moe",
+                                  "qwen3_moe"])
 def test_loss_and_perplexity_match_transformers(case, saved):
     hf, d = saved(case)
     ours = anvil._C.CausalLM(d)
@@ -256,7 +270,7 @@ def to_transformers4_style(directory):
         json.dump(c, f)
 
 
-@pytest.mark.parametrize("case", ["llama", "deepseek_v3", "qwen2"])
+@pytest.mark.parametrize("case", ["llama", "deepseek_v3", "qwen2", "qwen2_moe"])
 def test_transformers4_config_style(case, saved, tmp_path):
     hf, d = saved(case)
     import shutil
@@ -411,7 +425,7 @@ def test_load_errors_name_the_problem(saved, tmp_path):
         anvil._C.CausalLM(str(bad))
 
 
-@pytest.mark.parametrize("case", ["llama", "qwen3", "mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("case", ["llama", "qwen3", "mixtral", "deepseek_v3", "qwen2_moe", "qwen3_moe"])
 def test_bf16_error_within_twice_transformers_bf16(case, saved):
     """bf16 rule of docs/ARCHITECTURE.md: error vs transformers' fp32 logits <= 2x (+ slack) the error
     of transformers' own bf16 run (on CPU here; the GPU check is scripts/gpu-test.sh's)."""
@@ -491,11 +505,7 @@ def test_cuda_matches_transformers(case, saved):
 ])
 def test_rope_variants_on_llama(rope, tmp_path):
     """The other RoPE types (linear; yarn with computed and explicit attention_factor) on a dense model."""
-    config = transformers.LlamaConfig(**TINY, num_key_value_heads=2, rope_parameters=rope)
-    torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    randomize(hf, 21)
-    hf.eval().save_pretrained(tmp_path)
+    hf = save_random(transformers.LlamaConfig(**TINY, num_key_value_heads=2, rope_parameters=rope), tmp_path, 21)
     ids = tokens(2, 40, seed=22)  # past original_max_position_embeddings
     with torch.no_grad():
         ref = hf(ids).logits
@@ -504,7 +514,7 @@ def test_rope_variants_on_llama(rope, tmp_path):
     assert_logits_close(ours.cached_logits(ids, 7), ref)
 
 
-@pytest.mark.parametrize("case", ["llama", "qwen3", "mixtral", "deepseek_v2", "deepseek_v3"])
+@pytest.mark.parametrize("case", ["llama", "qwen3", "mixtral", "deepseek_v2", "deepseek_v3", "qwen2_moe", "qwen3_moe"])
 def test_gradients_match_transformers(case, saved):
     """The backward pass (through RMSNorm, RoPE, SDPA, MLA and the MoE ops' own backward functions,
     router included) gives transformers' parameter gradients."""
@@ -544,14 +554,111 @@ def test_qwen_sliding_window_layers(family, tmp_path):
     cls = transformers.Qwen2Config if family == "qwen2" else transformers.Qwen3Config
     config = cls(**TINY, num_key_value_heads=2, use_sliding_window=True, sliding_window=4, max_window_layers=1)
     assert config.layer_types == ["full_attention", "sliding_attention"]
-    torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    randomize(hf, 31)
-    hf.eval().save_pretrained(tmp_path)
-    ids = tokens(2, 12, seed=32)
+    expect_transformers_logits(save_random(config, tmp_path, 31), tmp_path, tokens(2, 12, seed=32), chunks=(1, 5))
+
+
+def expect_transformers_logits(hf, directory, ids, chunks):
+    """anvil's logits of the model saved in `directory`, whole and through the cache in each chunk size, are hf's;
+    returns hf's."""
     with torch.no_grad():
         ref = hf(ids).logits
-    ours = anvil._C.CausalLM(str(tmp_path))
+    ours = anvil._C.CausalLM(str(directory))
     assert_logits_close(ours.logits(ids), ref)
-    assert_logits_close(ours.cached_logits(ids, 1), ref)
-    assert_logits_close(ours.cached_logits(ids, 5), ref)
+    for chunk in chunks:
+        assert_logits_close(ours.cached_logits(ids, chunk), ref)
+    return ref
+
+
+def _expert_tensors_fused(tensors, num_layers):
+    """Per-expert `mlp.experts.{e}.{gate,up,down}_proj.weight` tensors as transformers 5.17 holds them in memory:
+    `mlp.experts.gate_up_proj` (E, 2I, H) and `mlp.experts.down_proj` (E, H, I)."""
+    fused = {k: v for k, v in tensors.items() if ".mlp.experts." not in k}
+    for layer in range(num_layers):
+        p = f"model.layers.{layer}.mlp.experts"
+        n = sum(1 for k in tensors if k.startswith(p + ".") and k.endswith(".down_proj.weight"))
+        if n == 0:
+            continue
+        fused[f"{p}.gate_up_proj"] = torch.stack(
+            [torch.cat([tensors[f"{p}.{e}.gate_proj.weight"], tensors[f"{p}.{e}.up_proj.weight"]]) for e in range(n)])
+        fused[f"{p}.down_proj"] = torch.stack([tensors[f"{p}.{e}.down_proj.weight"] for e in range(n)])
+    return fused
+
+
+@pytest.mark.parametrize("case", ["qwen2_moe", "qwen3_moe"])
+def test_qwen_moe_checkpoint_names(case, saved, tmp_path):
+    """save_pretrained writes per-expert tensors plus the router `mlp.gate.weight` (and Qwen2-MoE's
+    `mlp.shared_expert.*`, `mlp.shared_expert_gate.weight`), which anvil holds under the same names; the fused 3-D
+    expert tensors transformers keeps in memory (its state_dict) load to the same logits."""
+    hf, d = saved(case)
+    with safe_open(os.path.join(d, "model.safetensors"), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert "model.layers.0.mlp.experts.1.up_proj.weight" in tensors or "model.layers.1.mlp.experts.1.up_proj.weight" in tensors
+    ours = anvil._C.CausalLM(d)
+    assert set(ours.state_dict()) == set(tensors)
+    if case == "qwen2_moe":
+        assert tensors["model.layers.0.mlp.shared_expert_gate.weight"].shape == (1, 32)
+        assert "model.layers.1.mlp.down_proj.weight" in tensors  # mlp_only_layers: a dense MLP
+        # A quantized base (LoRA over int8) keeps the shared-expert gate dense, as the routers are.
+        q = anvil._C.CausalLM(d, "", "cpu", "int8").state_dict()
+        assert q["model.layers.0.mlp.shared_expert_gate.weight"].dtype == torch.float32
+        assert q["model.layers.0.mlp.experts.0.up_proj.weight"].dtype == torch.int8
+    ids = tokens(1, 7, seed=9)
+    ref = ours.logits(ids)
+    fused = {k: v.detach().clone() for k, v in hf.state_dict().items()}
+    assert any(k.endswith("experts.gate_up_proj") for k in fused)  # transformers 5.17's in-memory layout
+    assert set(_expert_tensors_fused(tensors, 3)) == set(fused)
+    out = tmp_path / "fused"
+    out.mkdir()
+    save_file(fused, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(open(os.path.join(d, "config.json")).read())
+    assert torch.equal(anvil._C.CausalLM(str(out)).logits(ids), ref)
+
+
+def test_qwen3_moe_published_num_experts_key(saved, tmp_path):
+    """Qwen3-MoE's save_pretrained writes `num_local_experts`; published configs say `num_experts`: both load."""
+    import shutil
+    hf, d = saved("qwen3_moe")
+    out = tmp_path / "published"
+    shutil.copytree(d, out)
+    c = json.loads((out / "config.json").read_text())
+    assert c["num_local_experts"] == 4
+    c["num_experts"] = c.pop("num_local_experts")
+    (out / "config.json").write_text(json.dumps(c))
+    to_transformers4_style(str(out))
+    ids = tokens(2, 9, seed=8)
+    with torch.no_grad():
+        ref = hf(ids).logits
+    assert_logits_close(anvil._C.CausalLM(str(out)).logits(ids), ref)
+    c = json.loads((out / "config.json").read_text())
+    c["num_local_experts"] = 8
+    (out / "config.json").write_text(json.dumps(c))
+    with pytest.raises(RuntimeError, match="'num_experts' 4 and 'num_local_experts' 8 disagree"):
+        anvil._C.CausalLM(str(out))
+
+
+@pytest.mark.parametrize("case,kw", [
+    # decoder_sparse_step 2: layers 1 and 3 are MoE, 0 and 2 dense; the even layers below max_window_layers slide.
+    ("qwen2_moe", dict(decoder_sparse_step=2, num_hidden_layers=4, use_sliding_window=True, sliding_window=4,
+                       max_window_layers=3, norm_topk_prob=True)),
+    # Qwen3-MoE: the window on every layer; step 2 with layer 3 listed dense as well.
+    ("qwen3_moe", dict(decoder_sparse_step=2, num_hidden_layers=4, mlp_only_layers=[3], use_sliding_window=True,
+                       sliding_window=4, norm_topk_prob=False)),
+])
+def test_qwen_moe_sparse_step_and_sliding_window(case, kw, tmp_path):
+    """decoder_sparse_step, mlp_only_layers and the sliding window as each Qwen-MoE config class lays them out,
+    with and without the cache; Qwen2-MoE's config loads alike without its written-out layer_types (4.x configs)."""
+    if case == "qwen2_moe":
+        config = transformers.Qwen2MoeConfig(**{**QWEN2_MOE, **kw})
+        assert config.layer_types == ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+    else:
+        config = transformers.Qwen3MoeConfig(**{**QWEN3_MOE, **kw})
+    hf = save_random(config, tmp_path, 41)
+    dense = [i for i, layer in enumerate(hf.model.layers) if hasattr(layer.mlp, "gate_proj")]
+    assert dense == ([0, 2] if case == "qwen2_moe" else [0, 2, 3])
+    ids = tokens(2, 12, seed=42)
+    ref = expect_transformers_logits(hf, tmp_path, ids, chunks=(5,))
+    if case == "qwen2_moe":
+        c = json.loads((tmp_path / "config.json").read_text())
+        del c["layer_types"]
+        (tmp_path / "config.json").write_text(json.dumps(c))
+        assert_logits_close(anvil._C.CausalLM(str(tmp_path)).logits(ids), ref)

@@ -22,7 +22,7 @@ from test_models import configs, tokens
 transformers = pytest.importorskip("transformers")
 
 CASES = ["llama", "llama_tied_bias", "mistral", "qwen2", "qwen3", "mixtral", "deepseek_v2", "deepseek_v2_greedy",
-         "deepseek_v3", "deepseek_v3_halves"]
+         "deepseek_v3", "deepseek_v3_halves", "qwen2_moe", "qwen3_moe"]
 RTOL = 1e-4  # fp32 model rule: max |diff| <= 1e-4 x max |reference|
 ANVIL_OPS = {"anvil::rms_norm", "anvil::rope", "anvil::swiglu", "anvil::cross_entropy_chunk"}
 
@@ -90,7 +90,7 @@ def test_fp32_logits_and_gradients_equal_unpatched(case):
         assert_close_rule(g_ours[n], g_ref[n], f"grad {n}")
 
 
-@pytest.mark.parametrize("case", ["llama", "qwen3", "mistral", "mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("case", ["llama", "qwen3", "mistral", "mixtral", "deepseek_v3", "qwen3_moe"])
 def test_bf16_error_within_twice_the_unpatched_bf16_error(case):
     """bf16 rule of docs/ARCHITECTURE.md: against the fp32 model, the patched bf16 model's logits and gradients
     err at most 2x the unpatched bf16 model's (+ 1e-3 x max |reference|, the bf16 atol's share)."""
@@ -184,8 +184,9 @@ def test_loss_with_num_items_in_batch_and_shift_labels():
     assert not ours(ids, labels=labels, return_dict=False)[0].isnan()
 
 
-def test_mixtral_router_aux_loss_is_kept():
-    ref, ours, _ = pair("mixtral")
+@pytest.mark.parametrize("case", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_router_aux_loss_is_kept(case):
+    ref, ours, _ = pair(case)
     ids = tokens(2, 8, seed=9)
     labels = labels_for(ids, seed=10)
     want = ref(ids, labels=labels, output_router_logits=True)
@@ -287,6 +288,10 @@ def test_report_counts_and_skips():
     _, _, r = pair("mixtral", cross_entropy=False)
     assert r.replaced == {"rms_norm": 5, "swiglu": 2, "moe_gate": 2, "rope": 2} and r.skipped == {"cross_entropy": "off",
                                                                                       "attention": "off unless asked (attention=True)"}
+    # 3 layers, layer 1 dense: its MLP, the MoE layers' shared experts (Qwen2MoeMLP) and their routed experts' gate
+    _, _, r = pair("qwen2_moe")
+    assert r.replaced == {"rms_norm": 7, "swiglu": 5, "moe_gate": 2, "rope": 3, "cross_entropy": 1}
+    assert "shared expert's sigmoid gate" in str(r)
 
 
 @pytest.mark.parametrize("case", ["llama_tied_bias", "deepseek_v3"])

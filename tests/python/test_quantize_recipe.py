@@ -520,3 +520,39 @@ def test_a_kill_leaves_no_half_written_output(big_model, tmp_path):
     assert not os.path.exists(out + ".tmp") and os.path.exists(os.path.join(out, "model.safetensors.index.json"))
     index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
     assert all(os.path.exists(os.path.join(out, f)) for f in set(index["weight_map"].values()))
+
+
+def test_qwen2_moe_keeps_its_routers_and_calibrates_every_expert(tmp_path):
+    """A Qwen2-MoE (a dense layer by mlp_only_layers, routed experts, the sigmoid-gated shared expert): every routed
+    and shared expert projection is quantized and calibrated on every token, the router and the (1, H) shared-expert
+    gate stay in high precision (vLLM runs both unquantized) and are listed in the export's ignore, and anvil's
+    loaded export gives logits near the source's."""
+    src = str(tmp_path / "qwen2_moe")
+    torch.manual_seed(0)
+    model = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+        vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, mlp_only_layers=[0], max_position_embeddings=256))
+    randomize(model, seed=3)
+    model.save_pretrained(src)
+    for name in os.listdir(TOKENIZER_DIR):
+        shutil.copy(os.path.join(TOKENIZER_DIR, name), src)
+    out = str(tmp_path / "fp8")
+    quantize("--model", src, "--scheme", "fp8-channel", "--out", out, "--calib", os.path.join(DATA, "general_train.jsonl"),
+             "--data.calib_samples=4", "--data.calib_seq_len=32")
+    r = json.load(open(os.path.join(out, "report.json")))
+    kept = {k["name"] for k in r["kept_high_precision"]}
+    assert kept == {"model.layers.1.mlp.shared_expert_gate"}, kept  # the report lists the Linears kept
+    quantized = {l["name"] for l in r["layers"]}
+    assert "model.layers.1.mlp.experts.3.down_proj" in quantized and "model.layers.1.mlp.shared_expert.up_proj" in quantized
+    assert "model.layers.0.mlp.gate_proj" in quantized  # the dense layer
+    assert len(r["experts"]) == 4 and all(e["calibrated_tokens"] == 4 * 32 for e in r["experts"])
+    qc = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
+    assert {"model.layers.1.mlp.gate", "model.layers.1.mlp.shared_expert_gate", "lm_head"} <= set(qc["ignore"])
+    got = tensors(out)
+    assert got["model.layers.1.mlp.shared_expert_gate.weight"].dtype == torch.float32
+    assert got["model.layers.1.mlp.experts.0.gate_proj.weight"].dtype == torch.float8_e4m3fn
+    ids = torch.randint(0, 4096, (1, 9), generator=torch.Generator().manual_seed(4))
+    ref = anvil._C.CausalLM(src).logits(ids)
+    q = anvil._C.CausalLM(out, "", "cpu", "dense").logits(ids)
+    assert (q - ref).abs().max() <= 0.1 * ref.abs().max()

@@ -1,6 +1,6 @@
 // ModelConfig: everything anvil's causal LM needs to know about an architecture, read from a
 // Hugging Face config.json. One flat struct for every supported family (Llama, Mistral, Qwen2,
-// Qwen3, Mixtral, DeepSeek-V2, DeepSeek-V3) rather than a class per family: the families differ in
+// Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2, DeepSeek-V3) rather than a class per family: the families differ in
 // a handful of switches (q/k norm, qkv bias, MoE, MLA), and one struct keeps those switches visible.
 //
 // Both spellings of config.json are accepted: transformers 4.x (top-level `rope_theta`,
@@ -18,7 +18,7 @@
 namespace anvil::model {
 
 /// The supported architectures (config.json `architectures[0]`).
-enum class ModelFamily { kLlama, kMistral, kQwen2, kQwen3, kMixtral, kDeepseekV2, kDeepseekV3 };
+enum class ModelFamily { kLlama, kMistral, kQwen2, kQwen3, kMixtral, kQwen2Moe, kQwen3Moe, kDeepseekV2, kDeepseekV3 };
 
 /// "LlamaForCausalLM", ... for a family.
 std::string family_architecture(ModelFamily family);
@@ -78,11 +78,12 @@ struct ModelConfig {
   bool qkv_bias = false;         ///< q, k, v projections carry a bias (Qwen2; or attention_bias)
   bool o_bias = false;           ///< o_proj carries a bias (attention_bias)
   bool mlp_bias = false;         ///< `mlp_bias` (Llama, DeepSeek-V2)
-  bool qk_norm = false;          ///< RMSNorm over head_dim on q and k before RoPE (Qwen3)
-  /// `sliding_window` when in force (Mistral/Mixtral: when set; Qwen2/3: when `use_sliding_window`),
-  /// else 0. A query at position i sees keys j with i - window < j <= i.
+  bool qk_norm = false;          ///< RMSNorm over head_dim on q and k before RoPE (Qwen3, Qwen3-MoE)
+  /// `sliding_window` when in force (Mistral/Mixtral: when set; the Qwen families: when
+  /// `use_sliding_window`), else 0. A query at position i sees keys j with i - window < j <= i.
   int64_t sliding_window = 0;
-  /// Per layer: does sliding_window apply (Qwen2/3 `layer_types` or `max_window_layers`).
+  /// Per layer: does sliding_window apply (Qwen2/3, Qwen2-MoE `layer_types` or `max_window_layers`;
+  /// Qwen3-MoE: every layer).
   std::vector<bool> layer_sliding;
   /// Softmax scale: head_dim^-0.5 (MLA: qk_head_dim^-0.5 times yarn's mscale(factor, mscale_all_dim)^2).
   double attention_scale = 1.0;
@@ -103,23 +104,32 @@ struct ModelConfig {
   int64_t qk_rope_head_dim = 0;  ///< `qk_rope_head_dim`
   int64_t v_head_dim = 0;        ///< `v_head_dim`
 
-  // ---- MoE (Mixtral, DeepSeek) ----
-  int64_t num_experts = 0;            ///< `num_local_experts` (Mixtral) / `n_routed_experts`; 0 = dense
+  // ---- MoE (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek) ----
+  /// `num_local_experts` (Mixtral; Qwen3-MoE as transformers 5.17 writes it) / `num_experts` (Qwen) /
+  /// `n_routed_experts` (DeepSeek); 0 = dense
+  int64_t num_experts = 0;
   int64_t num_experts_per_tok = 0;    ///< `num_experts_per_tok`
   int64_t moe_intermediate_size = 0;  ///< expert width (`moe_intermediate_size`; Mixtral: intermediate_size)
   int64_t n_shared_experts = 0;       ///< `n_shared_experts`: one shared MLP of n * moe_intermediate_size
   int64_t first_k_dense_replace = 0;  ///< `first_k_dense_replace`: layers [0, k) use the dense MLP
+  /// `shared_expert_intermediate_size` (Qwen2-MoE): one shared MLP of this width whose output is scaled
+  /// by sigmoid(shared_expert_gate(x)), a Linear hidden -> 1; 0 = none.
+  int64_t shared_expert_intermediate_size = 0;
+  /// `decoder_sparse_step` (Qwen-MoE): layer i is MoE when (i + 1) % step == 0 (1 = every layer).
+  int64_t decoder_sparse_step = 1;
+  /// `mlp_only_layers` (Qwen-MoE): layers that use the dense MLP of intermediate_size whatever the step.
+  std::vector<int64_t> mlp_only_layers;
   int64_t n_group = 1;                ///< `n_group` (group-limited routing), 1 = none
   int64_t topk_group = 1;             ///< `topk_group`
   /// Gate scores: "softmax" (Mixtral, DeepSeek-V2) or "sigmoid" (DeepSeek-V3, noaux_tc).
   std::string router_score = "softmax";
-  /// Divide the top-k weights by their sum (Mixtral: always; V3: `norm_topk_prob`; V2: never, as
-  /// transformers 5.17's DeepseekV2TopkRouter ignores `norm_topk_prob`).
+  /// Divide the top-k weights by their sum (Mixtral: always; Qwen-MoE, V3: `norm_topk_prob`; V2: never,
+  /// as transformers 5.17's DeepseekV2TopkRouter ignores `norm_topk_prob`).
   bool renormalize = true;
   double routed_scaling_factor = 1.0;  ///< `routed_scaling_factor`
   bool router_bias = false;            ///< gate carries e_score_correction_bias (DeepSeek-V3)
   /// Router logits in fp32 (DeepSeek: hidden states and gate weight cast to fp32) or in the model's
-  /// dtype (Mixtral).
+  /// dtype (Mixtral, Qwen-MoE).
   bool router_fp32 = false;
 
   // ---- tokens ----
@@ -137,8 +147,14 @@ struct ModelConfig {
   /// The config.json text as read, written back (with dtype updated) when the model is saved.
   std::string json;
 
-  /// True when layer `i` uses the MoE block rather than the dense MLP.
-  bool is_moe_layer(int64_t i) const { return num_experts > 0 && i >= first_k_dense_replace; }
+  /// True when layer `i` uses the MoE block rather than the dense MLP (DeepSeek: from first_k_dense_replace
+  /// on; Qwen-MoE: every decoder_sparse_step-th layer not in mlp_only_layers).
+  bool is_moe_layer(int64_t i) const {
+    if (num_experts <= 0 || i < first_k_dense_replace || (i + 1) % decoder_sparse_step != 0) return false;
+    for (const int64_t d : mlp_only_layers)
+      if (d == i) return false;
+    return true;
+  }
 };
 
 /// Parses config.json text. `source` names the file in error messages. Throws std::runtime_error

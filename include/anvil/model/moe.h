@@ -9,8 +9,9 @@
 // Parameter names are those transformers 5.17's save_pretrained writes, which are also those of the
 // published checkpoints: Mixtral `block_sparse_moe.gate.weight` and `block_sparse_moe.experts.{e}.
 // {w1,w2,w3}.weight`; DeepSeek `mlp.gate.weight`, `mlp.gate.e_score_correction_bias` (V3),
-// `mlp.experts.{e}.{gate,up,down}_proj.weight`, `mlp.shared_experts.*`. Loading also accepts the
-// other spellings (transformers/model.cpp canonicalises them).
+// `mlp.experts.{e}.{gate,up,down}_proj.weight`, `mlp.shared_experts.*`; Qwen2-MoE / Qwen3-MoE `mlp.gate.weight`,
+// `mlp.experts.{e}.{gate,up,down}_proj.weight`, Qwen2-MoE's `mlp.shared_expert.*` and `mlp.shared_expert_gate.weight`.
+// Loading also accepts the other spellings (model/transformer.cpp canonicalises them).
 #pragma once
 
 #include "anvil/model/attention.h"
@@ -43,8 +44,8 @@ class MoeGate : public torch::nn::Module {
   at::Tensor e_score_correction_bias;  ///< undefined unless ModelConfig::router_bias
 };
 
-/// gate -> moe_gate -> moe_permute -> experts -> moe_unpermute (+ shared experts). `config` must
-/// outlive the block (CausalLM owns it).
+/// gate -> moe_gate -> moe_permute -> experts -> moe_unpermute (+ shared experts: DeepSeek's summed as they are,
+/// Qwen2-MoE's one scaled by sigmoid(shared_expert_gate(x))). `config` must outlive the block (CausalLM owns it).
 class MoeBlock : public torch::nn::Module {
  public:
   MoeBlock(const ModelConfig& config, const at::TensorOptions& options);
@@ -58,7 +59,8 @@ class MoeBlock : public torch::nn::Module {
   std::shared_ptr<MoeGate> gate_;
   torch::nn::ModuleList experts_;
   std::vector<std::shared_ptr<SwiGluMlp>> expert_list_;
-  std::shared_ptr<SwiGluMlp> shared_experts_;
+  std::shared_ptr<SwiGluMlp> shared_experts_;  ///< "shared_experts" (DeepSeek) or "shared_expert" (Qwen2-MoE)
+  std::shared_ptr<Linear> shared_expert_gate_;  ///< Qwen2-MoE: (1, H), no bias
 };
 
 }  // namespace anvil::model

@@ -111,6 +111,105 @@ TEST(ModelConfig, MixtralPublishedV4) {
   EXPECT_DOUBLE_EQ(c.rope.theta, 1e6);
 }
 
+TEST(ModelConfig, Qwen2MoeWrittenByTransformers5) {
+  auto c = load("tiny_qwen2_moe_v5.json");
+  EXPECT_EQ(c.family, ModelFamily::kQwen2Moe);
+  EXPECT_EQ(c.architecture, "Qwen2MoeForCausalLM");
+  EXPECT_TRUE(c.qkv_bias);
+  EXPECT_FALSE(c.o_bias);
+  EXPECT_FALSE(c.qk_norm);
+  EXPECT_EQ(c.num_experts, 8);
+  EXPECT_EQ(c.num_experts_per_tok, 2);
+  EXPECT_EQ(c.moe_intermediate_size, 16);
+  EXPECT_EQ(c.intermediate_size, 48);  // the dense layers' width, not the experts'
+  EXPECT_EQ(c.shared_expert_intermediate_size, 24);
+  EXPECT_EQ(c.n_shared_experts, 0);
+  EXPECT_EQ(c.router_score, "softmax");
+  EXPECT_TRUE(c.renormalize);  // norm_topk_prob true
+  EXPECT_FALSE(c.router_fp32);
+  EXPECT_EQ(c.n_group, 1);
+  EXPECT_DOUBLE_EQ(c.rope.theta, 1e6);
+  EXPECT_EQ(c.head_dim, 8);
+  // decoder_sparse_step 2: layers 1 and 3 would be MoE; mlp_only_layers [3] makes 3 dense.
+  EXPECT_EQ(c.decoder_sparse_step, 2);
+  EXPECT_EQ(c.mlp_only_layers, std::vector<int64_t>{3});
+  EXPECT_FALSE(c.is_moe_layer(0));
+  EXPECT_TRUE(c.is_moe_layer(1));
+  EXPECT_FALSE(c.is_moe_layer(2));
+  EXPECT_FALSE(c.is_moe_layer(3));
+  EXPECT_EQ(c.sliding_window, 16);
+  EXPECT_EQ(c.layer_sliding, (std::vector<bool>{true, false, true, false}));  // layer_types as written
+  // Without layer_types (4.x configs): Qwen2MoeConfig's rule, the even layers below max_window_layers (3).
+  auto no_types = parse_model_config(edit(read("tiny_qwen2_moe_v5.json"), "\"layer_types\"", "\"unused_layer_types\""));
+  EXPECT_EQ(no_types.layer_sliding, (std::vector<bool>{true, false, true, false}));
+  auto fewer = parse_model_config(edit(edit(read("tiny_qwen2_moe_v5.json"), "\"layer_types\"", "\"unused_layer_types\""),
+                                       "\"max_window_layers\": 3", "\"max_window_layers\": 1"));
+  EXPECT_EQ(fewer.layer_sliding, (std::vector<bool>{true, false, false, false}));
+  auto no_window = parse_model_config(edit(read("tiny_qwen2_moe_v5.json"), "\"use_sliding_window\": true", "\"use_sliding_window\": false"));
+  EXPECT_EQ(no_window.sliding_window, 0);
+  // qkv_bias false; defaults of Qwen2MoeConfig for absent keys (num_experts 60, top-4, no renormalisation).
+  auto defaults = parse_model_config(R"({"architectures": ["Qwen2MoeForCausalLM"], "vocab_size": 64, "hidden_size": 64,
+      "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 16, "qkv_bias": false})");
+  EXPECT_FALSE(defaults.qkv_bias);
+  EXPECT_EQ(defaults.num_experts, 60);
+  EXPECT_EQ(defaults.num_experts_per_tok, 4);
+  EXPECT_EQ(defaults.moe_intermediate_size, 1408);
+  EXPECT_EQ(defaults.shared_expert_intermediate_size, 5632);
+  EXPECT_FALSE(defaults.renormalize);
+  EXPECT_EQ(defaults.num_key_value_heads, 16);
+  EXPECT_TRUE(defaults.is_moe_layer(0) && defaults.is_moe_layer(1));
+}
+
+TEST(ModelConfig, Qwen3MoeWrittenByTransformers5) {
+  auto c = load("tiny_qwen3_moe_v5.json");
+  EXPECT_EQ(c.family, ModelFamily::kQwen3Moe);
+  EXPECT_TRUE(c.qk_norm);
+  EXPECT_FALSE(c.qkv_bias);
+  EXPECT_FALSE(c.o_bias);
+  EXPECT_EQ(c.num_experts, 4);  // written as num_local_experts
+  EXPECT_EQ(c.head_dim, 12);    // explicit, unlike hidden / heads = 8
+  EXPECT_EQ(c.shared_expert_intermediate_size, 0);
+  EXPECT_FALSE(c.renormalize);
+  EXPECT_EQ(c.sliding_window, 0);
+  EXPECT_TRUE(c.is_moe_layer(0) && c.is_moe_layer(1));
+  // Published configs say num_experts; without head_dim it is hidden / heads (Qwen3MoeConfig has none).
+  auto published = parse_model_config(edit(edit(read("tiny_qwen3_moe_v5.json"), "\"num_local_experts\"", "\"num_experts\""),
+                                           "\"head_dim\": 12,", ""));
+  EXPECT_EQ(published.num_experts, 4);
+  EXPECT_EQ(published.head_dim, 8);
+  // attention_bias: every projection, o_proj included; the window on every layer.
+  auto biased = parse_model_config(edit(edit(read("tiny_qwen3_moe_v5.json"), "\"attention_bias\": false", "\"attention_bias\": true"),
+                                        "\"use_sliding_window\": false", "\"use_sliding_window\": true"));
+  EXPECT_TRUE(biased.qkv_bias && biased.o_bias);
+  EXPECT_EQ(biased.sliding_window, 4096);  // sliding_window null: the class default
+  EXPECT_EQ(biased.layer_sliding, (std::vector<bool>{true, true}));
+}
+
+TEST(ModelConfig, QwenMoeErrorsNameTheKey) {
+  const std::string q2 = read("tiny_qwen2_moe_v5.json");
+  expect_error(edit(q2, "\"decoder_sparse_step\": 2", "\"decoder_sparse_step\": 0"), {"'decoder_sparse_step'", ">= 1", "got 0"});
+  expect_error(edit(q2, "\"decoder_sparse_step\": 2", "\"decoder_sparse_step\": 1.5"), {"'decoder_sparse_step'", "integer"});
+  expect_error(edit(q2, "\"mlp_only_layers\": [\n    3\n  ]", "\"mlp_only_layers\": [4]"),
+               {"'mlp_only_layers'", "layer 4", "num_hidden_layers = 4"});
+  expect_error(edit(q2, "\"mlp_only_layers\": [\n    3\n  ]", "\"mlp_only_layers\": 3"), {"'mlp_only_layers'", "list"});
+  expect_error(edit(q2, "\"mlp_only_layers\": [\n    3\n  ]", "\"mlp_only_layers\": [\"3\"]"),
+               {"'mlp_only_layers'", "must be an integer"});
+  expect_error(edit(q2, "\"num_experts_per_tok\": 2", "\"num_experts_per_tok\": 9"), {"num_experts_per_tok 9", "8 experts"});
+  expect_error(edit(q2, "\"num_experts\": 8", "\"num_experts\": -1"), {"'num_experts'", ">= 0"});
+  expect_error(edit(q2, "\"shared_expert_intermediate_size\": 24", "\"shared_expert_intermediate_size\": 0"),
+               {"'shared_expert_intermediate_size'", "positive"});
+  expect_error(edit(q2, "\"moe_intermediate_size\": 16", "\"moe_intermediate_size\": 0"), {"'moe_intermediate_size'", "positive"});
+  expect_error(edit(q2, "\"norm_topk_prob\": true", "\"norm_topk_prob\": 1"), {"'norm_topk_prob'", "true or false"});
+  expect_error(edit(q2, "\"qkv_bias\": true", "\"qkv_bias\": \"yes\""), {"'qkv_bias'", "true or false"});
+  const std::string q3 = read("tiny_qwen3_moe_v5.json");
+  expect_error(edit(q3, "\"num_local_experts\": 4", "\"num_local_experts\": 4, \"num_experts\": 8"),
+               {"'num_experts' 8", "'num_local_experts' 4", "disagree"});
+  expect_error(edit(q3, "\"num_local_experts\": 4", "\"num_local_experts\": \"4\""), {"'num_local_experts'", "integer"});
+  // num_experts 0: a dense model, as transformers builds it.
+  auto dense = parse_model_config(edit(q3, "\"num_local_experts\": 4", "\"num_local_experts\": 0"));
+  EXPECT_FALSE(dense.is_moe_layer(0));
+}
+
 TEST(ModelConfig, DeepseekV2LiteMla) {
   auto c = load("deepseek_v2_lite.json");
   EXPECT_EQ(c.family, ModelFamily::kDeepseekV2);

@@ -83,6 +83,20 @@ TEST(Derive, ConfigKeysThatDependOnTheLayerIndex) {
   const auto back = parse_model_config(qo.dump());
   EXPECT_FALSE(back.layer_sliding[0]);
   EXPECT_TRUE(back.layer_sliding[1]);
+  // Qwen2-MoE, decoder_sparse_step 2 with layer 3 in mlp_only_layers: MoE layers {1}, dense {0, 2, 3}. Keeping
+  // [1, 2, 3] lists the dense ones under their new indices; the derived model loads the kept layers' weights.
+  const auto qm = load_model_config(fixture("tiny_qwen2_moe_v5.json"));
+  const auto mo = nlohmann::json::parse(derived_config_json(qm, {1, 2, 3}, "keep"));
+  EXPECT_EQ(mo["decoder_sparse_step"], 1);
+  EXPECT_EQ(mo["mlp_only_layers"], nlohmann::json({1, 2}));
+  EXPECT_EQ(mo["layer_types"], nlohmann::json({"full_attention", "sliding_attention", "full_attention"}));
+  const auto mback = parse_model_config(mo.dump());
+  EXPECT_TRUE(mback.is_moe_layer(0));
+  EXPECT_FALSE(mback.is_moe_layer(1) || mback.is_moe_layer(2));
+  at::manual_seed(1);
+  const auto source = random_model(qm.json);
+  const auto derived = derive_by_layers(*source, {1, 2, 3}, at::TensorOptions().dtype(at::kFloat), "keep");
+  EXPECT_EQ(derived->config().num_hidden_layers, 3);
 }
 
 TEST(Derive, BadLayerListsNameTheKey) {

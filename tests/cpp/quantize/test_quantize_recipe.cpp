@@ -148,6 +148,8 @@ void expect_layers_rebuild_the_model(const std::string& config_file) {
 TEST(QuantizeCalibrate, OneLayerAtATimeIsTheModel) {
   expect_layers_rebuild_the_model("tiny_llama3_v5.json");
   expect_layers_rebuild_the_model("tiny_mixtral_v5.json");
+  expect_layers_rebuild_the_model("tiny_qwen2_moe_v5.json");  // shared expert + gate, dense and sliding layers
+  expect_layers_rebuild_the_model("tiny_qwen3_moe_v5.json");
 }
 
 }  // namespace
