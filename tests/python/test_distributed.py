@@ -389,10 +389,21 @@ def test_a_one_process_checkpoint_resumes_on_two_ranks(tmp_path, zero):
     assert close(v2[-1], v1[-1])
 
 
-def peak_gradient_mib(stderr):
-    m = re.search(r"rank 0's gradients and reduce buffers peaked at ([0-9.]+) MiB", stderr)
+def peak_mib(stderr, what):
+    """Rank 0's figure of a launched run's "gradient memory: ..." or "parameter memory: ..." line."""
+    m = re.search(what + r" peaked at ([0-9.]+) MiB", stderr)
     assert m, stderr
     return float(m.group(1))
+
+
+def peaks_by_stage(tmp_path, stages, args, what):
+    """peak_mib of a 2-rank anvil train run of the demo at each train.zero_stage."""
+    peaks = {}
+    for zero in stages:
+        r = run_torchrun([*demo_args("train", str(tmp_path / f"z{zero}")), *args, f"--train.zero_stage={zero}"])
+        assert r.returncode == 0, r.stdout + r.stderr
+        peaks[zero] = peak_mib(r.stderr, what)
+    return peaks
 
 
 def test_zero2_halves_the_gradient_memory_of_a_rank(tmp_path):
@@ -402,21 +413,11 @@ def test_zero2_halves_the_gradient_memory_of_a_rank(tmp_path):
     embedding's, which reduces in its own memory), one micro-batch a step, 0.25 MiB buckets (measured: 4.88 MiB
     against 9.01)."""
     args = ["--train.grad_accum=1", "--train.dist_bucket_mb=0.25"]
-    peaks = {}
-    for zero in (0, 2):
-        r = run_torchrun([*demo_args("train", str(tmp_path / f"z{zero}")), *args, f"--train.zero_stage={zero}"])
-        assert r.returncode == 0, r.stdout + r.stderr
-        peaks[zero] = peak_gradient_mib(r.stderr)
+    peaks = peaks_by_stage(tmp_path, (0, 2), args, "rank 0's gradients and reduce buffers")
     print(f"peak gradient MiB of rank 0: stage 0 {peaks[0]:.2f}, stage 2 {peaks[2]:.2f}")
     assert peaks[0] > 0
     assert peaks[2] < 0.6 * peaks[0], peaks
 
-
-
-def peak_parameter_mib(stderr):
-    m = re.search(r"parameter memory: rank 0's parameters peaked at ([0-9.]+) MiB", stderr)
-    assert m, stderr
-    return float(m.group(1))
 
 
 def test_zero3_holds_fewer_parameters_on_a_rank(tmp_path):
@@ -434,11 +435,7 @@ def test_zero3_holds_fewer_parameters_on_a_rank(tmp_path):
     config.write_text(json.dumps(cfg))
     args = ["--model.path=", "--model.init=random", f"--model.config={config}",
             "--model.tokenizer=" + os.path.join(ROOT, "examples/tiny/base"), "--train.steps=2"]
-    peaks = {}
-    for zero in (0, 3):
-        r = run_torchrun([*demo_args("train", str(tmp_path / f"z{zero}")), *args, f"--train.zero_stage={zero}"])
-        assert r.returncode == 0, r.stdout + r.stderr
-        peaks[zero] = peak_parameter_mib(r.stderr)
+    peaks = peaks_by_stage(tmp_path, (0, 3), args, "parameter memory: rank 0's parameters")
     print(f"peak parameter MiB of rank 0: stage 0 {peaks[0]:.2f}, stage 3 {peaks[3]:.2f}")
     assert 13.5 < peaks[0] < 14.5, peaks
     assert peaks[3] < 0.75 * peaks[0], peaks
