@@ -119,6 +119,14 @@ def test_two_ranks_give_the_one_process_loss_curve(tmp_path, recipe, zero):
         assert a["tokens"] == b["tokens"] and a["lr"] == b["lr"]
     assert len(v1) == len(v2) == 1 and close(v2[0], v1[0])
     assert os.path.exists(os.path.join(two, "checkpoint", "state.json"))
+    if zero == 3:
+        # The exported model is rank 0's gathered parameters: the 1-process weights (measured: 1.3e-6 of each
+        # tensor's largest value).
+        from safetensors.torch import load_file
+        w1, w2 = (load_file(os.path.join(d, "model", "model.safetensors")) for d in (one, two))
+        assert w1.keys() == w2.keys()
+        for k in w1:
+            assert (w2[k] - w1[k]).abs().max() <= 1e-5 * w1[k].abs().max(), k
 
 
 def check_two_rank_checkpoint_resumes_in_one_process(tmp_path, recipe, zero):
