@@ -300,6 +300,7 @@ RecipeConfig resolve_config(const json& user) {
   }
   c.data = train::read_data_section(r);
   c.train = train::read_train_section(r);
+  train::refuse_zero_stage_3(c.train, "anvil distill");
   if (c.use_lora && c.train.mixed_precision != "none")
     config_error("train.mixed_precision", "is for a fully trained student; LoRA adapters are fp32 over a base in "
                  "student.dtype already", r.at("train.mixed_precision"));

@@ -86,6 +86,9 @@ int run_recipe(const RecipeConfig& c, const train::RunOptions& options) {
   // ---- the trainer: output.dir, resume ----
   auto settings = train::loop_settings("train", c.train, c.eval, c.output, total_steps, c.resolved, kSameRun);
   settings.dist = train::connect_if_launched(c.train, device);
+  // train.zero_stage 3: the trainer shards the model's parameters by decoder layer and runs each layer through
+  // gradient checkpointing itself, whatever train.grad_checkpointing says (docs/CLI.md).
+  settings.shard_model = model.get();
   train::Trainer trainer(std::move(settings), trainable, device);
   trainer.open(options.resume, stream);
   const auto before = main_rank ? train::generate_for_prompts(*model, tok.get(), c.eval) : std::vector<std::string>();

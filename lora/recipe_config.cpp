@@ -31,6 +31,7 @@ RecipeConfig resolve_config(const json& user) {
   c.data = train::read_data_section(r);
   c.lora = train::read_lora_section(r);
   c.train = train::read_train_section(r);
+  train::refuse_zero_stage_3(c.train, "anvil lora");
   if (c.train.mixed_precision != "none")
     config_error("train.mixed_precision", "is for anvil train; LoRA adapters are fp32 over a base in model.dtype already",
                  r.at("train.mixed_precision"));

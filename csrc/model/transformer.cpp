@@ -154,6 +154,17 @@ at::Tensor TransformerModel::forward(const at::Tensor& input_ids, const at::Tens
   }
   for (size_t i = 0; i < layer_list_.size(); ++i) {
     const bool window = config_.sliding_window > 0 && config_.layer_sliding[i];
+    if (layer_wrapper_ && !cache) {
+      // The bound forward keeps its own handles, as checkpoint's: a wrapper may run it again in backward.
+      h = layer_wrapper_(
+          int64_t(i),
+          [layer = layer_list_[i], cos, sin, mask = window ? sliding : full](const at::Tensor& x) {
+            return layer->forward(x, cos, sin, mask, nullptr);
+          },
+          h);
+      if (layer_outputs) layer_outputs->push_back(h);
+      continue;
+    }
     if (gradient_checkpointing_ && !cache && at::GradMode::is_enabled()) {
       // The lambda keeps its own handles: backward runs it again after this function has returned.
       h = checkpoint(

@@ -219,6 +219,12 @@ DataSection read_data_section(const ConfigReader& r) {
   return d;
 }
 
+void refuse_zero_stage_3(const TrainSection& t, const std::string& recipe) {
+  if (t.zero_stage == 3)
+    config_error("train.zero_stage", "3 (parameter sharding) is for anvil train (full fine-tuning); " + recipe +
+                 " supports 0, 1 or 2 (optimizer state and gradients sharded)", t.zero_stage);
+}
+
 TrainSection read_train_section(const ConfigReader& r) {
   TrainSection t;
   t.batch_size = r.int_at_least("train.batch_size", 1);
@@ -241,9 +247,9 @@ TrainSection read_train_section(const ConfigReader& r) {
   t.skip_nonfinite_steps = r.boolean("train.skip_nonfinite_steps");
   t.dist_backend = r.string_in("train.dist_backend", {"auto", "gloo", "nccl"});
   t.zero_stage = r.int_at_least("train.zero_stage", 0);
-  if (t.zero_stage > 2)
+  if (t.zero_stage > 3)
     config_error("train.zero_stage", "must be 0 (replicated optimizer state), 1 (optimizer state sharded across "
-                 "ranks) or 2 (optimizer state and gradients sharded); 3 (parameters) is not there yet", t.zero_stage);
+                 "ranks), 2 (optimizer state and gradients sharded) or 3 (and the parameters: anvil train)", t.zero_stage);
   t.dist_timeout_s = r.number_in("train.dist_timeout_s", 0.001, 86400.0, false, "[0.001, 86400] seconds");
   t.dist_bucket_mb = r.number_in("train.dist_bucket_mb", 0.0, 4096.0, false, "(0, 4096] MiB");
   if (t.dist_bucket_mb <= 0) config_error("train.dist_bucket_mb", "must be > 0 MiB", t.dist_bucket_mb);

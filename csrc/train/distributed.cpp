@@ -274,6 +274,35 @@ void Distributed::barrier(const std::string& what) {
   wait_or_fail(*this, work, what);
 }
 
+namespace {
+
+// Issues a collective now; the waiter completes it (a failure either way worded by fail). It holds `keep`, the
+// collective's tensors, until then.
+Distributed::Waiter issue_async(Distributed& d, const std::function<c10::intrusive_ptr<c10d::Work>()>& issue,
+                                std::vector<at::Tensor> keep, const std::string& what) {
+  c10::intrusive_ptr<c10d::Work> work;
+  try {
+    work = issue();
+  } catch (const std::exception& e) {
+    d.fail(what, first_line(e));
+  }
+  return [&d, work, keep = std::move(keep), what] { wait_or_fail(d, work, what); };
+}
+
+}  // namespace
+
+Distributed::Waiter Distributed::all_gather_async(at::Tensor out, at::Tensor in, const std::string& what) {
+  TORCH_CHECK(out.is_contiguous() && in.is_contiguous() && out.numel() == in.numel() * world_size(),
+              "all_gather_async: out must be (world_size * in.numel(),) contiguous");
+  return issue_async(*this, [&] { return impl_->group->_allgather_base(out, in); }, {out, in}, what);
+}
+
+Distributed::Waiter Distributed::reduce_scatter_async(at::Tensor out, at::Tensor in, const std::string& what) {
+  TORCH_CHECK(out.is_contiguous() && in.is_contiguous() && in.numel() == out.numel() * world_size(),
+              "reduce_scatter_async: in must be (world_size * out.numel(),) contiguous");
+  return issue_async(*this, [&] { return impl_->group->_reduce_scatter_base(out, in); }, {out, in}, what);
+}
+
 // ---- GradientSync ------------------------------------------------------------------------------------
 
 struct GradientSync::Bucket {

@@ -107,11 +107,16 @@ at::Tensor clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm
   std::vector<at::Tensor> grads;
   for (const auto& p : params)
     if (p.grad().defined()) grads.push_back(p.grad());
+  return clip_gradients(grads, max_norm, sum_over_ranks, params.empty() ? at::TensorOptions() : params[0].options());
+}
+
+at::Tensor clip_gradients(const std::vector<at::Tensor>& grads, double max_norm,
+                          const std::function<void(at::Tensor&)>& sum_over_ranks, const at::TensorOptions& options) {
   at::NoGradGuard no_grad;
   at::Tensor total;  // () fp32
   if (sum_over_ranks) {
     // A rank may own no gradient at all; it still joins the sum.
-    auto sq = grads.empty() ? at::zeros({}, params.at(0).options().dtype(at::kFloat))
+    auto sq = grads.empty() ? at::zeros({}, options.dtype(at::kFloat))
                             : at::stack(at::_foreach_norm(grads, 2)).to(at::kFloat).square().sum();
     sum_over_ranks(sq);
     total = sq.sqrt();

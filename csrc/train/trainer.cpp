@@ -176,8 +176,21 @@ Trainer::Trainer(LoopSettings settings, NamedTensors trainable, at::Device devic
       throw std::runtime_error("config key train.batch_size: must be a multiple of WORLD_SIZE (" + std::to_string(world) +
                                ") under a multi-process launch (it is the global micro-batch, split by rows), got " +
                                std::to_string(s_.train.batch_size));
-    sync_ = std::make_unique<GradientSync>(s_.dist, params_, int64_t(s_.train.dist_bucket_mb * double(1 << 20)),
-                                           /*sharded=*/s_.train.zero_stage == 2);
+    if (s_.train.zero_stage == 3) {
+      // ZeRO-3: the parameters themselves sharded by decoder layer; no GradientSync (each layer's gradients are
+      // reduce-scattered as its backward ends) and AdamW over this rank's flat shards.
+      if (!s_.shard_model)
+        throw std::runtime_error("config key train.zero_stage: 3 (parameter sharding) is for anvil train (full "
+                                 "fine-tuning); anvil " + s_.recipe + " supports 0, 1 or 2");
+      zero3_ = std::make_unique<ParameterShards>(s_.dist, *s_.shard_model, trainable_);
+    } else {
+      sync_ = std::make_unique<GradientSync>(s_.dist, params_, int64_t(s_.train.dist_bucket_mb * double(1 << 20)),
+                                             /*sharded=*/s_.train.zero_stage == 2);
+    }
+  }
+  if (zero3_) {
+    optimizer_ = std::make_unique<AdamW>(zero3_->shards(), adamw);  // fp32 state for this rank's shards only
+    return;
   }
   if (s_.dist && s_.train.zero_stage == 2) {
     // ZeRO-2: a tensor's AdamW state lives where its gradient is reduced to, its bucket's owner.
@@ -208,6 +221,7 @@ Trainer::Trainer(LoopSettings settings, NamedTensors trainable, at::Device devic
 }
 
 void Trainer::zero_grads() {
+  if (zero3_) return zero3_->zero_grads();
   if (sync_) return sync_->zero_grads();  // data parallel: the gradients live in (or go to) the reduce's buckets
   for (auto& p : params_) p.mutable_grad() = at::Tensor();  // every tensor's, owned by this rank's AdamW or not
 }
@@ -223,8 +237,14 @@ void Trainer::open(bool resume, data::BatchStream& stream) {
   if (resume) {
     const auto dir = find_checkpoint(s_.out_dir);
     check_same_run(s_.config, checkpoint_config(dir), s_.same_run_sections);
-    if (owner_.empty()) {
+    if (owner_.empty() && !zero3_) {
       state_ = load_training_checkpoint(dir, trainable_, *optimizer_, device_);
+    } else if (zero3_) {
+      // ZeRO-3: the parameters are still whole here (sharded below, once every rank has rank 0's); each rank
+      // keeps its shards' part of the consolidated state.
+      AdamW full(params_, adamw_);
+      state_ = load_training_checkpoint(dir, trainable_, full, device_);
+      zero3_->state_from_full(full, *optimizer_);
     } else {
       // ZeRO-1: the checkpoint holds every tensor's state (consolidated on save, so any rank count resumes it);
       // each rank reads it whole and keeps its own tensors' part.
@@ -258,6 +278,9 @@ void Trainer::open(bool resume, data::BatchStream& stream) {
     // makes it so whatever a recipe did), and no rank reads output.dir after rank 0 may have written it.
     s_.dist->set_phase("the start of the run");
     s_.dist->broadcast(params_, 0, "the initial trainable tensors");
+    // ZeRO-3: each rank's shards cut from them; the whole parameters stay until the first step (the recipe's
+    // generations before training use them), which releases them.
+    if (zero3_) zero3_->shards_from_full();
     s_.dist->barrier("the start of the run");
   }
 }
@@ -289,6 +312,8 @@ std::unique_ptr<AdamW> Trainer::consolidated_optimizer() {
 
 double Trainer::run_eval(const EvalFn& evaluate, std::optional<MetricsLog>& metrics) {
   if (!evaluate) return 0;
+  // ZeRO-3: the whole model on every rank (the ranks' shares of the batches differ in number).
+  if (zero3_) zero3_->gather_all("gathering the parameters for validation at step " + std::to_string(state_.step));
   // Under a launch each rank evaluates its share of the batches (EvalShard) and the sums are added over the
   // ranks: loss * targets, targets and term * targets (every term is a mean per target), in fp64.
   EvalResult r = s_.dist ? evaluate(EvalShard{s_.dist->rank(), s_.dist->world_size()}) : evaluate(EvalShard{});
@@ -359,7 +384,14 @@ int Trainer::fit(data::BatchStream& stream, const LossFn& loss_fn, const EvalFn&
   std::optional<Pending> pending;
   const auto write_checkpoint = [&](const TrainState& st, const NamedTensors& generators) {
     // The state is replicated (ZeRO-1: gathered to rank 0 first); rank 0 writes it for all.
-    if (!owner_.empty()) {
+    if (zero3_) {
+      // ZeRO-3: parameters and AdamW state gathered into the 1-process format (any rank count resumes it).
+      const bool was_full = zero3_->full();
+      zero3_->gather_all("gathering the parameters for a checkpoint at step " + std::to_string(st.step));
+      const auto full = zero3_->consolidated(*optimizer_, adamw_);
+      if (full) save_training_checkpoint(s_.out_dir, trainable_, *full, st, s_.config, generators, extra_files_);
+      if (!was_full) zero3_->release_all();  // mid-step (the held-back save): the update comes next
+    } else if (!owner_.empty()) {
       const auto full = consolidated_optimizer();
       if (full) save_training_checkpoint(s_.out_dir, trainable_, *full, st, s_.config, generators, extra_files_);
     } else if (is_main()) {
@@ -425,11 +457,15 @@ int Trainer::fit(data::BatchStream& stream, const LossFn& loss_fn, const EvalFn&
       }
       step_loss.zero_();
       for (auto& t : step_terms) t.zero_();
+      if (zero3_) zero3_->begin_step();  // the root unit gathered, kept through the micro-batches
       for (size_t m = 0; m < micro.size(); ++m) {
         const bool last_micro = m + 1 == micro.size();
         if (sync_ && last_micro) sync_->arm();  // earlier micro-batches only accumulate locally
         const data::Batch b = s_.dist ? data::shard_rows(micro[m], rank, world) : std::move(micro[m]);
-        if (b.rows == 0) continue;  // a short last micro-batch of an epoch: this rank still joins the reduce
+        if (b.rows == 0) {  // a short last micro-batch of an epoch: this rank still joins the reduce
+          if (zero3_) zero3_->idle_micro_batch();  // and, ZeRO-3, every layer's gather and reduce-scatter
+          continue;
+        }
         Loss loss;
         {
           AutocastGuard autocast(mixed, device_.type());
@@ -446,7 +482,8 @@ int Trainer::fit(data::BatchStream& stream, const LossFn& loss_fn, const EvalFn&
       bool interrupted_anywhere = false;
       if (s_.dist) {
         const std::string what = "step " + std::to_string(state_.step + 1);
-        sync_->finish("the gradient all-reduce of " + what);
+        if (zero3_) zero3_->finish_step("the ZeRO-3 gradient reduce-scatters of " + what);
+        else sync_->finish("the gradient all-reduce of " + what);
         // The step's loss and terms are sums over the ranks' rows; a Ctrl-C seen by any rank stops all at once.
         std::vector<at::Tensor> parts = {step_loss.reshape({1}),
                                          at::full({1}, g_interrupted ? 1.0f : 0.0f, step_loss.options())};
@@ -458,15 +495,16 @@ int Trainer::fit(data::BatchStream& stream, const LossFn& loss_fn, const EvalFn&
         for (size_t i = 0; i < step_terms.size(); ++i) step_terms[i].copy_(packed[2 + i]);
       }
       if (poisoned.count(state_.step + 1)) step_loss.fill_(std::nan(""));
-      // ZeRO-2: each rank holds its own tensors' gradients, so the norm's squares are summed over the ranks.
+      // ZeRO-2 and 3: each rank holds its own tensors' (3: shards') gradients, so the norm's squares are summed
+      // over the ranks.
+      const auto sum_squares = [&](at::Tensor& sq) {
+        auto one = sq.view({1});  // in place on the () square
+        s_.dist->all_reduce_sum(one, "the gradient norm of step " + std::to_string(state_.step + 1));
+      };
       const auto grad_norm =
-          s_.train.zero_stage == 2 && s_.dist
-              ? clip_grad_norm(params_, s_.train.max_grad_norm,
-                               [&](at::Tensor& sq) {
-                                 auto one = sq.view({1});  // in place on the () square
-                                 s_.dist->all_reduce_sum(one, "the gradient norm of step " + std::to_string(state_.step + 1));
-                               })
-              : clip_grad_norm(params_, s_.train.max_grad_norm);
+          zero3_ ? clip_gradients(zero3_->grad_pieces(), s_.train.max_grad_norm, sum_squares, params_[0].options())
+          : s_.train.zero_stage == 2 && s_.dist ? clip_grad_norm(params_, s_.train.max_grad_norm, sum_squares)
+                                                : clip_grad_norm(params_, s_.train.max_grad_norm);
       unchecked.add_(step_loss + grad_norm.to(at::kFloat));
 
       // train.skip_nonfinite_steps: a host sync every step, to decide before the update.
@@ -492,6 +530,7 @@ int Trainer::fit(data::BatchStream& stream, const LossFn& loss_fn, const EvalFn&
       } else {
         skipped_in_a_row = 0;
         optimizer_->step(lr);
+        if (zero3_) zero3_->release_all();  // any gathered value is stale now; the next forward gathers
         if (!owner_.empty()) {
           // ZeRO-1: each tensor's owner updated it; every rank takes the result.
           s_.dist->set_phase("step " + std::to_string(state_.step + 1) + " (the ZeRO-1 update)");
@@ -575,15 +614,30 @@ int Trainer::fit(data::BatchStream& stream, const LossFn& loss_fn, const EvalFn&
   // The final weights have no next step to vouch for them: they must be finite (a huge but finite
   // update shows as a non-finite validation loss above, when there is validation data).
   if (!all_finite()) return stop_nonfinite("the loss or gradient norm of the last steps is not finite");
+  // ZeRO-3: the whole model on every rank for the final checkpoint and the recipe's export and generations.
+  if (zero3_) zero3_->gather_all("gathering the parameters at the end of the run");
   for (const auto& [name, t] : trainable_)
     if (!at::isfinite(t).all().item<bool>())
       return stop_nonfinite("the trained tensor " + name + " holds non-finite values after the last step");
   const auto now = snapshot();
   write_checkpoint(now.state, now.generators);
   state_.elapsed = now.state.elapsed;
-  if (sync_ && is_main())
-    std::cerr << "gradient memory: rank 0's gradients and reduce buffers peaked at " << fixed(double(sync_->peak_bytes()) / (1 << 20), 2)
-              << " MiB (train.zero_stage " << s_.train.zero_stage << ", " << s_.dist->world_size() << " ranks)\n";
+  if (s_.dist && is_main()) {
+    const auto mib = [](int64_t bytes) { return fixed(double(bytes) / (1 << 20), 2); };
+    const std::string how = " MiB (train.zero_stage " + std::to_string(s_.train.zero_stage) + ", " +
+                            std::to_string(s_.dist->world_size()) + " ranks";
+    std::cerr << "gradient memory: rank 0's gradients and reduce buffers peaked at "
+              << mib(sync_ ? sync_->peak_bytes() : zero3_->peak_grad_bytes()) << how << ")\n";
+    // Parameters: replicated (stages 0-2) every rank holds all; ZeRO-3 its shards and the gathered units.
+    int64_t all = 0;
+    for (const auto& p : params_) all += p.numel() * int64_t(p.element_size());
+    std::cerr << "parameter memory: rank 0's parameters peaked at " << mib(zero3_ ? zero3_->peak_bytes() : all)
+              << " MiB in the training steps" << how.substr(4)
+              << (zero3_ ? "; its shards and the gathered units, against " + mib(all) +
+                               " MiB whole: validation and checkpoints gather the whole model)"
+                         : "; every parameter)")
+              << "\n";
+  }
   if (s_.plot && is_main()) plot_metrics(path("metrics.jsonl"), path("loss.svg"), "anvil " + s_.recipe + ": " + io::file_name(s_.out_dir));
   return kExitOk;
 }

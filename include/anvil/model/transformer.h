@@ -17,6 +17,7 @@
 #include <c10/util/Optional.h>
 #include <torch/nn/modules/container/modulelist.h>
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <unordered_map>
@@ -57,6 +58,18 @@ class TransformerModel : public torch::nn::Module {
   void set_gradient_checkpointing(bool on) { gradient_checkpointing_ = on; }
   bool gradient_checkpointing() const { return gradient_checkpointing_; }
 
+  /// One decoder layer's forward on its input (its rotary tables and mask bound): (B, S, H) -> (B, S, H).
+  using LayerFn = std::function<at::Tensor(const at::Tensor& x)>;
+  /// Runs layer `layer` (0-based) as `forward(x)` would, with whatever it does around it (ZeRO-3's parameter
+  /// gathering, train/zero3.h). The model knows nothing of what the wrapper does; it must return the layer's
+  /// output and may keep `forward` for a backward recomputation (the handles it binds stay valid).
+  using LayerWrapper = std::function<at::Tensor(int64_t layer, const LayerFn& forward, const at::Tensor& x)>;
+  /// When set (and without a KV cache), every decoder layer of forward() runs through `wrapper` instead of
+  /// gradient checkpointing's own call; empty (the default) restores the plain loop.
+  void set_layer_wrapper(LayerWrapper wrapper) { layer_wrapper_ = std::move(wrapper); }
+  bool has_layer_wrapper() const { return bool(layer_wrapper_); }
+  int64_t num_layers() const { return int64_t(layer_list_.size()); }
+
  private:
   const ModelConfig& config_;
   RotaryEmbedding rotary_;
@@ -64,6 +77,7 @@ class TransformerModel : public torch::nn::Module {
   std::vector<std::shared_ptr<DecoderLayer>> layer_list_;
   std::shared_ptr<RmsNorm> norm_;
   bool gradient_checkpointing_ = false;
+  LayerWrapper layer_wrapper_;
 };
 
 /// <Family>ForCausalLM.

@@ -95,7 +95,7 @@ struct TrainSection {
   bool skip_nonfinite_steps = false;  ///< a step with a non-finite loss or gradient norm makes no update
   std::string dist_backend = "auto";  ///< "auto" | "gloo" | "nccl": the c10d backend of a torchrun launch
   double dist_timeout_s = 300;        ///< bound on every collective and on the rendezvous
-  int64_t zero_stage = 0;             ///< 1: AdamW state sharded across ranks (ZeRO-1); 2: and gradients; 0: replicated
+  int64_t zero_stage = 0;             ///< 1: AdamW state sharded across ranks (ZeRO-1); 2: and gradients; 3: and parameters; 0: replicated
   double dist_bucket_mb = 25;         ///< gradient bucket size of the reduce (MiB), as DDP's bucket_cap_mb
 };
 
@@ -120,6 +120,9 @@ nlohmann::json training_defaults(const std::string& output_dir);
 ModelSection read_model_section(const ConfigReader& r);
 DataSection read_data_section(const ConfigReader& r);
 TrainSection read_train_section(const ConfigReader& r);
+/// train.zero_stage 3 shards a CausalLM's parameters by decoder layer (train/zero3.h), which only anvil train's
+/// full training wires up: the other recipes refuse it naming the key ("anvil lora" in the message).
+void refuse_zero_stage_3(const TrainSection& t, const std::string& recipe);
 EvalSection read_eval_section(const ConfigReader& r);
 OutputSection read_output_section(const ConfigReader& r);
 

@@ -77,6 +77,15 @@ class Distributed {
   void all_reduce_sum(at::Tensor& t, const std::string& what);
   void barrier(const std::string& what);
 
+  /// A collective in flight (the *_async methods): calling it waits for the collective (a failure rethrown as
+  /// fail() words it); it holds the collective's tensors until then. Call it exactly once.
+  using Waiter = std::function<void()>;
+  /// Every rank's `in` (n,) into `out` (world_size * n,), in rank order (c10d's _allgather_base: one flat
+  /// collective, gloo and NCCL); both contiguous, same dtype and device. Issued now, completed by the waiter.
+  Waiter all_gather_async(at::Tensor out, at::Tensor in, const std::string& what);
+  /// The sum over ranks of slice `rank` of `in` (world_size * n,) into `out` (n,) (c10d's _reduce_scatter_base).
+  Waiter reduce_scatter_async(at::Tensor out, at::Tensor in, const std::string& what);
+
   /// Sets what failures name as the rank's place ("step 3"); not collective.
   void set_phase(std::string phase) { phase_ = std::move(phase); }
 

@@ -23,6 +23,7 @@
 #include "anvil/train/distributed.h"
 #include "anvil/train/metrics.h"
 #include "anvil/train/optim.h"
+#include "anvil/train/zero3.h"
 
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
@@ -107,6 +108,9 @@ struct LoopSettings {
   /// on its rows of every micro-batch (data::shard_rows), the gradients are summed over ranks while backward
   /// runs (GradientSync), and only rank 0 writes output.dir and reports.
   std::shared_ptr<Distributed> dist;
+  /// train.zero_stage 3 under a launch: the model whose parameters (`trainable` is all of them) the trainer
+  /// shards by decoder layer (ParameterShards); anvil train sets it. Null: stage 3 is refused naming the key.
+  model::CausalLM* shard_model = nullptr;
 };
 
 /// LoopSettings from a recipe's shared sections.
@@ -165,7 +169,8 @@ class Trainer {
   std::vector<at::Tensor> params_;
   at::Device device_;
   std::unique_ptr<AdamW> optimizer_;
-  std::unique_ptr<GradientSync> sync_;  ///< data parallel only
+  std::unique_ptr<GradientSync> sync_;  ///< data parallel, stages 0-2
+  std::unique_ptr<ParameterShards> zero3_;  ///< data parallel, stage 3: AdamW updates its shards
   AdamWOptions adamw_;
   std::vector<int64_t> owner_;        ///< ZeRO-1: the rank that holds each tensor's AdamW state; empty otherwise
   std::vector<int64_t> local_index_;  ///< ZeRO-1: each tensor's index in this rank's AdamW, -1 if not its own
