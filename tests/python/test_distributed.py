@@ -381,6 +381,26 @@ def test_distill_modes_a_launch_cannot_run_are_refused_by_key(tmp_path):
     assert "multi-process launch" in r.stderr, r.stderr
 
 
+def signal_after_step_2(cmd, out, signum):
+    """Runs cmd, sends it signum once out/metrics.jsonl has step 2, and returns (the process, its stderr)."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        deadline = time.monotonic() + 120
+        path = os.path.join(out, "metrics.jsonl")
+        while time.monotonic() < deadline:
+            if os.path.exists(path) and any('"step": 2' in l or '"step":2' in l for l in open(path)):
+                break
+            assert p.poll() is None, p.communicate()
+            time.sleep(0.05)
+        p.send_signal(signum)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    return p, err
+
+
 def test_sigterm_to_the_launcher_saves_a_checkpoint_that_resumes_in_one_process(tmp_path):
     """torchrun forwards the launcher's SIGTERM (and Ctrl-C) to the workers as SIGTERM: the ranks agree to stop
     after the step, save one checkpoint and exit 130; 1 process resumes it on the 1-process curve."""
@@ -389,23 +409,9 @@ def test_sigterm_to_the_launcher_saves_a_checkpoint_that_resumes_in_one_process(
     r = subprocess.run([anvil_binary(), *demo_args("lora", one), *longer], capture_output=True, text=True, env=ENV,
                        timeout=300)
     assert r.returncode == 0, r.stderr
-    p = subprocess.Popen([torchrun(), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
-                          str(free_port()), "--no-python", anvil_binary(), *demo_args("lora", two), *longer],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    try:
-        deadline = time.monotonic() + 120
-        path = os.path.join(two, "metrics.jsonl")
-        while time.monotonic() < deadline:
-            if os.path.exists(path) and any('"step": 2' in l or '"step":2' in l for l in open(path)):
-                break
-            assert p.poll() is None, p.communicate()
-            time.sleep(0.05)
-        p.send_signal(15)
-        _, err = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.communicate()
+    p, err = signal_after_step_2([torchrun(), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
+                                  str(free_port()), "--no-python", anvil_binary(), *demo_args("lora", two), *longer],
+                                 two, 15)
     assert "interrupted: saved a checkpoint at step" in err, err
     with open(os.path.join(two, "checkpoint", "state.json")) as f:
         step = json.load(f)["step"]
@@ -431,22 +437,7 @@ def test_a_one_process_checkpoint_resumes_on_two_ranks(tmp_path, zero):
     r = subprocess.run([anvil_binary(), *demo_args(recipe, one), *longer], capture_output=True, text=True, env=ENV,
                        timeout=300)
     assert r.returncode == 0, r.stderr
-    p = subprocess.Popen([anvil_binary(), *demo_args(recipe, two), *longer], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=ENV)
-    try:
-        deadline = time.monotonic() + 120
-        path = os.path.join(two, "metrics.jsonl")
-        while time.monotonic() < deadline:
-            if os.path.exists(path) and any('"step": 2' in l or '"step":2' in l for l in open(path)):
-                break
-            assert p.poll() is None, p.communicate()
-            time.sleep(0.05)
-        p.send_signal(2)
-        _, err = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.communicate()
+    p, err = signal_after_step_2([anvil_binary(), *demo_args(recipe, two), *longer], two, 2)
     assert p.returncode == 130 and "interrupted: saved a checkpoint at step" in err, err
     with open(os.path.join(two, "checkpoint", "state.json")) as f:
         step = json.load(f)["step"]
